@@ -1,0 +1,72 @@
+"""The app factory: settings in, a Starlette app out."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+
+from sidecar import dataplane, health
+from sidecar.errors import SidecarError, handle_http_exception, handle_sidecar_error
+from sidecar.logs import get_logger
+from sidecar.middleware import AuthMiddleware, BodyLimitMiddleware, RequestContextMiddleware
+from sidecar.redaction import Redactor
+from sidecar.settings import Settings
+from sidecar.state import EngineState
+
+log = get_logger("sidecar.app")
+
+
+def create_app(settings: Settings, redactor: Redactor | None = None) -> Starlette:
+    redactor = redactor or Redactor()
+    redactor.register(*settings.data_keys)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        if not settings.has_keys:
+            log.warning(
+                "auth_disabled",
+                reason="no API keys configured: requests are not authenticated, listening on loopback only",
+                host=settings.host,
+            )
+        log.info("sidecar_started", host=settings.host, port=settings.port)
+        yield
+        log.info("sidecar_stopped")
+
+    # Outermost first: every response gets a request id and an access line, CORS preflights need no key,
+    # auth comes before anything reads the body.
+    middleware = [Middleware(RequestContextMiddleware)]
+    if settings.cors_origins:
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=settings.cors_origins,
+                allow_methods=["*"],
+                allow_headers=["Authorization", "X-API-Key", "Content-Type", "X-Request-ID"],
+                expose_headers=["X-Request-ID", "X-Performance-Metrics"],
+            )
+        )
+    middleware += [
+        Middleware(
+            AuthMiddleware,
+            data_keys=settings.data_keys,
+            control_keys=settings.control_keys,
+            metrics_require_key=settings.metrics_require_key,
+        ),
+        Middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes),
+    ]
+
+    app = Starlette(
+        routes=[*health.routes, *dataplane.routes],
+        middleware=middleware,
+        exception_handlers={SidecarError: handle_sidecar_error, HTTPException: handle_http_exception},
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.redactor = redactor
+    app.state.engine_state = EngineState.IDLE
+    return app

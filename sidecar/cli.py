@@ -1,0 +1,61 @@
+"""`sidecar serve`: settings from the environment and `.env`, flags on top, uvicorn on uvloop and httptools."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import uvicorn
+
+from sidecar import __version__
+from sidecar.app import create_app
+from sidecar.logs import configure_logging, get_logger
+from sidecar.redaction import Redactor
+from sidecar.settings import Settings, SettingsError, load_settings
+
+log = get_logger("sidecar.cli")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sidecar", description="Reverse-proxy sidecar for LLM engine servers.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the sidecar")
+    serve.add_argument("--host", help="address to listen on (overrides SIDECAR_HOST)")
+    serve.add_argument("--port", type=int, help="port to listen on (overrides SIDECAR_PORT)")
+    serve.add_argument("--env-file", default=".env", help="dotenv file to read settings from (default: .env)")
+    return parser
+
+
+def serve(settings: Settings) -> None:
+    redactor = Redactor()
+    configure_logging(settings, redactor)
+    config = uvicorn.Config(
+        create_app(settings, redactor),
+        host=settings.host,
+        port=settings.port,
+        loop="uvloop",
+        http="httptools",
+        log_config=None,
+        access_log=False,
+        server_header=False,
+        timeout_graceful_shutdown=math.ceil(settings.drain_timeout_s),
+    )
+    uvicorn.Server(config).run()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    overrides: dict[str, Any] = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    try:
+        settings = load_settings(args.env_file, **overrides)
+    except SettingsError as exc:
+        # Logging is not configured yet (its settings may be the bad ones): a plain structured line to stderr.
+        logging.basicConfig(format="%(message)s")
+        log.error("settings_invalid", error=str(exc))
+        return 2
+    serve(settings)
+    return 0

@@ -1,0 +1,163 @@
+"""The errors the sidecar answers with, and the one place that turns them into OpenAI error bodies.
+
+SidecarError (500 server_error)
+├── BadRequest (400 invalid_request_error)
+├── Unauthorized (401 authentication_error)
+├── Forbidden (403 permission_error)
+├── NotFound (404 not_found_error)
+├── MethodNotAllowed (405 invalid_request_error)
+├── Conflict (409 invalid_request_error)
+├── PayloadTooLarge (413 invalid_request_error)
+├── BadGateway (502 server_error)
+├── ServiceUnavailable (503 service_unavailable, with Retry-After)
+└── GatewayTimeout (504 timeout_error)
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, ClassVar
+
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+
+class SidecarError(Exception):
+    status_code: ClassVar[int] = 500
+    error_type: ClassVar[str] = "server_error"
+    default_code: ClassVar[str | None] = "internal_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code if code is not None else self.default_code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.error_type, param=self.param, code=self.code)
+
+
+class BadRequest(SidecarError):
+    status_code = 400
+    error_type = "invalid_request_error"
+    default_code = None
+
+
+class Unauthorized(SidecarError):
+    status_code = 401
+    error_type = "authentication_error"
+    default_code = "missing_api_key"
+
+
+class Forbidden(SidecarError):
+    status_code = 403
+    error_type = "permission_error"
+    default_code = "invalid_api_key"
+
+
+class NotFound(SidecarError):
+    status_code = 404
+    error_type = "not_found_error"
+    default_code = "not_found"
+
+
+class MethodNotAllowed(SidecarError):
+    status_code = 405
+    error_type = "invalid_request_error"
+    default_code = "method_not_allowed"
+
+
+class Conflict(SidecarError):
+    status_code = 409
+    error_type = "invalid_request_error"
+    default_code = "conflict"
+
+
+class PayloadTooLarge(SidecarError):
+    status_code = 413
+    error_type = "invalid_request_error"
+    default_code = "request_too_large"
+
+    def __init__(self, message: str, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        # The rest of the body is never read: the connection cannot be reused.
+        self.headers.setdefault("Connection", "close")
+
+
+class BadGateway(SidecarError):
+    status_code = 502
+    error_type = "server_error"
+    default_code = "engine_error"
+
+
+class ServiceUnavailable(SidecarError):
+    status_code = 503
+    error_type = "service_unavailable"
+    default_code = "engine_not_ready"
+
+    def __init__(self, message: str, *, retry_after_s: int = 5, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.headers.setdefault("Retry-After", str(retry_after_s))
+
+
+class GatewayTimeout(SidecarError):
+    status_code = 504
+    error_type = "timeout_error"
+    default_code = "engine_timeout"
+
+
+def error_body(
+    message: str, error_type: str, *, param: str | None = None, code: str | int | None = None
+) -> dict[str, Any]:
+    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+
+
+def error_response(exc: SidecarError) -> Response:
+    return Response(
+        json.dumps(exc.body()),
+        status_code=exc.status_code,
+        headers=exc.headers,
+        media_type="application/json",
+    )
+
+
+async def send_error(exc: SidecarError, scope: Scope, receive: Receive, send: Send) -> None:
+    """For ASGI middleware, which answers outside Starlette's exception handlers."""
+    await error_response(exc)(scope, receive, send)
+
+
+_HTTP_STATUS_ERRORS: dict[int, type[SidecarError]] = {
+    400: BadRequest,
+    404: NotFound,
+    405: MethodNotAllowed,
+    413: PayloadTooLarge,
+}
+
+
+async def handle_sidecar_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, SidecarError)
+    return error_response(exc)
+
+
+async def handle_http_exception(request: Request, exc: Exception) -> Response:
+    """Starlette's own 404/405 (no route, wrong method) in the OpenAI shape."""
+    assert isinstance(exc, HTTPException)
+    error_class = _HTTP_STATUS_ERRORS.get(exc.status_code, SidecarError)
+    if exc.status_code == 404:
+        message = f"no route for {request.method} {request.url.path}"
+    elif exc.status_code == 405:
+        message = f"method {request.method} is not allowed on {request.url.path}"
+    else:
+        message = str(exc.detail)
+    error = error_class(message, headers=dict(exc.headers or {}))
+    return error_response(error)

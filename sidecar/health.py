@@ -1,0 +1,46 @@
+"""`/`, `/health`, `/ready`, `/openapi.json`: open endpoints for people and probes."""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from sidecar import __version__
+from sidecar.errors import ServiceUnavailable
+from sidecar.openapi import ENDPOINTS, openapi_document
+from sidecar.state import EngineState
+
+
+async def root(request: Request) -> JSONResponse:
+    return JSONResponse(
+        {
+            "name": "sidecar",
+            "version": __version__,
+            "endpoints": [f"{e.method} {e.path}" for e in ENDPOINTS],
+        }
+    )
+
+
+async def health(request: Request) -> JSONResponse:
+    state: EngineState = request.app.state.engine_state
+    return JSONResponse({"status": "ok", "engine": {"state": state}})
+
+
+async def ready(request: Request) -> JSONResponse:
+    state: EngineState = request.app.state.engine_state
+    if state is not EngineState.READY:
+        raise ServiceUnavailable(f"no engine is ready (state: {state})")
+    return JSONResponse({"status": "ready", "engine": {"state": state}})
+
+
+async def openapi(request: Request) -> JSONResponse:
+    return JSONResponse(openapi_document(__version__))
+
+
+routes = [
+    Route("/", root, methods=["GET"]),
+    Route("/health", health, methods=["GET"]),
+    Route("/ready", ready, methods=["GET"]),
+    Route("/openapi.json", openapi, methods=["GET"]),
+]

@@ -1,0 +1,92 @@
+"""API keys: `Authorization: Bearer <key>` or `X-API-Key: <key>`, compared in constant time, never logged."""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+from collections.abc import Iterable
+
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from sidecar.errors import Forbidden, Unauthorized, send_error
+from sidecar.middleware.request_context import log_fields
+
+
+class Plane(enum.Enum):
+    OPEN = "open"
+    DATA = "data"
+    CONTROL = "control"
+
+
+def plane_for(path: str, metrics_require_key: bool = False) -> Plane:
+    if path == "/v1/model" or path.startswith("/v1/model/"):
+        return Plane.CONTROL
+    if path.startswith("/v1/") or (path == "/metrics" and metrics_require_key):
+        return Plane.DATA
+    return Plane.OPEN
+
+
+def key_fingerprint(key: str) -> str:
+    """What the logs show instead of a key: enough to tell keys apart, useless to an attacker."""
+    return hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+def _digest(key: str) -> bytes:
+    # Digests have one length, so compare_digest does not even leak the key's length.
+    return hashlib.sha256(key.encode()).digest()
+
+
+def _presented_key(headers: Headers) -> str | None:
+    authorization = headers.get("authorization")
+    if authorization:
+        scheme, _, credentials = authorization.partition(" ")
+        if scheme.lower() == "bearer" and credentials.strip():
+            return credentials.strip()
+    api_key = headers.get("x-api-key")
+    return api_key.strip() if api_key and api_key.strip() else None
+
+
+class AuthMiddleware:
+    def __init__(
+        self,
+        app: ASGIApp,
+        data_keys: Iterable[str],
+        control_keys: Iterable[str],
+        metrics_require_key: bool = False,
+    ) -> None:
+        self.app = app
+        self.metrics_require_key = metrics_require_key
+        self.digests = {
+            Plane.DATA: [_digest(k) for k in data_keys],
+            Plane.CONTROL: [_digest(k) for k in control_keys],
+        }
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        plane = plane_for(scope["path"], self.metrics_require_key)
+        accepted = self.digests.get(plane)
+        if not accepted:  # an open path, or no keys configured (loopback only)
+            await self.app(scope, receive, send)
+            return
+
+        key = _presented_key(Headers(scope=scope))
+        if key is None:
+            error = Unauthorized("missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'")
+            await send_error(error, scope, receive, send)
+            return
+        log_fields(scope)["key_fingerprint"] = key_fingerprint(key)
+        presented = _digest(key)
+        matched = False
+        for digest in accepted:  # no early exit: every key is compared
+            matched |= hmac.compare_digest(presented, digest)
+        if not matched:
+            message = "invalid API key"
+            if plane is Plane.CONTROL:
+                message += " for the control plane (an admin key is needed)"
+            await send_error(Forbidden(message), scope, receive, send)
+            return
+        await self.app(scope, receive, send)

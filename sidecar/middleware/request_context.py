@@ -1,0 +1,73 @@
+"""Request id, one access line per request, and the last resort for unexpected exceptions."""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from typing import Any
+
+import structlog
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from sidecar.errors import SidecarError, send_error
+from sidecar.logs import get_logger
+
+log = get_logger("sidecar.access")
+
+REQUEST_ID_HEADER = "x-request-id"
+_VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}")
+
+
+def incoming_request_id(value: str | None) -> str | None:
+    """The client's id when it is safe to echo and log (bounded, no control characters), else None."""
+    if value is not None and _VALID_REQUEST_ID.fullmatch(value):
+        return value
+    return None
+
+
+def log_fields(scope: Scope) -> dict[str, Any]:
+    """Fields that inner layers add to this request's access line (key fingerprint, model, performance)."""
+    fields: dict[str, Any] = scope.setdefault("state", {}).setdefault("log_fields", {})
+    return fields
+
+
+class RequestContextMiddleware:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        request_id = incoming_request_id(Headers(scope=scope).get(REQUEST_ID_HEADER)) or uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        fields = log_fields(scope)
+        status: int | None = None
+        start = time.perf_counter()
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", ()), (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        with structlog.contextvars.bound_contextvars(request_id=request_id):
+            try:
+                await self.app(scope, receive, send_with_id)
+            except Exception:
+                log.exception("unhandled_error", method=scope["method"], path=scope["path"])
+                if status is None:
+                    await send_error(SidecarError("internal server error"), scope, receive, send_with_id)
+            finally:
+                log.info(
+                    "request",
+                    method=scope["method"],
+                    path=scope["path"],
+                    status=status,
+                    duration_ms=round((time.perf_counter() - start) * 1000, 3),
+                    **fields,
+                )

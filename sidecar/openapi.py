@@ -1,0 +1,86 @@
+"""The sidecar's own endpoints, described once: for `GET /` and `GET /openapi.json`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sidecar.middleware.auth import Plane, plane_for
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    method: str
+    path: str
+    summary: str
+
+
+ENDPOINTS: tuple[Endpoint, ...] = (
+    Endpoint("GET", "/", "Name, version and endpoints of the sidecar"),
+    Endpoint("GET", "/health", "Liveness: 200 while the sidecar runs, with the engine's state"),
+    Endpoint("GET", "/ready", "Readiness: 200 only while an engine is ready to serve, else 503"),
+    Endpoint("GET", "/openapi.json", "This document"),
+    Endpoint("POST", "/v1/chat/completions", "OpenAI chat completions, proxied to the engine"),
+    Endpoint("POST", "/v1/completions", "OpenAI text completions, proxied to the engine"),
+    Endpoint("POST", "/v1/embeddings", "OpenAI embeddings, proxied to the engine"),
+    Endpoint("GET", "/v1/models", "The engine's models"),
+)
+
+_ERROR_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message", "type", "param", "code"],
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"type": ["string", "null"]},
+                "code": {"type": ["string", "integer", "null"]},
+            },
+        }
+    },
+}
+
+
+def _operation(endpoint: Endpoint) -> dict[str, Any]:
+    responses: dict[str, Any] = {
+        "200": {"description": "OK"},
+        "default": {
+            "description": "An OpenAI-style error",
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+        },
+    }
+    operation: dict[str, Any] = {"summary": endpoint.summary, "responses": responses}
+    if plane_for(endpoint.path) is Plane.OPEN:
+        operation["security"] = []
+    elif plane_for(endpoint.path) is Plane.CONTROL:
+        operation["security"] = [{"adminBearer": []}, {"adminApiKey": []}]
+    if endpoint.method == "POST":
+        operation["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": {"type": "object"}}},
+        }
+    return operation
+
+
+def openapi_document(version: str) -> dict[str, Any]:
+    paths: dict[str, dict[str, Any]] = {}
+    for endpoint in ENDPOINTS:
+        paths.setdefault(endpoint.path, {})[endpoint.method.lower()] = _operation(endpoint)
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "LLM engine sidecar", "version": version},
+        "paths": paths,
+        "components": {
+            "schemas": {"Error": _ERROR_SCHEMA},
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer"},
+                "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+                "adminBearer": {"type": "http", "scheme": "bearer", "description": "an admin key"},
+                "adminApiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key", "description": "an admin key"},
+            },
+        },
+        "security": [{"bearer": []}, {"apiKey": []}],
+    }

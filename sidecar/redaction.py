@@ -1,0 +1,73 @@
+"""A structlog processor that masks secrets in every record, foreign (uvicorn, engine output) ones included."""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Iterable, MutableMapping
+from typing import Any
+
+MASK = "***"
+
+# Shorter values are not masked inside free text: "1" or "true" would garble every line and hide nothing.
+MIN_SECRET_LENGTH = 6
+
+SENSITIVE_FIELDS = frozenset({"authorization", "x-api-key", "x_api_key", "api_key", "api_keys", "admin_keys", "token"})
+
+# Token-shaped strings (Hugging Face, OpenAI-style) and the values of auth headers written as text.
+_TOKEN_PATTERN = r"(?<![A-Za-z0-9])(?:hf_[A-Za-z0-9]{6,}|sk-[A-Za-z0-9_\-]{6,})"
+_HEADER_PATTERN = r"(?i:(?:(?<=authorization)|(?<=x-api-key))([\"']?\s*[:=]\s*[\"']?(?:bearer\s+)?)[^\s\"',;}]+)"
+
+
+class Redactor:
+    """Masks registered secrets, token-shaped strings and auth header values. Thread-safe."""
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        self._lock = threading.Lock()
+        self._secrets: frozenset[str] = frozenset()
+        self._pattern = self._compile(self._secrets)
+        self.register(*secrets)
+
+    def register(self, *secrets: str) -> None:
+        new = {s for s in secrets if len(s) >= MIN_SECRET_LENGTH}
+        with self._lock:
+            if new <= self._secrets:
+                return
+            self._secrets = self._secrets | new
+            self._pattern = self._compile(self._secrets)
+
+    @staticmethod
+    def _compile(secrets: frozenset[str]) -> re.Pattern[str]:
+        # Longest first, so a secret that contains another is masked whole.
+        literal = "|".join(re.escape(s) for s in sorted(secrets, key=len, reverse=True))
+        alternatives = [f"(?:{literal})"] if literal else []
+        alternatives += [_TOKEN_PATTERN, _HEADER_PATTERN]
+        return re.compile("|".join(alternatives))
+
+    def redact_text(self, text: str) -> str:
+        return self._pattern.sub(_mask_match, text)
+
+    def redact(self, value: Any) -> Any:
+        if isinstance(value, str):
+            return self.redact_text(value)
+        if isinstance(value, dict):
+            return {k: MASK if _is_sensitive(k) else self.redact(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return type(value)(self.redact(v) for v in value)
+        return value
+
+    def __call__(self, logger: Any, method_name: str, event_dict: MutableMapping[str, Any]) -> dict[str, Any]:
+        return {
+            key: MASK if _is_sensitive(key) and value is not None else self.redact(value)
+            for key, value in event_dict.items()
+        }
+
+
+def _is_sensitive(key: Any) -> bool:
+    return isinstance(key, str) and key.lower() in SENSITIVE_FIELDS
+
+
+def _mask_match(match: re.Match[str]) -> str:
+    # For a header written as text, keep "Authorization: Bearer " and mask what follows.
+    prefix = match.group(1) if match.lastindex else None
+    return (prefix or "") + MASK

@@ -1,0 +1,124 @@
+"""Settings: one frozen object built once from `SIDECAR_*` variables and `.env`, then passed down."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+ENV_PREFIX = "SIDECAR_"
+
+CommaList = Annotated[list[str], NoDecode]
+KeyList = Annotated[list[SecretStr], NoDecode]
+
+
+def _split_commas(value: Any) -> Any:
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        frozen=True,
+    )
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    api_keys: KeyList = []
+    admin_keys: KeyList = []
+    metrics_require_key: bool = False
+
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
+    log_format: Literal["console", "json"] = "console"
+    log_dir: Path | None = None
+    log_file_max_bytes: int = Field(50 * 1024 * 1024, gt=0)
+    log_file_backups: int = Field(5, ge=0)
+
+    cors_origins: CommaList = []
+    max_body_bytes: int = Field(16 * 1024 * 1024, gt=0)
+
+    upstream_connect_timeout_s: float = Field(5.0, gt=0)
+    upstream_read_timeout_s: float = Field(600.0, gt=0)
+    startup_timeout_s: float = Field(900.0, gt=0)
+    drain_timeout_s: float = Field(30.0, ge=0)
+    kill_grace_s: float = Field(10.0, ge=0)
+    restart_max: int = Field(0, ge=0)
+    restart_backoff_s: float = Field(1.0, gt=0)
+    restart_backoff_max_s: float = Field(60.0, gt=0)
+    watchdog_interval_ms: int = Field(100, ge=10)
+
+    @field_validator("api_keys", "admin_keys", "cors_origins", mode="before")
+    @classmethod
+    def _comma_list(cls, value: Any) -> Any:
+        return _split_commas(value)
+
+    @field_validator("log_dir", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+    @field_validator("log_level", "log_format", mode="before")
+    @classmethod
+    def _lowercase(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _no_public_listen_without_keys(self) -> Settings:
+        if not self.has_keys and not is_loopback(self.host):
+            raise ValueError(
+                f"{ENV_PREFIX}HOST: refusing to listen on {self.host} without keys: set {ENV_PREFIX}API_KEYS "
+                f"(or {ENV_PREFIX}ADMIN_KEYS), or listen on 127.0.0.1"
+            )
+        return self
+
+    @property
+    def has_keys(self) -> bool:
+        return bool(self.api_keys or self.admin_keys)
+
+    @property
+    def data_keys(self) -> list[str]:
+        """Keys accepted on the data plane: the data keys, and the admin keys, which can do everything."""
+        return [k.get_secret_value() for k in (*self.api_keys, *self.admin_keys)]
+
+    @property
+    def control_keys(self) -> list[str]:
+        """Keys accepted on the control plane: the admin keys, or the data keys when none are set."""
+        return [k.get_secret_value() for k in (self.admin_keys or self.api_keys)]
+
+
+class SettingsError(Exception):
+    """Settings that cannot be used; the message is one line naming the setting(s)."""
+
+
+def load_settings(env_file: str | Path | None = ".env", **overrides: Any) -> Settings:
+    try:
+        return Settings(_env_file=env_file, **overrides)  # type: ignore[call-arg]
+    except ValidationError as exc:
+        raise SettingsError(describe_validation_error(exc)) from None
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """One line naming each bad setting, never echoing its value (it may be a key)."""
+    parts = []
+    for error in exc.errors(include_input=False, include_url=False):
+        name = ".".join(str(p) for p in error["loc"])
+        message = error["msg"].removeprefix("Value error, ")
+        parts.append(f"{ENV_PREFIX}{name.upper()}: {message}" if name else message)
+    return "invalid setting " + "; ".join(parts)

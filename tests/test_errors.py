@@ -1,0 +1,95 @@
+"""Every error the sidecar makes, over real HTTP, in the OpenAI shape."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from tests.processes import SidecarProcess
+
+KEY = "data-key-0123"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+@pytest.fixture(scope="module")
+def sidecar(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SidecarProcess]:
+    process = SidecarProcess(
+        tmp_path_factory.mktemp("errors"), {"SIDECAR_API_KEYS": KEY, "SIDECAR_MAX_BODY_BYTES": "1024"}
+    )
+    process.wait_healthy()
+    yield process
+    process.stop()
+
+
+def assert_openai_error(response: httpx.Response, status: int) -> dict[str, object]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    body = response.json()
+    assert set(body) == {"error"}
+    error = body["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert isinstance(error["message"], str) and error["message"]
+    assert isinstance(error["type"], str)
+    return error  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize(
+    ("content", "fragment"),
+    [
+        (b"{not json", "not valid JSON"),
+        (b"\xff\xfe", "not valid JSON"),
+        (b"", "not valid JSON"),
+        (b"[1, 2]", "must be a JSON object"),
+        (b'"text"', "must be a JSON object"),
+    ],
+)
+def test_bad_body_is_400(sidecar: SidecarProcess, content: bytes, fragment: str) -> None:
+    response = httpx.post(f"{sidecar.url}/v1/chat/completions", content=content, headers=AUTH)
+    error = assert_openai_error(response, 400)
+    assert fragment in str(error["message"])
+    assert error["type"] == "invalid_request_error"
+
+
+def test_missing_key_is_401(sidecar: SidecarProcess) -> None:
+    error = assert_openai_error(httpx.post(f"{sidecar.url}/v1/chat/completions", json={}), 401)
+    assert error["type"] == "authentication_error"
+
+
+def test_wrong_key_is_403(sidecar: SidecarProcess) -> None:
+    response = httpx.post(f"{sidecar.url}/v1/chat/completions", json={}, headers={"X-API-Key": "nope-nope"})
+    error = assert_openai_error(response, 403)
+    assert error["code"] == "invalid_api_key"
+
+
+def test_unknown_path_is_404(sidecar: SidecarProcess) -> None:
+    error = assert_openai_error(httpx.get(f"{sidecar.url}/no/such/path"), 404)
+    assert "/no/such/path" in str(error["message"])
+
+
+def test_wrong_method_is_405(sidecar: SidecarProcess) -> None:
+    assert_openai_error(httpx.delete(f"{sidecar.url}/health"), 405)
+
+
+def test_body_over_limit_is_413(sidecar: SidecarProcess) -> None:
+    response = httpx.post(f"{sidecar.url}/v1/chat/completions", content=b"{" + b" " * 2048 + b"}", headers=AUTH)
+    error = assert_openai_error(response, 413)
+    assert "1024" in str(error["message"])
+
+
+def test_no_engine_is_503_with_retry_after(sidecar: SidecarProcess) -> None:
+    response = httpx.post(f"{sidecar.url}/v1/chat/completions", json={"model": "m", "messages": []}, headers=AUTH)
+    error = assert_openai_error(response, 503)
+    assert int(response.headers["retry-after"]) > 0
+    assert "no model is loaded" in str(error["message"])
+
+
+def test_bad_body_is_400_before_the_missing_engine(sidecar: SidecarProcess) -> None:
+    response = httpx.post(f"{sidecar.url}/v1/completions", content=b"nope", headers=AUTH)
+    assert_openai_error(response, 400)
+
+
+def test_sidecar_survives_every_error(sidecar: SidecarProcess) -> None:
+    assert sidecar.process.poll() is None
+    assert httpx.get(f"{sidecar.url}/health").status_code == 200

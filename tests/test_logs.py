@@ -1,0 +1,110 @@
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+
+from sidecar.logs import configure_logging, get_logger, timer
+from sidecar.redaction import Redactor
+from sidecar.settings import load_settings
+from tests.processes import SidecarProcess
+
+LOG_FILES = ("sidecar.log", "errors.log", "sidecar.jsonl")
+
+
+def read_logs(directory: Path) -> dict[str, str]:
+    return {name: (directory / name).read_text() for name in LOG_FILES}
+
+
+def test_secret_registered_at_run_time_is_in_no_sink(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    log_dir = tmp_path / "logs"
+    redactor = Redactor()
+    configure_logging(load_settings(None, log_dir=log_dir), redactor)
+    log = get_logger("sidecar.test")
+
+    redactor.register("registered-at-run-time")
+    log.info("engine_output", line="HF_TOKEN=registered-at-run-time loaded")
+    logging.getLogger("uvicorn.error").error("foreign record with registered-at-run-time and hf_abcdefghijkl")
+    try:
+        token = "registered-at-run-time"
+        raise ValueError(f"failed with {token}")
+    except ValueError:
+        log.exception("load_failed", env={"HF_TOKEN": "registered-at-run-time"})
+
+    console = capfd.readouterr().err
+    logs = read_logs(log_dir)
+    for text in (console, *logs.values()):
+        assert "registered-at-run-time" not in text
+        assert "hf_abcdefghijkl" not in text
+    assert "engine_output" in console and "engine_output" in logs["sidecar.log"]
+    assert "foreign record" in logs["sidecar.jsonl"]
+    assert "engine_output" not in logs["errors.log"]
+    assert "load_failed" in logs["errors.log"] and "ValueError" in logs["errors.log"]
+    assert all(json.loads(line) for line in logs["sidecar.jsonl"].splitlines())
+
+
+def test_log_files_rotate_by_size(tmp_path: Path) -> None:
+    configure_logging(load_settings(None, log_dir=tmp_path, log_file_max_bytes=2000, log_file_backups=2), Redactor())
+    log = get_logger("sidecar.test")
+    for i in range(100):
+        log.info("filler", i=i, padding="x" * 50)
+    assert (tmp_path / "sidecar.log.1").exists()
+    assert not (tmp_path / "sidecar.log.3").exists()
+    assert (tmp_path / "sidecar.log").stat().st_size <= 2000
+
+
+def test_level_from_settings(capfd: pytest.CaptureFixture[str]) -> None:
+    configure_logging(load_settings(None, log_level="warning"), Redactor())
+    log = get_logger("sidecar.test")
+    log.info("quiet_event")
+    log.warning("loud_event")
+    err = capfd.readouterr().err
+    assert "loud_event" in err and "quiet_event" not in err
+
+
+def test_timer_logs_duration_and_outcome(capfd: pytest.CaptureFixture[str]) -> None:
+    configure_logging(load_settings(None, log_format="json"), Redactor())
+    log = get_logger("sidecar.test")
+    with timer(log, "model_load", engine="mock") as fields:
+        fields["pid"] = 42
+    with pytest.raises(RuntimeError), timer(log, "model_unload"):
+        raise RuntimeError("boom")
+    records = [json.loads(line) for line in capfd.readouterr().err.splitlines()]
+    load, unload = records
+    assert (load["event"], load["outcome"], load["engine"], load["pid"]) == ("model_load", "ok", "mock", 42)
+    assert load["duration_ms"] >= 0
+    assert (unload["event"], unload["outcome"], unload["level"]) == ("model_unload", "error", "warning")
+
+
+def test_keys_never_reach_console_or_files(tmp_path: Path, start_sidecar: Callable[..., SidecarProcess]) -> None:
+    log_dir = tmp_path / "logs"
+    sidecar = start_sidecar(
+        {
+            "SIDECAR_API_KEYS": "data-key-secret-1",
+            "SIDECAR_ADMIN_KEYS": "admin-key-secret-2",
+            "SIDECAR_LOG_DIR": str(log_dir),
+            "SIDECAR_LOG_LEVEL": "debug",
+        }
+    )
+    with httpx.Client(base_url=sidecar.url) as client:
+        client.get("/v1/models", headers={"Authorization": "Bearer data-key-secret-1", "X-Request-ID": "ok-key"})
+        client.get("/v1/model", headers={"X-API-Key": "admin-key-secret-2"})
+        client.get("/v1/models", headers={"Authorization": "Bearer sk-wrongkey0123456", "X-Request-ID": "bad-key"})
+        client.post("/v1/chat/completions", headers={"X-API-Key": "data-key-secret-1"}, content=b"not json")
+    sidecar.stop()
+
+    texts = [sidecar.output(), *read_logs(log_dir).values()]
+    for text in texts:
+        for secret in ("data-key-secret-1", "admin-key-secret-2", "sk-wrongkey0123456"):
+            assert secret not in text
+    access = [json.loads(line) for line in (log_dir / "sidecar.jsonl").read_text().splitlines()]
+    by_id = {r["request_id"]: r for r in access if r["event"] == "request"}
+    assert by_id["ok-key"]["status"] == 503
+    assert by_id["bad-key"]["status"] == 403
+    fingerprints = {by_id["ok-key"]["key_fingerprint"], by_id["bad-key"]["key_fingerprint"]}
+    assert len(fingerprints) == 2 and all(len(f) == 12 for f in fingerprints)
+    assert {"method", "path", "duration_ms"} <= by_id["ok-key"].keys()

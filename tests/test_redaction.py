@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+from sidecar.redaction import MASK, Redactor
+
+
+def test_registered_secret_is_masked_everywhere_in_a_record() -> None:
+    redactor = Redactor(["s3cret-value"])
+    record = redactor(
+        None,
+        "info",
+        {
+            "event": "line with s3cret-value inside",
+            "nested": {"list": ["x s3cret-value", 3]},
+            "tuple": ("s3cret-value",),
+        },
+    )
+    assert record == {
+        "event": f"line with {MASK} inside",
+        "nested": {"list": [f"x {MASK}", 3]},
+        "tuple": (MASK,),
+    }
+
+
+def test_secret_registered_at_run_time_is_masked_from_then_on() -> None:
+    redactor = Redactor()
+    assert redactor.redact_text("token=runtime-secret") == "token=runtime-secret"
+    redactor.register("runtime-secret")
+    assert redactor.redact_text("token=runtime-secret") == f"token={MASK}"
+
+
+def test_longer_secret_containing_a_shorter_one_is_masked_whole() -> None:
+    redactor = Redactor(["abcdef", "abcdefghij"])
+    assert redactor.redact_text("x abcdefghij y") == f"x {MASK} y"
+
+
+def test_token_shaped_strings_are_masked() -> None:
+    redactor = Redactor()
+    text = "HF_TOKEN=hf_AbCdEf123456 key sk-proj-abc_DEF-123456 and sk-short fine"
+    assert redactor.redact_text(text) == f"HF_TOKEN={MASK} key {MASK} and sk-short fine"
+
+
+def test_auth_header_values_written_as_text_are_masked() -> None:
+    redactor = Redactor()
+    assert redactor.redact_text("Authorization: Bearer opaque-thing") == f"Authorization: Bearer {MASK}"
+    assert redactor.redact_text("{'x-api-key': 'opaque-thing'}") == f"{{'x-api-key': '{MASK}'}}"
+
+
+def test_sensitive_field_names_are_masked_whatever_their_value() -> None:
+    redactor = Redactor()
+    record = redactor(None, "info", {"event": "e", "Authorization": "Bearer x", "headers": {"X-API-Key": "k"}})
+    assert record == {"event": "e", "Authorization": MASK, "headers": {"X-API-Key": MASK}}
+
+
+def test_short_values_are_not_masked_in_free_text() -> None:
+    redactor = Redactor(["1", "true"])
+    assert redactor.redact_text("pid=1 ready=true") == "pid=1 ready=true"
