@@ -10,13 +10,13 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 
-from sidecar import dataplane, health
+from sidecar import control, dataplane, health
 from sidecar.errors import SidecarError, handle_http_exception, handle_sidecar_error
 from sidecar.logs import get_logger
 from sidecar.middleware import AuthMiddleware, BodyLimitMiddleware, RequestContextMiddleware
 from sidecar.redaction import Redactor
 from sidecar.settings import Settings
-from sidecar.state import EngineState
+from sidecar.supervisor import LoadRequest, Supervisor
 
 log = get_logger("sidecar.app")
 
@@ -24,6 +24,7 @@ log = get_logger("sidecar.app")
 def create_app(settings: Settings, redactor: Redactor | None = None) -> Starlette:
     redactor = redactor or Redactor()
     redactor.register(*settings.data_keys)
+    supervisor = Supervisor(settings, redactor)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -34,7 +35,18 @@ def create_app(settings: Settings, redactor: Redactor | None = None) -> Starlett
                 host=settings.host,
             )
         log.info("sidecar_started", host=settings.host, port=settings.port)
+        if settings.autoload_engine and settings.autoload_model:
+            # Spawn now, but do not wait for readiness here: start-up blocks serving, /ready tells when.
+            autoload = LoadRequest(
+                engine=settings.autoload_engine,
+                model=settings.autoload_model,
+                args=settings.autoload_args,
+                served_model_name=settings.autoload_served_model_name,
+                wait=False,
+            )
+            await supervisor.load(autoload)
         yield
+        await supervisor.shutdown()  # the engine goes first: nothing is left running
         log.info("sidecar_stopped")
 
     # Outermost first: every response gets a request id and an access line, CORS preflights need no key,
@@ -61,12 +73,12 @@ def create_app(settings: Settings, redactor: Redactor | None = None) -> Starlett
     ]
 
     app = Starlette(
-        routes=[*health.routes, *dataplane.routes],
+        routes=[*health.routes, *control.routes, *dataplane.routes],
         middleware=middleware,
         exception_handlers={SidecarError: handle_sidecar_error, HTTPException: handle_http_exception},
         lifespan=lifespan,
     )
     app.state.settings = settings
     app.state.redactor = redactor
-    app.state.engine_state = EngineState.IDLE
+    app.state.supervisor = supervisor
     return app

@@ -8,12 +8,12 @@ from starlette.routing import Route
 
 from sidecar.errors import ServiceUnavailable
 from sidecar.http import read_json_object
-from sidecar.state import EngineState
+from sidecar.supervisor import Supervisor
 
 
 def _not_ready(request: Request) -> ServiceUnavailable:
-    state: EngineState = request.app.state.engine_state
-    return ServiceUnavailable(f"no model is loaded (engine state: {state})")
+    supervisor: Supervisor = request.app.state.supervisor
+    return ServiceUnavailable(f"no model is loaded (engine state: {supervisor.state})")
 
 
 async def openai_post(request: Request) -> Response:

@@ -10,6 +10,7 @@ from sidecar import __version__
 from sidecar.errors import ServiceUnavailable
 from sidecar.openapi import ENDPOINTS, openapi_document
 from sidecar.state import EngineState
+from sidecar.supervisor import Supervisor
 
 
 async def root(request: Request) -> JSONResponse:
@@ -22,16 +23,21 @@ async def root(request: Request) -> JSONResponse:
     )
 
 
+def _engine(request: Request) -> dict[str, object]:
+    supervisor: Supervisor = request.app.state.supervisor
+    status = supervisor.status()
+    return {key: status[key] for key in ("state", "engine", "model", "served_model_name")}
+
+
 async def health(request: Request) -> JSONResponse:
-    state: EngineState = request.app.state.engine_state
-    return JSONResponse({"status": "ok", "engine": {"state": state}})
+    return JSONResponse({"status": "ok", "engine": _engine(request)})
 
 
 async def ready(request: Request) -> JSONResponse:
-    state: EngineState = request.app.state.engine_state
-    if state is not EngineState.READY:
-        raise ServiceUnavailable(f"no engine is ready (state: {state})")
-    return JSONResponse({"status": "ready", "engine": {"state": state}})
+    engine = _engine(request)
+    if engine["state"] is not EngineState.READY:
+        raise ServiceUnavailable(f"no engine is ready (state: {engine['state']})")
+    return JSONResponse({"status": "ready", "engine": engine})
 
 
 async def openapi(request: Request) -> JSONResponse:

@@ -64,12 +64,20 @@ class Settings(BaseSettings):
     restart_backoff_max_s: float = Field(60.0, gt=0)
     watchdog_interval_ms: int = Field(100, ge=10)
 
+    # The executable for an engine, where it is not the adapter's default on PATH: {"vllm": "/opt/vllm/bin/vllm"}.
+    engine_executables: dict[str, str] = {}
+    # An engine to load at start-up (for compose): the load request's fields.
+    autoload_engine: str | None = None
+    autoload_model: str | None = None
+    autoload_args: dict[str, Any] = {}
+    autoload_served_model_name: str | None = None
+
     @field_validator("api_keys", "admin_keys", "cors_origins", mode="before")
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
         return _split_commas(value)
 
-    @field_validator("log_dir", mode="before")
+    @field_validator("log_dir", "autoload_engine", "autoload_model", "autoload_served_model_name", mode="before")
     @classmethod
     def _empty_is_none(cls, value: Any) -> Any:
         return None if value == "" else value
@@ -78,6 +86,12 @@ class Settings(BaseSettings):
     @classmethod
     def _lowercase(cls, value: Any) -> Any:
         return value.lower() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _autoload_needs_a_model(self) -> Settings:
+        if self.autoload_engine and not self.autoload_model:
+            raise ValueError(f"{ENV_PREFIX}AUTOLOAD_MODEL: needed with {ENV_PREFIX}AUTOLOAD_ENGINE")
+        return self
 
     @model_validator(mode="after")
     def _no_public_listen_without_keys(self) -> Settings:
@@ -109,7 +123,7 @@ class SettingsError(Exception):
 
 def load_settings(env_file: str | Path | None = ".env", **overrides: Any) -> Settings:
     try:
-        return Settings(_env_file=env_file, **overrides)  # type: ignore[call-arg]
+        return Settings(_env_file=env_file, **overrides)
     except ValidationError as exc:
         raise SettingsError(describe_validation_error(exc)) from None
 

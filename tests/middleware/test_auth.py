@@ -11,7 +11,7 @@ from tests.processes import SidecarProcess
 DATA_KEYS = "data-key-one,data-key-two"
 ADMIN_KEYS = "admin-key-one"
 DATA_PATH = "/v1/models"  # data plane: passes auth, then 503 (no engine)
-CONTROL_PATH = "/v1/model"  # control plane
+CONTROL_PATH = "/v1/model"  # control plane: the engine's status
 
 
 def bearer(key: str) -> dict[str, str]:
@@ -41,8 +41,8 @@ def api_key(key: str) -> dict[str, str]:
         (CONTROL_PATH, {}, 401),
         (CONTROL_PATH, bearer("data-key-one"), 403),
         (CONTROL_PATH, api_key("data-key-two"), 403),
-        (CONTROL_PATH, bearer("admin-key-one"), 503),
-        (CONTROL_PATH, api_key("admin-key-one"), 503),
+        (CONTROL_PATH, bearer("admin-key-one"), 200),
+        (CONTROL_PATH, api_key("admin-key-one"), 200),
         ("/health", {}, 200),
         ("/ready", {}, 503),
         ("/", {}, 200),
@@ -60,7 +60,7 @@ async def test_auth_matrix(path: str, headers: dict[str, str], status: int) -> N
 
 async def test_admin_keys_fall_back_to_data_keys() -> None:
     async with client_for(api_keys=DATA_KEYS) as client:
-        assert (await client.get(CONTROL_PATH, headers=bearer("data-key-one"))).status_code == 503
+        assert (await client.get(CONTROL_PATH, headers=bearer("data-key-one"))).status_code == 200
         assert (await client.get(CONTROL_PATH, headers=bearer("wrong-key"))).status_code == 403
 
 
@@ -73,7 +73,7 @@ async def test_admin_keys_alone_protect_the_data_plane_too() -> None:
 async def test_no_keys_configured_means_no_auth_on_loopback() -> None:
     async with client_for() as client:
         assert (await client.get(DATA_PATH)).status_code == 503
-        assert (await client.get(CONTROL_PATH)).status_code == 503
+        assert (await client.get(CONTROL_PATH)).status_code == 200
 
 
 async def test_metrics_can_require_a_key() -> None:
@@ -90,4 +90,4 @@ def test_keys_over_real_http(start_sidecar: Callable[..., SidecarProcess]) -> No
         assert client.get(DATA_PATH, headers=bearer("wrong-key")).status_code == 403
         assert client.get(DATA_PATH, headers=api_key("data-key-two")).status_code == 503
         assert client.get(CONTROL_PATH, headers=bearer("data-key-one")).status_code == 403
-        assert client.get(CONTROL_PATH, headers=api_key("admin-key-one")).status_code == 503
+        assert client.get(CONTROL_PATH, headers=api_key("admin-key-one")).status_code == 200

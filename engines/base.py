@@ -1,0 +1,99 @@
+"""What an engine adapter knows: how to start its engine, and when the engine is ready."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from typing import Any, ClassVar, Literal
+
+import httpx
+
+ArgValue = str | int | float | bool | None | list[Any] | dict[str, Any]
+
+_FLAG_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
+
+
+class AdapterError(ValueError):
+    """A load request this adapter cannot turn into an engine (a bad flag, a missing field)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def _value(value: Any) -> str:
+    if isinstance(value, dict | list):
+        return json.dumps(value, separators=(",", ":"))
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def flags_from_args(
+    args: Mapping[str, ArgValue],
+    list_style: Literal["nargs", "repeat"] = "nargs",
+    reserved: frozenset[str] = frozenset(),
+) -> list[str]:
+    """`{"max-model-len": 4096, "enforce-eager": true}` → `["--max-model-len", "4096", "--enforce-eager"]`.
+
+    In the request's order. `true` is a bare flag, `false` and `null` leave the flag out, a list repeats the
+    flag (`repeat`) or gives it several values (`nargs`), an object becomes JSON.
+    """
+    argv: list[str] = []
+    for raw_name, value in args.items():
+        name = raw_name.lstrip("-")
+        if not _FLAG_NAME.fullmatch(name):
+            raise AdapterError(f"invalid flag name {raw_name!r}", param=f"args.{raw_name}")
+        if name in reserved:
+            raise AdapterError(f"flag --{name} is set by the sidecar and cannot be passed in args", f"args.{raw_name}")
+        flag = f"--{name}"
+        if value is True:
+            argv.append(flag)
+        elif value is False or value is None:
+            continue
+        elif isinstance(value, list):
+            if list_style == "repeat":
+                for item in value:
+                    argv += [flag, _value(item)]
+            else:
+                argv += [flag, *(_value(item) for item in value)]
+        else:
+            argv += [flag, _value(value)]
+    return argv
+
+
+class EngineAdapter:
+    """One engine. Subclasses set the class attributes and build the command line."""
+
+    name: ClassVar[str]
+    default_executable: ClassVar[str] = ""
+    # Every path must answer 200 before the engine counts as ready.
+    ready_paths: ClassVar[tuple[str, ...]] = ("/health", "/v1/models")
+    list_style: ClassVar[Literal["nargs", "repeat"]] = "nargs"
+    # Flags the adapter sets itself (host, port, model): a request may not pass them.
+    reserved_flags: ClassVar[frozenset[str]] = frozenset({"host", "port"})
+    starts_process: ClassVar[bool] = True
+
+    def __init__(self, executable: str | None = None) -> None:
+        self.executable = executable or self.default_executable
+
+    def command(self, model: str, port: int, args: Mapping[str, ArgValue], served_model_name: str | None) -> list[str]:
+        raise NotImplementedError
+
+    def flags(self, args: Mapping[str, ArgValue]) -> list[str]:
+        return flags_from_args(args, self.list_style, self.reserved_flags)
+
+    def environment(self) -> dict[str, str]:
+        """Variables the engine needs on top of the sidecar's environment and the request's `env`."""
+        return {}
+
+    async def is_ready(self, client: httpx.AsyncClient, base_url: str) -> bool:
+        for path in self.ready_paths:
+            try:
+                response = await client.get(base_url + path)
+            except httpx.HTTPError:
+                return False
+            if response.status_code != 200:
+                return False
+        return True

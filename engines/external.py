@@ -1,0 +1,21 @@
+from __future__ import annotations
+
+import httpx
+
+from engines.base import EngineAdapter
+
+
+class ExternalAdapter(EngineAdapter):
+    """No process: an OpenAI-compatible server already running at the load request's `url`. Unload forgets it."""
+
+    name = "external"
+    starts_process = False
+
+    async def is_ready(self, client: httpx.AsyncClient, base_url: str) -> bool:
+        for path in ("/health", "/v1/models"):
+            try:
+                if (await client.get(base_url + path)).status_code == 200:
+                    return True
+            except httpx.HTTPError:
+                return False
+        return False

@@ -1,0 +1,50 @@
+from __future__ import annotations
+
+import shutil
+import sys
+from collections.abc import Mapping
+
+from engines.base import ArgValue, EngineAdapter
+
+
+class LlamaCppAdapter(EngineAdapter):
+    """llama.cpp's `llama-server -m MODEL --host 127.0.0.1 --port P ...` (ready when /health answers 200)."""
+
+    name = "llamacpp"
+    default_executable = "llama-server"
+    ready_paths = ("/health",)
+    list_style = "repeat"
+    reserved_flags = frozenset({"host", "port", "m", "model"})
+
+    def command(self, model: str, port: int, args: Mapping[str, ArgValue], served_model_name: str | None) -> list[str]:
+        argv = [self.executable, "-m", model, "--host", "127.0.0.1", "--port", str(port)]
+        if served_model_name:
+            argv += ["--alias", served_model_name]
+        return argv + self.flags(args)
+
+
+class LlamaCppPythonAdapter(EngineAdapter):
+    """llama-cpp-python's `python -m llama_cpp.server --model MODEL ...`.
+
+    It has no /health (probe /v1/models), and by default interrupts a running request when a new one arrives:
+    it is started with `--interrupt_requests False`.
+    """
+
+    name = "llamacpp"
+    default_executable = sys.executable
+    ready_paths = ("/v1/models",)
+    reserved_flags = frozenset({"host", "port", "model", "interrupt_requests"})
+
+    def command(self, model: str, port: int, args: Mapping[str, ArgValue], served_model_name: str | None) -> list[str]:
+        argv = [self.executable, "-m", "llama_cpp.server", "--model", model, "--host", "127.0.0.1", "--port", str(port)]
+        argv += ["--interrupt_requests", "False"]
+        if served_model_name:
+            argv += ["--model_alias", served_model_name]
+        return argv + self.flags(args)
+
+
+def llamacpp(executable: str | None = None) -> EngineAdapter:
+    """llama-server when it is on PATH (or configured), else llama-cpp-python's server."""
+    if executable or shutil.which(LlamaCppAdapter.default_executable):
+        return LlamaCppAdapter(executable)
+    return LlamaCppPythonAdapter()

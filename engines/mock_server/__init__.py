@@ -1,0 +1,1 @@
+"""The project's OpenAI-compatible mock engine, run as its own process."""

@@ -1,0 +1,65 @@
+"""`python -m engines.mock_server`: the mock engine as its own process, with knobs for tests and benchmarks."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import uvicorn
+
+from engines.mock_server.app import MockConfig, create_app
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mock-engine", description="OpenAI-compatible mock LLM engine.")
+    parser.add_argument("--model", default="mock-model")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8001)
+    parser.add_argument("--ttft-ms", type=float, default=20.0, help="time to first token")
+    parser.add_argument("--itl-ms", type=float, default=5.0, help="time between tokens")
+    parser.add_argument("--tokens", type=int, default=16, help="tokens per answer (max_tokens caps it)")
+    parser.add_argument("--startup-delay-s", type=float, default=0.0, help="wait before listening")
+    parser.add_argument("--exit-at-start", type=int, help="print an error and exit with this code at start-up")
+    parser.add_argument("--ignore-sigterm", action="store_true", help="only SIGKILL stops it")
+    parser.add_argument("--spawn-child", action="store_true", help="start a child process in the same group")
+    parser.add_argument("--print-env", action="append", default=[], help="print this variable's value at start")
+    return parser
+
+
+def main() -> None:
+    args = _parser().parse_args()
+    # The mock engine writes its output as an engine would: plain lines on stdout and stderr.
+    out = sys.stdout
+    for name in args.print_env:
+        out.write(f"mock engine sees {name}={os.environ.get(name, '')}\n")
+    out.flush()
+    if args.exit_at_start is not None:
+        sys.stderr.write(f"mock engine: fatal: cannot start with these arguments (exit {args.exit_at_start})\n")
+        raise SystemExit(args.exit_at_start)
+    if args.ignore_sigterm:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if args.spawn_child:
+        # A grandchild of the sidecar, as vLLM's workers are: it must die with the group.
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
+        out.write(f"mock engine started child pid={child.pid}\n")
+        out.flush()
+    if args.startup_delay_s:
+        time.sleep(args.startup_delay_s)
+    config = MockConfig(model=args.model, ttft_s=args.ttft_ms / 1000, itl_s=args.itl_ms / 1000, tokens=args.tokens)
+    uvicorn.run(
+        create_app(config),
+        host=args.host,
+        port=args.port,
+        loop="uvloop",
+        http="httptools",
+        access_log=False,
+        log_level="warning",
+    )
+
+
+if __name__ == "__main__":
+    main()

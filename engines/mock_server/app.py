@@ -1,0 +1,219 @@
+"""The mock engine's OpenAI routes: chat and text completions (streamed or not), embeddings, models, health."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from engines.mock_server import generation as gen
+
+
+@dataclass
+class MockConfig:
+    model: str = "mock-model"
+    ttft_s: float = 0.02
+    itl_s: float = 0.005
+    tokens: int = 16
+
+
+@dataclass
+class Stats:
+    started: int = 0
+    completed: int = 0
+    cancelled: int = 0
+    in_flight: int = 0
+    ids: itertools.count[int] = field(default_factory=itertools.count)
+
+
+def _error(message: str, status: int = 400) -> JSONResponse:
+    body = {"object": "error", "message": message, "type": "BadRequestError", "param": None, "code": status}
+    return JSONResponse(body, status_code=status)
+
+
+def _sse(payload: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+
+
+def create_app(config: MockConfig) -> Starlette:
+    stats = Stats()
+
+    async def generate(request: Request) -> Response:
+        try:
+            body = await request.json()
+        except ValueError:
+            return _error("invalid JSON")
+        if not isinstance(body, dict):
+            return _error("body must be an object")
+        chat = request.url.path.endswith("/chat/completions")
+        if chat and not isinstance(body.get("messages"), list):
+            return _error("'messages' is required")
+        n = body.get("n") or 1
+        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or config.tokens
+        if not isinstance(n, int) or not isinstance(max_tokens, int) or n < 1 or max_tokens < 1:
+            return _error("'n' and 'max_tokens' must be positive integers")
+        count = min(config.tokens, max_tokens)
+        finish = "length" if max_tokens < config.tokens else "stop"
+        want_logprobs = bool(body.get("logprobs")) if chat else body.get("logprobs") is not None
+        top_k = int(body.get("top_logprobs") or 0) if chat else int(body.get("logprobs") or 0)
+        choices = [gen.tokens_for(body, i, count, top_k) for i in range(n)]
+        tool = gen.tool_call_pieces(body, choices[0]) if chat else None
+        if tool is not None:
+            finish = "tool_calls"
+        completion_tokens = sum(len(tool[1]) if tool else len(c) for c in choices)
+        usage = {
+            "prompt_tokens": gen.count_prompt_tokens(body),
+            "completion_tokens": completion_tokens,
+            "total_tokens": gen.count_prompt_tokens(body) + completion_tokens,
+        }
+        base = {
+            "id": f"{'chatcmpl' if chat else 'cmpl'}-mock-{next(stats.ids)}",
+            "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": config.model,
+        }
+        stats.started += 1
+        if body.get("stream"):
+            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            events = _stream(base, chat, choices, tool, finish, want_logprobs, usage if include_usage else None)
+            return StreamingResponse(events, media_type="text/event-stream")
+        return await _complete(base, chat, choices, tool, finish, want_logprobs, usage)
+
+    async def _stream(
+        base: dict[str, Any],
+        chat: bool,
+        choices: list[list[gen.Token]],
+        tool: tuple[str, list[str]] | None,
+        finish: str,
+        want_logprobs: bool,
+        usage: dict[str, Any] | None,
+    ) -> AsyncIterator[bytes]:
+        stats.in_flight += 1
+        try:
+            if chat:  # the role arrives before any output, as vLLM sends it
+                for i in range(len(choices)):
+                    delta = {"role": "assistant", "content": ""}
+                    yield _sse(
+                        {**base, "choices": [{"index": i, "delta": delta, "logprobs": None, "finish_reason": None}]}
+                    )
+            await asyncio.sleep(config.ttft_s)
+            steps = len(tool[1]) if tool else len(choices[0])
+            for step in range(steps):
+                if step:
+                    await asyncio.sleep(config.itl_s)
+                for i, tokens in enumerate(choices):
+                    yield _sse({**base, "choices": [_stream_choice(chat, i, tokens, step, tool, want_logprobs)]})
+            for i in range(len(choices)):
+                last: dict[str, Any] = {"index": i, "logprobs": None, "finish_reason": finish}
+                if chat:
+                    last["delta"] = {}
+                else:
+                    last["text"] = ""
+                yield _sse({**base, "choices": [last]})
+            if usage is not None:
+                yield _sse({**base, "choices": [], "usage": usage})
+            yield b"data: [DONE]\n\n"
+            stats.completed += 1
+        except (asyncio.CancelledError, GeneratorExit):
+            stats.cancelled += 1
+            raise
+        finally:
+            stats.in_flight -= 1
+
+    async def _complete(
+        base: dict[str, Any],
+        chat: bool,
+        choices: list[list[gen.Token]],
+        tool: tuple[str, list[str]] | None,
+        finish: str,
+        want_logprobs: bool,
+        usage: dict[str, Any],
+    ) -> Response:
+        stats.in_flight += 1
+        try:
+            steps = len(tool[1]) if tool else len(choices[0])
+            await asyncio.sleep(config.ttft_s + config.itl_s * max(0, steps - 1))
+        finally:
+            stats.in_flight -= 1
+        result = []
+        for i, tokens in enumerate(choices):
+            text = "".join(t.text for t in tokens)
+            if chat:
+                message: dict[str, Any] = {"role": "assistant", "content": text}
+                if tool:
+                    message = {"role": "assistant", "content": None, "tool_calls": [_tool_call(i, tool, full=True)]}
+                logprobs = gen.chat_logprobs(tokens) if want_logprobs and not tool else None
+                result.append({"index": i, "message": message, "logprobs": logprobs, "finish_reason": finish})
+            else:
+                logprobs = gen.completion_logprobs(tokens) if want_logprobs else None
+                result.append({"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish})
+        stats.completed += 1
+        object_name = "chat.completion" if chat else "text_completion"
+        return JSONResponse({**base, "object": object_name, "choices": result, "usage": usage})
+
+    async def embeddings(request: Request) -> Response:
+        body = await request.json()
+        inputs = body.get("input")
+        inputs = inputs if isinstance(inputs, list) else [inputs]
+        data = [{"object": "embedding", "index": i, "embedding": gen.embedding(str(x))} for i, x in enumerate(inputs)]
+        tokens = sum(len(str(x).split()) for x in inputs)
+        usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+        return JSONResponse({"object": "list", "data": data, "model": config.model, "usage": usage})
+
+    async def models(request: Request) -> Response:
+        card = {"id": config.model, "object": "model", "created": 0, "owned_by": "mock"}
+        return JSONResponse({"object": "list", "data": [card]})
+
+    async def health(request: Request) -> Response:
+        return Response(status_code=200)
+
+    async def mock_stats(request: Request) -> Response:
+        fields = ("started", "completed", "cancelled", "in_flight")
+        return JSONResponse({name: getattr(stats, name) for name in fields})
+
+    return Starlette(
+        routes=[
+            Route("/v1/chat/completions", generate, methods=["POST"]),
+            Route("/v1/completions", generate, methods=["POST"]),
+            Route("/v1/embeddings", embeddings, methods=["POST"]),
+            Route("/v1/models", models, methods=["GET"]),
+            Route("/health", health, methods=["GET"]),
+            Route("/mock/stats", mock_stats, methods=["GET"]),
+        ]
+    )
+
+
+def _tool_call(index: int, tool: tuple[str, list[str]], full: bool, step: int = 0) -> dict[str, Any]:
+    name, pieces = tool
+    call: dict[str, Any] = {"index": 0, "id": f"call_mock_{index}", "type": "function"}
+    if full:
+        return {k: v for k, v in call.items() if k != "index"} | {
+            "function": {"name": name, "arguments": "".join(pieces)}
+        }
+    if step == 0:
+        return call | {"function": {"name": name, "arguments": pieces[0]}}
+    return {"index": 0, "function": {"arguments": pieces[step]}}
+
+
+def _stream_choice(
+    chat: bool, index: int, tokens: list[gen.Token], step: int, tool: tuple[str, list[str]] | None, want_logprobs: bool
+) -> dict[str, Any]:
+    if chat and tool:
+        delta: dict[str, Any] = {"tool_calls": [_tool_call(index, tool, full=False, step=step)]}
+        return {"index": index, "delta": delta, "logprobs": None, "finish_reason": None}
+    token = tokens[step]
+    if chat:
+        logprobs = gen.chat_logprobs([token]) if want_logprobs else None
+        return {"index": index, "delta": {"content": token.text}, "logprobs": logprobs, "finish_reason": None}
+    offset = sum(len(t.text) for t in tokens[:step])
+    logprobs = gen.completion_logprobs([token], offset) if want_logprobs else None
+    return {"index": index, "text": token.text, "logprobs": logprobs, "finish_reason": None}

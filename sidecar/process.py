@@ -1,0 +1,188 @@
+"""One engine process: spawned in its own session, its output read into the log, its whole group stopped.
+
+Mechanism only; when to start, stop or restart it is the supervisor's business.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ctypes
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+
+import psutil
+
+from sidecar.logs import get_logger
+from sidecar.redaction import Redactor
+
+log = get_logger("sidecar.engine")
+
+TAIL_LINES = 100
+_MAX_LINE = 16 * 1024  # a line longer than this is logged in pieces
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+def become_subreaper() -> None:
+    """Orphaned engine descendants (workers whose parent died) become our children, so we can reap them."""
+    if sys.platform != "linux":
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    except (OSError, AttributeError):
+        log.warning("subreaper_unavailable")
+
+
+class _OutputProtocol(asyncio.SubprocessProtocol):
+    """Splits stdout and stderr on `\\n` and `\\r` (progress bars) as the bytes arrive, never waiting for a line."""
+
+    def __init__(self, on_line: Callable[[str, str], None]) -> None:
+        self.on_line = on_line
+        self.partial = {1: b"", 2: b""}
+        self.exited = asyncio.Event()
+
+    def pipe_data_received(self, fd: int, data: bytes) -> None:
+        buffer = self.partial.get(fd, b"") + data
+        lines = buffer.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
+        self.partial[fd] = lines.pop()
+        while len(self.partial[fd]) > _MAX_LINE:
+            lines.append(self.partial[fd][:_MAX_LINE])
+            self.partial[fd] = self.partial[fd][_MAX_LINE:]
+        for line in lines:
+            if line.strip():
+                self.on_line("stdout" if fd == 1 else "stderr", line.decode(errors="replace"))
+
+    def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
+        rest = self.partial.pop(fd, b"")
+        if rest.strip():
+            self.on_line("stdout" if fd == 1 else "stderr", rest.decode(errors="replace"))
+
+    def process_exited(self) -> None:
+        self.exited.set()
+
+
+class EngineProcess:
+    def __init__(
+        self,
+        name: str,
+        transport: asyncio.SubprocessTransport,
+        protocol: _OutputProtocol,
+        tail: collections.deque[str],
+    ) -> None:
+        self.name = name
+        self._transport = transport
+        self._protocol = protocol
+        self._tail = tail
+        self.pid: int = transport.get_pid()
+        self.started_at = time.time()
+        self._stopping: asyncio.Task[int | None] | None = None
+
+    @classmethod
+    async def spawn(cls, name: str, argv: list[str], env: dict[str, str], redactor: Redactor) -> EngineProcess:
+        """Start argv (never through a shell) in a new session; `env` is the child's whole environment."""
+        tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+
+        def on_line(stream: str, line: str) -> None:
+            masked = redactor.redact_text(line)
+            tail.append(masked)
+            log.info("engine_output", engine=name, stream=stream, line=masked)
+
+        loop = asyncio.get_running_loop()
+        transport, protocol = await loop.subprocess_exec(
+            lambda: _OutputProtocol(on_line),
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=env,
+            start_new_session=True,
+        )
+        return cls(name, transport, protocol, tail)
+
+    @property
+    def returncode(self) -> int | None:
+        return self._transport.get_returncode()
+
+    @property
+    def exited(self) -> asyncio.Event:
+        return self._protocol.exited
+
+    def tail(self, lines: int = TAIL_LINES) -> list[str]:
+        return list(self._tail)[-lines:]
+
+    def members(self) -> list[psutil.Process]:
+        """Every live process of the engine: its process group and its descendants (which may have left it)."""
+        found: dict[int, psutil.Process] = {}
+        try:
+            leader = psutil.Process(self.pid)
+            for child in leader.children(recursive=True):
+                found[child.pid] = child
+            found[leader.pid] = leader
+        except psutil.NoSuchProcess:
+            pass
+        for proc in psutil.process_iter():
+            try:
+                if os.getpgid(proc.pid) == self.pid:
+                    found[proc.pid] = proc
+            except (ProcessLookupError, psutil.NoSuchProcess):
+                continue
+        return [p for p in found.values() if _alive(p)]
+
+    async def stop(self, grace_s: float) -> int | None:
+        """SIGTERM to the group, SIGKILL after grace_s, every member reaped. Idempotent; not cancellable."""
+        if self._stopping is None:
+            self._stopping = asyncio.ensure_future(self._stop(grace_s))
+        return await asyncio.shield(self._stopping)
+
+    async def _stop(self, grace_s: float) -> int | None:
+        members = self.members()
+        self._signal(members, signal.SIGTERM)
+        gone = await self._wait_gone(members, grace_s)
+        if not gone:
+            log.warning("engine_kill", engine=self.name, pid=self.pid, grace_s=grace_s)
+            members = self.members() or members
+            self._signal(members, signal.SIGKILL)
+            await self._wait_gone(members, 10.0)
+        await self.exited.wait()
+        self._transport.close()
+        return self.returncode
+
+    def _signal(self, members: list[psutil.Process], sig: signal.Signals) -> None:
+        try:
+            os.killpg(self.pid, sig)
+        except ProcessLookupError:
+            pass
+        for proc in members:  # descendants that left the group
+            try:
+                proc.send_signal(sig)
+            except psutil.NoSuchProcess:
+                pass
+
+    async def _wait_gone(self, members: list[psutil.Process], timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            _reap([p for p in members if p.pid != self.pid])  # the leader is reaped by asyncio
+            if not any(_alive(p) for p in members) and self.exited.is_set():
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.02)
+
+
+def _alive(proc: psutil.Process) -> bool:
+    try:
+        return bool(proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE)
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _reap(members: list[psutil.Process]) -> None:
+    """Collect the exit status of members that became our children (we are their subreaper)."""
+    for proc in members:
+        try:
+            os.waitpid(proc.pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
