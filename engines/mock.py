@@ -11,6 +11,7 @@ class MockAdapter(EngineAdapter):
 
     name = "mock"
     default_executable = sys.executable
+    list_style = "repeat"
     reserved_flags = frozenset({"host", "port", "model"})
 
     def command(self, model: str, port: int, args: Mapping[str, ArgValue], served_model_name: str | None) -> list[str]:

@@ -169,11 +169,16 @@ class Supervisor:
             raise Conflict('an engine is already loaded: unload it first, or pass "replace": true')
         await self._lock.acquire()  # free, so this does not wait: nothing can slip in between
         self._cancel_restart()
-        task = asyncio.create_task(self._load_locked(request, adapter))
+        spawned = asyncio.Event()
+        task = asyncio.create_task(self._load_locked(request, adapter, spawned))
         task.add_done_callback(_consume_exception)
         self._load_task = task
         if not request.wait:
-            await asyncio.sleep(0)  # let the task take the state to loading (or unloading, for replace)
+            # 202 once the process exists (it has a pid to show), or at once when an engine must drain first.
+            if self.engine is None:
+                waiter = asyncio.ensure_future(spawned.wait())
+                await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+                waiter.cancel()
             return 202, self.status()
         try:
             return 200, await asyncio.shield(task)
@@ -183,17 +188,21 @@ class Supervisor:
                 raise Conflict("the load was cancelled by an unload") from None
             raise
 
-    async def _load_locked(self, request: LoadRequest, adapter: EngineAdapter) -> dict[str, Any]:
+    async def _load_locked(
+        self, request: LoadRequest, adapter: EngineAdapter, spawned: asyncio.Event
+    ) -> dict[str, Any]:
         try:
             if self.engine is not None:
                 await self._stop_engine(self.settings.drain_timeout_s, reason="replace")
             self.restarts = 0
-            await self._bring_up(request, adapter)
+            await self._bring_up(request, adapter, spawned)
             return self._ready_body()
         finally:
             self._lock.release()
 
-    async def _bring_up(self, request: LoadRequest, adapter: EngineAdapter) -> None:
+    async def _bring_up(
+        self, request: LoadRequest, adapter: EngineAdapter, spawned: asyncio.Event | None = None
+    ) -> None:
         """Start the engine and wait until it is ready: state loading, then ready or failed."""
         self.state = EngineState.LOADING
         self.exit_code = None
@@ -203,6 +212,8 @@ class Supervisor:
         try:
             engine = await self._spawn(request, adapter)
             self.engine = engine
+            if spawned is not None:
+                spawned.set()
             await self._wait_ready(engine, request.startup_timeout_s or self.settings.startup_timeout_s)
         except SidecarError as exc:
             self.state = EngineState.FAILED

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from types import FrameType
 
 import uvicorn
 
@@ -40,8 +41,6 @@ def main() -> None:
     if args.exit_at_start is not None:
         sys.stderr.write(f"mock engine: fatal: cannot start with these arguments (exit {args.exit_at_start})\n")
         raise SystemExit(args.exit_at_start)
-    if args.ignore_sigterm:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if args.spawn_child:
         # A grandchild of the sidecar, as vLLM's workers are: it must die with the group.
         child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
@@ -50,15 +49,26 @@ def main() -> None:
     if args.startup_delay_s:
         time.sleep(args.startup_delay_s)
     config = MockConfig(model=args.model, ttft_s=args.ttft_ms / 1000, itl_s=args.itl_ms / 1000, tokens=args.tokens)
-    uvicorn.run(
-        create_app(config),
-        host=args.host,
-        port=args.port,
-        loop="uvloop",
-        http="httptools",
-        access_log=False,
-        log_level="warning",
-    )
+    server = _StubbornServer if args.ignore_sigterm else uvicorn.Server
+    server(
+        uvicorn.Config(
+            create_app(config),
+            host=args.host,
+            port=args.port,
+            loop="uvloop",
+            http="httptools",
+            access_log=False,
+            log_level="warning",
+        )
+    ).run()
+
+
+class _StubbornServer(uvicorn.Server):
+    """An engine that ignores SIGTERM (as a hung one would): only SIGKILL stops it."""
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if sig != signal.SIGTERM:
+            super().handle_exit(sig, frame)
 
 
 if __name__ == "__main__":

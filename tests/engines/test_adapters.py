@@ -1,0 +1,99 @@
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from engines import AdapterError, UnknownEngine, adapter, flags_from_args, registered
+from engines.llamacpp import LlamaCppAdapter, LlamaCppPythonAdapter
+
+
+def test_issue_example_maps_to_flags_in_order() -> None:
+    assert flags_from_args({"max-model-len": 4096, "enforce-eager": True}) == [
+        "--max-model-len",
+        "4096",
+        "--enforce-eager",
+    ]
+
+
+def test_values_of_every_type() -> None:
+    args = {"a": 1.5, "b": False, "c": None, "d": "text with spaces", "e": {"image": 2}, "--f": "x"}
+    assert flags_from_args(args) == ["--a", "1.5", "--d", "text with spaces", "--e", '{"image":2}', "--f", "x"]
+
+
+def test_lists_as_nargs_or_repeated() -> None:
+    assert flags_from_args({"x": ["a", "b"]}, "nargs") == ["--x", "a", "b"]
+    assert flags_from_args({"x": ["a", "b"]}, "repeat") == ["--x", "a", "--x", "b"]
+
+
+@pytest.mark.parametrize("name", ["", "a b", "x;rm -rf /", "-", "a=b", "$(id)"])
+def test_unsafe_flag_names_are_refused(name: str) -> None:
+    with pytest.raises(AdapterError):
+        flags_from_args({name: True})
+
+
+def test_flags_the_sidecar_sets_are_refused() -> None:
+    with pytest.raises(AdapterError, match="--port is set by the sidecar"):
+        adapter("vllm").command("m", 1, {"port": 9}, None)
+
+
+def test_registered_engines() -> None:
+    assert set(registered()) == {"vllm", "sglang", "tgi", "llamacpp", "mock", "external"}
+
+
+@pytest.mark.parametrize("name", ["os", "engines.mock", "subprocess:run", "VLLM", "../vllm"])
+def test_only_registered_names_resolve(name: str) -> None:
+    with pytest.raises(UnknownEngine, match="known engines: external, llamacpp, mock, sglang, tgi, vllm"):
+        adapter(name)
+
+
+def test_vllm_command_matches_vllm_serve_cli() -> None:
+    argv = adapter("vllm").command(
+        "Qwen/Qwen2.5-0.5B-Instruct", 41234, {"max-model-len": 4096, "gpu-memory-utilization": 0.8}, "qwen"
+    )
+    assert argv == [
+        "vllm", "serve", "Qwen/Qwen2.5-0.5B-Instruct", "--host", "127.0.0.1", "--port", "41234",
+        "--served-model-name", "qwen", "--max-model-len", "4096", "--gpu-memory-utilization", "0.8",
+    ]  # fmt: skip
+
+
+def test_sglang_command_matches_launch_server_cli() -> None:
+    argv = adapter("sglang").command("Qwen/Qwen2.5-0.5B-Instruct", 30000, {"mem-fraction-static": 0.8, "tp": 2}, None)
+    assert argv == [
+        sys.executable, "-m", "sglang.launch_server", "--model-path", "Qwen/Qwen2.5-0.5B-Instruct",
+        "--host", "127.0.0.1", "--port", "30000", "--mem-fraction-static", "0.8", "--tp", "2",
+    ]  # fmt: skip
+
+
+def test_tgi_command_matches_launcher_cli() -> None:
+    argv = adapter("tgi", "/usr/local/bin/text-generation-launcher").command(
+        "HuggingFaceTB/SmolLM2-135M-Instruct", 8080, {"max-input-tokens": 1024, "quantize": "awq"}, None
+    )
+    assert argv == [
+        "/usr/local/bin/text-generation-launcher", "--model-id", "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "--hostname", "127.0.0.1", "--port", "8080", "--max-input-tokens", "1024", "--quantize", "awq",
+    ]  # fmt: skip
+
+
+def test_llama_server_command_matches_its_cli() -> None:
+    argv = LlamaCppAdapter().command("/models/tiny.gguf", 8081, {"ctx-size": 2048, "n-gpu-layers": 0}, "tiny")
+    assert argv == [
+        "llama-server", "-m", "/models/tiny.gguf", "--host", "127.0.0.1", "--port", "8081",
+        "--alias", "tiny", "--ctx-size", "2048", "--n-gpu-layers", "0",
+    ]  # fmt: skip
+
+
+def test_llama_cpp_python_server_never_interrupts_requests_and_is_probed_on_models() -> None:
+    engine = LlamaCppPythonAdapter()
+    argv = engine.command("/models/tiny.gguf", 8082, {"n_ctx": 2048}, None)
+    assert argv == [
+        sys.executable, "-m", "llama_cpp.server", "--model", "/models/tiny.gguf", "--host", "127.0.0.1",
+        "--port", "8082", "--interrupt_requests", "False", "--n_ctx", "2048",
+    ]  # fmt: skip
+    assert engine.ready_paths == ("/v1/models",)
+    with pytest.raises(AdapterError):
+        engine.command("m", 1, {"interrupt_requests": "True"}, None)
+
+
+def test_llamacpp_uses_llama_server_when_configured() -> None:
+    assert isinstance(adapter("llamacpp", "/opt/llama/llama-server"), LlamaCppAdapter)

@@ -1,0 +1,294 @@
+"""The supervisor against real processes: the sidecar as `sidecar serve`, the mock engine as its child."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+
+from sidecar.redaction import Redactor
+from sidecar.settings import load_settings
+from sidecar.supervisor import LoadRequest, Supervisor
+from tests.processes import SidecarProcess, free_port, group_members, is_gone, wait_until
+
+Start = Callable[..., SidecarProcess]
+
+
+def load(sidecar: SidecarProcess, timeout: float = 30, **body: Any) -> httpx.Response:
+    return httpx.post(f"{sidecar.url}/v1/model/load", json={"engine": "mock", "model": "m", **body}, timeout=timeout)
+
+
+def status(sidecar: SidecarProcess) -> dict[str, Any]:
+    response = httpx.get(f"{sidecar.url}/v1/model")
+    assert response.status_code == 200
+    return response.json()  # type: ignore[no-any-return]
+
+
+def test_load_ready_unload_leaves_no_process_of_the_group(start_sidecar: Start) -> None:
+    sidecar = start_sidecar()
+    response = load(sidecar, args={"spawn-child": True}, served_model_name="mocked")
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["state"] == "ready"
+    assert (body["engine"], body["model"], body["served_model_name"]) == ("mock", "m", "mocked")
+    assert body["load_time_s"] > 0 and "gpu_memory_used_mb" in body
+    pid = body["pid"]
+    members = group_members(pid)
+    assert len(members) >= 2, "the engine and the grandchild it spawned"
+    assert httpx.get(f"{sidecar.url}/ready").status_code == 200
+    assert httpx.get(f"{sidecar.url}/health").json()["engine"]["state"] == "ready"
+    engine_models = httpx.get(f"http://127.0.0.1:{body['port']}/v1/models").json()
+    assert engine_models["data"][0]["id"] == "mocked"
+
+    unloaded = httpx.post(f"{sidecar.url}/v1/model/unload", json={"drain_timeout_s": 1}, timeout=30)
+    assert unloaded.status_code == 200
+    assert unloaded.json()["state"] == "idle"
+    assert "exit_code" in unloaded.json()
+    assert group_members(pid) == []
+    assert all(is_gone(p.pid) for p in members)
+    assert httpx.get(f"{sidecar.url}/ready").status_code == 503
+    assert status(sidecar)["state"] == "idle"
+
+
+def test_engine_exiting_at_start_up_is_502_with_its_output_within_a_second(start_sidecar: Start) -> None:
+    sidecar = start_sidecar()
+    started = time.monotonic()
+    response = load(sidecar, args={"no-such-flag": True})  # argparse refuses it and exits 2
+    elapsed = time.monotonic() - started
+    assert response.status_code == 502, response.text
+    error = response.json()["error"]
+    assert "exit code 2" in error["message"]
+    assert "unrecognized arguments: --no-such-flag" in error["message"]
+    assert elapsed < 1.0 + 1.0, f"took {elapsed:.2f}s: the exit must be noticed at once, not at a deadline"
+    current = status(sidecar)
+    assert current["state"] == "failed"
+    assert current["exit_code"] == 2
+    assert any("unrecognized arguments" in line for line in current["output_tail"])
+    assert "exited during start-up" in current["last_error"]
+    assert httpx.get(f"{sidecar.url}/ready").status_code == 503
+
+
+def test_start_up_timeout_kills_the_group_and_is_504(start_sidecar: Start) -> None:
+    sidecar = start_sidecar()
+    response = load(sidecar, args={"startup-delay-s": 60, "spawn-child": True}, startup_timeout_s=1.5)
+    assert response.status_code == 504, response.text
+    assert "not ready within 1.5s" in response.json()["error"]["message"]
+    current = status(sidecar)
+    assert current["state"] == "failed"
+    assert group_members(current["pid"]) == []
+
+
+def test_engine_killed_while_ready_is_noticed_within_a_second(start_sidecar: Start) -> None:
+    sidecar = start_sidecar()
+    pid = load(sidecar, args={"spawn-child": True}).json()["pid"]
+    os.kill(pid, signal.SIGKILL)
+    took = wait_until(lambda: status(sidecar)["state"] == "failed", timeout_s=1.0)
+    current = status(sidecar)
+    assert current["exit_code"] == -signal.SIGKILL
+    assert "while ready" in current["last_error"]
+    assert current["restarts"] == 0
+    assert took < 1.0
+    wait_until(lambda: group_members(pid) == [], timeout_s=15)  # the orphaned grandchild too
+    assert httpx.get(f"{sidecar.url}/ready").status_code == 503
+
+
+def test_restart_policy_brings_a_crashed_engine_back(start_sidecar: Start) -> None:
+    sidecar = start_sidecar({"SIDECAR_RESTART_MAX": "1", "SIDECAR_RESTART_BACKOFF_S": "0.2"})
+    first = load(sidecar).json()["pid"]
+    os.kill(first, signal.SIGKILL)
+    wait_until(lambda: status(sidecar)["restarts"] == 1 and status(sidecar)["state"] == "ready", timeout_s=20)
+    assert status(sidecar)["pid"] != first
+    second = status(sidecar)["pid"]
+    os.kill(second, signal.SIGKILL)  # the policy allows one restart only
+    wait_until(lambda: status(sidecar)["state"] == "failed", timeout_s=5)
+    time.sleep(0.5)  # longer than the backoff: nothing more may happen
+    assert status(sidecar)["state"] == "failed"
+    assert status(sidecar)["restarts"] == 1
+
+
+def test_two_concurrent_loads_give_one_200_and_one_409(start_sidecar: Start) -> None:
+    sidecar = start_sidecar()
+    results: list[int] = []
+    barrier = threading.Barrier(2)
+
+    def attempt() -> None:
+        barrier.wait()
+        results.append(load(sidecar, args={"startup-delay-s": 0.5}).status_code)
+
+    threads = [threading.Thread(target=attempt) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert sorted(results) == [200, 409]
+    assert len(group_members(status(sidecar)["pid"])) == 1
+
+
+def test_load_when_loaded_is_409_unless_replace(start_sidecar: Start) -> None:
+    sidecar = start_sidecar()
+    first = load(sidecar).json()["pid"]
+    conflict = load(sidecar)
+    assert conflict.status_code == 409
+    assert "replace" in conflict.json()["error"]["message"]
+    replaced = load(sidecar, replace=True)
+    assert replaced.status_code == 200
+    assert replaced.json()["pid"] != first
+    assert group_members(first) == []
+
+
+def test_load_without_wait_is_202_then_ready(start_sidecar: Start) -> None:
+    sidecar = start_sidecar()
+    response = load(sidecar, wait=False, args={"startup-delay-s": 0.3})
+    assert response.status_code == 202
+    assert response.json()["state"] == "loading"
+    assert response.json()["pid"]
+    wait_until(lambda: status(sidecar)["state"] == "ready", timeout_s=20)
+
+
+def test_unload_cancels_a_load_in_progress(start_sidecar: Start) -> None:
+    sidecar = start_sidecar()
+    pid = load(sidecar, wait=False, args={"startup-delay-s": 60, "spawn-child": True}).json()["pid"]
+    unloaded = httpx.post(f"{sidecar.url}/v1/model/unload", timeout=30)
+    assert unloaded.status_code == 200
+    assert status(sidecar)["state"] == "idle"
+    assert group_members(pid) == []
+
+
+def test_engine_ignoring_sigterm_is_killed_after_the_grace_period(start_sidecar: Start) -> None:
+    sidecar = start_sidecar({"SIDECAR_KILL_GRACE_S": "0.5"})
+    pid = load(sidecar, args={"ignore-sigterm": True}).json()["pid"]
+    response = httpx.post(f"{sidecar.url}/v1/model/unload", timeout=30)
+    assert response.json()["exit_code"] == -signal.SIGKILL
+    assert group_members(pid) == []
+
+
+def test_unload_when_idle_is_200_and_idempotent(start_sidecar: Start) -> None:
+    sidecar = start_sidecar()
+    for _ in range(2):
+        response = httpx.post(f"{sidecar.url}/v1/model/unload")
+        assert response.status_code == 200
+        assert response.json() == {"state": "idle"}
+
+
+def test_env_reaches_the_child_only_and_no_log(tmp_path: Path, start_sidecar: Start) -> None:
+    secret = "hf_SuperSecretToken123"
+    other = "plain-secret-value"
+    log_dir = tmp_path / "logs"
+    sidecar = start_sidecar({"SIDECAR_LOG_DIR": str(log_dir), "SIDECAR_LOG_LEVEL": "debug"})
+    response = load(
+        sidecar,
+        env={"HF_TOKEN": secret, "OTHER_SECRET": other},
+        args={"print-env": ["HF_TOKEN", "OTHER_SECRET"]},
+    )
+    assert response.status_code == 200, response.text
+    engine_env = psutil.Process(response.json()["pid"]).environ()
+    assert (engine_env["HF_TOKEN"], engine_env["OTHER_SECRET"]) == (secret, other)
+    assert "HF_TOKEN" not in psutil.Process(sidecar.pid).environ()
+    tail = status(sidecar)["output_tail"]
+    assert "mock engine sees HF_TOKEN=***" in tail and "mock engine sees OTHER_SECRET=***" in tail
+    httpx.post(f"{sidecar.url}/v1/model/unload")
+    sidecar.stop()
+    texts = [sidecar.output()] + [p.read_text() for p in log_dir.iterdir()]
+    assert any("mock engine sees HF_TOKEN=***" in text for text in texts)
+    for text in texts:
+        assert secret not in text and other not in text
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "fragment"),
+    [
+        ({"engine": "nope", "model": "m"}, "engine", "known engines: external, llamacpp, mock, sglang, tgi, vllm"),
+        ({"engine": "mock"}, "model", "Field required"),
+        ({"engine": "mock", "model": "m", "modle": "x"}, "modle", "Extra inputs"),
+        ({"engine": "mock", "model": "m", "args": {"port": 1}}, "args.port", "set by the sidecar"),
+        ({"engine": "mock", "model": "m", "args": {"a b": 1}}, "args.a b", "invalid flag name"),
+        ({"engine": "mock", "model": "m", "env": {"BAD-NAME": "x"}}, "env", "environment variable name"),
+        ({"engine": "mock", "model": "m", "env": {"X": 1}}, "env.X", "valid string"),
+        ({"engine": "mock", "model": "m", "wait": "later"}, "wait", "boolean"),
+        ({"engine": "external", "model": "m"}, "url", "needs 'url'"),
+        ({"engine": "mock", "model": "m", "url": "http://127.0.0.1:1"}, "url", "only for the external engine"),
+        ({"engine": "mock", "model": "m", "startup_timeout_s": 0}, "startup_timeout_s", "greater than 0"),
+    ],
+)
+def test_bad_load_requests_are_400_and_change_nothing(
+    start_sidecar: Start, body: dict[str, Any], param: str, fragment: str
+) -> None:
+    sidecar = start_sidecar()
+    response = httpx.post(f"{sidecar.url}/v1/model/load", json=body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param
+    assert fragment in error["message"]
+    assert status(sidecar)["state"] == "idle"
+
+
+def test_bad_unload_body_is_400(start_sidecar: Start) -> None:
+    sidecar = start_sidecar()
+    assert httpx.post(f"{sidecar.url}/v1/model/unload", json={"drain_timeout_s": "soon"}).status_code == 400
+    assert httpx.post(f"{sidecar.url}/v1/model/unload", content=b"[]").status_code == 400
+
+
+def test_external_engine_is_used_and_forgotten_not_killed(start_sidecar: Start, tmp_path: Path) -> None:
+    port = free_port()
+    engine = subprocess.Popen(
+        [sys.executable, "-m", "engines.mock_server", "--port", str(port), "--model", "ext"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        sidecar = start_sidecar()
+        response = load(sidecar, engine="external", model="ext", url=f"http://127.0.0.1:{port}")
+        assert response.status_code == 200, response.text
+        assert response.json()["pid"] is None
+        assert httpx.post(f"{sidecar.url}/v1/model/unload").json()["state"] == "idle"
+        assert engine.poll() is None
+    finally:
+        engine.kill()
+        engine.wait()
+
+
+def test_autoload_at_start_up(start_sidecar: Start) -> None:
+    sidecar = start_sidecar(
+        {
+            "SIDECAR_AUTOLOAD_ENGINE": "mock",
+            "SIDECAR_AUTOLOAD_MODEL": "auto",
+            "SIDECAR_AUTOLOAD_ARGS": json.dumps({"tokens": 4}),
+        }
+    )
+    wait_until(lambda: httpx.get(f"{sidecar.url}/ready").status_code == 200, timeout_s=20)
+    assert status(sidecar)["model"] == "auto"
+
+
+def test_sigterm_to_the_sidecar_stops_the_engine_first(start_sidecar: Start) -> None:
+    sidecar = start_sidecar()
+    pid = load(sidecar, args={"spawn-child": True}).json()["pid"]
+    members = group_members(pid)
+    assert len(members) >= 2
+    # uvicorn shuts down gracefully, then re-raises the signal: the exit status says SIGTERM.
+    assert sidecar.stop() in (0, -signal.SIGTERM)
+    assert group_members(pid) == []
+    assert all(is_gone(p.pid) for p in members)
+    assert "model_unload" in sidecar.output()
+
+
+async def test_env_never_enters_the_sidecars_own_environment() -> None:
+    supervisor = Supervisor(load_settings(None), Redactor())
+    before = dict(os.environ)
+    try:
+        code, body = await supervisor.load(LoadRequest(engine="mock", model="m", env={"HF_TOKEN": "hf_NotForUs1234"}))
+        assert code == 200
+        assert psutil.Process(body["pid"]).environ()["HF_TOKEN"] == "hf_NotForUs1234"
+        assert dict(os.environ) == before
+    finally:
+        await supervisor.shutdown()
