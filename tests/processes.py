@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,12 +13,9 @@ from pathlib import Path
 import httpx
 import psutil
 
+from sidecar.supervisor import free_port
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+__all__ = ["SidecarProcess", "free_port", "group_members", "is_gone", "wait_until"]
 
 
 class SidecarProcess:
