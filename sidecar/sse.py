@@ -1,0 +1,71 @@
+"""An incremental Server-Sent Events parser for the proxy's hot path.
+
+It yields each event's raw bytes exactly as they arrived (the proxy forwards them unchanged) and its `data`
+field, whatever way the stream was cut into reads: events split across reads, several in one read, `\\n`,
+`\\r\\n` or `\\r` line ends, comments.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+_LINE_END = re.compile(rb"\r\n|\n|\r")
+DONE = "[DONE]"
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    raw: bytes  # the event as received, its blank line included
+    data: str | None  # the data lines joined with "\n"; None for an event without data (a comment, a ping)
+
+
+class SSEParser:
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self._position = 0  # where the next line starts
+        self._data: list[bytes] = []
+
+    def feed(self, chunk: bytes) -> list[Event]:
+        self._buffer += chunk
+        events: list[Event] = []
+        buffer = self._buffer
+        while True:
+            match = _LINE_END.search(buffer, self._position)
+            if match is None:
+                break
+            if match.group() == b"\r" and match.end() == len(buffer):
+                break  # maybe the first half of "\r\n": wait for the next read
+            line = buffer[self._position : match.start()]
+            self._position = match.end()
+            if line:
+                self._field(line)
+            else:
+                events.append(self._dispatch())
+        return events
+
+    def close(self) -> list[Event]:
+        """The end of the stream ends its last line and its last event, terminated or not."""
+        if not self._buffer:
+            return []
+        rest = self._buffer[self._position :]
+        if rest.endswith(b"\r"):
+            rest = rest[:-1]
+        if rest:
+            self._field(rest)
+        self._position = len(self._buffer)
+        return [self._dispatch()]
+
+    def _field(self, line: bytearray) -> None:
+        if line.startswith(b"data"):  # the only field the proxy needs; comments and others pass through
+            name, _, value = bytes(line).partition(b":")
+            if name == b"data":
+                self._data.append(value[1:] if value.startswith(b" ") else value)
+
+    def _dispatch(self) -> Event:
+        raw = bytes(self._buffer[: self._position])
+        del self._buffer[: self._position]
+        self._position = 0
+        data = b"\n".join(self._data).decode(errors="replace") if self._data else None
+        self._data = []
+        return Event(raw, data)

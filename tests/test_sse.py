@@ -1,0 +1,61 @@
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sidecar.sse import Event, SSEParser
+
+STREAM = (
+    b'data: {"choices":[{"delta":{"role":"assistant"}}]}\n\n'
+    b": keep-alive comment\n\n"
+    b'data: {"choices":[{"delta":{"content":"a\\nb"}}]}\r\n\r\n'
+    b"event: message\r\ndata: line one\r\ndata:line two\r\rid: 7\n\n"
+    b"data: [DONE]\n\n"
+)
+EXPECTED = [
+    Event(b'data: {"choices":[{"delta":{"role":"assistant"}}]}\n\n', '{"choices":[{"delta":{"role":"assistant"}}]}'),
+    Event(b": keep-alive comment\n\n", None),
+    Event(b'data: {"choices":[{"delta":{"content":"a\\nb"}}]}\r\n\r\n', '{"choices":[{"delta":{"content":"a\\nb"}}]}'),
+    Event(b"event: message\r\ndata: line one\r\ndata:line two\r\r", "line one\nline two"),
+    Event(b"id: 7\n\n", None),
+    Event(b"data: [DONE]\n\n", "[DONE]"),
+]
+
+
+def parse(chunks: list[bytes]) -> list[Event]:
+    parser = SSEParser()
+    events = [event for chunk in chunks for event in parser.feed(chunk)]
+    return events + parser.close()
+
+
+def test_whole_stream_in_one_read() -> None:
+    assert parse([STREAM]) == EXPECTED
+
+
+def test_raw_bytes_of_all_events_are_the_stream() -> None:
+    assert b"".join(e.raw for e in parse([STREAM])) == STREAM
+
+
+def test_byte_by_byte() -> None:
+    assert parse([STREAM[i : i + 1] for i in range(len(STREAM))]) == EXPECTED
+
+
+@given(st.lists(st.integers(min_value=0, max_value=len(STREAM)), max_size=40))
+def test_any_split_gives_the_same_events(cuts: list[int]) -> None:
+    points = sorted(set(cuts))
+    chunks = [STREAM[a:b] for a, b in zip([0, *points], [*points, len(STREAM)], strict=True)]
+    assert parse(chunks) == EXPECTED
+
+
+def test_crlf_split_between_reads_is_one_line_end() -> None:
+    assert parse([b"data: x\r", b"\n\r", b"\n"]) == [Event(b"data: x\r\n\r\n", "x")]
+
+
+def test_unterminated_last_event_is_flushed_at_close() -> None:
+    assert parse([b"data: a\n\ndata: b"]) == [Event(b"data: a\n\n", "a"), Event(b"data: b", "b")]
+    assert parse([b"data: c\r"]) == [Event(b"data: c\r", "c")]
+    assert parse([]) == []
+
+
+def test_fields_that_only_look_like_data_are_not_data() -> None:
+    assert parse([b"database: x\ndata\n\n"]) == [Event(b"database: x\ndata\n\n", "")]
