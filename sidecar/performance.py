@@ -1,0 +1,101 @@
+"""`usage.performance`: the metrics of one request, as the spec defines them (vLLM's TTFT, TPOT, ITL, E2EL).
+
+Times come from one monotonic clock in nanoseconds; the clock starts when the request's body has been read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+_OUTPUT_DELTA_FIELDS = ("content", "reasoning_content", "reasoning", "tool_calls", "function_call")
+
+
+def carries_output(chunk: dict[str, Any]) -> bool:
+    """Whether a streamed chunk carries generated output (the role-only first chunk and the usage chunk do not)."""
+    for choice in chunk.get("choices") or ():
+        if not isinstance(choice, dict):
+            continue
+        if choice.get("text"):
+            return True
+        delta = choice.get("delta")
+        if isinstance(delta, dict) and any(delta.get(name) for name in _OUTPUT_DELTA_FIELDS):
+            return True
+    return False
+
+
+def percentile(sorted_values: Sequence[float], q: float) -> float:
+    """Linear interpolation between closest ranks, as numpy's default (and so vLLM's benchmark) computes it."""
+    if len(sorted_values) == 1:
+        return sorted_values[0]
+    rank = (len(sorted_values) - 1) * q / 100
+    low = int(rank)
+    high = min(low + 1, len(sorted_values) - 1)
+    return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (rank - low)
+
+
+def _ms(ns: int | float) -> float:
+    return round(ns / 1e6, 3)
+
+
+@dataclass
+class PerformanceMeter:
+    start_ns: int
+    first_output_ns: int | None = None
+    last_output_ns: int | None = None
+    output_events: int = 0
+    gaps_ns: list[int] = field(default_factory=list)
+
+    def output(self, now_ns: int) -> None:
+        """One event carrying generated output arrived at now_ns."""
+        if self.first_output_ns is None:
+            self.first_output_ns = now_ns
+        else:
+            assert self.last_output_ns is not None
+            self.gaps_ns.append(now_ns - self.last_output_ns)
+        self.last_output_ns = now_ns
+        self.output_events += 1
+
+    def result(
+        self,
+        end_ns: int,
+        usage: dict[str, Any] | None,
+        *,
+        engine: str,
+        model: str,
+        sidecar_overhead_ns: int,
+        engine_timings: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        ttft_ns = None if self.first_output_ns is None else self.first_output_ns - self.start_ns
+        latency_ns = None if self.last_output_ns is None else self.last_output_ns - self.start_ns
+        usage = usage or {}
+        reported = usage.get("completion_tokens")
+        estimated = not isinstance(reported, int)
+        completion_tokens = reported if isinstance(reported, int) else self.output_events
+        decode_ns = latency_ns - ttft_ns if latency_ns is not None and ttft_ns is not None else None
+        tpot = _ms(decode_ns / (completion_tokens - 1)) if decode_ns is not None and completion_tokens > 1 else None
+        rate = round(completion_tokens / (decode_ns / 1e9), 3) if decode_ns else None
+        gaps = sorted(self.gaps_ns)
+        itl = {f"p{q}": _ms(percentile(gaps, q)) for q in (50, 90, 99)} | {"max": _ms(gaps[-1])} if gaps else None
+        performance: dict[str, Any] = {
+            "ttft_ms": None if ttft_ns is None else _ms(ttft_ns),
+            "latency_ms": None if latency_ns is None else _ms(latency_ns),
+            "total_ms": _ms(end_ns - self.start_ns),
+            "tpot_ms": tpot,
+            "itl_ms": itl,
+            "prompt_tokens": usage.get("prompt_tokens"),
+            "completion_tokens": completion_tokens,
+            "output_tokens_per_s": rate,
+            "gpu_memory_peak_mb": None,
+            "gpu_memory_delta_mb": None,
+            "sidecar_overhead_ms": _ms(sidecar_overhead_ns),
+            "engine": engine,
+            "model": model,
+        }
+        if estimated:
+            performance["tokens_estimated"] = True
+        if engine_timings:
+            # The spec's `engine` key already names the engine: its own timings sit beside it, as reported.
+            performance["engine_timings"] = engine_timings
+        return performance
