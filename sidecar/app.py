@@ -44,7 +44,11 @@ def create_app(settings: Settings, redactor: Redactor | None = None) -> Starlett
                 served_model_name=settings.autoload_served_model_name,
                 wait=False,
             )
-            await supervisor.load(autoload)
+            try:
+                await supervisor.load(autoload)
+            except SidecarError as exc:  # a bad autoload setting: stop start-up, saying why
+                log.error("autoload_failed", engine=settings.autoload_engine, error=exc.message)
+                raise SystemExit(2) from None
         yield
         await supervisor.shutdown()  # the engine goes first: nothing is left running
         log.info("sidecar_stopped")

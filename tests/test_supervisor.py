@@ -270,6 +270,13 @@ def test_autoload_at_start_up(start_sidecar: Start) -> None:
     assert status(sidecar)["model"] == "auto"
 
 
+def test_bad_autoload_stops_start_up_saying_why(start_sidecar: Start) -> None:
+    sidecar = start_sidecar({"SIDECAR_AUTOLOAD_ENGINE": "nope", "SIDECAR_AUTOLOAD_MODEL": "m"}, wait=False)
+    assert sidecar.wait_exit() != 0
+    assert "autoload_failed" in sidecar.output()
+    assert "known engines: external, llamacpp, mock, sglang, tgi, vllm" in sidecar.output()
+
+
 def test_sigterm_to_the_sidecar_stops_the_engine_first(start_sidecar: Start) -> None:
     sidecar = start_sidecar()
     pid = load(sidecar, args={"spawn-child": True}).json()["pid"]
