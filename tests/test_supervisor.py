@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -17,8 +18,10 @@ import httpx
 import psutil
 import pytest
 
+from sidecar.errors import ServiceUnavailable
 from sidecar.redaction import Redactor
 from sidecar.settings import load_settings
+from sidecar.state import EngineState
 from sidecar.supervisor import LoadRequest, Supervisor
 from tests.processes import SidecarProcess, free_port, group_members, is_gone, wait_until
 
@@ -299,3 +302,46 @@ async def test_env_never_enters_the_sidecars_own_environment() -> None:
         assert dict(os.environ) == before
     finally:
         await supervisor.shutdown()
+
+
+async def test_unload_drains_in_flight_requests_and_refuses_new_ones() -> None:
+    supervisor = Supervisor(load_settings(None), Redactor())
+    try:
+        await supervisor.load(LoadRequest(engine="mock", model="m"))
+        release = asyncio.Event()
+        holding = asyncio.Event()
+
+        async def in_flight_request() -> None:
+            async with supervisor.request_slot():
+                holding.set()
+                await release.wait()
+
+        request = asyncio.create_task(in_flight_request())
+        await holding.wait()
+        unload = asyncio.create_task(supervisor.unload(drain_timeout_s=30))
+        await asyncio.wait_for(_state_is(supervisor, EngineState.UNLOADING), 5)
+        with pytest.raises(ServiceUnavailable):
+            async with supervisor.request_slot():
+                pass
+        assert not unload.done()  # waiting for the request in flight
+        release.set()
+        await request
+        assert (await asyncio.wait_for(unload, 15))["state"] == "idle"
+    finally:
+        await supervisor.shutdown()
+
+
+async def test_drain_timeout_bounds_the_wait() -> None:
+    supervisor = Supervisor(load_settings(None), Redactor())
+    try:
+        await supervisor.load(LoadRequest(engine="mock", model="m"))
+        async with supervisor.request_slot():
+            result = await asyncio.wait_for(supervisor.unload(drain_timeout_s=0.2), 15)
+        assert result["state"] == "idle"
+    finally:
+        await supervisor.shutdown()
+
+
+async def _state_is(supervisor: Supervisor, state: EngineState) -> None:
+    while supervisor.state is not state:
+        await asyncio.sleep(0.01)
