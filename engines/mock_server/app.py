@@ -35,6 +35,24 @@ class Stats:
     ids: itertools.count[int] = field(default_factory=itertools.count)
 
 
+@dataclass(frozen=True)
+class Answer:
+    """What the mock will answer one request with, streamed or not."""
+
+    base: dict[str, Any]  # id, object, created, model
+    chat: bool
+    choices: list[list[gen.Token]]
+    tool: tuple[str, list[str]] | None  # the function called and its arguments in pieces
+    finish: str
+    want_logprobs: bool
+    usage: dict[str, Any]
+
+    @property
+    def steps(self) -> int:
+        """Output events per choice: one per token, or one per piece of the tool call's arguments."""
+        return len(self.tool[1]) if self.tool else len(self.choices[0])
+
+
 def _error(message: str, status: int = 400) -> JSONResponse:
     body = {"object": "error", "message": message, "type": "BadRequestError", "param": None, "code": status}
     return JSONResponse(body, status_code=status)
@@ -69,7 +87,7 @@ def create_app(config: MockConfig) -> Starlette:
         tool = gen.tool_call_pieces(body, choices[0]) if chat else None
         if tool is not None:
             finish = "tool_calls"
-        completion_tokens = sum(len(tool[1]) if tool else len(c) for c in choices)
+        completion_tokens = len(choices) * (len(tool[1]) if tool else count)
         usage = {
             "prompt_tokens": gen.count_prompt_tokens(body),
             "completion_tokens": completion_tokens,
@@ -81,22 +99,15 @@ def create_app(config: MockConfig) -> Starlette:
             "created": int(time.time()),
             "model": config.model,
         }
+        answer = Answer(base, chat, choices, tool, finish, want_logprobs, usage)
         stats.started += 1
         if body.get("stream"):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            events = _stream(base, chat, choices, tool, finish, want_logprobs, usage if include_usage else None)
-            return StreamingResponse(events, media_type="text/event-stream")
-        return await _complete(base, chat, choices, tool, finish, want_logprobs, usage)
+            return StreamingResponse(_stream(answer, include_usage), media_type="text/event-stream")
+        return await _complete(answer)
 
-    async def _stream(
-        base: dict[str, Any],
-        chat: bool,
-        choices: list[list[gen.Token]],
-        tool: tuple[str, list[str]] | None,
-        finish: str,
-        want_logprobs: bool,
-        usage: dict[str, Any] | None,
-    ) -> AsyncIterator[bytes]:
+    async def _stream(answer: Answer, include_usage: bool) -> AsyncIterator[bytes]:
+        base, chat, choices, tool = answer.base, answer.chat, answer.choices, answer.tool
         stats.in_flight += 1
         try:
             if chat:  # the role arrives before any output, as vLLM sends it
@@ -106,21 +117,21 @@ def create_app(config: MockConfig) -> Starlette:
                         {**base, "choices": [{"index": i, "delta": delta, "logprobs": None, "finish_reason": None}]}
                     )
             await asyncio.sleep(config.ttft_s)
-            steps = len(tool[1]) if tool else len(choices[0])
-            for step in range(steps):
+            for step in range(answer.steps):
                 if step:
                     await asyncio.sleep(config.itl_s)
                 for i, tokens in enumerate(choices):
-                    yield _sse({**base, "choices": [_stream_choice(chat, i, tokens, step, tool, want_logprobs)]})
+                    choice = _stream_choice(chat, i, tokens, step, tool, answer.want_logprobs)
+                    yield _sse({**base, "choices": [choice]})
             for i in range(len(choices)):
-                last: dict[str, Any] = {"index": i, "logprobs": None, "finish_reason": finish}
+                last: dict[str, Any] = {"index": i, "logprobs": None, "finish_reason": answer.finish}
                 if chat:
                     last["delta"] = {}
                 else:
                     last["text"] = ""
                 yield _sse({**base, "choices": [last]})
-            if usage is not None:
-                yield _sse({**base, "choices": [], "usage": usage})
+            if include_usage:
+                yield _sse({**base, "choices": [], "usage": answer.usage})
             yield b"data: [DONE]\n\n"
             stats.completed += 1
         except (asyncio.CancelledError, GeneratorExit):
@@ -129,23 +140,15 @@ def create_app(config: MockConfig) -> Starlette:
         finally:
             stats.in_flight -= 1
 
-    async def _complete(
-        base: dict[str, Any],
-        chat: bool,
-        choices: list[list[gen.Token]],
-        tool: tuple[str, list[str]] | None,
-        finish: str,
-        want_logprobs: bool,
-        usage: dict[str, Any],
-    ) -> Response:
+    async def _complete(answer: Answer) -> Response:
+        chat, tool, finish, want_logprobs = answer.chat, answer.tool, answer.finish, answer.want_logprobs
         stats.in_flight += 1
         try:
-            steps = len(tool[1]) if tool else len(choices[0])
-            await asyncio.sleep(config.ttft_s + config.itl_s * max(0, steps - 1))
+            await asyncio.sleep(config.ttft_s + config.itl_s * max(0, answer.steps - 1))
         finally:
             stats.in_flight -= 1
         result = []
-        for i, tokens in enumerate(choices):
+        for i, tokens in enumerate(answer.choices):
             text = "".join(t.text for t in tokens)
             if chat:
                 message: dict[str, Any] = {"role": "assistant", "content": text}
@@ -158,7 +161,7 @@ def create_app(config: MockConfig) -> Starlette:
                 result.append({"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish})
         stats.completed += 1
         object_name = "chat.completion" if chat else "text_completion"
-        return JSONResponse({**base, "object": object_name, "choices": result, "usage": usage})
+        return JSONResponse({**answer.base, "object": object_name, "choices": result, "usage": answer.usage})
 
     async def embeddings(request: Request) -> Response:
         body = await request.json()
