@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -292,54 +292,50 @@ def test_sigterm_to_the_sidecar_stops_the_engine_first(start_sidecar: Start) -> 
     assert "model_unload" in sidecar.output()
 
 
-async def test_env_never_enters_the_sidecars_own_environment() -> None:
+@pytest.fixture
+async def supervisor() -> AsyncIterator[Supervisor]:
+    """A supervisor in the test's own process, for what a client of the sidecar cannot observe."""
     supervisor = Supervisor(load_settings(None), Redactor())
+    yield supervisor
+    await supervisor.shutdown()
+
+
+async def test_env_never_enters_the_sidecars_own_environment(supervisor: Supervisor) -> None:
     before = dict(os.environ)
-    try:
-        code, body = await supervisor.load(LoadRequest(engine="mock", model="m", env={"HF_TOKEN": "hf_NotForUs1234"}))
-        assert code == 200
-        assert psutil.Process(body["pid"]).environ()["HF_TOKEN"] == "hf_NotForUs1234"
-        assert dict(os.environ) == before
-    finally:
-        await supervisor.shutdown()
+    code, body = await supervisor.load(LoadRequest(engine="mock", model="m", env={"HF_TOKEN": "hf_NotForUs1234"}))
+    assert code == 200
+    assert psutil.Process(body["pid"]).environ()["HF_TOKEN"] == "hf_NotForUs1234"
+    assert dict(os.environ) == before
 
 
-async def test_unload_drains_in_flight_requests_and_refuses_new_ones() -> None:
-    supervisor = Supervisor(load_settings(None), Redactor())
-    try:
-        await supervisor.load(LoadRequest(engine="mock", model="m"))
-        release = asyncio.Event()
-        holding = asyncio.Event()
+async def test_unload_drains_in_flight_requests_and_refuses_new_ones(supervisor: Supervisor) -> None:
+    await supervisor.load(LoadRequest(engine="mock", model="m"))
+    release = asyncio.Event()
+    holding = asyncio.Event()
 
-        async def in_flight_request() -> None:
-            async with supervisor.request_slot():
-                holding.set()
-                await release.wait()
-
-        request = asyncio.create_task(in_flight_request())
-        await holding.wait()
-        unload = asyncio.create_task(supervisor.unload(drain_timeout_s=30))
-        await asyncio.wait_for(_state_is(supervisor, EngineState.UNLOADING), 5)
-        with pytest.raises(ServiceUnavailable):
-            async with supervisor.request_slot():
-                pass
-        assert not unload.done()  # waiting for the request in flight
-        release.set()
-        await request
-        assert (await asyncio.wait_for(unload, 15))["state"] == "idle"
-    finally:
-        await supervisor.shutdown()
-
-
-async def test_drain_timeout_bounds_the_wait() -> None:
-    supervisor = Supervisor(load_settings(None), Redactor())
-    try:
-        await supervisor.load(LoadRequest(engine="mock", model="m"))
+    async def in_flight_request() -> None:
         async with supervisor.request_slot():
-            result = await asyncio.wait_for(supervisor.unload(drain_timeout_s=0.2), 15)
-        assert result["state"] == "idle"
-    finally:
-        await supervisor.shutdown()
+            holding.set()
+            await release.wait()
+
+    request = asyncio.create_task(in_flight_request())
+    await holding.wait()
+    unload = asyncio.create_task(supervisor.unload(drain_timeout_s=30))
+    await asyncio.wait_for(_state_is(supervisor, EngineState.UNLOADING), 5)
+    with pytest.raises(ServiceUnavailable):
+        async with supervisor.request_slot():
+            pass
+    assert not unload.done()  # waiting for the request in flight
+    release.set()
+    await request
+    assert (await asyncio.wait_for(unload, 15))["state"] == "idle"
+
+
+async def test_drain_timeout_bounds_the_wait(supervisor: Supervisor) -> None:
+    await supervisor.load(LoadRequest(engine="mock", model="m"))
+    async with supervisor.request_slot():
+        result = await asyncio.wait_for(supervisor.unload(drain_timeout_s=0.2), 15)
+    assert result["state"] == "idle"
 
 
 async def _state_is(supervisor: Supervisor, state: EngineState) -> None:
