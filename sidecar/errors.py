@@ -161,3 +161,41 @@ async def handle_http_exception(request: Request, exc: Exception) -> Response:
         message = str(exc.detail)
     error = error_class(message, headers=dict(exc.headers or {}))
     return error_response(error)
+
+
+_ENGINE_MESSAGE_LIMIT = 2000
+
+
+def engine_error_body(status: int, raw: bytes) -> dict[str, Any]:
+    """An engine's own error response in the OpenAI shape, its message kept.
+
+    Engines answer `{"error": {...}}` (OpenAI, llama.cpp, newer vLLM), `{"object": "error", "message": ...,
+    "code": 400}` (older vLLM), `{"error": "...", "error_type": "..."}` (TGI), or plain text.
+    """
+    default_type = "invalid_request_error" if status < 500 else "server_error"
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        value = None
+    if isinstance(value, dict):
+        inner = value.get("error")
+        if isinstance(inner, dict):
+            value = inner
+        elif isinstance(inner, str):  # TGI
+            value = {"message": inner, "type": value.get("error_type")}
+        message = value.get("message") if isinstance(value.get("message"), str) else None
+        if message is None and isinstance(value.get("detail"), str):  # FastAPI's own errors
+            message = value["detail"]
+        if message is not None:
+            error_type = value.get("type")
+            param = value.get("param")
+            code = value.get("code")
+            return error_body(
+                message,
+                error_type if isinstance(error_type, str) and error_type else default_type,
+                param=param if isinstance(param, str) else None,
+                # OpenAI's code is a string; vLLM and llama.cpp put the HTTP status there, which the status says.
+                code=code if isinstance(code, str) else None,
+            )
+    text = raw.decode(errors="replace").strip()[:_ENGINE_MESSAGE_LIMIT] or f"the engine answered {status}"
+    return error_body(text, default_type)

@@ -1,6 +1,8 @@
 """`usage.performance`: the metrics of one request, as the spec defines them (vLLM's TTFT, TPOT, ITL, E2EL).
 
 Times come from one monotonic clock in nanoseconds; the clock starts when the request's body has been read.
+With several choices (`n` > 1), ITL gaps are taken within each choice and TPOT divides by each choice's share
+of the tokens: the spec's formulas for one sequence, applied per sequence.
 """
 
 from __future__ import annotations
@@ -8,21 +10,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
-
-_OUTPUT_DELTA_FIELDS = ("content", "reasoning_content", "reasoning", "tool_calls", "function_call")
-
-
-def carries_output(chunk: dict[str, Any]) -> bool:
-    """Whether a streamed chunk carries generated output (the role-only first chunk and the usage chunk do not)."""
-    for choice in chunk.get("choices") or ():
-        if not isinstance(choice, dict):
-            continue
-        if choice.get("text"):
-            return True
-        delta = choice.get("delta")
-        if isinstance(delta, dict) and any(delta.get(name) for name in _OUTPUT_DELTA_FIELDS):
-            return True
-    return False
 
 
 def percentile(sorted_values: Sequence[float], q: float) -> float:
@@ -45,17 +32,24 @@ class PerformanceMeter:
     first_output_ns: int | None = None
     last_output_ns: int | None = None
     output_events: int = 0
+    overhead_ns: int = 0  # time the sidecar spent on the request itself, added up by the proxy
     gaps_ns: list[int] = field(default_factory=list)
+    last_by_choice: dict[int, int] = field(default_factory=dict)
 
-    def output(self, now_ns: int) -> None:
-        """One event carrying generated output arrived at now_ns."""
-        if self.first_output_ns is None:
+    def output(self, now_ns: int, choice: int = 0) -> None:
+        """One event carrying generated output for `choice` arrived at now_ns."""
+        last = self.last_by_choice.get(choice)
+        if last is not None:
+            self.gaps_ns.append(now_ns - last)
+        elif self.first_output_ns is None:
             self.first_output_ns = now_ns
-        else:
-            assert self.last_output_ns is not None
-            self.gaps_ns.append(now_ns - self.last_output_ns)
+        self.last_by_choice[choice] = now_ns
         self.last_output_ns = now_ns
         self.output_events += 1
+
+    def whole_body(self, now_ns: int) -> None:
+        """A non-streamed answer arrived whole at now_ns: its latency is known, its TTFT is not."""
+        self.last_output_ns = now_ns
 
     def result(
         self,
@@ -64,7 +58,6 @@ class PerformanceMeter:
         *,
         engine: str,
         model: str,
-        sidecar_overhead_ns: int,
         engine_timings: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         ttft_ns = None if self.first_output_ns is None else self.first_output_ns - self.start_ns
@@ -73,8 +66,9 @@ class PerformanceMeter:
         reported = usage.get("completion_tokens")
         estimated = not isinstance(reported, int)
         completion_tokens = reported if isinstance(reported, int) else self.output_events
+        per_sequence = completion_tokens / max(1, len(self.last_by_choice))
         decode_ns = latency_ns - ttft_ns if latency_ns is not None and ttft_ns is not None else None
-        tpot = _ms(decode_ns / (completion_tokens - 1)) if decode_ns is not None and completion_tokens > 1 else None
+        tpot = _ms(decode_ns / (per_sequence - 1)) if decode_ns is not None and per_sequence > 1 else None
         rate = round(completion_tokens / (decode_ns / 1e9), 3) if decode_ns else None
         gaps = sorted(self.gaps_ns)
         itl = {f"p{q}": _ms(percentile(gaps, q)) for q in (50, 90, 99)} | {"max": _ms(gaps[-1])} if gaps else None
@@ -89,7 +83,7 @@ class PerformanceMeter:
             "output_tokens_per_s": rate,
             "gpu_memory_peak_mb": None,
             "gpu_memory_delta_mb": None,
-            "sidecar_overhead_ms": _ms(sidecar_overhead_ns),
+            "sidecar_overhead_ms": _ms(self.overhead_ns),
             "engine": engine,
             "model": model,
         }

@@ -11,13 +11,13 @@ import re
 from dataclasses import dataclass
 
 _LINE_END = re.compile(rb"\r\n|\n|\r")
-DONE = "[DONE]"
+DONE = b"[DONE]"
 
 
 @dataclass(frozen=True, slots=True)
 class Event:
     raw: bytes  # the event as received, its blank line included
-    data: str | None  # the data lines joined with "\n"; None for an event without data (a comment, a ping)
+    data: bytes | None  # the data lines joined with "\n"; None for an event without data (a comment, a ping)
 
 
 class SSEParser:
@@ -66,6 +66,6 @@ class SSEParser:
         raw = bytes(self._buffer[: self._position])
         del self._buffer[: self._position]
         self._position = 0
-        data = b"\n".join(self._data).decode(errors="replace") if self._data else None
+        data = b"\n".join(self._data) if self._data else None
         self._data = []
         return Event(raw, data)

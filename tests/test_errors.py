@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from sidecar.errors import engine_error_body
 from tests.processes import SidecarProcess
 
 KEY = "data-key-0123"
@@ -93,3 +94,39 @@ def test_bad_body_is_400_before_the_missing_engine(sidecar: SidecarProcess) -> N
 def test_sidecar_survives_every_error(sidecar: SidecarProcess) -> None:
     assert sidecar.process.poll() is None
     assert httpx.get(f"{sidecar.url}/health").status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("status", "raw", "expected"),
+    [
+        (  # TGI
+            422,
+            b'{"error":"Input validation error: `inputs` must not be empty","error_type":"validation"}',
+            ("Input validation error: `inputs` must not be empty", "validation", None, None),
+        ),
+        (  # older vLLM: flat, with the status as an int code
+            400,
+            b'{"object":"error","message":"max_tokens is too large","type":"BadRequestError","param":null,"code":400}',
+            ("max_tokens is too large", "BadRequestError", None, None),
+        ),
+        (  # llama.cpp
+            400,
+            b'{"error":{"code":400,"message":"context too long","type":"exceed_context_size_error"}}',
+            ("context too long", "exceed_context_size_error", None, None),
+        ),
+        (  # already OpenAI's shape: kept as it is
+            404,
+            b'{"error":{"message":"no model x","type":"invalid_request_error",'
+            b'"param":"model","code":"model_not_found"}}',
+            ("no model x", "invalid_request_error", "model", "model_not_found"),
+        ),
+        (500, b"Internal Server Error", ("Internal Server Error", "server_error", None, None)),
+        (502, b"", ("the engine answered 502", "server_error", None, None)),
+        (422, b'{"detail":"field required"}', ("field required", "invalid_request_error", None, None)),
+    ],
+)
+def test_engine_errors_are_brought_to_the_openai_shape(
+    status: int, raw: bytes, expected: tuple[str, str, str | None, str | None]
+) -> None:
+    error = engine_error_body(status, raw)["error"]
+    assert (error["message"], error["type"], error["param"], error["code"]) == expected

@@ -2,28 +2,9 @@ from __future__ import annotations
 
 import pytest
 
-from sidecar.performance import PerformanceMeter, carries_output, percentile
+from sidecar.performance import PerformanceMeter, percentile
 
 MS = 1_000_000
-
-
-@pytest.mark.parametrize(
-    ("chunk", "expected"),
-    [
-        ({"choices": [{"delta": {"role": "assistant", "content": ""}}]}, False),
-        ({"choices": [{"delta": {"content": "hi"}}]}, True),
-        ({"choices": [{"delta": {"reasoning_content": "hmm"}}]}, True),
-        ({"choices": [{"delta": {"tool_calls": [{"index": 0, "function": {"arguments": "{"}}]}}]}, True),
-        ({"choices": [{"text": "x", "index": 0}]}, True),
-        ({"choices": [{"text": "", "finish_reason": "stop"}]}, False),
-        ({"choices": [], "usage": {"completion_tokens": 3}}, False),
-        ({"choices": [{"delta": {}, "finish_reason": "stop"}]}, False),
-        ({"choices": "garbage"}, False),
-        ({}, False),
-    ],
-)
-def test_carries_output(chunk: dict[str, object], expected: bool) -> None:
-    assert carries_output(chunk) is expected
 
 
 def test_percentile_interpolates_like_numpy() -> None:
@@ -34,16 +15,10 @@ def test_percentile_interpolates_like_numpy() -> None:
 
 
 def test_metrics_follow_the_spec_definitions() -> None:
-    meter = PerformanceMeter(start_ns=0)
+    meter = PerformanceMeter(start_ns=0, overhead_ns=MS // 2)
     for at_ms in (200, 220, 240, 270):  # first output at 200 ms, gaps 20, 20, 30
         meter.output(at_ms * MS)
-    result = meter.result(
-        300 * MS,
-        {"prompt_tokens": 5, "completion_tokens": 4},
-        engine="mock",
-        model="m",
-        sidecar_overhead_ns=MS // 2,
-    )
+    result = meter.result(300 * MS, {"prompt_tokens": 5, "completion_tokens": 4}, engine="mock", model="m")
     assert result["ttft_ms"] == 200.0
     assert result["latency_ms"] == 270.0
     assert result["total_ms"] == 300.0
@@ -61,7 +36,7 @@ def test_without_usage_tokens_are_counted_and_marked_estimated() -> None:
     meter = PerformanceMeter(start_ns=0)
     meter.output(10 * MS)
     meter.output(15 * MS)
-    result = meter.result(20 * MS, None, engine="e", model="m", sidecar_overhead_ns=0)
+    result = meter.result(20 * MS, None, engine="e", model="m")
     assert result["completion_tokens"] == 2
     assert result["tokens_estimated"] is True
     assert result["prompt_tokens"] is None
@@ -70,15 +45,13 @@ def test_without_usage_tokens_are_counted_and_marked_estimated() -> None:
 def test_single_token_has_no_tpot_rate_or_itl() -> None:
     meter = PerformanceMeter(start_ns=0)
     meter.output(10 * MS)
-    result = meter.result(12 * MS, {"completion_tokens": 1}, engine="e", model="m", sidecar_overhead_ns=0)
+    result = meter.result(12 * MS, {"completion_tokens": 1}, engine="e", model="m")
     assert (result["ttft_ms"], result["latency_ms"]) == (10.0, 10.0)
     assert result["tpot_ms"] is None and result["itl_ms"] is None and result["output_tokens_per_s"] is None
 
 
 def test_no_output_at_all() -> None:
-    result = PerformanceMeter(start_ns=0).result(
-        5 * MS, {"completion_tokens": 0}, engine="e", model="m", sidecar_overhead_ns=0
-    )
+    result = PerformanceMeter(start_ns=0).result(5 * MS, {"completion_tokens": 0}, engine="e", model="m")
     assert result["ttft_ms"] is None and result["latency_ms"] is None and result["total_ms"] == 5.0
 
 
@@ -86,6 +59,26 @@ def test_engine_timings_are_kept_as_reported() -> None:
     meter = PerformanceMeter(start_ns=0)
     meter.output(MS)
     timings = {"prompt_ms": 1.5, "predicted_per_second": 40.2}
-    result = meter.result(2 * MS, None, engine="llamacpp", model="m", sidecar_overhead_ns=0, engine_timings=timings)
+    result = meter.result(2 * MS, None, engine="llamacpp", model="m", engine_timings=timings)
     assert result["engine_timings"] == timings
     assert result["engine"] == "llamacpp"
+
+
+def test_several_choices_are_timed_per_choice() -> None:
+    meter = PerformanceMeter(start_ns=0)
+    for step in range(3):  # two choices, each 20 ms between its tokens, arriving 1 ms apart
+        meter.output((100 + 20 * step) * MS, choice=0)
+        meter.output((101 + 20 * step) * MS, choice=1)
+    result = meter.result(150 * MS, {"completion_tokens": 6}, engine="e", model="m")
+    assert result["ttft_ms"] == 100.0 and result["latency_ms"] == 141.0
+    assert result["itl_ms"] == {"p50": 20.0, "p90": 20.0, "p99": 20.0, "max": 20.0}
+    assert result["tpot_ms"] == pytest.approx(41 / 2, abs=1e-3)  # 3 tokens per choice
+    assert result["output_tokens_per_s"] == pytest.approx(6 / 0.041, abs=1e-3)
+
+
+def test_a_whole_body_has_latency_but_no_ttft() -> None:
+    meter = PerformanceMeter(start_ns=0)
+    meter.whole_body(80 * MS)
+    result = meter.result(81 * MS, {"completion_tokens": 10}, engine="e", model="m")
+    assert (result["ttft_ms"], result["latency_ms"], result["total_ms"]) == (None, 80.0, 81.0)
+    assert result["tpot_ms"] is None and result["itl_ms"] is None and result["output_tokens_per_s"] is None

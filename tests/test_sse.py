@@ -13,12 +13,12 @@ STREAM = (
     b"data: [DONE]\n\n"
 )
 EXPECTED = [
-    Event(b'data: {"choices":[{"delta":{"role":"assistant"}}]}\n\n', '{"choices":[{"delta":{"role":"assistant"}}]}'),
+    Event(b'data: {"choices":[{"delta":{"role":"assistant"}}]}\n\n', b'{"choices":[{"delta":{"role":"assistant"}}]}'),
     Event(b": keep-alive comment\n\n", None),
-    Event(b'data: {"choices":[{"delta":{"content":"a\\nb"}}]}\r\n\r\n', '{"choices":[{"delta":{"content":"a\\nb"}}]}'),
-    Event(b"event: message\r\ndata: line one\r\ndata:line two\r\r", "line one\nline two"),
+    Event(b'data: {"choices":[{"delta":{"content":"a\\nb"}}]}\r\n\r\n', b'{"choices":[{"delta":{"content":"a\\nb"}}]}'),
+    Event(b"event: message\r\ndata: line one\r\ndata:line two\r\r", b"line one\nline two"),
     Event(b"id: 7\n\n", None),
-    Event(b"data: [DONE]\n\n", "[DONE]"),
+    Event(b"data: [DONE]\n\n", b"[DONE]"),
 ]
 
 
@@ -48,14 +48,14 @@ def test_any_split_gives_the_same_events(cuts: list[int]) -> None:
 
 
 def test_crlf_split_between_reads_is_one_line_end() -> None:
-    assert parse([b"data: x\r", b"\n\r", b"\n"]) == [Event(b"data: x\r\n\r\n", "x")]
+    assert parse([b"data: x\r", b"\n\r", b"\n"]) == [Event(b"data: x\r\n\r\n", b"x")]
 
 
 def test_unterminated_last_event_is_flushed_at_close() -> None:
-    assert parse([b"data: a\n\ndata: b"]) == [Event(b"data: a\n\n", "a"), Event(b"data: b", "b")]
-    assert parse([b"data: c\r"]) == [Event(b"data: c\r", "c")]
+    assert parse([b"data: a\n\ndata: b"]) == [Event(b"data: a\n\n", b"a"), Event(b"data: b", b"b")]
+    assert parse([b"data: c\r"]) == [Event(b"data: c\r", b"c")]
     assert parse([]) == []
 
 
 def test_fields_that_only_look_like_data_are_not_data() -> None:
-    assert parse([b"database: x\ndata\n\n"]) == [Event(b"database: x\ndata\n\n", "")]
+    assert parse([b"database: x\ndata\n\n"]) == [Event(b"database: x\ndata\n\n", b"")]

@@ -1,0 +1,166 @@
+"""What the proxy reads in the engine's streamed chunks, and how it builds a whole answer from them.
+
+The hot path asks one question of every chunk: does it carry generated output? `has_output` answers it on
+the raw bytes with one regex search, which costs a fraction of parsing the JSON; `carries_output` is the
+same question on a parsed chunk, for the rarer paths that parse anyway (several choices, assembly).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+_OUTPUT_DELTA_FIELDS = ("content", "reasoning_content", "reasoning", "tool_calls", "function_call")
+
+# A non-empty output string, a tool call, or a function call. Keys inside JSON strings are escaped (\"content\"),
+# so text that merely mentions these names does not match.
+_OUTPUT = re.compile(
+    rb'"(?:content|text|reasoning_content|reasoning)"\s*:\s*"(?!")'
+    rb'|"tool_calls"\s*:\s*\[\s*\{'
+    rb'|"function_call"\s*:\s*\{'
+)
+USAGE_KEY = b'"usage"'
+TIMINGS_KEYS = (b'"timings"', b'"metrics"')  # llama.cpp's timings, vLLM's per-request metrics
+
+
+def has_output(data: bytes) -> bool:
+    """Whether a chunk's JSON carries generated output, without parsing it: agrees with `carries_output`."""
+    return _OUTPUT.search(data) is not None
+
+
+def choice_has_output(choice: Any) -> bool:
+    if not isinstance(choice, dict):
+        return False
+    if isinstance(choice.get("text"), str) and choice["text"]:
+        return True
+    delta = choice.get("delta")
+    return isinstance(delta, dict) and any(delta.get(name) for name in _OUTPUT_DELTA_FIELDS)
+
+
+def carries_output(chunk: dict[str, Any]) -> bool:
+    """Whether a streamed chunk carries generated output (the role-only first chunk and the usage chunk do not)."""
+    choices = chunk.get("choices")
+    return isinstance(choices, list) and any(choice_has_output(choice) for choice in choices)
+
+
+def is_usage_chunk(chunk: dict[str, Any]) -> bool:
+    """The chunk `include_usage` adds at the end: usage and no choices."""
+    return isinstance(chunk.get("usage"), dict) and not chunk.get("choices")
+
+
+def engine_timings(chunk: dict[str, Any]) -> dict[str, Any] | None:
+    for key in ("timings", "metrics"):
+        value = chunk.get(key)
+        if isinstance(value, dict) and value:
+            return value
+    return None
+
+
+# -- assembly -----------------------------------------------------------------------------------------------
+
+_CHOICE_KEYS_BUILT = frozenset({"index", "delta", "text", "logprobs", "finish_reason"})
+_CHUNK_KEYS_BUILT = frozenset({"object", "choices", "usage"})
+
+
+class _Choice:
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.role = "assistant"
+        self.text: list[str] = []  # content (chat) or text (completions)
+        self.reasoning: dict[str, list[str]] = {}  # reasoning_content or reasoning, as the engine names it
+        self.tool_calls: dict[int, dict[str, Any]] = {}
+        self.logprobs: dict[str, list[Any]] | None = None
+        self.finish_reason: Any = None
+        self.extra: dict[str, Any] = {}  # engine-specific choice fields (vLLM's stop_reason): last value wins
+
+    def add(self, choice: dict[str, Any]) -> None:
+        delta = choice.get("delta")
+        if isinstance(delta, dict):
+            self._add_delta(delta)
+        text = choice.get("text")
+        if isinstance(text, str):
+            self.text.append(text)
+        logprobs = choice.get("logprobs")
+        if isinstance(logprobs, dict):
+            # Chat: {"content": [...]}; completions: {"tokens": [...], "token_logprobs": [...], ...}. Lists concatenate.
+            merged = self.logprobs if self.logprobs is not None else {}
+            for key, value in logprobs.items():
+                if isinstance(value, list):
+                    merged.setdefault(key, []).extend(value)
+            self.logprobs = merged
+        if choice.get("finish_reason") is not None:
+            self.finish_reason = choice["finish_reason"]
+        for key, value in choice.items():
+            if key not in _CHOICE_KEYS_BUILT and (value is not None or key not in self.extra):
+                self.extra[key] = value
+
+    def _add_delta(self, delta: dict[str, Any]) -> None:
+        if isinstance(delta.get("role"), str):
+            self.role = delta["role"]
+        content = delta.get("content")
+        if isinstance(content, str):
+            self.text.append(content)
+        for key in ("reasoning_content", "reasoning"):
+            if isinstance(delta.get(key), str):
+                self.reasoning.setdefault(key, []).append(delta[key])
+        for call in delta.get("tool_calls") or ():
+            if not isinstance(call, dict):
+                continue
+            built = self.tool_calls.setdefault(call.get("index", len(self.tool_calls)), {})
+            for key in ("id", "type"):
+                if call.get(key) is not None:
+                    built[key] = call[key]
+            function = call.get("function")
+            if isinstance(function, dict):
+                target = built.setdefault("function", {"name": None, "arguments": ""})
+                if function.get("name") is not None:
+                    target["name"] = function["name"]
+                if isinstance(function.get("arguments"), str):
+                    target["arguments"] += function["arguments"]
+
+    def chat_result(self) -> dict[str, Any]:
+        text = "".join(self.text)
+        message: dict[str, Any] = {"role": self.role, "content": text if text or not self.tool_calls else None}
+        for key, parts in self.reasoning.items():
+            message[key] = "".join(parts)
+        if self.tool_calls:
+            message["tool_calls"] = [self.tool_calls[i] for i in sorted(self.tool_calls)]
+        return {"index": self.index, "message": message, "logprobs": self.logprobs, "finish_reason": self.finish_reason}
+
+    def completion_result(self) -> dict[str, Any]:
+        text = "".join(self.text)
+        return {"index": self.index, "text": text, "logprobs": self.logprobs, "finish_reason": self.finish_reason}
+
+
+class Assembler:
+    """Streamed chunks in, the engine's non-streaming answer out: content, tool calls, logprobs, usage."""
+
+    def __init__(self, chat: bool) -> None:
+        self.chat = chat
+        self.top: dict[str, Any] = {}
+        self.choices: dict[int, _Choice] = {}
+        self.usage: dict[str, Any] | None = None
+
+    def add(self, chunk: dict[str, Any]) -> None:
+        for key, value in chunk.items():
+            if key not in _CHUNK_KEYS_BUILT and (value is not None or key not in self.top):
+                self.top[key] = value
+        if isinstance(chunk.get("usage"), dict):
+            self.usage = chunk["usage"]
+        for choice in chunk.get("choices") or ():
+            if isinstance(choice, dict):
+                index = choice.get("index", 0)
+                self.choices.setdefault(index, _Choice(index)).add(choice)
+
+    def result(self) -> dict[str, Any]:
+        body: dict[str, Any] = {}
+        for key in ("id", "object", "created", "model"):  # OpenAI's order first
+            if key in self.top or key == "object":
+                body[key] = self.top.get(key)
+        body["object"] = "chat.completion" if self.chat else "text_completion"
+        body |= {key: value for key, value in self.top.items() if key not in body}
+        choices = [self.choices[i] for i in sorted(self.choices)]
+        body["choices"] = [(c.chat_result() if self.chat else c.completion_result()) | c.extra for c in choices]
+        if self.usage is not None:
+            body["usage"] = self.usage
+        return body

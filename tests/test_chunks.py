@@ -1,0 +1,116 @@
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sidecar.chunks import Assembler, carries_output, has_output, is_usage_chunk
+
+CHUNKS: list[tuple[dict[str, Any], bool]] = [
+    ({"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}, False),
+    ({"choices": [{"index": 0, "delta": {"content": "hi"}, "logprobs": None, "finish_reason": None}]}, True),
+    ({"choices": [{"delta": {"content": None, "reasoning_content": "hmm"}}]}, True),
+    ({"choices": [{"delta": {"reasoning": "hmm"}}]}, True),
+    ({"choices": [{"delta": {"tool_calls": [{"index": 0, "function": {"arguments": "{"}}]}}]}, True),
+    ({"choices": [{"delta": {"tool_calls": []}}]}, False),
+    ({"choices": [{"delta": {"function_call": {"name": "f"}}}]}, True),
+    ({"choices": [{"text": "x", "index": 0}]}, True),
+    ({"choices": [{"text": "", "finish_reason": "stop"}]}, False),
+    ({"choices": [], "usage": {"completion_tokens": 3}}, False),
+    ({"choices": [{"delta": {}, "finish_reason": "stop"}]}, False),
+    ({"choices": [{"delta": {"content": 'say \\"content\\": \\"x\\"'}}]}, True),
+    ({"choices": [{"delta": {"content": ""}, "logprobs": {"content": [{"token": "a", "logprob": -1}]}}]}, False),
+    ({"error": {"message": 'the "text": "x" was bad', "type": "server_error"}}, False),
+    ({"choices": "garbage"}, False),
+    ({}, False),
+]
+
+
+@pytest.mark.parametrize(("chunk", "expected"), CHUNKS)
+def test_output_is_recognised_parsed_and_raw(chunk: dict[str, Any], expected: bool) -> None:
+    assert carries_output(chunk) is expected
+    assert has_output(json.dumps(chunk, separators=(",", ":")).encode()) is expected
+    assert has_output(json.dumps(chunk).encode()) is expected  # Python's default ", " and ": "
+
+
+_text = st.text(alphabet=st.sampled_from('ab "\\:{}[],\n'), max_size=8)
+_delta = st.fixed_dictionaries(
+    {},
+    optional={
+        "role": st.just("assistant"),
+        "content": st.one_of(st.none(), _text),
+        "reasoning_content": st.one_of(st.none(), _text),
+        "tool_calls": st.lists(
+            st.fixed_dictionaries({"index": st.just(0), "function": st.fixed_dictionaries({"arguments": _text})}),
+            max_size=1,
+        ),
+    },
+)
+_choice = st.fixed_dictionaries(
+    {"index": st.integers(0, 3), "finish_reason": st.sampled_from([None, "stop"])},
+    optional={"delta": _delta, "text": _text},
+)
+
+
+@given(st.lists(_choice, max_size=2), st.booleans())
+def test_the_raw_check_agrees_with_the_parsed_one(choices: list[dict[str, Any]], compact: bool) -> None:
+    chunk = {"id": "c", "choices": choices}
+    raw = json.dumps(chunk, separators=(",", ":") if compact else None).encode()
+    assert has_output(raw) is carries_output(chunk)
+
+
+def test_usage_chunk() -> None:
+    assert is_usage_chunk({"choices": [], "usage": {"completion_tokens": 1}})
+    assert not is_usage_chunk({"choices": [{"delta": {}}], "usage": {"completion_tokens": 1}})
+    assert not is_usage_chunk({"choices": [], "usage": None})
+
+
+def test_assembler_builds_tool_calls_reasoning_and_logprobs() -> None:
+    assembler = Assembler(chat=True)
+    base = {"id": "x", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+    deltas: list[dict[str, Any]] = [
+        {"role": "assistant", "content": ""},
+        {"reasoning_content": "think"},
+        {"tool_calls": [{"index": 0, "id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{"}}]},
+        {"tool_calls": [{"index": 0, "function": {"arguments": "}"}}]},
+    ]
+    for delta in deltas:
+        assembler.add(base | {"choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}]})
+    last = {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "tool_calls", "stop_reason": None}
+    assembler.add(base | {"choices": [last]})
+    assembler.add(base | {"choices": [], "usage": {"completion_tokens": 3}})
+    assert assembler.result() == {
+        "id": "x",
+        "object": "chat.completion",
+        "created": 1,
+        "model": "m",
+        "choices": [
+            {
+                "index": 0,
+                "message": {
+                    "role": "assistant",
+                    "content": None,
+                    "reasoning_content": "think",
+                    "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}],
+                },
+                "logprobs": None,
+                "finish_reason": "tool_calls",
+                "stop_reason": None,
+            }
+        ],
+        "usage": {"completion_tokens": 3},
+    }
+
+
+def test_assembler_concatenates_completion_logprobs_per_choice() -> None:
+    assembler = Assembler(chat=False)
+    for index, text in ((1, "b"), (0, "a"), (1, "c")):
+        logprobs = {"tokens": [text], "token_logprobs": [-0.5], "top_logprobs": [{text: -0.5}], "text_offset": [0]}
+        assembler.add({"id": "y", "choices": [{"index": index, "text": text, "logprobs": logprobs}]})
+    result = assembler.result()
+    assert [c["text"] for c in result["choices"]] == ["a", "bc"]
+    assert result["choices"][1]["logprobs"]["tokens"] == ["b", "c"]
+    assert result["object"] == "text_completion"
