@@ -12,8 +12,10 @@ from starlette.middleware.cors import CORSMiddleware
 
 from sidecar import control, dataplane, health
 from sidecar.errors import SidecarError, handle_http_exception, handle_sidecar_error
+from sidecar.history import RequestHistory
 from sidecar.logs import get_logger
 from sidecar.middleware import AuthMiddleware, BodyLimitMiddleware, RequestContextMiddleware
+from sidecar.proxy import Proxy
 from sidecar.redaction import Redactor
 from sidecar.settings import Settings
 from sidecar.supervisor import LoadRequest, Supervisor
@@ -25,6 +27,8 @@ def create_app(settings: Settings, redactor: Redactor | None = None) -> Starlett
     redactor = redactor or Redactor()
     redactor.register(*settings.data_keys)
     supervisor = Supervisor(settings, redactor)
+    history = RequestHistory(settings.request_history_size)
+    proxy = Proxy(settings, supervisor, history)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -35,6 +39,7 @@ def create_app(settings: Settings, redactor: Redactor | None = None) -> Starlett
                 host=settings.host,
             )
         log.info("sidecar_started", host=settings.host, port=settings.port)
+        await proxy.start()
         if settings.autoload_engine and settings.autoload_model:
             # Spawn now, but do not wait for readiness here: start-up blocks serving, /ready tells when.
             autoload = LoadRequest(
@@ -51,6 +56,7 @@ def create_app(settings: Settings, redactor: Redactor | None = None) -> Starlett
                 raise SystemExit(2) from None
         yield
         await supervisor.shutdown()  # the engine goes first: nothing is left running
+        await proxy.close()
         log.info("sidecar_stopped")
 
     # Outermost first: every response gets a request id and an access line, CORS preflights need no key,
@@ -77,7 +83,7 @@ def create_app(settings: Settings, redactor: Redactor | None = None) -> Starlett
     ]
 
     app = Starlette(
-        routes=[*health.routes, *control.routes, *dataplane.routes],
+        routes=[*health.routes, *control.routes, *dataplane.routes(proxy)],
         middleware=middleware,
         exception_handlers={SidecarError: handle_sidecar_error, HTTPException: handle_http_exception},
         lifespan=lifespan,
@@ -85,4 +91,5 @@ def create_app(settings: Settings, redactor: Redactor | None = None) -> Starlett
     app.state.settings = settings
     app.state.redactor = redactor
     app.state.supervisor = supervisor
+    app.state.history = history
     return app

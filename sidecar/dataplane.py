@@ -1,33 +1,48 @@
-"""OpenAI routes. Until an engine is ready they validate the body and answer 503 with Retry-After."""
+"""OpenAI routes: proxied to the engine (sidecar/proxy.py), and the metrics of recent requests."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 from starlette.requests import Request
-from starlette.responses import Response
-from starlette.routing import Route
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+from starlette.types import Receive, Scope, Send
 
-from sidecar.errors import ServiceUnavailable
-from sidecar.http import read_json_object
-from sidecar.supervisor import Supervisor
+from sidecar.errors import NotFound
+from sidecar.history import RequestHistory
+from sidecar.proxy import Proxy
 
-
-def _not_ready(request: Request) -> ServiceUnavailable:
-    supervisor: Supervisor = request.app.state.supervisor
-    return ServiceUnavailable(f"no model is loaded (engine state: {supervisor.state})")
+AsgiHandler = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
-async def openai_post(request: Request) -> Response:
-    await read_json_object(request)  # a bad body is a 400 whether or not an engine is loaded
-    raise _not_ready(request)
+class _Asgi:
+    """Starlette wraps functions and methods as request -> response; an object with __call__ it runs as ASGI."""
+
+    def __init__(self, handler: AsgiHandler) -> None:
+        self.handler = handler
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.handler(scope, receive, send)
 
 
-async def passthrough(request: Request) -> Response:
-    raise _not_ready(request)
+async def request_metrics(request: Request) -> Response:
+    history: RequestHistory = request.app.state.history
+    request_id = request.path_params["request_id"]
+    record = history.get(request_id)
+    if record is None:
+        raise NotFound(
+            f"no recent request with id {request_id!r} (the last {history.size} are kept)", param="request_id"
+        )
+    return JSONResponse(record)
 
 
-routes = [
-    Route("/v1/chat/completions", openai_post, methods=["POST"]),
-    Route("/v1/completions", openai_post, methods=["POST"]),
-    Route("/v1/embeddings", openai_post, methods=["POST"]),
-    Route("/v1/{path:path}", passthrough, methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
-]
+def routes(proxy: Proxy) -> list[BaseRoute]:
+    generate = _Asgi(proxy.generate)
+    return [
+        Route("/v1/chat/completions", generate, methods=["POST"]),
+        Route("/v1/completions", generate, methods=["POST"]),
+        Route("/v1/embeddings", _Asgi(proxy.embeddings), methods=["POST"]),
+        Route("/v1/requests/{request_id}", request_metrics, methods=["GET"]),
+        Route("/v1/{path:path}", _Asgi(proxy.passthrough), methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
+    ]

@@ -24,6 +24,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint("POST", "/v1/completions", "OpenAI text completions, proxied to the engine"),
     Endpoint("POST", "/v1/embeddings", "OpenAI embeddings, proxied to the engine"),
     Endpoint("GET", "/v1/models", "The engine's models"),
+    Endpoint("GET", "/v1/requests/{request_id}", "usage.performance and status of a recent request, by X-Request-ID"),
     Endpoint("POST", "/v1/model/load", "Start an engine with a model; 200 when ready (wait), 202 at once (no wait)"),
     Endpoint("POST", "/v1/model/unload", "Drain in-flight requests, stop the engine's whole process group"),
     Endpoint("GET", "/v1/model", "The engine's state, process, uptime, restarts, last error and output tail"),

@@ -55,7 +55,11 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(16 * 1024 * 1024, gt=0)
 
     upstream_connect_timeout_s: float = Field(5.0, gt=0)
-    upstream_read_timeout_s: float = Field(600.0, gt=0)
+    upstream_first_token_timeout_s: float = Field(600.0, gt=0)
+    upstream_inter_token_timeout_s: float = Field(120.0, gt=0)
+    # Non-streaming requests are streamed from the engine and assembled, so that they get a TTFT too.
+    assemble_non_streaming: bool = True
+    request_history_size: int = Field(1000, ge=1)
     startup_timeout_s: float = Field(900.0, gt=0)
     drain_timeout_s: float = Field(30.0, ge=0)
     kill_grace_s: float = Field(10.0, ge=0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import os
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -36,6 +37,27 @@ class Stats:
 
 
 @dataclass(frozen=True)
+class Pace:
+    """How the answer is delivered: the engine's delays, or a request's `mock` overrides, and faults to inject."""
+
+    ttft_s: float
+    itl_s: float
+    die_after: int | None = None  # the process exits after this many output steps (an engine crash)
+    stall_after: int | None = None  # it sends nothing more after this many steps (a hung engine)
+    timings: bool = False  # report llama.cpp-style `timings` and TGI-style `x-compute-time`
+
+    @classmethod
+    def of(cls, config: MockConfig, overrides: dict[str, Any]) -> Pace:
+        return cls(
+            ttft_s=float(overrides.get("ttft_ms", config.ttft_s * 1000)) / 1000,
+            itl_s=float(overrides.get("itl_ms", config.itl_s * 1000)) / 1000,
+            die_after=overrides.get("die_after"),
+            stall_after=overrides.get("stall_after"),
+            timings=bool(overrides.get("timings")),
+        )
+
+
+@dataclass(frozen=True)
 class Answer:
     """What the mock will answer one request with, streamed or not."""
 
@@ -46,6 +68,7 @@ class Answer:
     finish: str
     want_logprobs: bool
     usage: dict[str, Any]
+    pace: Pace
 
     @property
     def steps(self) -> int:
@@ -53,9 +76,17 @@ class Answer:
         return len(self.tool[1]) if self.tool else len(self.choices[0])
 
 
-def _error(message: str, status: int = 400) -> JSONResponse:
+def _error(message: str, status: int = 400, shape: str = "vllm") -> Response:
+    """An error as engines shape them: vLLM's (flat, int code), TGI's, or plain text."""
+    if shape == "tgi":
+        return JSONResponse({"error": message, "error_type": "validation"}, status_code=status)
+    if shape == "text":
+        return Response(message, status_code=status, media_type="text/plain")
     body = {"object": "error", "message": message, "type": "BadRequestError", "param": None, "code": status}
     return JSONResponse(body, status_code=status)
+
+
+TIMINGS = {"prompt_n": 4, "prompt_ms": 1.25, "predicted_n": 16, "predicted_ms": 80.5}
 
 
 def _sse(payload: dict[str, Any]) -> bytes:
@@ -73,14 +104,21 @@ def create_app(config: MockConfig) -> Starlette:
         if not isinstance(body, dict):
             return _error("body must be an object")
         chat = request.url.path.endswith("/chat/completions")
+        overrides: dict[str, Any] = body["mock"] if isinstance(body.get("mock"), dict) else {}
+        if isinstance(overrides.get("error"), dict):
+            error = overrides["error"]
+            return _error(
+                str(error.get("message", "mock error")), int(error.get("status", 400)), error.get("shape", "")
+            )
+        config_tokens = int(overrides.get("tokens", config.tokens))
         if chat and not isinstance(body.get("messages"), list):
             return _error("'messages' is required")
         n = body.get("n") or 1
-        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or config.tokens
+        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or config_tokens
         if not isinstance(n, int) or not isinstance(max_tokens, int) or n < 1 or max_tokens < 1:
             return _error("'n' and 'max_tokens' must be positive integers")
-        count = min(config.tokens, max_tokens)
-        finish = "length" if max_tokens < config.tokens else "stop"
+        count = min(config_tokens, max_tokens)
+        finish = "length" if max_tokens < config_tokens else "stop"
         want_logprobs = bool(body.get("logprobs")) if chat else body.get("logprobs") is not None
         top_k = int(body.get("top_logprobs") or 0) if chat else int(body.get("logprobs") or 0)
         choices = [gen.tokens_for(body, i, count, top_k) for i in range(n)]
@@ -93,18 +131,21 @@ def create_app(config: MockConfig) -> Starlette:
             "completion_tokens": completion_tokens,
             "total_tokens": gen.count_prompt_tokens(body) + completion_tokens,
         }
+        # As vLLM does, the id carries the caller's X-Request-ID when there is one.
+        request_id = request.headers.get("x-request-id") or f"mock-{next(stats.ids)}"
         base = {
-            "id": f"{'chatcmpl' if chat else 'cmpl'}-mock-{next(stats.ids)}",
+            "id": f"{'chatcmpl' if chat else 'cmpl'}-{request_id}",
             "object": "chat.completion.chunk" if chat else "text_completion",
             "created": int(time.time()),
             "model": config.model,
         }
-        answer = Answer(base, chat, choices, tool, finish, want_logprobs, usage)
+        answer = Answer(base, chat, choices, tool, finish, want_logprobs, usage, Pace.of(config, overrides))
         stats.started += 1
+        headers = {"x-compute-time": "0.0805"} if answer.pace.timings else None
         if body.get("stream"):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            return StreamingResponse(_stream(answer, include_usage), media_type="text/event-stream")
-        return await _complete(answer)
+            return StreamingResponse(_stream(answer, include_usage), media_type="text/event-stream", headers=headers)
+        return await _complete(answer, headers)
 
     async def _stream(answer: Answer, include_usage: bool) -> AsyncIterator[bytes]:
         base, chat, choices, tool = answer.base, answer.chat, answer.choices, answer.tool
@@ -116,10 +157,15 @@ def create_app(config: MockConfig) -> Starlette:
                     yield _sse(
                         {**base, "choices": [{"index": i, "delta": delta, "logprobs": None, "finish_reason": None}]}
                     )
-            await asyncio.sleep(config.ttft_s)
+            pace = answer.pace
+            await asyncio.sleep(pace.ttft_s)
             for step in range(answer.steps):
+                if step == pace.die_after:
+                    os._exit(3)
+                if step == pace.stall_after:
+                    await asyncio.Event().wait()
                 if step:
-                    await asyncio.sleep(config.itl_s)
+                    await asyncio.sleep(pace.itl_s)
                 for i, tokens in enumerate(choices):
                     choice = _stream_choice(chat, i, tokens, step, tool, answer.want_logprobs)
                     yield _sse({**base, "choices": [choice]})
@@ -129,7 +175,10 @@ def create_app(config: MockConfig) -> Starlette:
                     last["delta"] = {}
                 else:
                     last["text"] = ""
-                yield _sse({**base, "choices": [last]})
+                if pace.timings and i == len(choices) - 1:  # llama.cpp puts its timings on the last chunk
+                    yield _sse({**base, "choices": [last], "timings": TIMINGS})
+                else:
+                    yield _sse({**base, "choices": [last]})
             if include_usage:
                 yield _sse({**base, "choices": [], "usage": answer.usage})
             yield b"data: [DONE]\n\n"
@@ -140,11 +189,16 @@ def create_app(config: MockConfig) -> Starlette:
         finally:
             stats.in_flight -= 1
 
-    async def _complete(answer: Answer) -> Response:
+    async def _complete(answer: Answer, headers: dict[str, str] | None) -> Response:
         chat, tool, finish, want_logprobs = answer.chat, answer.tool, answer.finish, answer.want_logprobs
+        pace = answer.pace
         stats.in_flight += 1
         try:
-            await asyncio.sleep(config.ttft_s + config.itl_s * max(0, answer.steps - 1))
+            if pace.die_after is not None:
+                os._exit(3)
+            await asyncio.sleep(pace.ttft_s + pace.itl_s * max(0, answer.steps - 1))
+            if pace.stall_after is not None:
+                await asyncio.Event().wait()
         finally:
             stats.in_flight -= 1
         result = []
@@ -161,7 +215,10 @@ def create_app(config: MockConfig) -> Starlette:
                 result.append({"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish})
         stats.completed += 1
         object_name = "chat.completion" if chat else "text_completion"
-        return JSONResponse({**answer.base, "object": object_name, "choices": result, "usage": answer.usage})
+        body = {**answer.base, "object": object_name, "choices": result, "usage": answer.usage}
+        if pace.timings:
+            body["timings"] = TIMINGS
+        return JSONResponse(body, headers=headers)
 
     async def embeddings(request: Request) -> Response:
         body = await request.json()
@@ -179,6 +236,13 @@ def create_app(config: MockConfig) -> Starlette:
     async def health(request: Request) -> Response:
         return Response(status_code=200)
 
+    async def echo(request: Request) -> Response:
+        """What reached the engine: for tests of what the proxy forwards."""
+        body = (await request.body()).decode(errors="replace")
+        return JSONResponse(
+            {"method": request.method, "headers": dict(request.headers), "query": request.url.query, "body": body}
+        )
+
     async def mock_stats(request: Request) -> Response:
         fields = ("started", "completed", "cancelled", "in_flight")
         return JSONResponse({name: getattr(stats, name) for name in fields})
@@ -191,6 +255,7 @@ def create_app(config: MockConfig) -> Starlette:
             Route("/v1/models", models, methods=["GET"]),
             Route("/health", health, methods=["GET"]),
             Route("/mock/stats", mock_stats, methods=["GET"]),
+            Route("/v1/mock/echo", echo, methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
         ]
     )
 

@@ -1,0 +1,502 @@
+"""The data plane: OpenAI requests to the engine and its answers back, each one measured.
+
+One aiohttp session serves every request: measured on this kind of machine, a Starlette streaming proxy on
+aiohttp kept 0.70 of direct throughput at 256 concurrent streams where the same proxy on httpx kept 0.06
+(issue 4; `bench/` measures the sidecar itself).
+
+Streams pass through event by event as they arrive, forwarded as the engine wrote them; only the usage chunk
+is ever re-serialized. Each event is checked for output on its raw bytes (`chunks.has_output`), which is
+what timestamps it; JSON is parsed only for chunks that carry usage or timings, or when `n` > 1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from starlette.datastructures import Headers
+from starlette.requests import Request
+from starlette.types import Receive, Scope, Send
+
+from sidecar.chunks import (
+    TIMINGS_KEYS,
+    USAGE_KEY,
+    Assembler,
+    choice_has_output,
+    engine_timings,
+    has_output,
+    is_usage_chunk,
+)
+from sidecar.errors import BadGateway, BadRequest, GatewayTimeout, SidecarError, engine_error_body
+from sidecar.history import RequestHistory
+from sidecar.http import read_json_object
+from sidecar.middleware.request_context import log_fields
+from sidecar.performance import PerformanceMeter
+from sidecar.settings import Settings
+from sidecar.sse import DONE, SSEParser
+from sidecar.supervisor import Engine, Supervisor
+
+_HOP_BY_HOP = frozenset(
+    {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "trailers"}
+    | {"transfer-encoding", "upgrade"}
+)
+# The engine never sees the client's key; it gets identity encoding (the proxy reads the stream) and our request id.
+_REQUEST_HEADERS_DROPPED = _HOP_BY_HOP | {
+    "host",
+    "content-length",
+    "authorization",
+    "x-api-key",
+    "accept-encoding",
+    "expect",
+    "x-request-id",
+}
+# The sidecar's server sets its own date, server and request id; lengths are recomputed where bodies change.
+_RESPONSE_HEADERS_DROPPED = _HOP_BY_HOP | {"content-length", "date", "server", "x-request-id"}
+_ERROR_BODY_LIMIT = 1024 * 1024
+_DEADLINE_STEP_S = 1.0  # how often a stream's inter-token deadline is pushed back: cheaper than on every read
+_JSON = (b"content-type", b"application/json")
+
+
+def _dumps(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _request_headers(scope: Scope, request_id: str) -> dict[str, str]:
+    headers = Headers(scope=scope)
+    named_in_connection = {name.strip().lower() for name in headers.get("connection", "").split(",")}
+    forwarded = {
+        name: value
+        for name, value in headers.items()
+        if name not in _REQUEST_HEADERS_DROPPED and name not in named_in_connection
+    }
+    forwarded["x-request-id"] = request_id
+    return forwarded
+
+
+def _response_headers(response: aiohttp.ClientResponse, drop: Iterable[str] = ()) -> list[tuple[bytes, bytes]]:
+    dropped = _RESPONSE_HEADERS_DROPPED.union(drop)
+    return [
+        (name.lower(), value) for name, value in response.raw_headers if name.decode("latin-1").lower() not in dropped
+    ]
+
+
+def _header_timings(response: aiohttp.ClientResponse) -> dict[str, Any] | None:
+    """TGI's `x-*-time` headers (and `x-time-per-token`), as numbers where they are."""
+    timings: dict[str, Any] = {}
+    for name, value in response.headers.items():
+        lower = name.lower()
+        if lower.startswith("x-") and (lower.endswith("-time") or lower == "x-time-per-token"):
+            try:
+                timings[lower] = float(value)
+            except ValueError:
+                timings[lower] = value
+    return timings or None
+
+
+def _sse_error(error: SidecarError) -> bytes:
+    return b"data: " + _dumps(error.body()) + b"\n\ndata: [DONE]\n\n"
+
+
+def _loads(data: bytes) -> dict[str, Any] | None:
+    """An event's JSON object, or None: what is not JSON passes through unmeasured rather than failing."""
+    try:
+        value = json.loads(data)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+# What a relay does with each event: the raw bytes as received, and the parsed chunk when it was parsed.
+OnEvent = Callable[[bytes, dict[str, Any] | None], Awaitable[None]]
+
+
+@dataclass
+class _Exchange:
+    """One request on its way through: what it asked for, and what has been measured of it."""
+
+    scope: Scope
+    receive: Receive
+    send: Send
+    engine: Engine
+    meter: PerformanceMeter
+    first_token_deadline: float  # on the event loop's clock
+    client_usage: bool = False  # the client asked for the usage chunk
+    several_choices: bool = False
+    usage: dict[str, Any] | None = None
+    timings: dict[str, Any] | None = None
+    performance: dict[str, Any] | None = None
+    status: int | None = None
+    client_disconnected: bool = False
+
+
+class Proxy:
+    def __init__(self, settings: Settings, supervisor: Supervisor, history: RequestHistory) -> None:
+        self.settings = settings
+        self.supervisor = supervisor
+        self.history = history
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60)  # no cap: the engine's queue is the cap
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(total=None, connect=self.settings.upstream_connect_timeout_s),
+            auto_decompress=False,
+            cookie_jar=aiohttp.DummyCookieJar(),
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        assert self._session is not None, "Proxy.start() runs in the app's lifespan"
+        return self._session
+
+    def _exchange(self, scope: Scope, receive: Receive, send: Send, engine: Engine, start_ns: int) -> _Exchange:
+        deadline = asyncio.get_running_loop().time() + self.settings.upstream_first_token_timeout_s
+        return _Exchange(scope, receive, send, engine, PerformanceMeter(start_ns), deadline)
+
+    # -- endpoints (ASGI) -----------------------------------------------------------------------------------
+
+    async def generate(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Chat and text completions: streamed through, or streamed from the engine and assembled."""
+        request = Request(scope, receive)
+        body = await read_json_object(request)  # a bad body is a 400 whether or not an engine is loaded
+        start_ns = time.perf_counter_ns()
+        stream, options, n = _generation_fields(body)
+        client_usage = stream and options is not None and options.get("include_usage") is True
+        assemble = not stream and self.settings.assemble_non_streaming
+        payload = await request.body()  # the bytes as the client sent them
+        if stream and not client_usage or assemble:
+            # Ask for usage to count tokens; the chunk is removed again before the client sees it.
+            payload = _dumps(body | {"stream": True, "stream_options": (options or {}) | {"include_usage": True}})
+        async with self.supervisor.request_slot() as engine:
+            exchange = self._exchange(scope, receive, send, engine, start_ns)
+            exchange.client_usage = client_usage
+            exchange.several_choices = n > 1
+            response = await self._open(exchange, payload)
+            try:
+                if response.status >= 400:
+                    await self._relay_error(exchange, response)
+                elif response.content_type != "text/event-stream":
+                    await self._relay_whole(exchange, response)
+                elif stream:
+                    await self._relay_stream(exchange, response)
+                else:
+                    await self._relay_assembled(
+                        exchange, response, Assembler(scope["path"].endswith("/chat/completions"))
+                    )
+            finally:
+                response.close()  # after a full read the connection is back in the pool already; else it is dropped
+                self._record(exchange)
+
+    async def embeddings(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request = Request(scope, receive)
+        await read_json_object(request)
+        start_ns = time.perf_counter_ns()
+        async with self.supervisor.request_slot() as engine:
+            exchange = self._exchange(scope, receive, send, engine, start_ns)
+            response = await self._open(exchange, await request.body())
+            try:
+                if response.status >= 400:
+                    await self._relay_error(exchange, response)
+                else:
+                    await self._relay_whole(exchange, response)
+            finally:
+                response.close()
+                self._record(exchange)
+
+    async def passthrough(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Any other /v1/* path: the request and the answer as they are, the answer streamed."""
+        payload = await Request(scope, receive).body()
+        start_ns = time.perf_counter_ns()
+        async with self.supervisor.request_slot() as engine:
+            exchange = self._exchange(scope, receive, send, engine, start_ns)
+            response = await self._open(exchange, payload)
+            try:
+                if response.status >= 400:
+                    await self._relay_error(exchange, response)
+                else:
+                    await self._relay_raw(exchange, response)
+            finally:
+                response.close()
+
+    # -- the engine's side ----------------------------------------------------------------------------------
+
+    async def _open(self, exchange: _Exchange, payload: bytes) -> aiohttp.ClientResponse:
+        """Send the request; the engine's response headers, or 502/504."""
+        scope = exchange.scope
+        url = exchange.engine.base_url + scope["path"]
+        if scope["query_string"]:
+            url += "?" + scope["query_string"].decode("latin-1")
+        headers = _request_headers(scope, scope["state"]["request_id"])
+        exchange.meter.overhead_ns += time.perf_counter_ns() - exchange.meter.start_ns
+        try:
+            async with asyncio.timeout_at(exchange.first_token_deadline):
+                return await self.session.request(
+                    scope["method"], url, data=payload or None, headers=headers, allow_redirects=False
+                )
+        except TimeoutError:  # aiohttp's connect timeout is a TimeoutError too
+            raise GatewayTimeout("the engine did not start answering within the timeout") from None
+        except aiohttp.ClientConnectorError as exc:
+            raise BadGateway(f"could not connect to the engine: {exc.os_error.strerror or exc}") from None
+        except aiohttp.ClientError as exc:
+            raise BadGateway(f"the engine closed the connection: {exc.__class__.__name__}") from None
+
+    # -- answers --------------------------------------------------------------------------------------------
+
+    async def _relay_error(self, exchange: _Exchange, response: aiohttp.ClientResponse) -> None:
+        """The engine's 4xx/5xx: its status kept, its body in the OpenAI shape."""
+        try:
+            async with asyncio.timeout(self.settings.upstream_inter_token_timeout_s):
+                raw = await response.content.read(_ERROR_BODY_LIMIT)
+        except (TimeoutError, aiohttp.ClientError):
+            raw = b""
+        exchange.status = response.status
+        body = _dumps(engine_error_body(response.status, raw))
+        headers = [*_response_headers(response, drop={"content-type"}), _JSON]
+        headers.append((b"content-length", str(len(body)).encode()))
+        await exchange.send({"type": "http.response.start", "status": response.status, "headers": headers})
+        await exchange.send({"type": "http.response.body", "body": body})
+
+    async def _relay_whole(self, exchange: _Exchange, response: aiohttp.ClientResponse) -> None:
+        """A non-streamed JSON answer: `usage.performance` added, and the same in X-Performance-Metrics."""
+        try:
+            async with asyncio.timeout(self.settings.upstream_inter_token_timeout_s):
+                raw = await response.read()
+        except TimeoutError:
+            raise GatewayTimeout("the engine stopped answering within the timeout") from None
+        except aiohttp.ClientError as exc:
+            raise BadGateway(f"the engine closed the connection mid-answer: {exc.__class__.__name__}") from None
+        now = time.perf_counter_ns()
+        exchange.meter.whole_body(now)
+        exchange.status = response.status
+        headers = _response_headers(response)
+        body = _loads(raw)
+        if body is not None:
+            usage = body.get("usage")
+            exchange.usage = usage if isinstance(usage, dict) else None
+            exchange.timings = engine_timings(body) or _header_timings(response)
+            raw, performance = self._with_performance(exchange, body, now)
+            headers.append((b"x-performance-metrics", performance))
+        headers.append((b"content-length", str(len(raw)).encode()))
+        exchange.meter.overhead_ns += time.perf_counter_ns() - now
+        await exchange.send({"type": "http.response.start", "status": response.status, "headers": headers})
+        await exchange.send({"type": "http.response.body", "body": raw})
+
+    async def _relay_raw(self, exchange: _Exchange, response: aiohttp.ClientResponse) -> None:
+        send = exchange.send
+        headers = _response_headers(response)
+        if response.content_length is not None:  # the bytes go through unchanged: the engine's length holds
+            headers.append((b"content-length", str(response.content_length).encode()))
+        await send({"type": "http.response.start", "status": response.status, "headers": headers})
+        loop = asyncio.get_running_loop()
+        async with _ClientWatch(exchange, response), asyncio.timeout(None) as deadline:
+            while True:
+                deadline.reschedule(loop.time() + self.settings.upstream_inter_token_timeout_s)
+                try:
+                    chunk = await response.content.readany()
+                except (aiohttp.ClientError, TimeoutError):
+                    break  # the status is sent: all that is left is to end the body
+                if not chunk:
+                    break
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def _relay_stream(self, exchange: _Exchange, response: aiohttp.ClientResponse) -> None:
+        """SSE through, event by event; the usage chunk removed, or given `usage.performance`."""
+        send = exchange.send
+        exchange.status = response.status
+        exchange.timings = _header_timings(response)
+        await send({"type": "http.response.start", "status": response.status, "headers": _response_headers(response)})
+
+        async def forward(raw: bytes, chunk: dict[str, Any] | None) -> None:
+            if chunk is not None and is_usage_chunk(chunk) and exchange.performance is not None:
+                if not exchange.client_usage:
+                    return  # asked for by the sidecar, not the client: the client never sees it
+                usage = chunk["usage"] | {"performance": exchange.performance}
+                raw = b"data: " + _dumps(chunk | {"usage": usage}) + b"\n\n"
+            await send({"type": "http.response.body", "body": raw, "more_body": True})
+
+        error = await self._pump(exchange, response, forward, parse_all=False)
+        if error is not None and not exchange.client_disconnected:
+            # The status went out with the first event: the stream says what happened, then ends as streams do.
+            await send({"type": "http.response.body", "body": _sse_error(error), "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def _relay_assembled(
+        self, exchange: _Exchange, response: aiohttp.ClientResponse, assembler: Assembler
+    ) -> None:
+        """A non-streaming request streamed from the engine (for its TTFT), answered as the engine would."""
+        exchange.timings = _header_timings(response)
+
+        async def add(raw: bytes, chunk: dict[str, Any] | None) -> None:
+            if chunk is not None:
+                assembler.add(chunk)
+
+        error = await self._pump(exchange, response, add, parse_all=True)
+        if exchange.client_disconnected:
+            return
+        if error is not None:
+            raise error
+        now = time.perf_counter_ns()
+        exchange.status = response.status
+        raw, performance = self._with_performance(exchange, assembler.result(), now)
+        headers = _response_headers(response, drop={"content-type"})
+        headers += [_JSON, (b"content-length", str(len(raw)).encode()), (b"x-performance-metrics", performance)]
+        exchange.meter.overhead_ns += time.perf_counter_ns() - now
+        await exchange.send({"type": "http.response.start", "status": response.status, "headers": headers})
+        await exchange.send({"type": "http.response.body", "body": raw})
+
+    async def _pump(
+        self, exchange: _Exchange, response: aiohttp.ClientResponse, on_event: OnEvent, parse_all: bool
+    ) -> SidecarError | None:
+        """Read the engine's SSE stream to its end, timestamping every event and handing it to on_event.
+
+        None when the stream ended, else the error that cut it short (a client that left sets
+        exchange.client_disconnected instead). The first-token deadline holds until the first output; after it
+        the inter-token timeout, pushed back at most every second rather than on every read.
+        """
+        meter = exchange.meter
+        several = exchange.several_choices
+        clock = time.perf_counter_ns
+        parser = SSEParser()
+        content = response.content
+        loop = asyncio.get_running_loop()
+        inter_token_s = self.settings.upstream_inter_token_timeout_s
+        push_every_ns = int(min(_DEADLINE_STEP_S, inter_token_s / 10) * 1e9)
+        next_push_ns = 0
+        watch = _ClientWatch(exchange, response)
+        try:
+            async with watch, asyncio.timeout_at(exchange.first_token_deadline) as deadline:
+                while True:
+                    chunk = await content.readany()
+                    now = clock()
+                    if meter.first_output_ns is not None and now >= next_push_ns:
+                        deadline.reschedule(loop.time() + inter_token_s)
+                        next_push_ns = now + push_every_ns
+                    for event in parser.feed(chunk) if chunk else parser.close():
+                        data = event.data
+                        parsed = None
+                        if data is not None and data != DONE:
+                            if parse_all or several or USAGE_KEY in data or any(k in data for k in TIMINGS_KEYS):
+                                parsed = _loads(data)
+                                self._measure_parsed(exchange, parsed, now)
+                            elif has_output(data):
+                                meter.output(now)
+                        await on_event(event.raw, parsed)
+                    meter.overhead_ns += clock() - now
+                    if not chunk:
+                        return None
+        except TimeoutError:
+            if exchange.client_disconnected:
+                return None
+            return GatewayTimeout("the engine sent no token within the timeout")
+        except aiohttp.ClientError as exc:
+            if exchange.client_disconnected:
+                return None
+            return BadGateway(f"the engine closed the stream mid-answer: {exc.__class__.__name__}")
+
+    def _measure_parsed(self, exchange: _Exchange, chunk: dict[str, Any] | None, now: int) -> None:
+        if chunk is None:
+            return
+        meter = exchange.meter
+        for choice in chunk.get("choices") or ():
+            if choice_has_output(choice):
+                meter.output(now, choice.get("index", 0) if exchange.several_choices else 0)
+        timings = engine_timings(chunk)
+        if timings is not None:
+            exchange.timings = timings
+        if isinstance(chunk.get("usage"), dict):
+            exchange.usage = chunk["usage"]
+            if is_usage_chunk(chunk) and exchange.performance is None:
+                self._finish(exchange, now)  # the usage chunk ends the answer: [DONE] follows
+
+    # -- bookkeeping ----------------------------------------------------------------------------------------
+
+    def _with_performance(self, exchange: _Exchange, body: dict[str, Any], now: int) -> tuple[bytes, bytes]:
+        """The body with `usage.performance`, and the same object for the X-Performance-Metrics header."""
+        performance = exchange.performance or self._finish(exchange, now)
+        body["usage"] = (exchange.usage or {}) | {"performance": performance}
+        return _dumps(body), json.dumps(performance, separators=(",", ":")).encode()
+
+    def _finish(self, exchange: _Exchange, end_ns: int) -> dict[str, Any]:
+        engine = exchange.engine
+        exchange.performance = exchange.meter.result(
+            end_ns,
+            exchange.usage,
+            engine=engine.adapter.name,
+            model=engine.served_model,
+            engine_timings=exchange.timings,
+        )
+        return exchange.performance
+
+    def _record(self, exchange: _Exchange) -> None:
+        """Into the history for GET /v1/requests/{id}, and into the request's access line."""
+        performance = exchange.performance or self._finish(exchange, time.perf_counter_ns())
+        scope = exchange.scope
+        request_id = scope["state"]["request_id"]
+        record: dict[str, Any] = {
+            "id": request_id,
+            "object": "sidecar.request",
+            "created": int(time.time()),
+            "method": scope["method"],
+            "path": scope["path"],
+            "status": exchange.status,
+            "client_disconnected": exchange.client_disconnected,
+            "performance": performance,
+        }
+        self.history.add(request_id, record)
+        fields = log_fields(scope)
+        if exchange.client_disconnected:
+            fields["client_disconnected"] = True
+        fields.update({key: value for key, value in performance.items() if value is not None})
+
+
+def _generation_fields(body: dict[str, Any]) -> tuple[bool, dict[str, Any] | None, int]:
+    """The fields the proxy acts on, checked: a wrong type is the client's 400, not the engine's problem."""
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool) and stream is not None:
+        raise BadRequest("'stream' must be a boolean", param="stream")
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise BadRequest("'stream_options' must be an object", param="stream_options")
+    n = body.get("n")
+    if n is not None and (not isinstance(n, int) or isinstance(n, bool)):
+        raise BadRequest("'n' must be an integer", param="n")
+    return bool(stream), options, n or 1
+
+
+class _ClientWatch:
+    """While an answer is relayed: wait for the client's disconnect, then close the engine's response at once.
+
+    Closing it (not releasing it to the pool) drops the connection, which is what makes the engine abort.
+    """
+
+    def __init__(self, exchange: _Exchange, response: aiohttp.ClientResponse) -> None:
+        self._exchange = exchange
+        self._response = response
+        self._task: asyncio.Task[None] | None = None
+
+    async def _watch(self) -> None:
+        receive = self._exchange.receive
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self._exchange.client_disconnected = True
+        self._response.close()
+
+    async def __aenter__(self) -> _ClientWatch:
+        self._task = asyncio.create_task(self._watch())
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._task is not None
+        self._task.cancel()

@@ -1,0 +1,165 @@
+"""Faults on either side of the proxy: a client that leaves, an engine that errs, dies, stalls or is gone."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from tests.processes import SidecarProcess, free_port, wait_until
+from tests.proxy.conftest import AUTH, KEY, MESSAGES, MODEL, Stack, events
+
+CHAT = "/v1/chat/completions"
+
+
+def _record(stack: Stack, request_id: str) -> dict[str, Any]:
+    response = httpx.get(f"{stack.url}/v1/requests/{request_id}", headers=AUTH)
+    return response.json() if response.status_code == 200 else {}
+
+
+def test_client_leaving_a_stream_cancels_the_engines_request(stack: Stack) -> None:
+    before = stack.engine_stats()["cancelled"]
+    body = {"model": MODEL, "messages": MESSAGES, "stream": True, "mock": {"ttft_ms": 0, "itl_ms": 50, "tokens": 400}}
+    with (
+        httpx.Client(timeout=30) as client,
+        client.stream("POST", stack.url + CHAT, json=body, headers=AUTH | {"X-Request-ID": "leaving-1"}) as response,
+    ):
+        for count, _ in enumerate(response.iter_lines()):
+            if count == 6:
+                break  # leaves with about 20 seconds of tokens still to come
+    wait_until(lambda: stack.engine_stats()["cancelled"] == before + 1, timeout_s=2)
+    wait_until(lambda: _record(stack, "leaving-1").get("client_disconnected") is True, timeout_s=2)
+    assert stack.engine_stats()["in_flight"] == 0
+
+
+def test_client_giving_up_on_a_non_streaming_request_cancels_it_too(stack: Stack) -> None:
+    before = stack.engine_stats()["cancelled"]
+    body = {"model": MODEL, "messages": MESSAGES, "mock": {"ttft_ms": 0, "itl_ms": 50, "tokens": 400}}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(stack.url + CHAT, json=body, headers=AUTH, timeout=0.5)
+    wait_until(lambda: stack.engine_stats()["cancelled"] == before + 1, timeout_s=2)
+
+
+@pytest.mark.parametrize(
+    ("shape", "status", "sdk_error"),
+    [
+        ("tgi", 422, openai.UnprocessableEntityError),
+        ("vllm", 400, openai.BadRequestError),
+        ("text", 500, openai.InternalServerError),
+    ],
+)
+def test_engine_errors_keep_their_status_in_the_openai_shape(
+    stack: Stack, shape: str, status: int, sdk_error: type[openai.APIStatusError]
+) -> None:
+    mock = {"error": {"status": status, "shape": shape, "message": f"the engine says no ({shape})"}}
+    for stream in (False, True):
+        response = httpx.post(
+            stack.url + CHAT, json={"messages": MESSAGES, "stream": stream, "mock": mock}, headers=AUTH
+        )
+        assert response.status_code == status
+        error = response.json()["error"]
+        assert error["message"] == f"the engine says no ({shape})"
+        assert set(error) == {"message", "type", "param", "code"}
+        assert error["code"] is None or isinstance(error["code"], str)
+    with pytest.raises(sdk_error, match=r"the engine says no"):
+        stack.client().chat.completions.create(model=MODEL, messages=MESSAGES, extra_body={"mock": mock})  # type: ignore[arg-type]
+
+
+def test_engine_dying_mid_stream_ends_it_with_an_error_event_then_done(own_stack: Callable[..., Stack]) -> None:
+    stack = own_stack()
+    body = {"model": MODEL, "messages": MESSAGES, "stream": True, "mock": {"itl_ms": 20, "die_after": 3}}
+    with httpx.stream("POST", stack.url + CHAT, json=body, headers=AUTH, timeout=30) as response:
+        assert response.status_code == 200
+        received = events(response.read())
+    assert received[-1] == b"data: [DONE]"
+    error = json.loads(received[-2].removeprefix(b"data: "))["error"]
+    assert error["type"] == "server_error" and error["code"] == "engine_error"
+    assert sum(b'"content":"' in e and b'"content":""' not in e for e in received) == 3
+    wait_until(lambda: httpx.get(f"{stack.url}/v1/model", headers=AUTH).json()["state"] == "failed", timeout_s=2)
+    refused = httpx.post(stack.url + CHAT, json={"messages": MESSAGES}, headers=AUTH)
+    assert refused.status_code == 503 and "Retry-After" in refused.headers
+
+    reload = {"engine": "mock", "model": MODEL, "replace": True}
+    assert httpx.post(f"{stack.url}/v1/model/load", json=reload, headers=AUTH, timeout=30).status_code == 200
+    body = {"messages": MESSAGES, "mock": {"die_after": 0}}
+    died = httpx.post(stack.url + CHAT, json=body, headers=AUTH, timeout=30)
+    assert died.status_code == 502 and died.json()["error"]["code"] == "engine_error"
+
+
+def test_engine_refusing_connections_is_a_502(start_sidecar: Callable[..., SidecarProcess]) -> None:
+    sidecar = start_sidecar({"SIDECAR_API_KEYS": KEY})
+    port = free_port()
+    engine = subprocess.Popen([sys.executable, "-m", "engines.mock_server", "--port", str(port)])
+    try:
+        load = {"engine": "external", "model": MODEL, "url": f"http://127.0.0.1:{port}"}
+        deadline = time.monotonic() + 20
+        while httpx.post(f"{sidecar.url}/v1/model/load", json=load, headers=AUTH, timeout=30).status_code != 200:
+            assert time.monotonic() < deadline, "the external engine never became ready"
+    finally:
+        engine.kill()
+        engine.wait()
+    started = time.monotonic()
+    response = httpx.post(f"{sidecar.url}{CHAT}", json={"messages": MESSAGES}, headers=AUTH, timeout=30)
+    assert response.status_code == 502
+    assert response.json()["error"]["message"].startswith("could not connect to the engine")
+    assert time.monotonic() - started < 2
+
+
+def test_timeouts_answer_504_or_end_the_stream_with_a_timeout_event(own_stack: Callable[..., Stack]) -> None:
+    stack = own_stack(
+        {"SIDECAR_UPSTREAM_FIRST_TOKEN_TIMEOUT_S": "0.5", "SIDECAR_UPSTREAM_INTER_TOKEN_TIMEOUT_S": "0.5"}
+    )
+    cancelled = stack.engine_stats()["cancelled"]
+
+    started = time.monotonic()
+    slow = {"messages": MESSAGES, "mock": {"ttft_ms": 5000}}
+    response = httpx.post(stack.url + CHAT, json=slow, headers=AUTH, timeout=30)
+    assert response.status_code == 504 and response.json()["error"]["type"] == "timeout_error"
+    assert 0.4 < time.monotonic() - started < 2
+
+    for mock in ({"ttft_ms": 5000}, {"itl_ms": 5, "stall_after": 2}):  # no first token; no token after the second
+        body = {"messages": MESSAGES, "stream": True, "mock": mock}
+        with httpx.stream("POST", stack.url + CHAT, json=body, headers=AUTH, timeout=30) as streamed:
+            received = events(streamed.read())
+        assert received[-1] == b"data: [DONE]"
+        assert json.loads(received[-2].removeprefix(b"data: "))["error"]["code"] == "engine_timeout"
+    # Every timed-out request was closed on the engine, not left generating.
+    wait_until(lambda: stack.engine_stats()["in_flight"] == 0, timeout_s=2)
+    assert stack.engine_stats()["cancelled"] == cancelled + 3
+
+
+async def test_unload_lets_an_in_flight_stream_finish_and_refuses_new_requests(
+    own_stack: Callable[..., Stack],
+) -> None:
+    stack = own_stack()
+    body = {"model": MODEL, "messages": MESSAGES, "stream": True, "mock": {"ttft_ms": 50, "itl_ms": 20, "tokens": 40}}
+    async with httpx.AsyncClient(base_url=stack.url, headers=AUTH, timeout=30) as client:
+        async with client.stream("POST", CHAT, json=body) as response:
+            lines = response.aiter_lines()
+            async for line in lines:
+                if '"content":"' in line and '"content":""' not in line:
+                    break  # generating: now unload
+            unload = asyncio.create_task(client.post("/v1/model/unload"))
+            await wait_for_state(client, "unloading")
+            refused = await client.post(CHAT, json={"messages": MESSAGES})
+            assert refused.status_code == 503 and refused.headers["Retry-After"]
+            rest = [line async for line in lines if line]
+        assert rest[-1] == "data: [DONE]"
+        assert sum('"content":"' in line for line in rest) == 39  # every token after the first
+        unloaded = await unload
+        assert unloaded.status_code == 200 and unloaded.json()["state"] == "idle"
+
+
+async def wait_for_state(client: httpx.AsyncClient, state: str, timeout_s: float = 5) -> None:
+    deadline = time.monotonic() + timeout_s
+    while (await client.get("/v1/model")).json()["state"] != state:
+        assert time.monotonic() < deadline, f"never reached {state}"
+        await asyncio.sleep(0.01)

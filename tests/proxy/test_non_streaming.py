@@ -1,0 +1,81 @@
+"""Non-streaming requests: assembled from the engine's stream, equal to the engine's own non-streaming answer."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.proxy.conftest import AUTH, MESSAGES, MODEL, Stack, normalized
+
+TOOLS = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]
+CASES: dict[str, tuple[str, dict[str, Any]]] = {
+    "chat": ("/v1/chat/completions", {"messages": MESSAGES}),
+    "chat-logprobs": ("/v1/chat/completions", {"messages": MESSAGES, "logprobs": True, "top_logprobs": 2}),
+    "chat-tool-call": ("/v1/chat/completions", {"messages": MESSAGES, "tools": TOOLS}),
+    "chat-n2-length": ("/v1/chat/completions", {"messages": MESSAGES, "n": 2, "max_tokens": 5}),
+    "completion-logprobs": ("/v1/completions", {"prompt": "count the clocks", "logprobs": 3}),
+    "completion-n2": ("/v1/completions", {"prompt": ["count", "the clocks"], "n": 2}),
+}
+
+
+def _post(url: str, body: dict[str, Any], request_id: str, key: bool = True) -> httpx.Response:
+    headers = {"X-Request-ID": request_id} | (AUTH if key else {})
+    response = httpx.post(url, json=body, headers=headers, timeout=30)
+    assert response.status_code == 200, response.text
+    return response
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_assembled_answer_equals_the_engines_own(stack: Stack, case: str) -> None:
+    path, fields = CASES[case]
+    body = {"model": MODEL} | fields
+    through = _post(stack.url + path, body, f"assembled-{case}")
+    direct = _post(stack.engine_url + path, body, f"assembled-{case}", key=False)
+    answer = json.loads(normalized(through.content))
+    performance = answer["usage"].pop("performance")
+    assert answer == json.loads(normalized(direct.content))
+    assert json.loads(through.headers["X-Performance-Metrics"]) == performance
+    assert performance["ttft_ms"] is not None  # measured: the engine was asked to stream
+    assert performance["completion_tokens"] == answer["usage"]["completion_tokens"]
+
+
+def test_openai_sdk_non_streaming_ttft_matches_the_engines_delay(stack: Stack) -> None:
+    completion = stack.client().chat.completions.with_raw_response.create(
+        model=MODEL,
+        messages=MESSAGES,  # type: ignore[arg-type]
+        extra_body={"mock": {"ttft_ms": 150, "itl_ms": 10}},
+    )
+    parsed = completion.parse()
+    assert parsed.usage is not None and parsed.choices[0].finish_reason == "stop"
+    performance = parsed.usage.model_dump()["performance"]
+    assert 145 <= performance["ttft_ms"] <= 170
+    assert performance["itl_ms"]["p50"] == pytest.approx(10, abs=8)
+    assert json.loads(completion.headers["x-performance-metrics"]) == performance
+
+
+def test_embeddings_and_models_through_the_sdk(stack: Stack) -> None:
+    client = stack.client()
+    embedding = client.embeddings.with_raw_response.create(model=MODEL, input=["a clock", "two clocks"])
+    parsed = embedding.parse()
+    assert [len(item.embedding) for item in parsed.data] == [8, 8]
+    direct = stack.direct().embeddings.create(model=MODEL, input=["a clock", "two clocks"])
+    assert [item.embedding for item in parsed.data] == [item.embedding for item in direct.data]
+    performance = json.loads(embedding.headers["x-performance-metrics"])
+    assert performance["prompt_tokens"] == direct.usage.prompt_tokens and performance["total_ms"] > 0
+    assert [model.id for model in client.models.list()] == [MODEL]
+
+
+def test_without_assembly_the_engine_answers_non_streaming_and_ttft_is_null(own_stack: Callable[..., Stack]) -> None:
+    stack = own_stack({"SIDECAR_ASSEMBLE_NON_STREAMING": "false"})
+    before = stack.engine_stats()
+    body = {"model": MODEL, "messages": MESSAGES, "mock": {"ttft_ms": 100, "itl_ms": 5}}
+    answer = _post(stack.url + "/v1/chat/completions", body, "not-assembled").json()
+    performance = answer["usage"].pop("performance")
+    assert performance["ttft_ms"] is None and performance["tpot_ms"] is None
+    assert performance["latency_ms"] >= 100 + 15 * 5
+    assert answer["choices"][0]["message"]["content"]
+    assert stack.engine_stats()["completed"] == before["completed"] + 1

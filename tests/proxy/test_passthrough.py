@@ -1,0 +1,36 @@
+"""Other /v1/* paths, and the headers every request takes to the engine."""
+
+from __future__ import annotations
+
+import httpx
+
+from tests.proxy.conftest import KEY, Stack
+
+
+def test_engine_never_sees_the_clients_key_and_gets_the_request_id(stack: Stack) -> None:
+    for auth in ({"Authorization": f"Bearer {KEY}"}, {"X-API-Key": KEY}):
+        headers = auth | {"X-Request-ID": "echo-1", "X-Custom": "kept", "Connection": "keep-alive, X-Hop", "X-Hop": "x"}
+        response = httpx.post(f"{stack.url}/v1/mock/echo?a=1&b=two", content=b"raw body", headers=headers)
+        assert response.status_code == 200
+        seen = response.json()
+        assert seen["method"] == "POST" and seen["query"] == "a=1&b=two" and seen["body"] == "raw body"
+        assert seen["headers"]["x-custom"] == "kept"
+        assert seen["headers"]["x-request-id"] == "echo-1"
+        for dropped in ("authorization", "x-api-key", "x-hop"):
+            assert dropped not in seen["headers"]
+        assert KEY not in response.text
+        assert response.headers["x-request-id"] == "echo-1"
+
+
+def test_passthrough_keeps_the_engines_status_and_length(stack: Stack) -> None:
+    response = httpx.get(f"{stack.url}/v1/mock/echo", headers={"Authorization": f"Bearer {KEY}"})
+    assert response.status_code == 200
+    assert int(response.headers["content-length"]) == len(response.content)
+    missing = httpx.get(f"{stack.url}/v1/not-an-engine-path", headers={"Authorization": f"Bearer {KEY}"})
+    assert missing.status_code == 404  # the engine's own answer, in the OpenAI shape
+    assert missing.json()["error"]["message"] == "Not Found"
+
+
+def test_passthrough_needs_the_key(stack: Stack) -> None:
+    assert httpx.get(f"{stack.url}/v1/models").status_code == 401
+    assert httpx.get(f"{stack.url}/v1/models", headers={"X-API-Key": "wrong"}).status_code == 403

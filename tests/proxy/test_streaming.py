@@ -1,0 +1,141 @@
+"""Streams through the sidecar: what the client sees, and what the sidecar measures of them."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.proxy.conftest import AUTH, MESSAGES, MODEL, Stack, events, normalized, post_stream
+
+
+def _usage_performance(usage: Any) -> dict[str, Any]:
+    performance: dict[str, Any] = usage.model_dump()["performance"]
+    return performance
+
+
+def test_openai_sdk_stream_gets_performance_matching_the_engines_delays(stack: Stack) -> None:
+    stream = stack.client().chat.completions.create(
+        model=MODEL,
+        messages=MESSAGES,  # type: ignore[arg-type]
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"mock": {"ttft_ms": 200, "itl_ms": 20}},
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert len(text.split()) == 16
+    usage = chunks[-1].usage
+    assert usage is not None and chunks[-1].choices == []
+    performance = _usage_performance(usage)
+    assert 195 <= performance["ttft_ms"] <= 220
+    assert performance["itl_ms"]["p50"] == pytest.approx(20, abs=10)
+    assert performance["tpot_ms"] == pytest.approx(20, abs=10)
+    assert performance["latency_ms"] == pytest.approx(200 + 15 * 20, abs=60)
+    assert performance["total_ms"] >= performance["latency_ms"] >= performance["ttft_ms"]
+    assert (performance["prompt_tokens"], performance["completion_tokens"]) == (usage.prompt_tokens, 16)
+    assert performance["output_tokens_per_s"] == pytest.approx(16 / ((performance["latency_ms"] - 200) / 1000), rel=0.2)
+    assert 0 <= performance["sidecar_overhead_ms"] < performance["total_ms"]
+    assert (performance["engine"], performance["model"]) == ("mock", MODEL)
+    assert performance["gpu_memory_peak_mb"] is None
+    assert "tokens_estimated" not in performance
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_stream_without_include_usage_is_the_engines_byte_for_byte(stack: Stack, path: str) -> None:
+    body: dict[str, Any] = {"model": MODEL, "stream": True, "logprobs": 2 if path == "/v1/completions" else True}
+    body |= {"messages": MESSAGES} if path == "/v1/chat/completions" else {"prompt": "count the clocks"}
+    through = post_stream(stack.url + path, body, "same-id-1")
+    direct = post_stream(stack.engine_url + path, body, "same-id-1", key=None)
+    assert normalized(through) == normalized(direct)
+    assert b'"usage"' not in through  # the sidecar asked the engine for usage; the client never sees that chunk
+    assert through.endswith(b"data: [DONE]\n\n")
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_stream_with_include_usage_differs_only_by_performance(stack: Stack, path: str) -> None:
+    body: dict[str, Any] = {"model": MODEL, "stream": True, "stream_options": {"include_usage": True}}
+    body |= {"messages": MESSAGES} if path == "/v1/chat/completions" else {"prompt": "count the clocks"}
+    through = events(normalized(post_stream(stack.url + path, body, "same-id-2")))
+    direct = events(normalized(post_stream(stack.engine_url + path, body, "same-id-2", key=None)))
+    assert len(through) == len(direct)
+    assert through[:-2] == direct[:-2] and through[-1] == direct[-1] == b"data: [DONE]"
+    usage_through = json.loads(through[-2].removeprefix(b"data: "))
+    usage_direct = json.loads(direct[-2].removeprefix(b"data: "))
+    performance = usage_through["usage"].pop("performance")
+    assert usage_through == usage_direct
+    assert performance["completion_tokens"] == usage_direct["usage"]["completion_tokens"]
+
+
+def test_several_choices_are_measured_per_choice(stack: Stack) -> None:
+    stream = stack.client().chat.completions.create(
+        model=MODEL,
+        messages=MESSAGES,  # type: ignore[arg-type]
+        stream=True,
+        n=2,
+        stream_options={"include_usage": True},
+        extra_body={"mock": {"ttft_ms": 50, "itl_ms": 20}},
+    )
+    chunks = list(stream)
+    assert {c.choices[0].index for c in chunks if c.choices} == {0, 1}
+    usage = chunks[-1].usage
+    assert usage is not None
+    performance = _usage_performance(usage)
+    assert performance["completion_tokens"] == 32
+    assert performance["itl_ms"]["p50"] == pytest.approx(20, abs=10)  # not the ~0 ms between the two choices
+    assert performance["tpot_ms"] == pytest.approx(20, abs=10)
+
+
+def test_tool_call_stream_is_timed_by_its_argument_pieces(stack: Stack) -> None:
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]
+    stream = stack.client().chat.completions.create(
+        model=MODEL,
+        messages=MESSAGES,  # type: ignore[arg-type]
+        tools=tools,  # type: ignore[list-item]
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"mock": {"ttft_ms": 100, "itl_ms": 10}},
+    )
+    chunks = list(stream)
+    arguments = "".join(
+        call.function.arguments or ""
+        for c in chunks
+        if c.choices and c.choices[0].delta.tool_calls
+        for call in c.choices[0].delta.tool_calls
+        if call.function
+    )
+    assert json.loads(arguments)["query"]
+    usage = chunks[-1].usage
+    assert usage is not None
+    assert 95 <= _usage_performance(usage)["ttft_ms"] <= 130
+
+
+def test_metrics_of_a_request_by_its_id_and_in_its_access_line(stack: Stack) -> None:
+    body = {"model": MODEL, "messages": MESSAGES, "stream": True, "stream_options": {"include_usage": True}}
+    raw = post_stream(stack.url + "/v1/chat/completions", body, "metrics-by-id-1")
+    injected = json.loads(events(raw)[-2].removeprefix(b"data: "))["usage"]["performance"]
+    record = httpx.get(f"{stack.url}/v1/requests/metrics-by-id-1", headers=AUTH).json()
+    assert record["id"] == "metrics-by-id-1" and record["status"] == 200 and record["path"] == "/v1/chat/completions"
+    assert record["performance"] == injected
+    access = [line for line in stack.sidecar.output().splitlines() if "metrics-by-id-1" in line and "request" in line]
+    assert any(f"ttft_ms={injected['ttft_ms']}" in line for line in access), access
+    missing = httpx.get(f"{stack.url}/v1/requests/never-seen", headers=AUTH)
+    assert missing.status_code == 404 and missing.json()["error"]["param"] == "request_id"
+
+
+def test_engine_timings_are_kept(stack: Stack) -> None:
+    body = {"model": MODEL, "prompt": "x", "stream": True, "stream_options": {"include_usage": True}}
+    raw = post_stream(stack.url + "/v1/completions", body | {"mock": {"timings": True}}, "timings-1")
+    performance = json.loads(events(raw)[-2].removeprefix(b"data: "))["usage"]["performance"]
+    assert performance["engine_timings"]["predicted_ms"] == 80.5
+
+
+def test_bad_stream_fields_are_a_400_before_the_engine(stack: Stack) -> None:
+    before = stack.engine_stats()["started"]
+    for body in ({"stream": "yes"}, {"stream": True, "stream_options": "x"}, {"n": "2"}):
+        response = httpx.post(f"{stack.url}/v1/chat/completions", json={"messages": MESSAGES} | body, headers=AUTH)
+        assert response.status_code == 400
+        assert response.json()["error"]["param"] in {"stream", "stream_options", "n"}
+    assert stack.engine_stats()["started"] == before
