@@ -1,8 +1,12 @@
-"""`sidecar serve`: settings from the environment and `.env`, flags on top, uvicorn on uvloop and httptools."""
+"""`sidecar serve`: settings from the environment and `.env`, flags on top, uvicorn on uvloop and httptools.
+
+`sidecar demo`: the same sidecar with an engine loaded, one streamed chat request through it, then stop.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 from collections.abc import Sequence
@@ -12,9 +16,11 @@ import uvicorn
 
 from sidecar import __version__
 from sidecar.app import create_app
+from sidecar.demo import demo
 from sidecar.logs import configure_logging, get_logger
 from sidecar.redaction import Redactor
 from sidecar.settings import Settings, SettingsError, load_settings
+from sidecar.supervisor import free_port
 
 log = get_logger("sidecar.cli")
 
@@ -27,6 +33,15 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="address to listen on (overrides SIDECAR_HOST)")
     serve.add_argument("--port", type=int, help="port to listen on (overrides SIDECAR_PORT)")
     serve.add_argument("--env-file", default=".env", help="dotenv file to read settings from (default: .env)")
+    demo = commands.add_parser(
+        "demo", help="start the sidecar with an engine, stream one chat completion through it with its metrics, stop"
+    )
+    demo.add_argument("--engine", default="mock", help="engine to load (default: mock, which needs no GPU)")
+    demo.add_argument("--model", default="mock-model", help="model to load (default: mock-model)")
+    demo.add_argument("--args", type=json.loads, default={}, help="engine flags as JSON: '{\"max-model-len\": 4096}'")
+    demo.add_argument("--prompt", default="Why measure time to first token?", help="the user message")
+    demo.add_argument("--port", type=int, help="port to listen on (default: a free one)")
+    demo.add_argument("--env-file", default=".env", help="dotenv file to read settings from (default: .env)")
     return parser
 
 
@@ -49,7 +64,12 @@ def serve(settings: Settings) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    overrides: dict[str, Any] = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    overrides: dict[str, Any] = {"port": args.port} if args.port is not None else {}
+    if args.command == "serve" and args.host is not None:
+        overrides["host"] = args.host
+    if args.command == "demo":
+        overrides |= {"host": "127.0.0.1", "autoload_engine": args.engine, "autoload_model": args.model}
+        overrides |= {"autoload_args": args.args, "port": args.port or free_port()}
     try:
         settings = load_settings(args.env_file, **overrides)
     except SettingsError as exc:
@@ -57,5 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.basicConfig(format="%(message)s")
         log.error("settings_invalid", error=str(exc))
         return 2
+    if args.command == "demo":
+        return demo(settings, args.prompt)
     serve(settings)
     return 0

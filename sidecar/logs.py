@@ -75,6 +75,9 @@ def configure_logging(settings: Settings, redactor: Redactor) -> None:
         foreign.handlers.clear()
         foreign.propagate = True
     logging.getLogger("uvicorn.access").disabled = True
+    # httpx logs every request at info: the readiness probe would write ten lines a second during a load.
+    for chatty in ("httpx", "httpcore"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)
 
     structlog.configure(
         processors=[

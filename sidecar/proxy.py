@@ -35,11 +35,14 @@ from sidecar.chunks import (
 from sidecar.errors import BadGateway, BadRequest, GatewayTimeout, SidecarError, engine_error_body
 from sidecar.history import RequestHistory
 from sidecar.http import read_json_object
+from sidecar.logs import get_logger
 from sidecar.middleware.request_context import log_fields
 from sidecar.performance import PerformanceMeter
 from sidecar.settings import Settings
 from sidecar.sse import DONE, SSEParser
 from sidecar.supervisor import Engine, Supervisor
+
+log = get_logger("sidecar.proxy")
 
 _HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "trailers"}
@@ -66,7 +69,7 @@ def _dumps(value: Any) -> bytes:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def _request_headers(scope: Scope, request_id: str) -> dict[str, str]:
+def _request_headers(scope: Scope, request_id: str, json_body: bool) -> dict[str, str]:
     headers = Headers(scope=scope)
     named_in_connection = {name.strip().lower() for name in headers.get("connection", "").split(",")}
     forwarded = {
@@ -75,6 +78,8 @@ def _request_headers(scope: Scope, request_id: str) -> dict[str, str]:
         if name not in _REQUEST_HEADERS_DROPPED and name not in named_in_connection
     }
     forwarded["x-request-id"] = request_id
+    if json_body:  # checked to be JSON already: say so, whatever the client's curl -d claimed
+        forwarded["content-type"] = "application/json"
     return forwarded
 
 
@@ -113,6 +118,8 @@ def _loads(data: bytes) -> dict[str, Any] | None:
 
 # What a relay does with each event: the raw bytes as received, and the parsed chunk when it was parsed.
 OnEvent = Callable[[bytes, dict[str, Any] | None], Awaitable[None]]
+# How an answer goes back to the client, once the engine's status says it is not an error.
+Relay = Callable[["_Exchange", aiohttp.ClientResponse], Awaitable[None]]
 
 
 @dataclass
@@ -160,10 +167,6 @@ class Proxy:
         assert self._session is not None, "Proxy.start() runs in the app's lifespan"
         return self._session
 
-    def _exchange(self, scope: Scope, receive: Receive, send: Send, engine: Engine, start_ns: int) -> _Exchange:
-        deadline = asyncio.get_running_loop().time() + self.settings.upstream_first_token_timeout_s
-        return _Exchange(scope, receive, send, engine, PerformanceMeter(start_ns), deadline)
-
     # -- endpoints (ASGI) -----------------------------------------------------------------------------------
 
     async def generate(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -178,66 +181,78 @@ class Proxy:
         if stream and not client_usage or assemble:
             # Ask for usage to count tokens; the chunk is removed again before the client sees it.
             payload = _dumps(body | {"stream": True, "stream_options": (options or {}) | {"include_usage": True}})
-        async with self.supervisor.request_slot() as engine:
-            exchange = self._exchange(scope, receive, send, engine, start_ns)
+        chat = scope["path"].endswith("/chat/completions")
+
+        async def relay(exchange: _Exchange, response: aiohttp.ClientResponse) -> None:
             exchange.client_usage = client_usage
             exchange.several_choices = n > 1
-            response = await self._open(exchange, payload)
-            try:
-                if response.status >= 400:
-                    await self._relay_error(exchange, response)
-                elif response.content_type != "text/event-stream":
-                    await self._relay_whole(exchange, response)
-                elif stream:
-                    await self._relay_stream(exchange, response)
-                else:
-                    await self._relay_assembled(
-                        exchange, response, Assembler(scope["path"].endswith("/chat/completions"))
-                    )
-            finally:
-                response.close()  # after a full read the connection is back in the pool already; else it is dropped
-                self._record(exchange)
+            if response.content_type != "text/event-stream":
+                await self._relay_whole(exchange, response)
+            elif stream:
+                await self._relay_stream(exchange, response)
+            else:
+                await self._relay_assembled(exchange, response, Assembler(chat))
+
+        await self._exchange(scope, receive, send, start_ns, payload, relay)
 
     async def embeddings(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope, receive)
         await read_json_object(request)
         start_ns = time.perf_counter_ns()
-        async with self.supervisor.request_slot() as engine:
-            exchange = self._exchange(scope, receive, send, engine, start_ns)
-            response = await self._open(exchange, await request.body())
-            try:
-                if response.status >= 400:
-                    await self._relay_error(exchange, response)
-                else:
-                    await self._relay_whole(exchange, response)
-            finally:
-                response.close()
-                self._record(exchange)
+        await self._exchange(scope, receive, send, start_ns, await request.body(), self._relay_whole)
 
     async def passthrough(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Any other /v1/* path: the request and the answer as they are, the answer streamed."""
         payload = await Request(scope, receive).body()
         start_ns = time.perf_counter_ns()
+        await self._exchange(scope, receive, send, start_ns, payload, self._relay_raw, measured=False)
+
+    async def _exchange(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        start_ns: int,
+        payload: bytes,
+        relay: Relay,
+        measured: bool = True,
+    ) -> None:
+        """One request through to the engine and back, holding the engine (drain waits for it).
+
+        A client that disconnects cancels the exchange wherever it is, waiting for the engine's headers or
+        relaying its answer; closing the engine's unfinished response then drops that connection, which is
+        what makes the engine abort the request.
+        """
         async with self.supervisor.request_slot() as engine:
-            exchange = self._exchange(scope, receive, send, engine, start_ns)
-            response = await self._open(exchange, payload)
+            deadline = asyncio.get_running_loop().time() + self.settings.upstream_first_token_timeout_s
+            exchange = _Exchange(scope, receive, send, engine, PerformanceMeter(start_ns), deadline)
             try:
-                if response.status >= 400:
-                    await self._relay_error(exchange, response)
-                else:
-                    await self._relay_raw(exchange, response)
+                with _ClientWatch(exchange):
+                    response = await self._open(exchange, payload, json_body=measured)
+                    try:
+                        if response.status >= 400:
+                            await self._relay_error(exchange, response)
+                        else:
+                            await relay(exchange, response)
+                    finally:
+                        response.close()  # after a full read the connection is back in the pool; else dropped
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if not exchange.client_disconnected or task is None or task.uncancel() > 0:
+                    raise  # cancelled by someone else: the server is stopping
             finally:
-                response.close()
+                if measured:
+                    self._record(exchange)
 
     # -- the engine's side ----------------------------------------------------------------------------------
 
-    async def _open(self, exchange: _Exchange, payload: bytes) -> aiohttp.ClientResponse:
+    async def _open(self, exchange: _Exchange, payload: bytes, json_body: bool = True) -> aiohttp.ClientResponse:
         """Send the request; the engine's response headers, or 502/504."""
         scope = exchange.scope
         url = exchange.engine.base_url + scope["path"]
         if scope["query_string"]:
             url += "?" + scope["query_string"].decode("latin-1")
-        headers = _request_headers(scope, scope["state"]["request_id"])
+        headers = _request_headers(scope, scope["state"]["request_id"], json_body)
         exchange.meter.overhead_ns += time.perf_counter_ns() - exchange.meter.start_ns
         try:
             async with asyncio.timeout_at(exchange.first_token_deadline):
@@ -299,16 +314,16 @@ class Proxy:
             headers.append((b"content-length", str(response.content_length).encode()))
         await send({"type": "http.response.start", "status": response.status, "headers": headers})
         loop = asyncio.get_running_loop()
-        async with _ClientWatch(exchange, response), asyncio.timeout(None) as deadline:
-            while True:
-                deadline.reschedule(loop.time() + self.settings.upstream_inter_token_timeout_s)
-                try:
-                    chunk = await response.content.readany()
-                except (aiohttp.ClientError, TimeoutError):
-                    break  # the status is sent: all that is left is to end the body
-                if not chunk:
-                    break
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        try:
+            async with asyncio.timeout(self.settings.upstream_inter_token_timeout_s) as deadline:
+                while chunk := await response.content.readany():
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    deadline.reschedule(loop.time() + self.settings.upstream_inter_token_timeout_s)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            # The status is sent: leaving the body unfinished makes the server drop the connection, so the
+            # client sees a cut answer rather than a short one that looks whole.
+            log.warning("engine_answer_cut", path=exchange.scope["path"], error=exc.__class__.__name__)
+            return
         await send({"type": "http.response.body", "body": b""})
 
     async def _relay_stream(self, exchange: _Exchange, response: aiohttp.ClientResponse) -> None:
@@ -327,7 +342,7 @@ class Proxy:
             await send({"type": "http.response.body", "body": raw, "more_body": True})
 
         error = await self._pump(exchange, response, forward, parse_all=False)
-        if error is not None and not exchange.client_disconnected:
+        if error is not None:
             # The status went out with the first event: the stream says what happened, then ends as streams do.
             await send({"type": "http.response.body", "body": _sse_error(error), "more_body": True})
         await send({"type": "http.response.body", "body": b""})
@@ -343,8 +358,6 @@ class Proxy:
                 assembler.add(chunk)
 
         error = await self._pump(exchange, response, add, parse_all=True)
-        if exchange.client_disconnected:
-            return
         if error is not None:
             raise error
         now = time.perf_counter_ns()
@@ -361,8 +374,8 @@ class Proxy:
     ) -> SidecarError | None:
         """Read the engine's SSE stream to its end, timestamping every event and handing it to on_event.
 
-        None when the stream ended, else the error that cut it short (a client that left sets
-        exchange.client_disconnected instead). The first-token deadline holds until the first output; after it
+        None when the stream ended, else the error that cut it short. The first-token deadline holds until the
+        first output; after it
         the inter-token timeout, pushed back at most every second rather than on every read.
         """
         meter = exchange.meter
@@ -374,9 +387,8 @@ class Proxy:
         inter_token_s = self.settings.upstream_inter_token_timeout_s
         push_every_ns = int(min(_DEADLINE_STEP_S, inter_token_s / 10) * 1e9)
         next_push_ns = 0
-        watch = _ClientWatch(exchange, response)
         try:
-            async with watch, asyncio.timeout_at(exchange.first_token_deadline) as deadline:
+            async with asyncio.timeout_at(exchange.first_token_deadline) as deadline:
                 while True:
                     chunk = await content.readany()
                     now = clock()
@@ -397,12 +409,8 @@ class Proxy:
                     if not chunk:
                         return None
         except TimeoutError:
-            if exchange.client_disconnected:
-                return None
             return GatewayTimeout("the engine sent no token within the timeout")
         except aiohttp.ClientError as exc:
-            if exchange.client_disconnected:
-                return None
             return BadGateway(f"the engine closed the stream mid-answer: {exc.__class__.__name__}")
 
     def _measure_parsed(self, exchange: _Exchange, chunk: dict[str, Any] | None, now: int) -> None:
@@ -476,14 +484,11 @@ def _generation_fields(body: dict[str, Any]) -> tuple[bool, dict[str, Any] | Non
 
 
 class _ClientWatch:
-    """While an answer is relayed: wait for the client's disconnect, then close the engine's response at once.
+    """While an exchange runs: wait for the client's disconnect, and then cancel the exchange."""
 
-    Closing it (not releasing it to the pool) drops the connection, which is what makes the engine abort.
-    """
-
-    def __init__(self, exchange: _Exchange, response: aiohttp.ClientResponse) -> None:
+    def __init__(self, exchange: _Exchange) -> None:
         self._exchange = exchange
-        self._response = response
+        self._owner: asyncio.Task[Any] | None = None
         self._task: asyncio.Task[None] | None = None
 
     async def _watch(self) -> None:
@@ -491,12 +496,14 @@ class _ClientWatch:
         while (await receive())["type"] != "http.disconnect":
             pass
         self._exchange.client_disconnected = True
-        self._response.close()
+        assert self._owner is not None
+        self._owner.cancel()
 
-    async def __aenter__(self) -> _ClientWatch:
+    def __enter__(self) -> _ClientWatch:
+        self._owner = asyncio.current_task()
         self._task = asyncio.create_task(self._watch())
         return self
 
-    async def __aexit__(self, *exc_info: object) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         assert self._task is not None
-        self._task.cancel()
+        self._task.cancel()  # before anything awaits: the end of the response reads as a disconnect too

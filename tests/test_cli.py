@@ -79,3 +79,19 @@ def test_console_script_and_module_both_run() -> None:
     for command in ([str(script), "--version"], [sys.executable, "-m", "sidecar", "--version"]):
         result = subprocess.run(command, capture_output=True, text=True, timeout=30, check=True)
         assert result.stdout.startswith("sidecar ")
+
+
+def test_demo_streams_a_chat_through_the_sidecar_and_stops_everything(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "sidecar", "demo", "--args", json.dumps({"ttft-ms": 100, "tokens": 8})],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    answer, _, metrics = result.stdout.partition("usage.performance:")
+    assert len(answer.split("\n\n", 1)[1].split()) == 8  # the streamed words, after the request line
+    performance = json.loads(metrics)
+    assert performance["ttft_ms"] >= 100 and performance["completion_tokens"] == 8
+    assert "model_unload" in result.stderr and "sidecar_stopped" in result.stderr

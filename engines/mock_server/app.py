@@ -145,7 +145,7 @@ def create_app(config: MockConfig) -> Starlette:
         if body.get("stream"):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
             return StreamingResponse(_stream(answer, include_usage), media_type="text/event-stream", headers=headers)
-        return await _complete(answer, headers)
+        return await _complete(request, answer, headers)
 
     async def _stream(answer: Answer, include_usage: bool) -> AsyncIterator[bytes]:
         base, chat, choices, tool = answer.base, answer.chat, answer.choices, answer.tool
@@ -189,18 +189,33 @@ def create_app(config: MockConfig) -> Starlette:
         finally:
             stats.in_flight -= 1
 
-    async def _complete(answer: Answer, headers: dict[str, str] | None) -> Response:
+    async def _generate_whole(pace: Pace, steps: int) -> None:
+        if pace.die_after is not None:
+            os._exit(3)
+        await asyncio.sleep(pace.ttft_s + pace.itl_s * max(0, steps - 1))
+        if pace.stall_after is not None:
+            await asyncio.Event().wait()
+
+    async def _until_disconnected(request: Request) -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    async def _complete(request: Request, answer: Answer, headers: dict[str, str] | None) -> Response:
         chat, tool, finish, want_logprobs = answer.chat, answer.tool, answer.finish, answer.want_logprobs
         pace = answer.pace
         stats.in_flight += 1
+        # As vLLM's non-streaming routes do: a client that disconnects aborts the generation.
+        generating = asyncio.create_task(_generate_whole(pace, answer.steps))
+        watching = asyncio.create_task(_until_disconnected(request))
         try:
-            if pace.die_after is not None:
-                os._exit(3)
-            await asyncio.sleep(pace.ttft_s + pace.itl_s * max(0, answer.steps - 1))
-            if pace.stall_after is not None:
-                await asyncio.Event().wait()
+            await asyncio.wait({generating, watching}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             stats.in_flight -= 1
+            watching.cancel()
+            generating.cancel()
+        if not generating.done() or generating.cancelled():
+            stats.cancelled += 1
+            return Response(status_code=499)
         result = []
         for i, tokens in enumerate(answer.choices):
             text = "".join(t.text for t in tokens)

@@ -9,6 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.processes import wait_until
 from tests.proxy.conftest import AUTH, MESSAGES, MODEL, Stack, normalized
 
 TOOLS = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]
@@ -79,3 +80,8 @@ def test_without_assembly_the_engine_answers_non_streaming_and_ttft_is_null(own_
     assert performance["latency_ms"] >= 100 + 15 * 5
     assert answer["choices"][0]["message"]["content"]
     assert stack.engine_stats()["completed"] == before["completed"] + 1
+    # A client that gives up while the engine has not answered yet: the engine's request is aborted too.
+    long = {"model": MODEL, "messages": MESSAGES, "mock": {"ttft_ms": 20_000}}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(stack.url + "/v1/chat/completions", json=long, headers=AUTH, timeout=0.5)
+    wait_until(lambda: stack.engine_stats()["cancelled"] == before["cancelled"] + 1, timeout_s=2)
