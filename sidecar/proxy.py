@@ -4,7 +4,7 @@ One aiohttp session serves every request: measured on this kind of machine, a St
 aiohttp kept 0.70 of direct throughput at 256 concurrent streams where the same proxy on httpx kept 0.06
 (issue 4; `bench/` measures the sidecar itself).
 
-Streams pass through event by event as they arrive, forwarded as the engine wrote them; only the usage chunk
+Streams pass through as they are read, forwarded as the engine wrote them; only the usage chunk
 is ever re-serialized. Each event is checked for output on its raw bytes (`chunks.has_output`), which is
 what timestamps it; JSON is parsed only for chunks that carry usage or timings, or when `n` > 1.
 """
@@ -116,8 +116,6 @@ def _loads(data: bytes) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-# What a relay does with each event: the raw bytes as received, and the parsed chunk when it was parsed.
-OnEvent = Callable[[bytes, dict[str, Any] | None], Awaitable[None]]
 # How an answer goes back to the client, once the engine's status says it is not an error.
 Relay = Callable[["_Exchange", aiohttp.ClientResponse], Awaitable[None]]
 
@@ -327,21 +325,12 @@ class Proxy:
         await send({"type": "http.response.body", "body": b""})
 
     async def _relay_stream(self, exchange: _Exchange, response: aiohttp.ClientResponse) -> None:
-        """SSE through, event by event; the usage chunk removed, or given `usage.performance`."""
+        """SSE through as it is read; the usage chunk removed, or given `usage.performance`."""
         send = exchange.send
         exchange.status = response.status
         exchange.timings = _header_timings(response)
         await send({"type": "http.response.start", "status": response.status, "headers": _response_headers(response)})
-
-        async def forward(raw: bytes, chunk: dict[str, Any] | None) -> None:
-            if chunk is not None and is_usage_chunk(chunk) and exchange.performance is not None:
-                if not exchange.client_usage:
-                    return  # asked for by the sidecar, not the client: the client never sees it
-                usage = chunk["usage"] | {"performance": exchange.performance}
-                raw = b"data: " + _dumps(chunk | {"usage": usage}) + b"\n\n"
-            await send({"type": "http.response.body", "body": raw, "more_body": True})
-
-        error = await self._pump(exchange, response, forward, parse_all=False)
+        error = await self._pump(exchange, response, None)
         if error is not None:
             # The status went out with the first event: the stream says what happened, then ends as streams do.
             await send({"type": "http.response.body", "body": _sse_error(error), "more_body": True})
@@ -352,12 +341,7 @@ class Proxy:
     ) -> None:
         """A non-streaming request streamed from the engine (for its TTFT), answered as the engine would."""
         exchange.timings = _header_timings(response)
-
-        async def add(raw: bytes, chunk: dict[str, Any] | None) -> None:
-            if chunk is not None:
-                assembler.add(chunk)
-
-        error = await self._pump(exchange, response, add, parse_all=True)
+        error = await self._pump(exchange, response, assembler)
         if error is not None:
             raise error
         now = time.perf_counter_ns()
@@ -370,16 +354,17 @@ class Proxy:
         await exchange.send({"type": "http.response.body", "body": raw})
 
     async def _pump(
-        self, exchange: _Exchange, response: aiohttp.ClientResponse, on_event: OnEvent, parse_all: bool
+        self, exchange: _Exchange, response: aiohttp.ClientResponse, assembler: Assembler | None
     ) -> SidecarError | None:
-        """Read the engine's SSE stream to its end, timestamping every event and handing it to on_event.
+        """Read the engine's SSE stream to its end, timestamping every event; forward the events to the client
+        as each read brings them (nothing waits for a later read), or give them to the assembler.
 
         None when the stream ended, else the error that cut it short. The first-token deadline holds until the
-        first output; after it
-        the inter-token timeout, pushed back at most every second rather than on every read.
+        first output, then the inter-token timeout, pushed back at most every second rather than on every read.
         """
         meter = exchange.meter
-        several = exchange.several_choices
+        send = exchange.send
+        parse_every = assembler is not None or exchange.several_choices
         clock = time.perf_counter_ns
         parser = SSEParser()
         content = response.content
@@ -395,16 +380,26 @@ class Proxy:
                     if meter.first_output_ns is not None and now >= next_push_ns:
                         deadline.reschedule(loop.time() + inter_token_s)
                         next_push_ns = now + push_every_ns
+                    out: list[bytes] = []
                     for event in parser.feed(chunk) if chunk else parser.close():
                         data = event.data
-                        parsed = None
+                        raw: bytes | None = event.raw
                         if data is not None and data != DONE:
-                            if parse_all or several or USAGE_KEY in data or any(k in data for k in TIMINGS_KEYS):
+                            if parse_every or USAGE_KEY in data or TIMINGS_KEYS[0] in data or TIMINGS_KEYS[1] in data:
                                 parsed = _loads(data)
-                                self._measure_parsed(exchange, parsed, now)
+                                if parsed is not None:
+                                    self._measure_parsed(exchange, parsed, now)
+                                    if assembler is not None:
+                                        assembler.add(parsed)
+                                    elif is_usage_chunk(parsed):
+                                        raw = self._usage_event(exchange, parsed)
                             elif has_output(data):
                                 meter.output(now)
-                        await on_event(event.raw, parsed)
+                        if raw is not None and assembler is None:
+                            out.append(raw)
+                    if out:
+                        # One write for what one read brought: an engine's events that arrived together.
+                        await send({"type": "http.response.body", "body": b"".join(out), "more_body": True})
                     meter.overhead_ns += clock() - now
                     if not chunk:
                         return None
@@ -413,9 +408,14 @@ class Proxy:
         except aiohttp.ClientError as exc:
             return BadGateway(f"the engine closed the stream mid-answer: {exc.__class__.__name__}")
 
-    def _measure_parsed(self, exchange: _Exchange, chunk: dict[str, Any] | None, now: int) -> None:
-        if chunk is None:
-            return
+    def _usage_event(self, exchange: _Exchange, chunk: dict[str, Any]) -> bytes | None:
+        """The usage chunk for the client: with `usage.performance`, or none when only the sidecar asked."""
+        if not exchange.client_usage or exchange.performance is None:
+            return None
+        usage = chunk["usage"] | {"performance": exchange.performance}
+        return b"data: " + _dumps(chunk | {"usage": usage}) + b"\n\n"
+
+    def _measure_parsed(self, exchange: _Exchange, chunk: dict[str, Any], now: int) -> None:
         meter = exchange.meter
         for choice in chunk.get("choices") or ():
             if choice_has_output(choice):

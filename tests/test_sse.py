@@ -59,3 +59,12 @@ def test_unterminated_last_event_is_flushed_at_close() -> None:
 
 def test_fields_that_only_look_like_data_are_not_data() -> None:
     assert parse([b"database: x\ndata\n\n"]) == [Event(b"database: x\ndata\n\n", b"")]
+
+
+_line = st.text(alphabet=st.characters(blacklist_characters="\r\n", blacklist_categories=("Cs",)), max_size=20)
+
+
+@given(st.lists(st.tuples(st.sampled_from(["data: ", "data:", ": ", "event: "]), _line), min_size=1, max_size=5))
+def test_a_read_of_whole_events_parses_as_it_does_byte_by_byte(fields: list[tuple[str, str]]) -> None:
+    stream = b"".join(f"{name}{value}\n\n".encode() for name, value in fields)
+    assert parse([stream]) == parse([stream[i : i + 1] for i in range(len(stream))])

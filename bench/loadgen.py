@@ -1,0 +1,97 @@
+"""Streaming chat load: many concurrent clients, each timing TTFT and counting chunks, with as little work as
+possible per chunk so that the generator is not what gets measured."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass, field
+
+import aiohttp
+
+from sidecar.chunks import has_output
+
+
+@dataclass
+class PhaseResult:
+    """One target at one concurrency for one phase of the run."""
+
+    target: str
+    concurrency: int
+    seconds: float = 0.0
+    requests: int = 0
+    chunks: int = 0
+    errors: int = 0
+    ttfts_ms: list[float] = field(default_factory=list)
+    first_error: str | None = None
+
+    @property
+    def chunks_per_s(self) -> float:
+        return self.chunks / self.seconds if self.seconds else 0.0
+
+
+def chat_body(tokens: int, prompt: str = "measure the proxy", model: str = "mock-model") -> bytes:
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": prompt}],
+        "stream": True,
+        "max_tokens": tokens,
+    }
+    return json.dumps(body).encode()
+
+
+async def stream_once(
+    session: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str], result: PhaseResult
+) -> None:
+    """One streamed request: its TTFT (first chunk with output) and its chunk count go into result."""
+    started = time.perf_counter()
+    ttft = None
+    chunks = 0
+    tail = b""
+    try:
+        async with session.post(url, data=body, headers=headers) as response:
+            if response.status != 200:
+                raise RuntimeError(f"status {response.status}: {(await response.read())[:200]!r}")
+            async for data in response.content.iter_any():
+                if ttft is None and has_output(data):
+                    ttft = time.perf_counter() - started
+                chunks += data.count(b"data: ")
+                tail = (tail + data)[-32:]
+        if not tail.endswith(b"data: [DONE]\n\n") or ttft is None:
+            raise RuntimeError(f"stream ended early after {chunks} chunks")
+    except (aiohttp.ClientError, RuntimeError, TimeoutError) as exc:
+        result.errors += 1
+        result.first_error = result.first_error or f"{exc.__class__.__name__}: {exc}"
+        return
+    result.requests += 1
+    result.chunks += chunks
+    result.ttfts_ms.append(ttft * 1000)
+
+
+async def run_phase(
+    session: aiohttp.ClientSession,
+    target: str,
+    url: str,
+    headers: dict[str, str],
+    body: bytes,
+    concurrency: int,
+    seconds: float,
+) -> PhaseResult:
+    """`concurrency` clients stream back to back for `seconds`; each finishes the request it is in."""
+    result = PhaseResult(target, concurrency)
+    started = time.perf_counter()
+    deadline = started + seconds
+
+    async def client() -> None:
+        while time.perf_counter() < deadline:
+            await stream_once(session, url, body, headers, result)
+
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def new_session(concurrency: int) -> aiohttp.ClientSession:
+    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60)
+    return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120), auto_decompress=False)

@@ -1,0 +1,28 @@
+"""The benchmark runs from a clean clone: one command, a table, a JSON file and a chart."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_bench_measures_the_sidecar_against_direct(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    command = [sys.executable, "-m", "bench", "--concurrency", "1,4", "--seconds", "0.5", "--rounds", "1"]
+    result = subprocess.run([*command, "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "chunks/s ratio" in result.stdout
+    results = json.loads((out / "results.json").read_text())
+    assert [level["concurrency"] for level in results["levels"]] == [1, 4]
+    for level in results["levels"]:
+        assert level["errors"] == 0 and level["direct_errors"] == 0, level["first_error"]
+        assert level["throughput_ratio"] > 0 and level["proxy_cpu_s_per_1k_chunks"] > 0
+    memory = results["memory"]
+    assert memory["long_stream_4000_tokens"]["errors"] == 0
+    assert memory["long_stream_4000_tokens"]["chunks"] >= 4000
+    assert memory["prompt_2mb_x10"]["errors"] == 0
+    assert (out / "results.png").read_bytes().startswith(b"\x89PNG")
