@@ -209,8 +209,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     levels = "1,32,256,1024"
     parser.add_argument("--concurrency", default=levels, help=f"comma-separated levels (default {levels})")
-    parser.add_argument("--seconds", type=float, default=5.0, help="length of each measured phase (default 5)")
-    parser.add_argument("--rounds", type=int, default=2, help="direct/proxied alternations per level (default 2)")
+    parser.add_argument("--seconds", type=float, default=4.0, help="length of each measured phase (default 4)")
+    parser.add_argument("--rounds", type=int, default=3, help="direct/proxied alternations per level (default 3)")
     parser.add_argument("--tokens", type=int, default=32, help="tokens per answer (default 32)")
     parser.add_argument("--itl-ms", type=float, default=5.0, help="mock engine's time between tokens (default 5)")
     parser.add_argument("--ttft-ms", type=float, default=20.0, help="mock engine's time to first token (default 20)")

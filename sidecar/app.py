@@ -83,7 +83,7 @@ def create_app(settings: Settings, redactor: Redactor | None = None) -> Starlett
     ]
 
     app = Starlette(
-        routes=[*health.routes, *control.routes, *dataplane.routes(proxy)],
+        routes=[*dataplane.routes(proxy), *health.routes, *control.routes, dataplane.passthrough_route(proxy)],
         middleware=middleware,
         exception_handlers={SidecarError: handle_sidecar_error, HTTPException: handle_http_exception},
         lifespan=lifespan,

@@ -38,11 +38,16 @@ async def request_metrics(request: Request) -> Response:
 
 
 def routes(proxy: Proxy) -> list[BaseRoute]:
+    """The OpenAI routes; the app lists them first, as the router tries routes in order on every request."""
     generate = _Asgi(proxy.generate)
     return [
         Route("/v1/chat/completions", generate, methods=["POST"]),
         Route("/v1/completions", generate, methods=["POST"]),
         Route("/v1/embeddings", _Asgi(proxy.embeddings), methods=["POST"]),
         Route("/v1/requests/{request_id}", request_metrics, methods=["GET"]),
-        Route("/v1/{path:path}", _Asgi(proxy.passthrough), methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
     ]
+
+
+def passthrough_route(proxy: Proxy) -> BaseRoute:
+    """Every other /v1/* path to the engine: the app lists it last, after the control plane's /v1/model."""
+    return Route("/v1/{path:path}", _Asgi(proxy.passthrough), methods=["GET", "POST", "PUT", "PATCH", "DELETE"])

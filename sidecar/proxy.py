@@ -137,6 +137,7 @@ class _Exchange:
     performance: dict[str, Any] | None = None
     status: int | None = None
     client_disconnected: bool = False
+    client_done: bool = False  # the client's response is complete (a stream ends with [DONE])
 
 
 class Proxy:
@@ -331,10 +332,11 @@ class Proxy:
         exchange.timings = _header_timings(response)
         await send({"type": "http.response.start", "status": response.status, "headers": _response_headers(response)})
         error = await self._pump(exchange, response, None)
-        if error is not None:
+        if error is not None and not exchange.client_done:
             # The status went out with the first event: the stream says what happened, then ends as streams do.
-            await send({"type": "http.response.body", "body": _sse_error(error), "more_body": True})
-        await send({"type": "http.response.body", "body": b""})
+            await send({"type": "http.response.body", "body": _sse_error(error)})
+        elif not exchange.client_done:
+            await send({"type": "http.response.body", "body": b""})
 
     async def _relay_assembled(
         self, exchange: _Exchange, response: aiohttp.ClientResponse, assembler: Assembler
@@ -372,6 +374,7 @@ class Proxy:
         inter_token_s = self.settings.upstream_inter_token_timeout_s
         push_every_ns = int(min(_DEADLINE_STEP_S, inter_token_s / 10) * 1e9)
         next_push_ns = 0
+        done = False
         try:
             async with asyncio.timeout_at(exchange.first_token_deadline) as deadline:
                 while True:
@@ -384,7 +387,9 @@ class Proxy:
                     for event in parser.feed(chunk) if chunk else parser.close():
                         data = event.data
                         raw: bytes | None = event.raw
-                        if data is not None and data != DONE:
+                        if data == DONE:
+                            done = True
+                        elif data is not None:
                             if parse_every or USAGE_KEY in data or TIMINGS_KEYS[0] in data or TIMINGS_KEYS[1] in data:
                                 parsed = _loads(data)
                                 if parsed is not None:
@@ -397,9 +402,11 @@ class Proxy:
                                 meter.output(now)
                         if raw is not None and assembler is None:
                             out.append(raw)
-                    if out:
-                        # One write for what one read brought: an engine's events that arrived together.
-                        await send({"type": "http.response.body", "body": b"".join(out), "more_body": True})
+                    if out and not exchange.client_done:
+                        # One write for what one read brought: an engine's events that arrived together. After
+                        # [DONE] the answer is complete: the end of the body goes in the same write.
+                        exchange.client_done = done
+                        await send({"type": "http.response.body", "body": b"".join(out), "more_body": not done})
                     meter.overhead_ns += clock() - now
                     if not chunk:
                         return None
