@@ -125,6 +125,7 @@ def write_chart(results: dict[str, Any], path: Path) -> None:
         ttft.plot(x, [level[key] for level in levels], marker="o", label=label)
     ttft.axhline(0, color="grey", linewidth=0.8)
     ttft.set(xscale="log", xlabel="concurrent streams", ylabel="ms", title="TTFT added by the proxy")
+    ttft.set_yscale("symlog", linthresh=1)  # 1 ms at one stream and hundreds at saturation, on one axis
     ttft.legend()
     ratio.plot(x, [level["throughput_ratio"] for level in levels], marker="o", label=results["proxy"])
     ratio.plot(
