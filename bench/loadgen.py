@@ -93,5 +93,6 @@ async def run_phase(
 
 
 def new_session(concurrency: int) -> aiohttp.ClientSession:
-    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60)
+    # Idle connections go before the servers' own 5 s keep-alive would close them under a request.
+    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=4)
     return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120), auto_decompress=False)

@@ -10,8 +10,9 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 
-from sidecar import control, dataplane, health
+from sidecar import control, dataplane, health, telemetry
 from sidecar.errors import SidecarError, handle_http_exception, handle_sidecar_error
+from sidecar.gpu import Gpus
 from sidecar.history import RequestHistory
 from sidecar.logs import get_logger
 from sidecar.middleware import AuthMiddleware, BodyLimitMiddleware, RequestContextMiddleware
@@ -19,6 +20,7 @@ from sidecar.proxy import Proxy
 from sidecar.redaction import Redactor
 from sidecar.settings import Settings
 from sidecar.supervisor import LoadRequest, Supervisor
+from sidecar.telemetry import Telemetry
 
 log = get_logger("sidecar.app")
 
@@ -26,9 +28,11 @@ log = get_logger("sidecar.app")
 def create_app(settings: Settings, redactor: Redactor | None = None) -> Starlette:
     redactor = redactor or Redactor()
     redactor.register(*settings.data_keys)
-    supervisor = Supervisor(settings, redactor)
+    gpus = Gpus()
+    supervisor = Supervisor(settings, redactor, gpus)
+    watch = Telemetry(settings, gpus, lambda: supervisor.engine_pid, supervisor.status)
     history = RequestHistory(settings.request_history_size)
-    proxy = Proxy(settings, supervisor, history)
+    proxy = Proxy(settings, supervisor, history, watch)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -39,6 +43,7 @@ def create_app(settings: Settings, redactor: Redactor | None = None) -> Starlett
                 host=settings.host,
             )
         log.info("sidecar_started", host=settings.host, port=settings.port)
+        watch.start()
         await proxy.start()
         if settings.autoload_engine and settings.autoload_model:
             # Spawn now, but do not wait for readiness here: start-up blocks serving, /ready tells when.
@@ -57,11 +62,12 @@ def create_app(settings: Settings, redactor: Redactor | None = None) -> Starlett
         yield
         await supervisor.shutdown()  # the engine goes first: nothing is left running
         await proxy.close()
+        watch.stop()
         log.info("sidecar_stopped")
 
     # Outermost first: every response gets a request id and an access line, CORS preflights need no key,
     # auth comes before anything reads the body.
-    middleware = [Middleware(RequestContextMiddleware)]
+    middleware = [Middleware(RequestContextMiddleware, on_complete=watch.metrics.observe_request)]
     if settings.cors_origins:
         middleware.append(
             Middleware(
@@ -83,7 +89,13 @@ def create_app(settings: Settings, redactor: Redactor | None = None) -> Starlett
     ]
 
     app = Starlette(
-        routes=[*dataplane.routes(proxy), *health.routes, *control.routes, dataplane.passthrough_route(proxy)],
+        routes=[
+            *dataplane.routes(proxy),
+            *health.routes,
+            *telemetry.routes,
+            *control.routes,
+            dataplane.passthrough_route(proxy),
+        ],
         middleware=middleware,
         exception_handlers={SidecarError: handle_sidecar_error, HTTPException: handle_http_exception},
         lifespan=lifespan,
@@ -92,4 +104,5 @@ def create_app(settings: Settings, redactor: Redactor | None = None) -> Starlett
     app.state.redactor = redactor
     app.state.supervisor = supervisor
     app.state.history = history
+    app.state.telemetry = watch
     return app

@@ -20,6 +20,10 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint("GET", "/health", "Liveness: 200 while the sidecar runs, with the engine's state"),
     Endpoint("GET", "/ready", "Readiness: 200 only while an engine is ready to serve, else 503"),
     Endpoint("GET", "/openapi.json", "This document"),
+    Endpoint(
+        "GET", "/metrics", "Prometheus metrics: requests, TTFT, TPOT, ITL, latency, tokens, engine, CPU, RAM, GPU"
+    ),
+    Endpoint("GET", "/v1/telemetry", "Latest resource sample and a recent window's min, mean and max (?window_s=60)"),
     Endpoint("POST", "/v1/chat/completions", "OpenAI chat completions, proxied to the engine"),
     Endpoint("POST", "/v1/completions", "OpenAI text completions, proxied to the engine"),
     Endpoint("POST", "/v1/embeddings", "OpenAI embeddings, proxied to the engine"),

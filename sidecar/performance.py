@@ -59,6 +59,8 @@ class PerformanceMeter:
         engine: str,
         model: str,
         engine_timings: dict[str, Any] | None = None,
+        gpu_memory_peak_mb: float | None = None,
+        gpu_memory_delta_mb: float | None = None,
     ) -> dict[str, Any]:
         ttft_ns = None if self.first_output_ns is None else self.first_output_ns - self.start_ns
         latency_ns = None if self.last_output_ns is None else self.last_output_ns - self.start_ns
@@ -81,8 +83,8 @@ class PerformanceMeter:
             "prompt_tokens": usage.get("prompt_tokens"),
             "completion_tokens": completion_tokens,
             "output_tokens_per_s": rate,
-            "gpu_memory_peak_mb": None,
-            "gpu_memory_delta_mb": None,
+            "gpu_memory_peak_mb": gpu_memory_peak_mb,
+            "gpu_memory_delta_mb": gpu_memory_delta_mb,
             "sidecar_overhead_ms": _ms(self.overhead_ns),
             "engine": engine,
             "model": model,

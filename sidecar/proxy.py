@@ -41,6 +41,7 @@ from sidecar.performance import PerformanceMeter
 from sidecar.settings import Settings
 from sidecar.sse import DONE, SSEParser
 from sidecar.supervisor import Engine, Supervisor
+from sidecar.telemetry import GpuWindow, Telemetry
 
 log = get_logger("sidecar.proxy")
 
@@ -61,6 +62,7 @@ _REQUEST_HEADERS_DROPPED = _HOP_BY_HOP | {
 # The sidecar's server sets its own date, server and request id; lengths are recomputed where bodies change.
 _RESPONSE_HEADERS_DROPPED = _HOP_BY_HOP | {"content-length", "date", "server", "x-request-id"}
 _ERROR_BODY_LIMIT = 1024 * 1024
+_KEEPALIVE_S = 4.0
 _DEADLINE_STEP_S = 1.0  # how often a stream's inter-token deadline is pushed back: cheaper than on every read
 _JSON = (b"content-type", b"application/json")
 
@@ -138,17 +140,23 @@ class _Exchange:
     status: int | None = None
     client_disconnected: bool = False
     client_done: bool = False  # the client's response is complete (a stream ends with [DONE])
+    gpu_window: GpuWindow | None = None
 
 
 class Proxy:
-    def __init__(self, settings: Settings, supervisor: Supervisor, history: RequestHistory) -> None:
+    def __init__(
+        self, settings: Settings, supervisor: Supervisor, history: RequestHistory, telemetry: Telemetry
+    ) -> None:
         self.settings = settings
         self.supervisor = supervisor
         self.history = history
+        self.telemetry = telemetry
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60)  # no cap: the engine's queue is the cap
+        # No cap on connections: the engine's queue is the cap. Idle ones are dropped before the engine would drop
+        # them (uvicorn, so vLLM and SGLang, closes after 5 s): reusing one it is closing loses the request.
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=_KEEPALIVE_S)
         self._session = aiohttp.ClientSession(
             connector=connector,
             timeout=aiohttp.ClientTimeout(total=None, connect=self.settings.upstream_connect_timeout_s),
@@ -225,6 +233,7 @@ class Proxy:
         async with self.supervisor.request_slot() as engine:
             deadline = asyncio.get_running_loop().time() + self.settings.upstream_first_token_timeout_s
             exchange = _Exchange(scope, receive, send, engine, PerformanceMeter(start_ns), deadline)
+            exchange.gpu_window = self.telemetry.window()
             try:
                 with _ClientWatch(exchange):
                     response = await self._open(exchange, payload, json_body=measured)
@@ -255,9 +264,15 @@ class Proxy:
         exchange.meter.overhead_ns += time.perf_counter_ns() - exchange.meter.start_ns
         try:
             async with asyncio.timeout_at(exchange.first_token_deadline):
-                return await self.session.request(
-                    scope["method"], url, data=payload or None, headers=headers, allow_redirects=False
-                )
+                try:
+                    return await self.session.request(
+                        scope["method"], url, data=payload or None, headers=headers, allow_redirects=False
+                    )
+                except aiohttp.ServerDisconnectedError:
+                    # A pooled connection the engine closed as it was reused: the engine never saw the request.
+                    return await self.session.request(
+                        scope["method"], url, data=payload or None, headers=headers, allow_redirects=False
+                    )
         except TimeoutError:  # aiohttp's connect timeout is a TimeoutError too
             raise GatewayTimeout("the engine did not start answering within the timeout") from None
         except aiohttp.ClientConnectorError as exc:
@@ -445,12 +460,15 @@ class Proxy:
 
     def _finish(self, exchange: _Exchange, end_ns: int) -> dict[str, Any]:
         engine = exchange.engine
+        gpu_peak, gpu_delta = self.telemetry.gpu_memory(exchange.gpu_window)
         exchange.performance = exchange.meter.result(
             end_ns,
             exchange.usage,
             engine=engine.adapter.name,
             model=engine.served_model,
             engine_timings=exchange.timings,
+            gpu_memory_peak_mb=gpu_peak,
+            gpu_memory_delta_mb=gpu_delta,
         )
         return exchange.performance
 
@@ -470,6 +488,7 @@ class Proxy:
             "performance": performance,
         }
         self.history.add(request_id, record)
+        self.telemetry.metrics.observe_performance(performance, exchange.meter.gaps_ns)
         fields = log_fields(scope)
         if exchange.client_disconnected:
             fields["client_disconnected"] = True

@@ -18,11 +18,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
+import psutil
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from engines import AdapterError, ArgValue, EngineAdapter, UnknownEngine
 from engines import adapter as registered_adapter
 from sidecar.errors import BadGateway, BadRequest, Conflict, GatewayTimeout, ServiceUnavailable, SidecarError
+from sidecar.gpu import Gpus, processes_memory_mb
 from sidecar.logs import get_logger
 from sidecar.process import EngineProcess, become_subreaper
 from sidecar.redaction import Redactor
@@ -32,6 +34,7 @@ from sidecar.state import EngineState
 log = get_logger("sidecar.supervisor")
 
 READY_POLL_S = 0.1
+GPU_RELEASE_TIMEOUT_S = 15.0
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
@@ -83,14 +86,16 @@ def free_port() -> int:
 
 
 class Supervisor:
-    def __init__(self, settings: Settings, redactor: Redactor) -> None:
+    def __init__(self, settings: Settings, redactor: Redactor, gpus: Gpus | None = None) -> None:
         self.settings = settings
         self.redactor = redactor
+        self.gpus = gpus
         self.state = EngineState.IDLE
         self.engine: Engine | None = None
         self.restarts = 0
         self.exit_code: int | None = None
         self.last_error: str | None = None
+        self.freed_gpu_memory_mb: float | None = None
         self._lock = asyncio.Lock()
         self._load_task: asyncio.Task[dict[str, Any]] | None = None
         self._restart_task: asyncio.Task[None] | None = None
@@ -123,10 +128,33 @@ class Supervisor:
             "output_tail": process.tail(20) if process else [],
         }
 
+    @property
+    def engine_pid(self) -> int | None:
+        engine = self.engine
+        return engine.process.pid if engine is not None and engine.process is not None else None
+
+    def _engine_pids(self) -> set[int]:
+        """The engine's process and its descendants (vLLM's workers hold the GPU memory, not its API server)."""
+        pid = self.engine_pid
+        if pid is None:
+            return set()
+        try:
+            root = psutil.Process(pid)
+            return {pid, *(child.pid for child in root.children(recursive=True))}
+        except psutil.Error:
+            return {pid}
+
+    def _gpu_memory_used_mb(self) -> float | None:
+        """The engine's own GPU memory where the driver reports it per process, else all used GPU memory."""
+        if self.gpus is None or not self.gpus.available:
+            return None
+        own = processes_memory_mb(self.gpus.read(), self._engine_pids())
+        return own if own is not None else self.gpus.used_mb()
+
     def _ready_body(self) -> dict[str, Any]:
         status = self.status()
         keys = ("state", "engine", "model", "served_model_name", "pid", "port", "load_time_s")
-        return {key: status[key] for key in keys} | {"gpu_memory_used_mb": None}
+        return {key: status[key] for key in keys} | {"gpu_memory_used_mb": self._gpu_memory_used_mb()}
 
     @contextlib.asynccontextmanager
     async def request_slot(self) -> AsyncIterator[Engine]:
@@ -328,7 +356,7 @@ class Supervisor:
                 return {"state": EngineState.IDLE}
             drain = self.settings.drain_timeout_s if drain_timeout_s is None else drain_timeout_s
             exit_code = await self._stop_engine(drain, reason="unload")
-            return {"state": EngineState.IDLE, "exit_code": exit_code, "freed_gpu_memory_mb": None}
+            return {"state": EngineState.IDLE, "exit_code": exit_code, "freed_gpu_memory_mb": self.freed_gpu_memory_mb}
 
     async def _stop_engine(self, drain_timeout_s: float, reason: str) -> int | None:
         engine = self.engine
@@ -338,8 +366,10 @@ class Supervisor:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._drained.wait(), drain_timeout_s)
         exit_code = None
+        gpu_before, gpu_pids = await asyncio.to_thread(self._gpu_before_stop)
         if engine.process is not None:
             exit_code = await engine.process.stop(self.settings.kill_grace_s)
+        self.freed_gpu_memory_mb = await asyncio.to_thread(self._gpu_freed, gpu_before, gpu_pids)
         self.engine = None
         self.state = EngineState.IDLE
         self.exit_code = exit_code
@@ -348,9 +378,33 @@ class Supervisor:
             engine=engine.adapter.name,
             reason=reason,
             exit_code=exit_code,
+            freed_gpu_memory_mb=self.freed_gpu_memory_mb,
             duration_ms=round((time.monotonic() - started) * 1000, 3),
         )
         return exit_code
+
+    def _gpu_before_stop(self) -> tuple[float | None, set[int]]:
+        if self.gpus is None or not self.gpus.available:
+            return None, set()
+        return self.gpus.used_mb(), self._engine_pids()
+
+    def _gpu_freed(self, before: float | None, pids: set[int]) -> float | None:
+        """Once the engine's processes have left the GPUs (or the deadline passed): how much memory came back.
+
+        The driver frees a process's memory shortly after it exits, so this polls rather than reads once.
+        """
+        if self.gpus is None or before is None:
+            return None
+        deadline = time.monotonic() + GPU_RELEASE_TIMEOUT_S
+        while time.monotonic() < deadline:
+            readings = self.gpus.read()
+            if readings is None or processes_memory_mb(readings, pids) is None:
+                break
+            time.sleep(READY_POLL_S)
+        else:
+            log.warning("gpu_memory_not_released", pids=sorted(pids), timeout_s=GPU_RELEASE_TIMEOUT_S)
+        after = self.gpus.used_mb()
+        return None if after is None else round(before - after, 1)
 
     async def shutdown(self) -> None:
         """On the sidecar's exit: stop the engine (requests were drained by the server already)."""

@@ -22,7 +22,7 @@ def test_bench_measures_the_sidecar_against_direct(tmp_path: Path) -> None:
         assert level["errors"] == 0 and level["direct_errors"] == 0, level["first_error"]
         assert level["throughput_ratio"] > 0 and level["proxy_cpu_s_per_1k_chunks"] > 0
     memory = results["memory"]
-    assert memory["long_stream_4000_tokens"]["errors"] == 0
+    assert memory["long_stream_4000_tokens"]["errors"] == 0, memory
     assert memory["long_stream_4000_tokens"]["chunks"] >= 4000
-    assert memory["prompt_2mb_x10"]["errors"] == 0
+    assert memory["prompt_2mb_x10"]["errors"] == 0, memory
     assert (out / "results.png").read_bytes().startswith(b"\x89PNG")

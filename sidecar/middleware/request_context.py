@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -34,8 +35,11 @@ def log_fields(scope: Scope) -> dict[str, Any]:
 
 
 class RequestContextMiddleware:
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(
+        self, app: ASGIApp, on_complete: Callable[[str, int | None, dict[str, Any]], None] | None = None
+    ) -> None:
         self.app = app
+        self.on_complete = on_complete  # told of every request once answered: path, status, the access fields
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -71,3 +75,5 @@ class RequestContextMiddleware:
                     duration_ms=round((time.perf_counter() - start) * 1000, 3),
                     **fields,
                 )
+                if self.on_complete is not None:
+                    self.on_complete(scope["path"], status, fields)

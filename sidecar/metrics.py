@@ -1,0 +1,154 @@
+"""Prometheus series for `GET /metrics`, named `sidecar_…`, on the app's own registry.
+
+Labels stay bounded: route (the endpoint's template, `/v1/*` for passed-through paths, `other` for the
+rest), status class, model and engine; never a request id or a key. Histogram buckets are made for LLM
+latencies: TTFT from 10 ms to 60 s, ITL and TPOT from 1 ms to 5 s, latency up to 10 minutes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from sidecar.openapi import ENDPOINTS
+from sidecar.state import EngineState
+from sidecar.watchdog import ResourceWatchdog
+
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60)
+TOKEN_GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.2, 2.5, 5)
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, 600)
+
+_KNOWN_ROUTES = frozenset(endpoint.path for endpoint in ENDPOINTS)
+_MB = 1024 * 1024
+
+
+def route_label(path: str) -> str:
+    if path in _KNOWN_ROUTES:
+        return path
+    if path.startswith("/v1/requests/"):
+        return "/v1/requests/{request_id}"
+    if path.startswith("/v1/model/"):
+        return "/v1/model/*"
+    if path.startswith("/v1/"):
+        return "/v1/*"
+    return "other"
+
+
+class Metrics:
+    def __init__(self, watchdog: ResourceWatchdog, engine_status: Callable[[], dict[str, Any]]) -> None:
+        self.registry = CollectorRegistry()
+        labels = ["model", "engine"]
+        self.requests = Counter(
+            "sidecar_requests",
+            "Requests answered, by route, status class, model and engine",
+            ["route", "status", "model", "engine"],
+            registry=self.registry,
+        )
+        self.ttft = Histogram(
+            "sidecar_ttft_seconds", "Time to first token", labels, buckets=TTFT_BUCKETS, registry=self.registry
+        )
+        self.tpot = Histogram(
+            "sidecar_tpot_seconds", "Time per output token", labels, buckets=TOKEN_GAP_BUCKETS, registry=self.registry
+        )
+        self.itl = Histogram(
+            "sidecar_itl_seconds",
+            "Gaps between output events (inter-token latency)",
+            labels,
+            buckets=TOKEN_GAP_BUCKETS,
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "sidecar_request_latency_seconds",
+            "Start to last output event (end-to-end latency)",
+            labels,
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.tokens = Counter(
+            "sidecar_tokens", "Tokens, by kind (prompt, completion)", [*labels, "kind"], registry=self.registry
+        )
+        self.registry.register(_LiveCollector(watchdog, engine_status))
+
+    def observe_request(self, path: str, status: int | None, fields: dict[str, Any]) -> None:
+        status_class = f"{status // 100}xx" if status else "none"
+        model, engine = str(fields.get("model", "")), str(fields.get("engine", ""))
+        self.requests.labels(route_label(path), status_class, model, engine).inc()
+
+    def observe_performance(self, performance: dict[str, Any], gaps_ns: list[int]) -> None:
+        labels = (performance["model"], performance["engine"])
+        for histogram, key in ((self.ttft, "ttft_ms"), (self.tpot, "tpot_ms"), (self.latency, "latency_ms")):
+            if performance.get(key) is not None:
+                histogram.labels(*labels).observe(performance[key] / 1000)
+        if gaps_ns:
+            itl = self.itl.labels(*labels)
+            for gap in gaps_ns:
+                itl.observe(gap / 1e9)
+        for kind in ("prompt", "completion"):
+            count = performance.get(f"{kind}_tokens")
+            if isinstance(count, int) and count > 0:
+                self.tokens.labels(*labels, kind).inc(count)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _LiveCollector(Collector):
+    """Engine state and the watchdog's latest sample, read at scrape time."""
+
+    def __init__(self, watchdog: ResourceWatchdog, engine_status: Callable[[], dict[str, Any]]) -> None:
+        self.watchdog = watchdog
+        self.engine_status = engine_status
+
+    def collect(self) -> Iterator[Metric]:
+        status = self.engine_status()
+        state = GaugeMetricFamily("sidecar_engine_state", "1 for the engine's current state", labels=["state"])
+        for name in EngineState:
+            state.add_metric([name.value], 1.0 if status["state"] == name else 0.0)
+        yield state
+        restarts = CounterMetricFamily("sidecar_engine_restarts", "Restarts after the engine died")
+        restarts.add_metric([], status["restarts"])
+        yield restarts
+        load = GaugeMetricFamily("sidecar_engine_load_seconds", "How long the current engine took to be ready")
+        if status.get("load_time_s") is not None:
+            load.add_metric([], status["load_time_s"])
+        yield load
+        yield from self._resources()
+
+    def _resources(self) -> Iterator[Metric]:
+        sample = self.watchdog.latest()
+        cpu = GaugeMetricFamily("sidecar_process_cpu_percent", "CPU use (100 = one core)", labels=["process"])
+        rss = GaugeMetricFamily("sidecar_process_resident_memory_bytes", "Resident memory", labels=["process"])
+        ram = GaugeMetricFamily("sidecar_system_memory_bytes", "System RAM", labels=["kind"])
+        gpu_used = GaugeMetricFamily("sidecar_gpu_memory_used_bytes", "GPU memory used", labels=["gpu"])
+        gpu_total = GaugeMetricFamily("sidecar_gpu_memory_total_bytes", "GPU memory", labels=["gpu"])
+        gpu_util = GaugeMetricFamily("sidecar_gpu_utilization_percent", "GPU utilisation", labels=["gpu"])
+        engine_gpu = GaugeMetricFamily("sidecar_engine_gpu_memory_bytes", "The engine processes' GPU memory")
+        if sample is not None:
+            cpu.add_metric(["sidecar"], sample.sidecar_cpu_pct)
+            rss.add_metric(["sidecar"], sample.sidecar_rss_mb * _MB)
+            if sample.engine_cpu_pct is not None and sample.engine_rss_mb is not None:
+                cpu.add_metric(["engine"], sample.engine_cpu_pct)
+                rss.add_metric(["engine"], sample.engine_rss_mb * _MB)
+            ram.add_metric(["used"], sample.ram_used_mb * _MB)
+            ram.add_metric(["total"], sample.ram_total_mb * _MB)
+            for gpu in sample.gpus or ():
+                gpu_used.add_metric([str(gpu.index)], gpu.used_mb * _MB)
+                gpu_total.add_metric([str(gpu.index)], gpu.total_mb * _MB)
+                if gpu.utilization_pct is not None:
+                    gpu_util.add_metric([str(gpu.index)], gpu.utilization_pct)
+            if sample.engine_gpu_mb is not None:
+                engine_gpu.add_metric([], sample.engine_gpu_mb * _MB)
+        yield from (cpu, rss, ram, gpu_used, gpu_total, gpu_util, engine_gpu)
+        drift = self.watchdog.intervals_ms()
+        interval = GaugeMetricFamily(
+            "sidecar_watchdog_interval_seconds", "Real intervals between the watchdog's samples", labels=["quantile"]
+        )
+        for quantile, key in (("0.5", "p50"), ("0.99", "p99")):
+            value = drift[key]
+            if value is not None:
+                interval.add_metric([quantile], float(value) / 1000)
+        yield interval
