@@ -28,7 +28,7 @@ class GpuReading:
     used_mb: float
     total_mb: float
     utilization_pct: float | None
-    processes_mb: dict[int, float]  # pid -> its GPU memory, where the driver reports it
+    processes_mb: dict[int, float | None]  # pid -> its GPU memory; None where the driver cannot say
 
 
 def visible_devices(environ: dict[str, str] | os._Environ[str] = os.environ) -> list[str] | None:
@@ -133,14 +133,14 @@ class Gpus:
         except Exception:
             return None  # not every device (MIG slices) reports it
 
-    def _processes(self, handle: Any) -> dict[int, float]:
+    def _processes(self, handle: Any) -> dict[int, float | None]:
         assert self._nvml is not None
         try:
             processes = self._nvml.nvmlDeviceGetComputeRunningProcesses(handle)
         except Exception:
             return {}
-        # usedGpuMemory is None where the driver cannot say (some containers, MIG): the pid still counts.
-        return {p.pid: round((p.usedGpuMemory or 0) / MB, 1) for p in processes}
+        # usedGpuMemory is None where the driver cannot say (some containers, MIG): the pid is still listed.
+        return {p.pid: None if p.usedGpuMemory is None else round(p.usedGpuMemory / MB, 1) for p in processes}
 
     def close(self) -> None:
         with self._lock:
@@ -160,8 +160,15 @@ def _same(nvml: ModuleType, index: int, handle: Any) -> bool:
 
 
 def processes_memory_mb(readings: Iterable[GpuReading] | None, pids: set[int]) -> float | None:
-    """GPU memory of the given processes over all readings; None when none of them is on a GPU."""
+    """GPU memory of the given processes; None when none of them is on a GPU or the driver does not say."""
     if readings is None:
         return None
     found = [mb for reading in readings for pid, mb in reading.processes_mb.items() if pid in pids]
-    return round(sum(found), 1) if found else None
+    if not found or any(mb is None for mb in found):
+        return None
+    return round(sum(mb for mb in found if mb is not None), 1)
+
+
+def on_gpu(readings: Iterable[GpuReading] | None, pids: set[int]) -> bool:
+    """Whether any of the given processes still holds GPU memory."""
+    return readings is not None and any(pid in pids for reading in readings for pid in reading.processes_mb)

@@ -521,6 +521,8 @@ class _ClientWatch:
         receive = self._exchange.receive
         while (await receive())["type"] != "http.disconnect":
             pass
+        if self._exchange.client_done:
+            return  # the server says "disconnect" once the response is complete too: that is no disconnect
         self._exchange.client_disconnected = True
         assert self._owner is not None
         self._owner.cancel()

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from engines import AdapterError, ArgValue, EngineAdapter, UnknownEngine
 from engines import adapter as registered_adapter
 from sidecar.errors import BadGateway, BadRequest, Conflict, GatewayTimeout, ServiceUnavailable, SidecarError
-from sidecar.gpu import Gpus, processes_memory_mb
+from sidecar.gpu import Gpus, on_gpu, processes_memory_mb
 from sidecar.logs import get_logger
 from sidecar.process import EngineProcess, become_subreaper
 from sidecar.redaction import Redactor
@@ -397,8 +397,7 @@ class Supervisor:
             return None
         deadline = time.monotonic() + GPU_RELEASE_TIMEOUT_S
         while time.monotonic() < deadline:
-            readings = self.gpus.read()
-            if readings is None or processes_memory_mb(readings, pids) is None:
+            if not on_gpu(self.gpus.read(), pids):
                 break
             time.sleep(READY_POLL_S)
         else:

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import structlog
 
-from sidecar.gpu import MB, Gpus, processes_memory_mb, visible_devices
+from sidecar.gpu import MB, Gpus, on_gpu, processes_memory_mb, visible_devices
 from sidecar.settings import load_settings
 from sidecar.telemetry import Telemetry
 
@@ -84,9 +84,11 @@ def test_readings_of_every_visible_gpu(fake: FakeNvml) -> None:
     readings = gpus.read()
     assert readings is not None and [r.index for r in readings] == [0, 1]
     assert (readings[0].used_mb, readings[0].total_mb, readings[0].utilization_pct) == (1000.0, 80_000.0, 37.0)
-    assert readings[0].processes_mb == {101: 300.0, 102: 0.0}
+    assert readings[0].processes_mb == {101: 300.0, 102: None}
     assert processes_memory_mb(readings, {101, 999}) == 300.0
     assert processes_memory_mb(readings, {999}) is None
+    assert processes_memory_mb(readings, {101, 102}) is None  # the driver does not say for 102: no partial sum
+    assert on_gpu(readings, {102}) and not on_gpu(readings, {999})
 
 
 @pytest.mark.parametrize(

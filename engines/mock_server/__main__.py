@@ -13,6 +13,7 @@ from types import FrameType
 import uvicorn
 
 from engines.mock_server.app import MockConfig, create_app
+from engines.mock_server.gpu import GpuMemory
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -28,6 +29,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--ignore-sigterm", action="store_true", help="only SIGKILL stops it")
     parser.add_argument("--spawn-child", action="store_true", help="start a child process in the same group")
     parser.add_argument("--print-env", action="append", default=[], help="print this variable's value at start")
+    parser.add_argument("--gpu-mb", type=float, default=0.0, help="hold this much GPU memory (needs PyTorch, a GPU)")
     return parser
 
 
@@ -45,6 +47,11 @@ def main() -> None:
         # A grandchild of the sidecar, as vLLM's workers are: it must die with the group.
         child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
         out.write(f"mock engine started child pid={child.pid}\n")
+        out.flush()
+    weights = GpuMemory()  # referenced until the server returns: PyTorch frees what nothing refers to
+    if args.gpu_mb:
+        weights.hold(args.gpu_mb)  # as an engine holds its weights and KV cache while it runs
+        out.write(f"mock engine holds {args.gpu_mb} MB of GPU memory\n")
         out.flush()
     if args.startup_delay_s:
         time.sleep(args.startup_delay_s)

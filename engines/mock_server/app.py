@@ -17,6 +17,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from engines.mock_server import generation as gen
+from engines.mock_server.gpu import GpuMemory
 
 
 @dataclass
@@ -45,6 +46,7 @@ class Pace:
     die_after: int | None = None  # the process exits after this many output steps (an engine crash)
     stall_after: int | None = None  # it sends nothing more after this many steps (a hung engine)
     timings: bool = False  # report llama.cpp-style `timings` and TGI-style `x-compute-time`
+    gpu_mb: float = 0.0  # GPU memory held from the first token to the last (needs PyTorch and a GPU)
 
     @classmethod
     def of(cls, config: MockConfig, overrides: dict[str, Any]) -> Pace:
@@ -54,6 +56,7 @@ class Pace:
             die_after=overrides.get("die_after"),
             stall_after=overrides.get("stall_after"),
             timings=bool(overrides.get("timings")),
+            gpu_mb=float(overrides.get("gpu_mb", 0.0)),
         )
 
 
@@ -95,6 +98,7 @@ def _sse(payload: dict[str, Any]) -> bytes:
 
 def create_app(config: MockConfig) -> Starlette:
     stats = Stats()
+    gpu = GpuMemory()
 
     async def generate(request: Request) -> Response:
         try:
@@ -158,6 +162,7 @@ def create_app(config: MockConfig) -> Starlette:
                         {**base, "choices": [{"index": i, "delta": delta, "logprobs": None, "finish_reason": None}]}
                     )
             pace = answer.pace
+            block = gpu.hold(pace.gpu_mb) if pace.gpu_mb else None
             await asyncio.sleep(pace.ttft_s)
             for step in range(answer.steps):
                 if step == pace.die_after:
@@ -169,6 +174,8 @@ def create_app(config: MockConfig) -> Starlette:
                 for i, tokens in enumerate(choices):
                     choice = _stream_choice(chat, i, tokens, step, tool, answer.want_logprobs)
                     yield _sse({**base, "choices": [choice]})
+            if block is not None:
+                gpu.release(block)  # before the answer ends: the request's memory is back when it completes
             for i in range(len(choices)):
                 last: dict[str, Any] = {"index": i, "logprobs": None, "finish_reason": answer.finish}
                 if chat:

@@ -118,6 +118,7 @@ def test_metrics_of_a_request_by_its_id_and_in_its_access_line(stack: Stack) -> 
     injected = json.loads(events(raw)[-2].removeprefix(b"data: "))["usage"]["performance"]
     record = httpx.get(f"{stack.url}/v1/requests/metrics-by-id-1", headers=AUTH).json()
     assert record["id"] == "metrics-by-id-1" and record["status"] == 200 and record["path"] == "/v1/chat/completions"
+    assert record["client_disconnected"] is False
     assert record["performance"] == injected
     access = [line for line in stack.sidecar.output().splitlines() if "metrics-by-id-1" in line and "request" in line]
     assert any(f"ttft_ms={injected['ttft_ms']}" in line for line in access), access
