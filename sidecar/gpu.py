@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from types import ModuleType
@@ -54,7 +53,6 @@ class Gpus:
     def __init__(self, nvml: ModuleType | None = None, environ: dict[str, str] | None = None) -> None:
         self._nvml = nvml if nvml is not None else _load_nvml()
         self._handles: list[tuple[int, Any]] = []
-        self._lock = threading.Lock()  # NVML is thread-safe, but readings and shutdown must not cross
         self.available = False
         if self._nvml is None:
             log.warning("gpu_unavailable", reason="nvidia-ml-py is not installed: GPU fields are null")
@@ -93,23 +91,23 @@ class Gpus:
             return None
         nvml = self._nvml
         assert nvml is not None
+        # NVML is thread-safe: the watchdog's thread and the event loop's per-request reads need no lock.
         readings = []
-        with self._lock:
-            try:
-                for index, handle in self._handles:
-                    memory = nvml.nvmlDeviceGetMemoryInfo(handle)
-                    readings.append(
-                        GpuReading(
-                            index=index,
-                            used_mb=round(memory.used / MB, 1),
-                            total_mb=round(memory.total / MB, 1),
-                            utilization_pct=self._utilization(handle),
-                            processes_mb=self._processes(handle),
-                        )
+        try:
+            for index, handle in self._handles:
+                memory = nvml.nvmlDeviceGetMemoryInfo(handle)
+                readings.append(
+                    GpuReading(
+                        index=index,
+                        used_mb=round(memory.used / MB, 1),
+                        total_mb=round(memory.total / MB, 1),
+                        utilization_pct=self._utilization(handle),
+                        processes_mb=self._processes(handle),
                     )
-            except Exception as exc:
-                log.debug("gpu_read_failed", error=str(exc))
-                return None
+                )
+        except Exception as exc:
+            log.debug("gpu_read_failed", error=str(exc))
+            return None
         return readings
 
     def used_mb(self) -> float | None:
@@ -118,13 +116,12 @@ class Gpus:
             return None
         nvml = self._nvml
         assert nvml is not None
-        with self._lock:
-            try:
-                used: int = sum(nvml.nvmlDeviceGetMemoryInfo(h).used for _, h in self._handles)
-                return round(used / MB, 1)
-            except Exception as exc:
-                log.debug("gpu_read_failed", error=str(exc))
-                return None
+        try:
+            used: int = sum(nvml.nvmlDeviceGetMemoryInfo(h).used for _, h in self._handles)
+        except Exception as exc:
+            log.debug("gpu_read_failed", error=str(exc))
+            return None
+        return round(used / MB, 1)
 
     def _utilization(self, handle: Any) -> float | None:
         assert self._nvml is not None
@@ -143,13 +140,13 @@ class Gpus:
         return {p.pid: None if p.usedGpuMemory is None else round(p.usedGpuMemory / MB, 1) for p in processes}
 
     def close(self) -> None:
-        with self._lock:
-            if self.available and self._nvml is not None:
-                try:
-                    self._nvml.nvmlShutdown()
-                except Exception:
-                    pass
-            self.available = False
+        """At shutdown, once the watchdog has stopped."""
+        if self.available and self._nvml is not None:
+            try:
+                self._nvml.nvmlShutdown()
+            except Exception:
+                pass
+        self.available = False
 
 
 def _same(nvml: ModuleType, index: int, handle: Any) -> bool:
