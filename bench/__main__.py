@@ -18,7 +18,6 @@ import resource
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ import uvloop
 from tqdm import tqdm
 
 from bench.loadgen import PhaseResult, chat_body, new_session, run_phase, stream_once
+from bench.processes import spawn_sidecar, wait_ok
 from bench.report import summarize, write_chart, write_table
 from sidecar.supervisor import free_port
 
@@ -50,18 +50,6 @@ def _raise_fd_limit() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def _wait(url: str, path: str, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + path, timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise TimeoutError(f"{url}{path} not ready after {timeout_s} s")
-
-
 @contextmanager
 def _processes(args: argparse.Namespace, logs: Path) -> Iterator[Targets]:
     engine_args = {"ttft-ms": args.ttft_ms, "itl-ms": args.itl_ms, "tokens": args.tokens}
@@ -74,28 +62,19 @@ def _processes(args: argparse.Namespace, logs: Path) -> Iterator[Targets]:
                 argv += [f"--{name}", str(value)]
             started.append(subprocess.Popen(argv, stdout=(logs / "engine.log").open("wb"), stderr=subprocess.STDOUT))
             direct = f"http://127.0.0.1:{port}"
-            _wait(direct, "/health")
+            wait_ok(direct + "/health")
             yield Targets(direct, args.target.rstrip("/"), "target", args.target_pid)
             return
-        port = free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")} | {
-            "SIDECAR_PORT": str(port),
+        settings = {
             "SIDECAR_API_KEYS": KEY,
             "SIDECAR_AUTOLOAD_ENGINE": "mock",
             "SIDECAR_AUTOLOAD_MODEL": "mock-model",
             "SIDECAR_AUTOLOAD_ARGS": json.dumps(engine_args),
         }
-        env |= dict(item.split("=", 1) for item in args.sidecar_env)
-        sidecar = subprocess.Popen(
-            [sys.executable, "-m", "sidecar", "serve"],
-            env=env,
-            cwd=logs,
-            stdout=(logs / "sidecar.log").open("wb"),
-            stderr=subprocess.STDOUT,
-        )
+        settings |= dict(item.split("=", 1) for item in args.sidecar_env)
+        sidecar, url = spawn_sidecar(settings, logs)
         started.append(sidecar)
-        url = f"http://127.0.0.1:{port}"
-        _wait(url, "/ready")
+        wait_ok(url + "/ready")
         engine_port = httpx.get(f"{url}/v1/model", headers={"Authorization": f"Bearer {KEY}"}).json()["port"]
         yield Targets(f"http://127.0.0.1:{engine_port}", url, "sidecar", sidecar.pid)
     finally:

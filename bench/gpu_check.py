@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -20,7 +18,7 @@ from typing import Any
 
 import httpx
 
-from sidecar.supervisor import free_port
+from bench.processes import spawn_sidecar, wait_ok
 
 TOLERANCE = 0.05
 
@@ -47,27 +45,10 @@ def _stream(client: httpx.Client, request_mb: float) -> dict[str, Any]:
 
 
 def run(engine_mb: float, request_mb: float, workdir: Path) -> dict[str, Any]:
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")} | {"SIDECAR_PORT": str(port)}
-    sidecar = subprocess.Popen(
-        [sys.executable, "-m", "sidecar", "serve"],
-        env=env,
-        cwd=workdir,
-        stdout=(workdir / "sidecar.log").open("wb"),
-        stderr=subprocess.STDOUT,
-    )
+    sidecar, url = spawn_sidecar({}, workdir)
     try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    if client.get("/health").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise TimeoutError("the sidecar did not start")
-                time.sleep(0.1)
+        wait_ok(url + "/health")
+        with httpx.Client(base_url=url, timeout=120) as client:
             load = {"engine": "mock", "model": "gpu-mock", "args": {"gpu-mb": engine_mb}}
             loaded = client.post("/v1/model/load", json=load).json()
             time.sleep(0.5)  # a few watchdog samples with the engine's memory settled

@@ -8,14 +8,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 from collections.abc import Sequence
 from typing import Any
 
 import uvicorn
 
 from sidecar import __version__
-from sidecar.app import create_app
+from sidecar.app import server_config
 from sidecar.demo import demo
 from sidecar.logs import configure_logging, get_logger
 from sidecar.redaction import Redactor
@@ -48,18 +47,7 @@ def _parser() -> argparse.ArgumentParser:
 def serve(settings: Settings) -> None:
     redactor = Redactor()
     configure_logging(settings, redactor)
-    config = uvicorn.Config(
-        create_app(settings, redactor),
-        host=settings.host,
-        port=settings.port,
-        loop="uvloop",
-        http="httptools",
-        log_config=None,
-        access_log=False,
-        server_header=False,
-        timeout_graceful_shutdown=math.ceil(settings.drain_timeout_s),
-    )
-    uvicorn.Server(config).run()
+    uvicorn.Server(server_config(settings, redactor)).run()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -17,7 +17,7 @@ import httpx
 import uvicorn
 import uvloop
 
-from sidecar.app import create_app
+from sidecar.app import server_config
 from sidecar.logs import configure_logging, get_logger
 from sidecar.redaction import Redactor
 from sidecar.settings import Settings
@@ -69,15 +69,7 @@ async def _stream_chat(client: httpx.AsyncClient, model: str, prompt: str) -> di
 async def _demo(settings: Settings, prompt: str) -> int:
     redactor = Redactor()
     configure_logging(settings, redactor)
-    config = uvicorn.Config(
-        create_app(settings, redactor),
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        access_log=False,
-        server_header=False,
-    )
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(server_config(settings, redactor))
     serving = asyncio.create_task(server.serve())
     headers = {"Authorization": f"Bearer {settings.data_keys[0]}"} if settings.data_keys else {}
     url = f"http://{settings.host}:{settings.port}"
