@@ -105,6 +105,13 @@ def _header_timings(response: aiohttp.ClientResponse) -> dict[str, Any] | None:
     return timings or None
 
 
+async def _send_whole(exchange: _Exchange, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+    """A response whose body is known whole: its length, then the body in one message."""
+    headers.append((b"content-length", str(len(body)).encode()))
+    await exchange.send({"type": "http.response.start", "status": status, "headers": headers})
+    await exchange.send({"type": "http.response.body", "body": body})
+
+
 def _sse_error(error: SidecarError) -> bytes:
     return b"data: " + _dumps(error.body()) + b"\n\ndata: [DONE]\n\n"
 
@@ -262,17 +269,19 @@ class Proxy:
             url += "?" + scope["query_string"].decode("latin-1")
         headers = _request_headers(scope, scope["state"]["request_id"], json_body)
         exchange.meter.overhead_ns += time.perf_counter_ns() - exchange.meter.start_ns
+
+        def send() -> Awaitable[aiohttp.ClientResponse]:
+            return self.session.request(
+                scope["method"], url, data=payload or None, headers=headers, allow_redirects=False
+            )
+
         try:
             async with asyncio.timeout_at(exchange.first_token_deadline):
                 try:
-                    return await self.session.request(
-                        scope["method"], url, data=payload or None, headers=headers, allow_redirects=False
-                    )
+                    return await send()
                 except aiohttp.ServerDisconnectedError:
                     # A pooled connection the engine closed as it was reused: the engine never saw the request.
-                    return await self.session.request(
-                        scope["method"], url, data=payload or None, headers=headers, allow_redirects=False
-                    )
+                    return await send()
         except TimeoutError:  # aiohttp's connect timeout is a TimeoutError too
             raise GatewayTimeout("the engine did not start answering within the timeout") from None
         except aiohttp.ClientConnectorError as exc:
@@ -291,10 +300,7 @@ class Proxy:
             raw = b""
         exchange.status = response.status
         body = _dumps(engine_error_body(response.status, raw))
-        headers = [*_response_headers(response, drop={"content-type"}), _JSON]
-        headers.append((b"content-length", str(len(body)).encode()))
-        await exchange.send({"type": "http.response.start", "status": response.status, "headers": headers})
-        await exchange.send({"type": "http.response.body", "body": body})
+        await _send_whole(exchange, response.status, [*_response_headers(response, drop={"content-type"}), _JSON], body)
 
     async def _relay_whole(self, exchange: _Exchange, response: aiohttp.ClientResponse) -> None:
         """A non-streamed JSON answer: `usage.performance` added, and the same in X-Performance-Metrics."""
@@ -316,10 +322,8 @@ class Proxy:
             exchange.timings = engine_timings(body) or _header_timings(response)
             raw, performance = self._with_performance(exchange, body, now)
             headers.append((b"x-performance-metrics", performance))
-        headers.append((b"content-length", str(len(raw)).encode()))
         exchange.meter.overhead_ns += time.perf_counter_ns() - now
-        await exchange.send({"type": "http.response.start", "status": response.status, "headers": headers})
-        await exchange.send({"type": "http.response.body", "body": raw})
+        await _send_whole(exchange, response.status, headers, raw)
 
     async def _relay_raw(self, exchange: _Exchange, response: aiohttp.ClientResponse) -> None:
         send = exchange.send
@@ -364,11 +368,9 @@ class Proxy:
         now = time.perf_counter_ns()
         exchange.status = response.status
         raw, performance = self._with_performance(exchange, assembler.result(), now)
-        headers = _response_headers(response, drop={"content-type"})
-        headers += [_JSON, (b"content-length", str(len(raw)).encode()), (b"x-performance-metrics", performance)]
+        headers = [*_response_headers(response, drop={"content-type"}), _JSON, (b"x-performance-metrics", performance)]
         exchange.meter.overhead_ns += time.perf_counter_ns() - now
-        await exchange.send({"type": "http.response.start", "status": response.status, "headers": headers})
-        await exchange.send({"type": "http.response.body", "body": raw})
+        await _send_whole(exchange, response.status, headers, raw)
 
     async def _pump(
         self, exchange: _Exchange, response: aiohttp.ClientResponse, assembler: Assembler | None
