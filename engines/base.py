@@ -74,6 +74,9 @@ class EngineAdapter:
     # Flags the adapter sets itself (host, port, model): a request may not pass them.
     reserved_flags: ClassVar[frozenset[str]] = frozenset({"host", "port"})
     starts_process: ClassVar[bool] = True
+    # The engine honours `stream_options.include_usage`. Where it does not, the sidecar counts the streamed tokens
+    # itself, and passes non-streaming requests through whole to keep the engine's exact usage.
+    streams_usage: ClassVar[bool] = True
 
     def __init__(self, executable: str | None = None) -> None:
         self.executable = executable or self.default_executable

@@ -3,6 +3,7 @@ from __future__ import annotations
 import shutil
 import sys
 from collections.abc import Mapping
+from pathlib import Path
 
 from engines.base import ArgValue, EngineAdapter
 
@@ -26,14 +27,19 @@ class LlamaCppAdapter(EngineAdapter):
 class LlamaCppPythonAdapter(EngineAdapter):
     """llama-cpp-python's `python -m llama_cpp.server --model MODEL ...`.
 
-    It has no /health (probe /v1/models), and by default interrupts a running request when a new one arrives:
-    it is started with `--interrupt_requests False`.
+    It has no /health (probe /v1/models), ignores `stream_options` (no usage chunk), and by default interrupts a
+    running request when a new one arrives: it is started with `--interrupt_requests False`.
     """
 
     name = "llamacpp"
     default_executable = sys.executable
     ready_paths = ("/v1/models",)
     reserved_flags = frozenset({"host", "port", "model", "interrupt_requests"})
+    streams_usage = False
+
+    def environment(self) -> dict[str, str]:
+        # Its server reports disconnects with print(): unbuffered, they reach the log when they happen.
+        return {"PYTHONUNBUFFERED": "1"}
 
     def command(self, model: str, port: int, args: Mapping[str, ArgValue], served_model_name: str | None) -> list[str]:
         argv = [self.executable, "-m", "llama_cpp.server", "--model", model, "--host", "127.0.0.1", "--port", str(port)]
@@ -44,7 +50,12 @@ class LlamaCppPythonAdapter(EngineAdapter):
 
 
 def llamacpp(executable: str | None = None) -> EngineAdapter:
-    """llama-server when it is on PATH (or configured), else llama-cpp-python's server."""
+    """llama-server when it is on PATH (or configured), else llama-cpp-python's server.
+
+    A configured executable named python* is the interpreter that has llama-cpp-python installed.
+    """
+    if executable and Path(executable).name.startswith("python"):
+        return LlamaCppPythonAdapter(executable)
     if executable or shutil.which(LlamaCppAdapter.default_executable):
         return LlamaCppAdapter(executable)
     return LlamaCppPythonAdapter()

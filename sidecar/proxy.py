@@ -190,7 +190,9 @@ class Proxy:
         start_ns = time.perf_counter_ns()
         stream, options, n = _generation_fields(body)
         client_usage = stream and options is not None and options.get("include_usage") is True
-        assemble = not stream and self.settings.assemble_non_streaming
+        loaded = self.supervisor.engine
+        streams_usage = loaded is None or loaded.adapter.streams_usage
+        assemble = not stream and self.settings.assemble_non_streaming and streams_usage
         payload = await request.body()  # the bytes as the client sent them
         if stream and not client_usage or assemble:
             # Ask for usage to count tokens; the chunk is removed again before the client sees it.
@@ -386,6 +388,7 @@ class Proxy:
         parse_every = assembler is not None or exchange.several_choices
         clock = time.perf_counter_ns
         parser = SSEParser()
+        last_data = b""  # the last chunk, for a usage chunk the engine did not send
         content = response.content
         loop = asyncio.get_running_loop()
         inter_token_s = self.settings.upstream_inter_token_timeout_s
@@ -406,7 +409,10 @@ class Proxy:
                         raw: bytes | None = event.raw
                         if data == DONE:
                             done = True
+                            if exchange.client_usage and exchange.performance is None and assembler is None:
+                                out.append(self._counted_usage_event(exchange, last_data, now))
                         elif data is not None:
+                            last_data = data
                             if parse_every or USAGE_KEY in data or TIMINGS_KEYS[0] in data or TIMINGS_KEYS[1] in data:
                                 parsed = _loads(data)
                                 if parsed is not None:
@@ -438,6 +444,16 @@ class Proxy:
             return None
         usage = chunk["usage"] | {"performance": exchange.performance}
         return b"data: " + _dumps(chunk | {"usage": usage}) + b"\n\n"
+
+    def _counted_usage_event(self, exchange: _Exchange, last_data: bytes, now: int) -> bytes:
+        """The usage chunk the client asked for and the engine did not send (llama-cpp-python ignores
+        `stream_options`): the streamed tokens counted, the prompt's unknown."""
+        last = _loads(last_data) or {}
+        chunk = {key: last[key] for key in ("id", "object", "created", "model", "system_fingerprint") if key in last}
+        performance = self._finish(exchange, now)
+        tokens = performance["completion_tokens"]
+        usage = {"prompt_tokens": None, "completion_tokens": tokens, "total_tokens": None, "performance": performance}
+        return b"data: " + _dumps(chunk | {"choices": [], "usage": usage}) + b"\n\n"
 
     def _measure_parsed(self, exchange: _Exchange, chunk: dict[str, Any], now: int) -> None:
         meter = exchange.meter

@@ -147,7 +147,9 @@ def create_app(config: MockConfig) -> Starlette:
         stats.started += 1
         headers = {"x-compute-time": "0.0805"} if answer.pace.timings else None
         if body.get("stream"):
-            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            # `"stream_usage": false` ignores stream_options, as llama-cpp-python's server does.
+            asked = bool((body.get("stream_options") or {}).get("include_usage"))
+            include_usage = asked and overrides.get("stream_usage", True) is not False
             return StreamingResponse(_stream(answer, include_usage), media_type="text/event-stream", headers=headers)
         return await _complete(request, answer, headers)
 

@@ -97,3 +97,12 @@ def test_llama_cpp_python_server_never_interrupts_requests_and_is_probed_on_mode
 
 def test_llamacpp_uses_llama_server_when_configured() -> None:
     assert isinstance(adapter("llamacpp", "/opt/llama/llama-server"), LlamaCppAdapter)
+
+
+def test_llamacpp_configured_with_a_python_runs_llama_cpp_python_in_it() -> None:
+    engine = adapter("llamacpp", "/opt/llama/bin/python3")
+    assert isinstance(engine, LlamaCppPythonAdapter)
+    assert engine.command("m.gguf", 1, {}, None)[:3] == ["/opt/llama/bin/python3", "-m", "llama_cpp.server"]
+    # It sends no usage chunk, and reports disconnects with print(): unbuffered, they reach the log at once.
+    assert engine.streams_usage is False and engine.environment() == {"PYTHONUNBUFFERED": "1"}
+    assert LlamaCppAdapter.streams_usage is True

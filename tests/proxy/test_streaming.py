@@ -140,3 +140,23 @@ def test_bad_stream_fields_are_a_400_before_the_engine(stack: Stack) -> None:
         assert response.status_code == 400
         assert response.json()["error"]["param"] in {"stream", "stream_options", "n"}
     assert stack.engine_stats()["started"] == before
+
+
+def test_usage_chunk_the_engine_did_not_send_is_added_with_the_tokens_counted(stack: Stack) -> None:
+    # llama-cpp-python's server ignores stream_options: the client that asked for usage still gets it.
+    stream = stack.client().chat.completions.create(
+        model=MODEL,
+        messages=MESSAGES,  # type: ignore[arg-type]
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"mock": {"stream_usage": False, "tokens": 12}},
+    )
+    chunks = list(stream)
+    assert [c.usage is not None for c in chunks].count(True) == 1
+    last = chunks[-1]
+    assert last.choices == [] and last.usage is not None
+    assert (last.id, last.model, last.object) == (chunks[0].id, chunks[0].model, "chat.completion.chunk")
+    assert last.usage.completion_tokens == 12 and last.usage.prompt_tokens is None
+    performance = _usage_performance(last.usage)
+    assert performance["completion_tokens"] == 12 and performance["tokens_estimated"] is True
+    assert performance["ttft_ms"] > 0

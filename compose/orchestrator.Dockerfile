@@ -1,0 +1,8 @@
+# The orchestrator of the compose pair: loads the model through the control plane, sends one chat request.
+# Build from the repository root: docker build -f compose/orchestrator.Dockerfile -t llm-sidecar-orchestrator .
+FROM python:3.11-slim-bookworm
+
+RUN pip install --no-cache-dir httpx==0.28.1 structlog==25.4.0
+COPY compose/orchestrator.py /opt/orchestrator.py
+USER 65534:65534
+ENTRYPOINT ["python", "/opt/orchestrator.py"]

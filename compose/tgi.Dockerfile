@@ -1,0 +1,23 @@
+# The sidecar on Text Generation Inference's official image, as the container's entry point: it starts
+# `text-generation-launcher` itself on load.
+# Build from the repository root: docker build -f compose/tgi.Dockerfile -t llm-sidecar-tgi .
+FROM ghcr.io/huggingface/text-generation-inference:3.3.2
+
+# The sidecar gets a virtual environment of its own, so its dependencies never change the engine's.
+COPY --from=ghcr.io/astral-sh/uv:0.9.5 /uv /usr/local/bin/uv
+COPY pyproject.toml README.md /opt/sidecar-src/
+COPY sidecar /opt/sidecar-src/sidecar
+COPY engines /opt/sidecar-src/engines
+RUN uv venv --python 3.12 /opt/sidecar \
+    && uv pip install --no-cache --python /opt/sidecar/bin/python /opt/sidecar-src \
+    && rm -rf /opt/sidecar-src
+
+# `text-generation-launcher` is on PATH, and finds its Python server through the image's PATH.
+ENV SIDECAR_HOST=0.0.0.0 \
+    SIDECAR_PORT=8000 \
+    SIDECAR_LOG_FORMAT=json
+EXPOSE 8000
+HEALTHCHECK --interval=10s --timeout=5s --start-period=15m --retries=3 \
+    CMD ["/opt/sidecar/bin/python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/ready', timeout=4)"]
+ENTRYPOINT ["/opt/sidecar/bin/sidecar", "serve"]
+CMD []

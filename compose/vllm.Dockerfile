@@ -1,0 +1,22 @@
+# The sidecar on vLLM's official image, as the container's entry point: it starts `vllm serve` itself on load.
+# Build from the repository root: docker build -f compose/vllm.Dockerfile -t llm-sidecar-vllm .
+FROM vllm/vllm-openai:v0.26.0
+
+# The sidecar gets a virtual environment of its own, so its dependencies never change the engine's.
+COPY --from=ghcr.io/astral-sh/uv:0.9.5 /uv /usr/local/bin/uv
+COPY pyproject.toml README.md /opt/sidecar-src/
+COPY sidecar /opt/sidecar-src/sidecar
+COPY engines /opt/sidecar-src/engines
+RUN uv venv --python 3.12 /opt/sidecar \
+    && uv pip install --no-cache --python /opt/sidecar/bin/python /opt/sidecar-src \
+    && rm -rf /opt/sidecar-src
+
+# `vllm` is on PATH. Clients expect an OpenAI server on 8000; with no keys the sidecar refuses to start here.
+ENV SIDECAR_HOST=0.0.0.0 \
+    SIDECAR_PORT=8000 \
+    SIDECAR_LOG_FORMAT=json
+EXPOSE 8000
+HEALTHCHECK --interval=10s --timeout=5s --start-period=15m --retries=3 \
+    CMD ["/opt/sidecar/bin/python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/ready', timeout=4)"]
+ENTRYPOINT ["/opt/sidecar/bin/sidecar", "serve"]
+CMD []

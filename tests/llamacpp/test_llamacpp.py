@@ -1,0 +1,205 @@
+"""A real engine nobody here wrote: llama-cpp-python's OpenAI server behind the sidecar, on the CPU.
+
+The model is a tiny random-weight llama written at test time (`tests/tiny_gguf.py`): greedy answers are one
+printable character a token and always run to `max_tokens`. The tests run in file order on one engine; the
+last one unloads it.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from openai import OpenAI
+
+from tests.processes import SidecarProcess, group_members, is_gone, wait_until
+from tests.tiny_gguf import write_tiny_llama
+
+API_KEY = "llama-api-key-0123"
+ADMIN_KEY = "llama-admin-key-4567"
+SERVED = "tiny-llama"
+MESSAGES: Any = [{"role": "user", "content": "Name three clocks."}]
+# llama.cpp's own report at the end of each completion, in the engine's output.
+PROMPT_EVAL = re.compile(r"prompt eval time =\s*([\d.]+) ms /\s*(\d+) tokens")
+EVAL = re.compile(r"(?<!prompt )eval time =\s*([\d.]+) ms /\s*(\d+) runs")
+# Client and sidecar clocks differ by the loopback hop and the SDK's parsing: bounded even on a loaded machine.
+CLOCK_TOLERANCE_MS = 250
+
+
+class Llama:
+    def __init__(self, sidecar: SidecarProcess, loaded: dict[str, Any]) -> None:
+        self.sidecar = sidecar
+        self.loaded = loaded
+
+    def client(self) -> OpenAI:
+        return OpenAI(base_url=f"{self.sidecar.url}/v1", api_key=API_KEY, max_retries=0, timeout=60)
+
+    def engine_reports(self) -> list[tuple[float, int, float, int]]:
+        """llama.cpp's timings so far: (prompt eval ms, prompt tokens, eval ms, eval runs), one per completion."""
+        output = self.sidecar.output()
+        prompts = PROMPT_EVAL.findall(output)
+        evals = EVAL.findall(output)
+        return [(float(p[0]), int(p[1]), float(e[0]), int(e[1])) for p, e in zip(prompts, evals, strict=False)]
+
+    def next_engine_report(self, before: int) -> tuple[float, int, float, int]:
+        wait_until(lambda: len(self.engine_reports()) > before, timeout_s=10)
+        return self.engine_reports()[before]
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Llama]:
+    workdir = tmp_path_factory.mktemp("llama")
+    model = write_tiny_llama(workdir / "tiny.gguf")
+    sidecar = SidecarProcess(workdir, {"SIDECAR_API_KEYS": API_KEY, "SIDECAR_ADMIN_KEYS": ADMIN_KEY})
+    try:
+        sidecar.wait_healthy()
+        body = {"engine": "llamacpp", "model": str(model), "served_model_name": SERVED, "args": {"n_ctx": 4096}}
+        response = httpx.post(
+            f"{sidecar.url}/v1/model/load",
+            json=body | {"wait": True, "startup_timeout_s": 120},
+            headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+            timeout=150,
+        )
+        assert response.status_code == 200, f"{response.text}\n{sidecar.output()[-5000:]}"
+        yield Llama(sidecar, response.json())
+    finally:
+        sidecar.stop()
+
+
+def test_loaded_through_the_control_plane_and_listed(llama: Llama) -> None:
+    assert (llama.loaded["state"], llama.loaded["engine"], llama.loaded["served_model_name"]) == (
+        "ready",
+        "llamacpp",
+        SERVED,
+    )
+    assert httpx.get(f"{llama.sidecar.url}/ready").status_code == 200
+    models = llama.client().models.list()
+    assert [m.id for m in models.data] == [SERVED]
+
+
+def test_streamed_chat_measured_as_llama_cpp_and_the_clients_clock_see_it(llama: Llama) -> None:
+    before = len(llama.engine_reports())
+    started = time.perf_counter()
+    first_content: float | None = None
+    chunks = []
+    stream = llama.client().chat.completions.create(
+        model=SERVED,
+        messages=MESSAGES,
+        max_tokens=48,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    for chunk in stream:
+        if first_content is None and chunk.choices and chunk.choices[0].delta.content:
+            first_content = time.perf_counter()
+        chunks.append(chunk)
+    finished = time.perf_counter()
+    assert first_content is not None
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert len(text) == 48 and text.isprintable()
+
+    # llama-cpp-python sends no usage chunk: the sidecar adds one, with the streamed tokens counted.
+    usage = chunks[-1].usage
+    assert usage is not None and chunks[-1].choices == [] and chunks[-1].id == chunks[0].id
+    assert usage.completion_tokens == 48
+    performance: dict[str, Any] = usage.model_dump()["performance"]
+    assert performance["completion_tokens"] == 48 and performance["tokens_estimated"] is True
+    assert (performance["engine"], performance["model"]) == ("llamacpp", SERVED)
+
+    # The client's clock: it starts earlier and ends later than the sidecar's, by no more than the hop.
+    client_ttft_ms = (first_content - started) * 1000
+    client_total_ms = (finished - started) * 1000
+    assert client_ttft_ms - CLOCK_TOLERANCE_MS <= performance["ttft_ms"] <= client_ttft_ms
+    assert performance["ttft_ms"] <= performance["latency_ms"] <= performance["total_ms"] <= client_total_ms
+    assert performance["total_ms"] >= client_total_ms - CLOCK_TOLERANCE_MS
+    assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) == 48  # one token a chunk
+    assert performance["itl_ms"]["p50"] <= performance["itl_ms"]["max"] <= performance["latency_ms"]
+    expected_tpot = (performance["latency_ms"] - performance["ttft_ms"]) / 47
+    assert performance["tpot_ms"] == pytest.approx(expected_tpot, abs=0.01)
+
+    # llama.cpp's own timings: a decode run a token (the first may come with the prompt's), all of its compute
+    # inside the latency the sidecar measured.
+    prompt_ms, _, eval_ms, runs = llama.next_engine_report(before)
+    assert runs in (47, 48)
+    assert performance["ttft_ms"] >= prompt_ms
+    assert performance["latency_ms"] >= prompt_ms + eval_ms
+
+
+def test_non_streamed_chat_keeps_llama_cpp_s_exact_usage(llama: Llama) -> None:
+    before = len(llama.engine_reports())
+    started = time.perf_counter()
+    completion = llama.client().chat.completions.create(model=SERVED, messages=MESSAGES, max_tokens=16, temperature=0)
+    elapsed_ms = (time.perf_counter() - started) * 1000
+    assert len(completion.choices[0].message.content or "") == 16
+    assert completion.choices[0].finish_reason == "length"
+    usage = completion.usage
+    assert usage is not None
+    *_, runs = llama.next_engine_report(before)
+    assert usage.completion_tokens == 16 and runs in (15, 16)
+    # Passed through whole (the engine streams no usage): its own counts, not the sidecar's estimate.
+    performance: dict[str, Any] = usage.model_dump()["performance"]
+    assert performance["completion_tokens"] == 16 and "tokens_estimated" not in performance
+    assert performance["prompt_tokens"] == usage.prompt_tokens > 0
+    assert performance["ttft_ms"] is None  # a whole answer has no first token to time
+    assert 0 < performance["latency_ms"] <= performance["total_ms"] <= elapsed_ms
+
+
+def test_text_completions_streamed_and_whole(llama: Llama) -> None:
+    client = llama.client()
+    stream = client.completions.create(
+        model=SERVED,
+        prompt="Once upon a time",
+        max_tokens=12,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    streamed = "".join(c.choices[0].text for c in chunks if c.choices)
+    usage = chunks[-1].usage
+    assert usage is not None and usage.completion_tokens == 12
+    assert usage.model_dump()["performance"]["ttft_ms"] > 0
+
+    whole = client.completions.create(model=SERVED, prompt="Once upon a time", max_tokens=12, temperature=0)
+    assert whole.choices[0].text == streamed  # greedy: the same answer either way
+    assert whole.usage is not None and whole.usage.completion_tokens == 12
+
+
+def test_client_disconnect_stops_llama_cpp_generating(llama: Llama) -> None:
+    body = {"model": SERVED, "messages": MESSAGES, "max_tokens": 3000, "temperature": 0, "stream": True}
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    with httpx.stream("POST", f"{llama.sidecar.url}/v1/chat/completions", json=body, headers=headers) as response:
+        assert response.status_code == 200
+        lines = response.iter_lines()
+        content_events = 0
+        while content_events < 5:
+            if '"content"' in next(lines):
+                content_events += 1
+    # Closing the response drops the connection; the sidecar drops its own to the engine, which stops.
+    wait_until(lambda: "Disconnected from client" in llama.sidecar.output(), timeout_s=10)
+    reports = llama.engine_reports()
+    assert all(runs < 3000 - 1 for *_, runs in reports)
+    # The engine is free again: the next request is answered.
+    after = llama.client().chat.completions.create(model=SERVED, messages=MESSAGES, max_tokens=4, temperature=0)
+    assert len(after.choices[0].message.content or "") == 4
+
+
+def test_unload_leaves_no_process(llama: Llama) -> None:
+    pid = llama.loaded["pid"]
+    members = group_members(pid)
+    assert members, "the engine runs in its own process group"
+    response = httpx.post(
+        f"{llama.sidecar.url}/v1/model/unload",
+        json={"drain_timeout_s": 5},
+        headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+        timeout=60,
+    )
+    assert response.status_code == 200 and response.json()["state"] == "idle"
+    assert group_members(pid) == []
+    assert all(is_gone(p.pid) for p in members)
+    assert httpx.get(f"{llama.sidecar.url}/ready").status_code == 503
