@@ -112,6 +112,7 @@ def test_pair_model_checked_on_ready_configured_from_the_env_file_orchestrator_b
     assert set(services) == {"model", "orchestrator"}
     model, orchestrator = services["model"], services["orchestrator"]
     assert "/ready" in " ".join(model["healthcheck"]["test"])
+    assert model["init"] is True
     assert model["env_file"] == orchestrator["env_file"] == ".env"
     assert orchestrator["environment"]["SIDECAR_URL"] == "http://model:8000"
     assert "model" in orchestrator["depends_on"]
