@@ -186,15 +186,8 @@ def test_image_command_serves_the_pair_outside_a_container(image: str, tmp_path:
             "MODEL": "org/tiny-model" if engine != "mock" else "mock-model",
             "MODEL_ARGS": '{"max-model-len": 512}' if engine != "mock" else "{}",
         }
-        orchestrated = subprocess.run(
-            [sys.executable, COMPOSE / "orchestrator.py"],
-            env=orchestrator_env,
-            capture_output=True,
-            text=True,
-            timeout=90,
-        )
-        assert orchestrated.returncode == 0, orchestrated.stdout + orchestrated.stderr
-        assert "chat_answered" in orchestrated.stdout and "ttft_ms" in orchestrated.stdout
+        orchestrated = _orchestrate(orchestrator_env)
+        assert "model_loaded" in orchestrated and "chat_answered" in orchestrated and "ttft_ms" in orchestrated
 
         admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
         status = httpx.get(f"{url}/v1/model", headers=admin).json()
@@ -209,14 +202,7 @@ def test_image_command_serves_the_pair_outside_a_container(image: str, tmp_path:
             assert ran["argv"][: len(expected)] == expected
             assert ran["argv"][-2:] == ["--max-model-len", "512"]
         # A second run of the orchestrator finds the model loaded and only chats.
-        again = subprocess.run(
-            [sys.executable, COMPOSE / "orchestrator.py"],
-            env=orchestrator_env,
-            capture_output=True,
-            text=True,
-            timeout=90,
-        )
-        assert again.returncode == 0 and "model_already_loaded" in again.stdout, again.stdout + again.stderr
+        assert "model_already_loaded" in _orchestrate(orchestrator_env)
 
         # `docker stop` sends SIGTERM: the sidecar stops the engine first, and nothing is left running.
         sidecar.send_signal(signal.SIGTERM)
@@ -227,6 +213,15 @@ def test_image_command_serves_the_pair_outside_a_container(image: str, tmp_path:
             sidecar.kill()
             sidecar.wait()
         output.close()
+
+
+def _orchestrate(env: dict[str, str]) -> str:
+    """The orchestrator image's command, run here; what it logged, once it exited 0."""
+    run = subprocess.run(
+        [sys.executable, COMPOSE / "orchestrator.py"], env=env, capture_output=True, text=True, timeout=90
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    return run.stdout
 
 
 def _answers(url: str) -> bool:
