@@ -1,6 +1,6 @@
 """A real engine nobody here wrote: llama-cpp-python's OpenAI server behind the sidecar, on the CPU.
 
-The model is a tiny random-weight llama written at test time (`tests/tiny_gguf.py`): greedy answers are one
+The model is a tiny random-weight llama written at test time (`bench/gguf_llama.py`): greedy answers are one
 printable character a token and always run to `max_tokens`. The tests run in file order on one engine; the
 last one unloads it.
 """
@@ -16,8 +16,8 @@ import httpx
 import pytest
 from openai import OpenAI
 
+from bench.gguf_llama import write_tiny_llama
 from tests.processes import SidecarProcess, group_members, is_gone, wait_until
-from tests.tiny_gguf import write_tiny_llama
 
 API_KEY = "llama-api-key-0123"
 ADMIN_KEY = "llama-admin-key-4567"
