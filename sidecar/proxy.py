@@ -281,8 +281,12 @@ class Proxy:
             async with asyncio.timeout_at(exchange.first_token_deadline):
                 try:
                     return await send()
-                except aiohttp.ServerDisconnectedError:
-                    # A pooled connection the engine closed as it was reused: the engine never saw the request.
+                except aiohttp.ClientConnectorError:
+                    raise  # nothing listens: trying again would not help
+                except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+                    # A pooled connection the engine closed as it was reused (before its answer began, or while
+                    # the request was being written; llama-server's HTTP library does this): the engine never
+                    # took the request, so it goes once more, on a new connection if need be.
                     return await send()
         except TimeoutError:  # aiohttp's connect timeout is a TimeoutError too
             raise GatewayTimeout("the engine did not start answering within the timeout") from None
