@@ -1,10 +1,11 @@
-"""`python -m bench`: the sidecar's cost against a direct connection to the engine, measured in one run.
+"""`python -m bench`: the sidecar's cost against a direct connection to the engine and against nginx, in one run.
 
-It starts the sidecar with the mock engine loaded, then drives streaming chat load at each concurrency
-against the engine directly and through the sidecar, alternating, and reports ratios: TTFT added by the
-sidecar, throughput (chunks per second) relative to direct, errors, and the sidecar's CPU and memory.
-`--target URL` measures another OpenAI-compatible proxy the same way, in front of a mock engine the bench
-starts on `--engine-port` (point the proxy there first).
+It starts the sidecar with an engine loaded (the mock engine, or `--engine llamacpp --model X.gguf`) and, when
+nginx is installed, nginx in front of the same engine; then it drives streaming chat load at each concurrency
+against the engine directly, through nginx and through the sidecar, alternating, and reports ratios: TTFT
+added by each proxy, throughput (chunks per second) relative to direct, errors, and each proxy's CPU per
+relayed chunk and memory. `--target URL` measures another OpenAI-compatible proxy instead of the sidecar, in
+front of a mock engine the bench starts on `--engine-port` (point the proxy there first).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ import uvloop
 from tqdm import tqdm
 
 from bench.loadgen import PhaseResult, chat_body, new_session, run_phase, stream_once
-from bench.processes import spawn_sidecar, wait_ok
+from bench.nginx import find_nginx, start_nginx, worker_pid
+from bench.processes import pin, spawn_sidecar, wait_ok
 from bench.report import summarize, write_chart, write_table
 from sidecar.supervisor import free_port
 
@@ -38,11 +40,23 @@ KEY = "bench-key-0123"
 
 
 @dataclass
+class Proxy:
+    name: str
+    url: str
+    pid: int | None  # whose CPU and memory are measured
+
+
+@dataclass
 class Targets:
     direct: str  # the engine's base URL
-    proxied: str  # the sidecar's (or --target's) base URL
-    proxy_name: str
-    proxy_pid: int | None  # whose CPU and memory are measured
+    proxy: Proxy  # the sidecar (or --target)
+    reference: Proxy | None  # nginx, where it is installed
+    engine_pid: int | None = None
+    model: str = "mock-model"
+
+    @property
+    def proxies(self) -> list[Proxy]:
+        return [self.proxy] + ([self.reference] if self.reference else [])
 
 
 def _raise_fd_limit() -> None:
@@ -50,33 +64,58 @@ def _raise_fd_limit() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+def _sidecar_settings(args: argparse.Namespace) -> dict[str, str]:
+    settings = {"SIDECAR_API_KEYS": KEY, "SIDECAR_AUTOLOAD_ENGINE": args.engine}
+    if args.engine == "mock":
+        engine_args: dict[str, Any] = {"ttft-ms": args.ttft_ms, "itl-ms": args.itl_ms, "tokens": args.tokens}
+        settings["SIDECAR_AUTOLOAD_MODEL"] = "mock-model"
+    else:
+        if not args.model:
+            raise SystemExit(f"--engine {args.engine} needs --model")
+        engine_args = {}
+        settings["SIDECAR_AUTOLOAD_MODEL"] = args.model
+        settings["SIDECAR_AUTOLOAD_SERVED_MODEL_NAME"] = "bench-model"
+    settings["SIDECAR_AUTOLOAD_ARGS"] = json.dumps(engine_args | json.loads(args.engine_args))
+    if args.engine_executable:
+        settings["SIDECAR_ENGINE_EXECUTABLES"] = json.dumps({args.engine: args.engine_executable})
+    return settings | dict(item.split("=", 1) for item in args.sidecar_env)
+
+
+def _mock_engine(args: argparse.Namespace, logs: Path) -> tuple[subprocess.Popen[bytes], str]:
+    port = args.engine_port or free_port()
+    argv = [sys.executable, "-m", "engines.mock_server", "--port", str(port)]
+    for name, value in {"ttft-ms": args.ttft_ms, "itl-ms": args.itl_ms, "tokens": args.tokens}.items():
+        argv += [f"--{name}", str(value)]
+    process = subprocess.Popen(argv, stdout=(logs / "engine.log").open("wb"), stderr=subprocess.STDOUT)
+    direct = f"http://127.0.0.1:{port}"
+    wait_ok(direct + "/health")
+    return process, direct
+
+
 @contextmanager
 def _processes(args: argparse.Namespace, logs: Path) -> Iterator[Targets]:
-    engine_args = {"ttft-ms": args.ttft_ms, "itl-ms": args.itl_ms, "tokens": args.tokens}
     started: list[subprocess.Popen[bytes]] = []
     try:
         if args.target:
-            port = args.engine_port or free_port()
-            argv = [sys.executable, "-m", "engines.mock_server", "--port", str(port)]
-            for name, value in engine_args.items():
-                argv += [f"--{name}", str(value)]
-            started.append(subprocess.Popen(argv, stdout=(logs / "engine.log").open("wb"), stderr=subprocess.STDOUT))
-            direct = f"http://127.0.0.1:{port}"
-            wait_ok(direct + "/health")
-            yield Targets(direct, args.target.rstrip("/"), "target", args.target_pid)
-            return
-        settings = {
-            "SIDECAR_API_KEYS": KEY,
-            "SIDECAR_AUTOLOAD_ENGINE": "mock",
-            "SIDECAR_AUTOLOAD_MODEL": "mock-model",
-            "SIDECAR_AUTOLOAD_ARGS": json.dumps(engine_args),
-        }
-        settings |= dict(item.split("=", 1) for item in args.sidecar_env)
-        sidecar, url = spawn_sidecar(settings, logs)
-        started.append(sidecar)
-        wait_ok(url + "/ready")
-        engine_port = httpx.get(f"{url}/v1/model", headers={"Authorization": f"Bearer {KEY}"}).json()["port"]
-        yield Targets(f"http://127.0.0.1:{engine_port}", url, "sidecar", sidecar.pid)
+            engine, direct = _mock_engine(args, logs)
+            started.append(engine)
+            targets = Targets(direct, Proxy("target", args.target.rstrip("/"), args.target_pid), None, engine.pid)
+        else:
+            sidecar, url = spawn_sidecar(_sidecar_settings(args), logs)
+            started.append(sidecar)
+            wait_ok(url + "/ready", timeout_s=args.startup_timeout)
+            model = httpx.get(f"{url}/v1/model", headers={"Authorization": f"Bearer {KEY}"}).json()
+            direct = f"http://127.0.0.1:{model['port']}"
+            served = "mock-model" if args.engine == "mock" else "bench-model"
+            targets = Targets(direct, Proxy("sidecar", url, sidecar.pid), None, model["pid"], served)
+        nginx = find_nginx(args.nginx)
+        if nginx:
+            master, url = start_nginx(nginx, int(targets.direct.rsplit(":", 1)[1]), logs)
+            started.append(master)
+            targets.reference = Proxy("nginx", url, worker_pid(master))
+        if args.proxy_cpus:
+            _pin(args.proxy_cpus, targets)
+        yield targets
     finally:
         for process in reversed(started):
             process.terminate()
@@ -84,6 +123,19 @@ def _processes(args: argparse.Namespace, logs: Path) -> Iterator[Targets]:
                 process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 process.kill()
+
+
+def _pin(proxy_cpus: set[int], targets: Targets) -> None:
+    """Each proxy on the CPUs given (one at a time is measured), the engine and the load generator on the rest."""
+    rest = os.sched_getaffinity(0) - proxy_cpus
+    if not rest:
+        raise SystemExit("--proxy-cpus leaves no CPU for the engine and the load generator")
+    for proxy in targets.proxies:
+        if proxy.pid:
+            pin(proxy.pid, proxy_cpus)
+    if targets.engine_pid:
+        pin(targets.engine_pid, rest, tree=True)
+    pin(os.getpid(), rest)
 
 
 class ProcessMeter:
@@ -121,38 +173,41 @@ class ProcessMeter:
 
 async def _measure(args: argparse.Namespace, targets: Targets) -> dict[str, Any]:
     headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
-    body = chat_body(args.tokens)
+    body = chat_body(args.tokens, model=targets.model)
+    urls = {"direct": targets.direct} | {proxy.name: proxy.url for proxy in targets.proxies}
+    pids = {proxy.name: proxy.pid for proxy in targets.proxies}
     levels: list[dict[str, Any]] = []
-    phases = len(args.concurrency) * args.rounds * 2
+    phases = len(args.concurrency) * args.rounds * len(urls)
     with tqdm(total=phases, desc="phases", unit="phase", file=sys.stderr) as progress:
         for concurrency in args.concurrency:
             async with new_session(concurrency) as session:
-                runs: dict[str, list[PhaseResult]] = {"direct": [], targets.proxy_name: []}
-                cpu_s = 0.0
-                peak_rss = 0.0
-                for url in (targets.direct, targets.proxied):  # warm both: connections, caches, the engine
+                runs: dict[str, list[PhaseResult]] = {name: [] for name in urls}
+                cpu_s = dict.fromkeys(pids, 0.0)
+                peak_rss = dict.fromkeys(pids, 0.0)
+                for url in urls.values():  # warm every path: connections, caches, the engine
                     await run_phase(session, "warm-up", url + "/v1/chat/completions", headers, body, concurrency, 1)
                 for round_index in range(args.rounds):
-                    order = ["direct", targets.proxy_name]
+                    order = list(urls)
                     for name in order if round_index % 2 == 0 else reversed(order):
-                        url = (targets.direct if name == "direct" else targets.proxied) + "/v1/chat/completions"
                         progress.set_postfix_str(f"c={concurrency} {name}")
-                        with ProcessMeter(targets.proxy_pid if name != "direct" else None) as meter:
+                        with ProcessMeter(pids.get(name)) as meter:
+                            url = urls[name] + "/v1/chat/completions"
                             result = await run_phase(session, name, url, headers, body, concurrency, args.seconds)
-                        if name != "direct":
-                            cpu_s += meter.cpu_s
-                            peak_rss = max(peak_rss, meter.peak_rss_mb)
+                        if name in pids:
+                            cpu_s[name] += meter.cpu_s
+                            peak_rss[name] = max(peak_rss[name], meter.peak_rss_mb)
                         runs[name].append(result)
                         progress.update()
-                levels.append(summarize(concurrency, runs["direct"], runs[targets.proxy_name], cpu_s, peak_rss))
-    memory = await _memory_checks(targets, headers) if not args.skip_memory else None
+                proxied = {name: (runs[name], cpu_s[name], peak_rss[name]) for name in pids}
+                levels.append(summarize(concurrency, runs["direct"], proxied, targets.proxy.name))
+    memory = await _memory_checks(targets, headers) if not args.skip_memory and args.engine == "mock" else None
     return {"levels": levels, "memory": memory}
 
 
 async def _memory_checks(targets: Targets, headers: dict[str, str]) -> dict[str, Any]:
     """A 4,000-token stream and ten 2 MB prompts through the proxy: its RSS before, at peak, and after."""
     checks: dict[str, Any] = {}
-    url = targets.proxied + "/v1/chat/completions"
+    url = targets.proxy.url + "/v1/chat/completions"
     long_body = json.dumps(
         {
             "model": "mock-model",
@@ -168,17 +223,17 @@ async def _memory_checks(targets: Targets, headers: dict[str, str]) -> dict[str,
     async with new_session(1) as session:
         for name, body, repeat in (("long_stream_4000_tokens", long_body, 1), ("prompt_2mb_x10", big_body, 10)):
             result = PhaseResult(name, 1)
-            before = psutil.Process(targets.proxy_pid).memory_info().rss / 2**20 if targets.proxy_pid else None
-            with ProcessMeter(targets.proxy_pid) as meter:
+            before = psutil.Process(targets.proxy.pid).memory_info().rss / 2**20 if targets.proxy.pid else None
+            with ProcessMeter(targets.proxy.pid) as meter:
                 for _ in range(repeat):
                     await stream_once(session, url, body, headers, result)
-            after = psutil.Process(targets.proxy_pid).memory_info().rss / 2**20 if targets.proxy_pid else None
+            after = psutil.Process(targets.proxy.pid).memory_info().rss / 2**20 if targets.proxy.pid else None
             checks[name] = {
                 "errors": result.errors,
                 "first_error": result.first_error,
                 "chunks": result.chunks,
                 "rss_before_mb": None if before is None else round(before, 1),
-                "rss_peak_mb": round(meter.peak_rss_mb, 1) if targets.proxy_pid else None,
+                "rss_peak_mb": round(meter.peak_rss_mb, 1) if targets.proxy.pid else None,
                 "rss_after_mb": None if after is None else round(after, 1),
             }
     return checks
@@ -193,6 +248,17 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--tokens", type=int, default=32, help="tokens per answer (default 32)")
     parser.add_argument("--itl-ms", type=float, default=5.0, help="mock engine's time between tokens (default 5)")
     parser.add_argument("--ttft-ms", type=float, default=20.0, help="mock engine's time to first token (default 20)")
+    parser.add_argument("--engine", default="mock", help="the engine the sidecar loads (default mock)")
+    parser.add_argument("--model", help="the model the engine loads (a .gguf file for llamacpp)")
+    parser.add_argument("--engine-args", default="{}", help="the engine's flags as a JSON object, as in a load")
+    parser.add_argument("--engine-executable", help="the engine's binary, where it is not on PATH")
+    parser.add_argument("--startup-timeout", type=float, default=120, help="seconds for the engine to be ready")
+    parser.add_argument("--nginx", default="auto", help="nginx binary to measure beside the sidecar (auto|off|PATH)")
+    parser.add_argument(
+        "--proxy-cpus",
+        type=lambda text: {int(cpu) for cpu in text.split(",")},
+        help="pin each proxy to these CPUs (comma list), the engine and the load generator to the others",
+    )
     parser.add_argument("--target", help="measure this OpenAI-compatible proxy instead of the sidecar")
     parser.add_argument("--target-pid", type=int, help="the --target proxy's pid, for its CPU and memory")
     parser.add_argument("--engine-port", type=int, help="port for the mock engine with --target (default: free)")
@@ -212,6 +278,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs = Path(tempfile.mkdtemp(prefix="sidecar-bench-"))
     with _processes(args, logs) as targets:
         measured = uvloop.run(_measure(args, targets))
+    if args.engine != "mock" or args.target:
+        for level in measured["levels"]:
+            level["targets_met"] = None  # issue 5's targets are for the mock engine on a 2-core machine
     results = {
         "machine": {
             "cpus": os.cpu_count(),
@@ -220,7 +289,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "processor": platform.processor() or platform.machine(),
         },
         "settings": {k: v for k, v in vars(args).items() if k not in {"out"}},
-        "proxy": targets.proxy_name,
+        "proxy": targets.proxy.name,
+        "reference": targets.reference.name if targets.reference else None,
+        "engine": args.engine if not args.target else "mock",
         **measured,
     }
     (args.out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")

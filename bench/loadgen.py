@@ -41,6 +41,19 @@ def chat_body(tokens: int, prompt: str = "measure the proxy", model: str = "mock
     return json.dumps(body).encode()
 
 
+async def _post(
+    session: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str]
+) -> aiohttp.ClientResponse:
+    try:
+        return await session.post(url, data=body, headers=headers)
+    except aiohttp.ClientConnectorError:
+        raise
+    except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+        # A pooled connection the server closed as it was reused (llama-server does it often): the server never
+        # took the request, so it goes once more, as the sidecar and client libraries do.
+        return await session.post(url, data=body, headers=headers)
+
+
 async def stream_once(
     session: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str], result: PhaseResult
 ) -> None:
@@ -50,7 +63,7 @@ async def stream_once(
     chunks = 0
     tail = b""
     try:
-        async with session.post(url, data=body, headers=headers) as response:
+        async with await _post(session, url, body, headers) as response:
             if response.status != 200:
                 raise RuntimeError(f"status {response.status}: {(await response.read())[:200]!r}")
             async for data in response.content.iter_any():

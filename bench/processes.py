@@ -1,4 +1,4 @@
-"""The sidecar as the bench starts it: its own process, on a free loopback port, its output in a file."""
+"""The processes the bench runs: the sidecar on a free loopback port with its output in a file, and CPU pinning."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 
 from sidecar.supervisor import free_port
 
@@ -39,3 +40,17 @@ def wait_ok(url: str, timeout_s: float = 60) -> None:
             pass
         time.sleep(0.1)
     raise TimeoutError(f"{url} did not answer 200 within {timeout_s} s")
+
+
+def pin(pid: int, cpus: set[int], tree: bool = False) -> None:
+    """Every thread of the process (and of its descendants with `tree`) onto these CPUs.
+
+    Per thread, because the affinity call moves only the thread it names; threads started later inherit it.
+    """
+    process = psutil.Process(pid)
+    for each in [process, *(process.children(recursive=True) if tree else [])]:
+        for thread in each.threads():
+            try:
+                os.sched_setaffinity(thread.id, cpus)
+            except ProcessLookupError:  # a thread that ended meanwhile
+                pass

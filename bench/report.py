@@ -26,11 +26,10 @@ def _merged(runs: list[PhaseResult]) -> tuple[list[float], float, int, int, str 
     return ttfts, chunks / seconds if seconds else 0.0, chunks, errors, first_error
 
 
-def summarize(
-    concurrency: int, direct: list[PhaseResult], proxied: list[PhaseResult], cpu_s: float, peak_rss_mb: float
+def _proxy_figures(
+    d_ttft: list[float], d_rate: float, runs: list[PhaseResult], cpu_s: float, peak_rss_mb: float
 ) -> dict[str, Any]:
-    d_ttft, d_rate, _, d_errors, d_error = _merged(direct)
-    p_ttft, p_rate, p_chunks, p_errors, p_error = _merged(proxied)
+    p_ttft, p_rate, p_chunks, p_errors, p_error = _merged(runs)
 
     def q(values: list[float], level: float) -> float | None:
         return round(percentile(values, level), 3) if values else None
@@ -39,25 +38,64 @@ def summarize(
         a, b = q(p_ttft, level), q(d_ttft, level)
         return None if a is None or b is None else round(a - b, 3)
 
-    level = {
-        "concurrency": concurrency,
-        "direct_ttft_p50_ms": q(d_ttft, 50),
-        "direct_ttft_p99_ms": q(d_ttft, 99),
+    cpu_per_chunk = cpu_s / p_chunks if p_chunks else None
+    return {
         "proxied_ttft_p50_ms": q(p_ttft, 50),
         "proxied_ttft_p99_ms": q(p_ttft, 99),
         "added_ttft_p50_ms": added(50),
         "added_ttft_p99_ms": added(99),
-        "direct_chunks_per_s": round(d_rate, 1),
         "proxied_chunks_per_s": round(p_rate, 1),
         "throughput_ratio": round(p_rate / d_rate, 3) if d_rate else None,
-        "direct_errors": d_errors,
         "errors": p_errors,
-        "first_error": p_error or d_error,
-        "proxy_cpu_s_per_1k_chunks": round(cpu_s / (p_chunks / 1000), 4) if p_chunks else None,
+        "first_error": p_error,
+        "proxy_cpu_s_per_1k_chunks": None if cpu_per_chunk is None else round(cpu_per_chunk * 1000, 4),
         "proxy_peak_rss_mb": round(peak_rss_mb, 1) if peak_rss_mb else None,
+        # The share of one core the proxy would spend relaying the engine's direct rate: 2 or more, the engine
+        # is at least twice as fast as the proxy can relay on a core, so the ratios measure the proxy.
+        "core_share_at_direct_rate": None if cpu_per_chunk is None else round(cpu_per_chunk * d_rate, 3),
     }
+
+
+def summarize(
+    concurrency: int,
+    direct: list[PhaseResult],
+    proxied: dict[str, tuple[list[PhaseResult], float, float]],
+    main: str,
+) -> dict[str, Any]:
+    """One level's figures: the main proxy's at the top level, every other proxy's under its name."""
+    d_ttft, d_rate, _, d_errors, d_error = _merged(direct)
+    figures = {name: _proxy_figures(d_ttft, d_rate, *measured) for name, measured in proxied.items()}
+    level: dict[str, Any] = {
+        "concurrency": concurrency,
+        "direct_ttft_p50_ms": round(percentile(d_ttft, 50), 3) if d_ttft else None,
+        "direct_ttft_p99_ms": round(percentile(d_ttft, 99), 3) if d_ttft else None,
+        "direct_chunks_per_s": round(d_rate, 1),
+        "direct_errors": d_errors,
+        **figures[main],
+    }
+    level["first_error"] = level["first_error"] or d_error
+    for name, other in figures.items():
+        if name != main:
+            level[name] = other
+            level[f"vs_{name}"] = _versus(figures[main], other)
     level["targets_met"] = _targets_met(level)
     return level
+
+
+def _versus(main: dict[str, Any], reference: dict[str, Any]) -> dict[str, float | None]:
+    """The main proxy against the reference: CPU per chunk as a ratio, added TTFT p50 as a ratio and a difference."""
+
+    def ratio(key: str) -> float | None:
+        a, b = main[key], reference[key]
+        return round(a / b, 3) if a is not None and b else None
+
+    a, b = main["added_ttft_p50_ms"], reference["added_ttft_p50_ms"]
+    return {
+        "cpu_per_chunk_ratio": ratio("proxy_cpu_s_per_1k_chunks"),
+        "added_ttft_p50_ratio": ratio("added_ttft_p50_ms") if b is not None and b > 0 else None,
+        "added_ttft_p50_diff_ms": None if a is None or b is None else round(a - b, 3),
+        "throughput_ratio": ratio("throughput_ratio"),
+    }
 
 
 def _targets_met(level: dict[str, Any]) -> bool | None:
@@ -74,27 +112,49 @@ def _targets_met(level: dict[str, Any]) -> bool | None:
 
 
 def write_table(results: dict[str, Any], out: TextIO) -> None:
+    proxies = [results["proxy"]] + ([results["reference"]] if results.get("reference") else [])
     columns = (
-        ("concurrency", "conc"),
         ("added_ttft_p50_ms", "+TTFT p50 ms"),
         ("added_ttft_p99_ms", "+TTFT p99 ms"),
         ("throughput_ratio", "chunks/s ratio"),
-        ("direct_chunks_per_s", "direct chunks/s"),
         ("errors", "errors"),
         ("proxy_cpu_s_per_1k_chunks", "CPU s/1k chunks"),
+        ("core_share_at_direct_rate", "core share"),
         ("proxy_peak_rss_mb", "peak RSS MB"),
-        ("targets_met", "target met"),
     )
     out.write(
-        f"\n{results['proxy']} against a direct connection to the mock engine "
+        f"\n{' and '.join(proxies)} against a direct connection to the {results.get('engine', 'mock')} engine "
         f"({results['machine']['cpus']} CPUs, {results['machine']['platform']})\n\n"
     )
-    out.write(" | ".join(title for _, title in columns) + "\n")
-    out.write(" | ".join("-" * len(title) for _, title in columns) + "\n")
+    titles = ["conc", "proxy", "direct chunks/s", *(title for _, title in columns), "target met"]
+    out.write(" | ".join(titles) + "\n")
+    out.write(" | ".join("-" * len(title) for title in titles) + "\n")
     for level in results["levels"]:
-        out.write(" | ".join(_cell(level[key]) for key, _ in columns) + "\n")
+        for name in proxies:
+            figures = level if name == results["proxy"] else level[name]
+            met = level["targets_met"] if name == results["proxy"] else None
+            cells = [level["concurrency"], name, level["direct_chunks_per_s"], *(figures[key] for key, _ in columns)]
+            out.write(" | ".join(_cell(cell) for cell in [*cells, met]) + "\n")
         if level["first_error"]:
             out.write(f"    first error: {level['first_error']}\n")
+    if results.get("reference"):
+        name = results["reference"]
+        out.write(f"\n{results['proxy']} against {name}: CPU per chunk ratio, added TTFT p50 difference (ms)\n")
+        for level in results["levels"]:
+            versus = level[f"vs_{name}"]
+            out.write(
+                f"  {level['concurrency']} streams: {_cell(versus['cpu_per_chunk_ratio'])}x CPU, "
+                f"{_cell(versus['added_ttft_p50_diff_ms'])} ms TTFT\n"
+            )
+    top = results["levels"][-1]
+    share = top["core_share_at_direct_rate"]
+    verdict = (
+        "the engine streams at least twice what the proxy can relay on one core: the ratios measure the proxy"
+        if share is not None and share >= 2
+        else "the engine streams less than twice what the proxy can relay on one core: throughput ratios are "
+        "bounded by the engine, CPU per chunk still measures the proxy"
+    )
+    out.write(f"\nengine check at {top['concurrency']} streams: core share {_cell(share)}; {verdict}\n")
     if results.get("memory"):
         out.write("\nmemory of the proxy (MB): before / peak / after\n")
         for name, check in results["memory"].items():
@@ -121,20 +181,25 @@ def write_chart(results: dict[str, Any], path: Path) -> None:
     levels = results["levels"]
     x = [level["concurrency"] for level in levels]
     figure, (ttft, ratio) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for key, label in (("added_ttft_p50_ms", "p50"), ("added_ttft_p99_ms", "p99")):
-        ttft.plot(x, [level[key] for level in levels], marker="o", label=label)
+    proxies = [results["proxy"]] + ([results["reference"]] if results.get("reference") else [])
+    for name, marker in zip(proxies, "os", strict=False):
+        figures = levels if name == results["proxy"] else [level[name] for level in levels]
+        for key, style in (("added_ttft_p50_ms", "-"), ("added_ttft_p99_ms", ":")):
+            label = f"{name} {key[11:14]}"
+            ttft.plot(x, [level[key] for level in figures], marker=marker, linestyle=style, label=label)
+        ratio.plot(x, [level["throughput_ratio"] for level in figures], marker=marker, label=name)
     ttft.axhline(0, color="grey", linewidth=0.8)
     ttft.set(xscale="log", xlabel="concurrent streams", ylabel="ms", title="TTFT added by the proxy")
     ttft.set_yscale("symlog", linthresh=1)  # 1 ms at one stream and hundreds at saturation, on one axis
     ttft.legend()
-    ratio.plot(x, [level["throughput_ratio"] for level in levels], marker="o", label=results["proxy"])
-    ratio.plot(
-        [c for c in TARGETS if "throughput_ratio" in TARGETS[c]],
-        [t["throughput_ratio"] for t in TARGETS.values() if "throughput_ratio" in t],
-        linestyle="--",
-        color="grey",
-        label="target",
-    )
+    if results.get("engine", "mock") == "mock":  # the targets are the mock engine's on a 2-core machine
+        ratio.plot(
+            [c for c in TARGETS if "throughput_ratio" in TARGETS[c]],
+            [t["throughput_ratio"] for t in TARGETS.values() if "throughput_ratio" in t],
+            linestyle="--",
+            color="grey",
+            label="target",
+        )
     ratio.set(
         xscale="log",
         ylim=(0, 1.1),
@@ -143,7 +208,7 @@ def write_chart(results: dict[str, Any], path: Path) -> None:
         title="Throughput (chunks/s) relative to direct",
     )
     ratio.legend()
-    figure.suptitle(f"{results['proxy']} vs direct, {results['machine']['cpus']} CPUs")
+    figure.suptitle(f"{' and '.join(proxies)} vs direct, {results['machine']['cpus']} CPUs")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
