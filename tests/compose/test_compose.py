@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -22,7 +23,8 @@ import pytest
 import yaml
 from dockerfile_parse import DockerfileParser
 
-from sidecar.settings import Settings
+from sidecar.settings import Settings, load_settings
+from sidecar.supervisor import shutdown_bound_s
 from tests.processes import free_port, group_members, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
@@ -229,3 +231,20 @@ def _answers(url: str) -> bool:
         return httpx.get(url, timeout=1).status_code == 200
     except httpx.TransportError:
         return False
+
+
+def _seconds(duration: str) -> float:
+    """A compose duration (`70s`, `1m30s`, `2m`) in seconds."""
+    parts = re.fullmatch(r"(?:(\d+)m)?(?:(\d+(?:\.\d+)?)s)?", duration)
+    assert parts and duration, f"unreadable duration {duration!r}"
+    return int(parts[1] or 0) * 60 + float(parts[2] or 0)
+
+
+@pytest.mark.parametrize("path", COMPOSE_FILES, ids=lambda p: p.name)
+def test_stop_grace_period_covers_the_drain_and_the_engines_stop(path: Path) -> None:
+    model = _compose(path)["services"]["model"]
+    image = "cpu" if "cpu" in path.name else "vllm"
+    env = {**_image(image).envs, **_env_file(COMPOSE / ".env.example"), **model["environment"]}
+    sidecar = {k.removeprefix("SIDECAR_").lower(): v for k, v in env.items() if k.startswith("SIDECAR_")}
+    settings = load_settings(None, **sidecar)
+    assert _seconds(model["stop_grace_period"]) >= shutdown_bound_s(settings)
