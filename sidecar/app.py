@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from types import FrameType
 
 import uvicorn
 from starlette.applications import Starlette
@@ -45,6 +47,7 @@ def create_app(settings: Settings, redactor: Redactor | None = None) -> Starlett
                 host=settings.host,
             )
         log.info("sidecar_started", host=settings.host, port=settings.port)
+        await asyncio.to_thread(supervisor.stop_leftover)
         watch.start()
         await proxy.start()
         if settings.autoload_engine and settings.autoload_model:
@@ -110,10 +113,10 @@ def create_app(settings: Settings, redactor: Redactor | None = None) -> Starlett
     return app
 
 
-def server_config(settings: Settings, redactor: Redactor) -> uvicorn.Config:
+def server_config(settings: Settings, app: Starlette) -> uvicorn.Config:
     """The app on uvloop and httptools, with our access line instead of uvicorn's, draining on shutdown."""
     return uvicorn.Config(
-        create_app(settings, redactor),
+        app,
         host=settings.host,
         port=settings.port,
         loop="uvloop",
@@ -123,3 +126,22 @@ def server_config(settings: Settings, redactor: Redactor) -> uvicorn.Config:
         server_header=False,
         timeout_graceful_shutdown=math.ceil(settings.drain_timeout_s),
     )
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, which tells the supervisor the moment a signal asks it to stop: a load in progress is
+    abandoned then, with an OpenAI error for its caller, rather than cut after the graceful wait."""
+
+    def __init__(self, config: uvicorn.Config, on_exit: Callable[[], None]) -> None:
+        super().__init__(config)
+        self._on_exit = on_exit
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self._on_exit()
+        super().handle_exit(sig, frame)
+
+
+def server(settings: Settings, redactor: Redactor) -> uvicorn.Server:
+    app = create_app(settings, redactor)
+    supervisor: Supervisor = app.state.supervisor
+    return _Server(server_config(settings, app), supervisor.server_stopping)

@@ -11,10 +11,8 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-import uvicorn
-
 from sidecar import __version__
-from sidecar.app import server_config
+from sidecar.app import server
 from sidecar.demo import demo
 from sidecar.logs import configure_logging, get_logger
 from sidecar.redaction import Redactor
@@ -47,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
 def serve(settings: Settings) -> None:
     redactor = Redactor()
     configure_logging(settings, redactor)
-    uvicorn.Server(server_config(settings, redactor)).run()
+    server(settings, redactor).run()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

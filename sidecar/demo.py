@@ -14,10 +14,9 @@ import time
 from typing import Any
 
 import httpx
-import uvicorn
 import uvloop
 
-from sidecar.app import server_config
+from sidecar.app import server as make_server
 from sidecar.logs import configure_logging, get_logger
 from sidecar.redaction import Redactor
 from sidecar.settings import Settings
@@ -69,7 +68,7 @@ async def _stream_chat(client: httpx.AsyncClient, model: str, prompt: str) -> di
 async def _demo(settings: Settings, prompt: str) -> int:
     redactor = Redactor()
     configure_logging(settings, redactor)
-    server = uvicorn.Server(server_config(settings, redactor))
+    server = make_server(settings, redactor)
     serving = asyncio.create_task(server.serve())
     headers = {"Authorization": f"Bearer {settings.data_keys[0]}"} if settings.data_keys else {}
     url = f"http://{settings.host}:{settings.port}"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import ctypes
 import os
 import signal
@@ -16,12 +17,15 @@ from collections.abc import Callable
 
 import psutil
 
+from sidecar.guard import die_with_parent
 from sidecar.logs import get_logger
 from sidecar.redaction import Redactor
+from sidecar.runfile import EngineRecord
 
 log = get_logger("sidecar.engine")
 
 TAIL_LINES = 100
+REAP_AFTER_KILL_S = 10.0  # how long the group may take to be gone after SIGKILL
 _MAX_LINE = 16 * 1024  # a line longer than this is logged in pieces
 _PR_SET_CHILD_SUBREAPER = 36
 
@@ -71,8 +75,12 @@ class EngineProcess:
         transport: asyncio.SubprocessTransport,
         protocol: _OutputProtocol,
         tail: collections.deque[str],
+        guard: asyncio.subprocess.Process,
+        record: EngineRecord,
     ) -> None:
         self.name = name
+        self._guard = guard
+        self._record = record
         self._transport = transport
         self._protocol = protocol
         self._tail = tail
@@ -81,8 +89,14 @@ class EngineProcess:
         self._stopping: asyncio.Task[int | None] | None = None
 
     @classmethod
-    async def spawn(cls, name: str, argv: list[str], env: dict[str, str], redactor: Redactor) -> EngineProcess:
-        """Start argv (never through a shell) in a new session; `env` is the child's whole environment."""
+    async def spawn(
+        cls, name: str, argv: list[str], env: dict[str, str], redactor: Redactor, record: EngineRecord, grace_s: float
+    ) -> EngineProcess:
+        """Start argv (never through a shell) in a new session; `env` is the child's whole environment.
+
+        The engine dies with the sidecar: its leader gets SIGTERM from the kernel when the sidecar dies, and a
+        guard process stops the rest of its group (`sidecar.guard`); its pid goes into the run directory's record.
+        """
         tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
 
         def on_line(stream: str, line: str) -> None:
@@ -99,8 +113,18 @@ class EngineProcess:
             stderr=asyncio.subprocess.PIPE,
             env=env,
             start_new_session=True,
+            preexec_fn=die_with_parent,
         )
-        return cls(name, transport, protocol, tail)
+        pid = transport.get_pid()
+        guard_argv = [sys.executable, "-m", "sidecar.guard", str(os.getpid()), str(pid), str(grace_s)]
+        guard = await asyncio.create_subprocess_exec(
+            *guard_argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            start_new_session=True,  # a signal to the sidecar's group must not reach it
+        )
+        record.write(pid, name, None)
+        return cls(name, transport, protocol, tail, guard, record)
 
     @property
     def returncode(self) -> int | None:
@@ -145,9 +169,13 @@ class EngineProcess:
             log.warning("engine_kill", engine=self.name, pid=self.pid, grace_s=grace_s)
             members = self.members() or members
             self._signal(members, signal.SIGKILL)
-            await self._wait_gone(members, 10.0)
+            await self._wait_gone(members, REAP_AFTER_KILL_S)
         await self.exited.wait()
         self._transport.close()
+        with contextlib.suppress(ProcessLookupError):
+            self._guard.kill()
+        await self._guard.wait()
+        self._record.clear()
         return self.returncode
 
     def _signal(self, members: list[psutil.Process], sig: signal.Signals) -> None:

@@ -67,6 +67,8 @@ class Settings(BaseSettings):
     restart_backoff_s: float = Field(1.0, gt=0)
     restart_backoff_max_s: float = Field(60.0, gt=0)
     watchdog_interval_ms: int = Field(100, ge=10)
+    # The record of the running engine lives here, so that the next sidecar stops one a killed sidecar left behind.
+    run_dir: Path = Path("/tmp/sidecar")
 
     # The executable for an engine, where it is not the adapter's default on PATH: {"vllm": "/opt/vllm/bin/vllm"}.
     engine_executables: dict[str, str] = {}

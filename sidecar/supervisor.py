@@ -1,8 +1,23 @@
 """The engine's lifecycle: load, readiness, supervision, restart, drain and unload.
 
-One lock serializes every operation that changes the engine (load, unload, restart); a load that finds
-it held is refused with 409 at once, an unload cancels a load in progress and then waits its turn.
-Readers (status, health, the data plane) read the state without the lock.
+One task, the owner, holds the engine and its state; nothing else changes them. Callers (the control plane,
+the lifespan, the engine's watcher, the signal handler) put a command in its inbox and await the answer;
+readers (status, health, the data plane) read what it publishes. There is no lock that could outlive its
+holder: a caller that goes away only stops listening, and the owner finishes what it started.
+
+The owner takes commands one at a time. While a long step runs (a load waiting for readiness, a restart's
+back-off, an unload's drain and stop), it keeps reading its inbox, and answers each command at once or
+stops the step for it:
+
+| command, arriving during | loading (a load or a restart) | unloading (an unload or a replace) |
+|---|---|---|
+| load | 409 | 409 |
+| load with `replace` | the load is abandoned (its caller: 409), then this one runs | 409 |
+| unload | the load is abandoned (its caller: 409), then idle | answered when this unload ends |
+| SIGTERM (the server begins to stop) | the load is abandoned (its caller: 503) | waits for the unload |
+| shutdown (the lifespan ends) | the load is abandoned, then everything stops | the drain ends at once, then stop |
+
+At rest: a load when ready is 409 unless it replaces; an unload when idle answers idle at once.
 """
 
 from __future__ import annotations
@@ -13,9 +28,10 @@ import os
 import re
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import psutil
@@ -26,12 +42,15 @@ from engines import adapter as registered_adapter
 from sidecar.errors import BadGateway, BadRequest, Conflict, GatewayTimeout, ServiceUnavailable, SidecarError
 from sidecar.gpu import Gpus, on_gpu, processes_memory_mb
 from sidecar.logs import get_logger
-from sidecar.process import EngineProcess, become_subreaper
+from sidecar.process import REAP_AFTER_KILL_S, EngineProcess, become_subreaper
 from sidecar.redaction import Redactor
+from sidecar.runfile import EngineRecord
 from sidecar.settings import Settings
-from sidecar.state import EngineState
+from sidecar.state import EngineState, check_transition
 
 log = get_logger("sidecar.supervisor")
+
+T = TypeVar("T")
 
 READY_POLL_S = 0.1
 GPU_RELEASE_TIMEOUT_S = 15.0
@@ -78,6 +97,14 @@ class Engine:
         return self.request.served_model_name or self.request.model
 
 
+def shutdown_bound_s(settings: Settings) -> float:
+    """The longest the sidecar may take to exit after SIGTERM: the server's drain, the engine's SIGTERM grace,
+    its reaping after SIGKILL, its GPU memory's release, and a few seconds of the process's own. A container's
+    stop grace period (compose's `stop_grace_period`, Kubernetes' `terminationGracePeriodSeconds`) must cover it,
+    or the engine is killed with the sidecar before either can say so."""
+    return settings.drain_timeout_s + settings.kill_grace_s + REAP_AFTER_KILL_S + GPU_RELEASE_TIMEOUT_S + 5.0
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -85,21 +112,93 @@ def free_port() -> int:
         return port
 
 
+# -- commands to the owner -------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Command:
+    reply: asyncio.Future[Any]
+
+
+@dataclass(eq=False)
+class _Load(_Command):
+    request: LoadRequest
+    adapter: EngineAdapter
+
+
+@dataclass(eq=False)
+class _Unload(_Command):
+    drain_timeout_s: float
+
+
+@dataclass(eq=False)
+class _Crashed(_Command):
+    engine: Engine
+
+
+@dataclass(eq=False)
+class _Shutdown(_Command):
+    final: bool  # False: the server began to stop (SIGTERM); True: the lifespan ends, everything stops
+
+
+class _Defer:
+    """Leave the command in the inbox: it is taken when the step ends."""
+
+
+@dataclass
+class _Preempt:
+    """Stop the step for the command (it is next); `error` is what the step's own caller is told."""
+
+    error: SidecarError | None = None
+
+
+_DEFER = _Defer()
+# What a step does with a command that arrives while it runs: None when the command was answered.
+Decision = _Defer | _Preempt | None
+
+
+class _Abandoned(Exception):
+    def __init__(self, error: SidecarError | None) -> None:
+        super().__init__(error.message if error else "abandoned")
+        self.error = error
+
+
+def _reply(command: _Command, value: Any) -> None:
+    if not command.reply.done():
+        command.reply.set_result(value)
+
+
+def _fail(command: _Command, error: SidecarError) -> None:
+    if not command.reply.done():
+        command.reply.set_exception(error)
+
+
+def _shutting_down(what: str) -> ServiceUnavailable:
+    return ServiceUnavailable(f"the sidecar is shutting down: {what}", code="shutting_down")
+
+
 class Supervisor:
     def __init__(self, settings: Settings, redactor: Redactor, gpus: Gpus | None = None) -> None:
         self.settings = settings
         self.redactor = redactor
         self.gpus = gpus
+        # Published by the owner, read by anyone.
         self.state = EngineState.IDLE
         self.engine: Engine | None = None
         self.restarts = 0
         self.exit_code: int | None = None
         self.last_error: str | None = None
         self.freed_gpu_memory_mb: float | None = None
-        self._lock = asyncio.Lock()
-        self._load_task: asyncio.Task[dict[str, Any]] | None = None
-        self._restart_task: asyncio.Task[None] | None = None
-        self._watch_task: asyncio.Task[None] | None = None
+        # The owner's.
+        self._inbox: deque[_Command] = deque()
+        self._arrived = asyncio.Event()
+        self._owner: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closing = False  # the server is stopping: no new load
+        self._closed = False  # the owner is gone: every command is 503
+        self._watchers: set[asyncio.Task[None]] = set()
+        self._record = EngineRecord(settings.run_dir, settings.port)
+        # The data plane's.
         self._in_flight = 0
         self._drained = asyncio.Event()
         self._drained.set()
@@ -171,7 +270,7 @@ class Supervisor:
             if self._in_flight == 0:
                 self._drained.set()
 
-    # -- load ---------------------------------------------------------------------------------------------
+    # -- asking the owner -----------------------------------------------------------------------------------
 
     def _adapter_for(self, request: LoadRequest) -> EngineAdapter:
         try:
@@ -190,49 +289,177 @@ class Supervisor:
         return adapter
 
     async def load(self, request: LoadRequest) -> tuple[int, dict[str, Any]]:
+        """(200, the ready engine) with `wait`, else (202, the status) once the engine's process exists."""
         adapter = self._adapter_for(request)
-        if self._lock.locked():
-            raise Conflict(f"the engine is {self.state}: wait until it is done, or unload first")
-        if self.state is EngineState.READY and not request.replace:
-            raise Conflict('an engine is already loaded: unload it first, or pass "replace": true')
-        await self._lock.acquire()  # free, so this does not wait: nothing can slip in between
-        self._cancel_restart()
-        spawned = asyncio.Event()
-        task = asyncio.create_task(self._load_locked(request, adapter, spawned))
-        task.add_done_callback(_consume_exception)
-        self._load_task = task
-        if not request.wait:
-            # 202 once the process exists (it has a pid to show), or at once when an engine must drain first.
-            if self.engine is None:
-                waiter = asyncio.ensure_future(spawned.wait())
-                await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
-                waiter.cancel()
-            return 202, self.status()
-        try:
-            return 200, await asyncio.shield(task)
-        except asyncio.CancelledError:
-            current = asyncio.current_task()
-            if task.cancelled() and not (current and current.cancelling()):
-                raise Conflict("the load was cancelled by an unload") from None
-            raise
+        result: tuple[int, dict[str, Any]] = await self._ask(lambda reply: _Load(reply, request, adapter))
+        return result
 
-    async def _load_locked(
-        self, request: LoadRequest, adapter: EngineAdapter, spawned: asyncio.Event
-    ) -> dict[str, Any]:
+    async def unload(self, drain_timeout_s: float | None = None) -> dict[str, Any]:
+        drain = self.settings.drain_timeout_s if drain_timeout_s is None else drain_timeout_s
+        result: dict[str, Any] = await self._ask(lambda reply: _Unload(reply, drain))
+        return result
+
+    def stop_leftover(self) -> None:
+        """At start-up: stop an engine that a previous sidecar on this port left running (blocking: in a thread)."""
+        self._record.stop_leftover(self.settings.kill_grace_s)
+
+    def server_stopping(self) -> None:
+        """The server received SIGTERM or SIGINT: a load in progress is abandoned now, none is accepted after.
+
+        Safe to call from a signal handler: the command is handed to the owner on its loop.
+        """
+        if self._loop is not None and not self._closed:
+            self._loop.call_soon_threadsafe(self._post_stopping)
+
+    def _post_stopping(self) -> None:
+        if not self._closed:
+            self._post(_Shutdown(self._new_reply(), final=False))
+
+    async def shutdown(self) -> None:
+        """On the sidecar's exit: stop the engine (requests were drained by the server already)."""
+        if self._owner is not None and not self._closed:
+            with contextlib.suppress(SidecarError):
+                await self._ask(lambda reply: _Shutdown(reply, final=True))
+            await self._owner
+        await self._probe.aclose()
+
+    def _new_reply(self) -> asyncio.Future[Any]:
+        reply: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        # A caller that left never reads the answer: mark it read, so that asyncio does not log it as lost.
+        reply.add_done_callback(lambda future: future.cancelled() or future.exception())
+        return reply
+
+    def _post(self, command: _Command) -> None:
+        if self._owner is None:
+            self._loop = asyncio.get_running_loop()
+            self._owner = asyncio.create_task(self._own(), name="engine-owner")
+        self._inbox.append(command)
+        self._arrived.set()
+
+    async def _ask(self, make: Callable[[asyncio.Future[Any]], _Command]) -> Any:
+        if self._closed:
+            raise _shutting_down("no engine operation is possible")
+        command = make(self._new_reply())
+        self._post(command)
+        assert self._owner is not None
+        await asyncio.wait({command.reply, self._owner}, return_when=asyncio.FIRST_COMPLETED)
+        if not command.reply.done():
+            raise SidecarError("the engine's supervisor stopped", code="supervisor_stopped")
+        return command.reply.result()
+
+    # -- the owner ------------------------------------------------------------------------------------------
+
+    async def _own(self) -> None:
+        while True:
+            command = await self._next()
+            try:
+                await self._handle(command)
+            except Exception as exc:  # a bug: its caller hears of it, and the owner goes on
+                log.exception("supervisor_error", command=type(command).__name__)
+                _fail(command, SidecarError(f"internal error in the supervisor: {exc.__class__.__name__}"))
+            if isinstance(command, _Shutdown) and command.final:
+                break
+        self._closed = True
+        while self._inbox:
+            _fail(self._inbox.popleft(), _shutting_down("no engine operation is possible"))
+        for watcher in self._watchers:
+            watcher.cancel()
+
+    async def _next(self) -> _Command:
+        while not self._inbox:
+            self._arrived.clear()
+            await self._arrived.wait()
+        return self._inbox.popleft()
+
+    async def _handle(self, command: _Command) -> None:
+        if isinstance(command, _Load):
+            await self._load(command)
+        elif isinstance(command, _Unload):
+            await self._unload(command)
+        elif isinstance(command, _Crashed):
+            _reply(command, None)
+            await self._crashed(command.engine)
+        elif isinstance(command, _Shutdown):
+            self._closing = True
+            if command.final and self.engine is not None:
+                await self._stop(0.0, reason="shutdown", joiners=[])
+            _reply(command, None)
+
+    async def _during(self, work: Awaitable[T], decide: Callable[[_Command], Decision]) -> T:
+        """Await `work` while answering the commands that arrive meanwhile; `decide` may stop it for one."""
+        task = asyncio.ensure_future(work)
         try:
-            if self.engine is not None:
-                await self._stop_engine(self.settings.drain_timeout_s, reason="replace")
-            self.restarts = 0
-            await self._bring_up(request, adapter, spawned)
-            return self._ready_body()
+            while not task.done():
+                for command in list(self._inbox):
+                    decision = decide(command)
+                    if isinstance(decision, _Defer):
+                        continue
+                    self._inbox.remove(command)
+                    if isinstance(decision, _Preempt):
+                        self._inbox.appendleft(command)  # next in line once the step is undone
+                        raise _Abandoned(decision.error)
+                self._arrived.clear()
+                arrived = asyncio.ensure_future(self._arrived.wait())
+                await asyncio.wait({task, arrived}, return_when=asyncio.FIRST_COMPLETED)
+                arrived.cancel()
+            return task.result()
         finally:
-            self._lock.release()
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, SidecarError):
+                    await task
 
-    async def _bring_up(
-        self, request: LoadRequest, adapter: EngineAdapter, spawned: asyncio.Event | None = None
-    ) -> None:
-        """Start the engine and wait until it is ready: state loading, then ready or failed."""
-        self.state = EngineState.LOADING
+    def _set_state(self, state: EngineState) -> None:
+        check_transition(self.state, state)
+        self.state = state
+
+    # -- load -----------------------------------------------------------------------------------------------
+
+    async def _load(self, command: _Load) -> None:
+        request = command.request
+        if self._closing:
+            return _fail(command, _shutting_down("no engine can be loaded"))
+        if self.state is EngineState.READY and not request.replace:
+            return _fail(command, Conflict('an engine is already loaded: unload it first, or pass "replace": true'))
+        if self.engine is not None:  # ready (replace) or failed: the old engine goes first
+            if not request.wait:
+                _reply(command, (202, self.status()))
+            await self._stop(self.settings.drain_timeout_s, reason="replace", joiners=[])
+        self.restarts = 0
+
+        def spawned() -> None:
+            if not request.wait:
+                _reply(command, (202, self.status()))
+
+        try:
+            await self._bring_up(request, command.adapter, spawned)
+        except _Abandoned as abandoned:
+            if abandoned.error is not None:
+                _fail(command, abandoned.error)
+        except SidecarError as exc:
+            _fail(command, exc)
+        else:
+            _reply(command, (200, self._ready_body()))
+
+    def _while_loading(self, command: _Command) -> Decision:
+        if isinstance(command, _Load):
+            if self._closing:
+                _fail(command, _shutting_down("no engine can be loaded"))
+            elif command.request.replace:
+                return _Preempt(Conflict("the load was replaced by another load"))
+            else:
+                _fail(command, Conflict(f"the engine is {self.state}: wait until it is done, or unload first"))
+            return None
+        if isinstance(command, _Unload):
+            return _Preempt(Conflict("the load was cancelled by an unload"))
+        if isinstance(command, _Shutdown):
+            return _Preempt(_shutting_down("the load was stopped"))
+        _reply(command, None)  # a crash report of an engine already gone
+        return None
+
+    async def _bring_up(self, request: LoadRequest, adapter: EngineAdapter, spawned: Callable[[], None]) -> None:
+        """Start the engine and wait until it is ready: state loading, then ready, or failed, or abandoned."""
+        self._set_state(EngineState.LOADING)
         self.exit_code = None
         self.last_error = None
         started = time.monotonic()
@@ -240,23 +467,43 @@ class Supervisor:
         try:
             engine = await self._spawn(request, adapter)
             self.engine = engine
-            if spawned is not None:
-                spawned.set()
-            await self._wait_ready(engine, request.startup_timeout_s or self.settings.startup_timeout_s)
+            spawned()
+            timeout_s = request.startup_timeout_s or self.settings.startup_timeout_s
+            await self._during(self._wait_ready(engine, timeout_s), self._while_loading)
+        except _Abandoned:
+            await self._abandon_load(adapter.name, request.model)
+            raise
         except SidecarError as exc:
-            self.state = EngineState.FAILED
+            self._set_state(EngineState.FAILED)
             self.last_error = exc.message
             log.error("model_load_failed", engine=adapter.name, model=request.model, error=exc.message)
             raise
-        except asyncio.CancelledError:
-            if self.engine and self.engine.process:
-                await self.engine.process.stop(self.settings.kill_grace_s)
-            raise
         engine.load_time_s = round(time.monotonic() - started, 3)
-        self.state = EngineState.READY
+        self._set_state(EngineState.READY)
         log.info("model_ready", engine=adapter.name, model=request.model, load_time_s=engine.load_time_s)
         if engine.process is not None:
-            self._watch_task = asyncio.create_task(self._watch(engine))
+            watcher = asyncio.create_task(self._watch(engine))
+            self._watchers.add(watcher)
+            watcher.add_done_callback(self._watchers.discard)
+
+    async def _abandon_load(self, engine_name: str, model: str) -> None:
+        self._set_state(EngineState.UNLOADING)
+        engine = self.engine
+        if engine is not None and engine.process is not None:
+            self.exit_code = await self._during(engine.process.stop(self.settings.kill_grace_s), self._while_stopping)
+        self.engine = None
+        self._set_state(EngineState.IDLE)
+        log.info("model_load_abandoned", engine=engine_name, model=model, exit_code=self.exit_code)
+
+    def _while_stopping(self, command: _Command) -> Decision:
+        """While an abandoned load's process stops: loads are refused, the rest waits its turn."""
+        if isinstance(command, _Load):
+            _fail(command, Conflict(f"the engine is {self.state}: wait until it is done"))
+            return None
+        if isinstance(command, _Crashed):
+            _reply(command, None)
+            return None
+        return _DEFER
 
     async def _spawn(self, request: LoadRequest, adapter: EngineAdapter) -> Engine:
         now = (time.time(), time.monotonic())
@@ -270,7 +517,9 @@ class Supervisor:
         env = {**os.environ, **adapter.environment(), **request.env}
         log.info("engine_spawn", engine=adapter.name, argv=argv, port=port, env_names=sorted(request.env))
         try:
-            process = await EngineProcess.spawn(adapter.name, argv, env, self.redactor)
+            process = await EngineProcess.spawn(
+                adapter.name, argv, env, self.redactor, self._record, self.settings.kill_grace_s
+            )
         except OSError as exc:
             raise BadGateway(
                 f"cannot start engine {adapter.name}: {exc.strerror or exc}", code="engine_spawn_failed"
@@ -312,66 +561,86 @@ class Supervisor:
     async def _watch(self, engine: Engine) -> None:
         assert engine.process is not None
         await engine.process.exited.wait()
+        if not self._closed:
+            self._post(_Crashed(self._new_reply(), engine))
+
+    async def _crashed(self, engine: Engine) -> None:
         if self.engine is not engine or self.state is not EngineState.READY:
             return  # stopped on purpose
-        self.state = EngineState.FAILED
+        assert engine.process is not None
+        self._set_state(EngineState.FAILED)
         self.exit_code = engine.process.returncode
         self.last_error = f"engine exited with code {self.exit_code} while ready"
         log.error("engine_crashed", engine=engine.adapter.name, exit_code=self.exit_code, tail=engine.process.tail(5))
         await engine.process.stop(self.settings.kill_grace_s)  # whatever is left of its group
-        if self.restarts < self.settings.restart_max and not self._lock.locked():
-            self._restart_task = asyncio.create_task(self._restart(engine))
+        if not self._closing:
+            await self._restart(engine)
 
     async def _restart(self, crashed: Engine) -> None:
+        """Bring a crashed engine back, with back-off, until the policy's count; any operator command comes first."""
         while self.restarts < self.settings.restart_max:
             delay = min(self.settings.restart_backoff_s * 2**self.restarts, self.settings.restart_backoff_max_s)
             self.restarts += 1
             log.warning("engine_restart_scheduled", engine=crashed.adapter.name, attempt=self.restarts, delay_s=delay)
-            await asyncio.sleep(delay)
-            if self._lock.locked() or self.state is not EngineState.FAILED:
-                return  # an operator's load or unload took over
-            async with self._lock:
-                try:
-                    await self._bring_up(crashed.request, crashed.adapter)
-                    log.info("engine_restarted", engine=crashed.adapter.name, attempt=self.restarts)
-                    return
-                except SidecarError:
-                    continue
+            try:
+                await self._during(asyncio.sleep(delay), self._while_waiting_to_restart)
+                await self._bring_up(crashed.request, crashed.adapter, lambda: None)
+            except _Abandoned:
+                return  # the command that came in goes next
+            except SidecarError:
+                continue
+            log.info("engine_restarted", engine=crashed.adapter.name, attempt=self.restarts)
+            return
 
-    def _cancel_restart(self) -> None:
-        if self._restart_task is not None and not self._restart_task.done():
-            self._restart_task.cancel()
+    def _while_waiting_to_restart(self, command: _Command) -> Decision:
+        if isinstance(command, _Crashed):
+            _reply(command, None)
+            return None
+        return _Preempt()
 
     # -- unload -------------------------------------------------------------------------------------------
 
-    async def unload(self, drain_timeout_s: float | None = None) -> dict[str, Any]:
-        self._cancel_restart()
-        if self._load_task is not None and not self._load_task.done():
-            self._load_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, SidecarError):
-                await self._load_task
-        async with self._lock:
-            if self.engine is None:
-                self.state = EngineState.IDLE
-                return {"state": EngineState.IDLE}
-            drain = self.settings.drain_timeout_s if drain_timeout_s is None else drain_timeout_s
-            exit_code = await self._stop_engine(drain, reason="unload")
-            return {"state": EngineState.IDLE, "exit_code": exit_code, "freed_gpu_memory_mb": self.freed_gpu_memory_mb}
+    async def _unload(self, command: _Unload) -> None:
+        if self.engine is None:
+            _reply(command, {"state": EngineState.IDLE})
+            return
+        joiners: list[_Command] = [command]
+        result = await self._stop(command.drain_timeout_s, reason="unload", joiners=joiners)
+        for joiner in joiners:
+            _reply(joiner, result)
 
-    async def _stop_engine(self, drain_timeout_s: float, reason: str) -> int | None:
+    def _while_unloading(self, joiners: list[_Command], draining: bool) -> Callable[[_Command], Decision]:
+        def decide(command: _Command) -> Decision:
+            if isinstance(command, _Unload):
+                joiners.append(command)  # answered with this unload's result
+                return None
+            if isinstance(command, _Load):
+                _fail(command, Conflict(f"the engine is {self.state}: wait until it is done"))
+                return None
+            if isinstance(command, _Shutdown):
+                return _Preempt() if command.final and draining else _DEFER
+            _reply(command, None)
+            return None
+
+        return decide
+
+    async def _stop(self, drain_timeout_s: float, reason: str, joiners: list[_Command]) -> dict[str, Any]:
+        """Drain the data plane, stop the engine's whole group, and say what was freed: state unloading, then idle."""
         engine = self.engine
         assert engine is not None
-        self.state = EngineState.UNLOADING  # new data-plane requests get 503 from here on
+        self._set_state(EngineState.UNLOADING)  # new data-plane requests get 503 from here on
         started = time.monotonic()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._drained.wait(), drain_timeout_s)
+        drained = asyncio.wait_for(self._drained.wait(), drain_timeout_s)
+        with contextlib.suppress(TimeoutError, _Abandoned):
+            await self._during(drained, self._while_unloading(joiners, draining=True))
         exit_code = None
         gpu_before, gpu_pids = await asyncio.to_thread(self._gpu_before_stop)
         if engine.process is not None:
-            exit_code = await engine.process.stop(self.settings.kill_grace_s)
+            stop = engine.process.stop(self.settings.kill_grace_s)
+            exit_code = await self._during(stop, self._while_unloading(joiners, draining=False))
         self.freed_gpu_memory_mb = await asyncio.to_thread(self._gpu_freed, gpu_before, gpu_pids)
         self.engine = None
-        self.state = EngineState.IDLE
+        self._set_state(EngineState.IDLE)
         self.exit_code = exit_code
         log.info(
             "model_unload",
@@ -381,7 +650,7 @@ class Supervisor:
             freed_gpu_memory_mb=self.freed_gpu_memory_mb,
             duration_ms=round((time.monotonic() - started) * 1000, 3),
         )
-        return exit_code
+        return {"state": EngineState.IDLE, "exit_code": exit_code, "freed_gpu_memory_mb": self.freed_gpu_memory_mb}
 
     def _gpu_before_stop(self) -> tuple[float | None, set[int]]:
         if self.gpus is None or not self.gpus.available:
@@ -404,17 +673,6 @@ class Supervisor:
             log.warning("gpu_memory_not_released", pids=sorted(pids), timeout_s=GPU_RELEASE_TIMEOUT_S)
         after = self.gpus.used_mb()
         return None if after is None else round(before - after, 1)
-
-    async def shutdown(self) -> None:
-        """On the sidecar's exit: stop the engine (requests were drained by the server already)."""
-        await self.unload(drain_timeout_s=0)
-        await self._probe.aclose()
-
-
-def _consume_exception(task: asyncio.Task[Any]) -> None:
-    # A load with wait=false has no one awaiting it: its error is in the state and the log already.
-    if not task.cancelled():
-        task.exception()
 
 
 def _iso(timestamp: float) -> str:

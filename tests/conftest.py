@@ -40,8 +40,10 @@ def start_sidecar(tmp_path: Path) -> Iterator[Callable[..., SidecarProcess]]:
     """Start `sidecar serve` as a real process; every one started is stopped at the end of the test."""
     started: list[SidecarProcess] = []
 
-    def start(env: dict[str, str] | None = None, args: tuple[str, ...] = (), wait: bool = True) -> SidecarProcess:
-        process = SidecarProcess(tmp_path, env or {}, args)
+    def start(
+        env: dict[str, str] | None = None, args: tuple[str, ...] = (), wait: bool = True, port: int | None = None
+    ) -> SidecarProcess:
+        process = SidecarProcess(tmp_path, env or {}, args, port)
         started.append(process)
         if wait:
             process.wait_healthy()

@@ -19,8 +19,8 @@ __all__ = ["SidecarProcess", "free_port", "group_members", "is_gone", "wait_unti
 
 
 class SidecarProcess:
-    def __init__(self, workdir: Path, env: dict[str, str], args: tuple[str, ...] = ()) -> None:
-        self.port = free_port()
+    def __init__(self, workdir: Path, env: dict[str, str], args: tuple[str, ...] = (), port: int | None = None) -> None:
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.output_path = workdir / f"sidecar-{self.port}.out"
         self._output = self.output_path.open("wb")

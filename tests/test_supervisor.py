@@ -292,10 +292,53 @@ def test_sigterm_to_the_sidecar_stops_the_engine_first(start_sidecar: Start) -> 
     assert "model_unload" in sidecar.output()
 
 
+def test_sigterm_during_a_load_answers_it_with_an_openai_error_and_stops_the_engine(start_sidecar: Start) -> None:
+    sidecar = start_sidecar()
+    answered: list[httpx.Response] = []
+    loading = threading.Thread(target=lambda: answered.append(load(sidecar, args={"startup-delay-s": 60})))
+    loading.start()
+    wait_until(lambda: status(sidecar)["pid"] is not None, timeout_s=10)
+    pid = status(sidecar)["pid"]
+    sidecar.process.send_signal(signal.SIGTERM)
+    loading.join(timeout=20)
+    assert answered[0].status_code == 503
+    assert answered[0].json()["error"]["code"] == "shutting_down"
+    assert sidecar.wait_exit() in (0, -signal.SIGTERM)
+    assert group_members(pid) == []
+
+
+@pytest.mark.parametrize("engine_args", [{"spawn-child": True}, {"spawn-child": True, "ignore-sigterm": True}])
+def test_the_engine_dies_with_a_sidecar_killed_by_sigkill(start_sidecar: Start, engine_args: dict[str, Any]) -> None:
+    sidecar = start_sidecar({"SIDECAR_KILL_GRACE_S": "0.5"})
+    pid = load(sidecar, args=engine_args).json()["pid"]
+    assert len(group_members(pid)) >= 2
+    sidecar.process.kill()
+    sidecar.process.wait()
+    wait_until(lambda: group_members(pid) == [], timeout_s=10)
+
+
+def test_a_sidecar_stops_the_engine_a_killed_one_left_behind(start_sidecar: Start, tmp_path: Path) -> None:
+    settings = {"SIDECAR_RUN_DIR": str(tmp_path / "run"), "SIDECAR_KILL_GRACE_S": "0.5"}
+    first = start_sidecar(settings)
+    pid = load(first, args={"ignore-sigterm": True}).json()["pid"]
+    assert (tmp_path / "run" / f"engine-{first.port}.json").exists()
+    # Its guard killed first, then the sidecar: the engine ignores the SIGTERM the kernel sends it, and stays.
+    for child in psutil.Process(first.pid).children():
+        if "sidecar.guard" in " ".join(child.cmdline()):
+            child.kill()
+    first.process.kill()
+    first.process.wait()
+    assert group_members(pid) != []
+    second = start_sidecar(settings, port=first.port)
+    wait_until(lambda: group_members(pid) == [], timeout_s=10)
+    assert "stale_engine_stopped" in second.output()
+    assert not (tmp_path / "run" / f"engine-{first.port}.json").exists()
+
+
 @pytest.fixture
-async def supervisor() -> AsyncIterator[Supervisor]:
+async def supervisor(tmp_path: Path) -> AsyncIterator[Supervisor]:
     """A supervisor in the test's own process, for what a client of the sidecar cannot observe."""
-    supervisor = Supervisor(load_settings(None), Redactor())
+    supervisor = Supervisor(load_settings(None, run_dir=tmp_path), Redactor())
     yield supervisor
     await supervisor.shutdown()
 
