@@ -34,7 +34,7 @@ from bench.loadgen import PhaseResult, chat_body, new_session, run_phase, stream
 from bench.nginx import find_nginx, start_nginx, worker_pid
 from bench.processes import pin, spawn_sidecar, wait_ok
 from bench.report import summarize, write_chart, write_table
-from sidecar.supervisor import free_port
+from sidecar.engine import free_port
 
 KEY = "bench-key-0123"
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-from sidecar.supervisor import free_port
+from sidecar.engine import free_port
 
 
 def spawn_sidecar(settings: dict[str, str], workdir: Path) -> tuple[subprocess.Popen[bytes], str]:

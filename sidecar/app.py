@@ -15,6 +15,7 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 
 from sidecar import control, dataplane, health, telemetry
+from sidecar.engine import LoadRequest
 from sidecar.errors import SidecarError, handle_http_exception, handle_sidecar_error
 from sidecar.gpu import Gpus
 from sidecar.history import RequestHistory
@@ -23,7 +24,7 @@ from sidecar.middleware import AuthMiddleware, BodyLimitMiddleware, RequestConte
 from sidecar.proxy import Proxy
 from sidecar.redaction import Redactor
 from sidecar.settings import Settings
-from sidecar.supervisor import LoadRequest, Supervisor
+from sidecar.supervisor import Supervisor
 from sidecar.telemetry import Telemetry
 
 log = get_logger("sidecar.app")

@@ -14,10 +14,10 @@ from typing import Any
 from sidecar import __version__
 from sidecar.app import server
 from sidecar.demo import demo
+from sidecar.engine import free_port
 from sidecar.logs import configure_logging, get_logger
 from sidecar.redaction import Redactor
 from sidecar.settings import Settings, SettingsError, load_settings
-from sidecar.supervisor import free_port
 
 log = get_logger("sidecar.cli")
 

@@ -9,9 +9,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from sidecar.engine import LoadRequest
 from sidecar.errors import BadRequest
 from sidecar.http import read_json_object
-from sidecar.supervisor import LoadRequest, Supervisor
+from sidecar.supervisor import Supervisor
 
 
 def _supervisor(request: Request) -> Supervisor:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from types import ModuleType
@@ -169,3 +170,33 @@ def processes_memory_mb(readings: Iterable[GpuReading] | None, pids: set[int]) -
 def on_gpu(readings: Iterable[GpuReading] | None, pids: set[int]) -> bool:
     """Whether any of the given processes still holds GPU memory."""
     return readings is not None and any(pid in pids for reading in readings for pid in reading.processes_mb)
+
+
+RELEASE_TIMEOUT_S = 15.0  # how long an engine's GPU memory may take to come back after its processes exit
+_RELEASE_POLL_S = 0.1
+
+
+def engine_memory_mb(gpus: Gpus | None, pids: set[int]) -> float | None:
+    """The engine's own GPU memory where the driver reports it per process, else all used GPU memory."""
+    if gpus is None or not gpus.available:
+        return None
+    own = processes_memory_mb(gpus.read(), pids)
+    return own if own is not None else gpus.used_mb()
+
+
+def freed_mb(gpus: Gpus | None, before: float | None, pids: set[int]) -> float | None:
+    """Once the engine's processes have left the GPUs (or the deadline passed): how much memory came back.
+
+    The driver frees a process's memory shortly after it exits, so this polls rather than reads once (blocking).
+    """
+    if gpus is None or before is None:
+        return None
+    deadline = time.monotonic() + RELEASE_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if not on_gpu(gpus.read(), pids):
+            break
+        time.sleep(_RELEASE_POLL_S)
+    else:
+        log.warning("gpu_memory_not_released", pids=sorted(pids), timeout_s=RELEASE_TIMEOUT_S)
+    after = gpus.used_mb()
+    return None if after is None else round(before - after, 1)

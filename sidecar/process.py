@@ -40,6 +40,14 @@ def become_subreaper() -> None:
         log.warning("subreaper_unavailable")
 
 
+def process_tree(pid: int) -> set[int]:
+    """A process and its descendants (vLLM's workers hold the GPU memory, not its API server)."""
+    try:
+        return {pid, *(child.pid for child in psutil.Process(pid).children(recursive=True))}
+    except psutil.Error:
+        return {pid}
+
+
 class _OutputProtocol(asyncio.SubprocessProtocol):
     """Splits stdout and stderr on `\\n` and `\\r` (progress bars) as the bytes arrive, never waiting for a line."""
 

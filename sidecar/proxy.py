@@ -32,6 +32,7 @@ from sidecar.chunks import (
     has_output,
     is_usage_chunk,
 )
+from sidecar.engine import Engine
 from sidecar.errors import BadGateway, BadRequest, GatewayTimeout, SidecarError, engine_error_body
 from sidecar.history import RequestHistory
 from sidecar.http import read_json_object
@@ -40,7 +41,7 @@ from sidecar.middleware.request_context import log_fields
 from sidecar.performance import PerformanceMeter
 from sidecar.settings import Settings
 from sidecar.sse import DONE, SSEParser
-from sidecar.supervisor import Engine, Supervisor
+from sidecar.supervisor import Supervisor
 from sidecar.telemetry import GpuWindow, Telemetry
 
 log = get_logger("sidecar.proxy")

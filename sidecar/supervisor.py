@@ -25,24 +25,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import re
-import socket
 import time
-from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
-import psutil
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from engines import AdapterError, ArgValue, EngineAdapter, UnknownEngine
+from engines import AdapterError, EngineAdapter, UnknownEngine
 from engines import adapter as registered_adapter
+from sidecar.engine import Engine, LoadRequest, free_port
 from sidecar.errors import BadGateway, BadRequest, Conflict, GatewayTimeout, ServiceUnavailable, SidecarError
-from sidecar.gpu import Gpus, on_gpu, processes_memory_mb
+from sidecar.gpu import RELEASE_TIMEOUT_S, Gpus, engine_memory_mb, freed_mb
+from sidecar.inbox import DEFER, Abandoned, Command, Decision, Inbox, Preempt, fail, new_reply, reply
 from sidecar.logs import get_logger
-from sidecar.process import REAP_AFTER_KILL_S, EngineProcess, become_subreaper
+from sidecar.process import REAP_AFTER_KILL_S, EngineProcess, become_subreaper, process_tree
 from sidecar.redaction import Redactor
 from sidecar.runfile import EngineRecord
 from sidecar.settings import Settings
@@ -50,51 +47,7 @@ from sidecar.state import EngineState, check_transition
 
 log = get_logger("sidecar.supervisor")
 
-T = TypeVar("T")
-
 READY_POLL_S = 0.1
-GPU_RELEASE_TIMEOUT_S = 15.0
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-
-
-class LoadRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    engine: str = Field(min_length=1)
-    model: str = Field(min_length=1)
-    args: dict[str, ArgValue] = {}
-    env: dict[str, str] = {}
-    served_model_name: str | None = None
-    wait: bool = True
-    startup_timeout_s: float | None = Field(None, gt=0)
-    replace: bool = False
-    url: str | None = Field(None, pattern=r"^https?://[^\s/]+(/[^\s]*)?$")
-
-    @field_validator("env")
-    @classmethod
-    def _env_names(cls, env: dict[str, str]) -> dict[str, str]:
-        bad = [name for name in env if not _ENV_NAME.fullmatch(name)]
-        if bad:
-            raise ValueError(f"invalid environment variable name(s): {', '.join(map(repr, bad))}")
-        return env
-
-
-@dataclass
-class Engine:
-    """What runs now: the request that started it, its adapter, and its process (none for `external`)."""
-
-    request: LoadRequest
-    adapter: EngineAdapter
-    base_url: str
-    port: int | None
-    process: EngineProcess | None
-    started_at: float  # wall clock, for people
-    started_monotonic: float
-    load_time_s: float | None = None
-
-    @property
-    def served_model(self) -> str:
-        return self.request.served_model_name or self.request.model
 
 
 def shutdown_bound_s(settings: Settings) -> float:
@@ -102,75 +55,31 @@ def shutdown_bound_s(settings: Settings) -> float:
     its reaping after SIGKILL, its GPU memory's release, and a few seconds of the process's own. A container's
     stop grace period (compose's `stop_grace_period`, Kubernetes' `terminationGracePeriodSeconds`) must cover it,
     or the engine is killed with the sidecar before either can say so."""
-    return settings.drain_timeout_s + settings.kill_grace_s + REAP_AFTER_KILL_S + GPU_RELEASE_TIMEOUT_S + 5.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    return settings.drain_timeout_s + settings.kill_grace_s + REAP_AFTER_KILL_S + RELEASE_TIMEOUT_S + 5.0
 
 
 # -- commands to the owner -------------------------------------------------------------------------------
 
 
 @dataclass(eq=False)
-class _Command:
-    reply: asyncio.Future[Any]
-
-
-@dataclass(eq=False)
-class _Load(_Command):
+class _Load(Command):
     request: LoadRequest
     adapter: EngineAdapter
 
 
 @dataclass(eq=False)
-class _Unload(_Command):
+class _Unload(Command):
     drain_timeout_s: float
 
 
 @dataclass(eq=False)
-class _Crashed(_Command):
+class _Crashed(Command):
     engine: Engine
 
 
 @dataclass(eq=False)
-class _Shutdown(_Command):
+class _Shutdown(Command):
     final: bool  # False: the server began to stop (SIGTERM); True: the lifespan ends, everything stops
-
-
-class _Defer:
-    """Leave the command in the inbox: it is taken when the step ends."""
-
-
-@dataclass
-class _Preempt:
-    """Stop the step for the command (it is next); `error` is what the step's own caller is told."""
-
-    error: SidecarError | None = None
-
-
-_DEFER = _Defer()
-# What a step does with a command that arrives while it runs: None when the command was answered.
-Decision = _Defer | _Preempt | None
-
-
-class _Abandoned(Exception):
-    def __init__(self, error: SidecarError | None) -> None:
-        super().__init__(error.message if error else "abandoned")
-        self.error = error
-
-
-def _reply(command: _Command, value: Any) -> None:
-    if not command.reply.done():
-        command.reply.set_result(value)
-
-
-def _fail(command: _Command, error: SidecarError) -> None:
-    if not command.reply.done():
-        command.reply.set_exception(error)
 
 
 def _shutting_down(what: str) -> ServiceUnavailable:
@@ -190,8 +99,7 @@ class Supervisor:
         self.last_error: str | None = None
         self.freed_gpu_memory_mb: float | None = None
         # The owner's.
-        self._inbox: deque[_Command] = deque()
-        self._arrived = asyncio.Event()
+        self._inbox = Inbox()
         self._owner: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False  # the server is stopping: no new load
@@ -233,27 +141,14 @@ class Supervisor:
         return engine.process.pid if engine is not None and engine.process is not None else None
 
     def _engine_pids(self) -> set[int]:
-        """The engine's process and its descendants (vLLM's workers hold the GPU memory, not its API server)."""
         pid = self.engine_pid
-        if pid is None:
-            return set()
-        try:
-            root = psutil.Process(pid)
-            return {pid, *(child.pid for child in root.children(recursive=True))}
-        except psutil.Error:
-            return {pid}
-
-    def _gpu_memory_used_mb(self) -> float | None:
-        """The engine's own GPU memory where the driver reports it per process, else all used GPU memory."""
-        if self.gpus is None or not self.gpus.available:
-            return None
-        own = processes_memory_mb(self.gpus.read(), self._engine_pids())
-        return own if own is not None else self.gpus.used_mb()
+        return set() if pid is None else process_tree(pid)
 
     def _ready_body(self) -> dict[str, Any]:
         status = self.status()
         keys = ("state", "engine", "model", "served_model_name", "pid", "port", "load_time_s")
-        return {key: status[key] for key in keys} | {"gpu_memory_used_mb": self._gpu_memory_used_mb()}
+        gpu_memory_used_mb = engine_memory_mb(self.gpus, self._engine_pids())
+        return {key: status[key] for key in keys} | {"gpu_memory_used_mb": gpu_memory_used_mb}
 
     @contextlib.asynccontextmanager
     async def request_slot(self) -> AsyncIterator[Engine]:
@@ -313,7 +208,7 @@ class Supervisor:
 
     def _post_stopping(self) -> None:
         if not self._closed:
-            self._post(_Shutdown(self._new_reply(), final=False))
+            self._post(_Shutdown(new_reply(), final=False))
 
     async def shutdown(self) -> None:
         """On the sidecar's exit: stop the engine (requests were drained by the server already)."""
@@ -323,23 +218,16 @@ class Supervisor:
             await self._owner
         await self._probe.aclose()
 
-    def _new_reply(self) -> asyncio.Future[Any]:
-        reply: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        # A caller that left never reads the answer: mark it read, so that asyncio does not log it as lost.
-        reply.add_done_callback(lambda future: future.cancelled() or future.exception())
-        return reply
-
-    def _post(self, command: _Command) -> None:
+    def _post(self, command: Command) -> None:
         if self._owner is None:
             self._loop = asyncio.get_running_loop()
             self._owner = asyncio.create_task(self._own(), name="engine-owner")
-        self._inbox.append(command)
-        self._arrived.set()
+        self._inbox.post(command)
 
-    async def _ask(self, make: Callable[[asyncio.Future[Any]], _Command]) -> Any:
+    async def _ask(self, make: Callable[[asyncio.Future[Any]], Command]) -> Any:
         if self._closed:
             raise _shutting_down("no engine operation is possible")
-        command = make(self._new_reply())
+        command = make(new_reply())
         self._post(command)
         assert self._owner is not None
         await asyncio.wait({command.reply, self._owner}, return_when=asyncio.FIRST_COMPLETED)
@@ -351,63 +239,33 @@ class Supervisor:
 
     async def _own(self) -> None:
         while True:
-            command = await self._next()
+            command = await self._inbox.next()
             try:
                 await self._handle(command)
             except Exception as exc:  # a bug: its caller hears of it, and the owner goes on
                 log.exception("supervisor_error", command=type(command).__name__)
-                _fail(command, SidecarError(f"internal error in the supervisor: {exc.__class__.__name__}"))
+                fail(command, SidecarError(f"internal error in the supervisor: {exc.__class__.__name__}"))
             if isinstance(command, _Shutdown) and command.final:
                 break
         self._closed = True
-        while self._inbox:
-            _fail(self._inbox.popleft(), _shutting_down("no engine operation is possible"))
+        for command in self._inbox.take_all():
+            fail(command, _shutting_down("no engine operation is possible"))
         for watcher in self._watchers:
             watcher.cancel()
 
-    async def _next(self) -> _Command:
-        while not self._inbox:
-            self._arrived.clear()
-            await self._arrived.wait()
-        return self._inbox.popleft()
-
-    async def _handle(self, command: _Command) -> None:
+    async def _handle(self, command: Command) -> None:
         if isinstance(command, _Load):
             await self._load(command)
         elif isinstance(command, _Unload):
             await self._unload(command)
         elif isinstance(command, _Crashed):
-            _reply(command, None)
+            reply(command, None)
             await self._crashed(command.engine)
         elif isinstance(command, _Shutdown):
             self._closing = True
             if command.final and self.engine is not None:
                 await self._stop(0.0, reason="shutdown", joiners=[])
-            _reply(command, None)
-
-    async def _during(self, work: Awaitable[T], decide: Callable[[_Command], Decision]) -> T:
-        """Await `work` while answering the commands that arrive meanwhile; `decide` may stop it for one."""
-        task = asyncio.ensure_future(work)
-        try:
-            while not task.done():
-                for command in list(self._inbox):
-                    decision = decide(command)
-                    if isinstance(decision, _Defer):
-                        continue
-                    self._inbox.remove(command)
-                    if isinstance(decision, _Preempt):
-                        self._inbox.appendleft(command)  # next in line once the step is undone
-                        raise _Abandoned(decision.error)
-                self._arrived.clear()
-                arrived = asyncio.ensure_future(self._arrived.wait())
-                await asyncio.wait({task, arrived}, return_when=asyncio.FIRST_COMPLETED)
-                arrived.cancel()
-            return task.result()
-        finally:
-            if not task.done():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, SidecarError):
-                    await task
+            reply(command, None)
 
     def _set_state(self, state: EngineState) -> None:
         check_transition(self.state, state)
@@ -418,43 +276,43 @@ class Supervisor:
     async def _load(self, command: _Load) -> None:
         request = command.request
         if self._closing:
-            return _fail(command, _shutting_down("no engine can be loaded"))
+            return fail(command, _shutting_down("no engine can be loaded"))
         if self.state is EngineState.READY and not request.replace:
-            return _fail(command, Conflict('an engine is already loaded: unload it first, or pass "replace": true'))
+            return fail(command, Conflict('an engine is already loaded: unload it first, or pass "replace": true'))
         if self.engine is not None:  # ready (replace) or failed: the old engine goes first
             if not request.wait:
-                _reply(command, (202, self.status()))
+                reply(command, (202, self.status()))
             await self._stop(self.settings.drain_timeout_s, reason="replace", joiners=[])
         self.restarts = 0
 
         def spawned() -> None:
             if not request.wait:
-                _reply(command, (202, self.status()))
+                reply(command, (202, self.status()))
 
         try:
             await self._bring_up(request, command.adapter, spawned)
-        except _Abandoned as abandoned:
+        except Abandoned as abandoned:
             if abandoned.error is not None:
-                _fail(command, abandoned.error)
+                fail(command, abandoned.error)
         except SidecarError as exc:
-            _fail(command, exc)
+            fail(command, exc)
         else:
-            _reply(command, (200, self._ready_body()))
+            reply(command, (200, self._ready_body()))
 
-    def _while_loading(self, command: _Command) -> Decision:
+    def _while_loading(self, command: Command) -> Decision:
         if isinstance(command, _Load):
             if self._closing:
-                _fail(command, _shutting_down("no engine can be loaded"))
+                fail(command, _shutting_down("no engine can be loaded"))
             elif command.request.replace:
-                return _Preempt(Conflict("the load was replaced by another load"))
+                return Preempt(Conflict("the load was replaced by another load"))
             else:
-                _fail(command, Conflict(f"the engine is {self.state}: wait until it is done, or unload first"))
+                fail(command, Conflict(f"the engine is {self.state}: wait until it is done, or unload first"))
             return None
         if isinstance(command, _Unload):
-            return _Preempt(Conflict("the load was cancelled by an unload"))
+            return Preempt(Conflict("the load was cancelled by an unload"))
         if isinstance(command, _Shutdown):
-            return _Preempt(_shutting_down("the load was stopped"))
-        _reply(command, None)  # a crash report of an engine already gone
+            return Preempt(_shutting_down("the load was stopped"))
+        reply(command, None)  # a crash report of an engine already gone
         return None
 
     async def _bring_up(self, request: LoadRequest, adapter: EngineAdapter, spawned: Callable[[], None]) -> None:
@@ -469,8 +327,8 @@ class Supervisor:
             self.engine = engine
             spawned()
             timeout_s = request.startup_timeout_s or self.settings.startup_timeout_s
-            await self._during(self._wait_ready(engine, timeout_s), self._while_loading)
-        except _Abandoned:
+            await self._inbox.during(self._wait_ready(engine, timeout_s), self._while_loading)
+        except Abandoned:
             await self._abandon_load(adapter.name, request.model)
             raise
         except SidecarError as exc:
@@ -490,20 +348,21 @@ class Supervisor:
         self._set_state(EngineState.UNLOADING)
         engine = self.engine
         if engine is not None and engine.process is not None:
-            self.exit_code = await self._during(engine.process.stop(self.settings.kill_grace_s), self._while_stopping)
+            stop = engine.process.stop(self.settings.kill_grace_s)
+            self.exit_code = await self._inbox.during(stop, self._while_stopping)
         self.engine = None
         self._set_state(EngineState.IDLE)
         log.info("model_load_abandoned", engine=engine_name, model=model, exit_code=self.exit_code)
 
-    def _while_stopping(self, command: _Command) -> Decision:
+    def _while_stopping(self, command: Command) -> Decision:
         """While an abandoned load's process stops: loads are refused, the rest waits its turn."""
         if isinstance(command, _Load):
-            _fail(command, Conflict(f"the engine is {self.state}: wait until it is done"))
+            fail(command, Conflict(f"the engine is {self.state}: wait until it is done"))
             return None
         if isinstance(command, _Crashed):
-            _reply(command, None)
+            reply(command, None)
             return None
-        return _DEFER
+        return DEFER
 
     async def _spawn(self, request: LoadRequest, adapter: EngineAdapter) -> Engine:
         now = (time.time(), time.monotonic())
@@ -562,7 +421,7 @@ class Supervisor:
         assert engine.process is not None
         await engine.process.exited.wait()
         if not self._closed:
-            self._post(_Crashed(self._new_reply(), engine))
+            self._post(_Crashed(new_reply(), engine))
 
     async def _crashed(self, engine: Engine) -> None:
         if self.engine is not engine or self.state is not EngineState.READY:
@@ -583,62 +442,63 @@ class Supervisor:
             self.restarts += 1
             log.warning("engine_restart_scheduled", engine=crashed.adapter.name, attempt=self.restarts, delay_s=delay)
             try:
-                await self._during(asyncio.sleep(delay), self._while_waiting_to_restart)
+                await self._inbox.during(asyncio.sleep(delay), self._while_waiting_to_restart)
                 await self._bring_up(crashed.request, crashed.adapter, lambda: None)
-            except _Abandoned:
+            except Abandoned:
                 return  # the command that came in goes next
             except SidecarError:
                 continue
             log.info("engine_restarted", engine=crashed.adapter.name, attempt=self.restarts)
             return
 
-    def _while_waiting_to_restart(self, command: _Command) -> Decision:
+    def _while_waiting_to_restart(self, command: Command) -> Decision:
         if isinstance(command, _Crashed):
-            _reply(command, None)
+            reply(command, None)
             return None
-        return _Preempt()
+        return Preempt()
 
     # -- unload -------------------------------------------------------------------------------------------
 
     async def _unload(self, command: _Unload) -> None:
         if self.engine is None:
-            _reply(command, {"state": EngineState.IDLE})
+            reply(command, {"state": EngineState.IDLE})
             return
-        joiners: list[_Command] = [command]
+        joiners: list[Command] = [command]
         result = await self._stop(command.drain_timeout_s, reason="unload", joiners=joiners)
         for joiner in joiners:
-            _reply(joiner, result)
+            reply(joiner, result)
 
-    def _while_unloading(self, joiners: list[_Command], draining: bool) -> Callable[[_Command], Decision]:
-        def decide(command: _Command) -> Decision:
+    def _while_unloading(self, joiners: list[Command], draining: bool) -> Callable[[Command], Decision]:
+        def decide(command: Command) -> Decision:
             if isinstance(command, _Unload):
                 joiners.append(command)  # answered with this unload's result
                 return None
             if isinstance(command, _Load):
-                _fail(command, Conflict(f"the engine is {self.state}: wait until it is done"))
+                fail(command, Conflict(f"the engine is {self.state}: wait until it is done"))
                 return None
             if isinstance(command, _Shutdown):
-                return _Preempt() if command.final and draining else _DEFER
-            _reply(command, None)
+                return Preempt() if command.final and draining else DEFER
+            reply(command, None)
             return None
 
         return decide
 
-    async def _stop(self, drain_timeout_s: float, reason: str, joiners: list[_Command]) -> dict[str, Any]:
+    async def _stop(self, drain_timeout_s: float, reason: str, joiners: list[Command]) -> dict[str, Any]:
         """Drain the data plane, stop the engine's whole group, and say what was freed: state unloading, then idle."""
         engine = self.engine
         assert engine is not None
         self._set_state(EngineState.UNLOADING)  # new data-plane requests get 503 from here on
         started = time.monotonic()
         drained = asyncio.wait_for(self._drained.wait(), drain_timeout_s)
-        with contextlib.suppress(TimeoutError, _Abandoned):
-            await self._during(drained, self._while_unloading(joiners, draining=True))
+        with contextlib.suppress(TimeoutError, Abandoned):
+            await self._inbox.during(drained, self._while_unloading(joiners, draining=True))
         exit_code = None
-        gpu_before, gpu_pids = await asyncio.to_thread(self._gpu_before_stop)
+        gpu_before = await asyncio.to_thread(self.gpus.used_mb) if self.gpus and self.gpus.available else None
+        gpu_pids = self._engine_pids()
         if engine.process is not None:
             stop = engine.process.stop(self.settings.kill_grace_s)
-            exit_code = await self._during(stop, self._while_unloading(joiners, draining=False))
-        self.freed_gpu_memory_mb = await asyncio.to_thread(self._gpu_freed, gpu_before, gpu_pids)
+            exit_code = await self._inbox.during(stop, self._while_unloading(joiners, draining=False))
+        self.freed_gpu_memory_mb = await asyncio.to_thread(freed_mb, self.gpus, gpu_before, gpu_pids)
         self.engine = None
         self._set_state(EngineState.IDLE)
         self.exit_code = exit_code
@@ -651,28 +511,6 @@ class Supervisor:
             duration_ms=round((time.monotonic() - started) * 1000, 3),
         )
         return {"state": EngineState.IDLE, "exit_code": exit_code, "freed_gpu_memory_mb": self.freed_gpu_memory_mb}
-
-    def _gpu_before_stop(self) -> tuple[float | None, set[int]]:
-        if self.gpus is None or not self.gpus.available:
-            return None, set()
-        return self.gpus.used_mb(), self._engine_pids()
-
-    def _gpu_freed(self, before: float | None, pids: set[int]) -> float | None:
-        """Once the engine's processes have left the GPUs (or the deadline passed): how much memory came back.
-
-        The driver frees a process's memory shortly after it exits, so this polls rather than reads once.
-        """
-        if self.gpus is None or before is None:
-            return None
-        deadline = time.monotonic() + GPU_RELEASE_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if not on_gpu(self.gpus.read(), pids):
-                break
-            time.sleep(READY_POLL_S)
-        else:
-            log.warning("gpu_memory_not_released", pids=sorted(pids), timeout_s=GPU_RELEASE_TIMEOUT_S)
-        after = self.gpus.used_mb()
-        return None if after is None else round(before - after, 1)
 
 
 def _iso(timestamp: float) -> str:
