@@ -15,8 +15,10 @@ async def read_json_object(request: Request) -> dict[str, Any]:
     body = await request.body()
     try:
         value = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except ValueError as exc:  # not JSON, not UTF-8, or an integer of more digits than Python converts
         raise BadRequest(f"request body is not valid JSON: {exc}", code="invalid_json") from None
+    except RecursionError:  # the parser recurses once per level: [[[[...]]]] 100,000 deep exhausts the stack
+        raise BadRequest("request body is JSON nested too deeply", code="invalid_json") from None
     if not isinstance(value, dict):
         raise BadRequest(f"request body must be a JSON object, not {type(value).__name__}", code="invalid_json")
     return value

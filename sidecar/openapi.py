@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from sidecar.engine import LoadRequest
 from sidecar.middleware.auth import Plane, plane_for
 
 
@@ -52,6 +53,21 @@ _ERROR_SCHEMA: dict[str, Any] = {
 }
 
 
+_UNLOAD_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {"drain_timeout_s": {"type": "number", "minimum": 0}},
+    "additionalProperties": False,
+}
+
+
+def _request_schema(endpoint: Endpoint) -> dict[str, Any]:
+    if endpoint.path == "/v1/model/load":
+        return LoadRequest.model_json_schema()
+    if endpoint.path == "/v1/model/unload":
+        return _UNLOAD_SCHEMA
+    return {"type": "object"}  # OpenAI's bodies: the engine's to judge
+
+
 def _operation(endpoint: Endpoint) -> dict[str, Any]:
     responses: dict[str, Any] = {
         "200": {"description": "OK"},
@@ -67,8 +83,8 @@ def _operation(endpoint: Endpoint) -> dict[str, Any]:
         operation["security"] = [{"adminBearer": []}, {"adminApiKey": []}]
     if endpoint.method == "POST":
         operation["requestBody"] = {
-            "required": True,
-            "content": {"application/json": {"schema": {"type": "object"}}},
+            "required": endpoint.path != "/v1/model/unload",
+            "content": {"application/json": {"schema": _request_schema(endpoint)}},
         }
     return operation
 

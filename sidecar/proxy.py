@@ -121,7 +121,7 @@ def _loads(data: bytes) -> dict[str, Any] | None:
     """An event's JSON object, or None: what is not JSON passes through unmeasured rather than failing."""
     try:
         value = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     return value if isinstance(value, dict) else None
 

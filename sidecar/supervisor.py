@@ -389,6 +389,13 @@ class Supervisor:
         """Poll readiness until the deadline; an exit during start-up ends the wait at once."""
         deadline = time.monotonic() + timeout_s
         process = engine.process
+        if process is None:  # a server that should be running already: nothing listening is final
+            try:
+                await self._probe.get(engine.base_url + "/v1/models")
+            except httpx.ConnectError:
+                raise BadGateway(f"nothing answers at {engine.base_url}", code="engine_unreachable") from None
+            except httpx.HTTPError:
+                pass
         while True:
             if process is not None and process.exited.is_set():
                 await process.stop(self.settings.kill_grace_s)  # the rest of its group
