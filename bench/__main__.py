@@ -86,7 +86,8 @@ def _mock_engine(args: argparse.Namespace, logs: Path) -> tuple[subprocess.Popen
     argv = [sys.executable, "-m", "engines.mock_server", "--port", str(port)]
     for name, value in {"ttft-ms": args.ttft_ms, "itl-ms": args.itl_ms, "tokens": args.tokens}.items():
         argv += [f"--{name}", str(value)]
-    process = subprocess.Popen(argv, stdout=(logs / "engine.log").open("wb"), stderr=subprocess.STDOUT)
+    with (logs / "engine.log").open("wb") as log:
+        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
     direct = f"http://127.0.0.1:{port}"
     wait_ok(direct + "/health")
     return process, direct

@@ -74,11 +74,9 @@ def start_nginx(binary: str, engine_port: int, workdir: Path) -> tuple[subproces
     port = free_port()
     config = workdir / "nginx.conf"
     config.write_text(CONFIG.format(workdir=workdir, engine_port=engine_port, port=port))
-    process = subprocess.Popen(
-        [binary, "-p", str(workdir), "-c", str(config), "-e", "stderr"],
-        stdout=(workdir / "nginx.log").open("wb"),
-        stderr=subprocess.STDOUT,
-    )
+    with (workdir / "nginx.log").open("wb") as log:
+        argv = [binary, "-p", str(workdir), "-c", str(config), "-e", "stderr"]
+        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     wait_ok(url + "/nginx-health", timeout_s=20)
     return process, url

@@ -19,13 +19,10 @@ def spawn_sidecar(settings: dict[str, str], workdir: Path) -> tuple[subprocess.P
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")} | settings
     env["SIDECAR_PORT"] = str(port)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "sidecar", "serve"],
-        env=env,
-        cwd=workdir,
-        stdout=(workdir / "sidecar.log").open("wb"),
-        stderr=subprocess.STDOUT,
-    )
+    with (workdir / "sidecar.log").open("wb") as log:  # the child writes to its own copy of the descriptor
+        process = subprocess.Popen(
+            [sys.executable, "-m", "sidecar", "serve"], env=env, cwd=workdir, stdout=log, stderr=subprocess.STDOUT
+        )
     return process, f"http://127.0.0.1:{port}"
 
 
