@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import os
 import time
 from collections.abc import AsyncIterator, Callable
@@ -221,7 +222,8 @@ class Supervisor:
     def _post(self, command: Command) -> None:
         if self._owner is None:
             self._loop = asyncio.get_running_loop()
-            self._owner = asyncio.create_task(self._own(), name="engine-owner")
+            # A context of its own: the request that happened to start it must not tag every later engine log line.
+            self._owner = asyncio.create_task(self._own(), name="engine-owner", context=contextvars.Context())
         self._inbox.post(command)
 
     async def _ask(self, make: Callable[[asyncio.Future[Any]], Command]) -> Any:

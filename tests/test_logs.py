@@ -108,3 +108,20 @@ def test_keys_never_reach_console_or_files(tmp_path: Path, start_sidecar: Callab
     fingerprints = {by_id["ok-key"]["key_fingerprint"], by_id["bad-key"]["key_fingerprint"]}
     assert len(fingerprints) == 2 and all(len(f) == 12 for f in fingerprints)
     assert {"method", "path", "duration_ms"} <= by_id["ok-key"].keys()
+
+
+def test_engine_lines_carry_no_request_id_of_the_load_that_started_the_engine(
+    start_sidecar: Callable[..., SidecarProcess],
+) -> None:
+    sidecar = start_sidecar({"SIDECAR_LOG_FORMAT": "json"})
+    load = {"engine": "mock", "model": "m", "args": {"print-env": ["HOME"]}}
+    headers = {"X-Request-ID": "the-load-request"}
+    assert httpx.post(f"{sidecar.url}/v1/model/load", json=load, headers=headers, timeout=30).status_code == 200
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    httpx.post(f"{sidecar.url}/v1/chat/completions", json=chat, headers={"X-Request-ID": "a-chat"}, timeout=30)
+    records = [json.loads(line) for line in sidecar.output().splitlines() if line.startswith("{")]
+    engine_lines = [r for r in records if r.get("event") in ("engine_output", "engine_spawn", "model_ready")]
+    assert {r["event"] for r in engine_lines} == {"engine_output", "engine_spawn", "model_ready"}
+    assert all("request_id" not in r for r in engine_lines), engine_lines
+    access = [r for r in records if r.get("request_id") == "the-load-request"]
+    assert access, "the load's own access line keeps its request id"
