@@ -87,6 +87,15 @@ class EngineAdapter:
     def flags(self, args: Mapping[str, ArgValue]) -> list[str]:
         return flags_from_args(args, self.list_style, self.reserved_flags)
 
+    def engine_request_id(self, request_id: str) -> str:
+        """The X-Request-ID the engine gets for the client's (or the sidecar's) request id: as it is by default
+        (vLLM puts it in its own request id, which ties its logs to ours)."""
+        return request_id
+
+    def translate_request(self, body: dict[str, Any]) -> dict[str, Any]:
+        """The request body in the engine's terms, where it names a field differently; the same object if not."""
+        return body
+
     def environment(self) -> dict[str, str]:
         """Variables the engine needs on top of the sidecar's environment and the request's `env`."""
         return {}

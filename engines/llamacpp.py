@@ -2,8 +2,10 @@ from __future__ import annotations
 
 import shutil
 import sys
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from engines.base import ArgValue, EngineAdapter
 
@@ -40,6 +42,22 @@ class LlamaCppPythonAdapter(EngineAdapter):
     def environment(self) -> dict[str, str]:
         # Its server reports disconnects with print(): unbuffered, they reach the log when they happen.
         return {"PYTHONUNBUFFERED": "1"}
+
+    def engine_request_id(self, request_id: str) -> str:
+        # Its request-id middleware answers an empty 400 to an X-Request-ID that is not a UUID (`job-42`): such an
+        # id is sent as the UUID it names (the same one each time), the client keeps its own.
+        try:
+            return uuid.UUID(request_id).hex
+        except ValueError:
+            return uuid.uuid5(uuid.NAMESPACE_URL, f"x-request-id:{request_id}").hex
+
+    def translate_request(self, body: dict[str, Any]) -> dict[str, Any]:
+        # It knows only `max_tokens`: `max_completion_tokens` (what current OpenAI clients send) would be ignored
+        # and the answer would run to the context's end.
+        if "max_completion_tokens" in body and "max_tokens" not in body:
+            rest = {k: v for k, v in body.items() if k != "max_completion_tokens"}
+            return rest | {"max_tokens": body["max_completion_tokens"]}
+        return body
 
     def command(self, model: str, port: int, args: Mapping[str, ArgValue], served_model_name: str | None) -> list[str]:
         argv = [self.executable, "-m", "llama_cpp.server", "--model", model, "--host", "127.0.0.1", "--port", str(port)]

@@ -195,6 +195,9 @@ class Proxy:
         streams_usage = loaded is None or loaded.adapter.streams_usage
         assemble = not stream and self.settings.assemble_non_streaming and streams_usage
         payload = await request.body()  # the bytes as the client sent them
+        if loaded is not None and (translated := loaded.adapter.translate_request(body)) is not body:
+            body = translated
+            payload = _dumps(body)
         if stream and not client_usage or assemble:
             # Ask for usage to count tokens; the chunk is removed again before the client sees it.
             payload = _dumps(body | {"stream": True, "stream_options": (options or {}) | {"include_usage": True}})
@@ -270,7 +273,9 @@ class Proxy:
         url = exchange.engine.base_url + scope["path"]
         if scope["query_string"]:
             url += "?" + scope["query_string"].decode("latin-1")
-        headers = _request_headers(scope, scope["state"]["request_id"], json_body)
+        headers = _request_headers(
+            scope, exchange.engine.adapter.engine_request_id(scope["state"]["request_id"]), json_body
+        )
         exchange.meter.overhead_ns += time.perf_counter_ns() - exchange.meter.start_ns
 
         def send() -> Awaitable[aiohttp.ClientResponse]:

@@ -7,6 +7,7 @@ last one unloads it.
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections.abc import Iterator
@@ -203,3 +204,33 @@ def test_unload_leaves_no_process(llama: Llama) -> None:
     assert group_members(pid) == []
     assert all(is_gone(p.pid) for p in members)
     assert httpx.get(f"{llama.sidecar.url}/ready").status_code == 503
+
+
+def test_a_client_request_id_that_is_not_a_uuid_is_kept_and_the_engine_accepts_the_request(llama: Llama) -> None:
+    response = llama.client().chat.completions.with_raw_response.create(
+        model=SERVED, messages=MESSAGES, max_tokens=4, extra_headers={"X-Request-ID": "job-42"}
+    )
+    assert response.http_response.status_code == 200
+    assert response.headers["x-request-id"] == "job-42"
+    assert response.parse().usage.completion_tokens == 4
+    record = httpx.get(f"{llama.sidecar.url}/v1/requests/job-42", headers={"Authorization": f"Bearer {API_KEY}"}).json()
+    assert record["status"] == 200
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_max_completion_tokens_means_the_same_as_behind_any_engine(llama: Llama, stream: bool) -> None:
+    body: dict[str, Any] = {"model": SERVED, "messages": MESSAGES, "max_completion_tokens": 8}
+    if stream:
+        body |= {"stream": True, "stream_options": {"include_usage": True}}
+    response = httpx.post(
+        f"{llama.sidecar.url}/v1/chat/completions",
+        json=body,
+        headers={"Authorization": f"Bearer {API_KEY}"},
+        timeout=60,
+    )
+    assert response.status_code == 200, response.text
+    if stream:
+        usage = json.loads(response.text.split("data: ")[-2])["usage"]
+    else:
+        usage = response.json()["usage"]
+    assert usage["completion_tokens"] == 8
