@@ -8,6 +8,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.processes import wait_until
 from tests.proxy.conftest import AUTH, MESSAGES, MODEL, Stack, events, normalized, post_stream
 
 
@@ -160,3 +161,26 @@ def test_usage_chunk_the_engine_did_not_send_is_added_with_the_tokens_counted(st
     performance = _usage_performance(last.usage)
     assert performance["completion_tokens"] == 12 and performance["tokens_estimated"] is True
     assert performance["ttft_ms"] > 0
+
+
+def test_a_client_that_drops_usage_reads_the_metrics_by_the_request_id_in_the_headers(stack: Stack) -> None:
+    """What LiteLLM and LangChain users do: they never see `usage.performance`, but they get the headers."""
+    raw = stack.client().chat.completions.with_raw_response.create(
+        model=MODEL,
+        messages=MESSAGES,  # type: ignore[arg-type]
+        stream=True,
+        extra_body={"mock": {"ttft_ms": 100}},
+    )
+    request_id = raw.headers["x-request-id"]
+    chunks = list(raw.parse())
+    assert chunks and all(chunk.usage is None for chunk in chunks)  # not asked for: none sent
+    found: dict[str, Any] = {}
+
+    def recorded() -> bool:
+        response = httpx.get(f"{stack.url}/v1/requests/{request_id}", headers=AUTH)
+        found.update(response.json() if response.status_code == 200 else {})
+        return bool(found)
+
+    wait_until(recorded, timeout_s=5)
+    performance = found["performance"]
+    assert performance["completion_tokens"] == 16 and 95 <= performance["ttft_ms"] <= 130
