@@ -3,6 +3,10 @@
 Times come from one monotonic clock in nanoseconds; the clock starts when the request's body has been read.
 With several choices (`n` > 1), ITL gaps are taken within each choice and TPOT divides by each choice's share
 of the tokens: the spec's formulas for one sequence, applied per sequence.
+
+Events that arrive in one read of the engine's stream (a busy machine, an engine that writes in batches) share
+its timestamp: the time between them was not observed. They are counted as `coalesced_events`, their zero gaps
+left out of ITL, and TPOT and tokens/s are null when every output event came in the same read.
 """
 
 from __future__ import annotations
@@ -35,11 +39,14 @@ class PerformanceMeter:
     overhead_ns: int = 0  # time the sidecar spent on the request itself, added up by the proxy
     gaps_ns: list[int] = field(default_factory=list)
     last_by_choice: dict[int, int] = field(default_factory=dict)
+    coalesced_events: int = 0  # output events read together with the one before them: no gap was observed
 
     def output(self, now_ns: int, choice: int = 0) -> None:
         """One event carrying generated output for `choice` arrived at now_ns."""
         last = self.last_by_choice.get(choice)
-        if last is not None:
+        if last == now_ns:
+            self.coalesced_events += 1
+        elif last is not None:
             self.gaps_ns.append(now_ns - last)
         elif self.first_output_ns is None:
             self.first_output_ns = now_ns
@@ -70,7 +77,7 @@ class PerformanceMeter:
         completion_tokens = reported if isinstance(reported, int) else self.output_events
         per_sequence = completion_tokens / max(1, len(self.last_by_choice))
         decode_ns = latency_ns - ttft_ns if latency_ns is not None and ttft_ns is not None else None
-        tpot = _ms(decode_ns / (per_sequence - 1)) if decode_ns is not None and per_sequence > 1 else None
+        tpot = _ms(decode_ns / (per_sequence - 1)) if decode_ns and per_sequence > 1 else None
         rate = round(completion_tokens / (decode_ns / 1e9), 3) if decode_ns else None
         gaps = sorted(self.gaps_ns)
         itl = {f"p{q}": _ms(percentile(gaps, q)) for q in (50, 90, 99)} | {"max": _ms(gaps[-1])} if gaps else None
@@ -83,6 +90,7 @@ class PerformanceMeter:
             "prompt_tokens": usage.get("prompt_tokens"),
             "completion_tokens": completion_tokens,
             "output_tokens_per_s": rate,
+            "coalesced_events": self.coalesced_events,
             "gpu_memory_peak_mb": gpu_memory_peak_mb,
             "gpu_memory_delta_mb": gpu_memory_delta_mb,
             "sidecar_overhead_ms": _ms(self.overhead_ns),

@@ -82,3 +82,23 @@ def test_a_whole_body_has_latency_but_no_ttft() -> None:
     result = meter.result(81 * MS, {"completion_tokens": 10}, engine="e", model="m")
     assert (result["ttft_ms"], result["latency_ms"], result["total_ms"]) == (None, 80.0, 81.0)
     assert result["tpot_ms"] is None and result["itl_ms"] is None and result["output_tokens_per_s"] is None
+
+
+def test_events_read_together_are_counted_as_coalesced_not_as_zero_gaps() -> None:
+    meter = PerformanceMeter(start_ns=0)
+    for at_ms in (100, 120, 120, 120, 150):  # three events in the read at 120 ms
+        meter.output(at_ms * MS)
+    result = meter.result(160 * MS, {"completion_tokens": 5}, engine="mock", model="m")
+    assert result["coalesced_events"] == 2
+    assert result["itl_ms"] == {"p50": 25.0, "p90": 29.0, "p99": 29.9, "max": 30.0}  # 20 and 30: no zeros
+    assert result["tpot_ms"] == pytest.approx(50 / 4, abs=1e-3)  # the average over the time observed
+
+
+def test_a_whole_answer_in_one_read_has_no_tpot_itl_or_rate_rather_than_zeros() -> None:
+    meter = PerformanceMeter(start_ns=0)
+    for _ in range(8):
+        meter.output(100 * MS)
+    result = meter.result(101 * MS, {"completion_tokens": 8}, engine="mock", model="m")
+    assert (result["ttft_ms"], result["latency_ms"]) == (100.0, 100.0)
+    assert result["coalesced_events"] == 7
+    assert (result["tpot_ms"], result["itl_ms"], result["output_tokens_per_s"]) == (None, None, None)
