@@ -190,22 +190,6 @@ def test_client_disconnect_stops_llama_cpp_generating(llama: Llama) -> None:
     assert len(after.choices[0].message.content or "") == 4
 
 
-def test_unload_leaves_no_process(llama: Llama) -> None:
-    pid = llama.loaded["pid"]
-    members = group_members(pid)
-    assert members, "the engine runs in its own process group"
-    response = httpx.post(
-        f"{llama.sidecar.url}/v1/model/unload",
-        json={"drain_timeout_s": 5},
-        headers={"Authorization": f"Bearer {ADMIN_KEY}"},
-        timeout=60,
-    )
-    assert response.status_code == 200 and response.json()["state"] == "idle"
-    assert group_members(pid) == []
-    assert all(is_gone(p.pid) for p in members)
-    assert httpx.get(f"{llama.sidecar.url}/ready").status_code == 503
-
-
 def test_a_client_request_id_that_is_not_a_uuid_is_kept_and_the_engine_accepts_the_request(llama: Llama) -> None:
     response = llama.client().chat.completions.with_raw_response.create(
         model=SERVED, messages=MESSAGES, max_tokens=4, extra_headers={"X-Request-ID": "job-42"}
@@ -234,3 +218,20 @@ def test_max_completion_tokens_means_the_same_as_behind_any_engine(llama: Llama,
     else:
         usage = response.json()["usage"]
     assert usage["completion_tokens"] == 8
+
+
+# Last: it unloads the engine the module's other tests share.
+def test_unload_leaves_no_process(llama: Llama) -> None:
+    pid = llama.loaded["pid"]
+    members = group_members(pid)
+    assert members, "the engine runs in its own process group"
+    response = httpx.post(
+        f"{llama.sidecar.url}/v1/model/unload",
+        json={"drain_timeout_s": 5},
+        headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+        timeout=60,
+    )
+    assert response.status_code == 200 and response.json()["state"] == "idle"
+    assert group_members(pid) == []
+    assert all(is_gone(p.pid) for p in members)
+    assert httpx.get(f"{llama.sidecar.url}/ready").status_code == 503
