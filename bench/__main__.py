@@ -65,6 +65,9 @@ def _raise_fd_limit() -> None:
 
 
 def _sidecar_settings(args: argparse.Namespace) -> dict[str, str]:
+    extra = dict(item.split("=", 1) for item in args.sidecar_env)
+    if args.engine == "fast":  # started by the bench, loaded as an external engine
+        return {"SIDECAR_API_KEYS": KEY} | extra
     settings = {"SIDECAR_API_KEYS": KEY, "SIDECAR_AUTOLOAD_ENGINE": args.engine}
     if args.engine == "mock":
         engine_args: dict[str, Any] = {"ttft-ms": args.ttft_ms, "itl-ms": args.itl_ms, "tokens": args.tokens}
@@ -78,14 +81,17 @@ def _sidecar_settings(args: argparse.Namespace) -> dict[str, str]:
     settings["SIDECAR_AUTOLOAD_ARGS"] = json.dumps(engine_args | json.loads(args.engine_args))
     if args.engine_executable:
         settings["SIDECAR_ENGINE_EXECUTABLES"] = json.dumps({args.engine: args.engine_executable})
-    return settings | dict(item.split("=", 1) for item in args.sidecar_env)
+    return settings | extra
 
 
-def _mock_engine(args: argparse.Namespace, logs: Path) -> tuple[subprocess.Popen[bytes], str]:
+def _own_engine(args: argparse.Namespace, logs: Path, module: str) -> tuple[subprocess.Popen[bytes], str]:
+    """The mock engine (for --target) or the fast one, started by the bench itself."""
     port = args.engine_port or free_port()
-    argv = [sys.executable, "-m", "engines.mock_server", "--port", str(port)]
+    argv = [sys.executable, "-m", module, "--port", str(port)]
     for name, value in {"ttft-ms": args.ttft_ms, "itl-ms": args.itl_ms, "tokens": args.tokens}.items():
         argv += [f"--{name}", str(value)]
+    if module == "bench.fast_engine":
+        argv += ["--workers", str(args.engine_workers)]
     with (logs / "engine.log").open("wb") as log:
         process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
     direct = f"http://127.0.0.1:{port}"
@@ -98,9 +104,18 @@ def _processes(args: argparse.Namespace, logs: Path) -> Iterator[Targets]:
     started: list[subprocess.Popen[bytes]] = []
     try:
         if args.target:
-            engine, direct = _mock_engine(args, logs)
+            engine, direct = _own_engine(args, logs, "engines.mock_server")
             started.append(engine)
             targets = Targets(direct, Proxy("target", args.target.rstrip("/"), args.target_pid), None, engine.pid)
+        elif args.engine == "fast":
+            engine, direct = _own_engine(args, logs, "bench.fast_engine")
+            started.append(engine)
+            sidecar, url = spawn_sidecar(_sidecar_settings(args), logs)
+            started.append(sidecar)
+            wait_ok(url + "/health")
+            load = {"engine": "external", "model": "mock-model", "url": direct}
+            httpx.post(f"{url}/v1/model/load", json=load, headers={"Authorization": f"Bearer {KEY}"}).raise_for_status()
+            targets = Targets(direct, Proxy("sidecar", url, sidecar.pid), None, engine.pid)
         else:
             sidecar, url = spawn_sidecar(_sidecar_settings(args), logs)
             started.append(sidecar)
@@ -249,7 +264,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--tokens", type=int, default=32, help="tokens per answer (default 32)")
     parser.add_argument("--itl-ms", type=float, default=5.0, help="mock engine's time between tokens (default 5)")
     parser.add_argument("--ttft-ms", type=float, default=20.0, help="mock engine's time to first token (default 20)")
-    parser.add_argument("--engine", default="mock", help="the engine the sidecar loads (default mock)")
+    parser.add_argument(
+        "--engine",
+        default="mock",
+        help="mock (default), fast (bench/fast_engine.py: cheap enough per event to load the proxy), or a real "
+        "engine the sidecar loads (llamacpp, with --model)",
+    )
+    parser.add_argument("--engine-workers", type=int, default=1, help="processes of the fast engine (default 1)")
     parser.add_argument("--model", help="the model the engine loads (a .gguf file for llamacpp)")
     parser.add_argument("--engine-args", default="{}", help="the engine's flags as a JSON object, as in a load")
     parser.add_argument("--engine-executable", help="the engine's binary, where it is not on PATH")

@@ -26,3 +26,17 @@ def test_bench_measures_the_sidecar_against_direct(tmp_path: Path) -> None:
     assert memory["long_stream_4000_tokens"]["chunks"] >= 4000
     assert memory["prompt_2mb_x10"]["errors"] == 0, memory
     assert (out / "results.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_bench_against_the_fast_engine_loaded_as_external(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    command = [sys.executable, "-m", "bench", "--engine", "fast", "--concurrency", "1,16", "--seconds", "0.5"]
+    command += ["--rounds", "1", "--out", str(out)]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "engine check at 16 streams" in result.stdout
+    results = json.loads((out / "results.json").read_text())
+    assert results["engine"] == "fast" and results["memory"] is None
+    for level in results["levels"]:
+        assert level["errors"] == 0 and level["direct_errors"] == 0, level["first_error"]
+        assert level["direct_chunks_per_s"] > 0 and level["core_share_at_direct_rate"] > 0
