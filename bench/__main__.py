@@ -217,7 +217,38 @@ async def _measure(args: argparse.Namespace, targets: Targets) -> dict[str, Any]
                 proxied = {name: (runs[name], cpu_s[name], peak_rss[name]) for name in pids}
                 levels.append(summarize(concurrency, runs["direct"], proxied, targets.proxy.name))
     memory = await _memory_checks(targets, headers) if not args.skip_memory and args.engine == "mock" else None
-    return {"levels": levels, "memory": memory}
+    costs = await _cost_split(args, targets, headers) if args.cost_split else None
+    return {"levels": levels, "memory": memory, "cost_split": costs}
+
+
+async def _cost_split(args: argparse.Namespace, targets: Targets, headers: dict[str, str]) -> dict[str, Any]:
+    """Each proxy's CPU per request and per relayed chunk, apart: the same load at the top concurrency with
+    streams of two lengths, and cpu = requests × per_request + chunks × per_chunk solved for the two."""
+    concurrency = max(args.concurrency)
+    lengths = (args.tokens, args.tokens * 8)
+    split: dict[str, Any] = {}
+    async with new_session(concurrency) as session:
+        for proxy in targets.proxies:
+            url = proxy.url + "/v1/chat/completions"
+            phases = []
+            for tokens in lengths:
+                body = chat_body(tokens, model=targets.model, mock=args.engine == "mock")
+                await run_phase(session, "warm-up", url, headers, body, concurrency, 1)
+                with ProcessMeter(proxy.pid) as meter:
+                    result = await run_phase(session, proxy.name, url, headers, body, concurrency, args.seconds)
+                measured = {"cpu_s": meter.cpu_s, "requests": result.requests, "chunks": result.chunks}
+                phases.append({"tokens": tokens} | measured)
+            (c1, r1, k1), (c2, r2, k2) = ((ph["cpu_s"], ph["requests"], ph["chunks"]) for ph in phases)
+            determinant = r1 * k2 - r2 * k1
+            per_chunk = (r1 * c2 - r2 * c1) / determinant if determinant else None
+            per_request = (c1 - k1 * per_chunk) / r1 if per_chunk is not None and r1 else None
+            split[proxy.name] = {
+                "concurrency": concurrency,
+                "cpu_ms_per_request": None if per_request is None else round(per_request * 1000, 4),
+                "cpu_us_per_chunk": None if per_chunk is None else round(per_chunk * 1e6, 2),
+                "phases": phases,
+            }
+    return split
 
 
 async def _memory_checks(targets: Targets, headers: dict[str, str]) -> dict[str, Any]:
@@ -286,6 +317,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--engine-port", type=int, help="port for the mock engine with --target (default: free)")
     parser.add_argument("--sidecar-env", action="append", default=[], help="extra SIDECAR_X=value for the sidecar")
     parser.add_argument("--skip-memory", action="store_true", help="skip the long-stream and large-prompt checks")
+    parser.add_argument(
+        "--cost-split",
+        action="store_true",
+        help="also split each proxy's CPU into per request and per chunk (streams of --tokens and 8x as long)",
+    )
     parser.add_argument(
         "--out", type=Path, default=Path("bench/results"), help="where results go (default bench/results)"
     )

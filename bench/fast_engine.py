@@ -7,7 +7,7 @@ are bucketed by the tick of their next event), so its cost per relayed event is 
 `--workers N` runs N processes on one port (SO_REUSEPORT).
 
 Routes: `GET /health`, `GET /v1/models`, `POST /v1/chat/completions` (streamed when `"stream": true`, with a
-usage chunk when `stream_options.include_usage`; `max_tokens` caps `--tokens`; a non-streamed request gets the
+usage chunk when `stream_options.include_usage`; `max_tokens` tokens, else `--tokens`; a non-streamed request gets the
 whole answer at once). Keep-alive; one request at a time per connection, as HTTP/1.1 clients send them.
 """
 
@@ -152,7 +152,7 @@ class Connection(asyncio.Protocol):
             self.transport.write(engine.models)
         elif method == b"POST" and path == b"/v1/chat/completions":
             request = json.loads(body or b"{}")
-            tokens = min(engine.tokens, int(request.get("max_tokens") or engine.tokens))
+            tokens = int(request.get("max_tokens") or engine.tokens)
             if not request.get("stream"):
                 self.transport.write(engine.whole(tokens))
                 return
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.fast_engine", description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--model", default="mock-model")
-    parser.add_argument("--tokens", type=int, default=32, help="tokens per answer (max_tokens caps it)")
+    parser.add_argument("--tokens", type=int, default=32, help="tokens per answer without max_tokens")
     parser.add_argument("--ttft-ms", type=float, default=20.0)
     parser.add_argument("--itl-ms", type=float, default=5.0)
     parser.add_argument("--workers", type=int, default=1, help="processes on the port (SO_REUSEPORT)")

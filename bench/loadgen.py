@@ -31,13 +31,16 @@ class PhaseResult:
         return self.chunks / self.seconds if self.seconds else 0.0
 
 
-def chat_body(tokens: int, prompt: str = "measure the proxy", model: str = "mock-model") -> bytes:
-    body = {
+def chat_body(tokens: int, prompt: str = "measure the proxy", model: str = "mock-model", mock: bool = False) -> bytes:
+    """A streamed chat request for `tokens` tokens (`mock`: also raises the mock engine's own cap to them)."""
+    body: dict[str, object] = {
         "model": model,
         "messages": [{"role": "user", "content": prompt}],
         "stream": True,
         "max_tokens": tokens,
     }
+    if mock:
+        body["mock"] = {"tokens": tokens}
     return json.dumps(body).encode()
 
 

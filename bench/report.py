@@ -155,6 +155,13 @@ def write_table(results: dict[str, Any], out: TextIO) -> None:
         "bounded by the engine, CPU per chunk still measures the proxy"
     )
     out.write(f"\nengine check at {top['concurrency']} streams: core share {_cell(share)}; {verdict}\n")
+    if results.get("cost_split"):
+        out.write("\nCPU per request and per relayed chunk, apart (two stream lengths at the top concurrency)\n")
+        for name, split in results["cost_split"].items():
+            out.write(
+                f"  {name}: {_cell(split['cpu_ms_per_request'])} ms per request, "
+                f"{_cell(split['cpu_us_per_chunk'])} µs per chunk\n"
+            )
     if results.get("memory"):
         out.write("\nmemory of the proxy (MB): before / peak / after\n")
         for name, check in results["memory"].items():

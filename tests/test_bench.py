@@ -31,7 +31,7 @@ def test_bench_measures_the_sidecar_against_direct(tmp_path: Path) -> None:
 def test_bench_against_the_fast_engine_loaded_as_external(tmp_path: Path) -> None:
     out = tmp_path / "results"
     command = [sys.executable, "-m", "bench", "--engine", "fast", "--concurrency", "1,16", "--seconds", "0.5"]
-    command += ["--rounds", "1", "--out", str(out)]
+    command += ["--rounds", "1", "--cost-split", "--out", str(out)]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "engine check at 16 streams" in result.stdout
@@ -40,3 +40,8 @@ def test_bench_against_the_fast_engine_loaded_as_external(tmp_path: Path) -> Non
     for level in results["levels"]:
         assert level["errors"] == 0 and level["direct_errors"] == 0, level["first_error"]
         assert level["direct_chunks_per_s"] > 0 and level["core_share_at_direct_rate"] > 0
+    split = results["cost_split"]["sidecar"]
+    assert [phase["tokens"] for phase in split["phases"]] == [32, 256]
+    short, long = split["phases"]
+    assert long["chunks"] / long["requests"] > 4 * short["chunks"] / short["requests"]  # the engine honoured them
+    assert split["cpu_ms_per_request"] is not None and split["cpu_us_per_chunk"] is not None
