@@ -194,13 +194,12 @@ class Proxy:
         loaded = self.supervisor.engine
         streams_usage = loaded is None or loaded.adapter.streams_usage
         assemble = not stream and self.settings.assemble_non_streaming and streams_usage
-        payload = await request.body()  # the bytes as the client sent them
-        if loaded is not None and (translated := loaded.adapter.translate_request(body)) is not body:
-            body = translated
-            payload = _dumps(body)
+        sent = loaded.adapter.translate_request(body) if loaded is not None else body
         if stream and not client_usage or assemble:
             # Ask for usage to count tokens; the chunk is removed again before the client sees it.
-            payload = _dumps(body | {"stream": True, "stream_options": (options or {}) | {"include_usage": True}})
+            sent = sent | {"stream": True, "stream_options": (options or {}) | {"include_usage": True}}
+        # The bytes as the client sent them, unless the body changed: then serialized once.
+        payload = await request.body() if sent is body else _dumps(sent)
         chat = scope["path"].endswith("/chat/completions")
 
         async def relay(exchange: _Exchange, response: aiohttp.ClientResponse) -> None:
