@@ -98,7 +98,14 @@ class EngineProcess:
 
     @classmethod
     async def spawn(
-        cls, name: str, argv: list[str], env: dict[str, str], redactor: Redactor, record: EngineRecord, grace_s: float
+        cls,
+        name: str,
+        argv: list[str],
+        env: dict[str, str],
+        redactor: Redactor,
+        record: EngineRecord,
+        grace_s: float,
+        port: int,
     ) -> EngineProcess:
         """Start argv (never through a shell) in a new session; `env` is the child's whole environment.
 
@@ -131,7 +138,7 @@ class EngineProcess:
             stdout=asyncio.subprocess.DEVNULL,
             start_new_session=True,  # a signal to the sidecar's group must not reach it
         )
-        record.write(pid, name, None)
+        record.write(pid, name, port)
         return cls(name, transport, protocol, tail, guard, record)
 
     @property

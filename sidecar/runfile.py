@@ -20,7 +20,7 @@ class EngineRecord:
     def __init__(self, run_dir: Path, sidecar_port: int) -> None:
         self.path = run_dir / f"engine-{sidecar_port}.json"
 
-    def write(self, pid: int, engine: str, port: int | None) -> None:
+    def write(self, pid: int, engine: str, port: int) -> None:
         try:
             started = psutil.Process(pid).create_time()
         except psutil.NoSuchProcess:

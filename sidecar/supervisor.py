@@ -379,7 +379,7 @@ class Supervisor:
         log.info("engine_spawn", engine=adapter.name, argv=argv, port=port, env_names=sorted(request.env))
         try:
             process = await EngineProcess.spawn(
-                adapter.name, argv, env, self.redactor, self._record, self.settings.kill_grace_s
+                adapter.name, argv, env, self.redactor, self._record, self.settings.kill_grace_s, port
             )
         except OSError as exc:
             raise BadGateway(

@@ -322,7 +322,8 @@ def test_a_sidecar_stops_the_engine_a_killed_one_left_behind(start_sidecar: Star
     settings = {"SIDECAR_RUN_DIR": str(tmp_path / "run"), "SIDECAR_KILL_GRACE_S": "0.5"}
     first = start_sidecar(settings)
     pid = load(first, args={"ignore-sigterm": True}).json()["pid"]
-    assert (tmp_path / "run" / f"engine-{first.port}.json").exists()
+    record = json.loads((tmp_path / "run" / f"engine-{first.port}.json").read_text())
+    assert (record["pid"], record["port"]) == (pid, status(first)["port"])
     # Its guard killed first, then the sidecar: the engine ignores the SIGTERM the kernel sends it, and stays.
     for child in psutil.Process(first.pid).children():
         if "sidecar.guard" in " ".join(child.cmdline()):
