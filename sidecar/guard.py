@@ -17,12 +17,18 @@ import sys
 import time
 
 PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def prctl(option: int, value: int) -> None:
+    """Linux's prctl(2) for this process (a no-op elsewhere)."""
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(option, value, 0, 0, 0)
 
 
 def die_with_parent(sig: int = signal.SIGTERM) -> None:
-    """Ask the kernel for `sig` when the thread that started this process ends (Linux; a no-op elsewhere)."""
-    if sys.platform == "linux":
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
+    """Ask the kernel for `sig` when the thread that started this process ends."""
+    prctl(PR_SET_PDEATHSIG, sig)
 
 
 def group_alive(pgid: int) -> bool:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import ctypes
 import os
 import signal
 import sys
@@ -17,7 +16,7 @@ from collections.abc import Callable
 
 import psutil
 
-from sidecar.guard import die_with_parent
+from sidecar.guard import PR_SET_CHILD_SUBREAPER, die_with_parent, prctl
 from sidecar.logs import get_logger
 from sidecar.redaction import Redactor
 from sidecar.runfile import EngineRecord
@@ -27,15 +26,12 @@ log = get_logger("sidecar.engine")
 TAIL_LINES = 100
 REAP_AFTER_KILL_S = 10.0  # how long the group may take to be gone after SIGKILL
 _MAX_LINE = 16 * 1024  # a line longer than this is logged in pieces
-_PR_SET_CHILD_SUBREAPER = 36
 
 
 def become_subreaper() -> None:
     """Orphaned engine descendants (workers whose parent died) become our children, so we can reap them."""
-    if sys.platform != "linux":
-        return
     try:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+        prctl(PR_SET_CHILD_SUBREAPER, 1)
     except (OSError, AttributeError):
         log.warning("subreaper_unavailable")
 
