@@ -99,11 +99,14 @@ def main() -> int:
     parser.add_argument("--request-mb", type=float, default=2048, help="GPU memory a request holds (default 2048)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/gpu_check.json"))
     args = parser.parse_args()
-    workdir = args.out.parent
-    workdir.mkdir(parents=True, exist_ok=True)
-    result = run(args.engine_mb, args.request_mb, workdir)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    return report(run(args.engine_mb, args.request_mb, args.out.parent), args.out)
+
+
+def report(result: dict[str, Any], out: Path) -> int:
+    """A check's result as JSON to stdout and `out`; the exit code says whether it passed."""
     text = json.dumps(result, indent=2)
-    args.out.write_text(text + "\n")
+    out.write_text(text + "\n")
     sys.stdout.write(text + "\n")
     return 0 if result["passed"] else 1
 

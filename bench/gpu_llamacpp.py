@@ -29,6 +29,7 @@ from typing import Any
 
 import httpx
 
+from bench.gpu_check import report
 from bench.processes import spawn_sidecar, wait_ok
 
 _BUFFER = re.compile(r"\b(CUDA\d+)\s+(\w+) buffer size =\s+([\d.]+) MiB")
@@ -225,13 +226,8 @@ def main() -> int:
     parser.add_argument("--startup-timeout", type=float, default=300.0)
     parser.add_argument("--out", type=Path, default=Path("bench/results/gpu_llamacpp.json"))
     args = parser.parse_args()
-    workdir = args.out.parent
-    workdir.mkdir(parents=True, exist_ok=True)
-    result = run(args, workdir)
-    text = json.dumps(result, indent=2)
-    args.out.write_text(text + "\n")
-    sys.stdout.write(text + "\n")
-    return 0 if result["passed"] else 1
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    return report(run(args, args.out.parent), args.out)
 
 
 if __name__ == "__main__":
