@@ -51,3 +51,15 @@ def pin(pid: int, cpus: set[int], tree: bool = False) -> None:
                 os.sched_setaffinity(thread.id, cpus)
             except ProcessLookupError:  # a thread that ended meanwhile
                 pass
+
+
+def mock_engines(sidecar_pid: int) -> list[psutil.Process]:
+    """The mock engines running under a sidecar (a zombie runs nothing)."""
+    found = []
+    for child in psutil.Process(sidecar_pid).children(recursive=True):
+        try:
+            if child.status() != psutil.STATUS_ZOMBIE and "engines.mock_server" in " ".join(child.cmdline()):
+                found.append(child)
+        except psutil.NoSuchProcess:
+            continue
+    return found

@@ -30,7 +30,7 @@ import httpx
 import psutil
 import uvloop
 
-from bench.processes import spawn_sidecar, wait_ok
+from bench.processes import mock_engines, spawn_sidecar, wait_ok
 
 KEY = "soak-key-0123"
 HEADERS = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
@@ -134,17 +134,6 @@ def _wait_ready(base: str, timeout_s: float = 30) -> dict[str, Any]:
     return status
 
 
-def _engines(sidecar_pid: int) -> list[int]:
-    pids = []
-    for child in psutil.Process(sidecar_pid).children(recursive=True):
-        try:
-            if child.status() != psutil.STATUS_ZOMBIE and "engines.mock_server" in " ".join(child.cmdline()):
-                pids.append(child.pid)
-        except psutil.NoSuchProcess:
-            continue
-    return pids
-
-
 def _resources(pid: int) -> dict[str, float]:
     process = psutil.Process(pid)
     return {"fds": process.num_fds(), "rss_mb": round(process.memory_info().rss / 2**20, 1)}
@@ -169,7 +158,7 @@ async def soak(base: str, sidecar_pid: int, args: argparse.Namespace) -> dict[st
     await asyncio.sleep(POOL_IDLE_S)
     after = _resources(sidecar_pid)
     final = await asyncio.to_thread(_status, base)
-    engines = _engines(sidecar_pid)
+    engines = [engine.pid for engine in mock_engines(sidecar_pid)]
     outcomes = chaos_outcomes + calm_outcomes
     cuts = sum(count for name, count in outcomes.items() if name.startswith("silent_cut"))
     calm_cancelled = calm_after["cancelled"] - calm_before["cancelled"]

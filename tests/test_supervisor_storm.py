@@ -16,10 +16,10 @@ from collections.abc import Callable
 from typing import Any
 
 import httpx
-import psutil
 import pytest
 
-from tests.processes import SidecarProcess, wait_until
+from bench.processes import mock_engines
+from tests.processes import SidecarProcess, is_gone, wait_until
 
 Start = Callable[..., SidecarProcess]
 
@@ -31,18 +31,6 @@ KILL_GRACE_S = 1.0
 # engine, then starts one that waits up to 2 s before listening; with margin for a loaded 2-core machine.
 ANSWER_BOUND_S = 20.0
 ANSWERS = {200, 202, 409, 502, 503}
-
-
-def _engines(sidecar: SidecarProcess) -> list[psutil.Process]:
-    """The mock engines running under the sidecar (zombies are not running)."""
-    found = []
-    for child in psutil.Process(sidecar.pid).children(recursive=True):
-        try:
-            if child.status() != psutil.STATUS_ZOMBIE and "engines.mock_server" in " ".join(child.cmdline()):
-                found.append(child)
-        except psutil.NoSuchProcess:
-            continue
-    return found
 
 
 def _operation(rng: random.Random) -> tuple[str, str, dict[str, Any] | None]:
@@ -79,7 +67,7 @@ async def _client(url: str, seed: int, answers: list[tuple[str, int, float]]) ->
 
 async def _watch_engines(sidecar: SidecarProcess, most: list[int], stop: asyncio.Event) -> None:
     while not stop.is_set():
-        most[0] = max(most[0], len(await asyncio.to_thread(_engines, sidecar)))
+        most[0] = max(most[0], len(await asyncio.to_thread(mock_engines, sidecar.pid)))
         await asyncio.sleep(0.02)
 
 
@@ -118,7 +106,7 @@ async def test_a_storm_of_operations_never_deadlocks_nor_runs_two_engines(start_
 
     # What the storm left is coherent: a ready engine is the one process running, anything else runs none.
     state = _settled(sidecar)
-    engines = _engines(sidecar)
+    engines = mock_engines(sidecar.pid)
     if state["state"] == "ready":
         assert [engine.pid for engine in engines] == [state["pid"]]
     else:
@@ -126,21 +114,14 @@ async def test_a_storm_of_operations_never_deadlocks_nor_runs_two_engines(start_
 
     # The last operation decides the state.
     unloaded = httpx.post(f"{sidecar.url}/v1/model/unload", timeout=ANSWER_BOUND_S)
-    assert unloaded.json()["state"] == "idle" and _engines(sidecar) == []
+    assert unloaded.json()["state"] == "idle" and mock_engines(sidecar.pid) == []
     loaded = httpx.post(f"{sidecar.url}/v1/model/load", json={"engine": "mock", "model": "m"}, timeout=ANSWER_BOUND_S)
     assert loaded.status_code == 200 and loaded.json()["state"] == "ready"
-    assert [engine.pid for engine in _engines(sidecar)] == [loaded.json()["pid"]]
+    assert [engine.pid for engine in mock_engines(sidecar.pid)] == [loaded.json()["pid"]]
 
     # SIGTERM still stops the sidecar, and its engine first, within drain + kill grace (and start-up margin).
     started = time.monotonic()
     sidecar.process.send_signal(signal.SIGTERM)
     assert sidecar.wait_exit(timeout_s=DRAIN_S + KILL_GRACE_S + 5) in (0, -signal.SIGTERM)
     assert time.monotonic() - started < DRAIN_S + KILL_GRACE_S + 5
-    assert not _alive(loaded.json()["pid"])
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
+    assert is_gone(loaded.json()["pid"])
