@@ -5,11 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-import socketserver
 import struct
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -18,6 +16,7 @@ import httpx
 import openai
 import pytest
 
+from tests.fake_engine import FakeEngine, serving
 from tests.processes import SidecarProcess, free_port, wait_until
 from tests.proxy.conftest import AUTH, KEY, MESSAGES, MODEL, Stack, events
 
@@ -169,52 +168,40 @@ async def wait_for_state(client: httpx.AsyncClient, state: str, timeout_s: float
         await asyncio.sleep(0.01)
 
 
-class _OneRequestPerConnection(socketserver.StreamRequestHandler):
+class _OneRequestPerConnection(FakeEngine):
     """An engine that answers one chat request per connection and resets the connection on the next one, while its
     answers say keep-alive: what llama-server's HTTP threads beyond its fixed pool do."""
 
+    extra_headers = b"Keep-Alive: timeout=5, max=100\r\n"
     chats = 0
 
-    def handle(self) -> None:
-        answered_chat = False
-        while request_line := self.rfile.readline():
-            headers = {}
-            while (line := self.rfile.readline()) not in (b"\r\n", b""):
-                name, _, value = line.decode("latin-1").partition(":")
-                headers[name.strip().lower()] = value.strip()
-            self.rfile.read(int(headers.get("content-length", 0)))
-            if not request_line.startswith(b"POST"):
-                self._send(b"application/json", b'{"object": "list", "data": [{"id": "fake", "object": "model"}]}')
-            elif answered_chat:
-                # SO_LINGER 0: the close is a reset, as the engine's write side sees it when it drops the socket.
-                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                return
-            else:
-                type(self).chats += 1
-                answered_chat = True
-                chunk = {
-                    "id": "c",
-                    "object": "chat.completion.chunk",
-                    "model": "fake",
-                    "choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": "stop"}],
-                    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
-                }
-                self._send(b"text/event-stream", b"data: " + json.dumps(chunk).encode() + b"\n\ndata: [DONE]\n\n")
+    def setup(self) -> None:
+        super().setup()
+        self.answered_chat = False
 
-    def _send(self, content_type: bytes, body: bytes) -> None:
-        head = b"HTTP/1.1 200 OK\r\nContent-Type: " + content_type + b"\r\nKeep-Alive: timeout=5, max=100\r\n"
-        self.wfile.write(head + b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    def chat(self) -> bool:
+        if self.answered_chat:
+            # SO_LINGER 0: the close is a reset, as the engine's write side sees it when it drops the socket.
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            return False
+        type(self).chats += 1
+        self.answered_chat = True
+        chunk = {
+            "id": "c",
+            "object": "chat.completion.chunk",
+            "model": "fake",
+            "choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+        }
+        self.send(b"text/event-stream", b"data: " + json.dumps(chunk).encode() + b"\n\ndata: [DONE]\n\n")
+        return True
 
 
 def test_a_pooled_connection_the_engine_resets_is_retried_on_a_new_one(
     start_sidecar: Callable[..., SidecarProcess],
 ) -> None:
-    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _OneRequestPerConnection)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
+    with serving(_OneRequestPerConnection) as url:
         sidecar = start_sidecar({"SIDECAR_API_KEYS": KEY})
-        url = f"http://127.0.0.1:{server.server_address[1]}"
         load = {"engine": "external", "model": "fake", "url": url}
         assert httpx.post(f"{sidecar.url}/v1/model/load", json=load, headers=AUTH, timeout=30).status_code == 200
         body = {"model": "fake", "messages": MESSAGES, "stream": True}
@@ -223,6 +210,3 @@ def test_a_pooled_connection_the_engine_resets_is_retried_on_a_new_one(
             assert response.status_code == 200, response.text
             assert response.text.endswith("data: [DONE]\n\n")
         assert _OneRequestPerConnection.chats == 3
-    finally:
-        server.shutdown()
-        server.server_close()

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import socketserver
-import threading
 from collections.abc import Callable
 from typing import Any
 
 import httpx
 import pytest
 
+from tests.fake_engine import FakeEngine, serving
 from tests.processes import SidecarProcess, wait_until
 from tests.proxy.conftest import AUTH, MESSAGES, MODEL, Stack, events, normalized, post_stream
 
@@ -189,40 +188,25 @@ def test_a_client_that_drops_usage_reads_the_metrics_by_the_request_id_in_the_he
     assert performance["completion_tokens"] == 16 and 95 <= performance["ttft_ms"] <= 130
 
 
-class _OneWriteEngine(socketserver.StreamRequestHandler):
+class _OneWriteEngine(FakeEngine):
     """An engine that writes its whole streamed answer in one write, as a busy machine delivers it in one read."""
 
-    def handle(self) -> None:
-        while request_line := self.rfile.readline():
-            length = 0
-            while (line := self.rfile.readline()) not in (b"\r\n", b""):
-                name, _, value = line.decode("latin-1").partition(":")
-                length = int(value) if name.strip().lower() == "content-length" else length
-            self.rfile.read(length)
-            if not request_line.startswith(b"POST"):
-                self._send(b"application/json", b'{"object": "list", "data": [{"id": "fake", "object": "model"}]}')
-                continue
-            base = {"id": "c", "object": "chat.completion.chunk", "model": "fake"}
-            events = [{**base, "choices": [{"index": 0, "delta": {"content": f"t{i} "}}]} for i in range(8)]
-            events.append({**base, "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 8}})
-            body = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events) + b"data: [DONE]\n\n"
-            self._send(b"text/event-stream", body)
-
-    def _send(self, content_type: bytes, body: bytes) -> None:
-        head = b"HTTP/1.1 200 OK\r\nContent-Type: " + content_type + b"\r\nContent-Length: "
-        self.wfile.write(head + str(len(body)).encode() + b"\r\n\r\n" + body)
+    def chat(self) -> bool:
+        base = {"id": "c", "object": "chat.completion.chunk", "model": "fake"}
+        events = [{**base, "choices": [{"index": 0, "delta": {"content": f"t{i} "}}]} for i in range(8)]
+        events.append({**base, "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 8}})
+        body = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events) + b"data: [DONE]\n\n"
+        self.send(b"text/event-stream", body)
+        return True
 
 
 def test_events_arriving_together_are_reported_as_coalesced_not_as_zero_gaps(
     start_sidecar: Callable[..., SidecarProcess],
 ) -> None:
-    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _OneWriteEngine)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
+    with serving(_OneWriteEngine) as url:
         sidecar = start_sidecar({"SIDECAR_API_KEYS": "k"})
         headers = {"Authorization": "Bearer k"}
-        load = {"engine": "external", "model": "fake", "url": f"http://127.0.0.1:{server.server_address[1]}"}
+        load = {"engine": "external", "model": "fake", "url": url}
         assert httpx.post(f"{sidecar.url}/v1/model/load", json=load, headers=headers, timeout=30).status_code == 200
         body = {"model": "fake", "messages": MESSAGES, "stream": True, "stream_options": {"include_usage": True}}
         raw = httpx.post(f"{sidecar.url}/v1/chat/completions", json=body, headers=headers, timeout=30).content
@@ -230,6 +214,3 @@ def test_events_arriving_together_are_reported_as_coalesced_not_as_zero_gaps(
         assert performance["completion_tokens"] == 8 and performance["coalesced_events"] == 7
         assert (performance["tpot_ms"], performance["itl_ms"], performance["output_tokens_per_s"]) == (None, None, None)
         assert performance["ttft_ms"] == performance["latency_ms"] > 0
-    finally:
-        server.shutdown()
-        server.server_close()
