@@ -1,6 +1,9 @@
 from __future__ import annotations
 
-from sidecar.redaction import MASK, Redactor
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sidecar.redaction import MASK, SENSITIVE_FIELDS, Redactor
 
 
 def test_registered_secret_is_masked_everywhere_in_a_record() -> None:
@@ -54,3 +57,22 @@ def test_sensitive_field_names_are_masked_whatever_their_value() -> None:
 def test_short_values_are_not_masked_in_free_text() -> None:
     redactor = Redactor(["1", "true"])
     assert redactor.redact_text("pid=1 ready=true") == "pid=1 ready=true"
+
+
+# Records made of what log lines hold (text, numbers, nested dicts and lists), with secrets, token-shaped strings
+# and auth headers mixed into their text and keys.
+_pieces = st.sampled_from(["s3cret-value", "hf_abcdefgh", "sk-abcdefgh", "Authorization: Bearer xyz", "X-API-KEY=q"])
+_text = st.lists(st.one_of(_pieces, st.text(max_size=12)), max_size=4).map("".join)
+_scalar = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), _text)
+_key = st.one_of(st.sampled_from(["token", "api_key", "Authorization", "ttft_ms", "path"]), st.text(max_size=8))
+_value = st.recursive(_scalar, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_key, inner, max_size=3))
+
+
+@given(st.dictionaries(_key, _value, max_size=6))
+def test_clean_records_skip_the_walk_only_when_the_walk_would_change_nothing(record: dict[str, object]) -> None:
+    redactor = Redactor(["s3cret-value"])
+    walked = {
+        key: MASK if key.lower() in SENSITIVE_FIELDS and value is not None else redactor.redact(value)
+        for key, value in record.items()
+    }
+    assert redactor(None, "info", record) == walked
