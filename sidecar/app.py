@@ -7,16 +7,25 @@ import math
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from types import FrameType
+from typing import Any
 
 import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from sidecar import control, dataplane, health, telemetry
+from sidecar.dataplane import AsgiHandler
 from sidecar.engine import LoadRequest
-from sidecar.errors import SidecarError, handle_http_exception, handle_sidecar_error
+from sidecar.errors import (
+    SidecarError,
+    handle_http_exception,
+    handle_sidecar_error,
+    handle_unexpected_error,
+    send_error,
+)
 from sidecar.gpu import Gpus
 from sidecar.history import RequestHistory
 from sidecar.logs import get_logger
@@ -94,7 +103,9 @@ def create_app(settings: Settings, redactor: Redactor | None = None) -> Starlett
         Middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes),
     ]
 
-    app = Starlette(
+    app = _SidecarApp(
+        generation=dataplane.generation_paths(proxy),
+        outer=middleware,
         routes=[
             *dataplane.routes(proxy),
             *health.routes,
@@ -102,8 +113,11 @@ def create_app(settings: Settings, redactor: Redactor | None = None) -> Starlett
             *control.routes,
             dataplane.passthrough_route(proxy),
         ],
-        middleware=middleware,
-        exception_handlers={SidecarError: handle_sidecar_error, HTTPException: handle_http_exception},
+        exception_handlers={
+            SidecarError: handle_sidecar_error,
+            HTTPException: handle_http_exception,
+            Exception: handle_unexpected_error,
+        },
         lifespan=lifespan,
     )
     app.state.settings = settings
@@ -112,6 +126,43 @@ def create_app(settings: Settings, redactor: Redactor | None = None) -> Starlett
     app.state.history = history
     app.state.telemetry = watch
     return app
+
+
+class _SidecarApp(Starlette):
+    """Starlette, with the generation routes served before its router and its two error middlewares.
+
+    Every token of every stream passes the layers between the server and the proxy, and every request the
+    router's walk over the routes: for the two routes that carry the traffic, the sidecar's own middleware
+    hands the request straight to the proxy (SidecarError answered there), which took about a tenth of the
+    sidecar's CPU per request. Every other route goes the usual way, inside the same middleware.
+    """
+
+    def __init__(self, generation: dict[str, AsgiHandler], outer: list[Middleware], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.generation = generation
+        self.outer = outer
+
+    def build_middleware_stack(self) -> ASGIApp:
+        app: ASGIApp = _GenerationRoutes(self.generation, super().build_middleware_stack())
+        for cls, args, kwargs in reversed(self.outer):
+            app = cls(app, *args, **kwargs)
+        return app
+
+
+class _GenerationRoutes:
+    def __init__(self, routes: dict[str, AsgiHandler], rest: ASGIApp) -> None:
+        self.routes = routes
+        self.rest = rest
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        handler = self.routes.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
+        if handler is None:
+            await self.rest(scope, receive, send)
+            return
+        try:
+            await handler(scope, receive, send)
+        except SidecarError as exc:  # raised before the response started, as with Starlette's handlers
+            await send_error(exc, scope, receive, send)
 
 
 def server_config(settings: Settings, app: Starlette) -> uvicorn.Config:
@@ -125,6 +176,7 @@ def server_config(settings: Settings, app: Starlette) -> uvicorn.Config:
         log_config=None,
         access_log=False,
         server_header=False,
+        proxy_headers=False,  # nothing reads the client's address: no need to rewrite it on every request
         timeout_graceful_shutdown=math.ceil(settings.drain_timeout_s),
     )
 

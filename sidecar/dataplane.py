@@ -37,8 +37,14 @@ async def request_metrics(request: Request) -> Response:
     return JSONResponse(record)
 
 
+def generation_paths(proxy: Proxy) -> dict[str, AsgiHandler]:
+    """The routes that carry the traffic: the app serves them before its router (POST only)."""
+    return {"/v1/chat/completions": proxy.generate, "/v1/completions": proxy.generate}
+
+
 def routes(proxy: Proxy) -> list[BaseRoute]:
-    """The OpenAI routes; the app lists them first, as the router tries routes in order on every request."""
+    """The other OpenAI routes; the app lists them first, as the router tries routes in order on every request.
+    The generation routes are here too, for any other method than POST (405) and for the OpenAPI description."""
     generate = _Asgi(proxy.generate)
     return [
         Route("/v1/chat/completions", generate, methods=["POST"]),

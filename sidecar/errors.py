@@ -149,6 +149,11 @@ async def handle_sidecar_error(request: Request, exc: Exception) -> Response:
     return error_response(exc)
 
 
+async def handle_unexpected_error(request: Request, exc: Exception) -> Response:
+    """Starlette's last resort answers in the OpenAI shape too; the request's access middleware logs it."""
+    return error_response(SidecarError("internal server error"))
+
+
 async def handle_http_exception(request: Request, exc: Exception) -> Response:
     """Starlette's own 404/405 (no route, wrong method) in the OpenAI shape."""
     assert isinstance(exc, HTTPException)
