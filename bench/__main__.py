@@ -1,11 +1,11 @@
 """`python -m bench`: the sidecar's cost against a direct connection to the engine and against nginx, in one run.
 
-It starts the sidecar with an engine loaded (the mock engine, or `--engine llamacpp --model X.gguf`) and, when
-nginx is installed, nginx in front of the same engine; then it drives streaming chat load at each concurrency
-against the engine directly, through nginx and through the sidecar, alternating, and reports ratios: TTFT
-added by each proxy, throughput (chunks per second) relative to direct, errors, and each proxy's CPU per
+It starts the sidecar with an engine loaded (the bench's fast fake engine, the mock engine, or `--engine llamacpp
+--model X.gguf`) and, when nginx is installed, nginx in front of the same engine; then it drives streaming chat load
+at each concurrency against the engine directly, through nginx and through the sidecar, alternating, and reports
+ratios: TTFT added by each proxy, throughput (chunks per second) relative to direct, errors, and each proxy's CPU per
 relayed chunk and memory. `--target URL` measures another OpenAI-compatible proxy instead of the sidecar, in
-front of a mock engine the bench starts on `--engine-port` (point the proxy there first).
+front of the fake engine the bench starts on `--engine-port` (point the proxy there first).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from bench.report import summarize, write_chart, write_table
 from sidecar.engine import free_port
 
 KEY = "bench-key-0123"
+_OWN_ENGINES = ("fast", "mock")  # the bench's fake engines, which take a request's "mock" overrides
 
 
 @dataclass
@@ -104,7 +105,9 @@ def _processes(args: argparse.Namespace, logs: Path) -> Iterator[Targets]:
     started: list[subprocess.Popen[bytes]] = []
     try:
         if args.target:
-            engine, direct = _own_engine(args, logs, "engines.mock_server")
+            engine, direct = _own_engine(
+                args, logs, "bench.fast_engine" if args.engine == "fast" else "engines.mock_server"
+            )
             started.append(engine)
             targets = Targets(direct, Proxy("target", args.target.rstrip("/"), args.target_pid), None, engine.pid)
         elif args.engine == "fast":
@@ -216,7 +219,7 @@ async def _measure(args: argparse.Namespace, targets: Targets) -> dict[str, Any]
                         progress.update()
                 proxied = {name: (runs[name], cpu_s[name], peak_rss[name]) for name in pids}
                 levels.append(summarize(concurrency, runs["direct"], proxied, targets.proxy.name))
-    memory = await _memory_checks(targets, headers) if not args.skip_memory and args.engine == "mock" else None
+    memory = await _memory_checks(targets, headers) if not args.skip_memory and args.engine in _OWN_ENGINES else None
     costs = await _cost_split(args, targets, headers) if args.cost_split else None
     return {"levels": levels, "memory": memory, "cost_split": costs}
 
@@ -232,7 +235,7 @@ async def _cost_split(args: argparse.Namespace, targets: Targets, headers: dict[
             url = proxy.url + "/v1/chat/completions"
             phases = []
             for tokens in lengths:
-                body = chat_body(tokens, model=targets.model, mock=args.engine == "mock")
+                body = chat_body(tokens, model=targets.model, mock=args.engine in _OWN_ENGINES)
                 await run_phase(session, "warm-up", url, headers, body, concurrency, 1)
                 with ProcessMeter(proxy.pid) as meter:
                     result = await run_phase(session, proxy.name, url, headers, body, concurrency, args.seconds)
@@ -293,13 +296,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--seconds", type=float, default=4.0, help="length of each measured phase (default 4)")
     parser.add_argument("--rounds", type=int, default=3, help="direct/proxied alternations per level (default 3)")
     parser.add_argument("--tokens", type=int, default=32, help="tokens per answer (default 32)")
-    parser.add_argument("--itl-ms", type=float, default=5.0, help="mock engine's time between tokens (default 5)")
-    parser.add_argument("--ttft-ms", type=float, default=20.0, help="mock engine's time to first token (default 20)")
+    parser.add_argument("--itl-ms", type=float, default=5.0, help="fake engine's time between tokens (default 5)")
+    parser.add_argument("--ttft-ms", type=float, default=20.0, help="fake engine's time to first token (default 20)")
     parser.add_argument(
         "--engine",
-        default="mock",
-        help="mock (default), fast (bench/fast_engine.py: cheap enough per event to load the proxy), or a real "
-        "engine the sidecar loads (llamacpp, with --model)",
+        default="fast",
+        help="fast (default: bench/fast_engine.py, cheap enough per event to load the proxy), mock (the project's "
+        "mock engine, slower than the sidecar from a few hundred streams), or a real engine the sidecar loads "
+        "(llamacpp, with --model)",
     )
     parser.add_argument("--engine-workers", type=int, default=1, help="processes of the fast engine (default 1)")
     parser.add_argument("--model", help="the model the engine loads (a .gguf file for llamacpp)")
@@ -314,13 +318,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--target", help="measure this OpenAI-compatible proxy instead of the sidecar")
     parser.add_argument("--target-pid", type=int, help="the --target proxy's pid, for its CPU and memory")
-    parser.add_argument("--engine-port", type=int, help="port for the mock engine with --target (default: free)")
+    parser.add_argument("--engine-port", type=int, help="port for the fake engine with --target (default: free)")
     parser.add_argument("--sidecar-env", action="append", default=[], help="extra SIDECAR_X=value for the sidecar")
     parser.add_argument("--skip-memory", action="store_true", help="skip the long-stream and large-prompt checks")
     parser.add_argument(
         "--cost-split",
-        action="store_true",
-        help="also split each proxy's CPU into per request and per chunk (streams of --tokens and 8x as long)",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="split each proxy's CPU into per request and per chunk (streams of --tokens and 8x as long; default on)",
     )
     parser.add_argument(
         "--out", type=Path, default=Path("bench/results"), help="where results go (default bench/results)"

@@ -7,8 +7,9 @@ are bucketed by the tick of their next event), so its cost per relayed event is 
 `--workers N` runs N processes on one port (SO_REUSEPORT).
 
 Routes: `GET /health`, `GET /v1/models`, `POST /v1/chat/completions` (streamed when `"stream": true`, with a
-usage chunk when `stream_options.include_usage`; `max_tokens` tokens, else `--tokens`; a non-streamed request gets the
-whole answer at once). Keep-alive; one request at a time per connection, as HTTP/1.1 clients send them.
+usage chunk when `stream_options.include_usage`; `max_tokens` tokens, else `--tokens`; a non-streamed request gets
+the whole answer at once). As with the mock engine, a request's `"mock": {"tokens", "ttft_ms", "itl_ms"}` overrides
+them. Keep-alive; one request at a time per connection, as HTTP/1.1 clients send them.
 """
 
 from __future__ import annotations
@@ -30,6 +31,10 @@ _CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:\s*(\d+)", re.IGNORECASE)
 _TICK_S = 0.001
 
 
+def _ticks(ms: float) -> int:
+    return max(1, round(ms / 1000 / _TICK_S))
+
+
 def _chunked(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 
@@ -48,8 +53,8 @@ class Engine:
 
     def __init__(self, model: str, tokens: int, ttft_ms: float, itl_ms: float) -> None:
         self.tokens = tokens
-        self.ttft_ticks = max(1, round(ttft_ms / 1000 / _TICK_S))
-        self.itl_ticks = max(1, round(itl_ms / 1000 / _TICK_S))
+        self.ttft_ticks = _ticks(ttft_ms)
+        self.itl_ticks = _ticks(itl_ms)
         base = {"id": "chatcmpl-fast", "object": "chat.completion.chunk", "created": 0, "model": model}
         self.role = _sse({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]})
         self.token = _sse({**base, "choices": [{"index": 0, "delta": {"content": "tok "}, "finish_reason": None}]})
@@ -94,8 +99,9 @@ class Engine:
 
 
 class Stream:
-    def __init__(self, engine: Engine, transport: asyncio.Transport, tokens: int, usage: bool) -> None:
+    def __init__(self, engine: Engine, transport: asyncio.Transport, tokens: int, usage: bool, itl_ticks: int) -> None:
         self.engine = engine
+        self.itl_ticks = itl_ticks
         self.transport = transport
         self.left = tokens
         self.tokens = tokens
@@ -109,7 +115,7 @@ class Stream:
             self.left -= 1
             self.transport.write(self.engine.token)
             if self.left:
-                self.engine.schedule(self, self.engine.itl_ticks)
+                self.engine.schedule(self, self.itl_ticks)
                 return
         tail = self.engine.finish + (self.engine.usage(self.tokens) if self.usage else b"") + self.engine.done
         self.transport.write(tail)
@@ -152,14 +158,16 @@ class Connection(asyncio.Protocol):
             self.transport.write(engine.models)
         elif method == b"POST" and path == b"/v1/chat/completions":
             request = json.loads(body or b"{}")
-            tokens = int(request.get("max_tokens") or engine.tokens)
+            override = request.get("mock") or {}
+            tokens = int(override.get("tokens") or request.get("max_tokens") or engine.tokens)
             if not request.get("stream"):
                 self.transport.write(engine.whole(tokens))
                 return
             usage = bool((request.get("stream_options") or {}).get("include_usage"))
-            self.stream = Stream(engine, self.transport, tokens, usage)
+            itl_ticks = _ticks(override["itl_ms"]) if "itl_ms" in override else engine.itl_ticks
+            self.stream = Stream(engine, self.transport, tokens, usage, itl_ticks)
             self.transport.write(engine.stream_head + engine.role)
-            engine.schedule(self.stream, engine.ttft_ticks)
+            engine.schedule(self.stream, _ticks(override["ttft_ms"]) if "ttft_ms" in override else engine.ttft_ticks)
         else:
             self.transport.write(engine.not_found)
 

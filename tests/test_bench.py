@@ -11,16 +11,24 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def test_bench_measures_the_sidecar_against_direct(tmp_path: Path) -> None:
+    """The default run: the fast engine, every level, the cost split and the memory checks."""
     out = tmp_path / "results"
-    command = [sys.executable, "-m", "bench", "--concurrency", "1,4", "--seconds", "0.5", "--rounds", "1"]
-    result = subprocess.run([*command, "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    command = [sys.executable, "-m", "bench", "--concurrency", "1,16", "--seconds", "0.5", "--rounds", "1"]
+    result = subprocess.run([*command, "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "chunks/s ratio" in result.stdout
+    assert "chunks/s ratio" in result.stdout and "engine check at 16 streams" in result.stdout
     results = json.loads((out / "results.json").read_text())
-    assert [level["concurrency"] for level in results["levels"]] == [1, 4]
+    assert results["engine"] == "fast"
+    assert [level["concurrency"] for level in results["levels"]] == [1, 16]
     for level in results["levels"]:
         assert level["errors"] == 0 and level["direct_errors"] == 0, level["first_error"]
         assert level["throughput_ratio"] > 0 and level["proxy_cpu_s_per_1k_chunks"] > 0
+        assert level["direct_chunks_per_s"] > 0 and level["core_share_at_direct_rate"] > 0
+    split = results["cost_split"]["sidecar"]
+    assert [phase["tokens"] for phase in split["phases"]] == [32, 256]
+    short, long = split["phases"]
+    assert long["chunks"] / long["requests"] > 4 * short["chunks"] / short["requests"]  # the engine honoured them
+    assert split["cpu_ms_per_request"] is not None and split["cpu_us_per_chunk"] is not None
     memory = results["memory"]
     assert memory["long_stream_4000_tokens"]["errors"] == 0, memory
     assert memory["long_stream_4000_tokens"]["chunks"] >= 4000
@@ -28,20 +36,14 @@ def test_bench_measures_the_sidecar_against_direct(tmp_path: Path) -> None:
     assert (out / "results.png").read_bytes().startswith(b"\x89PNG")
 
 
-def test_bench_against_the_fast_engine_loaded_as_external(tmp_path: Path) -> None:
+def test_bench_in_front_of_the_mock_engine_loaded_by_the_sidecar(tmp_path: Path) -> None:
     out = tmp_path / "results"
-    command = [sys.executable, "-m", "bench", "--engine", "fast", "--concurrency", "1,16", "--seconds", "0.5"]
-    command += ["--rounds", "1", "--cost-split", "--out", str(out)]
+    command = [sys.executable, "-m", "bench", "--engine", "mock", "--concurrency", "1,4", "--seconds", "0.5"]
+    command += ["--rounds", "1", "--no-cost-split", "--skip-memory", "--out", str(out)]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "engine check at 16 streams" in result.stdout
     results = json.loads((out / "results.json").read_text())
-    assert results["engine"] == "fast" and results["memory"] is None
+    assert results["engine"] == "mock" and results["memory"] is None and results["cost_split"] is None
     for level in results["levels"]:
         assert level["errors"] == 0 and level["direct_errors"] == 0, level["first_error"]
-        assert level["direct_chunks_per_s"] > 0 and level["core_share_at_direct_rate"] > 0
-    split = results["cost_split"]["sidecar"]
-    assert [phase["tokens"] for phase in split["phases"]] == [32, 256]
-    short, long = split["phases"]
-    assert long["chunks"] / long["requests"] > 4 * short["chunks"] / short["requests"]  # the engine honoured them
-    assert split["cpu_ms_per_request"] is not None and split["cpu_us_per_chunk"] is not None
+        assert level["throughput_ratio"] > 0 and level["proxy_cpu_s_per_1k_chunks"] > 0
