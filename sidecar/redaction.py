@@ -92,7 +92,7 @@ def _collect_text(mapping: Mapping[Any, Any], texts: list[str]) -> bool:
     """Gather the strings in `mapping` (keys and values, nested ones included); False when it holds a
     sensitive field, or a value of another kind than text, numbers, dicts and lists (the walk takes those)."""
     for key, value in mapping.items():
-        if type(key) is not str or (value is not None and key.lower() in SENSITIVE_FIELDS):
+        if type(key) is not str or key.lower() in SENSITIVE_FIELDS:
             return False
         texts.append(key)
         if type(value) is str:
