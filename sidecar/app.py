@@ -59,7 +59,6 @@ def create_app(settings: Settings, redactor: Redactor | None = None) -> Starlett
         log.info("sidecar_started", host=settings.host, port=settings.port)
         await asyncio.to_thread(supervisor.stop_leftover)
         watch.start()
-        await proxy.start()
         if settings.autoload_engine and settings.autoload_model:
             # Spawn now, but do not wait for readiness here: start-up blocks serving, /ready tells when.
             autoload = LoadRequest(
@@ -76,7 +75,7 @@ def create_app(settings: Settings, redactor: Redactor | None = None) -> Starlett
                 raise SystemExit(2) from None
         yield
         await supervisor.shutdown()  # the engine goes first: nothing is left running
-        await proxy.close()
+        proxy.close()
         watch.stop()
         log.info("sidecar_stopped")
 

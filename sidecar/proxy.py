@@ -1,8 +1,7 @@
 """The data plane: OpenAI requests to the engine and its answers back, each one measured.
 
-One aiohttp session serves every request: measured on this kind of machine, a Starlette streaming proxy on
-aiohttp kept 0.70 of direct throughput at 256 concurrent streams where the same proxy on httpx kept 0.06
-(issue 4; `bench/` measures the sidecar itself).
+One pool of keep-alive connections to the engine serves every request (`sidecar/upstream.py`, which says why it
+is not an HTTP client library).
 
 Streams pass through as they are read, forwarded as the engine wrote them; only the usage chunk
 is ever re-serialized. Each event is checked for output on its raw bytes (`chunks.has_output`), which is
@@ -18,7 +17,6 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.types import Receive, Scope, Send
@@ -43,6 +41,7 @@ from sidecar.settings import Settings
 from sidecar.sse import DONE, SSEParser
 from sidecar.supervisor import Supervisor
 from sidecar.telemetry import GpuWindow, Telemetry
+from sidecar.upstream import ConnectFailed, Disconnected, Response, UpstreamError, UpstreamPool
 
 log = get_logger("sidecar.proxy")
 
@@ -86,17 +85,17 @@ def _request_headers(scope: Scope, request_id: str, json_body: bool) -> dict[str
     return forwarded
 
 
-def _response_headers(response: aiohttp.ClientResponse, drop: Iterable[str] = ()) -> list[tuple[bytes, bytes]]:
+def _response_headers(response: Response, drop: Iterable[str] = ()) -> list[tuple[bytes, bytes]]:
     dropped = _RESPONSE_HEADERS_DROPPED.union(drop)
     return [
         (name.lower(), value) for name, value in response.raw_headers if name.decode("latin-1").lower() not in dropped
     ]
 
 
-def _header_timings(response: aiohttp.ClientResponse) -> dict[str, Any] | None:
+def _header_timings(response: Response) -> dict[str, Any] | None:
     """TGI's `x-*-time` headers (and `x-time-per-token`), as numbers where they are."""
     timings: dict[str, Any] = {}
-    for name, value in response.headers.items():
+    for name, value in response.headers():
         lower = name.lower()
         if lower.startswith("x-") and (lower.endswith("-time") or lower == "x-time-per-token"):
             try:
@@ -127,7 +126,7 @@ def _loads(data: bytes) -> dict[str, Any] | None:
 
 
 # How an answer goes back to the client, once the engine's status says it is not an error.
-Relay = Callable[["_Exchange", aiohttp.ClientResponse], Awaitable[None]]
+Relay = Callable[["_Exchange", Response], Awaitable[None]]
 
 
 @dataclass
@@ -159,28 +158,10 @@ class Proxy:
         self.supervisor = supervisor
         self.history = history
         self.telemetry = telemetry
-        self._session: aiohttp.ClientSession | None = None
+        self.upstream = UpstreamPool(settings.upstream_connect_timeout_s, _KEEPALIVE_S)
 
-    async def start(self) -> None:
-        # No cap on connections: the engine's queue is the cap. Idle ones are dropped before the engine would drop
-        # them (uvicorn, so vLLM and SGLang, closes after 5 s): reusing one it is closing loses the request.
-        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=_KEEPALIVE_S)
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=aiohttp.ClientTimeout(total=None, connect=self.settings.upstream_connect_timeout_s),
-            auto_decompress=False,
-            cookie_jar=aiohttp.DummyCookieJar(),
-        )
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-
-    @property
-    def session(self) -> aiohttp.ClientSession:
-        assert self._session is not None, "Proxy.start() runs in the app's lifespan"
-        return self._session
+    def close(self) -> None:
+        self.upstream.close()
 
     # -- endpoints (ASGI) -----------------------------------------------------------------------------------
 
@@ -202,7 +183,7 @@ class Proxy:
         payload = await request.body() if sent is body else _dumps(sent)
         chat = scope["path"].endswith("/chat/completions")
 
-        async def relay(exchange: _Exchange, response: aiohttp.ClientResponse) -> None:
+        async def relay(exchange: _Exchange, response: Response) -> None:
             exchange.client_usage = client_usage
             exchange.several_choices = n > 1
             if response.content_type != "text/event-stream":
@@ -266,62 +247,50 @@ class Proxy:
 
     # -- the engine's side ----------------------------------------------------------------------------------
 
-    async def _open(self, exchange: _Exchange, payload: bytes, json_body: bool = True) -> aiohttp.ClientResponse:
+    async def _open(self, exchange: _Exchange, payload: bytes, json_body: bool = True) -> Response:
         """Send the request; the engine's response headers, or 502/504."""
         scope = exchange.scope
-        url = exchange.engine.base_url + scope["path"]
+        target = scope["path"]
         if scope["query_string"]:
-            url += "?" + scope["query_string"].decode("latin-1")
+            target += "?" + scope["query_string"].decode("latin-1")
         headers = _request_headers(
             scope, exchange.engine.adapter.engine_request_id(scope["state"]["request_id"]), json_body
         )
         exchange.meter.overhead_ns += time.perf_counter_ns() - exchange.meter.start_ns
-
-        def send() -> Awaitable[aiohttp.ClientResponse]:
-            return self.session.request(
-                scope["method"], url, data=payload or None, headers=headers, allow_redirects=False
-            )
-
         try:
             async with asyncio.timeout_at(exchange.first_token_deadline):
-                try:
-                    return await send()
-                except aiohttp.ClientConnectorError:
-                    raise  # nothing listens: trying again would not help
-                except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
-                    # A pooled connection the engine closed as it was reused (before its answer began, or while
-                    # the request was being written; llama-server's HTTP library does this): the engine never
-                    # took the request, so it goes once more, on a new connection if need be.
-                    return await send()
-        except TimeoutError:  # aiohttp's connect timeout is a TimeoutError too
+                return await self.upstream.request(
+                    scope["method"], exchange.engine.base_url, target, headers.items(), payload
+                )
+        except TimeoutError:  # the connect timeout is a TimeoutError too
             raise GatewayTimeout("the engine did not start answering within the timeout") from None
-        except aiohttp.ClientConnectorError as exc:
-            raise BadGateway(f"could not connect to the engine: {exc.os_error.strerror or exc}") from None
-        except aiohttp.ClientError as exc:
-            raise BadGateway(f"the engine closed the connection: {exc.__class__.__name__}") from None
+        except ConnectFailed as exc:
+            raise BadGateway(f"could not connect to the engine: {exc}") from None
+        except Disconnected as exc:
+            raise BadGateway(f"{exc} before answering") from None
 
     # -- answers --------------------------------------------------------------------------------------------
 
-    async def _relay_error(self, exchange: _Exchange, response: aiohttp.ClientResponse) -> None:
+    async def _relay_error(self, exchange: _Exchange, response: Response) -> None:
         """The engine's 4xx/5xx: its status kept, its body in the OpenAI shape."""
         try:
             async with asyncio.timeout(self.settings.upstream_inter_token_timeout_s):
-                raw = await response.content.read(_ERROR_BODY_LIMIT)
-        except (TimeoutError, aiohttp.ClientError):
+                raw = await response.read(_ERROR_BODY_LIMIT)
+        except (TimeoutError, UpstreamError):
             raw = b""
         exchange.status = response.status
         body = _dumps(engine_error_body(response.status, raw))
         await _send_whole(exchange, response.status, [*_response_headers(response, drop={"content-type"}), _JSON], body)
 
-    async def _relay_whole(self, exchange: _Exchange, response: aiohttp.ClientResponse) -> None:
+    async def _relay_whole(self, exchange: _Exchange, response: Response) -> None:
         """A non-streamed JSON answer: `usage.performance` added, and the same in X-Performance-Metrics."""
         try:
             async with asyncio.timeout(self.settings.upstream_inter_token_timeout_s):
                 raw = await response.read()
         except TimeoutError:
             raise GatewayTimeout("the engine stopped answering within the timeout") from None
-        except aiohttp.ClientError as exc:
-            raise BadGateway(f"the engine closed the connection mid-answer: {exc.__class__.__name__}") from None
+        except UpstreamError:
+            raise BadGateway("the engine closed the connection mid-answer") from None
         now = time.perf_counter_ns()
         exchange.meter.whole_body(now)
         exchange.status = response.status
@@ -336,7 +305,7 @@ class Proxy:
         exchange.meter.overhead_ns += time.perf_counter_ns() - now
         await _send_whole(exchange, response.status, headers, raw)
 
-    async def _relay_raw(self, exchange: _Exchange, response: aiohttp.ClientResponse) -> None:
+    async def _relay_raw(self, exchange: _Exchange, response: Response) -> None:
         send = exchange.send
         headers = _response_headers(response)
         if response.content_length is not None:  # the bytes go through unchanged: the engine's length holds
@@ -345,17 +314,17 @@ class Proxy:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.settings.upstream_inter_token_timeout_s) as deadline:
-                while chunk := await response.content.readany():
+                while chunk := await response.readany():
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
                     deadline.reschedule(loop.time() + self.settings.upstream_inter_token_timeout_s)
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except (UpstreamError, TimeoutError) as exc:
             # The status is sent: leaving the body unfinished makes the server drop the connection, so the
             # client sees a cut answer rather than a short one that looks whole.
             log.warning("engine_answer_cut", path=exchange.scope["path"], error=exc.__class__.__name__)
             return
         await send({"type": "http.response.body", "body": b""})
 
-    async def _relay_stream(self, exchange: _Exchange, response: aiohttp.ClientResponse) -> None:
+    async def _relay_stream(self, exchange: _Exchange, response: Response) -> None:
         """SSE through as it is read; the usage chunk removed, or given `usage.performance`."""
         send = exchange.send
         exchange.status = response.status
@@ -368,9 +337,7 @@ class Proxy:
         elif not exchange.client_done:
             await send({"type": "http.response.body", "body": b""})
 
-    async def _relay_assembled(
-        self, exchange: _Exchange, response: aiohttp.ClientResponse, assembler: Assembler
-    ) -> None:
+    async def _relay_assembled(self, exchange: _Exchange, response: Response, assembler: Assembler) -> None:
         """A non-streaming request streamed from the engine (for its TTFT), answered as the engine would."""
         exchange.timings = _header_timings(response)
         error = await self._pump(exchange, response, assembler)
@@ -383,9 +350,7 @@ class Proxy:
         exchange.meter.overhead_ns += time.perf_counter_ns() - now
         await _send_whole(exchange, response.status, headers, raw)
 
-    async def _pump(
-        self, exchange: _Exchange, response: aiohttp.ClientResponse, assembler: Assembler | None
-    ) -> SidecarError | None:
+    async def _pump(self, exchange: _Exchange, response: Response, assembler: Assembler | None) -> SidecarError | None:
         """Read the engine's SSE stream to its end, timestamping every event; forward the events to the client
         as each read brings them (nothing waits for a later read), or give them to the assembler.
 
@@ -398,7 +363,7 @@ class Proxy:
         clock = time.perf_counter_ns
         parser = SSEParser()
         last_data = b""  # the last chunk, for a usage chunk the engine did not send
-        content = response.content
+        read = response.readany
         loop = asyncio.get_running_loop()
         inter_token_s = self.settings.upstream_inter_token_timeout_s
         push_every_ns = int(min(_DEADLINE_STEP_S, inter_token_s / 10) * 1e9)
@@ -407,7 +372,7 @@ class Proxy:
         try:
             async with asyncio.timeout_at(exchange.first_token_deadline) as deadline:
                 while True:
-                    chunk = await content.readany()
+                    chunk = await read()
                     now = clock()
                     if meter.first_output_ns is not None and now >= next_push_ns:
                         deadline.reschedule(loop.time() + inter_token_s)
@@ -444,8 +409,8 @@ class Proxy:
                         return None
         except TimeoutError:
             return GatewayTimeout("the engine sent no token within the timeout")
-        except aiohttp.ClientError as exc:
-            return BadGateway(f"the engine closed the stream mid-answer: {exc.__class__.__name__}")
+        except UpstreamError:
+            return BadGateway("the engine closed the stream mid-answer")
 
     def _usage_event(self, exchange: _Exchange, chunk: dict[str, Any]) -> bytes | None:
         """The usage chunk for the client: with `usage.performance`, or none when only the sidecar asked."""

@@ -1,0 +1,156 @@
+"""The proxy's client to the engine, against raw HTTP servers on loopback that answer as engines may."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+import pytest
+
+from sidecar.upstream import ConnectFailed, Disconnected, UpstreamPool
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@asynccontextmanager
+async def server(handler: Handler) -> AsyncIterator[tuple[str, list[int]]]:
+    """A server on a free port: its URL, and a list that gets one entry per connection it accepted."""
+    connections: list[int] = []
+
+    async def counted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(1)
+        try:
+            await handler(reader, writer)
+        finally:
+            writer.close()
+
+    listening = await asyncio.start_server(counted, "127.0.0.1", 0)
+    port = listening.sockets[0].getsockname()[1]
+    async with listening:
+        yield f"http://127.0.0.1:{port}", connections
+
+
+async def read_request(reader: asyncio.StreamReader) -> bytes:
+    """One request's head and body; b"" when the client closed."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        if name.lower() == b"content-length":
+            length = int(value)
+    return head + await reader.readexactly(length)
+
+
+async def keep_answering(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while True:
+        try:
+            request = await read_request(reader)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return
+        body = request.split(b"\r\n\r\n", 1)[1]
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+        await writer.drain()
+
+
+async def test_connections_are_kept_alive_and_reused_until_the_keepalive_ends() -> None:
+    pool = UpstreamPool(connect_timeout_s=5, keepalive_s=0.2)
+    async with server(keep_answering) as (url, connections):
+        for body in (b"one", b"two"):
+            response = await pool.request("POST", url, "/echo", [("content-type", "text/plain")], body)
+            assert (response.status, response.content_type, await response.read()) == (200, "text/plain", body)
+            response.close()
+        assert len(connections) == 1
+        await asyncio.sleep(0.3)  # past the keep-alive: the idle connection is not trusted any more
+        response = await pool.request("POST", url, "/echo", [], b"three")
+        assert await response.read() == b"three"
+        response.close()
+        assert len(connections) == 2
+    pool.close()
+
+
+async def test_a_body_without_a_length_ends_with_the_connection_which_is_not_reused() -> None:
+    async def until_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\nall of ")
+        await writer.drain()
+        writer.write(b"it")
+
+    pool = UpstreamPool(connect_timeout_s=5, keepalive_s=5)
+    async with server(until_close) as (url, connections):
+        for _ in range(2):
+            response = await pool.request("GET", url, "/", [], b"")
+            assert await response.read() == b"all of it"
+            response.close()
+        assert len(connections) == 2
+
+
+async def test_a_large_chunked_body_read_slowly_arrives_whole_and_in_order() -> None:
+    """More than the reading pause holds: the connection stops reading while the reader lags, and resumes."""
+    parts = [bytes([65 + i % 26]) * 50_000 for i in range(40)]  # 2 MB
+
+    async def chunked(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+        for part in parts:
+            writer.write(b"%x\r\n%s\r\n" % (len(part), part))
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        await reader.read()  # until the client closes
+
+    pool = UpstreamPool(connect_timeout_s=5, keepalive_s=5)
+    async with server(chunked) as (url, _):
+        response = await pool.request("POST", url, "/v1/chat/completions", [], b"{}")
+        received = bytearray()
+        while data := await response.readany():
+            received += data
+            await asyncio.sleep(0.001)
+        assert received == b"".join(parts)
+        response.close()
+    pool.close()
+
+
+async def test_what_is_not_http_and_a_connection_closed_mid_body_are_disconnects() -> None:
+    async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"SSH-2.0-OpenSSH\r\n\r\n")
+        await writer.drain()
+
+    async def cut(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly part")
+        await writer.drain()
+
+    pool = UpstreamPool(connect_timeout_s=5, keepalive_s=5)
+    async with server(garbage) as (url, _):
+        with pytest.raises(Disconnected):
+            await pool.request("GET", url, "/", [], b"")
+    async with server(cut) as (url, _):
+        response = await pool.request("GET", url, "/", [], b"")
+        with pytest.raises(Disconnected):
+            await response.read()
+        response.close()
+
+
+async def test_a_pooled_connection_closed_by_the_engine_is_retried_once_on_a_new_one() -> None:
+    async def one_answer_then_close_on_the_next(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        await writer.drain()
+        await read_request(reader)  # the next request on this connection: closed unanswered
+
+    pool = UpstreamPool(connect_timeout_s=5, keepalive_s=5)
+    async with server(one_answer_then_close_on_the_next) as (url, connections):
+        for _ in range(3):
+            response = await pool.request("GET", url, "/", [], b"")
+            assert await response.read() == b"ok"
+            response.close()
+        assert len(connections) == 3
+    pool.close()
+
+
+async def test_nothing_listening_is_a_connect_failure() -> None:
+    async with server(keep_answering) as (url, _):
+        pass  # closed again: its port refuses now
+    with pytest.raises(ConnectFailed):
+        await UpstreamPool(connect_timeout_s=5, keepalive_s=5).request("GET", url, "/", [], b"")
