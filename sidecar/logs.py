@@ -43,7 +43,12 @@ _LEVELS = {
     "fatal": logging.CRITICAL,
 }
 
-_timestamp = structlog.processors.TimeStamper(fmt="iso", utc=True)
+# What every record gets, structlog's and the standard library's alike.
+_SHARED_CHAIN: list[Processor] = [
+    structlog.contextvars.merge_contextvars,
+    structlog.processors.add_log_level,
+    structlog.processors.TimeStamper(fmt="iso", utc=True),
+]
 # Local variables in tracebacks are where tokens leak: never show them.
 _json_exceptions = structlog.processors.ExceptionRenderer(ExceptionDictTransformer(show_locals=False))
 _FIRST_KEYS = ("timestamp", "level", "event", "logger")
@@ -170,9 +175,8 @@ class _StandardLibraryBridge(logging.Handler):
             event_dict["exc_info"] = record.exc_info
         method = record.levelname.lower()
         try:
-            event_dict = structlog.contextvars.merge_contextvars(None, method, event_dict)
-            event_dict = structlog.processors.add_log_level(None, method, event_dict)
-            event_dict = _timestamp(None, method, event_dict)
+            for processor in _SHARED_CHAIN:
+                event_dict = cast(EventDict, processor(None, method, event_dict))
             _pipeline.write(None, method, event_dict)
         except structlog.DropEvent:
             pass
@@ -211,10 +215,8 @@ def configure_logging(settings: Settings, redactor: Redactor) -> None:
     # One list, changed in place: loggers structlog has cached hold it (structlog.testing.capture_logs does so too).
     _PROCESSORS[:] = [
         _pipeline.gate,
-        structlog.contextvars.merge_contextvars,
-        structlog.processors.add_log_level,
         _add_logger_name,
-        _timestamp,
+        *_SHARED_CHAIN,
         structlog.processors.StackInfoRenderer(),
         _pipeline.write,
     ]
