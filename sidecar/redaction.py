@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Iterable, Mapping, MutableMapping
+from collections.abc import Iterable, MutableMapping
 from typing import Any
 
 MASK = "***"
@@ -88,30 +88,25 @@ class Redactor:
 _SCALARS = frozenset({int, float, bool, type(None)})
 
 
-def _collect_text(mapping: Mapping[Any, Any], texts: list[str]) -> bool:
-    """Gather the strings in `mapping` (keys and values, nested ones included); False when it holds a
-    sensitive field, or a value of another kind than text, numbers, dicts and lists (the walk takes those)."""
-    for key, value in mapping.items():
-        if type(key) is not str or key.lower() in SENSITIVE_FIELDS:
-            return False
-        texts.append(key)
-        if type(value) is str:
-            texts.append(value)
-        elif type(value) not in _SCALARS and not _collect_nested(value, texts):
-            return False
-    return True
-
-
-def _collect_nested(value: Any, texts: list[str]) -> bool:
-    if type(value) is dict:
-        return _collect_text(value, texts)
-    if type(value) is list or type(value) is tuple:
-        for item in value:
-            if type(item) is str:
-                texts.append(item)
-            elif type(item) not in _SCALARS and not _collect_nested(item, texts):
+def _collect_text(value: Any, texts: list[str]) -> bool:
+    """Gather the strings in `value` (dict keys included, however nested); False when it holds a sensitive
+    field, or a value of another kind than text, numbers, dicts and lists (the walk takes those)."""
+    kind = type(value)
+    if kind is str:
+        texts.append(value)
+        return True
+    if kind in _SCALARS:
+        return True
+    if kind is dict:
+        for key, item in value.items():
+            if type(key) is not str or _is_sensitive(key):
+                return False
+            texts.append(key)
+            if not _collect_text(item, texts):
                 return False
         return True
+    if kind is list or kind is tuple:
+        return all(_collect_text(item, texts) for item in value)
     return False
 
 
