@@ -37,9 +37,12 @@ async def request_metrics(request: Request) -> Response:
     return JSONResponse(record)
 
 
+GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions")
+
+
 def generation_paths(proxy: Proxy) -> dict[str, AsgiHandler]:
     """The routes that carry the traffic: the app serves them before its router (POST only)."""
-    return {"/v1/chat/completions": proxy.generate, "/v1/completions": proxy.generate}
+    return dict.fromkeys(GENERATION_PATHS, proxy.generate)
 
 
 def routes(proxy: Proxy) -> list[BaseRoute]:
@@ -47,8 +50,7 @@ def routes(proxy: Proxy) -> list[BaseRoute]:
     The generation routes are here too, for any other method than POST (405) and for the OpenAPI description."""
     generate = _Asgi(proxy.generate)
     return [
-        Route("/v1/chat/completions", generate, methods=["POST"]),
-        Route("/v1/completions", generate, methods=["POST"]),
+        *(Route(path, generate, methods=["POST"]) for path in GENERATION_PATHS),
         Route("/v1/embeddings", _Asgi(proxy.embeddings), methods=["POST"]),
         Route("/v1/requests/{request_id}", request_metrics, methods=["GET"]),
     ]

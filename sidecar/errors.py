@@ -149,9 +149,14 @@ async def handle_sidecar_error(request: Request, exc: Exception) -> Response:
     return error_response(exc)
 
 
+def internal_error() -> SidecarError:
+    """What a client is told of an exception nobody expected: nothing of its text or its traceback."""
+    return SidecarError("internal server error")
+
+
 async def handle_unexpected_error(request: Request, exc: Exception) -> Response:
     """Starlette's last resort answers in the OpenAI shape too; the request's access middleware logs it."""
-    return error_response(SidecarError("internal server error"))
+    return error_response(internal_error())
 
 
 async def handle_http_exception(request: Request, exc: Exception) -> Response:

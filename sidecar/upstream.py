@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 import httptools
 
+_COPY_BELOW = 64 * 1024  # a body this small goes out with the head in one write
 _PAUSE_AT = 256 * 1024  # bytes read and not yet relayed: stop reading the engine until the relay catches up
 
 
@@ -204,9 +205,11 @@ class _Connection(asyncio.Protocol):
     def send(self, head: bytes, body: bytes) -> Response:
         assert self.transport is not None
         self.response = Response(self)
-        self.transport.write(head + body if len(body) < 65536 else head)
-        if len(body) >= 65536:
-            self.transport.write(body)  # a large prompt is not copied once more
+        if len(body) < _COPY_BELOW:
+            self.transport.write(head + body)
+        else:  # a large prompt is not copied once more
+            self.transport.write(head)
+            self.transport.write(body)
         return self.response
 
     def finished(self, reusable: bool) -> None:

@@ -12,7 +12,7 @@ import structlog
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from sidecar.errors import SidecarError, send_error
+from sidecar.errors import internal_error, send_error
 from sidecar.logs import get_logger
 
 log = get_logger("sidecar.access")
@@ -65,7 +65,7 @@ class RequestContextMiddleware:
             except Exception:
                 log.exception("unhandled_error", method=scope["method"], path=scope["path"])
                 if status is None:
-                    await send_error(SidecarError("internal server error"), scope, receive, send_with_id)
+                    await send_error(internal_error(), scope, receive, send_with_id)
             finally:
                 log.info(
                     "request",
