@@ -42,6 +42,15 @@ async def read_request(reader: asyncio.StreamReader) -> bytes:
     return head + await reader.readexactly(length)
 
 
+async def body_of(pool: UpstreamPool, url: str, method: str = "GET", body: bytes = b"") -> bytes:
+    """One whole exchange, as the proxy has it: the request, the answer's body, the connection given back."""
+    response = await pool.request(method, url, "/", [], body)
+    try:
+        return await response.read()
+    finally:
+        response.close()
+
+
 async def keep_answering(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     while True:
         try:
@@ -62,9 +71,7 @@ async def test_connections_are_kept_alive_and_reused_until_the_keepalive_ends() 
             response.close()
         assert len(connections) == 1
         await asyncio.sleep(0.3)  # past the keep-alive: the idle connection is not trusted any more
-        response = await pool.request("POST", url, "/echo", [], b"three")
-        assert await response.read() == b"three"
-        response.close()
+        assert await body_of(pool, url, "POST", b"three") == b"three"
         assert len(connections) == 2
     pool.close()
 
@@ -79,9 +86,7 @@ async def test_a_body_without_a_length_ends_with_the_connection_which_is_not_reu
     pool = UpstreamPool(connect_timeout_s=5, keepalive_s=5)
     async with server(until_close) as (url, connections):
         for _ in range(2):
-            response = await pool.request("GET", url, "/", [], b"")
-            assert await response.read() == b"all of it"
-            response.close()
+            assert await body_of(pool, url) == b"all of it"
         assert len(connections) == 2
 
 
@@ -126,10 +131,8 @@ async def test_what_is_not_http_and_a_connection_closed_mid_body_are_disconnects
         with pytest.raises(Disconnected):
             await pool.request("GET", url, "/", [], b"")
     async with server(cut) as (url, _):
-        response = await pool.request("GET", url, "/", [], b"")
         with pytest.raises(Disconnected):
-            await response.read()
-        response.close()
+            await body_of(pool, url)
 
 
 async def test_a_pooled_connection_closed_by_the_engine_is_retried_once_on_a_new_one() -> None:
@@ -142,9 +145,7 @@ async def test_a_pooled_connection_closed_by_the_engine_is_retried_once_on_a_new
     pool = UpstreamPool(connect_timeout_s=5, keepalive_s=5)
     async with server(one_answer_then_close_on_the_next) as (url, connections):
         for _ in range(3):
-            response = await pool.request("GET", url, "/", [], b"")
-            assert await response.read() == b"ok"
-            response.close()
+            assert await body_of(pool, url) == b"ok"
         assert len(connections) == 3
     pool.close()
 
