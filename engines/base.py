@@ -63,6 +63,27 @@ def flags_from_args(
     return argv
 
 
+def prompt_text(body: Mapping[str, Any]) -> str | None:
+    """The text of a generation request's prompt: a completion's prompt, or the text of a chat's messages (without
+    the chat template's own tokens, which only the engine knows). None where the prompt is not text."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list) and prompt and all(isinstance(item, str) for item in prompt):
+        return "\n".join(prompt)
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        return None
+    texts: list[str] = []
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, str):
+            texts.append(content)
+        elif isinstance(content, list):  # parts: {"type": "text", "text": ...}
+            texts += [part["text"] for part in content if isinstance(part, dict) and isinstance(part.get("text"), str)]
+    return "\n".join(texts)
+
+
 class EngineAdapter:
     """One engine. Subclasses set the class attributes and build the command line."""
 
@@ -75,7 +96,8 @@ class EngineAdapter:
     reserved_flags: ClassVar[frozenset[str]] = frozenset({"host", "port"})
     starts_process: ClassVar[bool] = True
     # The engine honours `stream_options.include_usage`. Where it does not, the sidecar counts the streamed tokens
-    # itself, and passes non-streaming requests through whole to keep the engine's exact usage.
+    # itself (output events) and asks the engine to count the prompt (`prompt_count_request`), for streamed and
+    # assembled answers alike.
     streams_usage: ClassVar[bool] = True
 
     def __init__(self, executable: str | None = None) -> None:
@@ -95,6 +117,15 @@ class EngineAdapter:
     def translate_request(self, body: dict[str, Any]) -> dict[str, Any]:
         """The request body in the engine's terms, where it names a field differently; the same object if not."""
         return body
+
+    def prompt_count_request(self, body: Mapping[str, Any]) -> tuple[str, dict[str, Any]] | None:
+        """For an engine that streams no usage: the request (path, JSON body) that counts the prompt's tokens with
+        the engine's own tokenizer; None where it has no such endpoint (the prompt's count is then unknown)."""
+        return None
+
+    def prompt_count(self, answer: Any) -> int | None:
+        """The count in the engine's answer to `prompt_count_request`."""
+        return None
 
     def environment(self) -> dict[str, str]:
         """Variables the engine needs on top of the sidecar's environment and the request's `env`."""

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from engines.base import ArgValue, EngineAdapter
+from engines.base import ArgValue, EngineAdapter, prompt_text
 
 
 class LlamaCppAdapter(EngineAdapter):
@@ -58,6 +58,16 @@ class LlamaCppPythonAdapter(EngineAdapter):
             rest = {k: v for k, v in body.items() if k != "max_completion_tokens"}
             return rest | {"max_tokens": body["max_completion_tokens"]}
         return body
+
+    def prompt_count_request(self, body: Mapping[str, Any]) -> tuple[str, dict[str, Any]] | None:
+        # Its tokenizer, on the prompt's text: exact for a completion's prompt; for a chat, the messages' text
+        # without the template's tokens (it has no endpoint that applies the template).
+        text = prompt_text(body)
+        return None if text is None else ("/extras/tokenize/count", {"input": text})
+
+    def prompt_count(self, answer: Any) -> int | None:
+        count = answer.get("count") if isinstance(answer, dict) else None
+        return count if isinstance(count, int) and not isinstance(count, bool) else None
 
     def command(self, model: str, port: int, args: Mapping[str, ArgValue], served_model_name: str | None) -> list[str]:
         argv = [self.executable, "-m", "llama_cpp.server", "--model", model, "--host", "127.0.0.1", "--port", str(port)]

@@ -64,7 +64,11 @@ _RESPONSE_HEADERS_DROPPED = _HOP_BY_HOP | {"content-length", "date", "server", "
 _ERROR_BODY_LIMIT = 1024 * 1024
 _KEEPALIVE_S = 4.0
 _DEADLINE_STEP_S = 1.0  # how often a stream's inter-token deadline is pushed back: cheaper than on every read
+# How long the end of an answer waits for the engine's count of the prompt (asked when the request went out; an
+# engine that serves one request at a time answers it as the generation ends).
+_PROMPT_COUNT_WAIT_S = 5.0
 _JSON = (b"content-type", b"application/json")
+_JSON_STR = ("content-type", "application/json")
 
 
 def _dumps(value: Any) -> bytes:
@@ -148,6 +152,7 @@ class _Exchange:
     client_disconnected: bool = False
     client_done: bool = False  # the client's response is complete (a stream ends with [DONE])
     gpu_window: GpuWindow | None = None
+    prompt_count: asyncio.Task[int | None] | None = None  # the engine counting the prompt (it streams no usage)
 
 
 class Proxy:
@@ -173,8 +178,7 @@ class Proxy:
         stream, options, n = _generation_fields(body)
         client_usage = stream and options is not None and options.get("include_usage") is True
         loaded = self.supervisor.engine
-        streams_usage = loaded is None or loaded.adapter.streams_usage
-        assemble = not stream and self.settings.assemble_non_streaming and streams_usage
+        assemble = not stream and self.settings.assemble_non_streaming
         sent = loaded.adapter.translate_request(body) if loaded is not None else body
         if stream and not client_usage or assemble:
             # Ask for usage to count tokens; the chunk is removed again before the client sees it.
@@ -193,7 +197,7 @@ class Proxy:
             else:
                 await self._relay_assembled(exchange, response, Assembler(chat))
 
-        await self._exchange(scope, receive, send, start_ns, payload, relay)
+        await self._exchange(scope, receive, send, start_ns, payload, relay, prompt=sent)
 
     async def embeddings(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope, receive)
@@ -216,17 +220,21 @@ class Proxy:
         payload: bytes,
         relay: Relay,
         measured: bool = True,
+        prompt: dict[str, Any] | None = None,
     ) -> None:
         """One request through to the engine and back, holding the engine (drain waits for it).
 
         A client that disconnects cancels the exchange wherever it is, waiting for the engine's headers or
         relaying its answer; closing the engine's unfinished response then drops that connection, which is
-        what makes the engine abort the request.
+        what makes the engine abort the request. An engine that streams no usage is asked to count the `prompt`
+        at the same time as it gets the request.
         """
         async with self.supervisor.request_slot() as engine:
             deadline = asyncio.get_running_loop().time() + self.settings.upstream_first_token_timeout_s
             exchange = _Exchange(scope, receive, send, engine, PerformanceMeter(start_ns), deadline)
             exchange.gpu_window = self.telemetry.window()
+            if prompt is not None and not engine.adapter.streams_usage:
+                exchange.prompt_count = asyncio.create_task(self._count_prompt(engine, prompt))
             try:
                 with _ClientWatch(exchange):
                     response = await self._open(exchange, payload, json_body=measured)
@@ -242,6 +250,8 @@ class Proxy:
                 if not exchange.client_disconnected or task is None or task.uncancel() > 0:
                     raise  # cancelled by someone else: the server is stopping
             finally:
+                if exchange.prompt_count is not None:
+                    exchange.prompt_count.cancel()  # the answer was cut: its usage is not reported
                 if measured:
                     self._record(exchange)
 
@@ -268,6 +278,38 @@ class Proxy:
             raise BadGateway(f"could not connect to the engine: {exc}") from None
         except Disconnected as exc:
             raise BadGateway(f"{exc} before answering") from None
+
+    async def _count_prompt(self, engine: Engine, body: dict[str, Any]) -> int | None:
+        """The prompt's tokens, counted by the engine's own tokenizer; None where it cannot say."""
+        question = engine.adapter.prompt_count_request(body)
+        if question is None:
+            return None
+        path, count_body = question
+        try:
+            response = await self.upstream.request("POST", engine.base_url, path, [_JSON_STR], _dumps(count_body))
+            try:
+                raw = await response.read(_ERROR_BODY_LIMIT)
+            finally:
+                response.close()
+        except UpstreamError as exc:
+            log.warning("prompt_count_failed", path=path, error=str(exc))
+            return None
+        if response.status != 200:
+            log.warning("prompt_count_failed", path=path, status=response.status)
+            return None
+        return engine.adapter.prompt_count(_loads(raw))
+
+    async def _counted_prompt(self, exchange: _Exchange) -> None:
+        """The engine's count of the prompt into the exchange's usage, once it has come (or the wait is over)."""
+        task, exchange.prompt_count = exchange.prompt_count, None
+        if task is None:
+            return
+        done, _ = await asyncio.wait({task}, timeout=_PROMPT_COUNT_WAIT_S)
+        if not done:
+            task.cancel()
+            log.warning("prompt_count_late", waited_s=_PROMPT_COUNT_WAIT_S)
+        elif (count := task.result()) is not None:
+            exchange.usage = (exchange.usage or {}) | {"prompt_tokens": count}
 
     # -- answers --------------------------------------------------------------------------------------------
 
@@ -331,6 +373,11 @@ class Proxy:
         exchange.timings = _header_timings(response)
         await send({"type": "http.response.start", "status": response.status, "headers": _response_headers(response)})
         error = await self._pump(exchange, response, None)
+        if exchange.prompt_count is not None and exchange.performance is None and error is None:
+            # For the record, after the client's answer; the time spent waiting for the count is not the engine's.
+            end_ns = time.perf_counter_ns()
+            await self._counted_prompt(exchange)
+            self._finish(exchange, end_ns)
         if error is not None and not exchange.client_done:
             # The status went out with the first event: the stream says what happened, then ends as streams do.
             await send({"type": "http.response.body", "body": _sse_error(error)})
@@ -345,6 +392,10 @@ class Proxy:
             raise error
         now = time.perf_counter_ns()
         exchange.status = response.status
+        if assembler.usage is None:  # the engine streams no usage: the sidecar's count
+            await self._counted_prompt(exchange)
+            self._finish(exchange, now)
+            exchange.usage = self._counted_usage(exchange)
         raw, performance = self._with_performance(exchange, assembler.result(), now)
         headers = [*_response_headers(response, drop={"content-type"}), _JSON, (b"x-performance-metrics", performance)]
         exchange.meter.overhead_ns += time.perf_counter_ns() - now
@@ -384,6 +435,7 @@ class Proxy:
                         if data == DONE:
                             done = True
                             if exchange.client_usage and exchange.performance is None and assembler is None:
+                                await self._counted_prompt(exchange)
                                 out.append(self._counted_usage_event(exchange, last_data, now))
                         elif data is not None:
                             last_data = data
@@ -421,13 +473,22 @@ class Proxy:
 
     def _counted_usage_event(self, exchange: _Exchange, last_data: bytes, now: int) -> bytes:
         """The usage chunk the client asked for and the engine did not send (llama-cpp-python ignores
-        `stream_options`): the streamed tokens counted, the prompt's unknown."""
+        `stream_options`): the streamed tokens and the prompt counted."""
         last = _loads(last_data) or {}
         chunk = {key: last[key] for key in ("id", "object", "created", "model", "system_fingerprint") if key in last}
         performance = self._finish(exchange, now)
-        tokens = performance["completion_tokens"]
-        usage = {"prompt_tokens": None, "completion_tokens": tokens, "total_tokens": None, "performance": performance}
+        usage = self._counted_usage(exchange) | {"performance": performance}
         return b"data: " + _dumps(chunk | {"choices": [], "usage": usage}) + b"\n\n"
+
+    @staticmethod
+    def _counted_usage(exchange: _Exchange) -> dict[str, Any]:
+        """Usage as the sidecar counted it (after `_finish`): output events, and the engine's count of the prompt
+        where it gave one (null where it could not: `usage.performance.tokens_estimated` says so)."""
+        assert exchange.performance is not None
+        prompt = (exchange.usage or {}).get("prompt_tokens")
+        tokens = exchange.performance["completion_tokens"]
+        total = None if prompt is None else prompt + tokens
+        return {"prompt_tokens": prompt, "completion_tokens": tokens, "total_tokens": total}
 
     def _measure_parsed(self, exchange: _Exchange, chunk: dict[str, Any], now: int) -> None:
         meter = exchange.meter

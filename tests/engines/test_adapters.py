@@ -5,6 +5,7 @@ import sys
 import pytest
 
 from engines import AdapterError, UnknownEngine, adapter, flags_from_args, registered
+from engines.base import prompt_text
 from engines.llamacpp import LlamaCppAdapter, LlamaCppPythonAdapter
 
 
@@ -106,3 +107,24 @@ def test_llamacpp_configured_with_a_python_runs_llama_cpp_python_in_it() -> None
     # It sends no usage chunk, and reports disconnects with print(): unbuffered, they reach the log at once.
     assert engine.streams_usage is False and engine.environment() == {"PYTHONUNBUFFERED": "1"}
     assert LlamaCppAdapter.streams_usage is True
+
+
+def test_the_prompt_counted_is_the_prompts_text_or_the_messages_text() -> None:
+    assert prompt_text({"prompt": "Once upon a time"}) == "Once upon a time"
+    assert prompt_text({"prompt": ["a", "b"]}) == "a\nb"
+    assert prompt_text({"prompt": [1, 2, 3]}) is None  # token ids: nothing to tokenize
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "Hi"}, {"type": "image_url", "image_url": {}}]},
+        {"role": "assistant", "content": None, "tool_calls": []},
+    ]
+    assert prompt_text({"messages": messages}) == "Be brief.\nHi"
+    assert prompt_text({"messages": "not a list"}) is None
+
+
+def test_only_llama_cpp_python_is_asked_to_count_the_prompt() -> None:
+    engine = LlamaCppPythonAdapter()
+    assert engine.prompt_count_request({"prompt": "x"}) == ("/extras/tokenize/count", {"input": "x"})
+    assert engine.prompt_count({"count": 7}) == 7
+    assert engine.prompt_count({"count": True}) is None and engine.prompt_count(None) is None
+    assert LlamaCppAdapter().prompt_count_request({"prompt": "x"}) is None  # llama-server streams its usage

@@ -50,6 +50,13 @@ class Llama:
         wait_until(lambda: len(self.engine_reports()) > before, timeout_s=10)
         return self.engine_reports()[before]
 
+    def engines_own_usage(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """The usage llama-cpp-python itself reports for a whole (non-streamed) answer: asked on its own port."""
+        response = httpx.post(f"http://127.0.0.1:{self.loaded['port']}{path}", json=body, timeout=60)
+        assert response.status_code == 200, response.text
+        usage: dict[str, Any] = response.json()["usage"]
+        return usage
+
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Llama]:
@@ -104,12 +111,18 @@ def test_streamed_chat_measured_as_llama_cpp_and_the_clients_clock_see_it(llama:
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert len(text) == 48 and text.isprintable()
 
-    # llama-cpp-python sends no usage chunk: the sidecar adds one, with the streamed tokens counted.
+    # llama-cpp-python sends no usage chunk: the sidecar adds one, with the streamed tokens counted and the prompt
+    # counted by the engine's tokenizer: the messages' text, without the chat template's tokens (at most the
+    # engine's own count, which has them).
     usage = chunks[-1].usage
     assert usage is not None and chunks[-1].choices == [] and chunks[-1].id == chunks[0].id
     assert usage.completion_tokens == 48
+    exact = llama.engines_own_usage("/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 1})
+    assert 0 < usage.prompt_tokens <= exact["prompt_tokens"]
+    assert usage.total_tokens == usage.prompt_tokens + 48
     performance: dict[str, Any] = usage.model_dump()["performance"]
     assert performance["completion_tokens"] == 48 and performance["tokens_estimated"] is True
+    assert performance["prompt_tokens"] == usage.prompt_tokens
     assert (performance["engine"], performance["model"]) == ("llamacpp", SERVED)
 
     # The client's clock: it starts earlier and ends later than the sidecar's, by no more than the hop.
@@ -131,23 +144,26 @@ def test_streamed_chat_measured_as_llama_cpp_and_the_clients_clock_see_it(llama:
     assert performance["latency_ms"] >= prompt_ms + eval_ms
 
 
-def test_non_streamed_chat_keeps_llama_cpp_s_exact_usage(llama: Llama) -> None:
+def test_non_streamed_chat_streamed_from_llama_cpp_measured_and_assembled(llama: Llama) -> None:
     before = len(llama.engine_reports())
     started = time.perf_counter()
     completion = llama.client().chat.completions.create(model=SERVED, messages=MESSAGES, max_tokens=16, temperature=0)
     elapsed_ms = (time.perf_counter() - started) * 1000
+    # The answer the engine gives a non-streaming request, built from its stream.
+    whole = llama.engines_own_usage("/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 16, "temperature": 0})
+    assert completion.object == "chat.completion" and completion.choices[0].message.role == "assistant"
     assert len(completion.choices[0].message.content or "") == 16
     assert completion.choices[0].finish_reason == "length"
     usage = completion.usage
     assert usage is not None
     *_, runs = llama.next_engine_report(before)
-    assert usage.completion_tokens == 16 and runs in (15, 16)
-    # Passed through whole (the engine streams no usage): its own counts, not the sidecar's estimate.
+    assert usage.completion_tokens == whole["completion_tokens"] == 16 and runs in (15, 16)
+    assert 0 < usage.prompt_tokens <= whole["prompt_tokens"] and usage.total_tokens == usage.prompt_tokens + 16
+    # Measured as a stream: a first token, the gaps between tokens.
     performance: dict[str, Any] = usage.model_dump()["performance"]
-    assert performance["completion_tokens"] == 16 and "tokens_estimated" not in performance
-    assert performance["prompt_tokens"] == usage.prompt_tokens > 0
-    assert performance["ttft_ms"] is None  # a whole answer has no first token to time
-    assert 0 < performance["latency_ms"] <= performance["total_ms"] <= elapsed_ms
+    assert performance["completion_tokens"] == 16 and performance["tokens_estimated"] is True
+    assert 0 < performance["ttft_ms"] <= performance["latency_ms"] <= performance["total_ms"] <= elapsed_ms
+    assert performance["tpot_ms"] > 0 and performance["itl_ms"]["p50"] > 0
 
 
 def test_text_completions_streamed_and_whole(llama: Llama) -> None:
@@ -165,10 +181,17 @@ def test_text_completions_streamed_and_whole(llama: Llama) -> None:
     usage = chunks[-1].usage
     assert usage is not None and usage.completion_tokens == 12
     assert usage.model_dump()["performance"]["ttft_ms"] > 0
+    # A text prompt is counted exactly: the engine's tokenizer on the prompt, as the engine itself counts it.
+    exact = llama.engines_own_usage("/v1/completions", {"prompt": "Once upon a time", "max_tokens": 12})
+    assert usage.prompt_tokens == exact["prompt_tokens"] > 0 and usage.total_tokens == exact["total_tokens"]
 
     whole = client.completions.create(model=SERVED, prompt="Once upon a time", max_tokens=12, temperature=0)
-    assert whole.choices[0].text == streamed  # greedy: the same answer either way
-    assert whole.usage is not None and whole.usage.completion_tokens == 12
+    assert whole.object == "text_completion" and whole.choices[0].text == streamed  # greedy: the same either way
+    assert whole.usage is not None and (whole.usage.prompt_tokens, whole.usage.completion_tokens) == (
+        exact["prompt_tokens"],
+        12,
+    )
+    assert whole.usage.model_dump()["performance"]["ttft_ms"] > 0
 
 
 def test_client_disconnect_stops_llama_cpp_generating(llama: Llama) -> None:
