@@ -131,10 +131,10 @@ class EngineAdapter:
         """Variables the engine needs on top of the sidecar's environment and the request's `env`."""
         return {}
 
-    async def is_ready(self, client: httpx.AsyncClient, base_url: str) -> bool:
+    async def is_ready(self, client: httpx.AsyncClient, base_url: str, headers: Mapping[str, str]) -> bool:
         for path in self.ready_paths:
             try:
-                response = await client.get(base_url + path)
+                response = await client.get(base_url + path, headers=headers)
             except httpx.HTTPError:
                 return False
             if response.status_code != 200:

@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import re
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from engines import ArgValue, EngineAdapter
 from sidecar.process import EngineProcess
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110's token
+_HEADER_VALUE = re.compile(r"[^\x00-\x08\x0a-\x1f\x7f]*")  # no control characters but tab: no header injection
+# Set by the sidecar on every request to the engine; the key goes in `api_key`.
+_HEADERS_OWN = frozenset(
+    {"host", "content-length", "transfer-encoding", "connection", "content-type", "x-request-id", "authorization"}
+)
 
 
 class LoadRequest(BaseModel):
@@ -26,6 +32,9 @@ class LoadRequest(BaseModel):
     startup_timeout_s: float | None = Field(None, gt=0)
     replace: bool = False
     url: str | None = Field(None, pattern=r"^https?://[^\s/]+(/[^\s]*)?$")
+    # An external engine's key (a hosted API's), sent as `Authorization: Bearer` to it alone; extra headers too.
+    api_key: SecretStr | None = Field(None, min_length=1)
+    headers: dict[str, str] = {}
 
     @field_validator("env")
     @classmethod
@@ -34,6 +43,30 @@ class LoadRequest(BaseModel):
         if bad:
             raise ValueError(f"invalid environment variable name(s): {', '.join(map(repr, bad))}")
         return env
+
+    @field_validator("headers")
+    @classmethod
+    def _header_fields(cls, headers: dict[str, str]) -> dict[str, str]:
+        for name, value in headers.items():
+            if not _HEADER_NAME.fullmatch(name):
+                raise ValueError(f"invalid header name {name!r}")
+            if name.lower() in _HEADERS_OWN:
+                raise ValueError(f"header {name!r} is set by the sidecar (a key goes in 'api_key')")
+            if not _HEADER_VALUE.fullmatch(value):
+                raise ValueError(f"the value of header {name!r} holds a control character")
+        return headers
+
+    def upstream_headers(self) -> dict[str, str]:
+        """What every request to the engine carries on top of the client's: the key and the extra headers."""
+        headers = {name.lower(): value for name, value in self.headers.items()}
+        if self.api_key is not None:
+            headers["authorization"] = f"Bearer {self.api_key.get_secret_value()}"
+        return headers
+
+    def secrets(self) -> list[str]:
+        """Values masked in every log line once the engine is loaded: the environment's, the key, the headers'."""
+        key = [self.api_key.get_secret_value()] if self.api_key is not None else []
+        return [*self.env.values(), *key, *self.headers.values()]
 
 
 @dataclass
@@ -48,6 +81,7 @@ class Engine:
     started_at: float  # wall clock, for people
     started_monotonic: float
     load_time_s: float | None = None
+    upstream_headers: dict[str, str] = field(default_factory=dict)  # on every request to the engine
 
     @property
     def served_model(self) -> str:

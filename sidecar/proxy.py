@@ -41,7 +41,7 @@ from sidecar.settings import Settings
 from sidecar.sse import DONE, SSEParser
 from sidecar.supervisor import Supervisor
 from sidecar.telemetry import GpuWindow, Telemetry
-from sidecar.upstream import ConnectFailed, Disconnected, Response, UpstreamError, UpstreamPool
+from sidecar.upstream import ConnectFailed, Disconnected, Response, UpstreamError, UpstreamPool, tls_context
 
 log = get_logger("sidecar.proxy")
 
@@ -75,7 +75,7 @@ def _dumps(value: Any) -> bytes:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def _request_headers(scope: Scope, request_id: str, json_body: bool) -> dict[str, str]:
+def _request_headers(scope: Scope, request_id: str, json_body: bool, engine: Engine) -> dict[str, str]:
     headers = Headers(scope=scope)
     named_in_connection = {name.strip().lower() for name in headers.get("connection", "").split(",")}
     forwarded = {
@@ -86,6 +86,8 @@ def _request_headers(scope: Scope, request_id: str, json_body: bool) -> dict[str
     forwarded["x-request-id"] = request_id
     if json_body:  # checked to be JSON already: say so, whatever the client's curl -d claimed
         forwarded["content-type"] = "application/json"
+    if engine.upstream_headers:  # a hosted engine's key and headers, from its load request
+        forwarded.update(engine.upstream_headers)
     return forwarded
 
 
@@ -163,7 +165,9 @@ class Proxy:
         self.supervisor = supervisor
         self.history = history
         self.telemetry = telemetry
-        self.upstream = UpstreamPool(settings.upstream_connect_timeout_s, _KEEPALIVE_S)
+        self.upstream = UpstreamPool(
+            settings.upstream_connect_timeout_s, _KEEPALIVE_S, tls_context(settings.upstream_ca_file)
+        )
 
     def close(self) -> None:
         self.upstream.close()
@@ -263,15 +267,13 @@ class Proxy:
         target = scope["path"]
         if scope["query_string"]:
             target += "?" + scope["query_string"].decode("latin-1")
-        headers = _request_headers(
-            scope, exchange.engine.adapter.engine_request_id(scope["state"]["request_id"]), json_body
-        )
+        engine = exchange.engine
+        request_id = engine.adapter.engine_request_id(scope["state"]["request_id"])
+        headers = _request_headers(scope, request_id, json_body, engine)
         exchange.meter.overhead_ns += time.perf_counter_ns() - exchange.meter.start_ns
         try:
             async with asyncio.timeout_at(exchange.first_token_deadline):
-                return await self.upstream.request(
-                    scope["method"], exchange.engine.base_url, target, headers.items(), payload
-                )
+                return await self.upstream.request(scope["method"], engine.base_url, target, headers.items(), payload)
         except TimeoutError:  # the connect timeout is a TimeoutError too
             raise GatewayTimeout("the engine did not start answering within the timeout") from None
         except ConnectFailed as exc:
@@ -286,7 +288,8 @@ class Proxy:
             return None
         path, count_body = question
         try:
-            response = await self.upstream.request("POST", engine.base_url, path, [_JSON_STR], _dumps(count_body))
+            headers = [_JSON_STR, *engine.upstream_headers.items()]
+            response = await self.upstream.request("POST", engine.base_url, path, headers, _dumps(count_body))
             try:
                 raw = await response.read(_ERROR_BODY_LIMIT)
             finally:

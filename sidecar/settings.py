@@ -6,7 +6,7 @@ import ipaddress
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import Field, FilePath, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ENV_PREFIX = "SIDECAR_"
@@ -57,6 +57,8 @@ class Settings(BaseSettings):
     upstream_connect_timeout_s: float = Field(5.0, gt=0)
     upstream_first_token_timeout_s: float = Field(600.0, gt=0)
     upstream_inter_token_timeout_s: float = Field(120.0, gt=0)
+    # CAs (PEM) trusted for https engines on top of the system's: a private CA's, or a self-signed engine's.
+    upstream_ca_file: FilePath | None = None
     # Non-streaming requests are streamed from the engine and assembled, so that they get a TTFT too.
     assemble_non_streaming: bool = True
     request_history_size: int = Field(1000, ge=1)
@@ -83,7 +85,9 @@ class Settings(BaseSettings):
     def _comma_list(cls, value: Any) -> Any:
         return _split_commas(value)
 
-    @field_validator("log_dir", "autoload_engine", "autoload_model", "autoload_served_model_name", mode="before")
+    @field_validator(
+        "log_dir", "upstream_ca_file", "autoload_engine", "autoload_model", "autoload_served_model_name", mode="before"
+    )
     @classmethod
     def _empty_is_none(cls, value: Any) -> Any:
         return None if value == "" else value

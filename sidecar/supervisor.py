@@ -45,6 +45,7 @@ from sidecar.redaction import Redactor
 from sidecar.runfile import EngineRecord
 from sidecar.settings import Settings
 from sidecar.state import EngineState, check_transition
+from sidecar.upstream import tls_context
 
 log = get_logger("sidecar.supervisor")
 
@@ -111,7 +112,7 @@ class Supervisor:
         self._in_flight = 0
         self._drained = asyncio.Event()
         self._drained.set()
-        self._probe = httpx.AsyncClient(timeout=httpx.Timeout(2.0))
+        self._probe = httpx.AsyncClient(timeout=httpx.Timeout(2.0), verify=tls_context(settings.upstream_ca_file))
         become_subreaper()
 
     # -- reading ------------------------------------------------------------------------------------------
@@ -182,6 +183,9 @@ class Supervisor:
                 raise BadRequest(str(exc), param=exc.param) from None
         elif request.url is None:
             raise BadRequest(f"the {request.engine} engine needs 'url'", param="url")
+        if adapter.starts_process and (request.api_key is not None or request.headers):
+            param = "api_key" if request.api_key is not None else "headers"
+            raise BadRequest(f"'{param}' is only for the external engine, not {request.engine}", param=param)
         return adapter
 
     async def load(self, request: LoadRequest) -> tuple[int, dict[str, Any]]:
@@ -368,13 +372,16 @@ class Supervisor:
 
     async def _spawn(self, request: LoadRequest, adapter: EngineAdapter) -> Engine:
         now = (time.time(), time.monotonic())
+        # The request's env goes to the child only, its key and headers to the engine only; their values are
+        # masked in every log line from now on.
+        self.redactor.register(*request.secrets())
         if not adapter.starts_process:
             assert request.url is not None
-            return Engine(request, adapter, request.url.rstrip("/"), None, None, *now)
+            return Engine(
+                request, adapter, request.url.rstrip("/"), None, None, *now, upstream_headers=request.upstream_headers()
+            )
         port = free_port()
         argv = adapter.command(request.model, port, request.args, request.served_model_name)
-        # The request's env goes to the child only; its values are masked in every log line from now on.
-        self.redactor.register(*request.env.values())
         env = {**os.environ, **adapter.environment(), **request.env}
         log.info("engine_spawn", engine=adapter.name, argv=argv, port=port, env_names=sorted(request.env))
         try:
@@ -391,13 +398,19 @@ class Supervisor:
         """Poll readiness until the deadline; an exit during start-up ends the wait at once."""
         deadline = time.monotonic() + timeout_s
         process = engine.process
-        if process is None:  # a server that should be running already: nothing listening is final
+        if process is None:  # a server that should be running already: nothing listening, or a refused key, is final
             try:
-                await self._probe.get(engine.base_url + "/v1/models")
-            except httpx.ConnectError:
-                raise BadGateway(f"nothing answers at {engine.base_url}", code="engine_unreachable") from None
+                answer = await self._probe.get(engine.base_url + "/v1/models", headers=engine.upstream_headers)
+            except httpx.ConnectError as exc:  # refused, unknown host, or a certificate that does not verify
+                raise BadGateway(f"cannot reach {engine.base_url}: {exc}", code="engine_unreachable") from None
             except httpx.HTTPError:
                 pass
+            else:
+                if answer.status_code in (401, 403):
+                    raise BadGateway(
+                        f"{engine.base_url} refused the key ({answer.status_code}): check 'api_key'",
+                        code="engine_unauthorized",
+                    )
         while True:
             if process is not None and process.exited.is_set():
                 await process.stop(self.settings.kill_grace_s)  # the rest of its group
@@ -407,7 +420,7 @@ class Supervisor:
                     f"engine {engine.adapter.name} exited during start-up with exit code {process.returncode}: {tail}",
                     code="engine_start_failed",
                 )
-            if await engine.adapter.is_ready(self._probe, engine.base_url):
+            if await engine.adapter.is_ready(self._probe, engine.base_url, engine.upstream_headers):
                 return
             remaining = deadline - time.monotonic()
             if remaining <= 0:

@@ -14,6 +14,7 @@ import asyncio
 import ssl
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import httptools
@@ -238,12 +239,12 @@ class UpstreamPool:
     cap). Idle ones are dropped after `keepalive_s`, before the engine would drop them itself (uvicorn, so vLLM
     and SGLang, closes after 5 s): reusing one it is closing loses the request."""
 
-    def __init__(self, connect_timeout_s: float, keepalive_s: float) -> None:
+    def __init__(self, connect_timeout_s: float, keepalive_s: float, tls: ssl.SSLContext | None = None) -> None:
         self.connect_timeout_s = connect_timeout_s
         self.keepalive_s = keepalive_s
         self._origins: dict[str, _Origin] = {}
         self._idle: dict[_Origin, list[_Connection]] = {}
-        self._tls: ssl.SSLContext | None = None
+        self._tls = tls
 
     async def request(
         self, method: str, base_url: str, target: str, headers: Iterable[tuple[str, str]], body: bytes
@@ -331,5 +332,13 @@ class UpstreamPool:
 
     def _tls_context(self) -> ssl.SSLContext:
         if self._tls is None:
-            self._tls = ssl.create_default_context()
+            self._tls = tls_context()
         return self._tls
+
+
+def tls_context(ca_file: Path | None = None) -> ssl.SSLContext:
+    """What https engines are verified against: the system's CAs (and SSL_CERT_FILE), and `ca_file`'s."""
+    context = ssl.create_default_context()
+    if ca_file is not None:
+        context.load_verify_locations(cafile=ca_file)
+    return context

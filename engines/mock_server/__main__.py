@@ -30,6 +30,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--spawn-child", action="store_true", help="start a child process in the same group")
     parser.add_argument("--print-env", action="append", default=[], help="print this variable's value at start")
     parser.add_argument("--gpu-mb", type=float, default=0.0, help="hold this much GPU memory (needs PyTorch, a GPU)")
+    # vLLM's flags of the same names: a hosted engine's key and TLS.
+    parser.add_argument("--api-key", help="/v1 routes need 'Authorization: Bearer KEY'")
+    parser.add_argument("--ssl-keyfile", help="serve https with this key")
+    parser.add_argument("--ssl-certfile", help="serve https with this certificate (chain)")
     return parser
 
 
@@ -55,7 +59,9 @@ def main() -> None:
         out.flush()
     if args.startup_delay_s:
         time.sleep(args.startup_delay_s)
-    config = MockConfig(model=args.model, ttft_s=args.ttft_ms / 1000, itl_s=args.itl_ms / 1000, tokens=args.tokens)
+    config = MockConfig(
+        model=args.model, ttft_s=args.ttft_ms / 1000, itl_s=args.itl_ms / 1000, tokens=args.tokens, api_key=args.api_key
+    )
     server = _StubbornServer if args.ignore_sigterm else uvicorn.Server
     server(
         uvicorn.Config(
@@ -66,6 +72,8 @@ def main() -> None:
             http="httptools",
             access_log=False,
             log_level="warning",
+            ssl_keyfile=args.ssl_keyfile,
+            ssl_certfile=args.ssl_certfile,
         )
     ).run()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import itertools
 import json
 import os
@@ -12,9 +13,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from engines.mock_server import generation as gen
 from engines.mock_server.gpu import GpuMemory
@@ -26,6 +29,7 @@ class MockConfig:
     ttft_s: float = 0.02
     itl_s: float = 0.005
     tokens: int = 16
+    api_key: str | None = None  # as vLLM's --api-key: /v1 routes need `Authorization: Bearer <key>`
 
 
 @dataclass
@@ -272,6 +276,7 @@ def create_app(config: MockConfig) -> Starlette:
         return JSONResponse({name: getattr(stats, name) for name in fields})
 
     return Starlette(
+        middleware=[Middleware(_KeyRequired, key=config.api_key)] if config.api_key else [],
         routes=[
             Route("/v1/chat/completions", generate, methods=["POST"]),
             Route("/v1/completions", generate, methods=["POST"]),
@@ -280,8 +285,24 @@ def create_app(config: MockConfig) -> Starlette:
             Route("/health", health, methods=["GET"]),
             Route("/mock/stats", mock_stats, methods=["GET"]),
             Route("/v1/mock/echo", echo, methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
-        ]
+        ],
     )
+
+
+class _KeyRequired:
+    """vLLM's answer to a /v1 request without its --api-key: 401 `{"error": "Unauthorized"}`."""
+
+    def __init__(self, app: ASGIApp, key: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                await JSONResponse({"error": "Unauthorized"}, status_code=401)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def _tool_call(index: int, tool: tuple[str, list[str]], full: bool, step: int = 0) -> dict[str, Any]:
