@@ -1,6 +1,15 @@
 """Engine adapters: one module per engine, registered under the entry-point group `sidecar.engines`."""
 
-from engines.base import AdapterError, ArgValue, EngineAdapter, flags_from_args
+from engines.base import AdapterError, ArgValue, EngineAdapter, LoadSeries, flags_from_args
 from engines.registry import UnknownEngine, adapter, registered
 
-__all__ = ["AdapterError", "ArgValue", "EngineAdapter", "UnknownEngine", "adapter", "flags_from_args", "registered"]
+__all__ = [
+    "AdapterError",
+    "ArgValue",
+    "EngineAdapter",
+    "LoadSeries",
+    "UnknownEngine",
+    "adapter",
+    "flags_from_args",
+    "registered",
+]

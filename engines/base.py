@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import httpx
@@ -63,6 +64,20 @@ def flags_from_args(
     return argv
 
 
+def names_flag(args: Mapping[str, ArgValue], name: str) -> bool:
+    """Whether the request's args set flag `name` (written with or without its dashes), to any value."""
+    return any(key.lstrip("-") == name for key in args)
+
+
+@dataclass(frozen=True)
+class LoadSeries:
+    """Where an engine's own Prometheus text says how loaded it is: the series' names, first found wins."""
+
+    queued: tuple[str, ...]  # requests waiting to be scheduled
+    running: tuple[str, ...]  # requests being generated
+    kv_cache_usage: tuple[str, ...] = ()  # the KV cache's used fraction, 0 to 1
+
+
 def prompt_text(body: Mapping[str, Any]) -> str | None:
     """The text of a generation request's prompt: a completion's prompt, or the text of a chat's messages (without
     the chat template's own tokens, which only the engine knows). None where the prompt is not text."""
@@ -99,6 +114,9 @@ class EngineAdapter:
     # itself (output events) and asks the engine to count the prompt (`prompt_count_request`), for streamed and
     # assembled answers alike.
     streams_usage: ClassVar[bool] = True
+    # The engine's own metrics: where it serves them, and which of its series are its load (none: not read).
+    metrics_path: ClassVar[str] = "/metrics"
+    load_series: ClassVar[LoadSeries | None] = None
 
     def __init__(self, executable: str | None = None) -> None:
         self.executable = executable or self.default_executable

@@ -4,7 +4,19 @@ from collections.abc import Mapping
 
 import httpx
 
-from engines.base import EngineAdapter
+from engines.base import EngineAdapter, LoadSeries
+from engines.llamacpp import LLAMA_SERVER_LOAD
+from engines.sglang import SGLANG_LOAD
+from engines.tgi import TGI_LOAD
+from engines.vllm import VLLM_LOAD
+
+# Whichever engine it is, its own names say how loaded it is.
+_KNOWN = (VLLM_LOAD, SGLANG_LOAD, LLAMA_SERVER_LOAD, TGI_LOAD)
+ANY_ENGINE_LOAD = LoadSeries(
+    queued=tuple(name for known in _KNOWN for name in known.queued),
+    running=tuple(name for known in _KNOWN for name in known.running),
+    kv_cache_usage=tuple(name for known in _KNOWN for name in known.kv_cache_usage),
+)
 
 
 class ExternalAdapter(EngineAdapter):
@@ -12,6 +24,7 @@ class ExternalAdapter(EngineAdapter):
 
     name = "external"
     starts_process = False
+    load_series = ANY_ENGINE_LOAD
 
     async def is_ready(self, client: httpx.AsyncClient, base_url: str, headers: Mapping[str, str]) -> bool:
         for path in ("/health", "/v1/models"):

@@ -7,22 +7,32 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from engines.base import ArgValue, EngineAdapter, prompt_text
+from engines.base import ArgValue, EngineAdapter, LoadSeries, names_flag, prompt_text
+
+LLAMA_SERVER_LOAD = LoadSeries(
+    queued=("llamacpp:requests_deferred",),
+    running=("llamacpp:requests_processing",),
+    kv_cache_usage=("llamacpp:kv_cache_usage_ratio",),
+)
 
 
 class LlamaCppAdapter(EngineAdapter):
-    """llama.cpp's `llama-server -m MODEL --host 127.0.0.1 --port P ...` (ready when /health answers 200)."""
+    """llama.cpp's `llama-server -m MODEL --host 127.0.0.1 --port P ...` (ready when /health answers 200), with
+    `--metrics`, which its /metrics needs, unless the request's args say otherwise."""
 
     name = "llamacpp"
     default_executable = "llama-server"
     ready_paths = ("/health",)
     list_style = "repeat"
     reserved_flags = frozenset({"host", "port", "m", "model"})
+    load_series = LLAMA_SERVER_LOAD
 
     def command(self, model: str, port: int, args: Mapping[str, ArgValue], served_model_name: str | None) -> list[str]:
         argv = [self.executable, "-m", model, "--host", "127.0.0.1", "--port", str(port)]
         if served_model_name:
             argv += ["--alias", served_model_name]
+        if not names_flag(args, "metrics"):
+            argv.append("--metrics")
         return argv + self.flags(args)
 
 

@@ -3,19 +3,27 @@ from __future__ import annotations
 import sys
 from collections.abc import Mapping
 
-from engines.base import ArgValue, EngineAdapter
+from engines.base import ArgValue, EngineAdapter, LoadSeries, names_flag
+
+SGLANG_LOAD = LoadSeries(
+    queued=("sglang:num_queue_reqs",), running=("sglang:num_running_reqs",), kv_cache_usage=("sglang:token_usage",)
+)
 
 
 class SglangAdapter(EngineAdapter):
-    """`python -m sglang.launch_server --model-path MODEL --host 127.0.0.1 --port P ...`."""
+    """`python -m sglang.launch_server --model-path MODEL --host 127.0.0.1 --port P ...` (with `--enable-metrics`,
+    which its /metrics needs, unless the request's args say otherwise)."""
 
     name = "sglang"
     default_executable = sys.executable
     reserved_flags = frozenset({"host", "port", "model-path", "model"})
+    load_series = SGLANG_LOAD
 
     def command(self, model: str, port: int, args: Mapping[str, ArgValue], served_model_name: str | None) -> list[str]:
         argv = [self.executable, "-m", "sglang.launch_server", "--model-path", model]
         argv += ["--host", "127.0.0.1", "--port", str(port)]
         if served_model_name:
             argv += ["--served-model-name", served_model_name]
+        if not names_flag(args, "enable-metrics"):
+            argv.append("--enable-metrics")
         return argv + self.flags(args)

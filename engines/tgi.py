@@ -2,7 +2,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from engines.base import ArgValue, EngineAdapter
+from engines.base import ArgValue, EngineAdapter, LoadSeries
+
+TGI_LOAD = LoadSeries(queued=("tgi_queue_size",), running=("tgi_batch_current_size",))  # no KV cache series
 
 
 class TgiAdapter(EngineAdapter):
@@ -12,6 +14,7 @@ class TgiAdapter(EngineAdapter):
     default_executable = "text-generation-launcher"
     list_style = "repeat"
     reserved_flags = frozenset({"hostname", "port", "model-id"})
+    load_series = TGI_LOAD
 
     def command(self, model: str, port: int, args: Mapping[str, ArgValue], served_model_name: str | None) -> list[str]:
         argv = [self.executable, "--model-id", model, "--hostname", "127.0.0.1", "--port", str(port)]

@@ -1,5 +1,9 @@
 """Prometheus series for `GET /metrics`, named `sidecar_…`, on the app's own registry.
 
+The engine's own load (queued and running requests, KV cache use) is read from the engine's /metrics at each
+scrape of the sidecar's and exported under the same names whatever the engine (`EngineLoad`); a scrape of the
+engine that fails leaves those series out of that exposition, so that none is ever stale.
+
 Labels stay bounded: route (the endpoint's template, `/v1/*` for passed-through paths, `other` for the
 rest), status class, model and engine; never a request id or a key. Histogram buckets are made for LLM
 latencies: TTFT from 10 ms to 60 s, ITL and TPOT from 1 ms to 5 s, latency up to 10 minutes.
@@ -17,6 +21,7 @@ from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from engines import LoadSeries
 from sidecar.openapi import ENDPOINTS
 from sidecar.state import EngineState
 from sidecar.watchdog import ResourceWatchdog
@@ -75,6 +80,65 @@ class RequestHistogram(Collector):
         yield family
 
 
+# Our series -> what the adapter's LoadSeries calls it.
+_LOAD_GAUGES = (
+    ("sidecar_engine_queued_requests", "queued", "Requests waiting in the engine's queue (the engine's own figure)"),
+    ("sidecar_engine_running_requests", "running", "Requests the engine is generating (the engine's own figure)"),
+    ("sidecar_engine_kv_cache_usage_ratio", "kv_cache_usage", "Used fraction of the engine's KV cache, 0 to 1"),
+)
+
+
+def engine_load(exposition: str, series: LoadSeries) -> dict[str, float]:
+    """The engine's load from its own Prometheus text: {"queued", "running", "kv_cache_usage"}, each under the
+    first of the adapter's names the engine exports. A series' samples are summed (vLLM has one per data-parallel
+    engine); for the KV cache, the fullest is the one that refuses work first: their highest.
+
+    Read line by line for the few names wanted: vLLM's exposition is thousands of histogram lines, which a full
+    parser would build into objects on every scrape."""
+    kinds = {"queued": series.queued, "running": series.running, "kv_cache_usage": series.kv_cache_usage}
+    wanted = tuple(name for names in kinds.values() for name in names)
+    samples: dict[str, list[float]] = {}
+    if wanted:
+        for line in exposition.splitlines():
+            if not line.startswith(wanted):
+                continue
+            name, labels_and_value = _split_sample(line)
+            if name in wanted:
+                try:
+                    samples.setdefault(name, []).append(float(labels_and_value.split()[0]))
+                except (ValueError, IndexError):
+                    continue
+    load: dict[str, float] = {}
+    for kind, names in kinds.items():
+        found = next((samples[name] for name in names if name in samples), None)
+        if found:
+            load[kind] = max(found) if kind == "kv_cache_usage" else sum(found)
+    return load
+
+
+def _split_sample(line: str) -> tuple[str, str]:
+    """`name{labels} value [timestamp]` -> (name, "value [timestamp]"); label values may hold spaces."""
+    brace = line.find("{")
+    space = line.find(" ")
+    if brace != -1 and (space == -1 or brace < space):
+        return line[:brace], line[line.rfind("}") + 1 :]
+    return line[:space], line[space + 1 :]
+
+
+class _EngineLoadCollector(Collector):
+    """The engine's load read for this exposition (`Metrics.exposition` sets it): absent when not read."""
+
+    def __init__(self) -> None:
+        self.current: tuple[tuple[str, str], dict[str, float]] | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        for name, kind, documentation in _LOAD_GAUGES:
+            family = GaugeMetricFamily(name, documentation, labels=list(_LABELS))
+            if self.current is not None and kind in self.current[1]:
+                family.add_metric(list(self.current[0]), self.current[1][kind])
+            yield family
+
+
 class Metrics:
     def __init__(self, watchdog: ResourceWatchdog, engine_status: Callable[[], dict[str, Any]]) -> None:
         self.registry = CollectorRegistry()
@@ -98,6 +162,8 @@ class Metrics:
             "sidecar_tokens", "Tokens, by kind (prompt, completion)", [*_LABELS, "kind"], registry=self.registry
         )
         self.registry.register(_LiveCollector(watchdog, engine_status))
+        self._engine_load = _EngineLoadCollector()
+        self.registry.register(self._engine_load)
 
     def observe_request(self, path: str, status: int | None, fields: dict[str, Any]) -> None:
         status_class = f"{status // 100}xx" if status else "none"
@@ -116,7 +182,9 @@ class Metrics:
             if isinstance(count, int) and count > 0:
                 self.tokens.labels(*labels, kind).inc(count)
 
-    def exposition(self) -> bytes:
+    def exposition(self, load: tuple[tuple[str, str], dict[str, float]] | None = None) -> bytes:
+        """The Prometheus text, with the engine's load as just read ((model, engine) labels, values), if it was."""
+        self._engine_load.current = load  # set and read in the same step: no other scrape comes between
         return generate_latest(self.registry)
 
 

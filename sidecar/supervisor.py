@@ -40,6 +40,7 @@ from sidecar.errors import BadGateway, BadRequest, Conflict, GatewayTimeout, Ser
 from sidecar.gpu import RELEASE_TIMEOUT_S, Gpus, engine_memory_mb, freed_mb
 from sidecar.inbox import DEFER, Abandoned, Command, Decision, Inbox, Preempt, fail, new_reply, reply
 from sidecar.logs import get_logger
+from sidecar.metrics import engine_load
 from sidecar.process import REAP_AFTER_KILL_S, EngineProcess, become_subreaper, process_tree
 from sidecar.redaction import Redactor
 from sidecar.runfile import EngineRecord
@@ -50,6 +51,8 @@ from sidecar.upstream import tls_context
 log = get_logger("sidecar.supervisor")
 
 READY_POLL_S = 0.1
+# A scrape of the sidecar waits this long at most for the engine's own metrics (its load), then goes without them.
+ENGINE_METRICS_TIMEOUT_S = 1.0
 
 
 def shutdown_bound_s(settings: Settings) -> float:
@@ -136,6 +139,23 @@ class Supervisor:
             "last_error": self.last_error,
             "output_tail": process.tail(20) if process else [],
         }
+
+    async def engine_load(self) -> tuple[tuple[str, str], dict[str, float]] | None:
+        """The ready engine's load, read from its own /metrics now: ((model, engine), values); None when there is
+        no ready engine, it has no load series, or it does not answer 200 within ENGINE_METRICS_TIMEOUT_S."""
+        engine = self.engine
+        if self.state is not EngineState.READY or engine is None or engine.adapter.load_series is None:
+            return None
+        url = engine.base_url + engine.adapter.metrics_path
+        try:
+            answer = await self._probe.get(url, headers=engine.upstream_headers, timeout=ENGINE_METRICS_TIMEOUT_S)
+        except httpx.HTTPError as exc:
+            log.debug("engine_metrics_unread", error=str(exc) or exc.__class__.__name__)
+            return None
+        if answer.status_code != 200:
+            log.debug("engine_metrics_unread", status=answer.status_code)
+            return None
+        return (engine.served_model, engine.adapter.name), engine_load(answer.text, engine.adapter.load_series)
 
     @property
     def engine_pid(self) -> int | None:

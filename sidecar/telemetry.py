@@ -106,7 +106,8 @@ class Telemetry:
 
 async def metrics(request: Request) -> Response:
     telemetry: Telemetry = request.app.state.telemetry
-    return Response(telemetry.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+    load = await request.app.state.supervisor.engine_load()  # read now: never a stale figure
+    return Response(telemetry.metrics.exposition(load), media_type=CONTENT_TYPE_LATEST)
 
 
 async def telemetry_snapshot(request: Request) -> Response:

@@ -32,6 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--gpu-mb", type=float, default=0.0, help="hold this much GPU memory (needs PyTorch, a GPU)")
     # vLLM's flags of the same names: a hosted engine's key and TLS.
     parser.add_argument("--api-key", help="/v1 routes need 'Authorization: Bearer KEY'")
+    parser.add_argument("--max-num-seqs", type=int, help="at most this many requests generate; the rest wait")
     parser.add_argument("--ssl-keyfile", help="serve https with this key")
     parser.add_argument("--ssl-certfile", help="serve https with this certificate (chain)")
     return parser
@@ -60,7 +61,12 @@ def main() -> None:
     if args.startup_delay_s:
         time.sleep(args.startup_delay_s)
     config = MockConfig(
-        model=args.model, ttft_s=args.ttft_ms / 1000, itl_s=args.itl_ms / 1000, tokens=args.tokens, api_key=args.api_key
+        model=args.model,
+        ttft_s=args.ttft_ms / 1000,
+        itl_s=args.itl_ms / 1000,
+        tokens=args.tokens,
+        api_key=args.api_key,
+        max_num_seqs=args.max_num_seqs,
     )
     server = _StubbornServer if args.ignore_sigterm else uvicorn.Server
     server(

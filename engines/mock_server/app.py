@@ -30,6 +30,7 @@ class MockConfig:
     itl_s: float = 0.005
     tokens: int = 16
     api_key: str | None = None  # as vLLM's --api-key: /v1 routes need `Authorization: Bearer <key>`
+    max_num_seqs: int | None = None  # as vLLM's: at most this many requests generate, the rest wait (None: all run)
 
 
 @dataclass
@@ -38,6 +39,7 @@ class Stats:
     completed: int = 0
     cancelled: int = 0
     in_flight: int = 0
+    waiting: int = 0  # of those in flight, waiting for one of the max_num_seqs slots
     ids: itertools.count[int] = field(default_factory=itertools.count)
 
 
@@ -103,6 +105,18 @@ def _sse(payload: dict[str, Any]) -> bytes:
 def create_app(config: MockConfig) -> Starlette:
     stats = Stats()
     gpu = GpuMemory()
+    slots = asyncio.Semaphore(config.max_num_seqs) if config.max_num_seqs else None
+
+    async def admitted() -> bool:
+        """Wait for a slot, as vLLM's scheduler makes a request wait; True when one was taken (release it)."""
+        if slots is None:
+            return False
+        stats.waiting += 1
+        try:
+            await slots.acquire()
+        finally:
+            stats.waiting -= 1
+        return True
 
     async def generate(request: Request) -> Response:
         try:
@@ -160,7 +174,9 @@ def create_app(config: MockConfig) -> Starlette:
     async def _stream(answer: Answer, include_usage: bool) -> AsyncIterator[bytes]:
         base, chat, choices, tool = answer.base, answer.chat, answer.choices, answer.tool
         stats.in_flight += 1
+        slot = False
         try:
+            slot = await admitted()
             if chat:  # the role arrives before any output, as vLLM sends it
                 for i in range(len(choices)):
                     delta = {"role": "assistant", "content": ""}
@@ -201,13 +217,20 @@ def create_app(config: MockConfig) -> Starlette:
             raise
         finally:
             stats.in_flight -= 1
+            if slot and slots is not None:
+                slots.release()
 
     async def _generate_whole(pace: Pace, steps: int) -> None:
-        if pace.die_after is not None:
-            os._exit(3)
-        await asyncio.sleep(pace.ttft_s + pace.itl_s * max(0, steps - 1))
-        if pace.stall_after is not None:
-            await asyncio.Event().wait()
+        slot = await admitted()
+        try:
+            if pace.die_after is not None:
+                os._exit(3)
+            await asyncio.sleep(pace.ttft_s + pace.itl_s * max(0, steps - 1))
+            if pace.stall_after is not None:
+                await asyncio.Event().wait()
+        finally:
+            if slot and slots is not None:
+                slots.release()
 
     async def _until_disconnected(request: Request) -> None:
         while (await request.receive())["type"] != "http.disconnect":
@@ -271,6 +294,28 @@ def create_app(config: MockConfig) -> Starlette:
             {"method": request.method, "headers": dict(request.headers), "query": request.url.query, "body": body}
         )
 
+    async def metrics(request: Request) -> Response:
+        """Shaped as vLLM's /metrics: its load gauges among histogram lines, labelled as vLLM labels them."""
+        labels = f'engine="0",model_name="{config.model}"'
+        running = stats.in_flight - stats.waiting
+        lines = [
+            "# HELP vllm:num_requests_running Number of requests in model execution batches.",
+            "# TYPE vllm:num_requests_running gauge",
+            f"vllm:num_requests_running{{{labels}}} {float(running)}",
+            "# HELP vllm:num_requests_waiting Number of requests waiting to be processed.",
+            "# TYPE vllm:num_requests_waiting gauge",
+            f"vllm:num_requests_waiting{{{labels}}} {float(stats.waiting)}",
+            "# HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.",
+            "# TYPE vllm:kv_cache_usage_perc gauge",
+            f"vllm:kv_cache_usage_perc{{{labels}}} {running / (config.max_num_seqs or 256)}",
+            "# HELP vllm:request_success_total Count of successfully processed requests.",
+            "# TYPE vllm:request_success_total counter",
+            f'vllm:request_success_total{{{labels},finished_reason="stop"}} {float(stats.completed)}',
+            "# TYPE vllm:e2e_request_latency_seconds histogram",
+            *(f'vllm:e2e_request_latency_seconds_bucket{{{labels},le="{le}"}} 0.0' for le in ("0.3", "1.0", "+Inf")),
+        ]
+        return Response("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4; charset=utf-8")
+
     async def mock_stats(request: Request) -> Response:
         fields = ("started", "completed", "cancelled", "in_flight")
         return JSONResponse({name: getattr(stats, name) for name in fields})
@@ -283,6 +328,7 @@ def create_app(config: MockConfig) -> Starlette:
             Route("/v1/embeddings", embeddings, methods=["POST"]),
             Route("/v1/models", models, methods=["GET"]),
             Route("/health", health, methods=["GET"]),
+            Route("/metrics", metrics, methods=["GET"]),
             Route("/mock/stats", mock_stats, methods=["GET"]),
             Route("/v1/mock/echo", echo, methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
         ],

@@ -62,8 +62,10 @@ def test_sglang_command_matches_launch_server_cli() -> None:
     argv = adapter("sglang").command("Qwen/Qwen2.5-0.5B-Instruct", 30000, {"mem-fraction-static": 0.8, "tp": 2}, None)
     assert argv == [
         sys.executable, "-m", "sglang.launch_server", "--model-path", "Qwen/Qwen2.5-0.5B-Instruct",
-        "--host", "127.0.0.1", "--port", "30000", "--mem-fraction-static", "0.8", "--tp", "2",
+        "--host", "127.0.0.1", "--port", "30000", "--enable-metrics", "--mem-fraction-static", "0.8", "--tp", "2",
     ]  # fmt: skip
+    # Its /metrics needs --enable-metrics: added unless the request says otherwise.
+    assert "--enable-metrics" not in adapter("sglang").command("m", 1, {"enable-metrics": False}, None)
 
 
 def test_tgi_command_matches_launcher_cli() -> None:
@@ -80,8 +82,9 @@ def test_llama_server_command_matches_its_cli() -> None:
     argv = LlamaCppAdapter().command("/models/tiny.gguf", 8081, {"ctx-size": 2048, "n-gpu-layers": 0}, "tiny")
     assert argv == [
         "llama-server", "-m", "/models/tiny.gguf", "--host", "127.0.0.1", "--port", "8081",
-        "--alias", "tiny", "--ctx-size", "2048", "--n-gpu-layers", "0",
+        "--alias", "tiny", "--metrics", "--ctx-size", "2048", "--n-gpu-layers", "0",
     ]  # fmt: skip
+    assert LlamaCppAdapter().command("m", 1, {"--metrics": True}, None).count("--metrics") == 1
 
 
 def test_llama_cpp_python_server_never_interrupts_requests_and_is_probed_on_models() -> None:

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
 import httpx
+import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.processes import wait_until
@@ -79,3 +84,38 @@ def test_performance_carries_null_gpu_fields_without_a_gpu(stack: Stack) -> None
     performance = answer["usage"]["performance"]
     assert "gpu_memory_peak_mb" in performance and performance["gpu_memory_peak_mb"] is None
     assert performance["gpu_memory_delta_mb"] is None
+
+
+LOAD = ("sidecar_engine_queued_requests", "sidecar_engine_running_requests", "sidecar_engine_kv_cache_usage_ratio")
+
+
+def _load(stack: Stack) -> dict[str, float]:
+    samples = _samples(stack)
+    labels = (("engine", "mock"), ("model", MODEL))
+    return {name: samples[(name, labels)] for name in LOAD if (name, labels) in samples}
+
+
+def test_the_engines_own_load_is_exported_under_one_name_and_absent_when_unread(
+    own_stack: Callable[..., Stack],
+) -> None:
+    # The mock engine schedules as vLLM does with --max-num-seqs 1: one request runs, the others wait.
+    stack = own_stack(engine_args={"max-num-seqs": 1, "tokens": 400, "itl-ms": 10})
+    assert _load(stack) == dict(zip(LOAD, (0.0, 0.0, 0.0), strict=True))
+    body = {"model": MODEL, "messages": MESSAGES, "stream": True}
+    with ThreadPoolExecutor(3) as pool:
+        streams = [pool.submit(post_stream, stack.url + CHAT, body, f"load-{i}") for i in range(3)]
+        wait_until(lambda: _load(stack).get(LOAD[0]) == 2.0, timeout_s=10)
+        assert _load(stack) == dict(zip(LOAD, (2.0, 1.0, 1.0), strict=True))  # vLLM's figures, under our names
+
+        # A hung engine: its figures are left out, not the last ones repeated, and the scrape still answers.
+        engine = psutil.Process(httpx.get(f"{stack.url}/v1/model", headers=AUTH).json()["pid"])
+        engine.suspend()
+        try:
+            started = time.monotonic()
+            assert _load(stack) == {}
+            assert time.monotonic() - started < 5
+        finally:
+            engine.resume()
+        for stream in streams:
+            stream.result(timeout=60)
+    assert _load(stack) == dict(zip(LOAD, (0.0, 0.0, 0.0), strict=True))
