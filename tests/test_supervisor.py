@@ -262,6 +262,15 @@ def test_external_engine_is_used_and_forgotten_not_killed(start_sidecar: Start, 
         engine.wait()
 
 
+def test_an_external_url_where_nothing_listens_is_a_502_at_once_and_blocks_no_other_load(start_sidecar: Start) -> None:
+    sidecar = start_sidecar()  # start-up timeout 900 s by default: the answer must not wait for it
+    started = time.monotonic()
+    response = load(sidecar, engine="external", model="ext", url=f"http://127.0.0.1:{free_port()}")
+    assert response.status_code == 502 and response.json()["error"]["code"] == "engine_unreachable"
+    assert time.monotonic() - started < 5
+    assert load(sidecar, engine="mock", model="next").status_code == 200  # no 409: nothing is left loading
+
+
 def test_autoload_at_start_up(start_sidecar: Start) -> None:
     sidecar = start_sidecar(
         {
