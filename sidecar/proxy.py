@@ -438,7 +438,13 @@ class Proxy:
                         if data == DONE:
                             done = True
                             if exchange.client_usage and exchange.performance is None and assembler is None:
-                                await self._counted_prompt(exchange)
+                                if exchange.prompt_count is not None:
+                                    if out:  # events are never held back, not even for the prompt's count
+                                        await send(
+                                            {"type": "http.response.body", "body": b"".join(out), "more_body": True}
+                                        )
+                                        out.clear()
+                                    await self._counted_prompt(exchange)
                                 out.append(self._counted_usage_event(exchange, last_data, now))
                         elif data is not None:
                             last_data = data
