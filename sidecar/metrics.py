@@ -1,7 +1,7 @@
 """Prometheus series for `GET /metrics`, named `sidecar_…`, on the app's own registry.
 
 The engine's own load (queued and running requests, KV cache use) is read from the engine's /metrics at each
-scrape of the sidecar's and exported under the same names whatever the engine (`EngineLoad`); a scrape of the
+scrape of the sidecar's and exported under the same names whatever the engine (`engine_load`); a scrape of the
 engine that fails leaves those series out of that exposition, so that none is ever stale.
 
 Labels stay bounded: route (the endpoint's template, `/v1/*` for passed-through paths, `other` for the

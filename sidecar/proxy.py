@@ -302,17 +302,18 @@ class Proxy:
             return None
         return engine.adapter.prompt_count(_loads(raw))
 
-    async def _counted_prompt(self, exchange: _Exchange) -> None:
-        """The engine's count of the prompt into the exchange's usage, once it has come (or the wait is over)."""
+    async def _finish_counted(self, exchange: _Exchange, end_ns: int) -> dict[str, Any]:
+        """`_finish` for an answer whose usage the sidecar counts: once the engine's count of the prompt has come
+        into the usage (or the wait for it is over). The time spent waiting is not the engine's: `end_ns` is."""
         task, exchange.prompt_count = exchange.prompt_count, None
-        if task is None:
-            return
-        done, _ = await asyncio.wait({task}, timeout=_PROMPT_COUNT_WAIT_S)
-        if not done:
-            task.cancel()
-            log.warning("prompt_count_late", waited_s=_PROMPT_COUNT_WAIT_S)
-        elif (count := task.result()) is not None:
-            exchange.usage = (exchange.usage or {}) | {"prompt_tokens": count}
+        if task is not None:
+            done, _ = await asyncio.wait({task}, timeout=_PROMPT_COUNT_WAIT_S)
+            if not done:
+                task.cancel()
+                log.warning("prompt_count_late", waited_s=_PROMPT_COUNT_WAIT_S)
+            elif (count := task.result()) is not None:
+                exchange.usage = (exchange.usage or {}) | {"prompt_tokens": count}
+        return self._finish(exchange, end_ns)
 
     # -- answers --------------------------------------------------------------------------------------------
 
@@ -377,10 +378,7 @@ class Proxy:
         await send({"type": "http.response.start", "status": response.status, "headers": _response_headers(response)})
         error = await self._pump(exchange, response, None)
         if exchange.prompt_count is not None and exchange.performance is None and error is None:
-            # For the record, after the client's answer; the time spent waiting for the count is not the engine's.
-            end_ns = time.perf_counter_ns()
-            await self._counted_prompt(exchange)
-            self._finish(exchange, end_ns)
+            await self._finish_counted(exchange, time.perf_counter_ns())  # for the record, after the client's answer
         if error is not None and not exchange.client_done:
             # The status went out with the first event: the stream says what happened, then ends as streams do.
             await send({"type": "http.response.body", "body": _sse_error(error)})
@@ -396,8 +394,7 @@ class Proxy:
         now = time.perf_counter_ns()
         exchange.status = response.status
         if assembler.usage is None:  # the engine streams no usage: the sidecar's count
-            await self._counted_prompt(exchange)
-            self._finish(exchange, now)
+            await self._finish_counted(exchange, now)
             exchange.usage = self._counted_usage(exchange)
         raw, performance = self._with_performance(exchange, assembler.result(), now)
         headers = [*_response_headers(response, drop={"content-type"}), _JSON, (b"x-performance-metrics", performance)]
@@ -438,14 +435,7 @@ class Proxy:
                         if data == DONE:
                             done = True
                             if exchange.client_usage and exchange.performance is None and assembler is None:
-                                if exchange.prompt_count is not None:
-                                    if out:  # events are never held back, not even for the prompt's count
-                                        await send(
-                                            {"type": "http.response.body", "body": b"".join(out), "more_body": True}
-                                        )
-                                        out.clear()
-                                    await self._counted_prompt(exchange)
-                                out.append(self._counted_usage_event(exchange, last_data, now))
+                                out.append(await self._counted_usage_event(exchange, out, last_data, now))
                         elif data is not None:
                             last_data = data
                             if parse_every or USAGE_KEY in data or TIMINGS_KEYS[0] in data or TIMINGS_KEYS[1] in data:
@@ -480,12 +470,16 @@ class Proxy:
         usage = chunk["usage"] | {"performance": exchange.performance}
         return b"data: " + _dumps(chunk | {"usage": usage}) + b"\n\n"
 
-    def _counted_usage_event(self, exchange: _Exchange, last_data: bytes, now: int) -> bytes:
+    async def _counted_usage_event(self, exchange: _Exchange, out: list[bytes], last_data: bytes, now: int) -> bytes:
         """The usage chunk the client asked for and the engine did not send (llama-cpp-python ignores
-        `stream_options`): the streamed tokens and the prompt counted."""
+        `stream_options`): the streamed tokens and the prompt counted. The events read before it (`out`) go to
+        the client first when the prompt's count is awaited: events are never held back."""
+        if exchange.prompt_count is not None and out:
+            await exchange.send({"type": "http.response.body", "body": b"".join(out), "more_body": True})
+            out.clear()
         last = _loads(last_data) or {}
         chunk = {key: last[key] for key in ("id", "object", "created", "model", "system_fingerprint") if key in last}
-        performance = self._finish(exchange, now)
+        performance = await self._finish_counted(exchange, now)
         usage = self._counted_usage(exchange) | {"performance": performance}
         return b"data: " + _dumps(chunk | {"choices": [], "usage": usage}) + b"\n\n"
 
