@@ -11,6 +11,7 @@ delimited by length, chunks or the connection's end, TLS verified against the sy
 from __future__ import annotations
 
 import asyncio
+import functools
 import ssl
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -336,8 +337,10 @@ class UpstreamPool:
         return self._tls
 
 
+@functools.cache
 def tls_context(ca_file: Path | None = None) -> ssl.SSLContext:
-    """What https engines are verified against: the system's CAs (and SSL_CERT_FILE), and `ca_file`'s."""
+    """What https engines are verified against: the system's CAs (and SSL_CERT_FILE), and `ca_file`'s. One context
+    for the proxy's pool and the supervisor's probes: loading the CAs costs about 0.1 s."""
     context = ssl.create_default_context()
     if ca_file is not None:
         context.load_verify_locations(cafile=ca_file)
