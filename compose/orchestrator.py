@@ -2,7 +2,7 @@
 
 It waits for the sidecar, loads the model through the control plane with the admin key (unless the container
 has it loaded already, by autoload), streams one chat request with the api key, and logs the answer with the
-sidecar's `usage.performance`. It exits 0 when all of that worked.
+sidecar's `usage.performance`, one JSON line per event, as the sidecar logs. It exits 0 when all of that worked.
 
 Settings, from the environment (the compose pair's .env):
   SIDECAR_URL           the model container (http://model:8000)
@@ -102,6 +102,13 @@ def chat(client: httpx.Client, api_key: str, model: str, prompt: str) -> dict[st
 
 
 def main() -> int:
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso"),
+            structlog.processors.JSONRenderer(),
+        ]
+    )
     url = os.environ.get("SIDECAR_URL", "http://127.0.0.1:8000")
     engine = os.environ.get("ENGINE", "mock")
     model = os.environ.get("MODEL", "mock-model")

@@ -1,10 +1,15 @@
 # The sidecar on SGLang's official image, as the container's entry point: it starts
 # `python3 -m sglang.launch_server` itself on load.
 # Build from the repository root: docker build -f compose/sglang.Dockerfile -t llm-sidecar-sglang .
-FROM lmsysorg/sglang:v0.5.12
+# BASE_IMAGE and UV_IMAGE: the same images from a registry mirror or a local build.
+ARG BASE_IMAGE=lmsysorg/sglang:v0.5.12
+ARG UV_IMAGE=ghcr.io/astral-sh/uv:0.9.5
+FROM ${UV_IMAGE} AS uv
+
+FROM ${BASE_IMAGE}
 
 # The sidecar gets a virtual environment of its own, so its dependencies never change the engine's.
-COPY --from=ghcr.io/astral-sh/uv:0.9.5 /uv /usr/local/bin/uv
+COPY --from=uv /uv /usr/local/bin/uv
 COPY pyproject.toml README.md /opt/sidecar-src/
 COPY sidecar /opt/sidecar-src/sidecar
 COPY engines /opt/sidecar-src/engines

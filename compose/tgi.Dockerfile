@@ -1,10 +1,15 @@
 # The sidecar on Text Generation Inference's official image, as the container's entry point: it starts
 # `text-generation-launcher` itself on load.
 # Build from the repository root: docker build -f compose/tgi.Dockerfile -t llm-sidecar-tgi .
-FROM ghcr.io/huggingface/text-generation-inference:3.3.2
+# BASE_IMAGE and UV_IMAGE: the same images from a registry mirror or a local build.
+ARG BASE_IMAGE=ghcr.io/huggingface/text-generation-inference:3.3.2
+ARG UV_IMAGE=ghcr.io/astral-sh/uv:0.9.5
+FROM ${UV_IMAGE} AS uv
+
+FROM ${BASE_IMAGE}
 
 # The sidecar gets a virtual environment of its own, so its dependencies never change the engine's.
-COPY --from=ghcr.io/astral-sh/uv:0.9.5 /uv /usr/local/bin/uv
+COPY --from=uv /uv /usr/local/bin/uv
 COPY pyproject.toml README.md /opt/sidecar-src/
 COPY sidecar /opt/sidecar-src/sidecar
 COPY engines /opt/sidecar-src/engines

@@ -94,18 +94,37 @@ def test_dockerfile_passes_hadolint(path: Path) -> None:
 
 
 @pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
-def test_base_images_are_pinned(path: Path) -> None:
-    dockerfile = DockerfileParser(path=str(path))
-    for image in [
-        dockerfile.baseimage,
-        *[
-            i["value"].split()[0].split("=")[1]
-            for i in dockerfile.structure
-            if i["instruction"] == "COPY" and i["value"].startswith("--from=")
-        ],
-    ]:
+def test_base_images_are_pinned_and_each_a_build_argument(path: Path) -> None:
+    """Every FROM defaults to a pinned official image and takes another (a mirror, a local base) by --build-arg."""
+    defaults = DockerfileParser(path=str(path)).parent_images
+    for image in defaults:
         name, _, tag = image.rpartition(":")
         assert name and tag and tag != "latest" and any(c.isdigit() for c in tag), image
+    local = {"BASE_IMAGE": "local/base:1", "UV_IMAGE": "local/uv:1"}
+    rebased = DockerfileParser(path=str(path), build_args=local).parent_images
+    assert len(rebased) == len(defaults) and set(rebased) <= set(local.values()), rebased
+    assert "COPY --from=" not in path.read_text().replace("COPY --from=build ", "").replace("COPY --from=uv ", "")
+
+
+def test_cpu_image_builds_llama_cpp_as_ci_does_and_runs_without_the_compiler() -> None:
+    dockerfile = (COMPOSE / "cpu.Dockerfile").read_text()
+    ci_cmake_args = re.search(r'CMAKE_ARGS:-([^}"]+)', (REPO / ".ci" / "run").read_text())
+    assert ci_cmake_args and f'ARG CMAKE_ARGS="{ci_cmake_args[1]}"' in dockerfile
+    build, run = dockerfile.split("FROM ${BASE_IMAGE} AS build")[1].split("\nFROM ${BASE_IMAGE}\n")
+    assert "build-essential" in build and "build-essential" not in run and "cmake" not in run
+    assert "COPY --from=build /opt/sidecar /opt/sidecar" in run
+
+
+def test_build_context_holds_only_what_the_images_copy() -> None:
+    ignored = (REPO / ".dockerignore").read_text().splitlines()
+    kept = {line[1:].rstrip("/") for line in ignored if line.startswith("!")}
+    assert ignored[[i for i, line in enumerate(ignored) if not line.startswith("#")][0]] == "*"
+    copied = set()
+    for path in DOCKERFILES:
+        for instruction in DockerfileParser(path=str(path)).structure:
+            if instruction["instruction"] == "COPY" and not instruction["value"].startswith("--from="):
+                copied |= set(instruction["value"].split()[:-1])
+    assert copied == kept, (copied, kept)
 
 
 @pytest.mark.parametrize("path", COMPOSE_FILES, ids=lambda p: p.name)
@@ -115,7 +134,7 @@ def test_pair_model_checked_on_ready_configured_from_the_env_file_orchestrator_b
     model, orchestrator = services["model"], services["orchestrator"]
     assert "/ready" in " ".join(model["healthcheck"]["test"])
     assert model["init"] is True
-    assert model["env_file"] == orchestrator["env_file"] == ".env"
+    assert model["env_file"] == orchestrator["env_file"] == "${ENV_FILE:-.env}"
     assert orchestrator["environment"]["SIDECAR_URL"] == "http://model:8000"
     assert "model" in orchestrator["depends_on"]
     assert model["ports"] == ["${HOST_PORT:-8000}:8000"]
@@ -179,7 +198,7 @@ def test_image_command_serves_the_pair_outside_a_container(image: str, tmp_path:
         wait_until(lambda: _answers(f"{url}/health"), timeout_s=20)
 
         orchestrator_command = _instruction(_image("orchestrator"), "ENTRYPOINT")
-        assert orchestrator_command == ["python", "/opt/orchestrator.py"]
+        assert orchestrator_command == ["python3", "/opt/orchestrator.py"]
         orchestrator_env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")},
             **env_file,
