@@ -69,6 +69,30 @@ def names_flag(args: Mapping[str, ArgValue], name: str) -> bool:
     return any(key.lstrip("-") == name for key in args)
 
 
+def flag_on(args: Mapping[str, ArgValue], name: str) -> bool:
+    """Whether the request's args turn flag `name` on: named, and not `false` or null (which leave it out)."""
+    return any(key.lstrip("-") == name and value is not False and value is not None for key, value in args.items())
+
+
+@dataclass(frozen=True)
+class SleepApi:
+    """An engine's sleep mode: POST `sleep?level=N` frees its GPU memory (weights and KV cache), POST `wake` takes
+    it back; the process keeps running."""
+
+    sleep: str
+    wake: str
+    levels: tuple[int, ...] = (1, 2)
+
+
+@dataclass(frozen=True)
+class LoraApi:
+    """An engine's dynamic LoRA: POST {"lora_name", "lora_path"} to `load`, {"lora_name"} to `unload`; the adapters
+    it has are the entries of its /v1/models that name a `parent` (the base model)."""
+
+    load: str
+    unload: str
+
+
 @dataclass(frozen=True)
 class LoadSeries:
     """Where an engine's own Prometheus text says how loaded it is: the series' names, first found wins."""
@@ -145,9 +169,17 @@ class EngineAdapter:
         """The count in the engine's answer to `prompt_count_request`."""
         return None
 
-    def environment(self) -> dict[str, str]:
+    def environment(self, args: Mapping[str, ArgValue]) -> dict[str, str]:
         """Variables the engine needs on top of the sidecar's environment and the request's `env`."""
         return {}
+
+    def sleep_api(self, args: Mapping[str, ArgValue]) -> SleepApi | None:
+        """The engine's sleep mode, where the engine started with these args has one."""
+        return None
+
+    def lora_api(self, args: Mapping[str, ArgValue]) -> LoraApi | None:
+        """The engine's dynamic LoRA adapters, where the engine started with these args has them."""
+        return None
 
     async def is_ready(self, client: httpx.AsyncClient, base_url: str, headers: Mapping[str, str]) -> bool:
         for path in self.ready_paths:

@@ -49,7 +49,7 @@ class LlamaCppPythonAdapter(EngineAdapter):
     reserved_flags = frozenset({"host", "port", "model", "interrupt_requests"})
     streams_usage = False
 
-    def environment(self) -> dict[str, str]:
+    def environment(self, args: Mapping[str, ArgValue]) -> dict[str, str]:
         # Its server reports disconnects with print(): unbuffered, they reach the log when they happen.
         return {"PYTHONUNBUFFERED": "1"}
 

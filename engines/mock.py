@@ -3,12 +3,14 @@ from __future__ import annotations
 import sys
 from collections.abc import Mapping
 
-from engines.base import ArgValue, EngineAdapter
-from engines.vllm import VLLM_LOAD
+from engines.base import ArgValue
+from engines.vllm import VLLM_LOAD, VllmFeatures
 
 
-class MockAdapter(EngineAdapter):
-    """The project's own OpenAI-compatible mock engine (`python -m engines.mock_server`), as a process."""
+class MockAdapter(VllmFeatures):
+    """The project's own OpenAI-compatible mock engine (`python -m engines.mock_server`), as a process. It plays
+    vLLM's part where tests need one: its /metrics, its sleep mode and its LoRA endpoints, behind the same flags
+    and variables."""
 
     name = "mock"
     default_executable = sys.executable

@@ -17,6 +17,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from sidecar import control, dataplane, health, telemetry
+from sidecar.admission import Admission
 from sidecar.dataplane import AsgiHandler
 from sidecar.engine import LoadRequest
 from sidecar.errors import (
@@ -46,7 +47,9 @@ def create_app(settings: Settings, redactor: Redactor | None = None) -> Starlett
     supervisor = Supervisor(settings, redactor, gpus)
     watch = Telemetry(settings, gpus, lambda: supervisor.engine_pid, supervisor.status)
     history = RequestHistory(settings.request_history_size)
-    proxy = Proxy(settings, supervisor, history, watch)
+    admission = Admission(settings.max_concurrent_requests, settings.max_queued_requests, settings.queue_timeout_s)
+    watch.metrics.watch_admission(admission)
+    proxy = Proxy(settings, supervisor, history, watch, admission)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

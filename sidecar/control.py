@@ -1,18 +1,25 @@
-"""The control plane: load, unload and inspect the engine (admin key)."""
+"""The control plane: load, unload and inspect the engine, follow its output (admin key)."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 from pydantic import ValidationError
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from sidecar.engine import LoadRequest
 from sidecar.errors import BadRequest
-from sidecar.http import read_json_object
+from sidecar.http import disconnected, read_json_object
+from sidecar.process import TAIL_LINES, EngineProcess
 from sidecar.supervisor import Supervisor
+
+# A comment line this often keeps an idle log stream open through proxies that drop silent connections.
+LOG_KEEPALIVE_S = 15.0
 
 
 def _supervisor(request: Request) -> Supervisor:
@@ -49,8 +56,55 @@ async def status(request: Request) -> JSONResponse:
     return JSONResponse(_supervisor(request).status())
 
 
+async def logs(request: Request) -> Response:
+    """The engine's output as it comes, as server-sent events: the kept tail first (`?tail=N` of the last 100
+    lines, all by default), then each line, masked like every log line; an `end` event when the output ends."""
+    tail = request.query_params.get("tail", str(TAIL_LINES))
+    if not tail.isdigit() or int(tail) > TAIL_LINES:
+        raise BadRequest(f"tail: must be a whole number from 0 to {TAIL_LINES}", param="tail")
+    process = _supervisor(request).engine_process()
+    return StreamingResponse(
+        _output_events(process, int(tail), request),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+async def _output_events(process: EngineProcess, tail: int, request: Request) -> AsyncIterator[bytes]:
+    with process.follow(tail) as (kept, follower):
+        # A client that leaves lets its follower go at once: nothing is kept for it, nothing waits on it.
+        left = asyncio.ensure_future(disconnected(request.receive))
+        left.add_done_callback(lambda _: follower.close())
+        try:
+            for stream, line in kept:
+                yield _event({"stream": stream, "line": line})
+            while True:
+                try:
+                    async with asyncio.timeout(LOG_KEEPALIVE_S):
+                        item = await follower.lines.get()
+                except TimeoutError:
+                    yield b": keepalive\n\n"
+                    continue
+                if item is not None:
+                    yield _event({"stream": item[0], "line": item[1]})
+                if follower.dropped and follower.lines.empty():  # what it missed came after what it read
+                    yield _event({"lines": follower.dropped}, "dropped")
+                    follower.dropped = 0
+                if item is None:
+                    break
+        finally:
+            left.cancel()
+    yield _event({"exit_code": process.returncode}, "end")
+
+
+def _event(data: dict[str, Any], name: str | None = None) -> bytes:
+    head = f"event: {name}\n" if name else ""
+    return f"{head}data: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
+
+
 routes = [
     Route("/v1/model", status, methods=["GET"]),
+    Route("/v1/model/logs", logs, methods=["GET"]),
     Route("/v1/model/load", load, methods=["POST"]),
     Route("/v1/model/unload", unload, methods=["POST"]),
 ]

@@ -31,6 +31,8 @@ class LoadRequest(BaseModel):
     wait: bool = True
     startup_timeout_s: float | None = Field(None, gt=0)
     replace: bool = False
+    # Unload after this many seconds without a request (SIDECAR_DEFAULT_TTL_S where not given; 0 there: never).
+    ttl_s: float | None = Field(None, gt=0, strict=True)  # strict: `true` is no duration
     url: str | None = Field(None, pattern=r"^https?://[^\s/]+(/[^\s]*)?$")
     # An external engine's key (a hosted API's), sent as `Authorization: Bearer` to it alone; extra headers too.
     api_key: SecretStr | None = Field(None, min_length=1)

@@ -8,6 +8,7 @@ SidecarError (500 server_error)
 ├── MethodNotAllowed (405 invalid_request_error)
 ├── Conflict (409 invalid_request_error)
 ├── PayloadTooLarge (413 invalid_request_error)
+├── TooManyRequests (429 rate_limit_error, with Retry-After)
 ├── BadGateway (502 server_error)
 ├── ServiceUnavailable (503 service_unavailable, with Retry-After)
 └── GatewayTimeout (504 timeout_error)
@@ -92,6 +93,18 @@ class PayloadTooLarge(SidecarError):
         super().__init__(message, **kwargs)
         # The rest of the body is never read: the connection cannot be reused.
         self.headers.setdefault("Connection", "close")
+
+
+class TooManyRequests(SidecarError):
+    """Admission control's answer: the sidecar's queue is full, or the request waited in it too long."""
+
+    status_code = 429
+    error_type = "rate_limit_error"
+    default_code = "queue_full"
+
+    def __init__(self, message: str, *, retry_after_s: int = 1, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.headers.setdefault("Retry-After", str(retry_after_s))
 
 
 class BadGateway(SidecarError):

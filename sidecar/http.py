@@ -1,4 +1,4 @@
-"""Small helpers for reading requests."""
+"""Small helpers for reading requests, and for noticing that their client left."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 from starlette.requests import Request
+from starlette.types import Receive
 
 from sidecar.errors import BadRequest
 
@@ -22,3 +23,9 @@ async def read_json_object(request: Request) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise BadRequest(f"request body must be a JSON object, not {type(value).__name__}", code="invalid_json")
     return value
+
+
+async def disconnected(receive: Receive) -> None:
+    """Returns when the client disconnects: for a request whose body was read, nothing else can come."""
+    while (await receive())["type"] != "http.disconnect":
+        pass

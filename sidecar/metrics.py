@@ -22,6 +22,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from engines import LoadSeries
+from sidecar.admission import Admission
 from sidecar.openapi import ENDPOINTS
 from sidecar.state import EngineState
 from sidecar.watchdog import ResourceWatchdog
@@ -182,10 +183,33 @@ class Metrics:
             if isinstance(count, int) and count > 0:
                 self.tokens.labels(*labels, kind).inc(count)
 
+    def watch_admission(self, admission: Admission) -> None:
+        self.registry.register(_AdmissionCollector(admission))
+
     def exposition(self, load: tuple[tuple[str, str], dict[str, float]] | None = None) -> bytes:
         """The Prometheus text, with the engine's load as just read ((model, engine) labels, values), if it was."""
         self._engine_load.current = load  # set and read in the same step: no other scrape comes between
         return generate_latest(self.registry)
+
+
+class _AdmissionCollector(Collector):
+    """The sidecar's own queue (admission control), read at scrape time."""
+
+    def __init__(self, admission: Admission) -> None:
+        self.admission = admission
+
+    def collect(self) -> Iterator[Metric]:
+        admission = self.admission
+        active = GaugeMetricFamily("sidecar_requests_active", "Generation requests admitted to the engine now")
+        active.add_metric([], admission.active)
+        queued = GaugeMetricFamily("sidecar_requests_queued", "Generation requests waiting in the sidecar's queue")
+        queued.add_metric([], admission.queued)
+        rejected = CounterMetricFamily(
+            "sidecar_requests_rejected", "Requests answered 429 by admission control", labels=["reason"]
+        )
+        for reason, count in admission.rejected.items():
+            rejected.add_metric([reason], count)
+        yield from (active, queued, rejected)
 
 
 class _LiveCollector(Collector):

@@ -33,6 +33,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint("POST", "/v1/model/load", "Start an engine with a model; 200 when ready (wait), 202 at once (no wait)"),
     Endpoint("POST", "/v1/model/unload", "Drain in-flight requests, stop the engine's whole process group"),
     Endpoint("GET", "/v1/model", "The engine's state, process, uptime, restarts, last error and output tail"),
+    Endpoint("GET", "/v1/model/logs", "The engine's output as it comes (server-sent events), its kept tail first"),
 )
 
 _ERROR_SCHEMA: dict[str, Any] = {

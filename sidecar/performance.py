@@ -1,6 +1,7 @@
 """`usage.performance`: the metrics of one request, as the spec defines them (vLLM's TTFT, TPOT, ITL, E2EL).
 
-Times come from one monotonic clock in nanoseconds; the clock starts when the request's body has been read.
+Times come from one monotonic clock in nanoseconds; the clock starts when the request's body has been read and
+the request is admitted (`queue_ms` is the time it waited for that in the sidecar's queue, outside TTFT).
 With several choices (`n` > 1), ITL gaps are taken within each choice and TPOT divides by each choice's share
 of the tokens: the spec's formulas for one sequence, applied per sequence.
 
@@ -36,6 +37,7 @@ class PerformanceMeter:
     first_output_ns: int | None = None
     last_output_ns: int | None = None
     output_events: int = 0
+    queue_ns: int = 0  # before start_ns: waiting in the sidecar's queue for admission
     overhead_ns: int = 0  # time the sidecar spent on the request itself, added up by the proxy
     gaps_ns: list[int] = field(default_factory=list)
     last_by_choice: dict[int, int] = field(default_factory=dict)
@@ -85,6 +87,7 @@ class PerformanceMeter:
             "ttft_ms": None if ttft_ns is None else _ms(ttft_ns),
             "latency_ms": None if latency_ns is None else _ms(latency_ns),
             "total_ms": _ms(end_ns - self.start_ns),
+            "queue_ms": _ms(self.queue_ns),
             "tpot_ms": tpot,
             "itl_ms": itl,
             "prompt_tokens": usage.get("prompt_tokens"),

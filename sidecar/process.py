@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import psutil
 
@@ -24,6 +24,7 @@ from sidecar.runfile import EngineRecord
 log = get_logger("sidecar.engine")
 
 TAIL_LINES = 100
+FOLLOW_BUFFER = 1000  # lines a live reader of the output may fall behind before it misses some
 REAP_AFTER_KILL_S = 10.0  # how long the group may take to be gone after SIGKILL
 _MAX_LINE = 16 * 1024  # a line longer than this is logged in pieces
 
@@ -44,13 +45,34 @@ def process_tree(pid: int) -> set[int]:
         return {pid}
 
 
+class OutputFollower:
+    """One reader of the engine's output as it comes (`GET /v1/model/logs`): its lines, masked, then None when
+    the output ends (the process and its pipes are gone) or the reader is let go. Bounded: a reader that falls
+    FOLLOW_BUFFER lines behind misses the next ones, counted in `dropped`, and never holds the engine up."""
+
+    def __init__(self) -> None:
+        self.lines: asyncio.Queue[tuple[str, str] | None] = asyncio.Queue()
+        self.dropped = 0
+
+    def push(self, stream: str, line: str) -> None:
+        if self.lines.qsize() >= FOLLOW_BUFFER:
+            self.dropped += 1
+        else:
+            self.lines.put_nowait((stream, line))
+
+    def close(self) -> None:
+        self.lines.put_nowait(None)
+
+
 class _OutputProtocol(asyncio.SubprocessProtocol):
     """Splits stdout and stderr on `\\n` and `\\r` (progress bars) as the bytes arrive, never waiting for a line."""
 
-    def __init__(self, on_line: Callable[[str, str], None]) -> None:
+    def __init__(self, on_line: Callable[[str, str], None], on_end: Callable[[], None]) -> None:
         self.on_line = on_line
+        self.on_end = on_end
         self.partial = {1: b"", 2: b""}
         self.exited = asyncio.Event()
+        self.ended = False
 
     def pipe_data_received(self, fd: int, data: bytes) -> None:
         buffer = self.partial.get(fd, b"") + data
@@ -71,6 +93,10 @@ class _OutputProtocol(asyncio.SubprocessProtocol):
     def process_exited(self) -> None:
         self.exited.set()
 
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.ended = True  # the process exited and every pipe is closed: no more output
+        self.on_end()
+
 
 class EngineProcess:
     def __init__(
@@ -78,11 +104,13 @@ class EngineProcess:
         name: str,
         transport: asyncio.SubprocessTransport,
         protocol: _OutputProtocol,
-        tail: collections.deque[str],
+        tail: collections.deque[tuple[str, str]],
+        followers: set[OutputFollower],
         guard: asyncio.subprocess.Process,
         record: EngineRecord,
     ) -> None:
         self.name = name
+        self._followers = followers
         self._guard = guard
         self._record = record
         self._transport = transport
@@ -108,16 +136,19 @@ class EngineProcess:
         The engine dies with the sidecar: its leader gets SIGTERM from the kernel when the sidecar dies, and a
         guard process stops the rest of its group (`sidecar.guard`); its pid goes into the run directory's record.
         """
-        tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+        tail: collections.deque[tuple[str, str]] = collections.deque(maxlen=TAIL_LINES)
+        followers: set[OutputFollower] = set()
 
         def on_line(stream: str, line: str) -> None:
             masked = redactor.redact_text(line)
-            tail.append(masked)
+            tail.append((stream, masked))
             log.info("engine_output", engine=name, stream=stream, line=masked)
+            for follower in followers:
+                follower.push(stream, masked)
 
         loop = asyncio.get_running_loop()
         transport, protocol = await loop.subprocess_exec(
-            lambda: _OutputProtocol(on_line),
+            lambda: _OutputProtocol(on_line, lambda: _let_go(followers)),
             *argv,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
@@ -135,7 +166,7 @@ class EngineProcess:
             start_new_session=True,  # a signal to the sidecar's group must not reach it
         )
         record.write(pid, name, port)
-        return cls(name, transport, protocol, tail, guard, record)
+        return cls(name, transport, protocol, tail, followers, guard, record)
 
     @property
     def returncode(self) -> int | None:
@@ -146,7 +177,29 @@ class EngineProcess:
         return self._protocol.exited
 
     def tail(self, lines: int = TAIL_LINES) -> list[str]:
-        return list(self._tail)[-lines:]
+        return [line for _, line in list(self._tail)[-lines:]] if lines else []
+
+    @contextlib.contextmanager
+    def follow(self, tail: int = TAIL_LINES) -> Iterator[tuple[list[tuple[str, str]], OutputFollower]]:
+        """The last `tail` lines kept, (stream, line), and a follower of the lines after them: none missed or
+        repeated between the two. A follower of an engine whose output has ended is closed at once."""
+        follower = OutputFollower()
+        if self._protocol.ended:
+            follower.close()
+        else:
+            self._followers.add(follower)
+        try:
+            yield (list(self._tail)[-tail:] if tail else []), follower
+        finally:
+            self._followers.discard(follower)
+
+    @property
+    def followers(self) -> int:
+        return len(self._followers)
+
+    def let_followers_go(self) -> None:
+        """The sidecar is stopping: live readers end now, so that the server's drain does not wait for them."""
+        _let_go(self._followers)
 
     def members(self) -> list[psutil.Process]:
         """Every live process of the engine: its process group and its descendants (which may have left it)."""
@@ -209,6 +262,12 @@ class EngineProcess:
             if time.monotonic() >= deadline:
                 return False
             await asyncio.sleep(0.02)
+
+
+def _let_go(followers: set[OutputFollower]) -> None:
+    for follower in followers:
+        follower.close()
+    followers.clear()
 
 
 def _alive(proc: psutil.Process) -> bool:

@@ -11,6 +11,7 @@ what timestamps it; JSON is parsed only for chunks that carry usage or timings, 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -21,6 +22,7 @@ from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.types import Receive, Scope, Send
 
+from sidecar.admission import Admission, ClientLeft
 from sidecar.chunks import (
     TIMINGS_KEYS,
     USAGE_KEY,
@@ -159,10 +161,16 @@ class _Exchange:
 
 class Proxy:
     def __init__(
-        self, settings: Settings, supervisor: Supervisor, history: RequestHistory, telemetry: Telemetry
+        self,
+        settings: Settings,
+        supervisor: Supervisor,
+        history: RequestHistory,
+        telemetry: Telemetry,
+        admission: Admission,
     ) -> None:
         self.settings = settings
         self.supervisor = supervisor
+        self.admission = admission
         self.history = history
         self.telemetry = telemetry
         self.upstream = UpstreamPool(
@@ -233,31 +241,53 @@ class Proxy:
         what makes the engine abort the request. An engine that streams no usage is asked to count the `prompt`
         at the same time as it gets the request.
         """
-        async with self.supervisor.request_slot() as engine:
-            deadline = asyncio.get_running_loop().time() + self.settings.upstream_first_token_timeout_s
-            exchange = _Exchange(scope, receive, send, engine, PerformanceMeter(start_ns), deadline)
-            exchange.gpu_window = self.telemetry.window()
-            if prompt is not None and not engine.adapter.streams_usage:
-                exchange.prompt_count = asyncio.create_task(self._count_prompt(engine, prompt))
-            try:
-                with _ClientWatch(exchange):
-                    response = await self._open(exchange, payload, json_body=measured)
-                    try:
-                        if response.status >= 400:
-                            await self._relay_error(exchange, response)
-                        else:
-                            await relay(exchange, response)
-                    finally:
-                        response.close()  # after a full read the connection is back in the pool; else dropped
-            except asyncio.CancelledError:
-                task = asyncio.current_task()
-                if not exchange.client_disconnected or task is None or task.uncancel() > 0:
-                    raise  # cancelled by someone else: the server is stopping
-            finally:
-                if exchange.prompt_count is not None:
-                    exchange.prompt_count.cancel()  # the answer was cut: its usage is not reported
-                if measured:
-                    self._record(exchange)
+        # Passed-through paths (the model list, tokenizers) are not generation: no queue for them.
+        admission = self.admission.slot(receive) if measured else contextlib.nullcontext()
+        try:
+            async with admission, self.supervisor.request_slot() as engine:
+                await self._exchange_admitted(scope, receive, send, start_ns, engine, payload, relay, measured, prompt)
+        except ClientLeft:
+            pass  # it left while queued: no one to answer, nothing was sent to the engine
+
+    async def _exchange_admitted(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        start_ns: int,
+        engine: Engine,
+        payload: bytes,
+        relay: Relay,
+        measured: bool,
+        prompt: dict[str, Any] | None,
+    ) -> None:
+        # The clock starts now: time spent in the sidecar's queue is queue_ms, never the engine's TTFT.
+        admitted_ns = time.perf_counter_ns()
+        meter = PerformanceMeter(admitted_ns, queue_ns=admitted_ns - start_ns)
+        deadline = asyncio.get_running_loop().time() + self.settings.upstream_first_token_timeout_s
+        exchange = _Exchange(scope, receive, send, engine, meter, deadline)
+        exchange.gpu_window = self.telemetry.window()
+        if prompt is not None and not engine.adapter.streams_usage:
+            exchange.prompt_count = asyncio.create_task(self._count_prompt(engine, prompt))
+        try:
+            with _ClientWatch(exchange):
+                response = await self._open(exchange, payload, json_body=measured)
+                try:
+                    if response.status >= 400:
+                        await self._relay_error(exchange, response)
+                    else:
+                        await relay(exchange, response)
+                finally:
+                    response.close()  # after a full read the connection is back in the pool; else dropped
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if not exchange.client_disconnected or task is None or task.uncancel() > 0:
+                raise  # cancelled by someone else: the server is stopping
+        finally:
+            if exchange.prompt_count is not None:
+                exchange.prompt_count.cancel()  # the answer was cut: its usage is not reported
+            if measured:
+                self._record(exchange)
 
     # -- the engine's side ----------------------------------------------------------------------------------
 

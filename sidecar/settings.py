@@ -62,8 +62,17 @@ class Settings(BaseSettings):
     # Non-streaming requests are streamed from the engine and assembled, so that they get a TTFT too.
     assemble_non_streaming: bool = True
     request_history_size: int = Field(1000, ge=1)
+    # Admission control: at most this many generation requests at the engine (0: no limit); beyond it they wait
+    # in a queue of this length, this long at most; then 429.
+    max_concurrent_requests: int = Field(0, ge=0)
+    max_queued_requests: int = Field(256, ge=0)
+    queue_timeout_s: float = Field(30.0, gt=0)
     startup_timeout_s: float = Field(900.0, gt=0)
     drain_timeout_s: float = Field(30.0, ge=0)
+    # Idle unload: an engine without a request for this long is unloaded (0: never; a load's `ttl_s` wins).
+    default_ttl_s: float = Field(0.0, ge=0)
+    # After an idle unload, the next data-plane request loads the same model again and waits for it.
+    load_on_demand: bool = False
     kill_grace_s: float = Field(10.0, ge=0)
     restart_max: int = Field(0, ge=0)
     restart_backoff_s: float = Field(1.0, gt=0)

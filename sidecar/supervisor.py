@@ -27,7 +27,7 @@ import contextlib
 import contextvars
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +36,15 @@ import httpx
 from engines import AdapterError, EngineAdapter, UnknownEngine
 from engines import adapter as registered_adapter
 from sidecar.engine import Engine, LoadRequest, free_port
-from sidecar.errors import BadGateway, BadRequest, Conflict, GatewayTimeout, ServiceUnavailable, SidecarError
+from sidecar.errors import (
+    BadGateway,
+    BadRequest,
+    Conflict,
+    GatewayTimeout,
+    NotFound,
+    ServiceUnavailable,
+    SidecarError,
+)
 from sidecar.gpu import RELEASE_TIMEOUT_S, Gpus, engine_memory_mb, freed_mb
 from sidecar.inbox import DEFER, Abandoned, Command, Decision, Inbox, Preempt, fail, new_reply, reply
 from sidecar.logs import get_logger
@@ -83,6 +91,11 @@ class _Crashed(Command):
 
 
 @dataclass(eq=False)
+class _IdleUnload(Command):
+    engine: Engine  # the engine that was idle when the watcher looked
+
+
+@dataclass(eq=False)
 class _Shutdown(Command):
     final: bool  # False: the server began to stop (SIGTERM); True: the lifespan ends, everything stops
 
@@ -115,6 +128,9 @@ class Supervisor:
         self._in_flight = 0
         self._drained = asyncio.Event()
         self._drained.set()
+        self._last_used = time.monotonic()  # a data-plane request's start or end: idle unload counts from it
+        self._idle_unloaded: LoadRequest | None = None  # what an idle unload took away, for a load on demand
+        self._on_demand: asyncio.Task[Any] | None = None
         self._probe = httpx.AsyncClient(timeout=httpx.Timeout(2.0), verify=tls_context(settings.upstream_ca_file))
         become_subreaper()
 
@@ -135,9 +151,12 @@ class Supervisor:
             "uptime_s": round(now - engine.started_monotonic, 3) if engine else None,
             "load_time_s": engine.load_time_s if engine else None,
             "restarts": self.restarts,
+            "ttl_s": self._ttl_s(engine) if engine else None,
+            "idle_unload_in_s": self._idle_unload_in_s(engine, now),
             "exit_code": self.exit_code,
             "last_error": self.last_error,
             "output_tail": process.tail(20) if process else [],
+            "log_followers": process.followers if process else 0,
         }
 
     async def engine_load(self) -> tuple[tuple[str, str], dict[str, float]] | None:
@@ -157,6 +176,27 @@ class Supervisor:
             return None
         return (engine.served_model, engine.adapter.name), engine_load(answer.text, engine.adapter.load_series)
 
+    def _ttl_s(self, engine: Engine) -> float | None:
+        return engine.request.ttl_s or self.settings.default_ttl_s or None
+
+    def _idle_unload_in_s(self, engine: Engine | None, now: float) -> float | None:
+        """Seconds until the ready engine is unloaded for want of requests (its whole TTL while one runs)."""
+        ttl_s = self._ttl_s(engine) if engine is not None and self.state is EngineState.READY else None
+        if ttl_s is None:
+            return None
+        return round(ttl_s if self._in_flight else max(0.0, self._last_used + ttl_s - now), 3)
+
+    def engine_process(self) -> EngineProcess:
+        """The running engine's process, for following its output: 404 without one, 400 for an external engine."""
+        engine = self.engine
+        if self._closing:
+            raise _shutting_down("its engine's output ends now")
+        if engine is None:
+            raise NotFound("no engine is running: load one first", code="no_engine")
+        if engine.process is None:
+            raise BadRequest(f"the {engine.adapter.name} engine runs elsewhere: its output is not the sidecar's")
+        return engine.process
+
     @property
     def engine_pid(self) -> int | None:
         engine = self.engine
@@ -174,18 +214,50 @@ class Supervisor:
 
     @contextlib.asynccontextmanager
     async def request_slot(self) -> AsyncIterator[Engine]:
-        """Hold the engine for one data-plane request: 503 unless ready; unload drains these first."""
+        """Hold the engine for one data-plane request: 503 unless ready (after an idle unload, with load on
+        demand, the model is loaded again first); unload drains these first."""
+        if self.state is not EngineState.READY and self.settings.load_on_demand:
+            await self._load_on_demand()
         engine = self.engine
         if self.state is not EngineState.READY or engine is None:
-            raise ServiceUnavailable(f"no model is loaded (engine state: {self.state})")
+            raise self._not_ready()
         self._in_flight += 1
         self._drained.clear()
+        self._last_used = time.monotonic()
         try:
             yield engine
         finally:
             self._in_flight -= 1
+            self._last_used = time.monotonic()
             if self._in_flight == 0:
                 self._drained.set()
+
+    def _not_ready(self) -> ServiceUnavailable:
+        idle = self._idle_unloaded
+        if self.state is EngineState.IDLE and idle is not None:
+            return ServiceUnavailable(
+                f"the model {idle.model!r} was unloaded after {idle.ttl_s or self.settings.default_ttl_s:g} s without "
+                "requests: load it again (SIDECAR_LOAD_ON_DEMAND=true does that for the next request)",
+                code="model_unloaded_idle",
+            )
+        return ServiceUnavailable(f"no model is loaded (engine state: {self.state})")
+
+    async def _load_on_demand(self) -> None:
+        """The model an idle unload took away is loaded again for the request that needs it; requests that come
+        meanwhile wait for the same load. Bounded by the load's start-up timeout; its error is theirs."""
+        if self._on_demand is None:
+            request = self._idle_unloaded
+            if request is None or self.state is not EngineState.IDLE:
+                return
+            log.info("model_load_on_demand", engine=request.engine, model=request.model)
+            self._on_demand = asyncio.create_task(self.load(request.model_copy(update={"wait": True})))
+            self._on_demand.add_done_callback(self._on_demand_done)
+        await asyncio.shield(self._on_demand)
+
+    def _on_demand_done(self, task: asyncio.Task[Any]) -> None:
+        self._on_demand = None
+        if not task.cancelled():
+            task.exception()  # every waiter has it; retrieved here too, for when they all left
 
     # -- asking the owner -----------------------------------------------------------------------------------
 
@@ -232,6 +304,8 @@ class Supervisor:
             self._loop.call_soon_threadsafe(self._post_stopping)
 
     def _post_stopping(self) -> None:
+        if self.engine is not None and self.engine.process is not None:
+            self.engine.process.let_followers_go()  # open log streams would hold up the server's drain
         if not self._closed:
             self._post(_Shutdown(new_reply(), final=False))
 
@@ -287,6 +361,9 @@ class Supervisor:
         elif isinstance(command, _Crashed):
             reply(command, None)
             await self._crashed(command.engine)
+        elif isinstance(command, _IdleUnload):
+            reply(command, None)
+            await self._idle(command.engine)
         elif isinstance(command, _Shutdown):
             self._closing = True
             if command.final and self.engine is not None:
@@ -310,6 +387,7 @@ class Supervisor:
                 reply(command, (202, self.status()))
             await self._stop(self.settings.drain_timeout_s, reason="replace", joiners=[])
         self.restarts = 0
+        self._idle_unloaded = None  # an operator's load: no load on demand of what an idle unload took
 
         def spawned() -> None:
             if not request.wait:
@@ -363,12 +441,19 @@ class Supervisor:
             log.error("model_load_failed", engine=adapter.name, model=request.model, error=exc.message)
             raise
         engine.load_time_s = round(time.monotonic() - started, 3)
+        self._last_used = time.monotonic()
         self._set_state(EngineState.READY)
         log.info("model_ready", engine=adapter.name, model=request.model, load_time_s=engine.load_time_s)
         if engine.process is not None:
-            watcher = asyncio.create_task(self._watch(engine))
-            self._watchers.add(watcher)
-            watcher.add_done_callback(self._watchers.discard)
+            self._start_watcher(self._watch(engine))
+        ttl_s = self._ttl_s(engine)
+        if ttl_s is not None:
+            self._start_watcher(self._watch_idle(engine, ttl_s))
+
+    def _start_watcher(self, watch: Coroutine[Any, Any, None]) -> None:
+        watcher = asyncio.create_task(watch)
+        self._watchers.add(watcher)
+        watcher.add_done_callback(self._watchers.discard)
 
     async def _abandon_load(self, engine_name: str, model: str) -> None:
         self._set_state(EngineState.UNLOADING)
@@ -402,7 +487,7 @@ class Supervisor:
             )
         port = free_port()
         argv = adapter.command(request.model, port, request.args, request.served_model_name)
-        env = {**os.environ, **adapter.environment(), **request.env}
+        env = {**os.environ, **adapter.environment(request.args), **request.env}
         log.info("engine_spawn", engine=adapter.name, argv=argv, port=port, env_names=sorted(request.env))
         try:
             process = await EngineProcess.spawn(
@@ -494,14 +579,38 @@ class Supervisor:
             return
 
     def _while_waiting_to_restart(self, command: Command) -> Decision:
-        if isinstance(command, _Crashed):
+        if isinstance(command, _Crashed | _IdleUnload):
             reply(command, None)
             return None
         return Preempt()
 
+    async def _watch_idle(self, engine: Engine, ttl_s: float) -> None:
+        """Ask the owner to unload the engine once no request has started or ended for ttl_s."""
+        while self.engine is engine:
+            if self._in_flight:
+                await self._drained.wait()
+                continue
+            left = self._last_used + ttl_s - time.monotonic()
+            if left <= 0:
+                self._post(_IdleUnload(new_reply(), engine))
+                return
+            await asyncio.sleep(left)
+
+    async def _idle(self, engine: Engine) -> None:
+        if self.engine is not engine or self.state is not EngineState.READY:
+            return  # stopped, replaced or crashed since the watcher looked
+        ttl_s = self._ttl_s(engine)
+        assert ttl_s is not None
+        if self._in_flight or time.monotonic() - self._last_used < ttl_s:
+            self._start_watcher(self._watch_idle(engine, ttl_s))  # a request came in meanwhile: start over
+            return
+        await self._stop(self.settings.drain_timeout_s, reason="idle", joiners=[])
+        self._idle_unloaded = engine.request
+
     # -- unload -------------------------------------------------------------------------------------------
 
     async def _unload(self, command: _Unload) -> None:
+        self._idle_unloaded = None  # an operator's unload: the model stays away
         if self.engine is None:
             reply(command, {"state": EngineState.IDLE})
             return

@@ -163,6 +163,8 @@ def create_app(config: MockConfig) -> Starlette:
         }
         answer = Answer(base, chat, choices, tool, finish, want_logprobs, usage, Pace.of(config, overrides))
         stats.started += 1
+        if "log" in overrides:  # a line of output, as an engine logs its requests (tests of the live log)
+            print(str(overrides["log"]), flush=True)
         headers = {"x-compute-time": "0.0805"} if answer.pace.timings else None
         if body.get("stream"):
             # `"stream_usage": false` ignores stream_options, as llama-cpp-python's server does.

@@ -108,7 +108,7 @@ def test_llamacpp_configured_with_a_python_runs_llama_cpp_python_in_it() -> None
     assert isinstance(engine, LlamaCppPythonAdapter)
     assert engine.command("m.gguf", 1, {}, None)[:3] == ["/opt/llama/bin/python3", "-m", "llama_cpp.server"]
     # It sends no usage chunk, and reports disconnects with print(): unbuffered, they reach the log at once.
-    assert engine.streams_usage is False and engine.environment() == {"PYTHONUNBUFFERED": "1"}
+    assert engine.streams_usage is False and engine.environment({}) == {"PYTHONUNBUFFERED": "1"}
     assert LlamaCppAdapter.streams_usage is True
 
 

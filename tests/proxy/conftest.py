@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import pytest
 from openai import OpenAI
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.processes import SidecarProcess, wait_until
 
@@ -102,3 +103,20 @@ def post_stream(url: str, body: dict[str, Any], request_id: str, key: str | None
     with httpx.stream("POST", url, json=body, headers=headers, timeout=30) as response:
         assert response.status_code == 200, response.read()
         return response.read()
+
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def samples(stack: Stack) -> Samples:
+    """The sidecar's /metrics now: (name, sorted labels) -> value."""
+    text = httpx.get(f"{stack.url}/metrics").text  # open: no key needed by default
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def sample_value(scraped: Samples, name: str, **labels: str) -> float:
+    return scraped.get((name, tuple(sorted(labels.items()))), 0.0)

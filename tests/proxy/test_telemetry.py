@@ -8,53 +8,49 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import psutil
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.processes import wait_until
-from tests.proxy.conftest import AUTH, MESSAGES, MODEL, Stack, post_stream
+from tests.proxy.conftest import AUTH, MESSAGES, MODEL, Stack, post_stream, sample_value, samples
 
 CHAT = "/v1/chat/completions"
 
 
-def _samples(stack: Stack) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    text = httpx.get(f"{stack.url}/metrics").text  # open: no key needed by default
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
-def _value(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
-
-
 def test_metrics_count_what_was_sent(stack: Stack) -> None:
-    before = _samples(stack)
+    before = samples(stack)
     for i in range(3):
         post_stream(stack.url + CHAT, {"model": MODEL, "messages": MESSAGES, "stream": True}, f"metrics-s-{i}")
     for _ in range(2):
         assert httpx.post(stack.url + CHAT, json={"model": MODEL, "messages": MESSAGES}, headers=AUTH).is_success
     assert httpx.post(stack.url + CHAT, content=b"not json", headers=AUTH).status_code == 400
-    after = _samples(stack)
+    after = samples(stack)
 
     ok = {"route": CHAT, "status": "2xx", "model": MODEL, "engine": "mock"}
-    assert _value(after, "sidecar_requests_total", **ok) - _value(before, "sidecar_requests_total", **ok) == 5
+    assert (
+        sample_value(after, "sidecar_requests_total", **ok) - sample_value(before, "sidecar_requests_total", **ok) == 5
+    )
     bad = {"route": CHAT, "status": "4xx", "model": "", "engine": ""}
-    assert _value(after, "sidecar_requests_total", **bad) - _value(before, "sidecar_requests_total", **bad) == 1
+    assert (
+        sample_value(after, "sidecar_requests_total", **bad) - sample_value(before, "sidecar_requests_total", **bad)
+        == 1
+    )
     served = {"model": MODEL, "engine": "mock"}
     for histogram in ("sidecar_ttft_seconds", "sidecar_tpot_seconds", "sidecar_request_latency_seconds"):
         count = f"{histogram}_count"
-        assert _value(after, count, **served) - _value(before, count, **served) == 5, histogram
-    itl = _value(after, "sidecar_itl_seconds_count", **served) - _value(before, "sidecar_itl_seconds_count", **served)
+        assert sample_value(after, count, **served) - sample_value(before, count, **served) == 5, histogram
+    itl = sample_value(after, "sidecar_itl_seconds_count", **served) - sample_value(
+        before, "sidecar_itl_seconds_count", **served
+    )
     assert itl == 5 * 15  # 16 tokens: 15 gaps each
     tokens = {"model": MODEL, "engine": "mock", "kind": "completion"}
-    assert _value(after, "sidecar_tokens_total", **tokens) - _value(before, "sidecar_tokens_total", **tokens) == 80
-    assert _value(after, "sidecar_engine_state", state="ready") == 1
-    assert _value(after, "sidecar_engine_state", state="idle") == 0
-    assert _value(after, "sidecar_process_resident_memory_bytes", process="engine") > 10 * 2**20
-    assert _value(after, "sidecar_process_resident_memory_bytes", process="sidecar") > 10 * 2**20
-    assert _value(after, "sidecar_system_memory_bytes", kind="total") > 0
+    assert (
+        sample_value(after, "sidecar_tokens_total", **tokens) - sample_value(before, "sidecar_tokens_total", **tokens)
+        == 80
+    )
+    assert sample_value(after, "sidecar_engine_state", state="ready") == 1
+    assert sample_value(after, "sidecar_engine_state", state="idle") == 0
+    assert sample_value(after, "sidecar_process_resident_memory_bytes", process="engine") > 10 * 2**20
+    assert sample_value(after, "sidecar_process_resident_memory_bytes", process="sidecar") > 10 * 2**20
+    assert sample_value(after, "sidecar_system_memory_bytes", kind="total") > 0
     assert not any(name.startswith("sidecar_gpu_") for name, _ in after)  # no GPU here: no GPU series
 
 
@@ -90,9 +86,9 @@ LOAD = ("sidecar_engine_queued_requests", "sidecar_engine_running_requests", "si
 
 
 def _load(stack: Stack) -> dict[str, float]:
-    samples = _samples(stack)
+    scraped = samples(stack)
     labels = (("engine", "mock"), ("model", MODEL))
-    return {name: samples[(name, labels)] for name in LOAD if (name, labels) in samples}
+    return {name: scraped[(name, labels)] for name in LOAD if (name, labels) in scraped}
 
 
 def test_the_engines_own_load_is_exported_under_one_name_and_absent_when_unread(
