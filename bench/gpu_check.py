@@ -1,10 +1,12 @@
 """`python -m bench.gpu_check`: the sidecar's GPU readings against known allocations, on a machine with a GPU.
 
 The mock engine holds GPU memory through PyTorch: `--gpu-mb` from start-up to exit (as an engine holds its
-weights), and a request's `mock.gpu_mb` from its first token to its last. The check loads it, streams one such
-request, unloads it, and compares what the sidecar reports with what was allocated: the request's peak over
-the baseline against its allocation, its delta against zero, the memory freed at unload against the engine's
-memory at load. Each within 5 %. Results go to stdout and `--out` as JSON; exit code 1 if a check fails.
+weights), and a request's `mock.gpu_mb` from its first token to its last. The check loads it (with vLLM's sleep
+mode), streams one such request, puts it to sleep and wakes it (the mock gives its weights' memory back and
+takes it again, as vLLM does), unloads it, and compares what the sidecar reports with what was allocated: the
+request's peak over the baseline against its allocation, its delta against zero, the memory freed by sleep and
+taken by wake against the weights', the memory freed at unload against the engine's memory at load. Each
+within 5 %. Results go to stdout and `--out` as JSON; exit code 1 if a check fails.
 """
 
 from __future__ import annotations
@@ -49,12 +51,14 @@ def run(engine_mb: float, request_mb: float, workdir: Path) -> dict[str, Any]:
     try:
         wait_ok(url + "/health")
         with httpx.Client(base_url=url, timeout=120) as client:
-            load = {"engine": "mock", "model": "gpu-mock", "args": {"gpu-mb": engine_mb}}
+            load = {"engine": "mock", "model": "gpu-mock", "args": {"gpu-mb": engine_mb, "enable-sleep-mode": True}}
             loaded = client.post("/v1/model/load", json=load).json()
             time.sleep(0.5)  # a few watchdog samples with the engine's memory settled
             baseline = client.get("/v1/telemetry", params={"window_s": 1}).json()["latest"]["gpu_used_mb"]
             performance = _stream(client, request_mb)
             telemetry = client.get("/v1/telemetry", params={"window_s": 5}).json()
+            slept = client.post("/v1/model/sleep").json()
+            woken = client.post("/v1/model/wake").json()
             unloaded = client.post("/v1/model/unload").json()
     finally:
         sidecar.terminate()
@@ -69,6 +73,10 @@ def run(engine_mb: float, request_mb: float, workdir: Path) -> dict[str, Any]:
         "request_delta_near_zero_within_5pct_of_allocation": _within(
             performance.get("gpu_memory_delta_mb"), 0.0, TOLERANCE * request_mb
         ),
+        "sleep_freed_the_weights_within_5pct": _within(
+            slept.get("freed_gpu_memory_mb"), engine_mb, TOLERANCE * engine_mb
+        ),
+        "wake_took_them_back_within_5pct": _within(woken.get("gpu_memory_taken_mb"), engine_mb, TOLERANCE * engine_mb),
         "freed_at_unload_within_5pct_of_engine_memory": engine_at_load is not None
         and _within(freed, engine_at_load, TOLERANCE * engine_at_load),
     }
@@ -85,6 +93,8 @@ def run(engine_mb: float, request_mb: float, workdir: Path) -> dict[str, Any]:
             "gpu_memory_delta_mb": performance.get("gpu_memory_delta_mb"),
             "ttft_ms": performance.get("ttft_ms"),
         },
+        "sleep": slept,
+        "wake": woken,
         "unload": {"freed_gpu_memory_mb": freed, "exit_code": unloaded.get("exit_code")},
         "watchdog": telemetry["watchdog"],
         "gpu": (telemetry["latest"] or {}).get("gpus"),

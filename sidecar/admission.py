@@ -27,7 +27,7 @@ class ClientLeft(Exception):
 
 class Admission:
     def __init__(self, max_concurrent: int, max_queued: int, queue_timeout_s: float) -> None:
-        self.max_concurrent = max_concurrent  # 0: no limit, no queue
+        self.max_concurrent = max_concurrent  # 0: no limit, no queue (`active` still counts)
         self.max_queued = max_queued
         self.queue_timeout_s = queue_timeout_s
         self.active = 0
@@ -41,10 +41,7 @@ class Admission:
     @contextlib.asynccontextmanager
     async def slot(self, receive: Receive) -> AsyncIterator[None]:
         """Hold one of the engine's slots for a request, waiting in the queue for it if all are taken."""
-        if not self.max_concurrent:
-            yield
-            return
-        if self.active < self.max_concurrent and not self._waiters:
+        if not self.max_concurrent or (self.active < self.max_concurrent and not self._waiters):
             self.active += 1
         else:
             await self._wait(receive)  # on success the slot was handed over: `active` counts it already

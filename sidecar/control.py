@@ -5,18 +5,20 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from sidecar.engine import LoadRequest
+from sidecar.engine import AdapterName, AdapterRequest, LoadRequest, SleepRequest
 from sidecar.errors import BadRequest
 from sidecar.http import disconnected, read_json_object
 from sidecar.process import TAIL_LINES, EngineProcess
 from sidecar.supervisor import Supervisor
+
+_Body = TypeVar("_Body", bound=BaseModel)
 
 # A comment line this often keeps an idle log stream open through proxies that drop silent connections.
 LOG_KEEPALIVE_S = 15.0
@@ -54,6 +56,41 @@ async def unload(request: Request) -> JSONResponse:
 
 async def status(request: Request) -> JSONResponse:
     return JSONResponse(_supervisor(request).status())
+
+
+async def _body(request: Request, model: type[_Body]) -> _Body:
+    """The request's body as `model`, or a 400 naming the field; an empty body is the model's defaults."""
+    body = await read_json_object(request) if await request.body() else {}
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        raise _bad_request(exc) from None
+
+
+async def sleep(request: Request) -> JSONResponse:
+    """The engine's sleep mode: its GPU memory given back, the process kept; the data plane 503 meanwhile."""
+    level = (await _body(request, SleepRequest)).level
+    return JSONResponse(await _supervisor(request).sleep(level))
+
+
+async def wake(request: Request) -> JSONResponse:
+    return JSONResponse(await _supervisor(request).wake())
+
+
+async def adapters(request: Request) -> JSONResponse:
+    """The LoRA adapters the engine has, as it lists them itself."""
+    return JSONResponse({"object": "list", "data": await _supervisor(request).adapters()})
+
+
+async def load_adapter(request: Request) -> JSONResponse:
+    adapter = await _body(request, AdapterRequest)
+    listed = await _supervisor(request).load_adapter(adapter.name, adapter.path)
+    return JSONResponse({"object": "list", "data": listed})
+
+
+async def unload_adapter(request: Request) -> JSONResponse:
+    adapter = await _body(request, AdapterName)
+    return JSONResponse({"object": "list", "data": await _supervisor(request).unload_adapter(adapter.name)})
 
 
 async def logs(request: Request) -> Response:
@@ -105,6 +142,11 @@ def _event(data: dict[str, Any], name: str | None = None) -> bytes:
 routes = [
     Route("/v1/model", status, methods=["GET"]),
     Route("/v1/model/logs", logs, methods=["GET"]),
+    Route("/v1/model/sleep", sleep, methods=["POST"]),
+    Route("/v1/model/wake", wake, methods=["POST"]),
+    Route("/v1/model/adapters", adapters, methods=["GET"]),
+    Route("/v1/model/adapters/load", load_adapter, methods=["POST"]),
+    Route("/v1/model/adapters/unload", unload_adapter, methods=["POST"]),
     Route("/v1/model/load", load, methods=["POST"]),
     Route("/v1/model/unload", unload, methods=["POST"]),
 ]

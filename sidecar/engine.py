@@ -1,4 +1,5 @@
-"""What the supervisor runs: a load request as validated, the engine it started, and a port for it."""
+"""What the supervisor runs: a load request as validated (and the other control-plane bodies), the engine it
+started, and a port for it."""
 
 from __future__ import annotations
 
@@ -69,6 +70,31 @@ class LoadRequest(BaseModel):
         """Values masked in every log line once the engine is loaded: the environment's, the key, the headers'."""
         key = [self.api_key.get_secret_value()] if self.api_key is not None else []
         return [*self.env.values(), *key, *self.headers.values()]
+
+
+class SleepRequest(BaseModel):
+    """POST /v1/model/sleep: the engine's sleep level (vLLM: 1 keeps the weights in CPU memory, 2 drops them)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    level: int = Field(1, ge=1, strict=True)
+
+
+class AdapterRequest(BaseModel):
+    """POST /v1/model/adapters/load: a LoRA adapter's name (what clients send as `model`) and its path."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=256, pattern=r"^[^\s/]+$")  # a model name clients will send
+    path: str = Field(min_length=1)
+
+
+class AdapterName(BaseModel):
+    """POST /v1/model/adapters/unload."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1)
 
 
 @dataclass

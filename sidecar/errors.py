@@ -29,6 +29,7 @@ class SidecarError(Exception):
     status_code: ClassVar[int] = 500
     error_type: ClassVar[str] = "server_error"
     default_code: ClassVar[str | None] = "internal_error"
+    retry_after_s: ClassVar[int | None] = None  # a Retry-After header: when the client may try again
 
     def __init__(
         self,
@@ -43,6 +44,8 @@ class SidecarError(Exception):
         self.param = param
         self.code = code if code is not None else self.default_code
         self.headers = headers or {}
+        if self.retry_after_s is not None:
+            self.headers.setdefault("Retry-After", str(self.retry_after_s))
 
     def body(self) -> dict[str, Any]:
         return error_body(self.message, self.error_type, param=self.param, code=self.code)
@@ -101,10 +104,7 @@ class TooManyRequests(SidecarError):
     status_code = 429
     error_type = "rate_limit_error"
     default_code = "queue_full"
-
-    def __init__(self, message: str, *, retry_after_s: int = 1, **kwargs: Any) -> None:
-        super().__init__(message, **kwargs)
-        self.headers.setdefault("Retry-After", str(retry_after_s))
+    retry_after_s = 1
 
 
 class BadGateway(SidecarError):
@@ -117,10 +117,7 @@ class ServiceUnavailable(SidecarError):
     status_code = 503
     error_type = "service_unavailable"
     default_code = "engine_not_ready"
-
-    def __init__(self, message: str, *, retry_after_s: int = 5, **kwargs: Any) -> None:
-        super().__init__(message, **kwargs)
-        self.headers.setdefault("Retry-After", str(retry_after_s))
+    retry_after_s = 5
 
 
 class GatewayTimeout(SidecarError):

@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sidecar.engine import LoadRequest
+from pydantic import BaseModel
+
+from sidecar.engine import AdapterName, AdapterRequest, LoadRequest, SleepRequest
 from sidecar.middleware.auth import Plane, plane_for
 
 
@@ -34,6 +36,11 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint("POST", "/v1/model/unload", "Drain in-flight requests, stop the engine's whole process group"),
     Endpoint("GET", "/v1/model", "The engine's state, process, uptime, restarts, last error and output tail"),
     Endpoint("GET", "/v1/model/logs", "The engine's output as it comes (server-sent events), its kept tail first"),
+    Endpoint("POST", "/v1/model/sleep", "Put the engine to sleep (its GPU memory freed, the process kept): vLLM"),
+    Endpoint("POST", "/v1/model/wake", "Wake a sleeping engine: its GPU memory taken back, ready again"),
+    Endpoint("GET", "/v1/model/adapters", "The LoRA adapters the engine has loaded, as it lists them"),
+    Endpoint("POST", "/v1/model/adapters/load", "Load a LoRA adapter into the engine by name and path: vLLM, SGLang"),
+    Endpoint("POST", "/v1/model/adapters/unload", "Unload a LoRA adapter from the engine by name"),
 )
 
 _ERROR_SCHEMA: dict[str, Any] = {
@@ -61,9 +68,17 @@ _UNLOAD_SCHEMA: dict[str, Any] = {
 }
 
 
+_BODIES: dict[str, type[BaseModel]] = {
+    "/v1/model/load": LoadRequest,
+    "/v1/model/sleep": SleepRequest,
+    "/v1/model/adapters/load": AdapterRequest,
+    "/v1/model/adapters/unload": AdapterName,
+}
+
+
 def _request_schema(endpoint: Endpoint) -> dict[str, Any]:
-    if endpoint.path == "/v1/model/load":
-        return LoadRequest.model_json_schema()
+    if endpoint.path in _BODIES:
+        return _BODIES[endpoint.path].model_json_schema()
     if endpoint.path == "/v1/model/unload":
         return _UNLOAD_SCHEMA
     return {"type": "object"}  # OpenAI's bodies: the engine's to judge
@@ -84,7 +99,7 @@ def _operation(endpoint: Endpoint) -> dict[str, Any]:
         operation["security"] = [{"adminBearer": []}, {"adminApiKey": []}]
     if endpoint.method == "POST":
         operation["requestBody"] = {
-            "required": endpoint.path != "/v1/model/unload",
+            "required": endpoint.path not in ("/v1/model/unload", "/v1/model/sleep", "/v1/model/wake"),
             "content": {"application/json": {"schema": _request_schema(endpoint)}},
         }
     return operation

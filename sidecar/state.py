@@ -9,6 +9,7 @@ class EngineState(enum.StrEnum):
     IDLE = "idle"
     LOADING = "loading"
     READY = "ready"
+    SLEEPING = "sleeping"  # the process runs, its GPU memory given back (vLLM's sleep mode)
     UNLOADING = "unloading"
     FAILED = "failed"
 
@@ -17,7 +18,9 @@ _LEGAL: dict[EngineState, frozenset[EngineState]] = {
     EngineState.IDLE: frozenset({EngineState.LOADING}),
     # A load that fails, or that an unload, a replacing load or the sidecar's shutdown abandons.
     EngineState.LOADING: frozenset({EngineState.READY, EngineState.FAILED, EngineState.UNLOADING}),
-    EngineState.READY: frozenset({EngineState.UNLOADING, EngineState.FAILED}),
+    EngineState.READY: frozenset({EngineState.UNLOADING, EngineState.FAILED, EngineState.SLEEPING}),
+    # Woken, or unloaded as it sleeps, or dead in its sleep.
+    EngineState.SLEEPING: frozenset({EngineState.READY, EngineState.UNLOADING, EngineState.FAILED}),
     EngineState.UNLOADING: frozenset({EngineState.IDLE}),
     # A crashed engine is restarted (loading) or cleared by an unload or a load.
     EngineState.FAILED: frozenset({EngineState.LOADING, EngineState.UNLOADING}),

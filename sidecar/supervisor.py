@@ -33,7 +33,7 @@ from typing import Any
 
 import httpx
 
-from engines import AdapterError, EngineAdapter, UnknownEngine
+from engines import AdapterError, EngineAdapter, LoraApi, SleepApi, UnknownEngine
 from engines import adapter as registered_adapter
 from sidecar.engine import Engine, LoadRequest, free_port
 from sidecar.errors import (
@@ -44,6 +44,7 @@ from sidecar.errors import (
     NotFound,
     ServiceUnavailable,
     SidecarError,
+    engine_error_body,
 )
 from sidecar.gpu import RELEASE_TIMEOUT_S, Gpus, engine_memory_mb, freed_mb
 from sidecar.inbox import DEFER, Abandoned, Command, Decision, Inbox, Preempt, fail, new_reply, reply
@@ -61,6 +62,8 @@ log = get_logger("sidecar.supervisor")
 READY_POLL_S = 0.1
 # A scrape of the sidecar waits this long at most for the engine's own metrics (its load), then goes without them.
 ENGINE_METRICS_TIMEOUT_S = 1.0
+# Sleep, wake and adapter loads move weights between GPU, CPU and disk: seconds to minutes for a large model.
+ENGINE_CONTROL_TIMEOUT_S = 300.0
 
 
 def shutdown_bound_s(settings: Settings) -> float:
@@ -88,6 +91,16 @@ class _Unload(Command):
 @dataclass(eq=False)
 class _Crashed(Command):
     engine: Engine
+
+
+@dataclass(eq=False)
+class _Sleep(Command):
+    level: int
+
+
+@dataclass(eq=False)
+class _Wake(Command):
+    pass
 
 
 @dataclass(eq=False)
@@ -131,6 +144,7 @@ class Supervisor:
         self._last_used = time.monotonic()  # a data-plane request's start or end: idle unload counts from it
         self._idle_unloaded: LoadRequest | None = None  # what an idle unload took away, for a load on demand
         self._on_demand: asyncio.Task[Any] | None = None
+        self._idle_watcher: asyncio.Task[None] | None = None
         self._probe = httpx.AsyncClient(timeout=httpx.Timeout(2.0), verify=tls_context(settings.upstream_ca_file))
         become_subreaper()
 
@@ -233,6 +247,10 @@ class Supervisor:
                 self._drained.set()
 
     def _not_ready(self) -> ServiceUnavailable:
+        if self.state is EngineState.SLEEPING:
+            return ServiceUnavailable(
+                "the model is sleeping: wake it first (POST /v1/model/wake)", code="model_sleeping"
+            )
         idle = self._idle_unloaded
         if self.state is EngineState.IDLE and idle is not None:
             return ServiceUnavailable(
@@ -284,6 +302,14 @@ class Supervisor:
         """(200, the ready engine) with `wait`, else (202, the status) once the engine's process exists."""
         adapter = self._adapter_for(request)
         result: tuple[int, dict[str, Any]] = await self._ask(lambda reply: _Load(reply, request, adapter))
+        return result
+
+    async def sleep(self, level: int) -> dict[str, Any]:
+        result: dict[str, Any] = await self._ask(lambda reply: _Sleep(reply, level))
+        return result
+
+    async def wake(self) -> dict[str, Any]:
+        result: dict[str, Any] = await self._ask(lambda reply: _Wake(reply))
         return result
 
     async def unload(self, drain_timeout_s: float | None = None) -> dict[str, Any]:
@@ -364,6 +390,10 @@ class Supervisor:
         elif isinstance(command, _IdleUnload):
             reply(command, None)
             await self._idle(command.engine)
+        elif isinstance(command, _Sleep):
+            await self._sleep(command)
+        elif isinstance(command, _Wake):
+            await self._wake(command)
         elif isinstance(command, _Shutdown):
             self._closing = True
             if command.final and self.engine is not None:
@@ -380,9 +410,9 @@ class Supervisor:
         request = command.request
         if self._closing:
             return fail(command, _shutting_down("no engine can be loaded"))
-        if self.state is EngineState.READY and not request.replace:
+        if self.state in (EngineState.READY, EngineState.SLEEPING) and not request.replace:
             return fail(command, Conflict('an engine is already loaded: unload it first, or pass "replace": true'))
-        if self.engine is not None:  # ready (replace) or failed: the old engine goes first
+        if self.engine is not None:  # ready or sleeping (replace), or failed: the old engine goes first
             if not request.wait:
                 reply(command, (202, self.status()))
             await self._stop(self.settings.drain_timeout_s, reason="replace", joiners=[])
@@ -404,6 +434,8 @@ class Supervisor:
             reply(command, (200, self._ready_body()))
 
     def _while_loading(self, command: Command) -> Decision:
+        if _refused_while_busy(command, self.state):
+            return None
         if isinstance(command, _Load):
             if self._closing:
                 fail(command, _shutting_down("no engine can be loaded"))
@@ -446,14 +478,20 @@ class Supervisor:
         log.info("model_ready", engine=adapter.name, model=request.model, load_time_s=engine.load_time_s)
         if engine.process is not None:
             self._start_watcher(self._watch(engine))
-        ttl_s = self._ttl_s(engine)
-        if ttl_s is not None:
-            self._start_watcher(self._watch_idle(engine, ttl_s))
+        self._watch_idleness(engine)
 
-    def _start_watcher(self, watch: Coroutine[Any, Any, None]) -> None:
+    def _start_watcher(self, watch: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         watcher = asyncio.create_task(watch)
         self._watchers.add(watcher)
         watcher.add_done_callback(self._watchers.discard)
+        return watcher
+
+    def _watch_idleness(self, engine: Engine) -> None:
+        """One idle watcher at a time, for the engine now ready (none without a TTL)."""
+        if self._idle_watcher is not None:
+            self._idle_watcher.cancel()
+        ttl_s = self._ttl_s(engine)
+        self._idle_watcher = None if ttl_s is None else self._start_watcher(self._watch_idle(engine, ttl_s))
 
     async def _abandon_load(self, engine_name: str, model: str) -> None:
         self._set_state(EngineState.UNLOADING)
@@ -551,12 +589,12 @@ class Supervisor:
             self._post(_Crashed(new_reply(), engine))
 
     async def _crashed(self, engine: Engine) -> None:
-        if self.engine is not engine or self.state is not EngineState.READY:
+        if self.engine is not engine or self.state not in (EngineState.READY, EngineState.SLEEPING):
             return  # stopped on purpose
         assert engine.process is not None
+        self.last_error = f"engine exited with code {engine.process.returncode} while {self.state}"
         self._set_state(EngineState.FAILED)
         self.exit_code = engine.process.returncode
-        self.last_error = f"engine exited with code {self.exit_code} while ready"
         log.error("engine_crashed", engine=engine.adapter.name, exit_code=self.exit_code, tail=engine.process.tail(5))
         await engine.process.stop(self.settings.kill_grace_s)  # whatever is left of its group
         if not self._closing:
@@ -579,6 +617,8 @@ class Supervisor:
             return
 
     def _while_waiting_to_restart(self, command: Command) -> Decision:
+        if _refused_while_busy(command, self.state):
+            return None
         if isinstance(command, _Crashed | _IdleUnload):
             reply(command, None)
             return None
@@ -602,10 +642,137 @@ class Supervisor:
         ttl_s = self._ttl_s(engine)
         assert ttl_s is not None
         if self._in_flight or time.monotonic() - self._last_used < ttl_s:
-            self._start_watcher(self._watch_idle(engine, ttl_s))  # a request came in meanwhile: start over
+            self._watch_idleness(engine)  # a request came in meanwhile: start over
             return
         await self._stop(self.settings.drain_timeout_s, reason="idle", joiners=[])
         self._idle_unloaded = engine.request
+
+    # -- sleep and wake (an engine's sleep mode) ----------------------------------------------------------
+
+    def _sleep_api(self, engine: Engine | None) -> tuple[Engine, SleepApi]:
+        if engine is None:
+            raise Conflict("no engine is loaded", code="no_engine")
+        api = engine.adapter.sleep_api(engine.request.args)
+        if api is None:
+            hint = (
+                ' load it with "args": {"enable-sleep-mode": true}' if engine.adapter.name in ("vllm", "mock") else ""
+            )
+            raise BadRequest(f"the {engine.adapter.name} engine as loaded has no sleep mode:{hint or ' it has none'}")
+        return engine, api
+
+    async def _sleep(self, command: _Sleep) -> None:
+        """Drain, then ask the engine to give its GPU memory back: state sleeping, data plane 503 meanwhile."""
+        try:
+            engine, api = self._sleep_api(self.engine)
+            if self.state is not EngineState.READY:
+                raise Conflict(f"the engine is {self.state}: only a ready engine can sleep")
+            if command.level not in api.levels:
+                levels = " or ".join(map(str, api.levels))
+                raise BadRequest(f"level: the {engine.adapter.name} engine sleeps at level {levels}", param="level")
+        except SidecarError as exc:
+            return fail(command, exc)
+        started = time.monotonic()
+        self._set_state(EngineState.SLEEPING)  # new data-plane requests get 503 from here on
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._drained.wait(), self.settings.drain_timeout_s)
+        try:
+            freed = await self._engine_call(engine, f"{api.sleep}?level={command.level}")
+        except SidecarError as exc:
+            self._set_state(EngineState.READY)  # the engine did not sleep: as it was
+            return fail(command, exc)
+        duration_ms = round((time.monotonic() - started) * 1000, 3)
+        log.info(
+            "model_sleep",
+            engine=engine.adapter.name,
+            sleep_level=command.level,  # "level" is the log line's own
+            freed_gpu_memory_mb=freed,
+            duration_ms=duration_ms,
+        )
+        reply(command, {"state": self.state, "level": command.level, "freed_gpu_memory_mb": freed})
+
+    async def _wake(self, command: _Wake) -> None:
+        try:
+            engine, api = self._sleep_api(self.engine)
+            if self.state is not EngineState.SLEEPING:
+                raise Conflict(f"the engine is {self.state}: only a sleeping engine wakes")
+        except SidecarError as exc:
+            return fail(command, exc)
+        started = time.monotonic()
+        try:
+            freed = await self._engine_call(engine, api.wake)
+        except SidecarError as exc:
+            return fail(command, exc)  # still asleep
+        taken = None if freed is None else round(-freed, 1)
+        self._last_used = time.monotonic()
+        self._set_state(EngineState.READY)
+        self._watch_idleness(engine)  # its idle watcher stopped while it slept
+        duration_ms = round((time.monotonic() - started) * 1000, 3)
+        log.info("model_wake", engine=engine.adapter.name, gpu_memory_taken_mb=taken, duration_ms=duration_ms)
+        reply(command, {"state": self.state, "gpu_memory_taken_mb": taken})
+
+    async def _engine_call(self, engine: Engine, path: str, body: dict[str, Any] | None = None) -> float | None:
+        """POST to the engine's own control endpoint; the GPU memory it gave back (negative: took), null without
+        a GPU. Its refusal is a 400 with its own words where it blames the request, else 502."""
+        before = await asyncio.to_thread(self.gpus.used_mb) if self.gpus and self.gpus.available else None
+        try:
+            answer = await self._probe.post(
+                engine.base_url + path, json=body, headers=engine.upstream_headers, timeout=ENGINE_CONTROL_TIMEOUT_S
+            )
+        except httpx.HTTPError as exc:
+            raise BadGateway(f"the engine did not answer {path}: {exc or exc.__class__.__name__}") from None
+        if answer.status_code >= 400:
+            said = engine_error_body(answer.status_code, answer.content)["error"]["message"]
+            if answer.status_code in (400, 404, 409, 422):
+                raise BadRequest(f"the engine refused: {said}", code="engine_refused")
+            raise BadGateway(f"the engine answered {answer.status_code} to {path}: {said}")
+        after = await asyncio.to_thread(self.gpus.used_mb) if before is not None and self.gpus else None
+        return None if before is None or after is None else round(before - after, 1)
+
+    # -- LoRA adapters (an engine's dynamic LoRA) -----------------------------------------------------------
+
+    def _lora_api(self) -> tuple[Engine, LoraApi]:
+        engine = self.engine
+        if self.state is not EngineState.READY or engine is None:
+            raise Conflict(f"the engine is {self.state}: adapters need a ready engine", code="engine_not_ready")
+        api = engine.adapter.lora_api(engine.request.args)
+        if api is None:
+            hint = (
+                ' load it with "args": {"enable-lora": true}'
+                if engine.adapter.name in ("vllm", "sglang", "mock")
+                else " it has none"
+            )
+            raise BadRequest(f"the {engine.adapter.name} engine as loaded has no dynamic LoRA:{hint}")
+        return engine, api
+
+    async def adapters(self) -> list[dict[str, Any]]:
+        """The LoRA adapters the engine has now, read from its /v1/models (entries that name a parent)."""
+        engine, _ = self._lora_api()
+        try:
+            answer = await self._probe.get(engine.base_url + "/v1/models", headers=engine.upstream_headers)
+            models = answer.raise_for_status().json().get("data") or []
+        except (httpx.HTTPError, ValueError, AttributeError) as exc:
+            raise BadGateway(f"the engine's model list could not be read: {exc or exc.__class__.__name__}") from None
+        return [
+            {"name": m.get("id"), "path": m.get("root"), "parent": m["parent"]}
+            for m in models
+            if isinstance(m, dict) and m.get("parent")
+        ]
+
+    async def load_adapter(self, name: str, path: str) -> list[dict[str, Any]]:
+        engine, api = self._lora_api()
+        started = time.monotonic()
+        await self._engine_call(engine, api.load, {"lora_name": name, "lora_path": path})
+        duration_ms = round((time.monotonic() - started) * 1000, 3)
+        log.info("adapter_load", engine=engine.adapter.name, adapter=name, path=path, duration_ms=duration_ms)
+        return await self.adapters()
+
+    async def unload_adapter(self, name: str) -> list[dict[str, Any]]:
+        engine, api = self._lora_api()
+        started = time.monotonic()
+        await self._engine_call(engine, api.unload, {"lora_name": name})
+        duration_ms = round((time.monotonic() - started) * 1000, 3)
+        log.info("adapter_unload", engine=engine.adapter.name, adapter=name, duration_ms=duration_ms)
+        return await self.adapters()
 
     # -- unload -------------------------------------------------------------------------------------------
 
@@ -621,6 +788,8 @@ class Supervisor:
 
     def _while_unloading(self, joiners: list[Command], draining: bool) -> Callable[[Command], Decision]:
         def decide(command: Command) -> Decision:
+            if _refused_while_busy(command, self.state):
+                return None
             if isinstance(command, _Unload):
                 joiners.append(command)  # answered with this unload's result
                 return None
@@ -662,6 +831,14 @@ class Supervisor:
             duration_ms=round((time.monotonic() - started) * 1000, 3),
         )
         return {"state": EngineState.IDLE, "exit_code": exit_code, "freed_gpu_memory_mb": self.freed_gpu_memory_mb}
+
+
+def _refused_while_busy(command: Command, state: EngineState) -> bool:
+    """Sleep and wake during a load, a restart's wait or an unload: 409 at once (True), as a load is."""
+    if isinstance(command, _Sleep | _Wake):
+        fail(command, Conflict(f"the engine is {state}: wait until it is done"))
+        return True
+    return False
 
 
 def _iso(timestamp: float) -> str:

@@ -35,6 +35,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-num-seqs", type=int, help="at most this many requests generate; the rest wait")
     parser.add_argument("--ssl-keyfile", help="serve https with this key")
     parser.add_argument("--ssl-certfile", help="serve https with this certificate (chain)")
+    # vLLM's: each serves its endpoints only with the variable vLLM needs for them (VLLM_SERVER_DEV_MODE=1,
+    # VLLM_ALLOW_RUNTIME_LORA_UPDATING=True), so that tests see the sidecar set it.
+    parser.add_argument("--enable-sleep-mode", action="store_true", help="POST /sleep?level=N, /wake_up")
+    parser.add_argument("--enable-lora", action="store_true", help="POST /v1/load_lora_adapter, unload")
     return parser
 
 
@@ -67,6 +71,11 @@ def main() -> None:
         tokens=args.tokens,
         api_key=args.api_key,
         max_num_seqs=args.max_num_seqs,
+        sleep_mode=args.enable_sleep_mode and os.environ.get("VLLM_SERVER_DEV_MODE") == "1",
+        runtime_lora=args.enable_lora
+        and os.environ.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "").lower() in ("true", "1"),
+        weights=weights,
+        weights_mb=args.gpu_mb,
     )
     server = _StubbornServer if args.ignore_sigterm else uvicorn.Server
     server(

@@ -7,6 +7,7 @@ import hmac
 import itertools
 import json
 import os
+import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -31,6 +32,10 @@ class MockConfig:
     tokens: int = 16
     api_key: str | None = None  # as vLLM's --api-key: /v1 routes need `Authorization: Bearer <key>`
     max_num_seqs: int | None = None  # as vLLM's: at most this many requests generate, the rest wait (None: all run)
+    sleep_mode: bool = False  # vLLM's /sleep, /wake_up and /is_sleeping
+    runtime_lora: bool = False  # vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter
+    weights: GpuMemory | None = None  # the GPU memory held at start (--gpu-mb): what sleep frees and wake takes back
+    weights_mb: float = 0.0
 
 
 @dataclass
@@ -83,6 +88,12 @@ class Answer:
     def steps(self) -> int:
         """Output events per choice: one per token, or one per piece of the tool call's arguments."""
         return len(self.tool[1]) if self.tool else len(self.choices[0])
+
+
+def _output(line: str) -> None:
+    """A line of the engine's output, as engines write theirs: plain, on stdout, at once."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def _error(message: str, status: int = 400, shape: str = "vllm") -> Response:
@@ -164,7 +175,7 @@ def create_app(config: MockConfig) -> Starlette:
         answer = Answer(base, chat, choices, tool, finish, want_logprobs, usage, Pace.of(config, overrides))
         stats.started += 1
         if "log" in overrides:  # a line of output, as an engine logs its requests (tests of the live log)
-            print(str(overrides["log"]), flush=True)
+            _output(str(overrides["log"]))
         headers = {"x-compute-time": "0.0805"} if answer.pace.timings else None
         if body.get("stream"):
             # `"stream_usage": false` ignores stream_options, as llama-cpp-python's server does.
@@ -283,8 +294,50 @@ def create_app(config: MockConfig) -> Starlette:
         return JSONResponse({"object": "list", "data": data, "model": config.model, "usage": usage})
 
     async def models(request: Request) -> Response:
-        card = {"id": config.model, "object": "model", "created": 0, "owned_by": "mock"}
-        return JSONResponse({"object": "list", "data": [card]})
+        card = {"id": config.model, "object": "model", "created": 0, "owned_by": "mock", "root": config.model}
+        loras = [card | {"id": name, "root": path, "parent": config.model} for name, path in adapters.items()]
+        return JSONResponse({"object": "list", "data": [card | {"parent": None}, *loras]})
+
+    # -- vLLM's sleep mode: the weights' GPU memory given back, then taken again ------------------------------
+
+    async def sleep(request: Request) -> Response:
+        level = int(request.query_params.get("level", "1"))
+        if config.weights is not None and config.weights_mb and not asleep:
+            config.weights.release_all()
+        asleep[:] = [level]
+        _output(f"mock engine: sleeping at level {level}")
+        return Response(status_code=200)
+
+    async def wake_up(request: Request) -> Response:
+        if config.weights is not None and config.weights_mb and asleep:
+            config.weights.hold(config.weights_mb)
+        asleep.clear()
+        _output("mock engine: awake")
+        return Response(status_code=200)
+
+    async def is_sleeping(request: Request) -> Response:
+        return JSONResponse({"is_sleeping": bool(asleep)})
+
+    # -- vLLM's runtime LoRA: adapters by name, from a folder on disk ----------------------------------------
+
+    async def load_lora_adapter(request: Request) -> Response:
+        body = await request.json()
+        name, path = body.get("lora_name"), body.get("lora_path")
+        if not name or not path:
+            return _error("Both 'lora_name' and 'lora_path' must be provided.")
+        if name in adapters:
+            return _error(f"The lora adapter '{name}' has already been loaded.")
+        if not os.path.isdir(path):
+            return _error(f"Loading lora {name} failed: No adapter found for {path}", 404)
+        adapters[name] = path
+        return Response(f"Success: LoRA adapter '{name}' added successfully.", media_type="text/plain")
+
+    async def unload_lora_adapter(request: Request) -> Response:
+        name = (await request.json()).get("lora_name")
+        if name not in adapters:
+            return _error(f"The lora adapter '{name}' cannot be found.", 404)
+        del adapters[name]
+        return Response(f"Success: LoRA adapter '{name}' removed successfully.", media_type="text/plain")
 
     async def health(request: Request) -> Response:
         return Response(status_code=200)
@@ -322,9 +375,24 @@ def create_app(config: MockConfig) -> Starlette:
         fields = ("started", "completed", "cancelled", "in_flight")
         return JSONResponse({name: getattr(stats, name) for name in fields})
 
+    asleep: list[int] = []  # the level while sleeping
+    adapters: dict[str, str] = {}  # LoRA name -> path
+    features = []
+    if config.sleep_mode:
+        features += [
+            Route("/sleep", sleep, methods=["POST"]),
+            Route("/wake_up", wake_up, methods=["POST"]),
+            Route("/is_sleeping", is_sleeping, methods=["GET"]),
+        ]
+    if config.runtime_lora:
+        features += [
+            Route("/v1/load_lora_adapter", load_lora_adapter, methods=["POST"]),
+            Route("/v1/unload_lora_adapter", unload_lora_adapter, methods=["POST"]),
+        ]
     return Starlette(
         middleware=[Middleware(_KeyRequired, key=config.api_key)] if config.api_key else [],
         routes=[
+            *features,
             Route("/v1/chat/completions", generate, methods=["POST"]),
             Route("/v1/completions", generate, methods=["POST"]),
             Route("/v1/embeddings", embeddings, methods=["POST"]),

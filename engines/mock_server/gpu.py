@@ -31,3 +31,7 @@ class GpuMemory:
         del self._held[block]  # the only reference: the tensor is freed here
         torch.cuda.synchronize()
         torch.cuda.empty_cache()  # back to the driver, not only to PyTorch's cache
+
+    def release_all(self) -> None:
+        for block in list(self._held):
+            self.release(block)
