@@ -5,13 +5,16 @@ It starts the sidecar with an engine loaded (the bench's fast fake engine, the m
 at each concurrency against the engine directly, through nginx and through the sidecar, alternating, and reports
 ratios: TTFT added by each proxy, throughput (chunks per second) relative to direct, errors, and each proxy's CPU per
 relayed chunk and memory. `--target URL` measures another OpenAI-compatible proxy instead of the sidecar, in
-front of the fake engine the bench starts on `--engine-port` (point the proxy there first).
+front of the fake engine the bench starts on `--engine-port` (point the proxy there first). `--workers 1,2`
+measures the sidecar once per count of data-plane workers (`SIDECAR_WORKERS`) and adds a scaling table: relayed
+chunks/s at the top concurrency per count, against one worker, with direct and nginx from each run.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -168,9 +171,14 @@ class ProcessMeter:
         self._cpu_start = 0.0
 
     def _cpu(self) -> float:
+        """The process's CPU, and its data-plane workers' (`sidecar worker`), never its engine's."""
         assert self.process is not None
-        times = self.process.cpu_times()
-        return float(times.user + times.system)
+        total = 0.0
+        for each in [self.process, *_workers_of(self.process)]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                times = each.cpu_times()
+                total += times.user + times.system
+        return total
 
     async def _sample(self) -> None:
         assert self.process is not None
@@ -188,6 +196,15 @@ class ProcessMeter:
         if self.process is not None and self._task is not None:
             self._task.cancel()
             self.cpu_s = self._cpu() - self._cpu_start
+
+
+def _workers_of(process: psutil.Process) -> list[psutil.Process]:
+    found = []
+    for child in process.children():
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if child.cmdline()[2:4] == ["sidecar", "worker"]:
+                found.append(child)
+    return found
 
 
 async def _measure(args: argparse.Namespace, targets: Targets) -> dict[str, Any]:
@@ -328,9 +345,60 @@ def _parser() -> argparse.ArgumentParser:
         help="split each proxy's CPU into per request and per chunk (streams of --tokens and 8x as long; default on)",
     )
     parser.add_argument(
+        "--workers",
+        type=lambda text: [int(count) for count in text.split(",")],
+        help="measure the sidecar with each of these SIDECAR_WORKERS counts (comma list, e.g. 1,2) and compare",
+    )
+    parser.add_argument(
         "--out", type=Path, default=Path("bench/results"), help="where results go (default bench/results)"
     )
     return parser
+
+
+def _scaling(args: argparse.Namespace, logs: Path) -> int:
+    """One sidecar per worker count, the same load on each: chunks/s at the top concurrency, against one worker."""
+    runs = []
+    base_env = list(args.sidecar_env)
+    for count in args.workers:
+        args.sidecar_env = [*base_env, f"SIDECAR_WORKERS={count}"]
+        with _processes(args, logs) as targets:
+            measured = uvloop.run(_measure(args, targets))
+        runs.append({"workers": count, **measured})
+    args.sidecar_env = base_env
+    top, low = max(args.concurrency), min(args.concurrency)
+    rows = []
+    for run in runs:
+        at_top = next(level for level in run["levels"] if level["concurrency"] == top)
+        at_low = next(level for level in run["levels"] if level["concurrency"] == low)
+        rows.append(
+            {
+                "workers": run["workers"],
+                "chunks_per_s": at_top["proxied_chunks_per_s"],
+                "direct_chunks_per_s": at_top["direct_chunks_per_s"],
+                "nginx_chunks_per_s": (at_top.get("nginx") or {}).get("proxied_chunks_per_s"),
+                "errors": at_top["errors"],
+                "cpu_s_per_1k_chunks": at_top["proxy_cpu_s_per_1k_chunks"],
+                f"added_ttft_p50_ms_at_{low}": at_low["added_ttft_p50_ms"],
+            }
+        )
+    first = rows[0]["chunks_per_s"] or None
+    for row in rows:
+        row["vs_first"] = round(row["chunks_per_s"] / first, 3) if first else None
+    results = {
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "settings": {k: v for k, v in vars(args).items() if k not in {"out"}},
+        "concurrency": top,
+        "scaling": rows,
+        "runs": runs,
+    }
+    (args.out / "scaling.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    names = list(rows[0])
+    sys.stdout.write(f"relayed chunks/s at {top} streams by SIDECAR_WORKERS (direct and nginx: the same run)\n")
+    sys.stdout.write(" | ".join(names) + "\n")
+    for row in rows:
+        sys.stdout.write(" | ".join(str(row[name]) for name in names) + "\n")
+    sys.stdout.write(f"\nresults: {args.out / 'scaling.json'}, logs: {logs}\n")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -339,6 +407,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     _raise_fd_limit()
     args.out.mkdir(parents=True, exist_ok=True)
     logs = Path(tempfile.mkdtemp(prefix="sidecar-bench-"))
+    if args.workers:
+        return _scaling(args, logs)
     with _processes(args, logs) as targets:
         measured = uvloop.run(_measure(args, targets))
     if args.engine != "mock" or args.target:

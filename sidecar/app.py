@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
+import secrets
+import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from types import FrameType
 from typing import Any
 
+import structlog
 import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -16,7 +20,7 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from sidecar import control, dataplane, health, telemetry
+from sidecar import control, dataplane, health, telemetry, workers
 from sidecar.admission import Admission
 from sidecar.dataplane import AsgiHandler
 from sidecar.engine import LoadRequest
@@ -29,22 +33,30 @@ from sidecar.errors import (
 )
 from sidecar.gpu import Gpus
 from sidecar.history import RequestHistory
-from sidecar.logs import get_logger
+from sidecar.logs import configure_logging, get_logger
 from sidecar.middleware import AuthMiddleware, BodyLimitMiddleware, RequestContextMiddleware
 from sidecar.proxy import Proxy
 from sidecar.redaction import Redactor
 from sidecar.settings import Settings
+from sidecar.shared import SharedState
 from sidecar.supervisor import Supervisor
 from sidecar.telemetry import Telemetry
+from sidecar.workers import WorkerPool
 
 log = get_logger("sidecar.app")
 
+# The supervisor's process waits this long past the drain for its workers to exit, then kills them.
+WORKER_EXIT_MARGIN_S = 10.0
 
-def create_app(settings: Settings, redactor: Redactor | None = None) -> Starlette:
+
+def create_app(settings: Settings, redactor: Redactor | None = None, pool: WorkerPool | None = None) -> Starlette:
+    """The sidecar; with a pool of data-plane workers, the process that owns the engine behind them."""
     redactor = redactor or Redactor()
     redactor.register(*settings.data_keys)
     gpus = Gpus()
     supervisor = Supervisor(settings, redactor, gpus)
+    if pool is not None:
+        supervisor.shared = pool.shared
     watch = Telemetry(settings, gpus, lambda: supervisor.engine_pid, supervisor.status)
     history = RequestHistory(settings.request_history_size)
     admission = Admission(settings.max_concurrent_requests, settings.max_queued_requests, settings.queue_timeout_s)
@@ -76,15 +88,88 @@ def create_app(settings: Settings, redactor: Redactor | None = None) -> Starlett
             except SidecarError as exc:  # a bad autoload setting: stop start-up, saying why
                 log.error("autoload_failed", engine=settings.autoload_engine, error=exc.message)
                 raise SystemExit(2) from None
+        if pool is not None:
+            pool.start()
         yield
+        if pool is not None:  # the workers drain their requests first
+            await pool.stop(settings.drain_timeout_s + WORKER_EXIT_MARGIN_S)
         await supervisor.shutdown()  # the engine goes first: nothing is left running
         proxy.close()
         watch.stop()
         log.info("sidecar_stopped")
 
+    routes = [*dataplane.routes(proxy), *health.routes, *telemetry.routes, *control.routes]
+    if pool is not None:
+        routes += workers.supervisor_routes
+    app = _SidecarApp(
+        generation=dataplane.generation_paths(proxy),
+        outer=_middleware(settings, watch, pool.token if pool is not None else None),
+        routes=[*routes, dataplane.passthrough_route(proxy)],
+        exception_handlers=_EXCEPTION_HANDLERS,
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.redactor = redactor
+    app.state.supervisor = supervisor
+    app.state.history = history
+    app.state.telemetry = watch
+    app.state.internal_token = pool.token if pool is not None else None
+    return app
+
+
+def create_worker_app(settings: Settings, redactor: Redactor, shared: SharedState, index: int, token: str) -> Starlette:
+    """A data-plane worker: the proxy and what it measures here, the rest answered by the supervisor's process."""
+    redactor.register(*settings.data_keys)
+    supervisor = workers.internal_client(workers.supervisor_socket(settings), token)
+    view = workers.EngineView(settings, shared, index, supervisor, redactor)
+    gpus = Gpus()
+    watch = Telemetry(settings, gpus, lambda: None, lambda: {}, live=False)  # the watchdog runs there
+    history = RequestHistory(settings.request_history_size)
+    admission = Admission(*workers.admission_share(settings), settings.queue_timeout_s)
+    watch.metrics.watch_admission(admission)
+    proxy = Proxy(settings, view, history, watch, admission, worker=index)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        log.info("worker_serving", worker=index, pid=os.getpid())
+        await view.prime()
+        yield
+        proxy.close()
+        await supervisor.aclose()
+        gpus.close()
+
+    app = _SidecarApp(
+        generation=dataplane.generation_paths(proxy),
+        outer=_middleware(settings, watch, token),
+        routes=[
+            *workers.worker_routes(settings, index, token, history),
+            *dataplane.routes(proxy),
+            dataplane.passthrough_route(proxy),
+        ],
+        exception_handlers=_EXCEPTION_HANDLERS,
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.redactor = redactor
+    app.state.history = history
+    app.state.telemetry = watch
+    app.state.internal_token = token
+    return app
+
+
+_EXCEPTION_HANDLERS: dict[Any, Any] = {
+    SidecarError: handle_sidecar_error,
+    HTTPException: handle_http_exception,
+    Exception: handle_unexpected_error,
+}
+
+
+def _middleware(settings: Settings, watch: Telemetry, internal_token: str | None) -> list[Middleware]:
     # Outermost first: every response gets a request id and an access line, CORS preflights need no key,
     # auth comes before anything reads the body.
-    middleware = [Middleware(RequestContextMiddleware, on_complete=watch.metrics.observe_request)]
+    middleware = [
+        Middleware(RequestContextMiddleware, on_complete=watch.metrics.observe_request, internal_token=internal_token)
+    ]
     if settings.cors_origins:
         middleware.append(
             Middleware(
@@ -104,30 +189,7 @@ def create_app(settings: Settings, redactor: Redactor | None = None) -> Starlett
         ),
         Middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes),
     ]
-
-    app = _SidecarApp(
-        generation=dataplane.generation_paths(proxy),
-        outer=middleware,
-        routes=[
-            *dataplane.routes(proxy),
-            *health.routes,
-            *telemetry.routes,
-            *control.routes,
-            dataplane.passthrough_route(proxy),
-        ],
-        exception_handlers={
-            SidecarError: handle_sidecar_error,
-            HTTPException: handle_http_exception,
-            Exception: handle_unexpected_error,
-        },
-        lifespan=lifespan,
-    )
-    app.state.settings = settings
-    app.state.redactor = redactor
-    app.state.supervisor = supervisor
-    app.state.history = history
-    app.state.telemetry = watch
-    return app
+    return middleware
 
 
 class _SidecarApp(Starlette):
@@ -200,3 +262,38 @@ def server(settings: Settings, redactor: Redactor) -> uvicorn.Server:
     app = create_app(settings, redactor)
     supervisor: Supervisor = app.state.supervisor
     return _Server(server_config(settings, app), supervisor.server_stopping)
+
+
+def serve_with_workers(settings: Settings, redactor: Redactor) -> None:
+    """SIDECAR_WORKERS > 1: this process binds the port for the workers, owns the engine, and serves the full app
+    on a Unix socket for them; the workers serve the port."""
+    listener = socket.create_server((settings.host, settings.port), reuse_port=False, backlog=2048)
+    listener.set_inheritable(True)
+    if settings.port == 0:  # a free port: the one the workers are told
+        settings = settings.model_copy(update={"port": listener.getsockname()[1]})
+    shared = SharedState.create(workers.state_file(settings), settings.workers)
+    pool = workers.WorkerPool(settings, listener, shared, secrets.token_urlsafe(32))
+    app = create_app(settings, redactor, pool)
+    supervisor: Supervisor = app.state.supervisor
+
+    def stopping() -> None:
+        supervisor.server_stopping()
+        pool.signal_stop()  # the workers drain now, alongside this process
+
+    internal = workers.unix_listener(workers.supervisor_socket(settings))
+    _Server(server_config(settings, app), stopping).run(sockets=[internal])
+
+
+def serve_worker(index: int, fd: int) -> None:
+    """A data-plane worker (`python -m sidecar worker INDEX FD`), started by the supervisor's process."""
+    settings, token = workers.worker_settings()
+    if settings.log_dir is not None:  # files of its own: rotation is not safe with several writers
+        settings = settings.model_copy(update={"log_dir": settings.log_dir / f"worker-{index}"})
+    redactor = Redactor()
+    configure_logging(settings, redactor)
+    structlog.contextvars.bind_contextvars(worker=index)
+    shared = SharedState.attach(workers.state_file(settings), settings.workers)
+    app = create_worker_app(settings, redactor, shared, index, token)
+    public = socket.socket(fileno=fd)
+    own = workers.unix_listener(workers.worker_socket(settings, index))
+    uvicorn.Server(server_config(settings, app)).run(sockets=[public, own])

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from sidecar import __version__
-from sidecar.app import server
+from sidecar.app import serve_with_workers, serve_worker, server
 from sidecar.demo import demo
 from sidecar.engine import free_port
 from sidecar.logs import configure_logging, get_logger
@@ -38,6 +38,10 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--args", type=json.loads, default={}, help="engine flags as JSON: '{\"max-model-len\": 4096}'")
     demo.add_argument("--prompt", default="Why measure time to first token?", help="the user message")
     demo.add_argument("--port", type=int, help="port to listen on (default: a free one)")
+    # Started by `serve` with SIDECAR_WORKERS > 1, with its settings in the environment: not for people.
+    worker = commands.add_parser("worker")
+    worker.add_argument("index", type=int)
+    worker.add_argument("fd", type=int, help="the listening socket, inherited")
     demo.add_argument("--env-file", default=".env", help="dotenv file to read settings from (default: .env)")
     return parser
 
@@ -45,11 +49,17 @@ def _parser() -> argparse.ArgumentParser:
 def serve(settings: Settings) -> None:
     redactor = Redactor()
     configure_logging(settings, redactor)
-    server(settings, redactor).run()
+    if settings.workers > 1:
+        serve_with_workers(settings, redactor)
+    else:
+        server(settings, redactor).run()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "worker":
+        serve_worker(args.index, args.fd)
+        return 0
     overrides: dict[str, Any] = {"port": args.port} if args.port is not None else {}
     if args.command == "serve" and args.host is not None:
         overrides["host"] = args.host

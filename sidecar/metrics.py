@@ -141,7 +141,11 @@ class _EngineLoadCollector(Collector):
 
 
 class Metrics:
-    def __init__(self, watchdog: ResourceWatchdog, engine_status: Callable[[], dict[str, Any]]) -> None:
+    def __init__(
+        self, watchdog: ResourceWatchdog, engine_status: Callable[[], dict[str, Any]], live: bool = True
+    ) -> None:
+        """`live`: the engine's state and the watchdog's resources too (not in a data-plane worker, whose
+        series are added to those of the process that has them)."""
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "sidecar_requests",
@@ -162,7 +166,8 @@ class Metrics:
         self.tokens = Counter(
             "sidecar_tokens", "Tokens, by kind (prompt, completion)", [*_LABELS, "kind"], registry=self.registry
         )
-        self.registry.register(_LiveCollector(watchdog, engine_status))
+        if live:
+            self.registry.register(_LiveCollector(watchdog, engine_status))
         self._engine_load = _EngineLoadCollector()
         self.registry.register(self._engine_load)
 

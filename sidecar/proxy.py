@@ -16,7 +16,7 @@ import json
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from starlette.datastructures import Headers
 from starlette.requests import Request
@@ -41,7 +41,6 @@ from sidecar.middleware.request_context import log_fields
 from sidecar.performance import PerformanceMeter
 from sidecar.settings import Settings
 from sidecar.sse import DONE, SSEParser
-from sidecar.supervisor import Supervisor
 from sidecar.telemetry import GpuWindow, Telemetry
 from sidecar.upstream import ConnectFailed, Disconnected, Response, UpstreamError, UpstreamPool, tls_context
 
@@ -71,6 +70,15 @@ _DEADLINE_STEP_S = 1.0  # how often a stream's inter-token deadline is pushed ba
 _PROMPT_COUNT_WAIT_S = 5.0
 _JSON = (b"content-type", b"application/json")
 _JSON_STR = ("content-type", "application/json")
+
+
+class EngineHolder(Protocol):
+    """What the data plane needs of whoever holds the engine: the Supervisor, or a worker's view of it."""
+
+    @property
+    def engine(self) -> Engine | None: ...
+
+    def request_slot(self) -> contextlib.AbstractAsyncContextManager[Engine]: ...
 
 
 def _dumps(value: Any) -> bytes:
@@ -163,14 +171,16 @@ class Proxy:
     def __init__(
         self,
         settings: Settings,
-        supervisor: Supervisor,
+        supervisor: EngineHolder,
         history: RequestHistory,
         telemetry: Telemetry,
         admission: Admission,
+        worker: int | None = None,
     ) -> None:
         self.settings = settings
         self.supervisor = supervisor
         self.admission = admission
+        self.worker = worker  # which data-plane worker this is, where there are several
         self.history = history
         self.telemetry = telemetry
         self.upstream = UpstreamPool(
@@ -573,6 +583,8 @@ class Proxy:
             "client_disconnected": exchange.client_disconnected,
             "performance": performance,
         }
+        if self.worker is not None:
+            record["worker"] = self.worker
         self.history.add(request_id, record)
         self.telemetry.metrics.observe_performance(performance, exchange.meter.gaps_ns)
         fields = log_fields(scope)

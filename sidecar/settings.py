@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -10,6 +11,7 @@ from pydantic import Field, FilePath, SecretStr, ValidationError, field_validato
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ENV_PREFIX = "SIDECAR_"
+MAX_AUTO_WORKERS = 16
 
 CommaList = Annotated[list[str], NoDecode]
 KeyList = Annotated[list[SecretStr], NoDecode]
@@ -41,6 +43,9 @@ class Settings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
+    # Processes serving the data plane on the port (`auto`: the cores this process may use, at most 16); one
+    # more process owns the engine.
+    workers: int = Field(1, ge=1, le=64)
     api_keys: KeyList = []
     admin_keys: KeyList = []
     metrics_require_key: bool = False
@@ -100,6 +105,13 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_is_none(cls, value: Any) -> Any:
         return None if value == "" else value
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _auto_workers(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return min(len(os.sched_getaffinity(0)), MAX_AUTO_WORKERS)
+        return value
 
     @field_validator("log_level", "log_format", mode="before")
     @classmethod

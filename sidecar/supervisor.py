@@ -54,12 +54,14 @@ from sidecar.process import REAP_AFTER_KILL_S, EngineProcess, become_subreaper, 
 from sidecar.redaction import Redactor
 from sidecar.runfile import EngineRecord
 from sidecar.settings import Settings
+from sidecar.shared import SharedState
 from sidecar.state import EngineState, check_transition
 from sidecar.upstream import tls_context
 
 log = get_logger("sidecar.supervisor")
 
 READY_POLL_S = 0.1
+DRAIN_POLL_S = 0.01
 # A scrape of the sidecar waits this long at most for the engine's own metrics (its load), then goes without them.
 ENGINE_METRICS_TIMEOUT_S = 1.0
 # Sleep, wake and adapter loads move weights between GPU, CPU and disk: seconds to minutes for a large model.
@@ -145,6 +147,10 @@ class Supervisor:
         self._idle_unloaded: LoadRequest | None = None  # what an idle unload took away, for a load on demand
         self._on_demand: asyncio.Task[Any] | None = None
         self._idle_watcher: asyncio.Task[None] | None = None
+        # With data-plane workers (SIDECAR_WORKERS > 1): what they are told, and what they say back.
+        self.shared: SharedState | None = None
+        self._published_engine: Engine | None = None
+        self._generation = 0
         self._probe = httpx.AsyncClient(timeout=httpx.Timeout(2.0), verify=tls_context(settings.upstream_ca_file))
         become_subreaper()
 
@@ -198,7 +204,42 @@ class Supervisor:
         ttl_s = self._ttl_s(engine) if engine is not None and self.state is EngineState.READY else None
         if ttl_s is None:
             return None
-        return round(ttl_s if self._in_flight else max(0.0, self._last_used + ttl_s - now), 3)
+        return round(ttl_s if self.in_flight else max(0.0, self.last_used + ttl_s - now), 3)
+
+    def describe_engine(self) -> dict[str, Any]:
+        """For the data-plane workers: the engine's generation and what a request to it needs (keys included:
+        this goes over the run's private socket only)."""
+        engine = self.engine
+        described = None
+        if engine is not None:
+            request = engine.request.model_dump() | {
+                "api_key": engine.request.api_key.get_secret_value() if engine.request.api_key else None
+            }
+            described = {
+                "request": request,
+                "base_url": engine.base_url,
+                "port": engine.port,
+                "started_at": engine.started_at,
+                "uptime_s": time.monotonic() - engine.started_monotonic,
+                "load_time_s": engine.load_time_s,
+                "upstream_headers": engine.upstream_headers,
+            }
+        return {"generation": self._generation, "engine": described}
+
+    @property
+    def in_flight(self) -> int:
+        """Data-plane requests holding the engine: this process's, and the workers' where there are some."""
+        return self._in_flight + (self.shared.in_flight() if self.shared else 0)
+
+    @property
+    def last_used(self) -> float:
+        """When a data-plane request last started or ended, in any process."""
+        return max(self._last_used, self.shared.last_used()) if self.shared else self._last_used
+
+    async def _wait_drained(self) -> None:
+        await self._drained.wait()
+        while self.shared is not None and self.shared.in_flight() > 0:
+            await asyncio.sleep(DRAIN_POLL_S)  # the workers' counts are read, not signalled
 
     def engine_process(self) -> EngineProcess:
         """The running engine's process, for following its output: 404 without one, 400 for an external engine."""
@@ -247,18 +288,15 @@ class Supervisor:
                 self._drained.set()
 
     def _not_ready(self) -> ServiceUnavailable:
-        if self.state is EngineState.SLEEPING:
-            return ServiceUnavailable(
-                "the model is sleeping: wake it first (POST /v1/model/wake)", code="model_sleeping"
-            )
         idle = self._idle_unloaded
-        if self.state is EngineState.IDLE and idle is not None:
-            return ServiceUnavailable(
-                f"the model {idle.model!r} was unloaded after {idle.ttl_s or self.settings.default_ttl_s:g} s without "
-                "requests: load it again (SIDECAR_LOAD_ON_DEMAND=true does that for the next request)",
-                code="model_unloaded_idle",
-            )
-        return ServiceUnavailable(f"no model is loaded (engine state: {self.state})")
+        return not_ready(self.state, idle is not None, idle.model if idle else None)
+
+    async def load_on_demand(self) -> None:
+        """For a data-plane worker's request: what `request_slot` does here, with SIDECAR_LOAD_ON_DEMAND."""
+        if self.state is not EngineState.READY:
+            await self._load_on_demand()
+        if self.state is not EngineState.READY:
+            raise self._not_ready()
 
     async def _load_on_demand(self) -> None:
         """The model an idle unload took away is loaded again for the request that needs it; requests that come
@@ -403,6 +441,16 @@ class Supervisor:
     def _set_state(self, state: EngineState) -> None:
         check_transition(self.state, state)
         self.state = state
+        self._publish()
+
+    def _publish(self) -> None:
+        """The state, the engine's generation and the idle-unload flag, for the data-plane workers."""
+        if self.shared is None:
+            return
+        if self.engine is not self._published_engine:
+            self._published_engine = self.engine
+            self._generation += 1
+        self.shared.publish(self.state, self._generation, idle_unloaded=self._idle_unloaded is not None)
 
     # -- load -----------------------------------------------------------------------------------------------
 
@@ -627,10 +675,10 @@ class Supervisor:
     async def _watch_idle(self, engine: Engine, ttl_s: float) -> None:
         """Ask the owner to unload the engine once no request has started or ended for ttl_s."""
         while self.engine is engine:
-            if self._in_flight:
-                await self._drained.wait()
+            if self.in_flight:
+                await self._wait_drained()
                 continue
-            left = self._last_used + ttl_s - time.monotonic()
+            left = self.last_used + ttl_s - time.monotonic()
             if left <= 0:
                 self._post(_IdleUnload(new_reply(), engine))
                 return
@@ -641,11 +689,12 @@ class Supervisor:
             return  # stopped, replaced or crashed since the watcher looked
         ttl_s = self._ttl_s(engine)
         assert ttl_s is not None
-        if self._in_flight or time.monotonic() - self._last_used < ttl_s:
+        if self.in_flight or time.monotonic() - self.last_used < ttl_s:
             self._watch_idleness(engine)  # a request came in meanwhile: start over
             return
         await self._stop(self.settings.drain_timeout_s, reason="idle", joiners=[])
         self._idle_unloaded = engine.request
+        self._publish()
 
     # -- sleep and wake (an engine's sleep mode) ----------------------------------------------------------
 
@@ -674,7 +723,7 @@ class Supervisor:
         started = time.monotonic()
         self._set_state(EngineState.SLEEPING)  # new data-plane requests get 503 from here on
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._drained.wait(), self.settings.drain_timeout_s)
+            await asyncio.wait_for(self._wait_drained(), self.settings.drain_timeout_s)
         try:
             freed = await self._engine_call(engine, f"{api.sleep}?level={command.level}")
         except SidecarError as exc:
@@ -779,6 +828,7 @@ class Supervisor:
     async def _unload(self, command: _Unload) -> None:
         self._idle_unloaded = None  # an operator's unload: the model stays away
         if self.engine is None:
+            self._publish()
             reply(command, {"state": EngineState.IDLE})
             return
         joiners: list[Command] = [command]
@@ -809,7 +859,7 @@ class Supervisor:
         assert engine is not None
         self._set_state(EngineState.UNLOADING)  # new data-plane requests get 503 from here on
         started = time.monotonic()
-        drained = asyncio.wait_for(self._drained.wait(), drain_timeout_s)
+        drained = asyncio.wait_for(self._wait_drained(), drain_timeout_s)
         with contextlib.suppress(TimeoutError, Abandoned):
             await self._inbox.during(drained, self._while_unloading(joiners, draining=True))
         exit_code = None
@@ -831,6 +881,19 @@ class Supervisor:
             duration_ms=round((time.monotonic() - started) * 1000, 3),
         )
         return {"state": EngineState.IDLE, "exit_code": exit_code, "freed_gpu_memory_mb": self.freed_gpu_memory_mb}
+
+
+def not_ready(state: EngineState, idle_unloaded: bool, model: str | None = None) -> ServiceUnavailable:
+    """The data plane's 503 while no engine is ready, saying why."""
+    if state is EngineState.SLEEPING:
+        return ServiceUnavailable("the model is sleeping: wake it first (POST /v1/model/wake)", code="model_sleeping")
+    if state is EngineState.IDLE and idle_unloaded:
+        return ServiceUnavailable(
+            f"the model{f' {model!r}' if model else ''} was unloaded after its ttl_s without requests: load it "
+            "again (SIDECAR_LOAD_ON_DEMAND=true does that for the next request)",
+            code="model_unloaded_idle",
+        )
+    return ServiceUnavailable(f"no model is loaded (engine state: {state})")
 
 
 def _refused_while_busy(command: Command, state: EngineState) -> bool:

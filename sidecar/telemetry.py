@@ -48,10 +48,11 @@ class Telemetry:
         gpus: Gpus,
         engine_pid: Callable[[], int | None],
         engine_status: Callable[[], dict[str, Any]],
+        live: bool = True,
     ) -> None:
         self.gpus = gpus
         self.watchdog = ResourceWatchdog(settings.watchdog_interval_ms / 1000, gpus, engine_pid)
-        self.metrics = Metrics(self.watchdog, engine_status)
+        self.metrics = Metrics(self.watchdog, engine_status, live)
 
     def start(self) -> None:
         self.watchdog.start()

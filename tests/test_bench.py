@@ -47,3 +47,16 @@ def test_bench_in_front_of_the_mock_engine_loaded_by_the_sidecar(tmp_path: Path)
     for level in results["levels"]:
         assert level["errors"] == 0 and level["direct_errors"] == 0, level["first_error"]
         assert level["throughput_ratio"] > 0 and level["proxy_cpu_s_per_1k_chunks"] > 0
+
+
+def test_bench_compares_counts_of_workers(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    command = [sys.executable, "-m", "bench", "--workers", "1,2", "--concurrency", "1,8", "--seconds", "0.5"]
+    command += ["--rounds", "1", "--no-cost-split", "--skip-memory", "--nginx", "off", "--out", str(out)]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "relayed chunks/s at 8 streams by SIDECAR_WORKERS" in result.stdout
+    scaling = json.loads((out / "scaling.json").read_text())["scaling"]
+    assert [row["workers"] for row in scaling] == [1, 2] and scaling[0]["vs_first"] == 1.0
+    for row in scaling:
+        assert row["errors"] == 0 and row["chunks_per_s"] > 0 and row["cpu_s_per_1k_chunks"] > 0

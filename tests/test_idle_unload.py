@@ -63,7 +63,7 @@ def test_an_engine_without_requests_for_its_ttl_is_unloaded_and_then_answers_503
     answered = _chat(sidecar)
     assert answered.status_code == 503 and answered.headers["retry-after"]
     error = answered.json()["error"]
-    assert error["code"] == "model_unloaded_idle" and "'m' was unloaded after 1 s" in error["message"]
+    assert error["code"] == "model_unloaded_idle" and "'m' was unloaded after its ttl_s" in error["message"]
 
 
 def test_the_default_ttl_applies_to_every_load_and_a_load_of_its_own_wins(start_sidecar: Start) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import re
 import time
 import uuid
@@ -36,10 +37,16 @@ def log_fields(scope: Scope) -> dict[str, Any]:
 
 class RequestContextMiddleware:
     def __init__(
-        self, app: ASGIApp, on_complete: Callable[[str, int | None, dict[str, Any]], None] | None = None
+        self,
+        app: ASGIApp,
+        on_complete: Callable[[str, int | None, dict[str, Any]], None] | None = None,
+        internal_token: str | None = None,
     ) -> None:
         self.app = app
         self.on_complete = on_complete  # told of every request once answered: path, status, the access fields
+        # With data-plane workers: a call between the sidecar's processes, which carries this token, is logged at
+        # debug level and not counted (the worker that took the client's request counts and logs it).
+        self.internal_token = internal_token.encode() if internal_token else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -59,6 +66,7 @@ class RequestContextMiddleware:
                 message["headers"] = [*message.get("headers", ()), (b"x-request-id", request_id.encode())]
             await send(message)
 
+        internal = self.internal_token is not None and _carries(scope, self.internal_token)
         with structlog.contextvars.bound_contextvars(request_id=request_id):
             try:
                 await self.app(scope, receive, send_with_id)
@@ -67,7 +75,7 @@ class RequestContextMiddleware:
                 if status is None:
                     await send_error(internal_error(), scope, receive, send_with_id)
             finally:
-                log.info(
+                (log.debug if internal else log.info)(
                     "request",
                     method=scope["method"],
                     path=scope["path"],
@@ -75,5 +83,12 @@ class RequestContextMiddleware:
                     duration_ms=round((time.perf_counter() - start) * 1000, 3),
                     **fields,
                 )
-                if self.on_complete is not None:
+                if self.on_complete is not None and not internal:
                     self.on_complete(scope["path"], status, fields)
+
+
+def _carries(scope: Scope, token: bytes) -> bool:
+    for name, value in scope["headers"]:
+        if name == b"x-sidecar-internal":
+            return hmac.compare_digest(value, token)
+    return False

@@ -1,0 +1,197 @@
+"""SIDECAR_WORKERS=2: two data-plane workers on one port, one supervisor owning the engine, all real processes.
+
+Connections are spread over the workers by the kernel, so a test that needs each worker sends requests on new
+connections until the records (`GET /v1/requests/{id}`, `"worker"`) show both served.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+
+from tests.processes import SidecarProcess, group_members, wait_until
+
+Start = Callable[..., SidecarProcess]
+KEYS = {"SIDECAR_API_KEYS": "workers-data-key-0123", "SIDECAR_ADMIN_KEYS": "workers-admin-key-4567"}
+DATA = {"Authorization": "Bearer workers-data-key-0123", "Connection": "close"}  # a new connection each time
+ADMIN = {"Authorization": "Bearer workers-admin-key-4567", "Connection": "close"}
+WORKERS = {"SIDECAR_WORKERS": "2", "SIDECAR_LOG_FORMAT": "json", **KEYS}
+
+
+def _chat(sidecar: SidecarProcess, request_id: str, **mock: Any) -> httpx.Response:
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "mock": mock}
+    headers = DATA | {"X-Request-ID": request_id}
+    return httpx.post(f"{sidecar.url}/v1/chat/completions", json=body, headers=headers, timeout=30)
+
+
+def _record(sidecar: SidecarProcess, request_id: str) -> dict[str, Any]:
+    answer = httpx.get(f"{sidecar.url}/v1/requests/{request_id}", headers=DATA, timeout=10)
+    assert answer.status_code == 200, answer.text
+    record: dict[str, Any] = answer.json()
+    return record
+
+
+def _workers(sidecar: SidecarProcess) -> dict[int, int]:
+    """Worker index -> pid, from the processes running `sidecar worker`."""
+    found = {}
+    for child in psutil.Process(sidecar.pid).children():
+        with_args = child.cmdline()
+        if "worker" in with_args:
+            found[int(with_args[with_args.index("worker") + 1])] = child.pid
+    return found
+
+
+def _served_by_both(sidecar: SidecarProcess, prefix: str) -> dict[int, str]:
+    """Requests on new connections until each worker has served one: worker -> a request id it served."""
+    served: dict[int, str] = {}
+    for i in range(60):
+        request_id = f"{prefix}-{i}"
+        assert _chat(sidecar, request_id).status_code == 200
+        served.setdefault(_record(sidecar, request_id)["worker"], request_id)
+        if len(served) == 2:
+            return served
+    raise AssertionError(f"one worker served every request: {served}")
+
+
+@pytest.fixture
+def sidecar(start_sidecar: Start) -> SidecarProcess:
+    started = start_sidecar(WORKERS)
+    loaded = httpx.post(
+        f"{started.url}/v1/model/load", json={"engine": "mock", "model": "m"}, headers=ADMIN, timeout=30
+    )
+    assert loaded.status_code == 200, loaded.text
+    wait_until(lambda: len(_workers(started)) == 2, timeout_s=10)
+    return started
+
+
+def test_load_through_one_worker_stream_through_both_records_found_through_either(sidecar: SidecarProcess) -> None:
+    served = _served_by_both(sidecar, "both")
+    for request_id in served.values():  # asked on new connections: whichever worker answers finds it
+        for _ in range(6):
+            assert _record(sidecar, request_id)["id"] == request_id
+    status = httpx.get(f"{sidecar.url}/v1/model", headers=ADMIN).json()
+    assert status["state"] == "ready" and len(group_members(status["pid"])) >= 1
+
+
+def test_metrics_add_up_whichever_worker_is_scraped(sidecar: SidecarProcess) -> None:
+    _served_by_both(sidecar, "metrics-warm")
+    before = _chat_count(sidecar)
+    for i in range(10):
+        assert _chat(sidecar, f"metrics-{i}").status_code == 200
+    for _ in range(6):  # each scrape on a new connection: either worker, the same totals
+        assert _chat_count(sidecar) == before + 10
+    text = httpx.get(f"{sidecar.url}/metrics", headers={"Connection": "close"}).text
+    assert 'sidecar_engine_state{state="ready"} 1.0' in text  # the supervisor's series, once
+
+
+def _chat_count(sidecar: SidecarProcess) -> float:
+    text = httpx.get(f"{sidecar.url}/metrics", headers={"Connection": "close"}).text
+    wanted = 'sidecar_requests_total{engine="mock",model="m",route="/v1/chat/completions",status="2xx"}'
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(wanted))
+
+
+def test_unload_drains_both_workers_and_is_503_in_both_at_once(sidecar: SidecarProcess) -> None:
+    answers: dict[str, httpx.Response] = {}
+
+    def stream(request_id: str) -> None:
+        answers[request_id] = _chat(sidecar, request_id, itl_ms=300)  # about 1 s
+
+    threads = [threading.Thread(target=stream, args=(f"drain-{i}",)) for i in range(6)]
+    for thread in threads:
+        thread.start()
+    wait_until(lambda: "sidecar_requests_active 6.0" in httpx.get(f"{sidecar.url}/metrics").text, timeout_s=10)
+    unloaded = httpx.post(f"{sidecar.url}/v1/model/unload", json={}, headers=ADMIN, timeout=30)
+    assert unloaded.status_code == 200 and unloaded.json()["state"] == "idle"
+    for thread in threads:
+        thread.join(10)
+    assert sorted(a.status_code for a in answers.values()) == [200] * 6  # all finished, before the unload did
+    assert {a.json()["usage"]["completion_tokens"] for a in answers.values()} == {4}
+    workers_seen = {_record(sidecar, request_id)["worker"] for request_id in answers}
+    assert workers_seen == {0, 1}, "the streams ran in both workers"
+    for i in range(8):
+        refused = _chat(sidecar, f"after-{i}")
+        assert refused.status_code == 503 and refused.headers["retry-after"]
+
+
+def test_a_killed_worker_comes_back_and_the_engine_is_untouched(sidecar: SidecarProcess) -> None:
+    engine_pid = httpx.get(f"{sidecar.url}/v1/model", headers=ADMIN).json()["pid"]
+    before = _workers(sidecar)
+    os.kill(before[0], signal.SIGKILL)
+    wait_until(lambda: _workers(sidecar).get(0) not in (None, before[0]), timeout_s=10)
+    _served_by_both(sidecar, "after-kill")
+    status = httpx.get(f"{sidecar.url}/v1/model", headers=ADMIN).json()
+    assert (status["state"], status["pid"]) == ("ready", engine_pid)
+    exits = [json.loads(line) for line in sidecar.output().splitlines() if '"worker_exited"' in line]
+    assert exits and exits[0]["worker"] == 0 and exits[0]["exit_code"] == -signal.SIGKILL
+
+
+def test_sigterm_stops_the_workers_then_the_engine_and_leaves_nothing(sidecar: SidecarProcess) -> None:
+    engine_pid = httpx.get(f"{sidecar.url}/v1/model", headers=ADMIN).json()["pid"]
+    workers = _workers(sidecar)
+    answers: list[httpx.Response] = []
+    streaming = threading.Thread(target=lambda: answers.append(_chat(sidecar, "last", itl_ms=300)))
+    streaming.start()
+    wait_until(lambda: "sidecar_requests_active 1.0" in httpx.get(f"{sidecar.url}/metrics").text, timeout_s=10)
+    started = time.monotonic()
+    sidecar.process.send_signal(signal.SIGTERM)
+    sidecar.wait_exit(30)
+    streaming.join(10)
+    assert time.monotonic() - started < 15
+    assert answers and answers[0].status_code == 200  # drained, not cut
+    assert group_members(engine_pid) == []
+    assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie" for pid in workers.values())
+    assert list(Path("/tmp/sidecar").glob(f"sidecar-{sidecar.port}*")) == []  # sockets and shared state
+    lines = [json.loads(line) for line in sidecar.output().splitlines() if line.startswith("{")]
+    order = [line["event"] for line in lines if line.get("event") in ("model_unload", "sidecar_stopped")]
+    assert order == ["model_unload", "sidecar_stopped"]
+
+
+@pytest.mark.parametrize("value", ["0", "lots", "65"])
+def test_a_bad_workers_setting_stops_start_up_with_one_line(value: str, tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")} | {"SIDECAR_WORKERS": value}
+    ran = subprocess.run(
+        [sys.executable, "-m", "sidecar", "serve"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=30
+    )
+    assert ran.returncode == 2
+    lines = (ran.stdout + ran.stderr).strip().splitlines()
+    assert len(lines) == 1 and "SIDECAR_WORKERS" in lines[0]
+
+
+def test_auto_is_the_cores_this_process_may_use() -> None:
+    from sidecar.settings import load_settings
+
+    assert load_settings(None, workers="auto").workers == min(len(os.sched_getaffinity(0)), 16)
+
+
+def test_the_engines_live_output_streams_through_a_worker(sidecar: SidecarProcess) -> None:
+    seen = threading.Event()
+
+    def say() -> None:  # until the stream has it: the follower registers in the supervising process
+        for i in range(40):
+            if seen.is_set():
+                return
+            _chat(sidecar, f"say-{i}", log="said through a worker")
+            time.sleep(0.25)
+
+    speaker = threading.Thread(target=say)
+    with httpx.stream("GET", f"{sidecar.url}/v1/model/logs?tail=0", headers=ADMIN, timeout=15) as response:
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+        speaker.start()
+        for line in response.iter_lines():
+            if line.startswith("data: ") and json.loads(line[6:]).get("line") == "said through a worker":
+                seen.set()
+                break
+    speaker.join(15)
+    assert seen.is_set()
