@@ -41,6 +41,7 @@ from sidecar.settings import Settings
 from sidecar.shared import SharedState
 from sidecar.supervisor import Supervisor
 from sidecar.telemetry import Telemetry
+from sidecar.watchdog import Sample
 from sidecar.workers import WorkerPool
 
 log = get_logger("sidecar.app")
@@ -55,9 +56,15 @@ def create_app(settings: Settings, redactor: Redactor | None = None, pool: Worke
     redactor.register(*settings.data_keys)
     gpus = Gpus()
     supervisor = Supervisor(settings, redactor, gpus)
-    if pool is not None:
-        supervisor.shared = pool.shared
     watch = Telemetry(settings, gpus, lambda: supervisor.engine_pid, supervisor.status)
+    if pool is not None:
+        supervisor.shared = shared = pool.shared
+
+        def share_gpu_reading(sample: Sample) -> None:  # the workers' requests read their GPU peaks from these
+            if sample.gpu_used_mb is not None:
+                shared.record_gpu(sample.monotonic, sample.gpu_used_mb)
+
+        watch.watchdog.on_sample = share_gpu_reading
     history = RequestHistory(settings.request_history_size)
     admission = Admission(settings.max_concurrent_requests, settings.max_queued_requests, settings.queue_timeout_s)
     watch.metrics.watch_admission(admission)
@@ -124,6 +131,7 @@ def create_worker_app(settings: Settings, redactor: Redactor, shared: SharedStat
     view = workers.EngineView(settings, shared, index, supervisor, redactor)
     gpus = Gpus()
     watch = Telemetry(settings, gpus, lambda: None, lambda: {}, live=False)  # the watchdog runs there
+    watch.gpu_peak_since = shared.gpu_peak_since
     history = RequestHistory(settings.request_history_size)
     admission = Admission(*workers.admission_share(settings), settings.queue_timeout_s)
     watch.metrics.watch_admission(admission)

@@ -1,8 +1,9 @@
 """What the data-plane workers and the supervisor's process share (`SIDECAR_WORKERS` > 1): one small block of
 memory, mapped from a file in the run directory by every process of one sidecar.
 
-The supervisor's process writes the engine's state and a generation that changes whenever the engine does;
-each worker writes only its own slot: requests in flight and when its last one started or ended. Reads are a
+The supervisor's process writes the engine's state and a generation that changes whenever the engine does,
+and its watchdog's readings of used GPU memory (a ring: a request's GPU peak in a worker comes from the one
+watchdog); each worker writes only its own slot: requests in flight and when its last one started or ended. Reads are a
 few bytes from the mapping, with no system call and no lock: a worker checks the state on every request, the
 supervisor sums the workers' in-flight counts when it drains.
 
@@ -23,13 +24,17 @@ from sidecar.state import EngineState
 _STATES = list(EngineState)
 _HEADER = struct.Struct("<iiq")  # state's index, idle-unloaded flag, engine generation
 _SLOT = struct.Struct("<qdq")  # in flight, last start or end (monotonic), pid
+_GPU_COUNT = struct.Struct("<q")  # readings written so far
+_GPU = struct.Struct("<dd")  # a reading: monotonic time, used MB
+GPU_READINGS = 4096  # kept: about 7 minutes at the watchdog's 100 ms
 
 
 class SharedState:
     def __init__(self, path: Path, workers: int, create: bool) -> None:
         self.path = path
         self.workers = workers
-        size = _HEADER.size + workers * _SLOT.size
+        self._gpu_at = _HEADER.size + workers * _SLOT.size
+        size = self._gpu_at + _GPU_COUNT.size + GPU_READINGS * _GPU.size
         flags = os.O_RDWR | (os.O_CREAT | os.O_TRUNC if create else 0)
         fd = os.open(path, flags, 0o600)
         try:
@@ -63,6 +68,12 @@ class SharedState:
     def last_used(self) -> float:
         return max(self._slot(index)[1] for index in range(self.workers))
 
+    def record_gpu(self, monotonic: float, used_mb: float) -> None:
+        """One watchdog reading (the watchdog's thread is the only writer): the slot first, then the count."""
+        (count,) = _GPU_COUNT.unpack_from(self._map, self._gpu_at)
+        _GPU.pack_into(self._map, self._gpu_reading(count), monotonic, used_mb)
+        _GPU_COUNT.pack_into(self._map, self._gpu_at, count + 1)
+
     def reset(self, index: int, pid: int = 0) -> None:
         """A worker's slot as new: for a worker that starts, or that died with requests counted."""
         _SLOT.pack_into(self._map, self._offset(index), 0, time.monotonic(), pid)
@@ -73,6 +84,17 @@ class SharedState:
         """(state, generation, whether an idle unload took the engine)."""
         state, idle_unloaded, generation = _HEADER.unpack_from(self._map, 0)
         return _STATES[state], generation, bool(idle_unloaded)
+
+    def gpu_peak_since(self, monotonic: float) -> float | None:
+        """The highest used GPU memory the watchdog read since `monotonic` (None: no reading since)."""
+        (count,) = _GPU_COUNT.unpack_from(self._map, self._gpu_at)
+        peak = None
+        for number in range(count - 1, max(-1, count - GPU_READINGS - 1), -1):  # newest first
+            at, used_mb = _GPU.unpack_from(self._map, self._gpu_reading(number))
+            if at < monotonic:
+                break
+            peak = used_mb if peak is None else max(peak, used_mb)
+        return peak
 
     def begin(self, index: int) -> None:
         in_flight, _, pid = self._slot(index)
@@ -88,6 +110,9 @@ class SharedState:
 
     def _offset(self, index: int) -> int:
         return _HEADER.size + index * _SLOT.size
+
+    def _gpu_reading(self, number: int) -> int:
+        return self._gpu_at + _GPU_COUNT.size + (number % GPU_READINGS) * _GPU.size
 
     def close(self) -> None:
         self._map.close()

@@ -53,6 +53,9 @@ class Telemetry:
         self.gpus = gpus
         self.watchdog = ResourceWatchdog(settings.watchdog_interval_ms / 1000, gpus, engine_pid)
         self.metrics = Metrics(self.watchdog, engine_status, live)
+        # Where a request's GPU peak between its two reads comes from: this watchdog, or (in a data-plane
+        # worker) the supervising process's, through the memory they share.
+        self.gpu_peak_since: Callable[[float], float | None] = self.watchdog.gpu_peak_since
 
     def start(self) -> None:
         self.watchdog.start()
@@ -75,7 +78,7 @@ class Telemetry:
         if end is None:
             return None, None
         readings = [window.used_mb, end]
-        sampled = self.watchdog.gpu_peak_since(window.started)
+        sampled = self.gpu_peak_since(window.started)
         if sampled is not None:
             readings.append(sampled)
         return max(readings), round(end - window.used_mb, 1)

@@ -67,6 +67,7 @@ class ResourceWatchdog:
         self._me.cpu_percent(None)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.on_sample: Callable[[Sample], None] | None = None  # told of each sample, in the watchdog's thread
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="resource-watchdog", daemon=True)
@@ -87,6 +88,8 @@ class ResourceWatchdog:
                 log.exception("watchdog_sample_failed")
             else:
                 self._samples.append(sample)
+                if self.on_sample is not None:
+                    self.on_sample(sample)
                 if last is not None:
                     self._intervals.append(sample.monotonic - last)
                 last = sample.monotonic

@@ -128,7 +128,24 @@ def test_unload_drains_both_workers_and_is_503_in_both_at_once(sidecar: SidecarP
 def test_a_killed_worker_comes_back_and_the_engine_is_untouched(sidecar: SidecarProcess) -> None:
     engine_pid = httpx.get(f"{sidecar.url}/v1/model", headers=ADMIN).json()["pid"]
     before = _workers(sidecar)
+    outcomes: list[str] = []
+
+    def stream(i: int) -> None:
+        try:
+            outcomes.append(str(_chat(sidecar, f"cut-{i}", itl_ms=500).status_code))  # about 1.5 s
+        except httpx.TransportError as exc:
+            outcomes.append(type(exc).__name__)
+
+    # Twelve streams over two workers: all on one of them once in 2,048 runs.
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(12)]
+    for thread in threads:
+        thread.start()
+    wait_until(lambda: "sidecar_requests_active 12.0" in httpx.get(f"{sidecar.url}/metrics").text, timeout_s=10)
     os.kill(before[0], signal.SIGKILL)
+    for thread in threads:
+        thread.join(15)
+    assert "200" in outcomes and any(o != "200" for o in outcomes), outcomes  # its clients got an error, at once
+    assert all(o in ("200", "RemoteProtocolError", "ReadError") for o in outcomes), outcomes
     wait_until(lambda: _workers(sidecar).get(0) not in (None, before[0]), timeout_s=10)
     _served_by_both(sidecar, "after-kill")
     status = httpx.get(f"{sidecar.url}/v1/model", headers=ADMIN).json()
