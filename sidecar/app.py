@@ -8,7 +8,7 @@ import os
 import secrets
 import socket
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from types import FrameType
 from typing import Any
 
@@ -18,6 +18,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
+from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from sidecar import control, dataplane, health, telemetry, workers
@@ -108,19 +109,9 @@ def create_app(settings: Settings, redactor: Redactor | None = None, pool: Worke
     routes = [*dataplane.routes(proxy), *health.routes, *telemetry.routes, *control.routes]
     if pool is not None:
         routes += workers.supervisor_routes
-    app = _SidecarApp(
-        generation=dataplane.generation_paths(proxy),
-        outer=_middleware(settings, watch, pool.token if pool is not None else None),
-        routes=[*routes, dataplane.passthrough_route(proxy)],
-        exception_handlers=_EXCEPTION_HANDLERS,
-        lifespan=lifespan,
-    )
-    app.state.settings = settings
-    app.state.redactor = redactor
+    token = pool.token if pool is not None else None
+    app = _assemble(settings, redactor, proxy, watch, history, routes, lifespan, token)
     app.state.supervisor = supervisor
-    app.state.history = history
-    app.state.telemetry = watch
-    app.state.internal_token = pool.token if pool is not None else None
     return app
 
 
@@ -146,14 +137,25 @@ def create_worker_app(settings: Settings, redactor: Redactor, shared: SharedStat
         await supervisor.aclose()
         gpus.close()
 
+    routes = [*workers.worker_routes(settings, index, token, history), *dataplane.routes(proxy)]
+    return _assemble(settings, redactor, proxy, watch, history, routes, lifespan, token)
+
+
+def _assemble(
+    settings: Settings,
+    redactor: Redactor,
+    proxy: Proxy,
+    watch: Telemetry,
+    history: RequestHistory,
+    routes: list[BaseRoute],
+    lifespan: Callable[[Starlette], AbstractAsyncContextManager[None]],
+    internal_token: str | None,
+) -> Starlette:
+    """The app around a proxy: its generation routes first, `routes`, then the pass-through of other /v1 paths."""
     app = _SidecarApp(
         generation=dataplane.generation_paths(proxy),
-        outer=_middleware(settings, watch, token),
-        routes=[
-            *workers.worker_routes(settings, index, token, history),
-            *dataplane.routes(proxy),
-            dataplane.passthrough_route(proxy),
-        ],
+        outer=_middleware(settings, watch, internal_token),
+        routes=[*routes, dataplane.passthrough_route(proxy)],
         exception_handlers=_EXCEPTION_HANDLERS,
         lifespan=lifespan,
     )
@@ -161,7 +163,7 @@ def create_worker_app(settings: Settings, redactor: Redactor, shared: SharedStat
     app.state.redactor = redactor
     app.state.history = history
     app.state.telemetry = watch
-    app.state.internal_token = token
+    app.state.internal_token = internal_token
     return app
 
 

@@ -46,6 +46,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
 from engines import adapter as registered_adapter
+from sidecar import telemetry
 from sidecar.engine import Engine, LoadRequest
 from sidecar.errors import NotFound, ServiceUnavailable
 from sidecar.guard import die_with_parent
@@ -221,14 +222,9 @@ async def internal_on_demand(request: Request) -> Response:
 
 
 async def internal_metrics(request: Request) -> Response:
+    """For the workers' /metrics: this process's series, the engine's state, resources and load included."""
     _internal(request)
-    return await _own_metrics(request)
-
-
-async def _own_metrics(request: Request) -> Response:
-    from sidecar.telemetry import metrics  # the supervisor's process: its /metrics, engine load included
-
-    return await metrics(request)
+    return await telemetry.metrics(request)
 
 
 supervisor_routes: list[BaseRoute] = [
