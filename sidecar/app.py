@@ -154,7 +154,7 @@ def _assemble(
     """The app around a proxy: its generation routes first, `routes`, then the pass-through of other /v1 paths."""
     app = _SidecarApp(
         generation=dataplane.generation_paths(proxy),
-        outer=_middleware(settings, watch, internal_token),
+        outer=_middleware(settings, watch, internal_token, proxy.worker),
         routes=[*routes, dataplane.passthrough_route(proxy)],
         exception_handlers=_EXCEPTION_HANDLERS,
         lifespan=lifespan,
@@ -174,12 +174,13 @@ _EXCEPTION_HANDLERS: dict[Any, Any] = {
 }
 
 
-def _middleware(settings: Settings, watch: Telemetry, internal_token: str | None) -> list[Middleware]:
+def _middleware(
+    settings: Settings, watch: Telemetry, internal_token: str | None, worker: int | None
+) -> list[Middleware]:
     # Outermost first: every response gets a request id and an access line, CORS preflights need no key,
     # auth comes before anything reads the body.
-    middleware = [
-        Middleware(RequestContextMiddleware, on_complete=watch.metrics.observe_request, internal_token=internal_token)
-    ]
+    observe = watch.metrics.observe_request
+    middleware = [Middleware(RequestContextMiddleware, observe, internal_token=internal_token, worker=worker)]
     if settings.cors_origins:
         middleware.append(
             Middleware(

@@ -65,6 +65,49 @@ def _served_by_both(sidecar: SidecarProcess, prefix: str) -> dict[int, str]:
     raise AssertionError(f"one worker served every request: {served}")
 
 
+class Stream:
+    """A streamed chat in a thread, on a connection of its own: which worker took it (its X-Sidecar-Worker
+    header), then how it ended: "done" (whole, to [DONE]), "cut", or the transport error's name."""
+
+    def __init__(self, sidecar: SidecarProcess, request_id: str, itl_ms: float) -> None:
+        self.worker: int | None = None
+        self.outcome: str | None = None
+        self.started = threading.Event()
+        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "stream": True}
+        body["mock"] = {"itl_ms": itl_ms}
+        headers = DATA | {"X-Request-ID": request_id}
+        self._thread = threading.Thread(target=self._run, args=(f"{sidecar.url}/v1/chat/completions", body, headers))
+        self._thread.start()
+
+    def _run(self, url: str, body: dict[str, Any], headers: dict[str, str]) -> None:
+        try:
+            with httpx.stream("POST", url, json=body, headers=headers, timeout=30) as response:
+                self.worker = int(response.headers["x-sidecar-worker"])
+                self.started.set()
+                lines = list(response.iter_lines())
+            self.outcome = "done" if "data: [DONE]" in lines else "cut"
+        except httpx.TransportError as exc:
+            self.outcome = type(exc).__name__
+        finally:
+            self.started.set()
+
+    def join(self) -> str | None:
+        self._thread.join(30)
+        return self.outcome
+
+
+def _streams_on_both(sidecar: SidecarProcess, prefix: str, itl_ms: float) -> list[Stream]:
+    """Streams opened one after the other until each worker has at least one in flight."""
+    streams: list[Stream] = []
+    for i in range(40):
+        stream = Stream(sidecar, f"{prefix}-{i}", itl_ms)
+        assert stream.started.wait(10) and stream.worker is not None, stream.outcome
+        streams.append(stream)
+        if {s.worker for s in streams} == {0, 1}:
+            return streams
+    raise AssertionError("every stream went to one worker")
+
+
 @pytest.fixture
 def sidecar(start_sidecar: Start) -> SidecarProcess:
     started = start_sidecar(WORKERS)
@@ -103,24 +146,11 @@ def _chat_count(sidecar: SidecarProcess) -> float:
 
 
 def test_unload_drains_both_workers_and_is_503_in_both_at_once(sidecar: SidecarProcess) -> None:
-    answers: dict[str, httpx.Response] = {}
-
-    def stream(request_id: str) -> None:
-        answers[request_id] = _chat(sidecar, request_id, itl_ms=300)  # about 1 s
-
-    threads = [threading.Thread(target=stream, args=(f"drain-{i}",)) for i in range(6)]
-    for thread in threads:
-        thread.start()
-    wait_until(lambda: "sidecar_requests_active 6.0" in httpx.get(f"{sidecar.url}/metrics").text, timeout_s=10)
+    streams = _streams_on_both(sidecar, "drain", itl_ms=400)  # 4 tokens: about 1.2 s each
     unloaded = httpx.post(f"{sidecar.url}/v1/model/unload", json={}, headers=ADMIN, timeout=30)
     assert unloaded.status_code == 200 and unloaded.json()["state"] == "idle"
-    for thread in threads:
-        thread.join(10)
-    assert sorted(a.status_code for a in answers.values()) == [200] * 6  # all finished, before the unload did
-    assert {a.json()["usage"]["completion_tokens"] for a in answers.values()} == {4}
-    workers_seen = {_record(sidecar, request_id)["worker"] for request_id in answers}
-    assert workers_seen == {0, 1}, "the streams ran in both workers"
-    for i in range(8):
+    assert [s.join() for s in streams] == ["done"] * len(streams)  # whole: the engine stopped after them
+    for i in range(8):  # on new connections, whichever worker takes them
         refused = _chat(sidecar, f"after-{i}")
         assert refused.status_code == 503 and refused.headers["retry-after"]
 
@@ -128,24 +158,12 @@ def test_unload_drains_both_workers_and_is_503_in_both_at_once(sidecar: SidecarP
 def test_a_killed_worker_comes_back_and_the_engine_is_untouched(sidecar: SidecarProcess) -> None:
     engine_pid = httpx.get(f"{sidecar.url}/v1/model", headers=ADMIN).json()["pid"]
     before = _workers(sidecar)
-    outcomes: list[str] = []
-
-    def stream(i: int) -> None:
-        try:
-            outcomes.append(str(_chat(sidecar, f"cut-{i}", itl_ms=500).status_code))  # about 1.5 s
-        except httpx.TransportError as exc:
-            outcomes.append(type(exc).__name__)
-
-    # Twelve streams over two workers: all on one of them once in 2,048 runs.
-    threads = [threading.Thread(target=stream, args=(i,)) for i in range(12)]
-    for thread in threads:
-        thread.start()
-    wait_until(lambda: "sidecar_requests_active 12.0" in httpx.get(f"{sidecar.url}/metrics").text, timeout_s=10)
+    streams = _streams_on_both(sidecar, "cut", itl_ms=500)  # about 1.5 s each
     os.kill(before[0], signal.SIGKILL)
-    for thread in threads:
-        thread.join(15)
-    assert "200" in outcomes and any(o != "200" for o in outcomes), outcomes  # its clients got an error, at once
-    assert all(o in ("200", "RemoteProtocolError", "ReadError") for o in outcomes), outcomes
+    outcomes = {(s.worker, s.join()) for s in streams}
+    assert {outcome for worker, outcome in outcomes if worker == 1} == {"done"}, outcomes  # the other finished
+    killed = {outcome for worker, outcome in outcomes if worker == 0}
+    assert killed and killed <= {"RemoteProtocolError", "ReadError"}, outcomes  # its clients got an error
     wait_until(lambda: _workers(sidecar).get(0) not in (None, before[0]), timeout_s=10)
     _served_by_both(sidecar, "after-kill")
     status = httpx.get(f"{sidecar.url}/v1/model", headers=ADMIN).json()

@@ -41,8 +41,11 @@ class RequestContextMiddleware:
         app: ASGIApp,
         on_complete: Callable[[str, int | None, dict[str, Any]], None] | None = None,
         internal_token: str | None = None,
+        worker: int | None = None,
     ) -> None:
         self.app = app
+        # With data-plane workers: which one answered, in an X-Sidecar-Worker header (as load balancers' X-Served-By).
+        self.worker_header = None if worker is None else (b"x-sidecar-worker", str(worker).encode())
         self.on_complete = on_complete  # told of every request once answered: path, status, the access fields
         # With data-plane workers: a call between the sidecar's processes, which carries this token, is logged at
         # debug level and not counted (the worker that took the client's request counts and logs it).
@@ -64,6 +67,8 @@ class RequestContextMiddleware:
             if message["type"] == "http.response.start":
                 status = message["status"]
                 message["headers"] = [*message.get("headers", ()), (b"x-request-id", request_id.encode())]
+                if self.worker_header is not None:
+                    message["headers"].append(self.worker_header)
             await send(message)
 
         internal = self.internal_token is not None and _carries(scope, self.internal_token)
