@@ -138,7 +138,9 @@ def base_image(work: Path) -> str:
         packages = "python3,python3-venv,python3-pip,python-is-python3,ca-certificates"
         run("debootstrap", "--variant=minbase", f"--include={packages}", "bookworm", rootfs, DEBIAN_MIRROR)
         # The host's CA certificates: where its traffic passes a proxy with a CA of its own, builds need it too.
-        shutil.copy("/etc/ssl/certs/ca-certificates.crt", rootfs / "etc/ssl/certs/ca-certificates.crt")
+        host_cas = Path("/etc/ssl/certs/ca-certificates.crt")
+        if host_cas.exists():
+            shutil.copy(host_cas, rootfs / "etc/ssl/certs/ca-certificates.crt")
         shutil.rmtree(rootfs / "var/lib/apt/lists", ignore_errors=True)
         (rootfs / "var/lib/apt/lists/partial").mkdir(parents=True)
         tar = subprocess.Popen(["tar", "-C", rootfs, "-c", "."], stdout=subprocess.PIPE)
