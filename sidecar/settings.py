@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -32,6 +33,23 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def usable_cores(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """The cores this process may use: its CPU affinity, capped by its cgroup's CPU quota where one is set (a
+    container limited to 2 CPUs on a 64-core node sees 64 in its affinity)."""
+    cores = len(os.sched_getaffinity(0))
+    try:
+        quota, period = (cgroup / "cpu.max").read_text().split()[:2]  # cgroup v2: "max 100000" or "200000 100000"
+    except (OSError, ValueError):
+        try:  # cgroup v1
+            quota = (cgroup / "cpu" / "cpu.cfs_quota_us").read_text().strip()
+            period = (cgroup / "cpu" / "cpu.cfs_period_us").read_text().strip()
+        except OSError:
+            return cores
+    if quota in ("max", "-1") or not quota.lstrip("-").isdigit() or not period.isdigit() or int(period) <= 0:
+        return cores
+    return max(1, min(cores, math.ceil(int(quota) / int(period))))
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,
@@ -43,8 +61,8 @@ class Settings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
-    # Processes serving the data plane on the port (`auto`: the cores this process may use, at most 16); one
-    # more process owns the engine.
+    # Processes serving the data plane on the port (`auto`: the cores this process may use, its cgroup's CPU
+    # quota included, at most 16); one more process owns the engine.
     workers: int = Field(1, ge=1, le=64)
     api_keys: KeyList = []
     admin_keys: KeyList = []
@@ -110,7 +128,7 @@ class Settings(BaseSettings):
     @classmethod
     def _auto_workers(cls, value: Any) -> Any:
         if isinstance(value, str) and value.strip().lower() == "auto":
-            return min(len(os.sched_getaffinity(0)), MAX_AUTO_WORKERS)
+            return min(usable_cores(), MAX_AUTO_WORKERS)
         return value
 
     @field_validator("log_level", "log_format", mode="before")

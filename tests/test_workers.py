@@ -205,9 +205,30 @@ def test_a_bad_workers_setting_stops_start_up_with_one_line(value: str, tmp_path
 
 
 def test_auto_is_the_cores_this_process_may_use() -> None:
-    from sidecar.settings import load_settings
+    from sidecar.settings import load_settings, usable_cores
 
-    assert load_settings(None, workers="auto").workers == min(len(os.sched_getaffinity(0)), 16)
+    assert load_settings(None, workers="auto").workers == min(usable_cores(), 16)
+
+
+@pytest.mark.parametrize(
+    ("files", "expected"),
+    [
+        ({"cpu.max": "max 100000\n"}, None),  # no quota: the affinity
+        ({"cpu.max": "150000 100000\n"}, 2),  # 1.5 CPUs: 2 workers
+        ({"cpu.max": "100000 100000\n"}, 1),
+        ({"cpu/cpu.cfs_quota_us": "300000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 3),  # cgroup v1
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+        ({}, None),  # no cgroup files at all
+    ],
+)
+def test_auto_respects_the_containers_cpu_quota(tmp_path: Path, files: dict[str, str], expected: int | None) -> None:
+    from sidecar.settings import usable_cores
+
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    affinity = len(os.sched_getaffinity(0))
+    assert usable_cores(tmp_path) == (affinity if expected is None else min(affinity, expected))
 
 
 def test_the_engines_live_output_streams_through_a_worker(sidecar: SidecarProcess) -> None:
