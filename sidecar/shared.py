@@ -74,6 +74,13 @@ class SharedState:
         _GPU.pack_into(self._map, self._gpu_reading(count), monotonic, used_mb)
         _GPU_COUNT.pack_into(self._map, self._gpu_at, count + 1)
 
+    def workers_now(self) -> list[dict[str, int]]:
+        """Each worker's pid (0 while it is being replaced) and requests in flight."""
+        return [
+            {"index": index, "pid": pid, "in_flight": in_flight}
+            for index, (in_flight, _, pid) in enumerate(self._slot(i) for i in range(self.workers))
+        ]
+
     def reset(self, index: int, pid: int = 0) -> None:
         """A worker's slot as new: for a worker that starts, or that died with requests counted."""
         _SLOT.pack_into(self._map, self._offset(index), 0, time.monotonic(), pid)

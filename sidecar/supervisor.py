@@ -177,6 +177,7 @@ class Supervisor:
             "last_error": self.last_error,
             "output_tail": process.tail(20) if process else [],
             "log_followers": process.followers if process else 0,
+            "workers": self.shared.workers_now() if self.shared else None,
         }
 
     async def engine_load(self) -> tuple[tuple[str, str], dict[str, float]] | None:

@@ -23,6 +23,12 @@ def test_a_worker_reads_what_the_supervisor_publishes_and_the_supervisor_adds_up
     worker.begin(0)
     worker.begin(1)
     assert supervisor.in_flight() == 3 and supervisor.last_used() >= before
+    supervisor.reset(1, pid=4242)  # a new worker 1 (its count starts again)
+    worker.begin(1)
+    assert supervisor.workers_now() == [
+        {"index": 0, "pid": 0, "in_flight": 2},
+        {"index": 1, "pid": 4242, "in_flight": 1},
+    ]
     worker.end(0)
     assert supervisor.in_flight() == 2
     supervisor.reset(0)  # worker 0 died with a request counted: a drain must not wait for it

@@ -44,12 +44,14 @@ def _record(sidecar: SidecarProcess, request_id: str) -> dict[str, Any]:
 
 
 def _workers(sidecar: SidecarProcess) -> dict[int, int]:
-    """Worker index -> pid, from the processes running `sidecar worker`."""
+    """Worker index -> pid, as GET /v1/model says, each checked against the processes running `sidecar worker`."""
+    listed = httpx.get(f"{sidecar.url}/v1/model", headers=ADMIN).json()["workers"]
+    running = {child.pid: child.cmdline() for child in psutil.Process(sidecar.pid).children()}
     found = {}
-    for child in psutil.Process(sidecar.pid).children():
-        with_args = child.cmdline()
-        if "worker" in with_args:
-            found[int(with_args[with_args.index("worker") + 1])] = child.pid
+    for worker in listed:
+        command = running.get(worker["pid"], [])
+        if command[2:5] == ["sidecar", "worker", str(worker["index"])]:
+            found[worker["index"]] = worker["pid"]
     return found
 
 
