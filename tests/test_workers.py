@@ -253,3 +253,20 @@ def test_the_engines_live_output_streams_through_a_worker(sidecar: SidecarProces
                 break
     speaker.join(15)
     assert seen.is_set()
+
+
+def test_idle_unload_load_on_demand_and_sleep_hold_in_every_worker(start_sidecar: Start) -> None:
+    sidecar = start_sidecar(WORKERS | {"SIDECAR_LOAD_ON_DEMAND": "true"})
+    load = {"engine": "mock", "model": "m", "ttl_s": 2, "args": {"enable-sleep-mode": True}}
+    first = httpx.post(f"{sidecar.url}/v1/model/load", json=load, headers=ADMIN, timeout=30).json()["pid"]
+    wait_until(lambda: httpx.get(f"{sidecar.url}/v1/model", headers=ADMIN).json()["state"] == "idle", timeout_s=10)
+
+    served = _served_by_both(sidecar, "on-demand")  # the first of them loaded the model again, for both workers
+    status = httpx.get(f"{sidecar.url}/v1/model", headers=ADMIN).json()
+    assert status["state"] == "ready" and status["pid"] != first
+    assert any(_record(sidecar, request_id)["performance"]["queue_ms"] > 100 for request_id in served.values())
+
+    assert httpx.post(f"{sidecar.url}/v1/model/sleep", headers=ADMIN, timeout=30).status_code == 200
+    for i in range(6):  # whichever worker takes it
+        refused = _chat(sidecar, f"asleep-{i}")
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "model_sleeping"
