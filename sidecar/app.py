@@ -163,7 +163,6 @@ def _assemble(
     app.state.redactor = redactor
     app.state.history = history
     app.state.telemetry = watch
-    app.state.internal_token = internal_token
     return app
 
 

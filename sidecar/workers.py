@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import math
 import os
@@ -52,6 +51,7 @@ from sidecar.errors import NotFound, ServiceUnavailable
 from sidecar.guard import die_with_parent
 from sidecar.history import RequestHistory
 from sidecar.logs import get_logger
+from sidecar.middleware.request_context import INTERNAL_HEADER
 from sidecar.redaction import Redactor
 from sidecar.settings import Settings
 from sidecar.shared import SharedState
@@ -60,7 +60,6 @@ from sidecar.supervisor import Supervisor, not_ready
 
 log = get_logger("sidecar.workers")
 
-TOKEN_HEADER = "x-sidecar-internal"  # also in sidecar/middleware/request_context.py
 RESPAWN_DELAY_S = 1.0
 _SETTINGS_ENV = "SIDECAR_WORKER_SETTINGS"
 _TOKEN_ENV = "SIDECAR_WORKER_TOKEN"
@@ -97,16 +96,14 @@ def internal_client(path: Path, token: str, timeout_s: float | None = 10.0) -> h
     return httpx.AsyncClient(
         transport=httpx.AsyncHTTPTransport(uds=str(path)),
         base_url="http://sidecar",
-        headers={TOKEN_HEADER: token},
+        headers={INTERNAL_HEADER: token},
         timeout=timeout_s,
     )
 
 
 def _internal(request: Request) -> None:
-    """404 unless the request carries this run's token (compared in constant time)."""
-    token: str | None = getattr(request.app.state, "internal_token", None)
-    given = request.headers.get(TOKEN_HEADER, "")
-    if token is None or not hmac.compare_digest(given.encode(), token.encode()):
+    """404 unless the request carries this run's token, as the request-context middleware found."""
+    if not request.scope["state"].get("internal"):
         raise NotFound(f"no route {request.url.path}")
 
 

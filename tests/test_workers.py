@@ -128,6 +128,10 @@ def test_load_through_one_worker_stream_through_both_records_found_through_eithe
             assert _record(sidecar, request_id)["id"] == request_id
     status = httpx.get(f"{sidecar.url}/v1/model", headers=ADMIN).json()
     assert status["state"] == "ready" and len(group_members(status["pid"])) >= 1
+    # The calls between the processes answer only this run's token, never a client's guess at it.
+    for headers in ({}, {"x-sidecar-internal": "guess"}, ADMIN):
+        assert httpx.get(f"{sidecar.url}/internal/metrics", headers=headers).status_code == 404
+        assert httpx.get(f"{sidecar.url}/internal/requests/{served[0]}", headers=headers).status_code == 404
 
 
 def test_metrics_add_up_whichever_worker_is_scraped(sidecar: SidecarProcess) -> None:

@@ -18,6 +18,10 @@ from sidecar.logs import get_logger
 
 log = get_logger("sidecar.access")
 
+# Calls between the sidecar's processes (SIDECAR_WORKERS > 1) carry the run's token in this header.
+INTERNAL_HEADER = "x-sidecar-internal"
+_INTERNAL_HEADER = INTERNAL_HEADER.encode()
+
 REQUEST_ID_HEADER = "x-request-id"
 _VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}")
 
@@ -72,6 +76,7 @@ class RequestContextMiddleware:
             await send(message)
 
         internal = self.internal_token is not None and _carries(scope, self.internal_token)
+        scope["state"]["internal"] = internal  # the internal routes answer only these
         with structlog.contextvars.bound_contextvars(request_id=request_id):
             try:
                 await self.app(scope, receive, send_with_id)
@@ -93,7 +98,8 @@ class RequestContextMiddleware:
 
 
 def _carries(scope: Scope, token: bytes) -> bool:
+    """Whether the request carries this run's internal token (compared in constant time)."""
     for name, value in scope["headers"]:
-        if name == b"x-sidecar-internal":
+        if name == _INTERNAL_HEADER:
             return hmac.compare_digest(value, token)
     return False
