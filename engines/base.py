@@ -76,9 +76,10 @@ def flag_on(args: Mapping[str, ArgValue], name: str) -> bool:
 
 @dataclass(frozen=True)
 class SleepApi:
-    """An engine's sleep mode: POST `sleep?level=N` frees its GPU memory (weights and KV cache), POST `wake` takes
-    it back; the process keeps running."""
+    """An engine's sleep mode, there when it is started with `flag`: POST `sleep?level=N` frees its GPU memory
+    (weights and KV cache), POST `wake` takes it back; the process keeps running."""
 
+    flag: str
     sleep: str
     wake: str
     levels: tuple[int, ...] = (1, 2)
@@ -86,9 +87,10 @@ class SleepApi:
 
 @dataclass(frozen=True)
 class LoraApi:
-    """An engine's dynamic LoRA: POST {"lora_name", "lora_path"} to `load`, {"lora_name"} to `unload`; the adapters
-    it has are the entries of its /v1/models that name a `parent` (the base model)."""
+    """An engine's dynamic LoRA, there when it is started with `flag`: POST {"lora_name", "lora_path"} to `load`,
+    {"lora_name"} to `unload`; the adapters it has are the entries of its /v1/models that name a `parent`."""
 
+    flag: str
     load: str
     unload: str
 
@@ -141,6 +143,9 @@ class EngineAdapter:
     # The engine's own metrics: where it serves them, and which of its series are its load (none: not read).
     metrics_path: ClassVar[str] = "/metrics"
     load_series: ClassVar[LoadSeries | None] = None
+    # Features the engine has when the load's args turn on their flag (none: it has none).
+    sleep_mode: ClassVar[SleepApi | None] = None
+    dynamic_lora: ClassVar[LoraApi | None] = None
 
     def __init__(self, executable: str | None = None) -> None:
         self.executable = executable or self.default_executable
@@ -175,11 +180,13 @@ class EngineAdapter:
 
     def sleep_api(self, args: Mapping[str, ArgValue]) -> SleepApi | None:
         """The engine's sleep mode, where the engine started with these args has one."""
-        return None
+        mode = self.sleep_mode
+        return mode if mode is not None and flag_on(args, mode.flag) else None
 
     def lora_api(self, args: Mapping[str, ArgValue]) -> LoraApi | None:
         """The engine's dynamic LoRA adapters, where the engine started with these args has them."""
-        return None
+        lora = self.dynamic_lora
+        return lora if lora is not None and flag_on(args, lora.flag) else None
 
     async def is_ready(self, client: httpx.AsyncClient, base_url: str, headers: Mapping[str, str]) -> bool:
         for path in self.ready_paths:

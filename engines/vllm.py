@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from engines.base import ArgValue, EngineAdapter, LoadSeries, LoraApi, SleepApi, flag_on
+from engines.base import ArgValue, EngineAdapter, LoadSeries, LoraApi, SleepApi
 
 # vLLM before 0.10 named the KV cache's use gpu_cache_usage_perc; both are fractions, 0 to 1.
 VLLM_LOAD = LoadSeries(
@@ -11,19 +11,13 @@ VLLM_LOAD = LoadSeries(
     kv_cache_usage=("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"),
 )
 
-VLLM_SLEEP = SleepApi(sleep="/sleep", wake="/wake_up")
-VLLM_LORA = LoraApi(load="/v1/load_lora_adapter", unload="/v1/unload_lora_adapter")
-
 
 class VllmFeatures(EngineAdapter):
     """vLLM's sleep mode (`--enable-sleep-mode`) and runtime LoRA loading (`--enable-lora`), which its server
     offers only with the variables set here."""
 
-    def sleep_api(self, args: Mapping[str, ArgValue]) -> SleepApi | None:
-        return VLLM_SLEEP if flag_on(args, "enable-sleep-mode") else None
-
-    def lora_api(self, args: Mapping[str, ArgValue]) -> LoraApi | None:
-        return VLLM_LORA if flag_on(args, "enable-lora") else None
+    sleep_mode = SleepApi(flag="enable-sleep-mode", sleep="/sleep", wake="/wake_up")
+    dynamic_lora = LoraApi(flag="enable-lora", load="/v1/load_lora_adapter", unload="/v1/unload_lora_adapter")
 
     def environment(self, args: Mapping[str, ArgValue]) -> dict[str, str]:
         env = {}

@@ -704,10 +704,7 @@ class Supervisor:
             raise Conflict("no engine is loaded", code="no_engine")
         api = engine.adapter.sleep_api(engine.request.args)
         if api is None:
-            hint = (
-                ' load it with "args": {"enable-sleep-mode": true}' if engine.adapter.name in ("vllm", "mock") else ""
-            )
-            raise BadRequest(f"the {engine.adapter.name} engine as loaded has no sleep mode:{hint or ' it has none'}")
+            raise _missing(engine, "sleep mode", engine.adapter.sleep_mode)
         return engine, api
 
     async def _sleep(self, command: _Sleep) -> None:
@@ -786,12 +783,7 @@ class Supervisor:
             raise Conflict(f"the engine is {self.state}: adapters need a ready engine", code="engine_not_ready")
         api = engine.adapter.lora_api(engine.request.args)
         if api is None:
-            hint = (
-                ' load it with "args": {"enable-lora": true}'
-                if engine.adapter.name in ("vllm", "sglang", "mock")
-                else " it has none"
-            )
-            raise BadRequest(f"the {engine.adapter.name} engine as loaded has no dynamic LoRA:{hint}")
+            raise _missing(engine, "dynamic LoRA", engine.adapter.dynamic_lora)
         return engine, api
 
     async def adapters(self) -> list[dict[str, Any]]:
@@ -895,6 +887,12 @@ def not_ready(state: EngineState, idle_unloaded: bool, model: str | None = None)
             code="model_unloaded_idle",
         )
     return ServiceUnavailable(f"no model is loaded (engine state: {state})")
+
+
+def _missing(engine: Engine, feature: str, api: SleepApi | LoraApi | None) -> BadRequest:
+    """An engine feature asked of an engine without it: the flag to load it with, where it has one."""
+    hint = f' load it with "args": {{"{api.flag}": true}}' if api is not None else " it has none"
+    return BadRequest(f"the {engine.adapter.name} engine as loaded has no {feature}:{hint}")
 
 
 def _refused_while_busy(command: Command, state: EngineState) -> bool:
