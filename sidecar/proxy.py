@@ -35,7 +35,7 @@ from sidecar.chunks import (
 from sidecar.engine import Engine
 from sidecar.errors import BadGateway, BadRequest, GatewayTimeout, SidecarError, engine_error_body
 from sidecar.history import RequestHistory
-from sidecar.http import read_json_object
+from sidecar.http import disconnected, read_json_object
 from sidecar.logs import get_logger
 from sidecar.middleware.request_context import log_fields
 from sidecar.performance import PerformanceMeter
@@ -616,9 +616,7 @@ class _ClientWatch:
         self._task: asyncio.Task[None] | None = None
 
     async def _watch(self) -> None:
-        receive = self._exchange.receive
-        while (await receive())["type"] != "http.disconnect":
-            pass
+        await disconnected(self._exchange.receive)
         if self._exchange.client_done:
             return  # the server says "disconnect" once the response is complete too: that is no disconnect
         self._exchange.client_disconnected = True
