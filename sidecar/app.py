@@ -137,8 +137,11 @@ def create_worker_app(settings: Settings, redactor: Redactor, shared: SharedStat
         await supervisor.aclose()
         gpus.close()
 
-    routes = [*workers.worker_routes(settings, index, token, history), *dataplane.routes(proxy)]
-    return _assemble(settings, redactor, proxy, watch, history, routes, lifespan, token)
+    siblings = workers.sibling_clients(settings, index, token)
+    routes = [*workers.worker_routes(settings, token, history, siblings), *dataplane.routes(proxy)]
+    app = _assemble(settings, redactor, proxy, watch, history, routes, lifespan, token)
+    app.state.find_elsewhere = workers.find_in(siblings)
+    return app
 
 
 def _assemble(
@@ -163,6 +166,7 @@ def _assemble(
     app.state.redactor = redactor
     app.state.history = history
     app.state.telemetry = watch
+    app.state.find_elsewhere = None  # a data-plane worker asks the others for the records it lacks
     return app
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -14,6 +15,7 @@ from sidecar.history import RequestHistory
 from sidecar.proxy import Proxy
 
 AsgiHandler = Callable[[Scope, Receive, Send], Awaitable[None]]
+FindElsewhere = Callable[[str], Awaitable[dict[str, Any] | None]]
 
 
 class _Asgi:
@@ -27,9 +29,13 @@ class _Asgi:
 
 
 async def request_metrics(request: Request) -> Response:
+    """A recent request's record: this process's, else (a data-plane worker) the one another worker kept."""
     history: RequestHistory = request.app.state.history
     request_id = request.path_params["request_id"]
     record = history.get(request_id)
+    find_elsewhere: FindElsewhere | None = request.app.state.find_elsewhere
+    if record is None and find_elsewhere is not None:
+        record = await find_elsewhere(request_id)
     if record is None:
         raise NotFound(
             f"no recent request with id {request_id!r} (the last {history.size} are kept)", param="request_id"

@@ -46,6 +46,7 @@ from starlette.routing import BaseRoute, Route
 
 from engines import adapter as registered_adapter
 from sidecar import telemetry
+from sidecar.dataplane import FindElsewhere
 from sidecar.engine import Engine, LoadRequest
 from sidecar.errors import NotFound, ServiceUnavailable
 from sidecar.guard import die_with_parent
@@ -321,26 +322,30 @@ class EngineView:
             raise ServiceUnavailable(f"the model could not be loaded on demand: {message}")
 
 
-def worker_routes(settings: Settings, index: int, token: str, history: RequestHistory) -> list[BaseRoute]:
-    """A worker's own routes, besides the data plane: what spans the workers, and what it forwards."""
-    siblings = {i: internal_client(worker_socket(settings, i), token) for i in range(settings.workers) if i != index}
-    supervisor = internal_client(supervisor_socket(settings), token, timeout_s=None)  # streams: the logs
+def sibling_clients(settings: Settings, index: int, token: str) -> list[httpx.AsyncClient]:
+    return [internal_client(worker_socket(settings, i), token) for i in range(settings.workers) if i != index]
 
-    async def request_metrics(request: Request) -> Response:
-        """GET /v1/requests/{id}: this worker's record, else the one of the worker that served it."""
-        request_id = request.path_params["request_id"]
-        record = history.get(request_id)
-        if record is not None:
-            return JSONResponse(record)
-        for client in siblings.values():
+
+def find_in(siblings: list[httpx.AsyncClient]) -> FindElsewhere:
+    """GET /v1/requests/{id} in a worker, for a request it did not serve: the record of the worker that did."""
+
+    async def find(request_id: str) -> dict[str, Any] | None:
+        for client in siblings:
             with contextlib.suppress(httpx.HTTPError):
                 answer = await client.get(f"/internal/requests/{request_id}")
                 if answer.status_code == 200:
-                    return JSONResponse(answer.json())
-        raise NotFound(
-            f"no recent request with id {request_id!r} (the last {history.size} of each worker are kept)",
-            param="request_id",
-        )
+                    found: dict[str, Any] = answer.json()
+                    return found
+        return None
+
+    return find
+
+
+def worker_routes(
+    settings: Settings, token: str, history: RequestHistory, siblings: list[httpx.AsyncClient]
+) -> list[BaseRoute]:
+    """A worker's own routes, besides the data plane: what spans the workers, and what it forwards."""
+    supervisor = internal_client(supervisor_socket(settings), token, timeout_s=None)  # streams: the logs
 
     async def own_request(request: Request) -> Response:
         _internal(request)
@@ -356,7 +361,7 @@ def worker_routes(settings: Settings, index: int, token: str, history: RequestHi
     async def all_metrics(request: Request) -> Response:
         """Every worker's series and the supervisor's process's, added up: one view whichever worker answers."""
         texts = [request.app.state.telemetry.metrics.exposition().decode()]
-        clients = [*siblings.values(), supervisor]
+        clients = [*siblings, supervisor]
         answers = await asyncio.gather(*(c.get("/internal/metrics") for c in clients), return_exceptions=True)
         for answer in answers:
             if isinstance(answer, httpx.Response) and answer.status_code == 200:
@@ -385,7 +390,6 @@ def worker_routes(settings: Settings, index: int, token: str, history: RequestHi
 
     everything = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
     return [
-        Route("/v1/requests/{request_id}", request_metrics, methods=["GET"]),
         Route("/metrics", all_metrics, methods=["GET"]),
         Route("/internal/requests/{request_id}", own_request, methods=["GET"]),
         Route("/internal/metrics", own_metrics, methods=["GET"]),
