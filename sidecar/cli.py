@@ -38,11 +38,11 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--args", type=json.loads, default={}, help="engine flags as JSON: '{\"max-model-len\": 4096}'")
     demo.add_argument("--prompt", default="Why measure time to first token?", help="the user message")
     demo.add_argument("--port", type=int, help="port to listen on (default: a free one)")
+    demo.add_argument("--env-file", default=".env", help="dotenv file to read settings from (default: .env)")
     # Started by `serve` with SIDECAR_WORKERS > 1, with its settings in the environment: not for people.
     worker = commands.add_parser("worker")
     worker.add_argument("index", type=int)
     worker.add_argument("fd", type=int, help="the listening socket, inherited")
-    demo.add_argument("--env-file", default=".env", help="dotenv file to read settings from (default: .env)")
     return parser
 
 
