@@ -608,16 +608,23 @@ def _generation_fields(body: dict[str, Any]) -> tuple[bool, dict[str, Any] | Non
 
 
 class _ClientWatch:
-    """While an exchange runs: wait for the client's disconnect, and then cancel the exchange."""
+    """While an exchange runs: wait for the client's disconnect, and then cancel the exchange.
+
+    The watcher is never cancelled: it ends by itself as the response completes (the server then answers its
+    `receive` with a disconnect). Cancelling it would leave a CancelledError whose traceback holds the request's
+    frames in a reference cycle: the whole exchange kept alive until the garbage collector's oldest generation,
+    whose collections stopped the event loop for 30-120 ms under load.
+    """
 
     def __init__(self, exchange: _Exchange) -> None:
         self._exchange = exchange
         self._owner: asyncio.Task[Any] | None = None
         self._task: asyncio.Task[None] | None = None
+        self._over = False
 
     async def _watch(self) -> None:
         await disconnected(self._exchange.receive)
-        if self._exchange.client_done:
+        if self._over or self._exchange.client_done:
             return  # the server says "disconnect" once the response is complete too: that is no disconnect
         self._exchange.client_disconnected = True
         assert self._owner is not None
@@ -629,5 +636,4 @@ class _ClientWatch:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        assert self._task is not None
-        self._task.cancel()  # before anything awaits: the end of the response reads as a disconnect too
+        self._over = True  # before anything awaits: the end of the response reads as a disconnect too
