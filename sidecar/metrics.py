@@ -170,11 +170,20 @@ class Metrics:
             self.registry.register(_LiveCollector(watchdog, engine_status))
         self._engine_load = _EngineLoadCollector()
         self.registry.register(self._engine_load)
+        # Each request's series, found by their labels in one dict lookup: prometheus_client's labels() takes a
+        # lock and checks its arguments on every call. The labels are bounded, and so is this.
+        self._children: dict[tuple[Counter, tuple[str, ...]], Any] = {}
+
+    def _child(self, counter: Counter, labels: tuple[str, ...]) -> Any:
+        child = self._children.get((counter, labels))
+        if child is None:
+            child = self._children[(counter, labels)] = counter.labels(*labels)
+        return child
 
     def observe_request(self, path: str, status: int | None, fields: dict[str, Any]) -> None:
         status_class = f"{status // 100}xx" if status else "none"
         model, engine = str(fields.get("model", "")), str(fields.get("engine", ""))
-        self.requests.labels(route_label(path), status_class, model, engine).inc()
+        self._child(self.requests, (route_label(path), status_class, model, engine)).inc()
 
     def observe_performance(self, performance: dict[str, Any], gaps_ns: list[int]) -> None:
         labels = (performance["model"], performance["engine"])
@@ -186,7 +195,7 @@ class Metrics:
         for kind in ("prompt", "completion"):
             count = performance.get(f"{kind}_tokens")
             if isinstance(count, int) and count > 0:
-                self.tokens.labels(*labels, kind).inc(count)
+                self._child(self.tokens, (*labels, kind)).inc(count)
 
     def watch_admission(self, admission: Admission) -> None:
         self.registry.register(_AdmissionCollector(admission))
