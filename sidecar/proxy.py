@@ -619,7 +619,7 @@ class _ClientWatch:
     def __init__(self, exchange: _Exchange) -> None:
         self._exchange = exchange
         self._owner: asyncio.Task[Any] | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._task: asyncio.Task[None] | None = None  # held: the event loop keeps only a weak reference to tasks
         self._over = False
 
     async def _watch(self) -> None:
