@@ -21,7 +21,7 @@ class FakeEngine(socketserver.StreamRequestHandler):
             while (line := self.rfile.readline()) not in (b"\r\n", b""):
                 name, _, value = line.decode("latin-1").partition(":")
                 length = int(value) if name.strip().lower() == "content-length" else length
-            self.rfile.read(length)
+            self.body = self.rfile.read(length)
             if not request_line.startswith(b"POST"):
                 self.send(b"application/json", MODELS)
             elif not self.chat():
