@@ -209,7 +209,7 @@ def _workers_of(process: psutil.Process) -> list[psutil.Process]:
 
 async def _measure(args: argparse.Namespace, targets: Targets) -> dict[str, Any]:
     headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
-    body = chat_body(args.tokens, model=targets.model)
+    body = chat_body(args.tokens, model=targets.model, history=args.history_bytes)
     urls = {"direct": targets.direct} | {proxy.name: proxy.url for proxy in targets.proxies}
     pids = {proxy.name: proxy.pid for proxy in targets.proxies}
     levels: list[dict[str, Any]] = []
@@ -252,7 +252,9 @@ async def _cost_split(args: argparse.Namespace, targets: Targets, headers: dict[
             url = proxy.url + "/v1/chat/completions"
             phases = []
             for tokens in lengths:
-                body = chat_body(tokens, model=targets.model, mock=args.engine in _OWN_ENGINES)
+                body = chat_body(
+                    tokens, model=targets.model, mock=args.engine in _OWN_ENGINES, history=args.history_bytes
+                )
                 await run_phase(session, "warm-up", url, headers, body, concurrency, 1)
                 with ProcessMeter(proxy.pid) as meter:
                     result = await run_phase(session, proxy.name, url, headers, body, concurrency, args.seconds)
@@ -313,6 +315,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--seconds", type=float, default=4.0, help="length of each measured phase (default 4)")
     parser.add_argument("--rounds", type=int, default=3, help="direct/proxied alternations per level (default 3)")
     parser.add_argument("--tokens", type=int, default=32, help="tokens per answer (default 32)")
+    parser.add_argument(
+        "--history-bytes", type=int, default=0, help="a chat history of about this many bytes before each prompt"
+    )
     parser.add_argument("--itl-ms", type=float, default=5.0, help="fake engine's time between tokens (default 5)")
     parser.add_argument("--ttft-ms", type=float, default=20.0, help="fake engine's time to first token (default 20)")
     parser.add_argument(

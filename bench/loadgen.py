@@ -31,11 +31,18 @@ class PhaseResult:
         return self.chunks / self.seconds if self.seconds else 0.0
 
 
-def chat_body(tokens: int, prompt: str = "measure the proxy", model: str = "mock-model", mock: bool = False) -> bytes:
-    """A streamed chat request for `tokens` tokens (`mock`: also raises the mock engine's own cap to them)."""
+_TURN = ("The quick brown fox jumps over the lazy dog; the proxy relays every word of it back. " * 6)[:470]
+
+
+def chat_body(
+    tokens: int, prompt: str = "measure the proxy", model: str = "mock-model", mock: bool = False, history: int = 0
+) -> bytes:
+    """A streamed chat request for `tokens` tokens (`mock`: also raises the mock engine's own cap to them), after
+    a conversation of about `history` bytes in turns of 500 (what a chat client sends back each time)."""
+    turns = [{"role": "user" if index % 2 == 0 else "assistant", "content": _TURN} for index in range(history // 500)]
     body: dict[str, object] = {
         "model": model,
-        "messages": [{"role": "user", "content": prompt}],
+        "messages": [*turns, {"role": "user", "content": prompt}],
         "stream": True,
         "max_tokens": tokens,
     }

@@ -39,11 +39,12 @@ def test_bench_measures_the_sidecar_against_direct(tmp_path: Path) -> None:
 def test_bench_in_front_of_the_mock_engine_loaded_by_the_sidecar(tmp_path: Path) -> None:
     out = tmp_path / "results"
     command = [sys.executable, "-m", "bench", "--engine", "mock", "--concurrency", "1,4", "--seconds", "0.5"]
-    command += ["--rounds", "1", "--no-cost-split", "--skip-memory", "--out", str(out)]
+    command += ["--rounds", "1", "--no-cost-split", "--skip-memory", "--history-bytes", "20000", "--out", str(out)]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     results = json.loads((out / "results.json").read_text())
     assert results["engine"] == "mock" and results["memory"] is None and results["cost_split"] is None
+    assert results["settings"]["history_bytes"] == 20000  # every request carried a 20 KB conversation
     for level in results["levels"]:
         assert level["errors"] == 0 and level["direct_errors"] == 0, level["first_error"]
         assert level["throughput_ratio"] > 0 and level["proxy_cpu_s_per_1k_chunks"] > 0
