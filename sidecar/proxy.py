@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import orjson
 from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.types import Receive, Scope, Send
@@ -82,7 +83,19 @@ class EngineHolder(Protocol):
 
 
 def _dumps(value: Any) -> bytes:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+    try:
+        return orjson.dumps(value)
+    except TypeError:  # an integer beyond 64 bits, or nesting beyond orjson's 254 levels: the standard library's
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _request_bytes(body: dict[str, Any]) -> bytes:
+    """A changed request body serialized for the engine; 400 where it nests too deeply to be written again (the
+    parser reads 1024 levels, the writers fewer)."""
+    try:
+        return _dumps(body)
+    except RecursionError:
+        raise BadRequest("request body is JSON nested too deeply", code="invalid_json") from None
 
 
 def _request_headers(scope: Scope, request_id: str, json_body: bool, engine: Engine) -> dict[str, str]:
@@ -135,9 +148,12 @@ def _sse_error(error: SidecarError) -> bytes:
 def _loads(data: bytes) -> dict[str, Any] | None:
     """An event's JSON object, or None: what is not JSON passes through unmeasured rather than failing."""
     try:
-        value = json.loads(data)
-    except (ValueError, RecursionError):
-        return None
+        value = orjson.loads(data)
+    except ValueError:
+        try:  # what the standard library still reads (an engine's -Infinity): measured and assembled all the same
+            value = json.loads(data)
+        except (ValueError, RecursionError):
+            return None
     return value if isinstance(value, dict) else None
 
 
@@ -207,11 +223,11 @@ class Proxy:
             # Ask for usage to count tokens; the chunk is removed again before the client sees it.
             sent = translated | {"stream": True, "stream_options": (options or {}) | {"include_usage": True}}
             spliced = _asking_for_usage(raw, body) if translated is body else None
-            payload = spliced if spliced is not None else _dumps(sent)
+            payload = spliced if spliced is not None else _request_bytes(sent)
         else:
             sent = translated
             # The bytes as the client sent them, unless the body changed: then serialized once.
-            payload = raw if sent is body else _dumps(sent)
+            payload = raw if sent is body else _request_bytes(sent)
         chat = scope["path"].endswith("/chat/completions")
 
         async def relay(exchange: _Exchange, response: Response) -> None:
@@ -557,7 +573,7 @@ class Proxy:
         """The body with `usage.performance`, and the same object for the X-Performance-Metrics header."""
         performance = exchange.performance or self._finish(exchange, now)
         body["usage"] = (exchange.usage or {}) | {"performance": performance}
-        return _dumps(body), json.dumps(performance, separators=(",", ":")).encode()
+        return _dumps(body), json.dumps(performance, separators=(",", ":")).encode()  # a header: ASCII
 
     def _finish(self, exchange: _Exchange, end_ns: int) -> dict[str, Any]:
         engine = exchange.engine

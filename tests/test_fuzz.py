@@ -128,6 +128,9 @@ CHAT = "/v1/chat/completions"
         ("not JSON", b"\x00\x01\x02 not json"),
         ("a JSON string", b'"hello"'),
         ("a huge number", b'{"model": "mock-model", "max_tokens": 1' + b"0" * 5000 + b"}"),
+        # What Python's own parser takes and JSON does not: a lone surrogate cannot be written on in UTF-8.
+        ("a lone surrogate", b'{"model": "mock-model", "stream": true, "messages": [{"content": "\\ud800"}]}'),
+        ("NaN", b'{"model": "mock-model", "messages": [], "temperature": NaN}'),
     ],
 )
 def test_hostile_bodies_get_a_clear_400(sidecar: SidecarProcess, name: str, body: bytes) -> None:

@@ -76,9 +76,12 @@ def test_stream_options_of_the_clients_own_are_kept_and_usage_asked_for(
     assert json.loads(_Recording.bodies[-1])["stream_options"] == {"include_usage": True}
 
 
-def test_a_body_in_utf16_is_sent_on_as_utf8_json(sidecar: SidecarProcess) -> None:
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-8-sig"])
+def test_a_body_in_utf16_or_with_a_byte_order_mark_is_sent_on_as_utf8_json(
+    sidecar: SidecarProcess, encoding: str
+) -> None:
     body = {"model": "fake", "messages": [{"role": "user", "content": "é"}], "stream": True}
-    response = _post(sidecar, json.dumps(body).encode("utf-16"))
+    response = _post(sidecar, json.dumps(body).encode(encoding))
     assert response.status_code == 200, response.text
     assert json.loads(_Recording.bodies[-1].decode("utf-8")) == body | {"stream_options": {"include_usage": True}}
 
