@@ -64,7 +64,10 @@ log = get_logger("sidecar.workers")
 RESPAWN_DELAY_S = 1.0
 _SETTINGS_ENV = "SIDECAR_WORKER_SETTINGS"
 _TOKEN_ENV = "SIDECAR_WORKER_TOKEN"
-_FORWARD_DROPPED = frozenset({"connection", "keep-alive", "transfer-encoding", "upgrade", "host", "content-length"})
+# Hop-by-hop and length headers, and the request id: each side of a forwarded call sets its own.
+_FORWARD_DROPPED = frozenset(
+    {"connection", "keep-alive", "transfer-encoding", "upgrade", "host", "content-length", "x-request-id"}
+)
 
 
 def supervisor_socket(settings: Settings) -> Path:
@@ -370,7 +373,7 @@ def worker_routes(
 
     async def forward(request: Request) -> Response:
         """Any other route: answered by the supervisor's process, streamed back (the engine's logs too)."""
-        headers = [(k, v) for k, v in request.headers.items() if k not in _FORWARD_DROPPED and k != "x-request-id"]
+        headers = [(k, v) for k, v in request.headers.items() if k not in _FORWARD_DROPPED]
         headers.append(("x-request-id", request.scope["state"]["request_id"]))  # one id in both access lines
         outgoing = supervisor.build_request(
             request.method,
@@ -383,7 +386,7 @@ def worker_routes(
             answer = await supervisor.send(outgoing, stream=True)
         except httpx.HTTPError as exc:
             raise ServiceUnavailable(f"the sidecar's supervising process did not answer: {exc}") from None
-        kept = {k: v for k, v in answer.headers.items() if k not in _FORWARD_DROPPED and k != "x-request-id"}
+        kept = {k: v for k, v in answer.headers.items() if k not in _FORWARD_DROPPED}
         return StreamingResponse(
             answer.aiter_raw(), status_code=answer.status_code, headers=kept, background=BackgroundTask(answer.aclose)
         )
