@@ -10,12 +10,19 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
+def _bench(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    """`python -m bench` with these arguments, run to its end: it must succeed."""
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result
+
+
 def test_bench_measures_the_sidecar_against_direct(tmp_path: Path) -> None:
     """The default run: the fast engine, every level, the cost split and the memory checks."""
     out = tmp_path / "results"
-    command = [sys.executable, "-m", "bench", "--concurrency", "1,16", "--seconds", "0.5", "--rounds", "1"]
-    result = subprocess.run([*command, "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=180)
-    assert result.returncode == 0, result.stderr[-2000:]
+    result = _bench("--concurrency", "1,16", "--seconds", "0.5", "--rounds", "1", "--out", str(out), timeout=180)
     assert "chunks/s ratio" in result.stdout and "engine check at 16 streams" in result.stdout
     results = json.loads((out / "results.json").read_text())
     assert results["engine"] == "fast"
@@ -38,10 +45,11 @@ def test_bench_measures_the_sidecar_against_direct(tmp_path: Path) -> None:
 
 def test_bench_in_front_of_the_mock_engine_loaded_by_the_sidecar(tmp_path: Path) -> None:
     out = tmp_path / "results"
-    command = [sys.executable, "-m", "bench", "--engine", "mock", "--concurrency", "1,4", "--seconds", "0.5"]
-    command += ["--rounds", "1", "--no-cost-split", "--skip-memory", "--history-bytes", "20000", "--out", str(out)]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-2000:]
+    _bench(
+        *("--engine", "mock", "--concurrency", "1,4", "--seconds", "0.5", "--rounds", "1", "--no-cost-split"),
+        *("--skip-memory", "--history-bytes", "20000", "--out", str(out)),
+        timeout=120,
+    )
     results = json.loads((out / "results.json").read_text())
     assert results["engine"] == "mock" and results["memory"] is None and results["cost_split"] is None
     assert results["settings"]["history_bytes"] == 20000  # every request carried a 20 KB conversation
@@ -52,10 +60,11 @@ def test_bench_in_front_of_the_mock_engine_loaded_by_the_sidecar(tmp_path: Path)
 
 def test_bench_compares_counts_of_workers(tmp_path: Path) -> None:
     out = tmp_path / "results"
-    command = [sys.executable, "-m", "bench", "--workers", "1,2", "--concurrency", "1,8", "--seconds", "0.5"]
-    command += ["--rounds", "1", "--no-cost-split", "--skip-memory", "--nginx", "off", "--out", str(out)]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=180)
-    assert result.returncode == 0, result.stderr[-2000:]
+    result = _bench(
+        *("--workers", "1,2", "--concurrency", "1,8", "--seconds", "0.5", "--rounds", "1", "--no-cost-split"),
+        *("--skip-memory", "--nginx", "off", "--out", str(out)),
+        timeout=180,
+    )
     assert "relayed chunks/s at 8 streams by SIDECAR_WORKERS" in result.stdout
     scaling = json.loads((out / "scaling.json").read_text())["scaling"]
     assert [row["workers"] for row in scaling] == [1, 2] and scaling[0]["vs_first"] == 1.0
