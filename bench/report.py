@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -17,42 +18,58 @@ TARGETS = {
 }
 
 
-def _merged(runs: list[PhaseResult]) -> tuple[list[float], float, int, int, str | None]:
+@dataclass
+class _Merged:
+    """One target's phases at one level, taken together."""
+
+    ttfts: list[float]  # sorted
+    added_basis: list[float]  # what added TTFT is computed from: the path's TTFTs where known, else `ttfts`
+    rate: float
+    chunks: int
+    errors: int
+    first_error: str | None
+
+
+def _merged(runs: list[PhaseResult]) -> _Merged:
     ttfts = sorted(t for run in runs for t in run.ttfts_ms)
+    path_ttfts = sorted(t for run in runs for t in run.path_ttfts_ms)
+    # Where the engine said its own TTFT for every request, added TTFT compares the path's (the client's TTFT
+    # less the engine's): the engine's 1 ms clock moves a first token by up to a millisecond, a proxy's whole
+    # added TTFT at low concurrency, and that blur does not cancel between two phases of a few dozen requests.
+    basis = path_ttfts if path_ttfts and len(path_ttfts) == len(ttfts) else ttfts
     chunks = sum(run.chunks for run in runs)
     seconds = sum(run.seconds for run in runs)
     errors = sum(run.errors for run in runs)
     first_error = next((run.first_error for run in runs if run.first_error), None)
-    return ttfts, chunks / seconds if seconds else 0.0, chunks, errors, first_error
+    return _Merged(ttfts, basis, chunks / seconds if seconds else 0.0, chunks, errors, first_error)
 
 
-def _proxy_figures(
-    d_ttft: list[float], d_rate: float, runs: list[PhaseResult], cpu_s: float, peak_rss_mb: float
-) -> dict[str, Any]:
-    p_ttft, p_rate, p_chunks, p_errors, p_error = _merged(runs)
+def _proxy_figures(direct: _Merged, runs: list[PhaseResult], cpu_s: float, peak_rss_mb: float) -> dict[str, Any]:
+    proxied = _merged(runs)
 
     def q(values: list[float], level: float) -> float | None:
         return round(percentile(values, level), 3) if values else None
 
     def added(level: float) -> float | None:
-        a, b = q(p_ttft, level), q(d_ttft, level)
+        a, b = q(proxied.added_basis, level), q(direct.added_basis, level)
         return None if a is None or b is None else round(a - b, 3)
 
-    cpu_per_chunk = cpu_s / p_chunks if p_chunks else None
+    cpu_per_chunk = cpu_s / proxied.chunks if proxied.chunks else None
     return {
-        "proxied_ttft_p50_ms": q(p_ttft, 50),
-        "proxied_ttft_p99_ms": q(p_ttft, 99),
+        "proxied_ttft_p50_ms": q(proxied.ttfts, 50),
+        "proxied_ttft_p99_ms": q(proxied.ttfts, 99),
         "added_ttft_p50_ms": added(50),
         "added_ttft_p99_ms": added(99),
-        "proxied_chunks_per_s": round(p_rate, 1),
-        "throughput_ratio": round(p_rate / d_rate, 3) if d_rate else None,
-        "errors": p_errors,
-        "first_error": p_error,
+        "added_ttft_engine_timed": proxied.added_basis is not proxied.ttfts and direct.added_basis is not direct.ttfts,
+        "proxied_chunks_per_s": round(proxied.rate, 1),
+        "throughput_ratio": round(proxied.rate / direct.rate, 3) if direct.rate else None,
+        "errors": proxied.errors,
+        "first_error": proxied.first_error,
         "proxy_cpu_s_per_1k_chunks": None if cpu_per_chunk is None else round(cpu_per_chunk * 1000, 4),
         "proxy_peak_rss_mb": round(peak_rss_mb, 1) if peak_rss_mb else None,
         # The share of one core the proxy would spend relaying the engine's direct rate: 2 or more, the engine
         # is at least twice as fast as the proxy can relay on a core, so the ratios measure the proxy.
-        "core_share_at_direct_rate": None if cpu_per_chunk is None else round(cpu_per_chunk * d_rate, 3),
+        "core_share_at_direct_rate": None if cpu_per_chunk is None else round(cpu_per_chunk * direct.rate, 3),
     }
 
 
@@ -63,17 +80,17 @@ def summarize(
     main: str,
 ) -> dict[str, Any]:
     """One level's figures: the main proxy's at the top level, every other proxy's under its name."""
-    d_ttft, d_rate, _, d_errors, d_error = _merged(direct)
-    figures = {name: _proxy_figures(d_ttft, d_rate, *measured) for name, measured in proxied.items()}
+    merged = _merged(direct)
+    figures = {name: _proxy_figures(merged, *measured) for name, measured in proxied.items()}
     level: dict[str, Any] = {
         "concurrency": concurrency,
-        "direct_ttft_p50_ms": round(percentile(d_ttft, 50), 3) if d_ttft else None,
-        "direct_ttft_p99_ms": round(percentile(d_ttft, 99), 3) if d_ttft else None,
-        "direct_chunks_per_s": round(d_rate, 1),
-        "direct_errors": d_errors,
+        "direct_ttft_p50_ms": round(percentile(merged.ttfts, 50), 3) if merged.ttfts else None,
+        "direct_ttft_p99_ms": round(percentile(merged.ttfts, 99), 3) if merged.ttfts else None,
+        "direct_chunks_per_s": round(merged.rate, 1),
+        "direct_errors": merged.errors,
         **figures[main],
     }
-    level["first_error"] = level["first_error"] or d_error
+    level["first_error"] = level["first_error"] or merged.first_error
     for name, other in figures.items():
         if name != main:
             level[name] = other
@@ -137,6 +154,10 @@ def write_table(results: dict[str, Any], out: TextIO) -> None:
             out.write(" | ".join(_cell(cell) for cell in [*cells, met]) + "\n")
         if level["first_error"]:
             out.write(f"    first error: {level['first_error']}\n")
+    if all(level["added_ttft_engine_timed"] for level in results["levels"]):
+        out.write(
+            "+TTFT: the path's, each client TTFT less the engine's own TTFT for that request (the engine says it)\n"
+        )
     if results.get("reference"):
         name = results["reference"]
         out.write(f"\n{results['proxy']} against {name}: CPU per chunk ratio, added TTFT p50 difference (ms)\n")

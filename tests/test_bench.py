@@ -5,7 +5,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import httpx
+
+from bench.fast_engine import ENGINE_TTFT_FIELD
+from bench.processes import wait_ok
+from sidecar.engine import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -31,6 +38,8 @@ def test_bench_measures_the_sidecar_against_direct(tmp_path: Path) -> None:
         assert level["errors"] == 0 and level["direct_errors"] == 0, level["first_error"]
         assert level["throughput_ratio"] > 0 and level["proxy_cpu_s_per_1k_chunks"] > 0
         assert level["direct_chunks_per_s"] > 0 and level["core_share_at_direct_rate"] > 0
+        assert level["added_ttft_engine_timed"] and level["nginx"]["added_ttft_engine_timed"]  # the engine said it
+    assert "+TTFT: the path's" in result.stdout
     split = results["cost_split"]["sidecar"]
     assert [phase["tokens"] for phase in split["phases"]] == [32, 256]
     short, long = split["phases"]
@@ -54,6 +63,7 @@ def test_bench_in_front_of_the_mock_engine_loaded_by_the_sidecar(tmp_path: Path)
     assert results["engine"] == "mock" and results["memory"] is None and results["cost_split"] is None
     assert results["settings"]["history_bytes"] == 20000  # every request carried a 20 KB conversation
     for level in results["levels"]:
+        assert level["added_ttft_engine_timed"] is False  # the mock does not say its TTFT: client TTFTs compared
         assert level["errors"] == 0 and level["direct_errors"] == 0, level["first_error"]
         assert level["throughput_ratio"] > 0 and level["proxy_cpu_s_per_1k_chunks"] > 0
 
@@ -70,3 +80,27 @@ def test_bench_compares_counts_of_workers(tmp_path: Path) -> None:
     assert [row["workers"] for row in scaling] == [1, 2] and scaling[0]["vs_first"] == 1.0
     for row in scaling:
         assert row["errors"] == 0 and row["chunks_per_s"] > 0 and row["cpu_s_per_1k_chunks"] > 0
+
+
+def test_fast_engine_says_its_own_ttft() -> None:
+    """The first token carries the engine's own TTFT, which the bench takes from the client's."""
+    port = free_port()
+    argv = [sys.executable, "-m", "bench.fast_engine", "--port", str(port), "--ttft-ms", "40"]
+    engine = subprocess.Popen(argv, cwd=REPO)
+    try:
+        wait_ok(f"http://127.0.0.1:{port}/health")
+        body = {"stream": True, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+        started = time.perf_counter()
+        with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", json=body) as response:
+            events = [line[6:] for line in response.iter_lines() if line.startswith("data: {")]
+            client_ttft_ms = (time.perf_counter() - started) * 1000
+    finally:
+        engine.terminate()
+        engine.wait()
+    role, first, *rest = (json.loads(event) for event in events)
+    assert role["choices"][0]["delta"] == {"role": "assistant", "content": ""} and ENGINE_TTFT_FIELD not in role
+    engine_ttft_ms = first[ENGINE_TTFT_FIELD] / 1000
+    # Its 1 ms clock counts from the last tick it ran, which may be a few behind on a busy machine.
+    assert 35 <= engine_ttft_ms <= client_ttft_ms
+    assert all(ENGINE_TTFT_FIELD not in event for event in rest)  # the other tokens are the shared, encoded one
+    assert first["choices"] == rest[0]["choices"]
