@@ -159,6 +159,7 @@ def _assemble(
     app = _SidecarApp(
         generation=dataplane.generation_paths(proxy),
         outer=_middleware(settings, watch, internal_token, proxy.worker),
+        settings=settings,
         routes=[*routes, dataplane.passthrough_route(proxy)],
         exception_handlers=_EXCEPTION_HANDLERS,
         lifespan=lifespan,
@@ -181,8 +182,8 @@ _EXCEPTION_HANDLERS: dict[Any, Any] = {
 def _middleware(
     settings: Settings, watch: Telemetry, internal_token: str | None, worker: int | None
 ) -> list[Middleware]:
-    # Outermost first: every response gets a request id and an access line, CORS preflights need no key,
-    # auth comes before anything reads the body.
+    """The layers every request passes first, outermost first: a request id and an access line for every
+    response, then CORS (preflights need no key). Auth, then the body limit, come after them (`_SidecarApp`)."""
     observe = watch.metrics.observe_request
     middleware = [Middleware(RequestContextMiddleware, observe, internal_token=internal_token, worker=worker)]
     if settings.cors_origins:
@@ -195,43 +196,50 @@ def _middleware(
                 expose_headers=["X-Request-ID", "X-Performance-Metrics"],
             )
         )
-    middleware += [
-        Middleware(
-            AuthMiddleware,
-            data_keys=settings.data_keys,
-            control_keys=settings.control_keys,
-            metrics_require_key=settings.metrics_require_key,
-        ),
-        Middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes),
-    ]
     return middleware
 
 
 class _SidecarApp(Starlette):
     """Starlette, with the generation routes served before its router and its two error middlewares.
 
-    Every token of every stream passes the layers between the server and the proxy, and every request the
-    router's walk over the routes: for the two routes that carry the traffic, the sidecar's own middleware
-    hands the request straight to the proxy (SidecarError answered there), which took about a tenth of the
-    sidecar's CPU per request. Every other route goes the usual way, inside the same middleware.
+    Every token of every stream passes the layers between the server and the proxy, and every resumption of a
+    request's task passes through each of them again: for the two routes that carry the traffic, the request
+    goes from the outer middlewares straight to the proxy, with auth and the body limit checked as calls rather
+    than layers (SidecarError answered there). Every other route goes the usual way: auth, the body limit,
+    then Starlette's error middlewares and router.
     """
 
-    def __init__(self, generation: dict[str, AsgiHandler], outer: list[Middleware], **kwargs: Any) -> None:
+    def __init__(
+        self, generation: dict[str, AsgiHandler], outer: list[Middleware], settings: Settings, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         self.generation = generation
         self.outer = outer
+        self.sidecar_settings = settings
 
     def build_middleware_stack(self) -> ASGIApp:
-        app: ASGIApp = _GenerationRoutes(self.generation, super().build_middleware_stack())
+        settings = self.sidecar_settings
+        body_limit = BodyLimitMiddleware(super().build_middleware_stack(), max_bytes=settings.max_body_bytes)
+        auth = AuthMiddleware(
+            body_limit,
+            data_keys=settings.data_keys,
+            control_keys=settings.control_keys,
+            metrics_require_key=settings.metrics_require_key,
+        )
+        app: ASGIApp = _GenerationRoutes(self.generation, auth, auth, body_limit)
         for cls, args, kwargs in reversed(self.outer):
             app = cls(app, *args, **kwargs)
         return app
 
 
 class _GenerationRoutes:
-    def __init__(self, routes: dict[str, AsgiHandler], rest: ASGIApp) -> None:
+    def __init__(
+        self, routes: dict[str, AsgiHandler], rest: ASGIApp, auth: AuthMiddleware, body_limit: BodyLimitMiddleware
+    ) -> None:
         self.routes = routes
         self.rest = rest
+        self.auth = auth
+        self.body_limit = body_limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         handler = self.routes.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
@@ -239,7 +247,8 @@ class _GenerationRoutes:
             await self.rest(scope, receive, send)
             return
         try:
-            await handler(scope, receive, send)
+            self.auth.check(scope)  # before anything reads the body
+            await handler(scope, self.body_limit.bounded(scope, receive), send)
         except SidecarError as exc:  # raised before the response started, as with Starlette's handlers
             await send_error(exc, scope, receive, send)
 

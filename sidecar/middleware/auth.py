@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from sidecar.errors import Forbidden, Unauthorized, send_error
+from sidecar.errors import Forbidden, SidecarError, Unauthorized, send_error
 from sidecar.middleware.request_context import log_fields
 
 
@@ -28,9 +28,10 @@ def plane_for(path: str, metrics_require_key: bool = False) -> Plane:
     return Plane.OPEN
 
 
-def key_fingerprint(key: str) -> str:
-    """What the logs show instead of a key: enough to tell keys apart, useless to an attacker."""
-    return hashlib.sha256(key.encode()).hexdigest()[:12]
+def _fingerprint(digest: bytes) -> str:
+    """What the logs show instead of a key (the first 12 hex digits of its SHA-256): enough to tell keys apart,
+    useless to an attacker."""
+    return digest.hex()[:12]
 
 
 def _digest(key: str) -> bytes:
@@ -64,22 +65,26 @@ class AuthMiddleware:
         }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+        if scope["type"] == "http":
+            try:
+                self.check(scope)
+            except SidecarError as error:
+                await send_error(error, scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    def check(self, scope: Scope) -> None:
+        """Raise the 401 or 403 this request earns; return where it may pass (an open path, no keys configured,
+        or a key accepted). The app's generation routes call it directly, outside the middleware's layer."""
         plane = plane_for(scope["path"], self.metrics_require_key)
         accepted = self.digests.get(plane)
         if not accepted:  # an open path, or no keys configured (loopback only)
-            await self.app(scope, receive, send)
             return
-
         key = _presented_key(Headers(scope=scope))
         if key is None:
-            error = Unauthorized("missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'")
-            await send_error(error, scope, receive, send)
-            return
-        log_fields(scope)["key_fingerprint"] = key_fingerprint(key)
+            raise Unauthorized("missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'")
         presented = _digest(key)
+        log_fields(scope)["key_fingerprint"] = _fingerprint(presented)
         matched = False
         for digest in accepted:  # no early exit: every key is compared
             matched |= hmac.compare_digest(presented, digest)
@@ -87,6 +92,4 @@ class AuthMiddleware:
             message = "invalid API key"
             if plane is Plane.CONTROL:
                 message += " for the control plane (an admin key is needed)"
-            await send_error(Forbidden(message), scope, receive, send)
-            return
-        await self.app(scope, receive, send)
+            raise Forbidden(message)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from sidecar.errors import BadRequest, PayloadTooLarge, send_error
+from sidecar.errors import BadRequest, PayloadTooLarge, SidecarError, send_error
 
 
 class BodyLimitMiddleware:
@@ -17,18 +17,25 @@ class BodyLimitMiddleware:
         return PayloadTooLarge(f"request body is larger than the limit of {self.max_bytes} bytes")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+        if scope["type"] == "http":
+            try:
+                receive = self.bounded(scope, receive)
+            except SidecarError as error:
+                await send_error(error, scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
+    def bounded(self, scope: Scope, receive: Receive) -> Receive:
+        """The request's `receive`, which raises 413 past the limit; a declared length over it (or not a number)
+        raises here. A declared length within it bounds the body already (HTTP's framing ends the body there):
+        `receive` is returned as it is. The app's generation routes call it directly, outside the layer."""
         declared = Headers(scope=scope).get("content-length")
         if declared is not None:
             if not declared.isdigit():
-                await send_error(BadRequest("invalid Content-Length header"), scope, receive, send)
-                return
+                raise BadRequest("invalid Content-Length header")
             if int(declared) > self.max_bytes:
-                await send_error(self._too_large(), scope, receive, send)
-                return
+                raise self._too_large()
+            return receive
 
         received = 0
 
@@ -42,4 +49,4 @@ class BodyLimitMiddleware:
                     raise self._too_large()
             return message
 
-        await self.app(scope, limited_receive, send)
+        return limited_receive

@@ -77,24 +77,25 @@ class RequestContextMiddleware:
 
         internal = self.internal_token is not None and _carries(scope, self.internal_token)
         scope["state"]["internal"] = internal  # the internal routes answer only these
-        with structlog.contextvars.bound_contextvars(request_id=request_id):
-            try:
-                await self.app(scope, receive, send_with_id)
-            except Exception:
-                log.exception("unhandled_error", method=scope["method"], path=scope["path"])
-                if status is None:
-                    await send_error(internal_error(), scope, receive, send_with_id)
-            finally:
-                (log.debug if internal else log.info)(
-                    "request",
-                    method=scope["method"],
-                    path=scope["path"],
-                    status=status,
-                    duration_ms=round((time.perf_counter() - start) * 1000, 3),
-                    **fields,
-                )
-                if self.on_complete is not None and not internal:
-                    self.on_complete(scope["path"], status, fields)
+        bound = structlog.contextvars.bind_contextvars(request_id=request_id)
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            log.exception("unhandled_error", method=scope["method"], path=scope["path"])
+            if status is None:
+                await send_error(internal_error(), scope, receive, send_with_id)
+        finally:
+            (log.debug if internal else log.info)(
+                "request",
+                method=scope["method"],
+                path=scope["path"],
+                status=status,
+                duration_ms=round((time.perf_counter() - start) * 1000, 3),
+                **fields,
+            )
+            structlog.contextvars.reset_contextvars(**bound)
+            if self.on_complete is not None and not internal:
+                self.on_complete(scope["path"], status, fields)
 
 
 def _carries(scope: Scope, token: bytes) -> bool:

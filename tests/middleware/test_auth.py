@@ -91,3 +91,15 @@ def test_keys_over_real_http(start_sidecar: Callable[..., SidecarProcess]) -> No
         assert client.get(DATA_PATH, headers=api_key("data-key-two")).status_code == 503
         assert client.get(CONTROL_PATH, headers=bearer("data-key-one")).status_code == 403
         assert client.get(CONTROL_PATH, headers=api_key("admin-key-one")).status_code == 200
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+async def test_generation_routes_check_the_key_then_the_body_limit(path: str) -> None:
+    """The routes served before the router check keys and the body limit as the layers do, in the same order."""
+    too_big = b"{" + b" " * 100 + b"}"
+    async with client_for(api_keys=DATA_KEYS, admin_keys=ADMIN_KEYS, max_body_bytes=64) as client:
+        assert (await client.post(path, content=too_big)).status_code == 401
+        assert (await client.post(path, content=too_big, headers=bearer("wrong-key"))).status_code == 403
+        assert (await client.post(path, content=too_big, headers=bearer("data-key-one"))).status_code == 413
+        small = {"model": "m", "prompt": "hi"}
+        assert (await client.post(path, json=small, headers=bearer("data-key-one"))).status_code == 503  # no engine
