@@ -226,7 +226,7 @@ class _SidecarApp(Starlette):
             control_keys=settings.control_keys,
             metrics_require_key=settings.metrics_require_key,
         )
-        app: ASGIApp = _GenerationRoutes(self.generation, auth, auth, body_limit)
+        app: ASGIApp = _GenerationRoutes(self.generation, rest=auth, auth=auth, body_limit=body_limit)
         for cls, args, kwargs in reversed(self.outer):
             app = cls(app, *args, **kwargs)
         return app
