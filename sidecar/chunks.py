@@ -1,7 +1,7 @@
 """What the proxy reads in the engine's streamed chunks, and how it builds a whole answer from them.
 
 The hot path asks one question of every chunk: does it carry generated output? `has_output` answers it on
-the raw bytes with one regex search, which costs a fraction of parsing the JSON; `carries_output` is the
+the raw bytes with a substring or regex search, which costs a fraction of parsing the JSON; `carries_output` is the
 same question on a parsed chunk, for the rarer paths that parse anyway (several choices, assembly).
 """
 
@@ -19,13 +19,25 @@ _OUTPUT = re.compile(
     rb'|"tool_calls"\s*:\s*\[\s*\{'
     rb'|"function_call"\s*:\s*\{'
 )
-USAGE_KEY = b'"usage"'
-TIMINGS_KEYS = (b'"timings"', b'"metrics"')  # llama.cpp's timings, vLLM's per-request metrics
+# The keys of what the proxy parses a chunk for: usage, llama.cpp's timings, vLLM's per-request metrics. One
+# search for the three: three substring searches cost twice as much (each stops at every quote of the JSON).
+_MEASURES = re.compile(rb'"(?:usage|timings|metrics)"')
+
+
+# What most output chunks hold, as engines write their JSON (no spaces): a search for a literal, which the regex
+# engine runs as a plain substring search, a third of `_OUTPUT`'s cost (it tries its alternatives at every quote).
+_CONTENT = re.compile(rb'"content":"[^"]')
 
 
 def has_output(data: bytes) -> bool:
     """Whether a chunk's JSON carries generated output, without parsing it: agrees with `carries_output`."""
-    return _OUTPUT.search(data) is not None
+    return _CONTENT.search(data) is not None or _OUTPUT.search(data) is not None
+
+
+def carries_measures(data: bytes) -> bool:
+    """Whether a chunk's JSON may carry usage or the engine's timings, without parsing it (a text that mentions
+    one of the keys only costs a parse)."""
+    return _MEASURES.search(data) is not None
 
 
 def choice_has_output(choice: Any) -> bool:

@@ -25,9 +25,8 @@ from starlette.types import Receive, Scope, Send
 
 from sidecar.admission import Admission, ClientLeft
 from sidecar.chunks import (
-    TIMINGS_KEYS,
-    USAGE_KEY,
     Assembler,
+    carries_measures,
     choice_has_output,
     engine_timings,
     has_output,
@@ -499,7 +498,7 @@ class Proxy:
                                 out.append(await self._counted_usage_event(exchange, out, last_data, now))
                         elif data is not None:
                             last_data = data
-                            if parse_every or USAGE_KEY in data or TIMINGS_KEYS[0] in data or TIMINGS_KEYS[1] in data:
+                            if parse_every or carries_measures(data):
                                 parsed = _loads(data)
                                 if parsed is not None:
                                     self._measure_parsed(exchange, parsed, now)

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sidecar.chunks import Assembler, carries_output, has_output, is_usage_chunk
+from sidecar.chunks import Assembler, carries_measures, carries_output, has_output, is_usage_chunk
 
 CHUNKS: list[tuple[dict[str, Any], bool]] = [
     ({"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}, False),
@@ -60,6 +60,22 @@ def test_the_raw_check_agrees_with_the_parsed_one(choices: list[dict[str, Any]],
     chunk = {"id": "c", "choices": choices}
     raw = json.dumps(chunk, separators=(",", ":") if compact else None).encode()
     assert has_output(raw) is carries_output(chunk)
+
+
+@pytest.mark.parametrize(
+    ("chunk", "expected"),
+    [
+        ({"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2}}, True),  # OpenAI's usage chunk
+        ({"choices": [{"index": 0, "delta": {"content": "x"}}], "usage": None}, True),  # vLLM, continuous usage
+        ({"choices": [{"index": 0, "delta": {}}], "timings": {"predicted_ms": 9.5}}, True),  # llama.cpp
+        ({"choices": [{"index": 0, "delta": {}}], "metrics": {"arrival_time": 1.0}}, True),  # vLLM's metrics
+        ({"choices": [{"index": 0, "delta": {"content": "tok "}, "finish_reason": None}]}, False),
+        ({"choices": [{"index": 0, "delta": {"content": 'the "usage" and "timings" keys'}}]}, False),  # escaped
+    ],
+)
+def test_chunks_with_usage_or_timings_are_found_unparsed(chunk: dict[str, Any], expected: bool) -> None:
+    for separators in ((",", ":"), (", ", ": ")):
+        assert carries_measures(json.dumps(chunk, separators=separators).encode()) is expected
 
 
 def test_usage_chunk() -> None:
