@@ -1,8 +1,8 @@
 """What the proxy reads in the engine's streamed chunks, and how it builds a whole answer from them.
 
 The hot path asks one question of every chunk: does it carry generated output? `has_output` answers it on
-the raw bytes with a substring or regex search, which costs a fraction of parsing the JSON; `carries_output` is the
-same question on a parsed chunk, for the rarer paths that parse anyway (several choices, assembly).
+the raw bytes with a regex search or two, which costs a fraction of parsing the JSON; `carries_output` is
+the same question on a parsed chunk, for the rarer paths that parse anyway (several choices, assembly).
 """
 
 from __future__ import annotations
@@ -22,8 +22,6 @@ _OUTPUT = re.compile(
 # The keys of what the proxy parses a chunk for: usage, llama.cpp's timings, vLLM's per-request metrics. One
 # search for the three: three substring searches cost twice as much (each stops at every quote of the JSON).
 _MEASURES = re.compile(rb'"(?:usage|timings|metrics)"')
-
-
 # What most output chunks hold, as engines write their JSON (no spaces): a search for a literal, which the regex
 # engine runs as a plain substring search, a third of `_OUTPUT`'s cost (it tries its alternatives at every quote).
 _CONTENT = re.compile(rb'"content":"[^"]')
