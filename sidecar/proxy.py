@@ -19,8 +19,6 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import orjson
-from starlette.datastructures import Headers
-from starlette.requests import Request
 from starlette.types import Receive, Scope, Send
 
 from sidecar.admission import Admission, ClientLeft
@@ -35,7 +33,7 @@ from sidecar.chunks import (
 from sidecar.engine import Engine
 from sidecar.errors import BadGateway, BadRequest, GatewayTimeout, SidecarError, engine_error_body
 from sidecar.history import RequestHistory
-from sidecar.http import disconnected, read_json_object
+from sidecar.http import disconnected, header, json_object, read_body
 from sidecar.logs import get_logger
 from sidecar.middleware.request_context import log_fields
 from sidecar.performance import PerformanceMeter
@@ -98,12 +96,11 @@ def _request_bytes(body: dict[str, Any]) -> bytes:
 
 
 def _request_headers(scope: Scope, request_id: str, json_body: bool, engine: Engine) -> dict[str, str]:
-    headers = Headers(scope=scope)
-    named_in_connection = {name.strip().lower() for name in headers.get("connection", "").split(",")}
+    named_in_connection = {name.strip().lower() for name in (header(scope, b"connection") or "").split(",")}
     forwarded = {
-        name: value
-        for name, value in headers.items()
-        if name not in _REQUEST_HEADERS_DROPPED and name not in named_in_connection
+        name: value.decode("latin-1")
+        for raw_name, value in scope["headers"]
+        if (name := raw_name.decode("latin-1")) not in _REQUEST_HEADERS_DROPPED and name not in named_in_connection
     }
     forwarded["x-request-id"] = request_id
     if json_body:  # checked to be JSON already: say so, whatever the client's curl -d claimed
@@ -209,15 +206,14 @@ class Proxy:
 
     async def generate(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Chat and text completions: streamed through, or streamed from the engine and assembled."""
-        request = Request(scope, receive)
-        body = await read_json_object(request)  # a bad body is a 400 whether or not an engine is loaded
+        raw = await read_body(receive)
+        body = json_object(raw)  # a bad body is a 400 whether or not an engine is loaded
         start_ns = time.perf_counter_ns()
         stream, options, n = _generation_fields(body)
         client_usage = stream and options is not None and options.get("include_usage") is True
         loaded = self.supervisor.engine
         assemble = not stream and self.settings.assemble_non_streaming
         translated = loaded.adapter.translate_request(body) if loaded is not None else body
-        raw = await request.body()
         if stream and not client_usage or assemble:
             # Ask for usage to count tokens; the chunk is removed again before the client sees it.
             sent = translated | {"stream": True, "stream_options": (options or {}) | {"include_usage": True}}
@@ -242,14 +238,14 @@ class Proxy:
         await self._exchange(scope, receive, send, start_ns, payload, relay, prompt=sent)
 
     async def embeddings(self, scope: Scope, receive: Receive, send: Send) -> None:
-        request = Request(scope, receive)
-        await read_json_object(request)
+        raw = await read_body(receive)
+        json_object(raw)
         start_ns = time.perf_counter_ns()
-        await self._exchange(scope, receive, send, start_ns, await request.body(), self._relay_whole)
+        await self._exchange(scope, receive, send, start_ns, raw, self._relay_whole)
 
     async def passthrough(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Any other /v1/* path: the request and the answer as they are, the answer streamed."""
-        payload = await Request(scope, receive).body()
+        payload = await read_body(receive)
         start_ns = time.perf_counter_ns()
         await self._exchange(scope, receive, send, start_ns, payload, self._relay_raw, measured=False)
 

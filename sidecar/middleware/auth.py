@@ -7,10 +7,10 @@ import hashlib
 import hmac
 from collections.abc import Iterable
 
-from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from sidecar.errors import Forbidden, SidecarError, Unauthorized, send_error
+from sidecar.http import header
 from sidecar.middleware.request_context import log_fields
 
 
@@ -39,13 +39,13 @@ def _digest(key: str) -> bytes:
     return hashlib.sha256(key.encode()).digest()
 
 
-def _presented_key(headers: Headers) -> str | None:
-    authorization = headers.get("authorization")
+def _presented_key(scope: Scope) -> str | None:
+    authorization = header(scope, b"authorization")
     if authorization:
         scheme, _, credentials = authorization.partition(" ")
         if scheme.lower() == "bearer" and credentials.strip():
             return credentials.strip()
-    api_key = headers.get("x-api-key")
+    api_key = header(scope, b"x-api-key")
     return api_key.strip() if api_key and api_key.strip() else None
 
 
@@ -80,7 +80,7 @@ class AuthMiddleware:
         accepted = self.digests.get(plane)
         if not accepted:  # an open path, or no keys configured (loopback only)
             return
-        key = _presented_key(Headers(scope=scope))
+        key = _presented_key(scope)
         if key is None:
             raise Unauthorized("missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'")
         presented = _digest(key)

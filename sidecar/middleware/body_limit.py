@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sidecar.errors import BadRequest, PayloadTooLarge, SidecarError, send_error
+from sidecar.http import header
 
 
 class BodyLimitMiddleware:
@@ -29,7 +29,7 @@ class BodyLimitMiddleware:
         """The request's `receive`, which raises 413 past the limit; a declared length over it (or not a number)
         raises here. A declared length within it bounds the body already (HTTP's framing ends the body there):
         `receive` is returned as it is. The app's generation routes call it directly, outside the layer."""
-        declared = Headers(scope=scope).get("content-length")
+        declared = header(scope, b"content-length")
         if declared is not None:
             if not declared.isdigit():
                 raise BadRequest("invalid Content-Length header")
