@@ -247,6 +247,17 @@ def get_logger(name: str) -> Any:
     return structlog.get_logger(name)
 
 
+def write_record(name: str, method: str, event_dict: EventDict) -> None:
+    """One record through the configured chain, as `get_logger(name).<method>(**event_dict)` would send it, without
+    structlog's logger objects: for the access line, written once a request (they cost 6-7 µs of its 40)."""
+    logger = _Named(name)
+    try:
+        for processor in _PROCESSORS:
+            event_dict = cast(EventDict, processor(logger, method, event_dict))
+    except structlog.DropEvent:
+        pass
+
+
 @contextmanager
 def timer(log: Any, event: str, **fields: Any) -> Iterator[dict[str, Any]]:
     """Log `event` with its duration_ms when the block ends; the block may add fields to the yielded dict."""

@@ -14,7 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sidecar.errors import internal_error, send_error
 from sidecar.http import header
-from sidecar.logs import get_logger
+from sidecar.logs import get_logger, write_record
 
 log = get_logger("sidecar.access")
 
@@ -86,13 +86,19 @@ class RequestContextMiddleware:
             if status is None:
                 await send_error(internal_error(), scope, receive, send_with_id)
         finally:
-            (log.debug if internal else log.info)(
-                "request",
-                method=scope["method"],
-                path=scope["path"],
-                status=status,
-                duration_ms=round((time.perf_counter() - start) * 1000, 3),
-                **fields,
+            duration_ms = round((time.perf_counter() - start) * 1000, 3)
+            write_record(
+                "sidecar.access",
+                "debug" if internal else "info",
+                # In the order structlog's logger would put them (the event after the fields): the JSON lines' order.
+                {
+                    "method": scope["method"],
+                    "path": scope["path"],
+                    "status": status,
+                    "duration_ms": duration_ms,
+                    **fields,
+                    "event": "request",
+                },
             )
             structlog.contextvars.reset_contextvars(**bound)
             if self.on_complete is not None and not internal:
