@@ -139,6 +139,30 @@ def test_timeouts_answer_504_or_end_the_stream_with_a_timeout_event(own_stack: C
     assert stack.engine_stats()["cancelled"] == cancelled + 3
 
 
+def test_the_inter_token_timeout_starts_with_output_and_counts_from_the_last_read(
+    own_stack: Callable[..., Stack],
+) -> None:
+    # A first token slower than the inter-token timeout is waited for (the first-token timeout holds until output
+    # begins); once tokens flow, a stall is cut the inter-token timeout after the last one, not sooner.
+    stack = own_stack({"SIDECAR_UPSTREAM_FIRST_TOKEN_TIMEOUT_S": "10", "SIDECAR_UPSTREAM_INTER_TOKEN_TIMEOUT_S": "0.6"})
+    body = {"messages": MESSAGES, "stream": True, "max_tokens": 4, "mock": {"ttft_ms": 1500, "itl_ms": 300}}
+    with httpx.stream("POST", stack.url + CHAT, json=body, headers=AUTH, timeout=30) as streamed:
+        received = events(streamed.read())
+    chunks = [json.loads(event.removeprefix(b"data: ")) for event in received[:-1]]
+    assert received[-1] == b"data: [DONE]" and not any("error" in chunk for chunk in chunks)
+    assert [chunk["choices"][0]["finish_reason"] for chunk in chunks if chunk["choices"]][-1] == "length"
+
+    body = {"messages": MESSAGES, "stream": True, "mock": {"ttft_ms": 1500, "itl_ms": 100, "stall_after": 3}}
+    with httpx.stream("POST", stack.url + CHAT, json=body, headers=AUTH, timeout=30) as streamed:
+        arrivals: list[tuple[float, bytes]] = []
+        for line in streamed.iter_lines():
+            if line:
+                arrivals.append((time.monotonic(), line.encode()))
+    assert json.loads(arrivals[-2][1].removeprefix(b"data: "))["error"]["code"] == "engine_timeout"
+    stalled_for = arrivals[-2][0] - arrivals[-3][0]  # from the last token to the timeout's event
+    assert 0.55 < stalled_for < 2.5
+
+
 async def test_unload_lets_an_in_flight_stream_finish_and_refuses_new_requests(
     own_stack: Callable[..., Stack],
 ) -> None:
