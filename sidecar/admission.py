@@ -10,10 +10,8 @@ its place up at once.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections import deque
-from collections.abc import AsyncIterator
 
 from starlette.types import Receive
 
@@ -38,17 +36,10 @@ class Admission:
     def queued(self) -> int:
         return len(self._waiters)
 
-    @contextlib.asynccontextmanager
-    async def slot(self, receive: Receive) -> AsyncIterator[None]:
-        """Hold one of the engine's slots for a request, waiting in the queue for it if all are taken."""
-        if not self.max_concurrent or (self.active < self.max_concurrent and not self._waiters):
-            self.active += 1
-        else:
-            await self._wait(receive)  # on success the slot was handed over: `active` counts it already
-        try:
-            yield
-        finally:
-            self._release()
+    def slot(self, receive: Receive) -> _Slot:
+        """Hold one of the engine's slots for a request (`async with`), waiting in the queue for it if all are
+        taken."""
+        return _Slot(self, receive)
 
     async def _wait(self, receive: Receive) -> None:
         if len(self._waiters) >= self.max_queued:
@@ -100,3 +91,23 @@ class Admission:
                 waiter.set_result(None)
                 return
         self.active -= 1
+
+
+class _Slot:
+    """`Admission.slot`: a class, not `@asynccontextmanager`, whose generator costs 2.3 µs a request against 0.5."""
+
+    __slots__ = ("_admission", "_receive")
+
+    def __init__(self, admission: Admission, receive: Receive) -> None:
+        self._admission = admission
+        self._receive = receive
+
+    async def __aenter__(self) -> None:
+        admission = self._admission
+        if not admission.max_concurrent or (admission.active < admission.max_concurrent and not admission._waiters):
+            admission.active += 1
+        else:
+            await admission._wait(self._receive)  # on success the slot was handed over: `active` counts it already
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._admission._release()

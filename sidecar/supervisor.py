@@ -27,7 +27,7 @@ import contextlib
 import contextvars
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -268,10 +268,12 @@ class Supervisor:
         gpu_memory_used_mb = engine_memory_mb(self.gpus, self._engine_pids())
         return {key: status[key] for key in keys} | {"gpu_memory_used_mb": gpu_memory_used_mb}
 
-    @contextlib.asynccontextmanager
-    async def request_slot(self) -> AsyncIterator[Engine]:
-        """Hold the engine for one data-plane request: 503 unless ready (after an idle unload, with load on
-        demand, the model is loaded again first); unload drains these first."""
+    def request_slot(self) -> _RequestSlot:
+        """Hold the engine for one data-plane request (`async with`, which gives the engine): 503 unless ready
+        (after an idle unload, with load on demand, the model is loaded again first); unload drains these first."""
+        return _RequestSlot(self)
+
+    async def _hold(self) -> Engine:
         if self.state is not EngineState.READY and self.settings.load_on_demand:
             await self._load_on_demand()
         engine = self.engine
@@ -280,13 +282,13 @@ class Supervisor:
         self._in_flight += 1
         self._drained.clear()
         self._last_used = time.monotonic()
-        try:
-            yield engine
-        finally:
-            self._in_flight -= 1
-            self._last_used = time.monotonic()
-            if self._in_flight == 0:
-                self._drained.set()
+        return engine
+
+    def _release(self) -> None:
+        self._in_flight -= 1
+        self._last_used = time.monotonic()
+        if self._in_flight == 0:
+            self._drained.set()
 
     def _not_ready(self) -> ServiceUnavailable:
         idle = self._idle_unloaded
@@ -905,3 +907,19 @@ def _refused_while_busy(command: Command, state: EngineState) -> bool:
 
 def _iso(timestamp: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
+
+
+class _RequestSlot:
+    """`Supervisor.request_slot`: a class, not `@asynccontextmanager`, whose generator costs 2.3 µs a request
+    against 0.5."""
+
+    __slots__ = ("_supervisor",)
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        self._supervisor = supervisor
+
+    async def __aenter__(self) -> Engine:
+        return await self._supervisor._hold()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._supervisor._release()
