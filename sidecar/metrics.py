@@ -12,7 +12,7 @@ latencies: TTFT from 10 ms to 60 s, ITL and TPOT from 1 ms to 5 s, latency up to
 from __future__ import annotations
 
 import threading
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import accumulate
 from typing import Any
@@ -57,6 +57,7 @@ class RequestHistogram(Collector):
         self.name = name
         self.documentation = documentation
         self.bounds = tuple(buckets)
+        self._bounds_ns = tuple(round(bound * 1e9) for bound in self.bounds)  # exact: bounds have 9 decimals at most
         self._series: dict[tuple[str, ...], list[float]] = {}  # labels -> counts per bucket (+Inf last), sum
         self._lock = threading.Lock()
 
@@ -69,6 +70,26 @@ class RequestHistogram(Collector):
             for value in values:
                 series[bisect_left(bounds, value)] += 1  # the first bucket whose bound is >= value: "le"
                 series[-1] += value
+
+    def observe_sorted_ns(self, labels: tuple[str, ...], sorted_ns: Sequence[int]) -> None:
+        """Values in nanoseconds, in order (a request's token gaps): each bucket's count found by one bisection of
+        the values per bound, so that a 4,000-token stream's gaps cost what 30 do (bisecting each value into the
+        buckets cost 0.2 µs a value, the time to relay a token's event is 10)."""
+        counts = []
+        below = 0
+        for bound in self._bounds_ns:
+            upto = bisect_right(sorted_ns, bound, below)  # values <= bound ("le"), the ones below it excluded
+            counts.append(upto - below)
+            below = upto
+        counts.append(len(sorted_ns) - below)
+        total = sum(sorted_ns) / 1e9
+        with self._lock:
+            series = self._series.get(labels)
+            if series is None:
+                series = self._series[labels] = [0] * (len(self.bounds) + 2)
+            for bucket, count in enumerate(counts):
+                series[bucket] += count
+            series[-1] += total
 
     def collect(self) -> Iterator[Metric]:
         family = HistogramMetricFamily(self.name, self.documentation, labels=list(_LABELS))
@@ -185,13 +206,14 @@ class Metrics:
         model, engine = str(fields.get("model", "")), str(fields.get("engine", ""))
         self._child(self.requests, (route_label(path), status_class, model, engine)).inc()
 
-    def observe_performance(self, performance: dict[str, Any], gaps_ns: list[int]) -> None:
+    def observe_performance(self, performance: dict[str, Any], sorted_gaps_ns: list[int]) -> None:
+        """A request's measures; its token gaps in order (`PerformanceMeter.result` sorts them)."""
         labels = (performance["model"], performance["engine"])
         for histogram, key in ((self.ttft, "ttft_ms"), (self.tpot, "tpot_ms"), (self.latency, "latency_ms")):
             if performance.get(key) is not None:
                 histogram.observe(labels, (performance[key] / 1000,))
-        if gaps_ns:
-            self.itl.observe(labels, [gap / 1e9 for gap in gaps_ns])
+        if sorted_gaps_ns:
+            self.itl.observe_sorted_ns(labels, sorted_gaps_ns)
         for kind in ("prompt", "completion"):
             count = performance.get(f"{kind}_tokens")
             if isinstance(count, int) and count > 0:

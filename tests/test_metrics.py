@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import random
 
+import pytest
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
 from engines.external import ANY_ENGINE_LOAD
@@ -35,6 +36,44 @@ def test_request_histogram_writes_what_prometheus_clients_histogram_writes() -> 
         return sorted(line for line in generate_latest(registry).decode().splitlines() if "_created" not in line)
 
     assert series(ours) == series(theirs)
+
+
+def test_sorted_gaps_in_nanoseconds_fill_the_buckets_value_by_value_observation_would() -> None:
+    """A request's gaps, sorted and in ns, bucketed by bisection per bound: the same buckets and count as the
+    library's histogram fed each gap in seconds, bounds included; the same sum up to float rounding."""
+    ours, theirs = CollectorRegistry(), CollectorRegistry()
+    bulk = RequestHistogram("sidecar_itl_seconds", "Gaps", TOKEN_GAP_BUCKETS)
+    ours.register(bulk)
+    reference = Histogram(
+        "sidecar_itl_seconds", "Gaps", ["model", "engine"], buckets=TOKEN_GAP_BUCKETS, registry=theirs
+    )
+    bounds_ns = [round(bound * 1e9) for bound in TOKEN_GAP_BUCKETS]
+    generator = random.Random(11)
+    for request in range(50):
+        labels = ("m1", "vllm") if request % 3 else ("m2", "mock")
+        gaps_ns = sorted(
+            generator.choice([*bounds_ns, bound + 1, generator.randint(0, 8 * 10**9)])
+            for bound in generator.choices(bounds_ns, k=generator.randint(1, 40))
+        )
+        bulk.observe_sorted_ns(labels, gaps_ns)
+        for gap in gaps_ns:
+            reference.labels(*labels).observe(gap / 1e9)
+
+    def samples(registry: CollectorRegistry) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        return {
+            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in registry.collect()
+            for sample in family.samples
+            if not sample.name.endswith("_created")
+        }
+
+    mine, library = samples(ours), samples(theirs)
+    assert mine.keys() == library.keys()
+    for key, value in library.items():
+        if key[0].endswith("_sum"):
+            assert mine[key] == pytest.approx(value, rel=1e-12)
+        else:
+            assert mine[key] == value, key
 
 
 # Shaped as each engine writes them (names, labels, comments, histogram lines around the gauges).
