@@ -178,10 +178,21 @@ def write_table(results: dict[str, Any], out: TextIO) -> None:
     out.write(f"\nengine check at {top['concurrency']} streams: core share {_cell(share)}; {verdict}\n")
     if results.get("cost_split"):
         out.write("\nCPU per request and per relayed chunk, apart (two stream lengths at the top concurrency)\n")
-        for name, split in results["cost_split"].items():
+        splits = results["cost_split"]
+        for name, split in splits.items():
             out.write(
                 f"  {name}: {_cell(split['cpu_ms_per_request'])} ms per request, "
                 f"{_cell(split['cpu_us_per_chunk'])} µs per chunk\n"
+            )
+        main, reference = splits.get(results["proxy"]), splits.get(results.get("reference"))
+        if main and reference:
+            ratios = {
+                key: _positive_ratio(main[key], reference[key]) for key in ("cpu_ms_per_request", "cpu_us_per_chunk")
+            }
+            out.write(
+                f"  {results['proxy']} / {results['reference']}: {_times(ratios['cpu_ms_per_request'])} per request, "
+                f"{_times(ratios['cpu_us_per_chunk'])} per relayed chunk (the spec: CPU per relayed event within 1.2x "
+                "of nginx's)\n"
             )
     if results.get("memory"):
         out.write("\nmemory of the proxy (MB): before / peak / after\n")
@@ -190,6 +201,16 @@ def write_table(results: dict[str, Any], out: TextIO) -> None:
                 f"  {name}: {_cell(check['rss_before_mb'])} / {_cell(check['rss_peak_mb'])} / "
                 f"{_cell(check['rss_after_mb'])}, {check['chunks']} chunks, {check['errors']} errors\n"
             )
+
+
+def _positive_ratio(a: float | None, b: float | None) -> float | None:
+    """a / b where both are positive: the cost split solves two phases for two unknowns, and on a noisy run a
+    proxy's per-request cost can come out at or below zero, which makes no ratio."""
+    return round(a / b, 2) if a is not None and b is not None and a > 0 and b > 0 else None
+
+
+def _times(ratio: float | None) -> str:
+    return "-" if ratio is None else f"{ratio}x"
 
 
 def _cell(value: Any) -> str:

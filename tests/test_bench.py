@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import io
 import json
 import subprocess
 import sys
@@ -12,6 +14,7 @@ import httpx
 
 from bench.fast_engine import ENGINE_TTFT_FIELD
 from bench.processes import wait_ok
+from bench.report import write_table
 from sidecar.engine import free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -104,3 +107,20 @@ def test_fast_engine_says_its_own_ttft() -> None:
     assert 35 <= engine_ttft_ms <= client_ttft_ms
     assert all(ENGINE_TTFT_FIELD not in event for event in rest)  # the other tokens are the shared, encoded one
     assert first["choices"] == rest[0]["choices"]
+
+
+def test_the_cost_split_is_compared_with_the_reference_proxy() -> None:
+    """Per request and per relayed chunk, the sidecar's CPU over nginx's, where both came out positive."""
+    results = json.loads((REPO / "bench" / "reference" / "results.json").read_text())
+    sidecar, nginx = results["cost_split"]["sidecar"], results["cost_split"]["nginx"]
+    per_request = round(sidecar["cpu_ms_per_request"] / nginx["cpu_ms_per_request"], 2)
+    per_chunk = round(sidecar["cpu_us_per_chunk"] / nginx["cpu_us_per_chunk"], 2)
+    out = io.StringIO()
+    write_table(results, out)
+    assert f"sidecar / nginx: {per_request}x per request, {per_chunk}x per relayed chunk" in out.getvalue()
+
+    noisy = copy.deepcopy(results)
+    noisy["cost_split"]["nginx"]["cpu_ms_per_request"] = -0.01  # two phases solved for two unknowns: it happens
+    out = io.StringIO()
+    write_table(noisy, out)
+    assert f"sidecar / nginx: - per request, {per_chunk}x per relayed chunk" in out.getvalue()
