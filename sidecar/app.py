@@ -19,6 +19,8 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -37,6 +39,7 @@ from sidecar.gpu import Gpus
 from sidecar.history import RequestHistory
 from sidecar.logs import configure_logging, get_logger
 from sidecar.middleware import AuthMiddleware, BodyLimitMiddleware, RequestContextMiddleware
+from sidecar.middleware.request_context import client_left
 from sidecar.proxy import Proxy
 from sidecar.redaction import Redactor
 from sidecar.settings import Settings
@@ -172,9 +175,16 @@ def _assemble(
     return app
 
 
+async def _handle_client_disconnect(request: Request, exc: Exception) -> Response:
+    """A client gone before its body was read (a control-plane call, embeddings): nothing reaches it, and the
+    access line logs nginx's 499 instead of the 500 and traceback of an unexpected error."""
+    return Response(status_code=client_left(request.scope))
+
+
 _EXCEPTION_HANDLERS: dict[Any, Any] = {
     SidecarError: handle_sidecar_error,
     HTTPException: handle_http_exception,
+    ClientDisconnect: _handle_client_disconnect,
     Exception: handle_unexpected_error,
 }
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import orjson
+from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
 from sidecar.admission import Admission, ClientLeft
@@ -344,8 +345,8 @@ class Proxy:
         try:
             async with admission, self.supervisor.request_slot() as engine:
                 await self._exchange_admitted(scope, receive, send, start_ns, engine, payload, relay, measured, prompt)
-        except ClientLeft:
-            pass  # it left while queued: no one to answer, nothing was sent to the engine
+        except ClientLeft:  # it left while queued: no one to answer, nothing was sent to the engine
+            raise ClientDisconnect() from None  # logged as a client that left (499), as one that left mid-body
 
     async def _exchange_admitted(
         self,

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 import structlog
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sidecar.errors import internal_error, send_error
@@ -23,6 +24,8 @@ INTERNAL_HEADER = "x-sidecar-internal"
 _INTERNAL_HEADER = INTERNAL_HEADER.encode()
 
 _REQUEST_ID_HEADER = b"x-request-id"
+# What nginx logs for a request whose client left before it was answered: logged and counted, never sent.
+CLIENT_CLOSED_REQUEST = 499
 _VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}")
 
 
@@ -37,6 +40,13 @@ def log_fields(scope: Scope) -> dict[str, Any]:
     """Fields that inner layers add to this request's access line (key fingerprint, model, performance)."""
     fields: dict[str, Any] = scope.setdefault("state", {}).setdefault("log_fields", {})
     return fields
+
+
+def client_left(scope: Scope) -> int:
+    """The status to log for a request whose client left before it could be answered (in the middle of sending
+    its body, say): nginx's 499, not an error of the sidecar's; the access line says `client_disconnected`."""
+    log_fields(scope)["client_disconnected"] = True
+    return CLIENT_CLOSED_REQUEST
 
 
 class RequestContextMiddleware:
@@ -81,6 +91,9 @@ class RequestContextMiddleware:
         bound = structlog.contextvars.bind_contextvars(request_id=request_id)
         try:
             await self.app(scope, receive, send_with_id)
+        except ClientDisconnect:  # raised where the body is read (the generation routes read it outside Starlette)
+            if status is None:
+                status = client_left(scope)
         except Exception:
             log.exception("unhandled_error", method=scope["method"], path=scope["path"])
             if status is None:

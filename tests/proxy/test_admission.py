@@ -122,6 +122,8 @@ def test_a_queued_client_that_leaves_gives_its_place_up(own_stack: Callable[...,
     after = _stream(stack)
     assert after["queue_ms"] < 50  # nobody ahead of it: the one that left is not served first
     assert stack.engine_stats()["started"] == 1 + 2  # the warm-up, the slow one, this one: never the one that left
+    access = [line for line in stack.sidecar.output().splitlines() if "[sidecar.access]" in line and CHAT in line]
+    assert sum("status=499" in line and "client_disconnected=True" in line for line in access) == 1  # as nginx logs it
 
 
 def test_without_a_limit_nothing_queues_and_queue_ms_is_near_zero(own_stack: Callable[..., Stack]) -> None:

@@ -18,7 +18,7 @@ import pytest
 
 from tests.fake_engine import FakeEngine, serving
 from tests.processes import SidecarProcess, free_port, wait_until
-from tests.proxy.conftest import AUTH, KEY, MESSAGES, MODEL, Stack, events
+from tests.proxy.conftest import AUTH, KEY, MESSAGES, MODEL, Stack, events, sample_value, samples
 
 CHAT = "/v1/chat/completions"
 
@@ -41,6 +41,37 @@ def test_client_leaving_a_stream_cancels_the_engines_request(stack: Stack) -> No
     wait_until(lambda: stack.engine_stats()["cancelled"] == before + 1, timeout_s=2)
     wait_until(lambda: _record(stack, "leaving-1").get("client_disconnected") is True, timeout_s=2)
     assert stack.engine_stats()["in_flight"] == 0
+
+
+def test_client_leaving_before_its_body_is_sent_is_logged_as_nginx_does_not_as_an_error(stack: Stack) -> None:
+    """Headers, half a body, then gone: nothing to answer; the access line and the counters say 499 (nginx's
+    "client closed request"), not a 500 of the sidecar's with a traceback."""
+    before = samples(stack)
+    host, port = stack.url.removeprefix("http://").split(":")
+    paths = (CHAT, "/v1/embeddings")  # a generation route (served outside Starlette) and a Starlette route
+    for path in paths:
+        with socket.create_connection((host, int(port))) as connection:
+            connection.sendall(
+                f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+                'Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"model":'.encode()
+            )
+
+    def left(path: str) -> bool:
+        return any(
+            "[sidecar.access]" in line and f"path={path} " in line and "status=499" in line
+            for line in stack.sidecar.output().splitlines()
+            if "client_disconnected=True" in line
+        )
+
+    wait_until(lambda: all(left(path) for path in paths), timeout_s=5)
+    assert "unhandled_error" not in stack.sidecar.output()
+    after = samples(stack)
+    for path in paths:
+        labels = {"route": path, "model": "", "engine": ""}
+        counted = sample_value(after, "sidecar_requests_total", status="4xx", **labels)
+        assert counted == sample_value(before, "sidecar_requests_total", status="4xx", **labels) + 1
+        assert sample_value(after, "sidecar_requests_total", status="5xx", **labels) == 0
+    assert stack.client().chat.completions.create(model=MODEL, messages=MESSAGES).choices  # still serving
 
 
 def test_client_giving_up_on_a_non_streaming_request_cancels_it_too(stack: Stack) -> None:
