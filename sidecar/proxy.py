@@ -197,8 +197,9 @@ class _Deadline:
         else:
             due = self.read_ns / 1e9 + self._inter_token_s  # perf_counter_ns's clock, in seconds
         if due > now:
-            # Early: a read came since. Never later than `inter_token_s` ahead, whatever the first-token timeout,
-            # so that output beginning (which brings the limit closer) needs no new timer.
+            # Early: the limit is still ahead (a read came since, or the first token's limit is further off than
+            # `inter_token_s`). Never set further ahead than that, so that output beginning, which brings the
+            # limit closer, needs no new timer.
             self._handle = self._loop.call_later(min(due - now, self._inter_token_s), self._fire)
             return
         self._handle = None
