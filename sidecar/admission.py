@@ -13,14 +13,11 @@ import asyncio
 import time
 from collections import deque
 
+from starlette.requests import ClientDisconnect
 from starlette.types import Receive
 
 from sidecar.errors import TooManyRequests
 from sidecar.http import disconnected
-
-
-class ClientLeft(Exception):
-    """The client disconnected while its request waited in the queue: there is no one to answer."""
 
 
 class Admission:
@@ -64,9 +61,9 @@ class Admission:
         finally:
             client_left = left.done() and not left.cancelled()
             left.cancel()
-        if client_left:
+        if client_left:  # no one to answer, nothing sent to the engine: logged as a client that left (499)
             self._give_up(waiter)
-            raise ClientLeft
+            raise ClientDisconnect()
         if not waiter.done():
             self._give_up(waiter)
             self.rejected["queue_timeout"] += 1

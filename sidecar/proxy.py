@@ -19,10 +19,9 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import orjson
-from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
-from sidecar.admission import Admission, ClientLeft
+from sidecar.admission import Admission
 from sidecar.chunks import (
     Assembler,
     carries_measures,
@@ -343,11 +342,8 @@ class Proxy:
         """
         # Passed-through paths (the model list, tokenizers) are not generation: no queue for them.
         admission = self.admission.slot(receive) if measured else contextlib.nullcontext()
-        try:
-            async with admission, self.supervisor.request_slot() as engine:
-                await self._exchange_admitted(scope, receive, send, start_ns, engine, payload, relay, measured, prompt)
-        except ClientLeft:  # it left while queued: no one to answer, nothing was sent to the engine
-            raise ClientDisconnect() from None  # logged as a client that left (499), as one that left mid-body
+        async with admission, self.supervisor.request_slot() as engine:
+            await self._exchange_admitted(scope, receive, send, start_ns, engine, payload, relay, measured, prompt)
 
     async def _exchange_admitted(
         self,
