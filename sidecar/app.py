@@ -24,7 +24,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from sidecar import control, dataplane, health, telemetry, workers
+from sidecar import control, dataplane, health, http_server, telemetry, workers
 from sidecar.admission import Admission
 from sidecar.dataplane import AsgiHandler
 from sidecar.engine import LoadRequest
@@ -270,7 +270,7 @@ def server_config(settings: Settings, app: Starlette) -> uvicorn.Config:
         host=settings.host,
         port=settings.port,
         loop="uvloop",
-        http="httptools",
+        http=http_server.protocol(settings.max_header_bytes),  # uvicorn's httptools protocol, its head bounded
         log_config=None,
         access_log=False,
         server_header=False,

@@ -8,6 +8,7 @@ SidecarError (500 server_error)
 ├── MethodNotAllowed (405 invalid_request_error)
 ├── Conflict (409 invalid_request_error)
 ├── PayloadTooLarge (413 invalid_request_error)
+├── RequestHeadersTooLarge (431 invalid_request_error)
 ├── TooManyRequests (429 rate_limit_error, with Retry-After)
 ├── BadGateway (502 server_error)
 ├── ServiceUnavailable (503 service_unavailable, with Retry-After)
@@ -96,6 +97,14 @@ class PayloadTooLarge(SidecarError):
         super().__init__(message, **kwargs)
         # The rest of the body is never read: the connection cannot be reused.
         self.headers.setdefault("Connection", "close")
+
+
+class RequestHeadersTooLarge(SidecarError):
+    """A request line and headers past SIDECAR_MAX_HEADER_BYTES (sidecar/http_server.py)."""
+
+    status_code = 431
+    error_type = "invalid_request_error"
+    default_code = "headers_too_large"
 
 
 class TooManyRequests(SidecarError):
