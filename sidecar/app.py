@@ -270,7 +270,7 @@ def server_config(settings: Settings, app: Starlette) -> uvicorn.Config:
         host=settings.host,
         port=settings.port,
         loop="uvloop",
-        http=http_server.protocol(settings.max_header_bytes),  # uvicorn's httptools protocol, its head bounded
+        http=http_server.protocol(settings.max_header_bytes, settings.client_timeout_s),  # uvicorn's, bounded
         log_config=None,
         access_log=False,
         server_header=False,

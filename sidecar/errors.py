@@ -6,6 +6,7 @@ SidecarError (500 server_error)
 ├── Forbidden (403 permission_error)
 ├── NotFound (404 not_found_error)
 ├── MethodNotAllowed (405 invalid_request_error)
+├── RequestTimeout (408 invalid_request_error)
 ├── Conflict (409 invalid_request_error)
 ├── PayloadTooLarge (413 invalid_request_error)
 ├── RequestHeadersTooLarge (431 invalid_request_error)
@@ -80,6 +81,14 @@ class MethodNotAllowed(SidecarError):
     status_code = 405
     error_type = "invalid_request_error"
     default_code = "method_not_allowed"
+
+
+class RequestTimeout(SidecarError):
+    """A client that stopped sending its request's head or body (sidecar/http_server.py)."""
+
+    status_code = 408
+    error_type = "invalid_request_error"
+    default_code = "request_timeout"
 
 
 class Conflict(SidecarError):

@@ -1,23 +1,32 @@
-"""The sidecar's HTTP/1.1 server protocol: uvicorn's on httptools, with a bound on a request's head and the
+"""The sidecar's HTTP/1.1 server protocol: uvicorn's on httptools, with bounds on what a client may hold, and the
 errors it makes itself in the OpenAI shape.
 
 httptools (llhttp) bounds neither the request line nor the headers, and uvicorn adds no bound of its own for
 it: one client sending a single 200 MB header had the sidecar keep all of it (RSS up 300 MB) and spend a
 minute of its event loop growing the value piece by piece (httptools appends each read to the bytes so far,
-so the copying is quadratic), every stream stalled meanwhile. nginx refuses a head past 32 KB, Envoy past
-60 KiB, vLLM since GHSA-rxc4-3w6r-4v47 bounds it too; here it is `SIDECAR_MAX_HEADER_BYTES` (64 KiB), 431.
+so the copying is quadratic), every stream stalled meanwhile. Nor does uvicorn time out a connection that
+sends nothing, half a head, or half a body: each holds a descriptor for as long as its client likes, and a few
+thousand such connections would leave the sidecar none for the engine. As nginx does (`client_header_timeout`,
+`client_body_timeout`, `large_client_header_buffers`; vLLM bounds heads since GHSA-rxc4-3w6r-4v47):
+- a head (request line and headers) past `SIDECAR_MAX_HEADER_BYTES` is answered 431;
+- a head not complete `SIDECAR_CLIENT_TIMEOUT_S` after it began (a new connection's, after it opened), or a
+  body with no read for as long, is answered 408;
+- and the connection is closed after either. A connection idle between requests is uvicorn's keep-alive
+  timeout's, and a response going out is never cut by these.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from http import HTTPStatus
 from typing import Any, ClassVar
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from sidecar.errors import BadRequest, RequestHeadersTooLarge, SidecarError
+from sidecar.errors import BadRequest, RequestHeadersTooLarge, RequestTimeout, SidecarError
 from sidecar.logs import get_logger
+from sidecar.middleware.request_context import CLIENT_TIMED_OUT
 
 log = get_logger("sidecar.http")
 
@@ -28,27 +37,53 @@ class _HeadTooLarge(Exception):
 
 class HttpProtocol(HttpToolsProtocol):
     max_head_bytes: ClassVar[int] = 64 * 1024
+    client_timeout_s: ClassVar[float] = 60.0
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._in_head = True  # between the end of one request (or the connection's start) and the next one's headers
+        self._in_head = True  # from the end of a request's body (or the connection's start) to the next headers
         self._head_bytes = 0  # bytes read meanwhile: the head, and at most a read's worth of what came around it
-        self._head_too_large = False
+        self._head_began: float | None = None  # loop time of the head's first byte (a new connection: its start)
+        self._body_read = 0.0  # loop time of the body's latest read
+        self._timer: asyncio.TimerHandle | None = None  # set only while a head or a body is incomplete
+        self._refusal: SidecarError | None = None  # what `send_400_response` answers instead of invalid HTTP
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._head_began = self.loop.time()
+        self._timer = self.loop.call_later(self.client_timeout_s, self._check_client)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        now = self.loop.time()
         if self._in_head:
+            if self._head_began is None:
+                self._head_began = now
             self._head_bytes += len(data)
         super().data_received(data)
-        # Still in the head after a read: refused once past the limit, before a byte more is kept.
-        if self._in_head and self._head_bytes > self.max_head_bytes and not self.transport.is_closing():
-            self._head_too_large = True
-            self.send_400_response("")
+        if self.transport.is_closing():
+            return
+        if self._in_head:
+            if self._head_bytes > self.max_head_bytes:  # refused before a byte more of it is kept
+                self._refuse_head()
+                self.send_400_response("")
+            elif self._head_bytes and self._timer is None:  # a head split over reads: it gets the time it may take
+                self._timer = self.loop.call_later(self.client_timeout_s, self._check_client)
+        else:  # the body is coming
+            self._body_read = now
+            if self._timer is None:
+                self._timer = self.loop.call_later(self.client_timeout_s, self._check_client)
 
     def on_headers_complete(self) -> None:
         self._in_head = False
         # The reads' sizes count a body's first bytes too: only past the limit is the head itself measured.
         if self._head_bytes > self.max_head_bytes and self._head_size() > self.max_head_bytes:
-            self._head_too_large = True
+            self._refuse_head()
             raise _HeadTooLarge
         super().on_headers_complete()
 
@@ -56,17 +91,56 @@ class HttpProtocol(HttpToolsProtocol):
         super().on_message_complete()
         self._in_head = True
         self._head_bytes = 0
+        self._head_began = None
 
     def send_400_response(self, msg: str) -> None:
-        """What uvicorn answers to what is not HTTP/1.1 (its text/plain 400), and the head refused, as OpenAI
-        errors; the connection is closed after either."""
-        error: SidecarError
-        if self._head_too_large:
-            limit = self.max_head_bytes
-            error = RequestHeadersTooLarge(f"request line and headers larger than {limit} bytes")
-            log.warning("request_head_too_large", limit_bytes=limit)
+        """What uvicorn answers to what is not HTTP/1.1 (its text/plain 400), or the refusal decided here, as an
+        OpenAI error; the connection closed after it."""
+        self._answer(self._refusal or BadRequest("invalid HTTP/1.1 request", code="invalid_http"))
+
+    # -- the bounds --------------------------------------------------------------------------------------------
+
+    def _head_size(self) -> int:
+        return len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
+
+    def _refuse_head(self) -> None:
+        limit = self.max_head_bytes
+        self._refusal = RequestHeadersTooLarge(f"request line and headers larger than {limit} bytes")
+        log.warning("request_head_too_large", limit_bytes=limit)
+
+    def _check_client(self) -> None:
+        """The timer: the client has run out of time, or the timer is set again for when it will, or (between
+        requests, or once a response goes out) it is not needed."""
+        self._timer = None
+        if self.transport.is_closing():
+            return
+        responding = self.cycle is not None and not self.cycle.response_complete
+        if self._in_head:
+            if self._head_began is None or responding:
+                return  # idle between requests (uvicorn's keep-alive timeout), or the next head waits its turn
+            due = self._head_began + self.client_timeout_s
         else:
-            error = BadRequest("invalid HTTP/1.1 request", code="invalid_http")
+            due = self._body_read + self.client_timeout_s
+        now = self.loop.time()
+        if now < due:
+            self._timer = self.loop.call_later(due - now, self._check_client)
+            return
+        timeout = self.client_timeout_s
+        if self._in_head:
+            log.warning("client_timeout", waiting_for="head", timeout_s=timeout, bytes_read=self._head_bytes)
+            if self._head_bytes:
+                self._answer(RequestTimeout(f"the request's head was not complete within {timeout:g} s"))
+            else:  # a connection that never sent a byte
+                self.transport.close()
+            return
+        log.warning("client_timeout", waiting_for="body", timeout_s=timeout)
+        self.cycle.scope.setdefault("state", {})[CLIENT_TIMED_OUT] = True
+        if self.cycle.response_started:
+            self.transport.close()
+        else:  # the app is still reading the body: it sees the client gone
+            self._answer(RequestTimeout(f"no part of the request's body came for {timeout:g} s"))
+
+    def _answer(self, error: SidecarError) -> None:
         body = json.dumps(error.body()).encode()
         content = [b"HTTP/1.1 %d %s\r\n" % (error.status_code, HTTPStatus(error.status_code).phrase.encode())]
         for name, value in self.server_state.default_headers:
@@ -76,10 +150,8 @@ class HttpProtocol(HttpToolsProtocol):
         self.transport.write(b"".join(content))
         self.transport.close()
 
-    def _head_size(self) -> int:
-        return len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
 
-
-def protocol(max_head_bytes: int) -> type[HttpProtocol]:
-    """The protocol class for uvicorn's `http` setting, with this bound on a request's head."""
-    return type("HttpProtocol", (HttpProtocol,), {"max_head_bytes": max_head_bytes})
+def protocol(max_head_bytes: int, client_timeout_s: float) -> type[HttpProtocol]:
+    """The protocol class for uvicorn's `http` setting, with these bounds."""
+    bounds = {"max_head_bytes": max_head_bytes, "client_timeout_s": client_timeout_s}
+    return type("HttpProtocol", (HttpProtocol,), bounds)

@@ -77,6 +77,7 @@ class Settings(BaseSettings):
     cors_origins: CommaList = []
     max_body_bytes: int = Field(16 * 1024 * 1024, gt=0)
     max_header_bytes: int = Field(64 * 1024, ge=1024)
+    client_timeout_s: float = Field(60.0, gt=0)
 
     upstream_connect_timeout_s: float = Field(5.0, gt=0)
     upstream_first_token_timeout_s: float = Field(600.0, gt=0)

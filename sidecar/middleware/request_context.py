@@ -26,6 +26,8 @@ _INTERNAL_HEADER = INTERNAL_HEADER.encode()
 _REQUEST_ID_HEADER = b"x-request-id"
 # What nginx logs for a request whose client left before it was answered: logged and counted, never sent.
 CLIENT_CLOSED_REQUEST = 499
+# Set in a request's scope state by the server protocol when its client stopped sending the body: logged 408.
+CLIENT_TIMED_OUT = "client_timed_out"
 _VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}")
 
 
@@ -44,7 +46,11 @@ def log_fields(scope: Scope) -> dict[str, Any]:
 
 def client_left(scope: Scope) -> int:
     """The status to log for a request whose client left before it could be answered (in the middle of sending
-    its body, say): nginx's 499, not an error of the sidecar's; the access line says `client_disconnected`."""
+    its body, say): nginx's 499, not an error of the sidecar's; the access line says `client_disconnected`. Or
+    408 with `client_timed_out`, where the server gave up waiting for the body and answered that itself."""
+    if scope.get("state", {}).get(CLIENT_TIMED_OUT):
+        log_fields(scope)[CLIENT_TIMED_OUT] = True
+        return 408
     log_fields(scope)["client_disconnected"] = True
     return CLIENT_CLOSED_REQUEST
 
