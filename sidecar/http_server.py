@@ -5,20 +5,24 @@ httptools (llhttp) bounds neither the request line nor the headers, and uvicorn 
 it: one client sending a single 200 MB header had the sidecar keep all of it (RSS up 300 MB) and spend a
 minute of its event loop growing the value piece by piece (httptools appends each read to the bytes so far,
 so the copying is quadratic), every stream stalled meanwhile. Nor does uvicorn time out a connection that
-sends nothing, half a head, or half a body: each holds a descriptor for as long as its client likes, and a few
-thousand such connections would leave the sidecar none for the engine. As nginx does (`client_header_timeout`,
-`client_body_timeout`, `large_client_header_buffers`; vLLM bounds heads since GHSA-rxc4-3w6r-4v47):
+sends nothing, half a head, or half a body, or that stops reading its answer: each holds a descriptor (and a
+stream its engine request) for as long as its client likes. As nginx does (`client_header_timeout`,
+`client_body_timeout`, `send_timeout`, `large_client_header_buffers`; vLLM bounds heads since
+GHSA-rxc4-3w6r-4v47):
 - a head (request line and headers) past `SIDECAR_MAX_HEADER_BYTES` is answered 431;
 - a head not complete `SIDECAR_CLIENT_TIMEOUT_S` after it began (a new connection's, after it opened), or a
   body with no read for as long, is answered 408;
-- and the connection is closed after either. A connection idle between requests is uvicorn's keep-alive
-  timeout's, and a response going out is never cut by these.
+- a client that leaves the answer unread as long, its buffer full, is cut off (the relay then sees a client
+  gone, which cancels the engine's request);
+- and the connection is closed after any of these. A connection idle between requests is uvicorn's
+  keep-alive timeout's; an answer going out to a client that reads it is never cut, however long it is.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import time
 from http import HTTPStatus
 from typing import Any, ClassVar
 
@@ -29,6 +33,11 @@ from sidecar.logs import get_logger
 from sidecar.middleware.request_context import CLIENT_TIMED_OUT
 
 log = get_logger("sidecar.http")
+
+# In a request's scope state while it is answered: (paused, since), whether the client's buffer is full and since
+# when (perf_counter seconds) it has been, or has been drained last. The relay's engine timeout does not count the
+# time it waits on the client (proxy._Deadline).
+CLIENT_WRITES = "client_writes"
 
 
 class _HeadTooLarge(Exception):
@@ -46,6 +55,7 @@ class HttpProtocol(HttpToolsProtocol):
         self._head_began: float | None = None  # loop time of the head's first byte (a new connection: its start)
         self._body_read = 0.0  # loop time of the body's latest read
         self._timer: asyncio.TimerHandle | None = None  # set only while a head or a body is incomplete
+        self._write_timer: asyncio.TimerHandle | None = None  # set only while the client's buffer is full
         self._refusal: SidecarError | None = None  # what `send_400_response` answers instead of invalid HTTP
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -54,10 +64,24 @@ class HttpProtocol(HttpToolsProtocol):
         self._timer = self.loop.call_later(self.client_timeout_s, self._check_client)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        for timer in (self._timer, self._write_timer):
+            if timer is not None:
+                timer.cancel()
+        self._timer = self._write_timer = None
         super().connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self._note_writes(paused=True)
+        if self._write_timer is None:
+            self._write_timer = self.loop.call_later(self.client_timeout_s, self._client_not_reading)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._note_writes(paused=False)
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
 
     def data_received(self, data: bytes) -> None:
         now = self.loop.time()
@@ -133,12 +157,28 @@ class HttpProtocol(HttpToolsProtocol):
             else:  # a connection that never sent a byte
                 self.transport.close()
             return
-        log.warning("client_timeout", waiting_for="body", timeout_s=timeout)
-        self.cycle.scope.setdefault("state", {})[CLIENT_TIMED_OUT] = True
+        state = self.cycle.scope.setdefault("state", {})
+        state[CLIENT_TIMED_OUT] = True
+        log.warning("client_timeout", waiting_for="body", timeout_s=timeout, request_id=state.get("request_id"))
         if self.cycle.response_started:
             self.transport.close()
         else:  # the app is still reading the body: it sees the client gone
             self._answer(RequestTimeout(f"no part of the request's body came for {timeout:g} s"))
+
+    def _client_not_reading(self) -> None:
+        """The write timer: the client has left a full buffer unread for the client timeout."""
+        self._write_timer = None
+        if self.transport.is_closing():
+            return
+        state = self.cycle.scope.setdefault("state", {}) if self.cycle is not None else {}
+        state[CLIENT_TIMED_OUT] = True
+        request_id = state.get("request_id")
+        log.warning("client_timeout", waiting_for="reads", timeout_s=self.client_timeout_s, request_id=request_id)
+        self.transport.abort()  # what it did not read is dropped; the app's request sees its client gone
+
+    def _note_writes(self, paused: bool) -> None:
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.cycle.scope.setdefault("state", {})[CLIENT_WRITES] = (paused, time.perf_counter())
 
     def _answer(self, error: SidecarError) -> None:
         body = json.dumps(error.body()).encode()

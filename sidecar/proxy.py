@@ -34,8 +34,9 @@ from sidecar.engine import Engine
 from sidecar.errors import BadGateway, BadRequest, GatewayTimeout, SidecarError, engine_error_body
 from sidecar.history import RequestHistory
 from sidecar.http import disconnected, header, json_object, read_body
+from sidecar.http_server import CLIENT_WRITES
 from sidecar.logs import get_logger
-from sidecar.middleware.request_context import log_fields
+from sidecar.middleware.request_context import CLIENT_TIMED_OUT, log_fields
 from sidecar.performance import PerformanceMeter
 from sidecar.settings import Settings
 from sidecar.sse import DONE, SSEParser
@@ -158,7 +159,9 @@ Relay = Callable[["_Exchange", Response], Awaitable[None]]
 
 class _Deadline:
     """How long an exchange waits for the engine: the first-token timeout until output begins, then the
-    inter-token timeout from the latest read (`read_ns`, which the relay sets).
+    inter-token timeout from the latest read (`read_ns`, which the relay sets), or from when a client that left
+    its buffer full read again: the time the relay waits on the client is not the engine's silence (the client's
+    own bound is the server's, `http_server`).
 
     Each wait on the engine runs inside `with deadline:` and, as in `asyncio.timeout`, past the limit the waiting
     task is cancelled and the block raises TimeoutError. But one timer serves the whole exchange, and a read only
@@ -169,6 +172,7 @@ class _Deadline:
     __slots__ = (
         "_loop",
         "_meter",
+        "_state",
         "_first_token_at",
         "_inter_token_s",
         "_handle",
@@ -178,9 +182,12 @@ class _Deadline:
         "read_ns",
     )
 
-    def __init__(self, meter: PerformanceMeter, first_token_s: float, inter_token_s: float) -> None:
+    def __init__(
+        self, meter: PerformanceMeter, first_token_s: float, inter_token_s: float, state: dict[str, Any]
+    ) -> None:
         self._loop = asyncio.get_running_loop()
         self._meter = meter
+        self._state = state  # the request's scope state: whether the relay is waiting on the client
         self._first_token_at = time.perf_counter() + first_token_s
         self._inter_token_s = inter_token_s
         self.read_ns = 0
@@ -195,6 +202,10 @@ class _Deadline:
             due = self._first_token_at
         else:
             due = self.read_ns / 1e9 + self._inter_token_s  # perf_counter_ns's clock, in seconds
+            writes = self._state.get(CLIENT_WRITES)
+            if writes is not None:  # the client's buffer has been full: waiting on it is not the engine's silence
+                paused, since = writes
+                due = now + self._inter_token_s if paused else max(due, since + self._inter_token_s)
         if due > now:
             # Early: the limit is still ahead (a read came since, or the first token's limit is further off than
             # `inter_token_s`). Never set further ahead than that, so that output beginning, which brings the
@@ -247,6 +258,7 @@ class _Exchange:
     performance: dict[str, Any] | None = None
     status: int | None = None
     client_disconnected: bool = False
+    error: str | None = None  # the code of the error that cut a stream short after its status went out
     client_done: bool = False  # the client's response is complete (a stream ends with [DONE])
     gpu_window: GpuWindow | None = None
     prompt_count: asyncio.Task[int | None] | None = None  # the engine counting the prompt (it streams no usage)
@@ -361,7 +373,9 @@ class Proxy:
         admitted_ns = time.perf_counter_ns()
         meter = PerformanceMeter(admitted_ns, queue_ns=admitted_ns - start_ns)
         settings = self.settings
-        deadline = _Deadline(meter, settings.upstream_first_token_timeout_s, settings.upstream_inter_token_timeout_s)
+        deadline = _Deadline(
+            meter, settings.upstream_first_token_timeout_s, settings.upstream_inter_token_timeout_s, scope["state"]
+        )
         exchange = _Exchange(scope, receive, send, engine, meter, deadline)
         exchange.gpu_window = self.telemetry.window()
         if prompt is not None and not engine.adapter.streams_usage:
@@ -509,6 +523,7 @@ class Proxy:
             await self._finish_counted(exchange, time.perf_counter_ns())  # for the record, after the client's answer
         if error is not None and not exchange.client_done:
             # The status went out with the first event: the stream says what happened, then ends as streams do.
+            exchange.error = error.code
             await send({"type": "http.response.body", "body": _sse_error(error)})
         elif not exchange.client_done:
             await send({"type": "http.response.body", "body": b""})
@@ -663,6 +678,7 @@ class Proxy:
             "path": scope["path"],
             "status": exchange.status,
             "client_disconnected": exchange.client_disconnected,
+            "error": exchange.error,
             "performance": performance,
         }
         if self.worker is not None:
@@ -672,6 +688,10 @@ class Proxy:
         fields = log_fields(scope)
         if exchange.client_disconnected:
             fields["client_disconnected"] = True
+            if scope["state"].get(CLIENT_TIMED_OUT):  # cut off by the server: it left its answer unread
+                fields[CLIENT_TIMED_OUT] = True
+        if exchange.error is not None:  # the status says 200: the line says what cut the stream
+            fields["error"] = exchange.error
         fields.update({key: value for key, value in performance.items() if value is not None})
 
 

@@ -1,6 +1,7 @@
 """What a client may hold of the sidecar (sidecar/http_server.py), against a real sidecar with the mock engine:
 a head past the size limit gets 431, a head or a body that stops coming gets 408, the connection closed after
-either; what is not HTTP gets an OpenAI 400; an answer longer than the client timeout is never cut by it."""
+either; a client that stops reading its answer is cut off and its engine request cancelled; what is not HTTP
+gets an OpenAI 400; an answer longer than the client timeout, read as it comes, is never cut by it."""
 
 from __future__ import annotations
 
@@ -34,6 +35,8 @@ def sidecar(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SidecarProcess
             "SIDECAR_AUTOLOAD_MODEL": "mock-model",
             "SIDECAR_AUTOLOAD_ARGS": json.dumps({"ttft-ms": 1, "itl-ms": 1, "tokens": 4}),
             "SIDECAR_CLIENT_TIMEOUT_S": str(TIMEOUT_S),
+            # Shorter than the client's: waiting on a client that does not read must not read as the engine's silence.
+            "SIDECAR_UPSTREAM_INTER_TOKEN_TIMEOUT_S": "0.5",
         },
     )
     try:
@@ -215,11 +218,12 @@ def test_a_body_that_stops_coming_gets_408_and_is_logged_so(sidecar: SidecarProc
 
     def logged() -> str | None:
         lines = [line for line in sidecar.output().splitlines() if f"request_id={request_id}" in line]
-        return lines[-1] if lines else None
+        return next((line for line in lines if "[sidecar.access]" in line), None)
 
     wait_until(lambda: logged() is not None, timeout_s=10)
     line = logged()
     assert line is not None and "status=408" in line and "client_timed_out=True" in line, line
+    assert "waiting_for=body" in sidecar.output()
     assert _chat_4xx(sidecar) == counted_before + 1
     _still_standing(sidecar)
 
@@ -257,3 +261,44 @@ def test_an_answer_longer_than_the_client_timeout_is_not_cut(sidecar: SidecarPro
         assert lines[-1] == "data: [DONE]"
         assert sum('"content"' in line for line in lines) >= 12
         assert client.get(f"{sidecar.url}/health").status_code == 200  # the same connection serves the next
+
+
+def test_a_client_that_stops_reading_is_cut_off_and_its_engine_request_cancelled(sidecar: SidecarProcess) -> None:
+    model = httpx.get(f"{sidecar.url}/v1/model", headers=AUTH).json()
+    engine_stats = f"http://127.0.0.1:{model['port']}/mock/stats"
+    cancelled_before = httpx.get(engine_stats).json()["cancelled"]
+    request_id = "stops-reading-1"
+    chat = {
+        "model": "mock-model",
+        "stream": True,
+        "messages": [{"role": "user", "content": "a long answer"}],
+        "mock": {"tokens": 200_000, "itl_ms": 0},  # far more than the socket buffers between them hold
+    }
+    body = json.dumps(chat).encode()
+    head = (
+        f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nX-Request-ID: {request_id}\r\n\r\n"
+    )
+
+    def logged() -> str | None:
+        lines = [line for line in sidecar.output().splitlines() if f"request_id={request_id}" in line]
+        return next((line for line in lines if "[sidecar.access]" in line), None)
+
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.settimeout(15)
+        sock.connect(("127.0.0.1", sidecar.port))
+        sock.sendall(head.encode() + body)
+        # Not a byte read: the sidecar's buffer fills, and after the client timeout it gives up on this client.
+        wait_until(lambda: logged() is not None, timeout_s=30)
+        answer = _read_all(sock)  # what the kernel had taken before the cut, then the end of the connection
+    assert _status(answer) == 200 and not answer.rstrip().endswith(b"data: [DONE]")
+    line = logged()
+    assert line is not None and "client_timed_out=True" in line and "client_disconnected=True" in line, line
+    assert "client_timeout" in sidecar.output() and "waiting_for=reads" in sidecar.output()
+    # Cut off as a client gone: the engine's request is cancelled, and no engine timeout is blamed on it.
+    wait_until(lambda: httpx.get(engine_stats).json()["cancelled"] > cancelled_before, timeout_s=10)
+    record = httpx.get(f"{sidecar.url}/v1/requests/{request_id}", headers=AUTH).json()
+    assert record["client_disconnected"] is True and record["error"] is None
+    assert "error=" not in line
+    _still_standing(sidecar)

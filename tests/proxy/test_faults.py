@@ -113,9 +113,19 @@ def test_engine_dying_mid_stream_ends_it_with_an_error_event_then_done(own_stack
     with httpx.stream("POST", stack.url + CHAT, json=body, headers=AUTH, timeout=30) as response:
         assert response.status_code == 200
         received = events(response.read())
+        request_id = response.headers["x-request-id"]
     assert received[-1] == b"data: [DONE]"
     error = json.loads(received[-2].removeprefix(b"data: "))["error"]
     assert error["type"] == "server_error" and error["code"] == "engine_error"
+
+    # The status said 200: the access line and the record say what cut the stream.
+    def access_line() -> str | None:
+        lines = stack.sidecar.output().splitlines()
+        return next((line for line in lines if f"request_id={request_id}" in line and "[sidecar.access]" in line), None)
+
+    wait_until(lambda: access_line() is not None, timeout_s=5)
+    assert "error=engine_error" in (access_line() or "")
+    assert httpx.get(f"{stack.url}/v1/requests/{request_id}", headers=AUTH).json()["error"] == "engine_error"
     assert sum(b'"content":"' in e and b'"content":""' not in e for e in received) == 3
     wait_until(lambda: httpx.get(f"{stack.url}/v1/model", headers=AUTH).json()["state"] == "failed", timeout_s=2)
     refused = httpx.post(stack.url + CHAT, json={"messages": MESSAGES}, headers=AUTH)
