@@ -61,7 +61,7 @@ class HttpProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._head_began = self.loop.time()
-        self._timer = self.loop.call_later(self.client_timeout_s, self._check_client)
+        self._arm()
 
     def connection_lost(self, exc: Exception | None) -> None:
         for timer in (self._timer, self._write_timer):
@@ -97,11 +97,11 @@ class HttpProtocol(HttpToolsProtocol):
                 self._refuse_head()
                 self.send_400_response("")
             elif self._head_bytes and self._timer is None:  # a head split over reads: it gets the time it may take
-                self._timer = self.loop.call_later(self.client_timeout_s, self._check_client)
+                self._arm()
         else:  # the body is coming
             self._body_read = now
             if self._timer is None:
-                self._timer = self.loop.call_later(self.client_timeout_s, self._check_client)
+                self._arm()
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -131,6 +131,9 @@ class HttpProtocol(HttpToolsProtocol):
         limit = self.max_head_bytes
         self._refusal = RequestHeadersTooLarge(f"request line and headers larger than {limit} bytes")
         log.warning("request_head_too_large", limit_bytes=limit)
+
+    def _arm(self) -> None:
+        self._timer = self.loop.call_later(self.client_timeout_s, self._check_client)
 
     def _check_client(self) -> None:
         """The timer: the client has run out of time, or the timer is set again for when it will, or (between

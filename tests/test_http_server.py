@@ -81,6 +81,19 @@ def _error(raw: bytes) -> dict[str, Any]:
     return error
 
 
+def _chat_head(content_length: int, extra: str = "") -> bytes:
+    """A chat request's head as a client writes it, for a body of that length sent by the test itself."""
+    return (
+        f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {content_length}\r\n{extra}\r\n"
+    ).encode()
+
+
+def _access_line(sidecar: SidecarProcess, request_id: str) -> str | None:
+    lines = sidecar.output().splitlines()
+    return next((line for line in lines if f"request_id={request_id}" in line and "[sidecar.access]" in line), None)
+
+
 def _still_standing(sidecar: SidecarProcess) -> None:
     assert sidecar.process.poll() is None, sidecar.output()[-2000:]
     chat = {"model": "mock-model", "messages": [{"role": "user", "content": "hi"}]}
@@ -203,12 +216,8 @@ def test_a_head_trickled_a_byte_at_a_time_is_not_kept_open_by_it(sidecar: Sideca
 def test_a_body_that_stops_coming_gets_408_and_is_logged_so(sidecar: SidecarProcess) -> None:
     request_id = "stalled-body-1"
     counted_before = _chat_4xx(sidecar)
-    head = (
-        f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nContent-Type: application/json\r\n"
-        f"Content-Length: 1000\r\nX-Request-ID: {request_id}\r\n\r\n"
-    )
     with _connect(sidecar) as sock:
-        sock.sendall(head.encode() + b'{"model": "mock-model", ')
+        sock.sendall(_chat_head(1000, f"X-Request-ID: {request_id}\r\n") + b'{"model": "mock-model", ')
         started = time.monotonic()
         answer = _read_all(sock)
         waited = time.monotonic() - started
@@ -216,12 +225,8 @@ def test_a_body_that_stops_coming_gets_408_and_is_logged_so(sidecar: SidecarProc
     assert _error(answer)["code"] == "request_timeout"
     assert TIMEOUT_S * 0.9 < waited < TIMEOUT_S + 10, waited
 
-    def logged() -> str | None:
-        lines = [line for line in sidecar.output().splitlines() if f"request_id={request_id}" in line]
-        return next((line for line in lines if "[sidecar.access]" in line), None)
-
-    wait_until(lambda: logged() is not None, timeout_s=10)
-    line = logged()
+    wait_until(lambda: _access_line(sidecar, request_id) is not None, timeout_s=10)
+    line = _access_line(sidecar, request_id)
     assert line is not None and "status=408" in line and "client_timed_out=True" in line, line
     assert "waiting_for=body" in sidecar.output()
     assert _chat_4xx(sidecar) == counted_before + 1
@@ -232,12 +237,8 @@ def test_a_body_sent_slowly_but_steadily_is_read_whole(sidecar: SidecarProcess) 
     """The body's timeout is between reads: a body that takes longer than it in all, in steady parts, passes."""
     body = json.dumps({"model": "mock-model", "messages": [{"role": "user", "content": "x" * 200}]}).encode()
     parts = [body[i : i + len(body) // 5 + 1] for i in range(0, len(body), len(body) // 5 + 1)]
-    head = (
-        f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-    )
     with _connect(sidecar) as sock:
-        sock.sendall(head.encode())
+        sock.sendall(_chat_head(len(body), "Connection: close\r\n"))
         started = time.monotonic()
         for part in parts:
             time.sleep(TIMEOUT_S / 2)  # the client's pace, under the timeout each time
@@ -275,25 +276,17 @@ def test_a_client_that_stops_reading_is_cut_off_and_its_engine_request_cancelled
         "mock": {"tokens": 200_000, "itl_ms": 0},  # far more than the socket buffers between them hold
     }
     body = json.dumps(chat).encode()
-    head = (
-        f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\nX-Request-ID: {request_id}\r\n\r\n"
-    )
-
-    def logged() -> str | None:
-        lines = [line for line in sidecar.output().splitlines() if f"request_id={request_id}" in line]
-        return next((line for line in lines if "[sidecar.access]" in line), None)
 
     with socket.socket() as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         sock.settimeout(15)
         sock.connect(("127.0.0.1", sidecar.port))
-        sock.sendall(head.encode() + body)
+        sock.sendall(_chat_head(len(body), f"X-Request-ID: {request_id}\r\n") + body)
         # Not a byte read: the sidecar's buffer fills, and after the client timeout it gives up on this client.
-        wait_until(lambda: logged() is not None, timeout_s=30)
+        wait_until(lambda: _access_line(sidecar, request_id) is not None, timeout_s=30)
         answer = _read_all(sock)  # what the kernel had taken before the cut, then the end of the connection
     assert _status(answer) == 200 and not answer.rstrip().endswith(b"data: [DONE]")
-    line = logged()
+    line = _access_line(sidecar, request_id)
     assert line is not None and "client_timed_out=True" in line and "client_disconnected=True" in line, line
     assert "client_timeout" in sidecar.output() and "waiting_for=reads" in sidecar.output()
     # Cut off as a client gone: the engine's request is cancelled, and no engine timeout is blamed on it.
