@@ -13,6 +13,7 @@ SidecarError (500 server_error)
 ├── TooManyRequests (429 rate_limit_error, with Retry-After)
 ├── BadGateway (502 server_error)
 ├── ServiceUnavailable (503 service_unavailable, with Retry-After)
+│   └── SidecarOverloaded (503 sidecar_overloaded: the sidecar's open-files limit, retry in a second)
 └── GatewayTimeout (504 timeout_error)
 """
 
@@ -136,6 +137,13 @@ class ServiceUnavailable(SidecarError):
     error_type = "service_unavailable"
     default_code = "engine_not_ready"
     retry_after_s = 5
+
+
+class SidecarOverloaded(ServiceUnavailable):
+    """The sidecar has no descriptor to serve a request with (sidecar/descriptors.py): its limit, not the engine's."""
+
+    default_code = "sidecar_overloaded"
+    retry_after_s = 1
 
 
 class GatewayTimeout(SidecarError):

@@ -14,6 +14,7 @@ GHSA-rxc4-3w6r-4v47):
   body with no read for as long, is answered 408;
 - a client that leaves the answer unread as long, its buffer full, is cut off (the relay then sees a client
   gone, which cancels the engine's request);
+- a request on a connection past what the open-files limit can serve (`descriptors`) is answered 503;
 - and the connection is closed after any of these. A connection idle between requests is uvicorn's
   keep-alive timeout's; an answer going out to a client that reads it is never cut, however long it is.
 """
@@ -28,7 +29,9 @@ from typing import Any, ClassVar
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from sidecar.errors import BadRequest, RequestHeadersTooLarge, RequestTimeout, SidecarError
+from sidecar import descriptors
+from sidecar.descriptors import Shortage
+from sidecar.errors import BadRequest, RequestHeadersTooLarge, RequestTimeout, SidecarError, SidecarOverloaded
 from sidecar.logs import get_logger
 from sidecar.middleware.request_context import CLIENT_TIMED_OUT
 
@@ -39,6 +42,8 @@ log = get_logger("sidecar.http")
 # time it waits on the client (proxy._Deadline).
 CLIENT_WRITES = "client_writes"
 
+_SHORTAGE = Shortage("connections_over_limit")
+
 
 class _HeadTooLarge(Exception):
     """Raised in the parser's callback: httptools stops there and uvicorn answers through `send_400_response`."""
@@ -47,6 +52,8 @@ class _HeadTooLarge(Exception):
 class HttpProtocol(HttpToolsProtocol):
     max_head_bytes: ClassVar[int] = 64 * 1024
     client_timeout_s: ClassVar[float] = 60.0
+    max_connections: ClassVar[int] = 1 << 30
+    served: ClassVar[int] = 0  # connections this process serves: counted at their first request, not when accepted
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -57,6 +64,7 @@ class HttpProtocol(HttpToolsProtocol):
         self._timer: asyncio.TimerHandle | None = None  # set only while a head or a body is incomplete
         self._write_timer: asyncio.TimerHandle | None = None  # set only while the client's buffer is full
         self._refusal: SidecarError | None = None  # what `send_400_response` answers instead of invalid HTTP
+        self._served = False  # counted among the connections served (`max_connections`)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -64,6 +72,8 @@ class HttpProtocol(HttpToolsProtocol):
         self._arm()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._served:
+            HttpProtocol.served -= 1
         for timer in (self._timer, self._write_timer):
             if timer is not None:
                 timer.cancel()
@@ -105,13 +115,26 @@ class HttpProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._in_head = False
+        if self.transport.is_closing():  # refused (below) earlier in this read: what follows it is not served
+            return
         # The reads' sizes count a body's first bytes too: only past the limit is the head itself measured.
         if self._head_bytes > self.max_head_bytes and self._head_size() > self.max_head_bytes:
             self._refuse_head()
             raise _HeadTooLarge
+        if not self._served and not self._serve():
+            # Served, it would take the descriptor another request needs for the engine; answered, its own is freed.
+            _SHORTAGE.refused()
+            self._answer(SidecarOverloaded("as many connections as the open-files limit allows are served: retry"))
+            return
         super().on_headers_complete()
 
+    def on_body(self, body: bytes) -> None:
+        if self.cycle is not None:  # None: the connection's first request was refused, and nothing reads its body
+            super().on_body(body)
+
     def on_message_complete(self) -> None:
+        if self.cycle is None:
+            return
         super().on_message_complete()
         self._in_head = True
         self._head_bytes = 0
@@ -123,6 +146,15 @@ class HttpProtocol(HttpToolsProtocol):
         self._answer(self._refusal or BadRequest("invalid HTTP/1.1 request", code="invalid_http"))
 
     # -- the bounds --------------------------------------------------------------------------------------------
+
+    def _serve(self) -> bool:
+        """Whether this connection may be served. Counted at its first request: every connection a burst brings is
+        accepted before any request is read, and the first of them are the ones to serve."""
+        if HttpProtocol.served >= self.max_connections:
+            return False
+        HttpProtocol.served += 1
+        self._served = True
+        return True
 
     def _head_size(self) -> int:
         return len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
@@ -188,6 +220,8 @@ class HttpProtocol(HttpToolsProtocol):
         content = [b"HTTP/1.1 %d %s\r\n" % (error.status_code, HTTPStatus(error.status_code).phrase.encode())]
         for name, value in self.server_state.default_headers:
             content += [name, b": ", value, b"\r\n"]
+        for name_str, value_str in error.headers.items():
+            content.append(f"{name_str.lower()}: {value_str}\r\n".encode("latin-1"))
         content.append(b"content-type: application/json\r\ncontent-length: %d\r\n" % len(body))
         content.append(b"connection: close\r\n\r\n" + body)
         self.transport.write(b"".join(content))
@@ -195,6 +229,11 @@ class HttpProtocol(HttpToolsProtocol):
 
 
 def protocol(max_head_bytes: int, client_timeout_s: float) -> type[HttpProtocol]:
-    """The protocol class for uvicorn's `http` setting, with these bounds."""
-    bounds = {"max_head_bytes": max_head_bytes, "client_timeout_s": client_timeout_s}
+    """The protocol class for uvicorn's `http` setting, with these bounds (and the connections this process's
+    open-files limit allows, read now)."""
+    bounds = {
+        "max_head_bytes": max_head_bytes,
+        "client_timeout_s": client_timeout_s,
+        "max_connections": descriptors.connections_allowed(),
+    }
     return type("HttpProtocol", (HttpProtocol,), bounds)

@@ -30,8 +30,9 @@ from sidecar.chunks import (
     has_output,
     is_usage_chunk,
 )
+from sidecar.descriptors import Shortage
 from sidecar.engine import Engine
-from sidecar.errors import BadGateway, BadRequest, GatewayTimeout, SidecarError, engine_error_body
+from sidecar.errors import BadGateway, BadRequest, GatewayTimeout, SidecarError, SidecarOverloaded, engine_error_body
 from sidecar.history import RequestHistory
 from sidecar.http import disconnected, header, json_object, read_body
 from sidecar.http_server import CLIENT_WRITES
@@ -41,7 +42,15 @@ from sidecar.performance import PerformanceMeter
 from sidecar.settings import Settings
 from sidecar.sse import DONE, SSEParser
 from sidecar.telemetry import GpuWindow, Telemetry
-from sidecar.upstream import ConnectFailed, Disconnected, Response, UpstreamError, UpstreamPool, tls_context
+from sidecar.upstream import (
+    ConnectFailed,
+    Disconnected,
+    OutOfDescriptors,
+    Response,
+    UpstreamError,
+    UpstreamPool,
+    tls_context,
+)
 
 log = get_logger("sidecar.proxy")
 
@@ -283,6 +292,7 @@ class Proxy:
         self.upstream = UpstreamPool(
             settings.upstream_connect_timeout_s, _KEEPALIVE_S, tls_context(settings.upstream_ca_file)
         )
+        self._shortage = Shortage("open_files_exhausted")
 
     def close(self) -> None:
         self.upstream.close()
@@ -418,10 +428,20 @@ class Proxy:
                 return await self.upstream.request(scope["method"], engine.base_url, target, headers.items(), payload)
         except TimeoutError:  # the connect timeout is a TimeoutError too
             raise GatewayTimeout("the engine did not start answering within the timeout") from None
+        except OutOfDescriptors:
+            raise self._out_of_descriptors() from None
         except ConnectFailed as exc:
             raise BadGateway(f"could not connect to the engine: {exc}") from None
         except Disconnected as exc:
             raise BadGateway(f"{exc} before answering") from None
+
+    def _out_of_descriptors(self) -> SidecarOverloaded:
+        """No descriptor left for a connection to the engine: the sidecar's limit, not the engine, which a 502 would
+        blame."""
+        self._shortage.refused()
+        return SidecarOverloaded(
+            "the sidecar is out of file descriptors for a connection to the engine (its open-files limit): retry later"
+        )
 
     async def _count_prompt(self, engine: Engine, body: dict[str, Any]) -> int | None:
         """The prompt's tokens, counted by the engine's own tokenizer; None where it cannot say."""

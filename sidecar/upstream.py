@@ -11,6 +11,7 @@ delimited by length, chunks or the connection's end, TLS verified against the sy
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import ssl
 from collections.abc import Iterable
@@ -22,6 +23,9 @@ import httptools
 
 _COPY_BELOW = 64 * 1024  # a body this small goes out with the head in one write
 _PAUSE_AT = 256 * 1024  # bytes read and not yet relayed: stop reading the engine until the relay catches up
+# Out of descriptors, a new connection is tried again this often, for this long at most.
+_DESCRIPTOR_POLL_S = 0.01
+_DESCRIPTOR_WAIT_S = 1.0
 
 
 class UpstreamError(Exception):
@@ -30,6 +34,10 @@ class UpstreamError(Exception):
 
 class ConnectFailed(UpstreamError):
     """Nothing answered at the engine's address (refused, unreachable, unknown host)."""
+
+
+class OutOfDescriptors(ConnectFailed):
+    """The sidecar's own open-files limit left no descriptor for the connection: the engine is not at fault."""
 
 
 class Disconnected(UpstreamError):
@@ -302,22 +310,30 @@ class UpstreamPool:
         return None
 
     async def _connect(self, origin: _Origin) -> _Connection:
+        """A new connection. Without a descriptor for it, it waits a moment for one (connections being closed free
+        theirs: a burst's refused clients, idle ones timing out) rather than failing the request at once."""
         loop = asyncio.get_running_loop()
         tls = self._tls_context() if origin.scheme == "https" else None
-        try:
-            async with asyncio.timeout(self.connect_timeout_s):
-                _, connection = await loop.create_connection(
-                    lambda: _Connection(self, origin),
-                    origin.host,
-                    origin.port,
-                    ssl=tls,
-                    server_hostname=origin.host if tls else None,
-                )
-        except ssl.SSLError as exc:
-            raise ConnectFailed(f"TLS with the engine failed: {exc.reason or exc}") from None
-        except OSError as exc:
-            raise ConnectFailed(exc.strerror or str(exc)) from None
-        return connection
+        waited_until = loop.time() + min(_DESCRIPTOR_WAIT_S, self.connect_timeout_s)
+        while True:
+            try:
+                async with asyncio.timeout(self.connect_timeout_s):
+                    _, connection = await loop.create_connection(
+                        lambda: _Connection(self, origin),
+                        origin.host,
+                        origin.port,
+                        ssl=tls,
+                        server_hostname=origin.host if tls else None,
+                    )
+                return connection
+            except ssl.SSLError as exc:
+                raise ConnectFailed(f"TLS with the engine failed: {exc.reason or exc}") from None
+            except OSError as exc:
+                if exc.errno not in (errno.EMFILE, errno.ENFILE):
+                    raise ConnectFailed(exc.strerror or str(exc)) from None
+                if loop.time() >= waited_until:
+                    raise OutOfDescriptors(exc.strerror) from None
+            await asyncio.sleep(_DESCRIPTOR_POLL_S)
 
     def _origin(self, base_url: str) -> _Origin:
         origin = self._origins.get(base_url)

@@ -80,13 +80,19 @@ class ResourceWatchdog:
 
     def _run(self) -> None:
         last = None
+        failed = 0  # samples failed in a row: the first is logged, then one line when they work again
         next_at = time.monotonic()
         while not self._stop.is_set():
             try:
                 sample = self.sample()
             except Exception:  # a reading that fails must not stop the sampling
-                log.exception("watchdog_sample_failed")
+                if not failed:
+                    log.exception("watchdog_sample_failed")
+                failed += 1
             else:
+                if failed:
+                    log.info("watchdog_sample_recovered", failed_samples=failed)
+                    failed = 0
                 self._samples.append(sample)
                 if self.on_sample is not None:
                     self.on_sample(sample)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -19,7 +20,14 @@ __all__ = ["SidecarProcess", "free_port", "group_members", "is_gone", "wait_unti
 
 
 class SidecarProcess:
-    def __init__(self, workdir: Path, env: dict[str, str], args: tuple[str, ...] = (), port: int | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        env: dict[str, str],
+        args: tuple[str, ...] = (),
+        port: int | None = None,
+        open_files: tuple[int, int] | None = None,  # its soft and hard RLIMIT_NOFILE, where not this process's
+    ) -> None:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.output_path = workdir / f"sidecar-{self.port}.out"
@@ -32,6 +40,7 @@ class SidecarProcess:
             env=child_env,
             stdout=self._output,
             stderr=subprocess.STDOUT,
+            preexec_fn=None if open_files is None else lambda: resource.setrlimit(resource.RLIMIT_NOFILE, open_files),
         )
 
     @property

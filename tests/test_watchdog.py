@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import subprocess
 import sys
 import types
 from collections.abc import Iterator
 
 import pytest
+import structlog
 
 from sidecar.gpu import Gpus
 from sidecar.watchdog import ResourceWatchdog
@@ -55,3 +57,24 @@ def test_no_engine_means_null_engine_fields() -> None:
     assert (sample.engine_cpu_pct, sample.engine_rss_mb, sample.engine_processes) == (None, None, 0)
     gone = ResourceWatchdog(0.1, Gpus(types.ModuleType("no-nvml"), environ={}), lambda: 2**22 + 12345)
     assert gone.sample().engine_rss_mb is None
+
+
+def test_a_reading_that_keeps_failing_is_logged_once_then_its_recovery() -> None:
+    """Out of descriptors, every sample fails: one error with its traceback, not ten a second, then one line when
+    the readings work again."""
+    calls = 0
+
+    def engine_pid() -> int | None:
+        nonlocal calls
+        calls += 1
+        if calls <= 5:
+            raise OSError(errno.EMFILE, "Too many open files")
+        return None
+
+    watchdog = ResourceWatchdog(0.01, Gpus(types.ModuleType("no-nvml"), environ={}), engine_pid)
+    with structlog.testing.capture_logs() as logs:
+        watchdog.start()
+        wait_until(lambda: calls > 8, timeout_s=10)
+        watchdog.stop()
+    assert [log["event"] for log in logs].count("watchdog_sample_failed") == 1
+    assert [log["failed_samples"] for log in logs if log["event"] == "watchdog_sample_recovered"] == [5]

@@ -1,0 +1,74 @@
+"""File descriptors: what bounds how many streams one sidecar process carries.
+
+Every stream holds two, its client's connection and the engine's, and a container's soft limit is often 1024. At
+start-up the soft limit is raised to the hard one (vLLM and SGLang raise theirs too); the workers and the engine
+inherit it. Past it, a connection to the engine cannot be opened: had the sidecar let every client in, the clients'
+own connections would take the last descriptors and no request could be served at all. So client connections
+past half the limit (less a reserve) are answered 503 at once (`http_server`), and a request that finds no
+descriptor for the engine anyway gets a 503 too, not a 502 that blames the engine (`proxy`).
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from typing import Any
+
+from sidecar.logs import get_logger
+from sidecar.settings import Settings
+
+log = get_logger("sidecar.descriptors")
+
+# Held whatever the traffic: the sidecar's listening sockets, log files, the engine's pipes, the watchdog's reads.
+_RESERVED = 64
+# Streams a sidecar with no admission limit should be able to carry before it says its limit is low.
+_EXPECTED_STREAMS = 1024
+
+
+def limit() -> int:
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def connections_allowed() -> int:
+    """Client connections this process can serve, each with its connection to the engine."""
+    return max(1, (limit() - _RESERVED) // 2)
+
+
+def raise_limit(settings: Settings) -> None:
+    """The soft limit raised to the hard one; one line says how many streams it allows, a warning where that is
+    fewer than the admission limits let in (without them, 1024)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    fields: dict[str, Any] = {}
+    target = hard if hard != resource.RLIM_INFINITY else 1 << 20  # Linux's default ceiling (fs.nr_open)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            fields["not_raised"] = str(exc)
+        else:
+            fields["raised_from"] = soft
+    streams = connections_allowed()
+    limited = settings.max_concurrent_requests
+    needed = limited + settings.max_queued_requests if limited else _EXPECTED_STREAMS
+    if streams < needed:
+        log.warning("open_files_limit_low", limit=limit(), streams_at_most=streams, streams_needed=needed, **fields)
+    else:
+        log.info("open_files_limit", limit=limit(), streams_at_most=streams, **fields)
+
+
+class Shortage:
+    """Refusals for want of descriptors, logged together: one warning every few seconds at most, with how many
+    were refused since the last one (under a storm, one line a refusal would be thousands a second)."""
+
+    def __init__(self, event: str, every_s: float = 5.0) -> None:
+        self.event = event
+        self.every_s = every_s
+        self._warned_at = -every_s
+        self._refused = 0
+
+    def refused(self) -> None:
+        self._refused += 1
+        now = time.monotonic()
+        if now - self._warned_at >= self.every_s:
+            log.warning(self.event, limit=limit(), refused=self._refused)
+            self._warned_at, self._refused = now, 0
