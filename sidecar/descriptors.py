@@ -11,7 +11,6 @@ descriptor for the engine anyway gets a 503 too, not a 502 that blames the engin
 from __future__ import annotations
 
 import resource
-import time
 from typing import Any
 
 from sidecar.logs import get_logger
@@ -54,21 +53,3 @@ def raise_limit(settings: Settings) -> None:
         log.warning("open_files_limit_low", limit=limit(), streams_at_most=streams, streams_needed=needed, **fields)
     else:
         log.info("open_files_limit", limit=limit(), streams_at_most=streams, **fields)
-
-
-class Shortage:
-    """Refusals for want of descriptors, logged together: one warning every few seconds at most, with how many
-    were refused since the last one (under a storm, one line a refusal would be thousands a second)."""
-
-    def __init__(self, event: str, every_s: float = 5.0) -> None:
-        self.event = event
-        self.every_s = every_s
-        self._warned_at = -every_s
-        self._refused = 0
-
-    def refused(self) -> None:
-        self._refused += 1
-        now = time.monotonic()
-        if now - self._warned_at >= self.every_s:
-            log.warning(self.event, limit=limit(), refused=self._refused)
-            self._warned_at, self._refused = now, 0

@@ -30,9 +30,8 @@ from typing import Any, ClassVar
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from sidecar import descriptors
-from sidecar.descriptors import Shortage
 from sidecar.errors import BadRequest, RequestHeadersTooLarge, RequestTimeout, SidecarError, SidecarOverloaded
-from sidecar.logs import get_logger
+from sidecar.logs import Throttle, get_logger
 from sidecar.middleware.request_context import CLIENT_TIMED_OUT
 
 log = get_logger("sidecar.http")
@@ -42,7 +41,7 @@ log = get_logger("sidecar.http")
 # time it waits on the client (proxy._Deadline).
 CLIENT_WRITES = "client_writes"
 
-_SHORTAGE = Shortage("connections_over_limit")
+_REFUSALS = Throttle(5.0)  # connections refused at the open-files limit: a storm of them is one line every 5 s
 
 
 class _HeadTooLarge(Exception):
@@ -123,7 +122,8 @@ class HttpProtocol(HttpToolsProtocol):
             raise _HeadTooLarge
         if not self._served and not self._serve():
             # Served, it would take the descriptor another request needs for the engine; answered, its own is freed.
-            _SHORTAGE.refused()
+            if refused := _REFUSALS.due():
+                log.warning("connections_over_limit", open_files_limit=descriptors.limit(), refused=refused)
             self._answer(SidecarOverloaded("as many connections as the open-files limit allows are served: retry"))
             return
         super().on_headers_complete()

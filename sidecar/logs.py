@@ -247,6 +247,26 @@ def get_logger(name: str) -> Any:
     return structlog.get_logger(name)
 
 
+class Throttle:
+    """For a line about what can happen thousands of times a second (a storm of refusals, a reading that fails
+    every sample): at most one every `every_s`, the first at once, each saying how many happened since the last.
+    Not thread-safe: one per thread that uses it."""
+
+    def __init__(self, every_s: float) -> None:
+        self.every_s = every_s
+        self._logged_at = -every_s
+        self._count = 0
+
+    def due(self) -> int:
+        """Counts one; how many to report where a line is due now, else 0."""
+        self._count += 1
+        now = time.monotonic()
+        if now - self._logged_at < self.every_s:
+            return 0
+        count, self._count, self._logged_at = self._count, 0, now
+        return count
+
+
 def write_record(name: str, method: str, event_dict: EventDict) -> None:
     """One record through the configured chain, as `get_logger(name).<method>(**event_dict)` would send it, without
     structlog's logger objects: for the access line, written once a request (they cost 6-7 µs of its 40)."""

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import orjson
 from starlette.types import Receive, Scope, Send
 
+from sidecar import descriptors
 from sidecar.admission import Admission
 from sidecar.chunks import (
     Assembler,
@@ -30,13 +31,12 @@ from sidecar.chunks import (
     has_output,
     is_usage_chunk,
 )
-from sidecar.descriptors import Shortage
 from sidecar.engine import Engine
 from sidecar.errors import BadGateway, BadRequest, GatewayTimeout, SidecarError, SidecarOverloaded, engine_error_body
 from sidecar.history import RequestHistory
 from sidecar.http import disconnected, header, json_object, read_body
 from sidecar.http_server import CLIENT_WRITES
-from sidecar.logs import get_logger
+from sidecar.logs import Throttle, get_logger
 from sidecar.middleware.request_context import CLIENT_TIMED_OUT, log_fields
 from sidecar.performance import PerformanceMeter
 from sidecar.settings import Settings
@@ -292,7 +292,7 @@ class Proxy:
         self.upstream = UpstreamPool(
             settings.upstream_connect_timeout_s, _KEEPALIVE_S, tls_context(settings.upstream_ca_file)
         )
-        self._shortage = Shortage("open_files_exhausted")
+        self._out_of_descriptors_lines = Throttle(5.0)
 
     def close(self) -> None:
         self.upstream.close()
@@ -438,7 +438,8 @@ class Proxy:
     def _out_of_descriptors(self) -> SidecarOverloaded:
         """No descriptor left for a connection to the engine: the sidecar's limit, not the engine, which a 502 would
         blame."""
-        self._shortage.refused()
+        if refused := self._out_of_descriptors_lines.due():
+            log.warning("open_files_exhausted", open_files_limit=descriptors.limit(), refused=refused)
         return SidecarOverloaded(
             "the sidecar is out of file descriptors for a connection to the engine (its open-files limit): retry later"
         )

@@ -18,7 +18,7 @@ from typing import Any
 import psutil
 
 from sidecar.gpu import GpuReading, Gpus, processes_memory_mb
-from sidecar.logs import get_logger
+from sidecar.logs import Throttle, get_logger
 from sidecar.performance import percentile
 
 log = get_logger("sidecar.watchdog")
@@ -80,19 +80,15 @@ class ResourceWatchdog:
 
     def _run(self) -> None:
         last = None
-        failed = 0  # samples failed in a row: the first is logged, then one line when they work again
+        failures = Throttle(60.0)  # out of descriptors, say, every sample fails: not a traceback ten times a second
         next_at = time.monotonic()
         while not self._stop.is_set():
             try:
                 sample = self.sample()
             except Exception:  # a reading that fails must not stop the sampling
-                if not failed:
-                    log.exception("watchdog_sample_failed")
-                failed += 1
+                if failed := failures.due():
+                    log.exception("watchdog_sample_failed", failed_samples=failed)
             else:
-                if failed:
-                    log.info("watchdog_sample_recovered", failed_samples=failed)
-                    failed = 0
                 self._samples.append(sample)
                 if self.on_sample is not None:
                     self.on_sample(sample)

@@ -59,9 +59,9 @@ def test_no_engine_means_null_engine_fields() -> None:
     assert gone.sample().engine_rss_mb is None
 
 
-def test_a_reading_that_keeps_failing_is_logged_once_then_its_recovery() -> None:
-    """Out of descriptors, every sample fails: one error with its traceback, not ten a second, then one line when
-    the readings work again."""
+def test_a_reading_that_keeps_failing_is_logged_once_a_minute_and_sampling_goes_on() -> None:
+    """Out of descriptors, every sample fails: one error with its traceback, not ten a second; samples resume as
+    soon as the readings work again."""
     calls = 0
 
     def engine_pid() -> int | None:
@@ -76,5 +76,6 @@ def test_a_reading_that_keeps_failing_is_logged_once_then_its_recovery() -> None
         watchdog.start()
         wait_until(lambda: calls > 8, timeout_s=10)
         watchdog.stop()
-    assert [log["event"] for log in logs].count("watchdog_sample_failed") == 1
-    assert [log["failed_samples"] for log in logs if log["event"] == "watchdog_sample_recovered"] == [5]
+    failures = [log for log in logs if log["event"] == "watchdog_sample_failed"]
+    assert [log["failed_samples"] for log in failures] == [1], failures
+    assert len(watchdog.since(0.0)) >= 3
