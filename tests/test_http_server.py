@@ -248,6 +248,27 @@ def test_a_body_sent_slowly_but_steadily_is_read_whole(sidecar: SidecarProcess) 
     assert _status(answer) == 200, answer[:300]
 
 
+def test_a_client_that_expects_100_continue_gets_it_or_its_refusal_before_sending_the_body(
+    sidecar: SidecarProcess,
+) -> None:
+    """curl asks `Expect: 100-continue` for bodies past 1 MB and waits a second for the answer before sending: the
+    body is asked for at once, and a body that will be refused (too large, no key) is refused before it is sent."""
+    body = json.dumps({"model": "mock-model", "messages": [{"role": "user", "content": "x" * 200}]}).encode()
+    with _connect(sidecar) as sock:
+        sock.sendall(_chat_head(len(body), "Expect: 100-continue\r\nConnection: close\r\n"))
+        assert sock.recv(65536).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+        sock.sendall(body)
+        assert _status(_read_all(sock)) == 200
+    for head in (
+        _chat_head(64 * 1024 * 1024, "Expect: 100-continue\r\n"),  # past the body limit
+        _chat_head(len(body), "Expect: 100-continue\r\n").replace(KEY.encode(), b"wrong-key"),
+    ):
+        with _connect(sidecar) as sock:
+            sock.sendall(head)
+            answer = sock.recv(65536)  # without a byte of the body
+            assert _status(answer) in (413, 403), answer[:200]
+
+
 def test_an_answer_longer_than_the_client_timeout_is_not_cut(sidecar: SidecarProcess) -> None:
     chat = {
         "model": "mock-model",
