@@ -11,7 +11,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from sidecar import __version__, descriptors
+from sidecar import __version__, resources
 from sidecar.app import serve_with_workers, serve_worker, server
 from sidecar.demo import demo
 from sidecar.engine import free_port
@@ -49,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
 def serve(settings: Settings) -> None:
     redactor = Redactor()
     configure_logging(settings, redactor)
-    descriptors.raise_limit(settings)
+    resources.raise_open_files_limit(settings)
     if settings.workers > 1:
         serve_with_workers(settings, redactor)
     else:
@@ -58,6 +58,7 @@ def serve(settings: Settings) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    resources.give_back_memory()
     if args.command == "worker":
         serve_worker(args.index, args.fd)
         return 0

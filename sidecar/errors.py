@@ -140,7 +140,7 @@ class ServiceUnavailable(SidecarError):
 
 
 class SidecarOverloaded(ServiceUnavailable):
-    """The sidecar has no descriptor to serve a request with (sidecar/descriptors.py): its limit, not the engine's."""
+    """The sidecar has no descriptor to serve a request with (sidecar/resources.py): its limit, not the engine's."""
 
     default_code = "sidecar_overloaded"
     retry_after_s = 1

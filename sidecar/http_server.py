@@ -14,7 +14,7 @@ GHSA-rxc4-3w6r-4v47):
   body with no read for as long, is answered 408;
 - a client that leaves the answer unread as long, its buffer full, is cut off (the relay then sees a client
   gone, which cancels the engine's request);
-- a request on a connection past what the open-files limit can serve (`descriptors`) is answered 503;
+- a request on a connection past what the open-files limit can serve (`resources`) is answered 503;
 - and the connection is closed after any of these. A connection idle between requests is uvicorn's
   keep-alive timeout's; an answer going out to a client that reads it is never cut, however long it is.
 """
@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from sidecar import descriptors
+from sidecar import resources
 from sidecar.errors import BadRequest, RequestHeadersTooLarge, RequestTimeout, SidecarError, SidecarOverloaded
 from sidecar.logs import Throttle, get_logger
 from sidecar.middleware.request_context import CLIENT_TIMED_OUT
@@ -123,7 +123,7 @@ class HttpProtocol(HttpToolsProtocol):
         if not self._served and not self._serve():
             # Served, it would take the descriptor another request needs for the engine; answered, its own is freed.
             if refused := _REFUSALS.due():
-                log.warning("connections_over_limit", open_files_limit=descriptors.limit(), refused=refused)
+                log.warning("connections_over_limit", open_files_limit=resources.open_files_limit(), refused=refused)
             self._answer(SidecarOverloaded("as many connections as the open-files limit allows are served: retry"))
             return
         super().on_headers_complete()
@@ -234,6 +234,6 @@ def protocol(max_head_bytes: int, client_timeout_s: float) -> type[HttpProtocol]
     bounds = {
         "max_head_bytes": max_head_bytes,
         "client_timeout_s": client_timeout_s,
-        "max_connections": descriptors.connections_allowed(),
+        "max_connections": resources.connections_allowed(),
     }
     return type("HttpProtocol", (HttpProtocol,), bounds)

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import orjson
 from starlette.types import Receive, Scope, Send
 
-from sidecar import descriptors
+from sidecar import resources
 from sidecar.admission import Admission
 from sidecar.chunks import (
     Assembler,
@@ -319,6 +319,10 @@ class Proxy:
             # The bytes as the client sent them, unless the body changed: then serialized once.
             payload = raw if sent is body else _request_bytes(sent)
         chat = scope["path"].endswith("/chat/completions")
+        # Held for the whole answer: of a large body, only the bytes for the engine, and the parsed prompt only for
+        # an engine that counts it (the client's bytes and its JSON would triple a long prompt's memory).
+        prompt = sent if loaded is None or not loaded.adapter.streams_usage else None
+        del raw, body, translated, sent
 
         async def relay(exchange: _Exchange, response: Response) -> None:
             exchange.client_usage = client_usage
@@ -330,7 +334,7 @@ class Proxy:
             else:
                 await self._relay_assembled(exchange, response, Assembler(chat))
 
-        await self._exchange(scope, receive, send, start_ns, payload, relay, prompt=sent)
+        await self._exchange(scope, receive, send, start_ns, payload, relay, prompt=prompt)
 
     async def embeddings(self, scope: Scope, receive: Receive, send: Send) -> None:
         raw = await read_body(receive)
@@ -439,7 +443,7 @@ class Proxy:
         """No descriptor left for a connection to the engine: the sidecar's limit, not the engine, which a 502 would
         blame."""
         if refused := self._out_of_descriptors_lines.due():
-            log.warning("open_files_exhausted", open_files_limit=descriptors.limit(), refused=refused)
+            log.warning("open_files_exhausted", open_files_limit=resources.open_files_limit(), refused=refused)
         return SidecarOverloaded(
             "the sidecar is out of file descriptors for a connection to the engine (its open-files limit): retry later"
         )
