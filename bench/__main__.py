@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -22,18 +23,19 @@ import resource
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import httpx
 import psutil
 import uvloop
 from tqdm import tqdm
 
-from bench.loadgen import PhaseResult, chat_body, new_session, run_phase, stream_once
+from bench.loadgen import LoadProcesses, PhaseResult, chat_body, new_session, run_phase, stream_once
 from bench.nginx import find_nginx, start_nginx, worker_pid
 from bench.processes import pin, spawn_sidecar, wait_ok
 from bench.report import summarize, write_chart, write_table
@@ -41,6 +43,8 @@ from sidecar.engine import free_port
 
 KEY = "bench-key-0123"
 _OWN_ENGINES = ("fast", "mock")  # the bench's fake engines, which take a request's "mock" overrides
+# run_phase without its session: (target, url, headers, body, concurrency, seconds).
+Phase = Callable[[str, str, dict[str, str], bytes, int, float], Awaitable[PhaseResult]]
 
 
 @dataclass
@@ -154,7 +158,7 @@ def _pin(proxy_cpus: set[int], targets: Targets) -> None:
         raise SystemExit("--proxy-cpus leaves no CPU for the engine and the load generator")
     for proxy in targets.proxies:
         if proxy.pid:
-            pin(proxy.pid, proxy_cpus)
+            pin(proxy.pid, proxy_cpus, tree=True)  # the sidecar's data-plane workers with it
     if targets.engine_pid:
         pin(targets.engine_pid, rest, tree=True)
     pin(os.getpid(), rest)
@@ -208,6 +212,20 @@ def _workers_of(process: psutil.Process) -> list[psutil.Process]:
 
 
 async def _measure(args: argparse.Namespace, targets: Targets) -> dict[str, Any]:
+    spread = LoadProcesses(args.load_processes) if args.load_processes > 1 else None
+    try:
+        return await _measure_with(args, targets, spread)
+    finally:
+        if spread:
+            spread.close()
+
+
+def _phases(spread: LoadProcesses | None, session: aiohttp.ClientSession) -> Phase:
+    """Phases on this process's loop and session, or shared out between the load processes."""
+    return spread.run_phase if spread else functools.partial(run_phase, session)
+
+
+async def _measure_with(args: argparse.Namespace, targets: Targets, spread: LoadProcesses | None) -> dict[str, Any]:
     headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
     body = chat_body(args.tokens, model=targets.model, history=args.history_bytes)
     urls = {"direct": targets.direct} | {proxy.name: proxy.url for proxy in targets.proxies}
@@ -217,18 +235,19 @@ async def _measure(args: argparse.Namespace, targets: Targets) -> dict[str, Any]
     with tqdm(total=phases, desc="phases", unit="phase", file=sys.stderr) as progress:
         for concurrency in args.concurrency:
             async with new_session(concurrency) as session:
+                phase = _phases(spread, session)
                 runs: dict[str, list[PhaseResult]] = {name: [] for name in urls}
                 cpu_s = dict.fromkeys(pids, 0.0)
                 peak_rss = dict.fromkeys(pids, 0.0)
                 for url in urls.values():  # warm every path: connections, caches, the engine
-                    await run_phase(session, "warm-up", url + "/v1/chat/completions", headers, body, concurrency, 1)
+                    await phase("warm-up", url + "/v1/chat/completions", headers, body, concurrency, 1)
                 for round_index in range(args.rounds):
                     order = list(urls)
                     for name in order if round_index % 2 == 0 else reversed(order):
                         progress.set_postfix_str(f"c={concurrency} {name}")
                         with ProcessMeter(pids.get(name)) as meter:
                             url = urls[name] + "/v1/chat/completions"
-                            result = await run_phase(session, name, url, headers, body, concurrency, args.seconds)
+                            result = await phase(name, url, headers, body, concurrency, args.seconds)
                         if name in pids:
                             cpu_s[name] += meter.cpu_s
                             peak_rss[name] = max(peak_rss[name], meter.peak_rss_mb)
@@ -237,17 +256,20 @@ async def _measure(args: argparse.Namespace, targets: Targets) -> dict[str, Any]
                 proxied = {name: (runs[name], cpu_s[name], peak_rss[name]) for name in pids}
                 levels.append(summarize(concurrency, runs["direct"], proxied, targets.proxy.name))
     memory = await _memory_checks(targets, headers) if not args.skip_memory and args.engine in _OWN_ENGINES else None
-    costs = await _cost_split(args, targets, headers) if args.cost_split else None
+    costs = await _cost_split(args, targets, headers, spread) if args.cost_split else None
     return {"levels": levels, "memory": memory, "cost_split": costs}
 
 
-async def _cost_split(args: argparse.Namespace, targets: Targets, headers: dict[str, str]) -> dict[str, Any]:
+async def _cost_split(
+    args: argparse.Namespace, targets: Targets, headers: dict[str, str], spread: LoadProcesses | None
+) -> dict[str, Any]:
     """Each proxy's CPU per request and per relayed chunk, apart: the same load at the top concurrency with
     streams of two lengths, and cpu = requests × per_request + chunks × per_chunk solved for the two."""
     concurrency = max(args.concurrency)
     lengths = (args.tokens, args.tokens * 8)
     split: dict[str, Any] = {}
     async with new_session(concurrency) as session:
+        phase = _phases(spread, session)
         for proxy in targets.proxies:
             url = proxy.url + "/v1/chat/completions"
             phases = []
@@ -255,9 +277,9 @@ async def _cost_split(args: argparse.Namespace, targets: Targets, headers: dict[
                 body = chat_body(
                     tokens, model=targets.model, mock=args.engine in _OWN_ENGINES, history=args.history_bytes
                 )
-                await run_phase(session, "warm-up", url, headers, body, concurrency, 1)
+                await phase("warm-up", url, headers, body, concurrency, 1)
                 with ProcessMeter(proxy.pid) as meter:
-                    result = await run_phase(session, proxy.name, url, headers, body, concurrency, args.seconds)
+                    result = await phase(proxy.name, url, headers, body, concurrency, args.seconds)
                 measured = {"cpu_s": meter.cpu_s, "requests": result.requests, "chunks": result.chunks}
                 phases.append({"tokens": tokens} | measured)
             (c1, r1, k1), (c2, r2, k2) = ((ph["cpu_s"], ph["requests"], ph["chunks"]) for ph in phases)
@@ -328,6 +350,13 @@ def _parser() -> argparse.ArgumentParser:
         "(llamacpp, with --model)",
     )
     parser.add_argument("--engine-workers", type=int, default=1, help="processes of the fast engine (default 1)")
+    parser.add_argument(
+        "--load-processes",
+        type=int,
+        default=1,
+        help="processes of the load generator, the streams shared out between them (default 1: one loop reads "
+        "some 100k chunks/s, less than several sidecar workers relay)",
+    )
     parser.add_argument("--model", help="the model the engine loads (a .gguf file for llamacpp)")
     parser.add_argument("--engine-args", default="{}", help="the engine's flags as a JSON object, as in a load")
     parser.add_argument("--engine-executable", help="the engine's binary, where it is not on PATH")
@@ -392,6 +421,9 @@ def _scaling(args: argparse.Namespace, logs: Path) -> int:
                 "errors": at_top["errors"],
                 "cpu_s_per_1k_chunks": at_top["proxy_cpu_s_per_1k_chunks"],
                 f"added_ttft_p50_ms_at_{low}": at_low["added_ttft_p50_ms"],
+                # Cores of this sidecar the direct rate would take, per worker: 2 or more, the engine and the load
+                # generator streamed twice what these workers could relay, so the row measures the sidecar.
+                "direct_in_worker_cores": _per(at_top["core_share_at_direct_rate"], run["workers"]),
             }
         )
     first = rows[0]["chunks_per_s"] or None
@@ -412,6 +444,10 @@ def _scaling(args: argparse.Namespace, logs: Path) -> int:
         sys.stdout.write(" | ".join(str(row[name]) for name in names) + "\n")
     sys.stdout.write(f"\nresults: {args.out / 'scaling.json'}, logs: {logs}\n")
     return 0
+
+
+def _per(value: float | None, count: int) -> float | None:
+    return None if value is None else round(value / count, 2)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

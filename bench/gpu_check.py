@@ -46,8 +46,8 @@ def _stream(client: httpx.Client, request_mb: float) -> dict[str, Any]:
     return performance
 
 
-def run(engine_mb: float, request_mb: float, workdir: Path) -> dict[str, Any]:
-    sidecar, url = spawn_sidecar({}, workdir)
+def run(engine_mb: float, request_mb: float, workdir: Path, workers: int = 1) -> dict[str, Any]:
+    sidecar, url = spawn_sidecar({"SIDECAR_WORKERS": str(workers)}, workdir)
     try:
         wait_ok(url + "/health")
         with httpx.Client(base_url=url, timeout=120) as client:
@@ -81,6 +81,7 @@ def run(engine_mb: float, request_mb: float, workdir: Path) -> dict[str, Any]:
         and _within(freed, engine_at_load, TOLERANCE * engine_at_load),
     }
     return {
+        "workers": workers,
         "allocated": {"engine_mb": engine_mb, "request_mb": request_mb},
         "load": {
             "gpu_memory_used_mb": engine_at_load,
@@ -107,10 +108,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__.splitlines()[0])
     parser.add_argument("--engine-mb", type=float, default=4096, help="GPU memory the engine holds (default 4096)")
     parser.add_argument("--request-mb", type=float, default=2048, help="GPU memory a request holds (default 2048)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="SIDECAR_WORKERS: the request is served by a worker, read by the supervisor's one watchdog (default 1)",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/results/gpu_check.json"))
     args = parser.parse_args()
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    return report(run(args.engine_mb, args.request_mb, args.out.parent), args.out)
+    return report(run(args.engine_mb, args.request_mb, args.out.parent, args.workers), args.out)
 
 
 def report(result: dict[str, Any], out: Path) -> int:

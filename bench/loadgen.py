@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import multiprocessing
 import re
 import time
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 
 import aiohttp
+import uvloop
 
 from bench.fast_engine import ENGINE_TTFT_FIELD
 from sidecar.chunks import has_output
@@ -130,3 +133,59 @@ def new_session(concurrency: int) -> aiohttp.ClientSession:
     # Idle connections go before the servers' own 5 s keep-alive would close them under a request.
     connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=4)
     return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120), auto_decompress=False)
+
+
+class LoadProcesses:
+    """The same load from several processes, each with its own event loop and connections, the streams shared
+    out between them: one loop of this client reads some 100k chunks/s, less than several sidecar workers relay.
+    Its phases start together and are merged into one result."""
+
+    def __init__(self, count: int) -> None:
+        context = multiprocessing.get_context("spawn")  # no copy of the bench's loop, sessions or threads
+        self._pipes: list[Connection] = []
+        self._processes = []
+        for _ in range(count):
+            ours, theirs = context.Pipe()
+            process = context.Process(target=_serve_phases, args=(theirs,), daemon=True)
+            process.start()
+            self._pipes.append(ours)
+            self._processes.append(process)
+
+    async def run_phase(
+        self, target: str, url: str, headers: dict[str, str], body: bytes, concurrency: int, seconds: float
+    ) -> PhaseResult:
+        count = len(self._pipes)
+        shares = [concurrency // count + (index < concurrency % count) for index in range(count)]
+        busy = [(pipe, share) for pipe, share in zip(self._pipes, shares, strict=True) if share]
+        for pipe, share in busy:
+            pipe.send((target, url, headers, body, share, seconds))
+        loop = asyncio.get_running_loop()
+        parts: list[PhaseResult] = await asyncio.gather(*(loop.run_in_executor(None, pipe.recv) for pipe, _ in busy))
+        merged = PhaseResult(target, concurrency, seconds=max(part.seconds for part in parts))
+        for part in parts:
+            merged.requests += part.requests
+            merged.chunks += part.chunks
+            merged.errors += part.errors
+            merged.ttfts_ms += part.ttfts_ms
+            merged.path_ttfts_ms += part.path_ttfts_ms
+            merged.first_error = merged.first_error or part.first_error
+        return merged
+
+    def close(self) -> None:
+        for pipe in self._pipes:
+            pipe.send(None)
+        for process in self._processes:
+            process.join(timeout=10)
+            if process.is_alive():
+                process.kill()
+
+
+def _serve_phases(pipe: Connection) -> None:
+    """One load process: the phases it is sent, on one session kept between them, until it is sent None."""
+
+    async def serve() -> None:
+        async with new_session(0) as session:
+            while (phase := await asyncio.to_thread(pipe.recv)) is not None:
+                pipe.send(await run_phase(session, *phase))
+
+    uvloop.run(serve())

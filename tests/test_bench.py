@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import io
 import json
@@ -13,6 +14,7 @@ from pathlib import Path
 import httpx
 
 from bench.fast_engine import ENGINE_TTFT_FIELD
+from bench.loadgen import LoadProcesses, chat_body
 from bench.processes import wait_ok
 from bench.report import write_table
 from sidecar.engine import free_port
@@ -72,10 +74,11 @@ def test_bench_in_front_of_the_mock_engine_loaded_by_the_sidecar(tmp_path: Path)
 
 
 def test_bench_compares_counts_of_workers(tmp_path: Path) -> None:
+    """As on the 16-core machine: the load from two processes of its own, so that it is not what caps the workers."""
     out = tmp_path / "results"
     result = _bench(
         *("--workers", "1,2", "--concurrency", "1,8", "--seconds", "0.5", "--rounds", "1", "--no-cost-split"),
-        *("--skip-memory", "--nginx", "off", "--out", str(out)),
+        *("--skip-memory", "--nginx", "off", "--load-processes", "2", "--out", str(out)),
         timeout=180,
     )
     assert "relayed chunks/s at 8 streams by SIDECAR_WORKERS" in result.stdout
@@ -83,6 +86,29 @@ def test_bench_compares_counts_of_workers(tmp_path: Path) -> None:
     assert [row["workers"] for row in scaling] == [1, 2] and scaling[0]["vs_first"] == 1.0
     for row in scaling:
         assert row["errors"] == 0 and row["chunks_per_s"] > 0 and row["cpu_s_per_1k_chunks"] > 0
+        assert row["direct_in_worker_cores"] > 0
+
+
+def test_load_processes_share_out_the_streams_and_merge_what_they_measured() -> None:
+    """Three streams from two processes: one result, every request in it with its TTFT, none lost."""
+    port = free_port()
+    argv = [sys.executable, "-m", "bench.fast_engine", "--port", str(port), "--ttft-ms", "30", "--itl-ms", "2"]
+    engine = subprocess.Popen(argv, cwd=REPO)
+    load = LoadProcesses(2)
+    try:
+        wait_ok(f"http://127.0.0.1:{port}/health")
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        result = asyncio.run(load.run_phase("direct", url, {}, chat_body(8), 3, 0.5))
+    finally:
+        load.close()
+        engine.terminate()
+        engine.wait(timeout=30)
+    assert result.target == "direct" and result.concurrency == 3 and result.errors == 0, result.first_error
+    assert result.seconds >= 0.5
+    # A stream takes about 44 ms: in 0.5 s each of the three runs about 12, and a share lost would show.
+    assert 3 * 8 <= result.requests <= 3 * 14
+    assert len(result.ttfts_ms) == result.requests and min(result.ttfts_ms) >= 25  # the engine's 30, its 1 ms clock
+    assert result.chunks >= result.requests * 8
 
 
 def test_fast_engine_says_its_own_ttft() -> None:
