@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import socket
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
@@ -114,6 +115,24 @@ class Engine:
     @property
     def served_model(self) -> str:
         return self.request.served_model_name or self.request.model
+
+
+class EngineSlot:
+    """One data-plane request's hold on the engine (`async with`, which gives the engine): `hold` counts it and
+    returns the engine, or raises; `release` uncounts it. A class, not `@asynccontextmanager`, whose generator
+    costs 2.3 µs a request against 0.5: the Supervisor's and a worker's `request_slot`."""
+
+    __slots__ = ("_hold", "_release")
+
+    def __init__(self, hold: Callable[[], Awaitable[Engine]], release: Callable[[], None]) -> None:
+        self._hold = hold
+        self._release = release
+
+    async def __aenter__(self) -> Engine:
+        return await self._hold()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._release()
 
 
 def free_port() -> int:

@@ -35,7 +35,7 @@ import httpx
 
 from engines import AdapterError, EngineAdapter, LoraApi, SleepApi, UnknownEngine
 from engines import adapter as registered_adapter
-from sidecar.engine import Engine, LoadRequest, free_port
+from sidecar.engine import Engine, EngineSlot, LoadRequest, free_port
 from sidecar.errors import (
     BadGateway,
     BadRequest,
@@ -268,10 +268,10 @@ class Supervisor:
         gpu_memory_used_mb = engine_memory_mb(self.gpus, self._engine_pids())
         return {key: status[key] for key in keys} | {"gpu_memory_used_mb": gpu_memory_used_mb}
 
-    def request_slot(self) -> _RequestSlot:
+    def request_slot(self) -> EngineSlot:
         """Hold the engine for one data-plane request (`async with`, which gives the engine): 503 unless ready
         (after an idle unload, with load on demand, the model is loaded again first); unload drains these first."""
-        return _RequestSlot(self)
+        return EngineSlot(self._hold, self._release)
 
     async def _hold(self) -> Engine:
         if self.state is not EngineState.READY and self.settings.load_on_demand:
@@ -907,19 +907,3 @@ def _refused_while_busy(command: Command, state: EngineState) -> bool:
 
 def _iso(timestamp: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
-
-
-class _RequestSlot:
-    """`Supervisor.request_slot`: a class, not `@asynccontextmanager`, whose generator costs 2.3 µs a request
-    against 0.5."""
-
-    __slots__ = ("_supervisor",)
-
-    def __init__(self, supervisor: Supervisor) -> None:
-        self._supervisor = supervisor
-
-    async def __aenter__(self) -> Engine:
-        return await self._supervisor._hold()
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        self._supervisor._release()

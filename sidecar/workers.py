@@ -29,7 +29,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +47,7 @@ from starlette.routing import BaseRoute, Route
 from engines import adapter as registered_adapter
 from sidecar import telemetry
 from sidecar.dataplane import FindElsewhere
-from sidecar.engine import Engine, LoadRequest
+from sidecar.engine import Engine, EngineSlot, LoadRequest
 from sidecar.errors import NotFound, ServiceUnavailable
 from sidecar.guard import die_with_parent
 from sidecar.history import RequestHistory
@@ -254,8 +254,11 @@ class EngineView:
         self._generation = -1
         self._refreshing: asyncio.Task[None] | None = None
 
-    @contextlib.asynccontextmanager
-    async def request_slot(self) -> AsyncIterator[Engine]:
+    def request_slot(self) -> EngineSlot:
+        """As `Supervisor.request_slot`: the engine's state from the shared block, the request counted there."""
+        return EngineSlot(self._hold, self._release)
+
+    async def _hold(self) -> Engine:
         self.shared.begin(self.index)  # counted before the state is read: see sidecar/shared.py
         try:
             state, generation, idle_unloaded = self.shared.engine()
@@ -268,9 +271,13 @@ class EngineView:
                 await self._refresh()
             if self.engine is None:
                 raise not_ready(state, idle_unloaded)
-            yield self.engine
-        finally:
-            self.shared.end(self.index)
+        except BaseException:
+            self._release()
+            raise
+        return self.engine
+
+    def _release(self) -> None:
+        self.shared.end(self.index)
 
     async def prime(self) -> None:
         """At the worker's start: the engine's description now, so that its first request does not wait for it."""
