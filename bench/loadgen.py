@@ -4,6 +4,7 @@ possible per chunk so that the generator is not what gets measured."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import multiprocessing
 import re
@@ -173,7 +174,8 @@ class LoadProcesses:
 
     def close(self) -> None:
         for pipe in self._pipes:
-            pipe.send(None)
+            with contextlib.suppress(OSError):  # one that died already
+                pipe.send(None)
         for process in self._processes:
             process.join(timeout=10)
             if process.is_alive():
