@@ -39,6 +39,7 @@ from sidecar.gpu import Gpus
 from sidecar.history import RequestHistory
 from sidecar.logs import configure_logging, get_logger
 from sidecar.middleware import AuthMiddleware, BodyLimitMiddleware, RequestContextMiddleware
+from sidecar.middleware.body_limit import in_flight_budget
 from sidecar.middleware.request_context import client_left
 from sidecar.proxy import Proxy
 from sidecar.redaction import Redactor
@@ -229,7 +230,9 @@ class _SidecarApp(Starlette):
 
     def build_middleware_stack(self) -> ASGIApp:
         settings = self.sidecar_settings
-        body_limit = BodyLimitMiddleware(super().build_middleware_stack(), max_bytes=settings.max_body_bytes)
+        body_limit = BodyLimitMiddleware(
+            super().build_middleware_stack(), settings.max_body_bytes, in_flight_budget(settings)
+        )
         auth = AuthMiddleware(
             body_limit,
             data_keys=settings.data_keys,
@@ -258,9 +261,16 @@ class _GenerationRoutes:
             return
         try:
             self.auth.check(scope)  # before anything reads the body
-            await handler(scope, self.body_limit.bounded(scope, receive), send)
+            bounded = self.body_limit.bounded(scope, receive)
+        except SidecarError as exc:
+            await send_error(exc, scope, receive, send)
+            return
+        try:
+            await handler(scope, bounded, send)
         except SidecarError as exc:  # raised before the response started, as with Starlette's handlers
             await send_error(exc, scope, receive, send)
+        finally:
+            self.body_limit.release(scope)
 
 
 def server_config(settings: Settings, app: Starlette) -> uvicorn.Config:

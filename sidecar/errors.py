@@ -13,7 +13,7 @@ SidecarError (500 server_error)
 ├── TooManyRequests (429 rate_limit_error, with Retry-After)
 ├── BadGateway (502 server_error)
 ├── ServiceUnavailable (503 service_unavailable, with Retry-After)
-│   └── SidecarOverloaded (503 sidecar_overloaded: the sidecar's open-files limit, retry in a second)
+│   └── SidecarOverloaded (503 sidecar_overloaded: the sidecar's open files or bodies in flight; retry in 1 s)
 └── GatewayTimeout (504 timeout_error)
 """
 
@@ -140,7 +140,8 @@ class ServiceUnavailable(SidecarError):
 
 
 class SidecarOverloaded(ServiceUnavailable):
-    """The sidecar has no descriptor to serve a request with (sidecar/resources.py): its limit, not the engine's."""
+    """The sidecar has no descriptor to serve a request with (sidecar/resources.py), or no room for its body
+    (sidecar/middleware/body_limit.py): its own limits, not the engine's."""
 
     default_code = "sidecar_overloaded"
     retry_after_s = 1

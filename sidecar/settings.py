@@ -76,6 +76,9 @@ class Settings(BaseSettings):
 
     cors_origins: CommaList = []
     max_body_bytes: int = Field(16 * 1024 * 1024, gt=0)
+    # Bytes of request bodies held at once (each is held while its request is handled): past it, 503 with
+    # Retry-After before a body is read (0: no limit). With data-plane workers, each holds its share.
+    max_body_bytes_in_flight: int = Field(1024 * 1024 * 1024, ge=0)
     max_header_bytes: int = Field(64 * 1024, ge=1024)
     client_timeout_s: float = Field(60.0, gt=0)
 
@@ -142,6 +145,15 @@ class Settings(BaseSettings):
     def _autoload_needs_a_model(self) -> Settings:
         if self.autoload_engine and not self.autoload_model:
             raise ValueError(f"{ENV_PREFIX}AUTOLOAD_MODEL: needed with {ENV_PREFIX}AUTOLOAD_ENGINE")
+        return self
+
+    @model_validator(mode="after")
+    def _room_for_one_body(self) -> Settings:
+        if 0 < self.max_body_bytes_in_flight < self.max_body_bytes:
+            raise ValueError(
+                f"{ENV_PREFIX}MAX_BODY_BYTES_IN_FLIGHT: at least {ENV_PREFIX}MAX_BODY_BYTES ({self.max_body_bytes}), "
+                "or 0 for no limit"
+            )
         return self
 
     @model_validator(mode="after")

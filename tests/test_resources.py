@@ -2,7 +2,8 @@
 is raised to the hard one at start-up; a burst of clients past what the limit can serve is served up to it and the
 rest answered 503 (before, the clients' own connections took every descriptor and not one request was served); a
 request that finds no descriptor for its connection to the engine waits a moment for one, then gets a 503 that
-does not blame the engine."""
+does not blame the engine. And memory: what a burst of large prompts took is given back, and the bodies held at
+once stay within SIDECAR_MAX_BODY_BYTES_IN_FLIGHT."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import resource
 import select
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,8 @@ import httpx
 import psutil
 import pytest
 
+from sidecar.middleware.body_limit import in_flight_budget
+from sidecar.settings import load_settings
 from tests.processes import SidecarProcess, wait_until
 
 KEY = "descriptors-key"
@@ -210,3 +213,49 @@ def test_memory_taken_by_a_burst_of_large_prompts_is_given_back(start: Any) -> N
     assert asyncio.run(burst()) == [200] * 12
     # The bodies were 96 MB in all: what stays is the sidecar's own, not theirs.
     wait_until(lambda: process.memory_info().rss - before < 40 * 1024 * 1024, timeout_s=10)
+
+
+def _active(sidecar: SidecarProcess) -> float:
+    metrics = httpx.get(f"{sidecar.url}/metrics").text
+    return float(next(line.split()[1] for line in metrics.splitlines() if line.startswith("sidecar_requests_active ")))
+
+
+def test_bodies_past_the_budget_for_bodies_in_flight_are_refused_until_there_is_room(start: Any) -> None:
+    """Two prompts of 900 KB in flight, of a budget of 2.5 MB: a third is refused before its body is read, with
+    its length declared or not, while a small one still fits; once the two have ended the third is served."""
+    sidecar = start((4096, 4096), SIDECAR_MAX_BODY_BYTES="1000000", SIDECAR_MAX_BODY_BYTES_IN_FLIGHT="2500000")
+    held = json.dumps(_chat(ttft_ms=3000) | {"messages": [{"role": "user", "content": "x" * 900_000}]}).encode()
+    third = json.dumps(_chat() | {"messages": [{"role": "user", "content": "x" * 900_000}]}).encode()
+
+    async def chunked() -> AsyncIterator[bytes]:  # no Content-Length: counted as it comes
+        for start_at in range(0, len(third), 100_000):
+            yield third[start_at : start_at + 100_000]
+
+    async def scenario() -> None:
+        async with httpx.AsyncClient(base_url=sidecar.url, headers=AUTH, timeout=30) as client:
+            first_two = [asyncio.create_task(client.post(CHAT, content=held)) for _ in range(2)]
+            deadline = time.monotonic() + 10
+            while _active(sidecar) < 2:
+                assert time.monotonic() < deadline, "the two prompts were not both admitted"
+                await asyncio.sleep(0.02)
+            for refused in (await client.post(CHAT, content=third), await client.post(CHAT, content=chunked())):
+                assert refused.status_code == 503, refused.text
+                assert refused.headers["retry-after"] == "1"
+                error = refused.json()["error"]
+                assert error["code"] == "sidecar_overloaded" and "MAX_BODY_BYTES_IN_FLIGHT" in error["message"]
+            assert (await client.post(CHAT, json=_chat())).status_code == 200  # a small body fits beside them
+            assert [answer.status_code for answer in await asyncio.gather(*first_two)] == [200, 200]
+            assert (await client.post(CHAT, content=third)).status_code == 200
+            assert (await client.post(CHAT, content=chunked())).status_code == 200
+
+    asyncio.run(scenario())
+    assert "body_bytes_in_flight_full" in sidecar.output()
+
+
+def test_each_data_plane_worker_holds_its_share_of_the_bodies_in_flight() -> None:
+    settings = load_settings(None, workers=4, max_body_bytes_in_flight=1 << 30)
+    assert in_flight_budget(settings) == 1 << 28
+    small = load_settings(None, workers=4, max_body_bytes_in_flight=20 << 20, max_body_bytes=16 << 20)
+    assert in_flight_budget(small) == 16 << 20  # never less than one largest body
+    assert in_flight_budget(load_settings(None, workers=4, max_body_bytes_in_flight=0)) == 0  # no limit
+    assert in_flight_budget(load_settings(None, max_body_bytes_in_flight=5 << 30)) == 5 << 30  # one process: all

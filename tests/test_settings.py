@@ -84,6 +84,14 @@ def test_env_file_is_read_and_environment_and_flags_win(tmp_path: Path, monkeypa
     assert load_settings(env_file, port=9003).port == 9003
 
 
+@pytest.mark.parametrize("budget", [1, 16 * 1024 * 1024 - 1])
+def test_bodies_in_flight_must_leave_room_for_one_body(budget: int) -> None:
+    with pytest.raises(SettingsError, match="MAX_BODY_BYTES_IN_FLIGHT: at least SIDECAR_MAX_BODY_BYTES"):
+        load_settings(None, max_body_bytes_in_flight=budget)
+    assert load_settings(None, max_body_bytes_in_flight=0).max_body_bytes_in_flight == 0  # no limit
+    assert load_settings(None, max_body_bytes_in_flight=budget, max_body_bytes=budget).max_body_bytes == budget
+
+
 def test_settings_are_frozen() -> None:
     settings = load_settings(None)
     with pytest.raises(ValueError):

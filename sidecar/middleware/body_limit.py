@@ -1,40 +1,75 @@
-"""413 for bodies over the limit, counted while they stream in, so no body is ever buffered past it."""
+"""Request bodies: 413 for one over `SIDECAR_MAX_BODY_BYTES`, counted while it streams in, so no body is ever
+buffered past it; 503 for one that would take the bodies being handled past `SIDECAR_MAX_BODY_BYTES_IN_FLIGHT`.
+
+A body is held while its request is handled (read whole, parsed, its bytes kept for the engine until the answer
+ends), so 16 MB bodies on a thousand connections would take 16 GB and the container's memory with them, the
+engine's too. Each request's body counts against the budget from its declared length (or as it streams in)
+until the request ends; past the budget the request gets 503 `sidecar_overloaded` with Retry-After before its
+body is read, and the bodies in flight are served.
+"""
 
 from __future__ import annotations
 
+import math
+
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from sidecar.errors import BadRequest, PayloadTooLarge, SidecarError, send_error
+from sidecar.errors import BadRequest, PayloadTooLarge, SidecarError, SidecarOverloaded, send_error
 from sidecar.http import header
+from sidecar.logs import Throttle, get_logger
+from sidecar.settings import Settings
+
+log = get_logger("sidecar.http")
+
+_HELD = "body_bytes_held"  # in the scope's state: what this request's body counts against the budget
+
+
+def in_flight_budget(settings: Settings) -> int:
+    """This process's share of SIDECAR_MAX_BODY_BYTES_IN_FLIGHT (0: no limit): with data-plane workers each
+    keeps its own count, of 1/N of it, never less than one largest body."""
+    budget = settings.max_body_bytes_in_flight
+    if not budget or settings.workers == 1:
+        return budget
+    return max(math.ceil(budget / settings.workers), settings.max_body_bytes)
 
 
 class BodyLimitMiddleware:
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, max_in_flight: int = 0) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.max_in_flight = max_in_flight
+        self.in_flight = 0  # bytes of the bodies of the requests being handled
+        self._refusals = Throttle(5.0)
 
     def _too_large(self) -> PayloadTooLarge:
         return PayloadTooLarge(f"request body is larger than the limit of {self.max_bytes} bytes")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            try:
-                receive = self.bounded(scope, receive)
-            except SidecarError as error:
-                await send_error(error, scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        try:
+            bounded = self.bounded(scope, receive)
+        except SidecarError as error:
+            await send_error(error, scope, receive, send)
+            return
+        try:
+            await self.app(scope, bounded, send)
+        finally:
+            self.release(scope)
 
     def bounded(self, scope: Scope, receive: Receive) -> Receive:
         """The request's `receive`, which raises 413 past the limit; a declared length over it (or not a number)
-        raises here. A declared length within it bounds the body already (HTTP's framing ends the body there):
-        `receive` is returned as it is. The app's generation routes call it directly, outside the layer."""
+        raises here, and so does one the budget has no room for (503). A declared length within both bounds the
+        body already (HTTP's framing ends the body there): `receive` is returned as it is. The app's generation
+        routes call it directly, outside the layer; whoever calls it calls `release` when the request ends."""
         declared = header(scope, b"content-length")
         if declared is not None:
             if not declared.isdigit():
                 raise BadRequest("invalid Content-Length header")
             if int(declared) > self.max_bytes:
                 raise self._too_large()
+            self._hold(scope, int(declared))
             return receive
 
         received = 0
@@ -43,10 +78,32 @@ class BodyLimitMiddleware:
             nonlocal received
             message = await receive()
             if message["type"] == "http.request":
-                received += len(message.get("body", b""))
+                size = len(message.get("body", b""))
+                received += size
                 if received > self.max_bytes:
                     # Raised inside whoever reads the body; the exception handlers answer 413.
                     raise self._too_large()
+                self._hold(scope, size)
             return message
 
         return limited_receive
+
+    def _hold(self, scope: Scope, size: int) -> None:
+        if not size:
+            return
+        if self.max_in_flight and self.in_flight + size > self.max_in_flight:
+            if refused := self._refusals.due():
+                log.warning(
+                    "body_bytes_in_flight_full", in_flight=self.in_flight, budget=self.max_in_flight, refused=refused
+                )
+            raise SidecarOverloaded(
+                f"the request bodies being handled take {self.in_flight} of the {self.max_in_flight} bytes the "
+                "sidecar holds at once (SIDECAR_MAX_BODY_BYTES_IN_FLIGHT): retry"
+            )
+        self.in_flight += size
+        state = scope.setdefault("state", {})
+        state[_HELD] = state.get(_HELD, 0) + size
+
+    def release(self, scope: Scope) -> None:
+        """The request ended: its body no longer counts."""
+        self.in_flight -= scope.get("state", {}).pop(_HELD, 0)
