@@ -39,7 +39,6 @@ from sidecar.gpu import Gpus
 from sidecar.history import RequestHistory
 from sidecar.logs import configure_logging, get_logger
 from sidecar.middleware import AuthMiddleware, BodyLimitMiddleware, RequestContextMiddleware
-from sidecar.middleware.body_limit import in_flight_budget
 from sidecar.middleware.request_context import client_left
 from sidecar.proxy import Proxy
 from sidecar.redaction import Redactor
@@ -231,7 +230,7 @@ class _SidecarApp(Starlette):
     def build_middleware_stack(self) -> ASGIApp:
         settings = self.sidecar_settings
         body_limit = BodyLimitMiddleware(
-            super().build_middleware_stack(), settings.max_body_bytes, in_flight_budget(settings)
+            super().build_middleware_stack(), settings.max_body_bytes, workers.body_budget_share(settings)
         )
         auth = AuthMiddleware(
             body_limit,

@@ -452,3 +452,12 @@ def admission_share(settings: Settings) -> tuple[int, int]:
         return 0, settings.max_queued_requests
     workers = settings.workers
     return math.ceil(settings.max_concurrent_requests / workers), math.ceil(settings.max_queued_requests / workers)
+
+
+def body_budget_share(settings: Settings) -> int:
+    """This process's share of SIDECAR_MAX_BODY_BYTES_IN_FLIGHT (0: no limit): with data-plane workers each keeps
+    its own count, of 1/N of it, never less than one largest body."""
+    budget = settings.max_body_bytes_in_flight
+    if not budget or settings.workers == 1:
+        return budget
+    return max(math.ceil(budget / settings.workers), settings.max_body_bytes)

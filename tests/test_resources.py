@@ -22,8 +22,8 @@ import httpx
 import psutil
 import pytest
 
-from sidecar.middleware.body_limit import in_flight_budget
 from sidecar.settings import load_settings
+from sidecar.workers import body_budget_share
 from tests.processes import SidecarProcess, wait_until
 
 KEY = "descriptors-key"
@@ -215,11 +215,6 @@ def test_memory_taken_by_a_burst_of_large_prompts_is_given_back(start: Any) -> N
     wait_until(lambda: process.memory_info().rss - before < 40 * 1024 * 1024, timeout_s=10)
 
 
-def _active(sidecar: SidecarProcess) -> float:
-    metrics = httpx.get(f"{sidecar.url}/metrics").text
-    return float(next(line.split()[1] for line in metrics.splitlines() if line.startswith("sidecar_requests_active ")))
-
-
 def test_bodies_past_the_budget_for_bodies_in_flight_are_refused_until_there_is_room(start: Any) -> None:
     """Two prompts of 900 KB in flight, of a budget of 2.5 MB: a third is refused before its body is read, with
     its length declared or not, while a small one still fits; once the two have ended the third is served."""
@@ -235,7 +230,7 @@ def test_bodies_past_the_budget_for_bodies_in_flight_are_refused_until_there_is_
         async with httpx.AsyncClient(base_url=sidecar.url, headers=AUTH, timeout=30) as client:
             first_two = [asyncio.create_task(client.post(CHAT, content=held)) for _ in range(2)]
             deadline = time.monotonic() + 10
-            while _active(sidecar) < 2:
+            while "sidecar_requests_active 2.0" not in (await client.get("/metrics")).text:
                 assert time.monotonic() < deadline, "the two prompts were not both admitted"
                 await asyncio.sleep(0.02)
             for refused in (await client.post(CHAT, content=third), await client.post(CHAT, content=chunked())):
@@ -254,8 +249,8 @@ def test_bodies_past_the_budget_for_bodies_in_flight_are_refused_until_there_is_
 
 def test_each_data_plane_worker_holds_its_share_of_the_bodies_in_flight() -> None:
     settings = load_settings(None, workers=4, max_body_bytes_in_flight=1 << 30)
-    assert in_flight_budget(settings) == 1 << 28
+    assert body_budget_share(settings) == 1 << 28
     small = load_settings(None, workers=4, max_body_bytes_in_flight=20 << 20, max_body_bytes=16 << 20)
-    assert in_flight_budget(small) == 16 << 20  # never less than one largest body
-    assert in_flight_budget(load_settings(None, workers=4, max_body_bytes_in_flight=0)) == 0  # no limit
-    assert in_flight_budget(load_settings(None, max_body_bytes_in_flight=5 << 30)) == 5 << 30  # one process: all
+    assert body_budget_share(small) == 16 << 20  # never less than one largest body
+    assert body_budget_share(load_settings(None, workers=4, max_body_bytes_in_flight=0)) == 0  # no limit
+    assert body_budget_share(load_settings(None, max_body_bytes_in_flight=5 << 30)) == 5 << 30  # one process: all

@@ -10,27 +10,15 @@ body is read, and the bodies in flight are served.
 
 from __future__ import annotations
 
-import math
-
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sidecar.errors import BadRequest, PayloadTooLarge, SidecarError, SidecarOverloaded, send_error
 from sidecar.http import header
 from sidecar.logs import Throttle, get_logger
-from sidecar.settings import Settings
 
 log = get_logger("sidecar.http")
 
 _HELD = "body_bytes_held"  # in the scope's state: what this request's body counts against the budget
-
-
-def in_flight_budget(settings: Settings) -> int:
-    """This process's share of SIDECAR_MAX_BODY_BYTES_IN_FLIGHT (0: no limit): with data-plane workers each
-    keeps its own count, of 1/N of it, never less than one largest body."""
-    budget = settings.max_body_bytes_in_flight
-    if not budget or settings.workers == 1:
-        return budget
-    return max(math.ceil(budget / settings.workers), settings.max_body_bytes)
 
 
 class BodyLimitMiddleware:
