@@ -179,13 +179,26 @@ def create_app(config: MockConfig) -> Starlette:
         headers = {"x-compute-time": "0.0805"} if answer.pace.timings else None
         if body.get("stream"):
             # `"stream_usage": false` ignores stream_options, as llama-cpp-python's server does.
-            asked = bool((body.get("stream_options") or {}).get("include_usage"))
-            include_usage = asked and overrides.get("stream_usage", True) is not False
-            return StreamingResponse(_stream(answer, include_usage), media_type="text/event-stream", headers=headers)
+            options = body.get("stream_options") or {}
+            include_usage = bool(options.get("include_usage")) and overrides.get("stream_usage", True) is not False
+            # As vLLM: usage in every chunk too, which only counts with include_usage.
+            continuous = include_usage and bool(options.get("continuous_usage_stats"))
+            stream = _stream(answer, include_usage, continuous)
+            return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
         return await _complete(request, answer, headers)
 
-    async def _stream(answer: Answer, include_usage: bool) -> AsyncIterator[bytes]:
+    async def _stream(answer: Answer, include_usage: bool, continuous: bool) -> AsyncIterator[bytes]:
         base, chat, choices, tool = answer.base, answer.chat, answer.choices, answer.tool
+        prompt_tokens = answer.usage["prompt_tokens"]
+
+        def chunk(choice: dict[str, Any], completion_tokens: int, **extra: Any) -> bytes:
+            """One choice's event; with continuous usage, that choice's tokens so far, as vLLM counts them."""
+            payload = {**base, "choices": [choice], **extra}
+            if continuous:
+                tokens = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}
+                payload["usage"] = tokens | {"total_tokens": prompt_tokens + completion_tokens}
+            return _sse(payload)
+
         stats.in_flight += 1
         slot = False
         try:
@@ -193,9 +206,7 @@ def create_app(config: MockConfig) -> Starlette:
             if chat:  # the role arrives before any output, as vLLM sends it
                 for i in range(len(choices)):
                     delta = {"role": "assistant", "content": ""}
-                    yield _sse(
-                        {**base, "choices": [{"index": i, "delta": delta, "logprobs": None, "finish_reason": None}]}
-                    )
+                    yield chunk({"index": i, "delta": delta, "logprobs": None, "finish_reason": None}, 0)
             pace = answer.pace
             block = gpu.hold(pace.gpu_mb) if pace.gpu_mb else None
             await asyncio.sleep(pace.ttft_s)
@@ -207,8 +218,7 @@ def create_app(config: MockConfig) -> Starlette:
                 if step:
                     await asyncio.sleep(pace.itl_s)
                 for i, tokens in enumerate(choices):
-                    choice = _stream_choice(chat, i, tokens, step, tool, answer.want_logprobs)
-                    yield _sse({**base, "choices": [choice]})
+                    yield chunk(_stream_choice(chat, i, tokens, step, tool, answer.want_logprobs), step + 1)
             if block is not None:
                 gpu.release(block)  # before the answer ends: the request's memory is back when it completes
             for i in range(len(choices)):
@@ -218,9 +228,9 @@ def create_app(config: MockConfig) -> Starlette:
                 else:
                     last["text"] = ""
                 if pace.timings and i == len(choices) - 1:  # llama.cpp puts its timings on the last chunk
-                    yield _sse({**base, "choices": [last], "timings": TIMINGS})
+                    yield chunk(last, answer.steps, timings=TIMINGS)
                 else:
-                    yield _sse({**base, "choices": [last]})
+                    yield chunk(last, answer.steps)
             if include_usage:
                 yield _sse({**base, "choices": [], "usage": answer.usage})
             yield b"data: [DONE]\n\n"

@@ -72,6 +72,25 @@ def test_stream_with_include_usage_differs_only_by_performance(stack: Stack, pat
     assert performance["completion_tokens"] == usage_direct["usage"]["completion_tokens"]
 
 
+def test_usage_in_every_chunk_passes_through_and_the_answer_is_still_timed(stack: Stack) -> None:
+    # vLLM's `continuous_usage_stats`, which guidellm asks for: every chunk carries the tokens so far.
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    body = {"model": MODEL, "messages": MESSAGES, "stream": True, "stream_options": options}
+    body |= {"mock": {"ttft_ms": 150, "itl_ms": 10}}
+    through = events(normalized(post_stream(stack.url + "/v1/chat/completions", body, "continuous-1")))
+    direct = events(normalized(post_stream(stack.engine_url + "/v1/chat/completions", body, "continuous-1", key=None)))
+    assert through[:-2] == direct[:-2] and through[-1] == direct[-1] == b"data: [DONE]"
+    chunks = [json.loads(event.removeprefix(b"data: ")) for event in through[:-1]]
+    assert all("usage" in chunk for chunk in chunks)
+    assert [chunk["usage"]["completion_tokens"] for chunk in chunks[:-1]] == [0, *range(1, 17), 16]
+    usage = chunks[-1]["usage"]
+    performance = usage.pop("performance")
+    assert usage == json.loads(direct[-2].removeprefix(b"data: "))["usage"]
+    assert 145 <= performance["ttft_ms"] <= 175
+    assert performance["itl_ms"]["p50"] == pytest.approx(10, abs=8)
+    assert performance["completion_tokens"] == 16
+
+
 def test_several_choices_are_measured_per_choice(stack: Stack) -> None:
     stream = stack.client().chat.completions.create(
         model=MODEL,
