@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import logging.handlers
+import re
 import sys
 import threading
 import time
@@ -54,8 +55,25 @@ _json_exceptions = structlog.processors.ExceptionRenderer(ExceptionDictTransform
 _FIRST_KEYS = ("timestamp", "level", "event", "logger")
 
 
+# Control characters, C1's included: a request's path or a model name must not start a line of its own in a log,
+# nor carry a terminal's escape sequence into it.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_NAMED_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape_control(match: re.Match[str]) -> str:
+    char = match.group()
+    return _NAMED_ESCAPES.get(char) or f"\\x{ord(char):02x}"
+
+
+def escape_controls(text: str) -> str:
+    """`text` with its control characters written as escapes (`\\n`, `\\x1b`): one line, nothing a terminal runs."""
+    return _CONTROL.sub(_escape_control, text) if _CONTROL.search(text) else text
+
+
 def _json_line(event_dict: EventDict) -> str:
-    return json.dumps(event_dict, default=repr, ensure_ascii=False)
+    # json escapes what is below 0x20; DEL and C1 it leaves as they are.
+    return escape_controls(json.dumps(event_dict, default=repr, ensure_ascii=False))
 
 
 def _plain_line(event_dict: EventDict) -> str:
@@ -70,6 +88,7 @@ def _plain_line(event_dict: EventDict) -> str:
         f"{event_dict.get('timestamp', '')} [{event_dict.get('level', ''):<9}] {event_dict.get('event', ''):<30} "
         f"[{event_dict.get('logger', '')}] {fields}"
     )
+    line = escape_controls(line)  # the record's own line; a traceback's lines follow it as they are
     return f"{line}\n{exception}" if exception else line
 
 
@@ -87,7 +106,16 @@ def _console_format(colors: bool) -> _Format:
     if not colors:
         return _PLAIN
     renderer = structlog.dev.ConsoleRenderer(colors=True)
-    return _Format(structlog.processors.format_exc_info, lambda event_dict: str(renderer(None, "", event_dict)))
+
+    def render(event_dict: EventDict) -> str:
+        # The renderer's own colours are escape sequences: the values are escaped before it adds them.
+        escaped = {
+            key: escape_controls(value) if isinstance(value, str) and key != "exception" else value
+            for key, value in event_dict.items()
+        }
+        return str(renderer(None, "", escaped))
+
+    return _Format(structlog.processors.format_exc_info, render)
 
 
 @dataclass
@@ -278,16 +306,19 @@ def write_record(name: str, method: str, event_dict: EventDict) -> None:
         pass
 
 
+clock: Callable[[], float] = time.perf_counter  # the timer's clock, in seconds: tests replace it
+
+
 @contextmanager
 def timer(log: Any, event: str, **fields: Any) -> Iterator[dict[str, Any]]:
     """Log `event` with its duration_ms when the block ends; the block may add fields to the yielded dict."""
     extra: dict[str, Any] = {}
-    start = time.perf_counter()
+    start = clock()
     try:
         yield extra
     except BaseException as exc:
-        duration_ms = round((time.perf_counter() - start) * 1000, 3)
+        duration_ms = round((clock() - start) * 1000, 3)
         log.warning(event, duration_ms=duration_ms, outcome="error", error=repr(exc), **fields, **extra)
         raise
-    duration_ms = round((time.perf_counter() - start) * 1000, 3)
+    duration_ms = round((clock() - start) * 1000, 3)
     log.info(event, duration_ms=duration_ms, outcome="ok", **fields, **extra)

@@ -53,7 +53,7 @@ from sidecar.metrics import engine_load
 from sidecar.process import REAP_AFTER_KILL_S, EngineProcess, become_subreaper, process_tree
 from sidecar.redaction import Redactor
 from sidecar.runfile import EngineRecord
-from sidecar.settings import Settings
+from sidecar.settings import ENV_PREFIX, Settings
 from sidecar.shared import SharedState
 from sidecar.state import EngineState, check_transition
 from sidecar.upstream import tls_context
@@ -576,7 +576,7 @@ class Supervisor:
             )
         port = free_port()
         argv = adapter.command(request.model, port, request.args, request.served_model_name)
-        env = {**os.environ, **adapter.environment(request.args), **request.env}
+        env = {**inherited_environment(), **adapter.environment(request.args), **request.env}
         log.info("engine_spawn", engine=adapter.name, argv=argv, port=port, env_names=sorted(request.env))
         try:
             process = await EngineProcess.spawn(
@@ -666,6 +666,8 @@ class Supervisor:
                 continue
             log.info("engine_restarted", engine=crashed.adapter.name, attempt=self.restarts)
             return
+        if self.settings.restart_max:  # the policy is spent: the engine stays down until an operator loads one
+            log.error("engine_restarts_exhausted", engine=crashed.adapter.name, restarts=self.restarts)
 
     def _while_waiting_to_restart(self, command: Command) -> Decision:
         if _refused_while_busy(command, self.state):
@@ -907,3 +909,10 @@ def _refused_while_busy(command: Command, state: EngineState) -> bool:
 
 def _iso(timestamp: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
+
+
+def inherited_environment() -> dict[str, str]:
+    """What the engine inherits of the sidecar's environment: all of it (CUDA, Hugging Face, the engine's own
+    variables) but the sidecar's settings, its keys among them. An engine, its custom code (`trust_remote_code`)
+    or a crash dump of it never holds them."""
+    return {name: value for name, value in os.environ.items() if not name.upper().startswith(ENV_PREFIX)}

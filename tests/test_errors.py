@@ -92,6 +92,18 @@ def test_bad_body_is_400_before_the_missing_engine(sidecar: SidecarProcess) -> N
 
 
 def test_sidecar_survives_every_error(sidecar: SidecarProcess) -> None:
+    """Each kind of bad request in a row, on its own: every one answered, and the sidecar still serves after."""
+    url = f"{sidecar.url}/v1/chat/completions"
+    answers = [
+        httpx.post(url, content=b"{not json", headers=AUTH).status_code,
+        httpx.post(url, content=b"[1]", headers=AUTH).status_code,
+        httpx.post(url, json={}).status_code,
+        httpx.post(url, json={}, headers={"X-API-Key": "nope-nope"}).status_code,
+        httpx.post(url, content=b"{" + b" " * 2048 + b"}", headers=AUTH).status_code,
+        httpx.delete(f"{sidecar.url}/health").status_code,
+        httpx.get(f"{sidecar.url}/no/such/path").status_code,
+    ]
+    assert answers == [400, 400, 401, 403, 413, 405, 404]
     assert sidecar.process.poll() is None
     assert httpx.get(f"{sidecar.url}/health").status_code == 200
 

@@ -24,6 +24,8 @@ from hypothesis.errors import Unsatisfiable
 
 from tests.processes import SidecarProcess, wait_until
 
+pytestmark = pytest.mark.slow
+
 DATA_KEY = "fuzz-data-key-0123"
 ADMIN_KEY = "fuzz-admin-key-4567"
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}

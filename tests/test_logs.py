@@ -8,6 +8,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from sidecar import logs
 from sidecar.logs import configure_logging, get_logger, timer
 from sidecar.redaction import Redactor
 from sidecar.settings import load_settings
@@ -66,8 +67,10 @@ def test_level_from_settings(capfd: pytest.CaptureFixture[str]) -> None:
     assert "loud_event" in err and "quiet_event" not in err
 
 
-def test_timer_logs_duration_and_outcome(capfd: pytest.CaptureFixture[str]) -> None:
+def test_timer_logs_duration_and_outcome(capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     configure_logging(load_settings(None, log_format="json"), Redactor())
+    ticks = iter([10.0, 10.25, 20.0, 20.0015])  # a fake clock: each block's start and end, in seconds
+    monkeypatch.setattr(logs, "clock", lambda: next(ticks))
     log = get_logger("sidecar.test")
     with timer(log, "model_load", engine="mock") as fields:
         fields["pid"] = 42
@@ -76,7 +79,7 @@ def test_timer_logs_duration_and_outcome(capfd: pytest.CaptureFixture[str]) -> N
     records = [json.loads(line) for line in capfd.readouterr().err.splitlines()]
     load, unload = records
     assert (load["event"], load["outcome"], load["engine"], load["pid"]) == ("model_load", "ok", "mock", 42)
-    assert load["duration_ms"] >= 0
+    assert (load["duration_ms"], unload["duration_ms"]) == (250.0, 1.5)
     assert (unload["event"], unload["outcome"], unload["level"]) == ("model_unload", "error", "warning")
 
 

@@ -9,6 +9,8 @@ import pytest
 
 from bench.soak import parser, run
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.mark.timeout(300)  # about a minute: warm-up, 40 s of soak, and the pool's idle time before and after
 def test_a_soak_with_crashes_and_disconnects_leaves_nothing_behind_and_cuts_no_stream_silently() -> None:

@@ -97,12 +97,13 @@ def test_engine_killed_while_ready_is_noticed_within_a_second(start_sidecar: Sta
     sidecar = start_sidecar()
     pid = load(sidecar, args={"spawn-child": True}).json()["pid"]
     os.kill(pid, signal.SIGKILL)
-    took = wait_until(lambda: status(sidecar)["state"] == "failed", timeout_s=1.0)
+    # The deadline is the spec's second; the wait goes past it so that a miss is measured, not a timeout.
+    took = wait_until(lambda: status(sidecar)["state"] == "failed", timeout_s=10)
     current = status(sidecar)
     assert current["exit_code"] == -signal.SIGKILL
     assert "while ready" in current["last_error"]
     assert current["restarts"] == 0
-    assert took < 1.0
+    assert took < 1.0, f"noticed after {took:.2f}s"
     wait_until(lambda: group_members(pid) == [], timeout_s=15)  # the orphaned grandchild too
     assert httpx.get(f"{sidecar.url}/ready").status_code == 503
 
@@ -115,10 +116,10 @@ def test_restart_policy_brings_a_crashed_engine_back(start_sidecar: Start) -> No
     assert status(sidecar)["pid"] != first
     second = status(sidecar)["pid"]
     os.kill(second, signal.SIGKILL)  # the policy allows one restart only
-    wait_until(lambda: status(sidecar)["state"] == "failed", timeout_s=5)
-    time.sleep(0.5)  # longer than the backoff: nothing more may happen
-    assert status(sidecar)["state"] == "failed"
-    assert status(sidecar)["restarts"] == 1
+    wait_until(lambda: "engine_restarts_exhausted" in sidecar.output(), timeout_s=10)
+    current = status(sidecar)
+    assert (current["state"], current["restarts"], current["pid"]) == ("failed", 1, second)
+    assert sidecar.output().count("engine_restart_scheduled") == 1
 
 
 def test_two_concurrent_loads_give_one_200_and_one_409(start_sidecar: Start) -> None:

@@ -21,6 +21,8 @@ import pytest
 from bench.processes import mock_engines
 from tests.processes import SidecarProcess, is_gone, wait_until
 
+pytestmark = pytest.mark.slow
+
 Start = Callable[..., SidecarProcess]
 
 CLIENTS = 10

@@ -46,6 +46,17 @@ class Stats:
     in_flight: int = 0
     waiting: int = 0  # of those in flight, waiting for one of the max_num_seqs slots
     ids: itertools.count[int] = field(default_factory=itertools.count)
+    # The engine's own clock for its recent answers, by their id: when each output step was written, in ms from
+    # the request's arrival. Tests compare the sidecar's measurements with these rather than with a fixed window.
+    outputs_ms: dict[str, list[float]] = field(default_factory=dict)
+    last_headers: dict[str, str] = field(default_factory=dict)  # of the last generation request: what reached it
+
+    def timed(self, answer_id: str) -> list[float]:
+        if len(self.outputs_ms) >= 256:
+            del self.outputs_ms[next(iter(self.outputs_ms))]
+        times: list[float] = []
+        self.outputs_ms[answer_id] = times
+        return times
 
 
 @dataclass(frozen=True)
@@ -83,6 +94,7 @@ class Answer:
     want_logprobs: bool
     usage: dict[str, Any]
     pace: Pace
+    received_ns: int  # the engine's clock when the request arrived
 
     @property
     def steps(self) -> int:
@@ -130,6 +142,8 @@ def create_app(config: MockConfig) -> Starlette:
         return True
 
     async def generate(request: Request) -> Response:
+        received_ns = time.perf_counter_ns()
+        stats.last_headers = dict(request.headers)
         try:
             body = await request.json()
         except ValueError:
@@ -172,7 +186,8 @@ def create_app(config: MockConfig) -> Starlette:
             "created": int(time.time()),
             "model": config.model,
         }
-        answer = Answer(base, chat, choices, tool, finish, want_logprobs, usage, Pace.of(config, overrides))
+        pace = Pace.of(config, overrides)
+        answer = Answer(base, chat, choices, tool, finish, want_logprobs, usage, pace, received_ns)
         stats.started += 1
         if "log" in overrides:  # a line of output, as an engine logs its requests (tests of the live log)
             _output(str(overrides["log"]))
@@ -208,6 +223,7 @@ def create_app(config: MockConfig) -> Starlette:
                     delta = {"role": "assistant", "content": ""}
                     yield chunk({"index": i, "delta": delta, "logprobs": None, "finish_reason": None}, 0)
             pace = answer.pace
+            outputs_ms = stats.timed(base["id"])
             block = gpu.hold(pace.gpu_mb) if pace.gpu_mb else None
             await asyncio.sleep(pace.ttft_s)
             for step in range(answer.steps):
@@ -217,6 +233,7 @@ def create_app(config: MockConfig) -> Starlette:
                     await asyncio.Event().wait()
                 if step:
                     await asyncio.sleep(pace.itl_s)
+                outputs_ms.append((time.perf_counter_ns() - answer.received_ns) / 1e6)
                 for i, tokens in enumerate(choices):
                     yield chunk(_stream_choice(chat, i, tokens, step, tool, answer.want_logprobs), step + 1)
             if block is not None:
@@ -308,6 +325,16 @@ def create_app(config: MockConfig) -> Starlette:
         loras = [card | {"id": name, "root": path, "parent": config.model} for name, path in adapters.items()]
         return JSONResponse({"object": "list", "data": [card | {"parent": None}, *loras]})
 
+    async def model(request: Request) -> Response:
+        """One model's card, as OpenAI's retrieve-model answers; a 404 in vLLM's error shape for another name."""
+        model_id = request.path_params["model_id"]
+        answer = await models(request)
+        for card in json.loads(bytes(answer.body))["data"]:
+            if card["id"] == model_id:
+                return JSONResponse(card)
+        body = {"object": "error", "message": f"The model `{model_id}` does not exist.", "type": "NotFoundError"}
+        return JSONResponse(body | {"param": "model", "code": 404}, status_code=404)
+
     # -- vLLM's sleep mode: the weights' GPU memory given back, then taken again ------------------------------
 
     async def sleep(request: Request) -> Response:
@@ -385,6 +412,15 @@ def create_app(config: MockConfig) -> Starlette:
         fields = ("started", "completed", "cancelled", "in_flight")
         return JSONResponse({name: getattr(stats, name) for name in fields})
 
+    async def mock_last_headers(request: Request) -> Response:
+        """The headers of the last chat or completion request: what a proxy in front forwarded."""
+        return JSONResponse(stats.last_headers)
+
+    async def mock_outputs(request: Request) -> Response:
+        """When a recent streamed answer's output steps were written, by the engine's own clock."""
+        times = stats.outputs_ms.get(request.path_params["answer_id"])
+        return JSONResponse({"output_ms": times}, status_code=200 if times is not None else 404)
+
     asleep: list[int] = []  # the level while sleeping
     adapters: dict[str, str] = {}  # LoRA name -> path
     features = []
@@ -407,9 +443,12 @@ def create_app(config: MockConfig) -> Starlette:
             Route("/v1/completions", generate, methods=["POST"]),
             Route("/v1/embeddings", embeddings, methods=["POST"]),
             Route("/v1/models", models, methods=["GET"]),
+            Route("/v1/models/{model_id:path}", model, methods=["GET"]),
             Route("/health", health, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
             Route("/mock/stats", mock_stats, methods=["GET"]),
+            Route("/mock/outputs/{answer_id}", mock_outputs, methods=["GET"]),
+            Route("/mock/last-headers", mock_last_headers, methods=["GET"]),
             Route("/v1/mock/echo", echo, methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
         ],
     )

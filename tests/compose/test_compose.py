@@ -27,6 +27,8 @@ from sidecar.settings import Settings, load_settings
 from sidecar.supervisor import shutdown_bound_s
 from tests.processes import free_port, group_members, wait_until
 
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE = REPO / "compose"
 BIN = Path(sys.executable).parent

@@ -41,6 +41,34 @@ class Stack:
         stats: dict[str, int] = httpx.get(f"{self.engine_url}/mock/stats").json()
         return stats
 
+    def engine_outputs_ms(self, answer_id: str) -> list[float]:
+        """When the mock wrote each output step of that answer, in ms from the request's arrival, by its own clock."""
+        response = httpx.get(f"{self.engine_url}/mock/outputs/{answer_id}")
+        response.raise_for_status()
+        times: list[float] = response.json()["output_ms"]
+        return times
+
+
+# What a loaded 2-core machine may put between the engine writing an event and the sidecar reading it: the
+# scheduling of two processes and a loopback hop. The engine's own clock carries its share of the load.
+RELAY_SLACK_MS = 100.0
+
+
+def assert_timed_as_the_engine(stack: Stack, answer_id: str, performance: dict[str, Any], delay_ms: float) -> None:
+    """The sidecar's TTFT, latency and ITL are the engine's own, plus no more than a relay's slack.
+
+    The sidecar's clock starts before the engine's (it forwards the request after reading it) and stops after
+    (it reads what the engine wrote), so neither figure can come out below the engine's; `delay_ms` is the TTFT
+    the mock was told to inject, which its own first output cannot beat.
+    """
+    outputs = stack.engine_outputs_ms(answer_id)
+    assert outputs[0] >= delay_ms - 1, outputs  # asyncio's timer may fire within its clock's resolution
+    assert outputs[0] - 0.01 <= performance["ttft_ms"] <= outputs[0] + RELAY_SLACK_MS, (outputs, performance)
+    assert outputs[-1] - 0.01 <= performance["latency_ms"] <= outputs[-1] + RELAY_SLACK_MS, (outputs, performance)
+    gaps = sorted(later - earlier for earlier, later in zip(outputs, outputs[1:], strict=False))
+    if gaps and performance["itl_ms"] is not None:
+        assert performance["itl_ms"]["p50"] == pytest.approx(gaps[len(gaps) // 2], abs=10), (outputs, performance)
+
 
 def start_stack(workdir: Path, env: dict[str, str] | None = None, engine_args: dict[str, Any] | None = None) -> Stack:
     args = {"ttft-ms": 20, "itl-ms": 5, "tokens": 16} | (engine_args or {})

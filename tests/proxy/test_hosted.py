@@ -95,9 +95,13 @@ def test_hosted_engine_gets_its_key_over_verified_https_and_no_log_or_status_sho
     assert whole.usage is not None and whole.usage.model_dump()["performance"]["engine"] == "external"
 
     # What the engine receives: its own key and headers, never the client's key.
-    seen = httpx.post(f"{sidecar.url}/v1/mock/echo", json={}, headers={"X-API-Key": KEY}, timeout=10).json()
-    assert seen["headers"]["authorization"] == f"Bearer {ENGINE_KEY}"
-    assert seen["headers"]["x-org"] == ORG and "x-api-key" not in seen["headers"]
+    body = {"model": "hosted", "messages": MESSAGES, "max_tokens": 1}
+    sent = httpx.post(f"{sidecar.url}/v1/chat/completions", json=body, headers={"X-API-Key": KEY}, timeout=10)
+    assert sent.status_code == 200, sent.text
+    trusting = ssl.create_default_context(cafile=hosted.ca_file)
+    seen = httpx.get(f"{hosted.url}/mock/last-headers", verify=trusting).json()
+    assert seen["authorization"] == f"Bearer {ENGINE_KEY}"
+    assert seen["x-org"] == ORG and "x-api-key" not in seen
 
     status = httpx.get(f"{sidecar.url}/v1/model", headers=AUTH).text
     assert status and ENGINE_KEY not in status and ORG not in status
