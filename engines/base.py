@@ -31,6 +31,13 @@ def _value(value: Any) -> str:
     return str(value)
 
 
+def _reserved_by(name: str, reserved: frozenset[str]) -> str | None:
+    """The reserved flag that `name` would set: the flag itself, or a prefix of it, which Python's argparse (vLLM's,
+    SGLang's, llama-cpp-python's parser) takes for the whole flag; `_` and `-` are one (vLLM reads both)."""
+    spelled = name.replace("_", "-")
+    return next((flag for flag in sorted(reserved) if flag.replace("_", "-").startswith(spelled)), None)
+
+
 def flags_from_args(
     args: Mapping[str, ArgValue],
     list_style: Literal["nargs", "repeat"] = "nargs",
@@ -46,8 +53,10 @@ def flags_from_args(
         name = raw_name.lstrip("-")
         if not _FLAG_NAME.fullmatch(name):
             raise AdapterError(f"invalid flag name {raw_name!r}", param=f"args.{raw_name}")
-        if name in reserved:
-            raise AdapterError(f"flag --{name} is set by the sidecar and cannot be passed in args", f"args.{raw_name}")
+        taken = _reserved_by(name, reserved)
+        if taken is not None:
+            message = f"flag --{name} is set by the sidecar (--{taken}) and cannot be passed in args"
+            raise AdapterError(message, f"args.{raw_name}")
         flag = f"--{name}"
         if value is True:
             argv.append(flag)
@@ -72,6 +81,23 @@ def names_flag(args: Mapping[str, ArgValue], name: str) -> bool:
 def flag_on(args: Mapping[str, ArgValue], name: str) -> bool:
     """Whether the request's args turn flag `name` on: named, and not `false` or null (which leave it out)."""
     return any(key.lstrip("-") == name and value is not False and value is not None for key, value in args.items())
+
+
+# Every engine's model list, and one model's entry (GET /v1/models/{id}).
+MODELS_PATHS = ("GET /v1/models", "GET /v1/models/*")
+
+
+def serves(data_paths: tuple[str, ...], method: str, path: str) -> bool:
+    """Whether `method path` is one of `data_paths` (see `EngineAdapter.data_paths`)."""
+    for entry in data_paths:
+        allowed_method, _, pattern = entry.partition(" ")
+        if allowed_method not in (method, "*"):
+            continue
+        if pattern.endswith("*") and path.startswith(pattern[:-1]) and len(path) > len(pattern) - 1:
+            return True
+        if path == pattern:
+            return True
+    return False
 
 
 @dataclass(frozen=True)
@@ -146,9 +172,18 @@ class EngineAdapter:
     # Features the engine has when the load's args turn on their flag (none: it has none).
     sleep_mode: ClassVar[SleepApi | None] = None
     dynamic_lora: ClassVar[LoraApi | None] = None
+    # The engine's other paths a data key reaches through the sidecar, beside chat, completions and embeddings
+    # (the sidecar's own routes): `METHOD /path`, a trailing `*` for any rest (a model id may hold `/`). Every
+    # other path of the engine (its admin endpoints: LoRA, sleep, cache, profiling) is 404 to clients.
+    data_paths: ClassVar[tuple[str, ...]] = MODELS_PATHS
 
     def __init__(self, executable: str | None = None) -> None:
         self.executable = executable or self.default_executable
+
+    @classmethod
+    def serves(cls, method: str, path: str) -> bool:
+        """Whether a client's `method path` may pass through to this engine (`data_paths`)."""
+        return serves(cls.data_paths, method, path)
 
     def command(self, model: str, port: int, args: Mapping[str, ArgValue], served_model_name: str | None) -> list[str]:
         raise NotImplementedError

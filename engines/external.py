@@ -5,10 +5,10 @@ from collections.abc import Mapping
 import httpx
 
 from engines.base import EngineAdapter, LoadSeries
-from engines.llamacpp import LLAMA_SERVER_LOAD
-from engines.sglang import SGLANG_LOAD
+from engines.llamacpp import LLAMA_SERVER_LOAD, LlamaCppAdapter
+from engines.sglang import SGLANG_LOAD, SglangAdapter
 from engines.tgi import TGI_LOAD
-from engines.vllm import VLLM_LOAD
+from engines.vllm import VLLM_DATA_PATHS, VLLM_LOAD
 
 # Whichever engine it is, its own names say how loaded it is.
 _KNOWN = (VLLM_LOAD, SGLANG_LOAD, LLAMA_SERVER_LOAD, TGI_LOAD)
@@ -25,6 +25,8 @@ class ExternalAdapter(EngineAdapter):
     name = "external"
     starts_process = False
     load_series = ANY_ENGINE_LOAD
+    # Whichever engine (or hosted API) it is: the data plane any of them serves.
+    data_paths = tuple(dict.fromkeys([*VLLM_DATA_PATHS, *SglangAdapter.data_paths, *LlamaCppAdapter.data_paths]))
 
     async def is_ready(self, client: httpx.AsyncClient, base_url: str, headers: Mapping[str, str]) -> bool:
         for path in ("/health", "/v1/models"):

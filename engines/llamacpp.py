@@ -26,6 +26,7 @@ class LlamaCppAdapter(EngineAdapter):
     list_style = "repeat"
     reserved_flags = frozenset({"host", "port", "m", "model"})
     load_series = LLAMA_SERVER_LOAD
+    data_paths = ("GET /v1/models", "POST /v1/rerank")
 
     def command(self, model: str, port: int, args: Mapping[str, ArgValue], served_model_name: str | None) -> list[str]:
         argv = [self.executable, "-m", model, "--host", "127.0.0.1", "--port", str(port)]
@@ -48,6 +49,7 @@ class LlamaCppPythonAdapter(EngineAdapter):
     ready_paths = ("/v1/models",)
     reserved_flags = frozenset({"host", "port", "model", "interrupt_requests"})
     streams_usage = False
+    data_paths = ("GET /v1/models",)  # its other routes are /extras/*, and a Copilot completion route
 
     def environment(self, args: Mapping[str, ArgValue]) -> dict[str, str]:
         # Its server reports disconnects with print(): unbuffered, they reach the log when they happen.

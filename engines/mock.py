@@ -4,7 +4,7 @@ import sys
 from collections.abc import Mapping
 
 from engines.base import ArgValue
-from engines.vllm import VLLM_LOAD, VllmFeatures
+from engines.vllm import VLLM_DATA_PATHS, VLLM_LOAD, VllmFeatures
 
 
 class MockAdapter(VllmFeatures):
@@ -17,6 +17,7 @@ class MockAdapter(VllmFeatures):
     list_style = "repeat"
     reserved_flags = frozenset({"host", "port", "model"})
     load_series = VLLM_LOAD  # its /metrics is shaped as vLLM's
+    data_paths = (*VLLM_DATA_PATHS, "* /v1/mock/echo")  # its echo of what reached it, for the tests
 
     def command(self, model: str, port: int, args: Mapping[str, ArgValue], served_model_name: str | None) -> list[str]:
         argv = [self.executable, "-m", "engines.mock_server", "--model", served_model_name or model]

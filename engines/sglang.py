@@ -3,7 +3,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Mapping
 
-from engines.base import ArgValue, EngineAdapter, LoadSeries, LoraApi, names_flag
+from engines.base import MODELS_PATHS, ArgValue, EngineAdapter, LoadSeries, LoraApi, names_flag
 
 SGLANG_LOAD = LoadSeries(
     queued=("sglang:num_queue_reqs",), running=("sglang:num_running_reqs",), kv_cache_usage=("sglang:token_usage",)
@@ -20,6 +20,7 @@ class SglangAdapter(EngineAdapter):
     load_series = SGLANG_LOAD
     # Started with --enable-lora, it loads and unloads adapters at run time and lists them in /v1/models.
     dynamic_lora = LoraApi(flag="enable-lora", load="/load_lora_adapter", unload="/unload_lora_adapter")
+    data_paths = (*MODELS_PATHS, "POST /v1/responses", "GET /v1/responses/*", "POST /v1/score", "POST /v1/rerank")
 
     def command(self, model: str, port: int, args: Mapping[str, ArgValue], served_model_name: str | None) -> list[str]:
         argv = [self.executable, "-m", "sglang.launch_server", "--model-path", model]

@@ -2,13 +2,25 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from engines.base import ArgValue, EngineAdapter, LoadSeries, LoraApi, SleepApi
+from engines.base import MODELS_PATHS, ArgValue, EngineAdapter, LoadSeries, LoraApi, SleepApi
 
 # vLLM before 0.10 named the KV cache's use gpu_cache_usage_perc; both are fractions, 0 to 1.
 VLLM_LOAD = LoadSeries(
     queued=("vllm:num_requests_waiting",),
     running=("vllm:num_requests_running",),
     kv_cache_usage=("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"),
+)
+# vLLM's OpenAI data plane under /v1 beside chat, completions and embeddings. Its admin endpoints (the LoRA
+# loading, /sleep, /wake_up, /reset_prefix_cache, /collective_rpc, profiling) are not among them.
+VLLM_DATA_PATHS: tuple[str, ...] = (
+    *MODELS_PATHS,
+    "POST /v1/responses",
+    "GET /v1/responses/*",
+    "POST /v1/responses/*",  # cancel
+    "POST /v1/score",
+    "POST /v1/rerank",
+    "POST /v1/audio/transcriptions",
+    "POST /v1/audio/translations",
 )
 
 
@@ -18,6 +30,7 @@ class VllmFeatures(EngineAdapter):
 
     sleep_mode = SleepApi(flag="enable-sleep-mode", sleep="/sleep", wake="/wake_up")
     dynamic_lora = LoraApi(flag="enable-lora", load="/v1/load_lora_adapter", unload="/v1/unload_lora_adapter")
+    data_paths = VLLM_DATA_PATHS
 
     def environment(self, args: Mapping[str, ArgValue]) -> dict[str, str]:
         env = {}

@@ -11,8 +11,10 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
 from sidecar.errors import NotFound
-from sidecar.history import RequestHistory
+from sidecar.history import RequestHistory, readable_by, shown
+from sidecar.middleware.auth import fingerprint_of, holds_one_of
 from sidecar.proxy import Proxy
+from sidecar.settings import Settings
 
 AsgiHandler = Callable[[Scope, Receive, Send], Awaitable[None]]
 FindElsewhere = Callable[[str], Awaitable[dict[str, Any] | None]]
@@ -29,18 +31,25 @@ class _Asgi:
 
 
 async def request_metrics(request: Request) -> Response:
-    """A recent request's record: this process's, else (a data-plane worker) the one another worker kept."""
+    """A recent request's record: this process's, else (a data-plane worker) the one another worker kept. Only to
+    the key that made the request, or an admin key: to any other it does not exist."""
     history: RequestHistory = request.app.state.history
     request_id = request.path_params["request_id"]
     record = history.get(request_id)
     find_elsewhere: FindElsewhere | None = request.app.state.find_elsewhere
     if record is None and find_elsewhere is not None:
         record = await find_elsewhere(request_id)
+    if record is not None:
+        settings: Settings = request.app.state.settings
+        admin = holds_one_of(request.scope, settings.control_keys)
+        if not readable_by(record, fingerprint_of(request.scope), admin):
+            record = None
     if record is None:
         raise NotFound(
-            f"no recent request with id {request_id!r} (the last {history.size} are kept)", param="request_id"
+            f"no recent request with id {request_id!r} for this key (the last {history.size} are kept)",
+            param="request_id",
         )
-    return JSONResponse(record)
+    return JSONResponse(shown(record))
 
 
 GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions")

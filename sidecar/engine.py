@@ -14,6 +14,11 @@ from engines import ArgValue, EngineAdapter
 from sidecar.process import EngineProcess
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# A name clients send as `model` (a served model's, a LoRA adapter's): a hub id's characters, nothing that could
+# break a log line, a header or a URL.
+MODEL_NAME = r"^[A-Za-z0-9][A-Za-z0-9._:@+=\-/]*$"
+# A model or adapter path, or a hub id: any printable text (paths may hold spaces), no control characters.
+PRINTABLE = r"^[^\x00-\x1f\x7f-\x9f]+$"
 _HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110's token
 _HEADER_VALUE = re.compile(r"[^\x00-\x08\x0a-\x1f\x7f]*")  # no control characters but tab: no header injection
 # Set by the sidecar on every request to the engine; the key goes in `api_key`.
@@ -25,17 +30,17 @@ _HEADERS_OWN = frozenset(
 class LoadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    engine: str = Field(min_length=1)
-    model: str = Field(min_length=1)
+    engine: str = Field(min_length=1, max_length=256)
+    model: str = Field(min_length=1, max_length=4096, pattern=PRINTABLE)
     args: dict[str, ArgValue] = {}
     env: dict[str, str] = {}
-    served_model_name: str | None = None
+    served_model_name: str | None = Field(None, min_length=1, max_length=256, pattern=MODEL_NAME)
     wait: bool = True
     startup_timeout_s: float | None = Field(None, gt=0)
     replace: bool = False
     # Unload after this many seconds without a request (SIDECAR_DEFAULT_TTL_S where not given; 0 there: never).
     ttl_s: float | None = Field(None, gt=0, strict=True)  # strict: `true` is no duration
-    url: str | None = Field(None, pattern=r"^https?://[^\s/]+(/[^\s]*)?$")
+    url: str | None = Field(None, pattern=r"^https?://[^\s/\x00-\x1f\x7f]+(/[^\s\x00-\x1f\x7f]*)?$")
     # An external engine's key (a hosted API's), sent as `Authorization: Bearer` to it alone; extra headers too.
     api_key: SecretStr | None = Field(None, min_length=1)
     headers: dict[str, str] = {}
@@ -47,6 +52,14 @@ class LoadRequest(BaseModel):
         if bad:
             raise ValueError(f"invalid environment variable name(s): {', '.join(map(repr, bad))}")
         return env
+
+    @field_validator("url")
+    @classmethod
+    def _no_credentials(cls, url: str | None) -> str | None:
+        # A URL is shown in status, errors and logs: a password in it would be too. Never echoed here either.
+        if url is not None and "@" in url.split("://", 1)[1].split("/", 1)[0]:
+            raise ValueError("credentials in 'url' are not accepted: send the engine's key as 'api_key'")
+        return url
 
     @field_validator("headers")
     @classmethod
@@ -86,8 +99,8 @@ class AdapterRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(min_length=1, max_length=256, pattern=r"^[^\s/]+$")  # a model name clients will send
-    path: str = Field(min_length=1)
+    name: str = Field(min_length=1, max_length=256, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@+=\-]*$")  # clients send it
+    path: str = Field(min_length=1, max_length=4096, pattern=PRINTABLE)
 
 
 class AdapterName(BaseModel):
@@ -95,7 +108,7 @@ class AdapterName(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(min_length=1)
+    name: str = Field(min_length=1, max_length=256, pattern=PRINTABLE)
 
 
 @dataclass

@@ -5,6 +5,20 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Any
 
+# The fingerprint of the key that made a request, kept in its record and never shown: who may read it.
+OWNER_FIELD = "_key_fingerprint"
+
+
+def readable_by(record: dict[str, Any], fingerprint: str | None, admin: bool) -> bool:
+    """Whether a request's record may be shown to a request with this key: the key that made it, an admin key,
+    or anyone where the request was made without a key (no keys configured)."""
+    owner = record.get(OWNER_FIELD)
+    return admin or owner is None or owner == fingerprint
+
+
+def shown(record: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in record.items() if key != OWNER_FIELD}
+
 
 class RequestHistory:
     def __init__(self, size: int) -> None:

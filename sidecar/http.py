@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import orjson
@@ -33,6 +34,30 @@ def header(scope: Scope, name: bytes) -> str | None:
         if key == name:
             return str(value.decode("latin-1"))
     return None
+
+
+# What a decoded path may hold to be forwarded: printable ASCII. Spaces, control characters (CR, LF, NUL) and
+# what is not ASCII would reach the engine's request line, or change what it routes on.
+_FORWARDABLE_PATH = re.compile(r"[\x21-\x7e]*")
+
+
+def check_forwardable(scope: Scope) -> None:
+    """400 for a path whose decoded form holds what no engine path holds, or a dot segment, which the engine might
+    resolve to another path than the one the sidecar checked. The generation routes need no check: their path
+    matched one of the sidecar's own."""
+    path: str = scope["path"]
+    if not _FORWARDABLE_PATH.fullmatch(path) or any(segment in (".", "..") for segment in path.split("/")):
+        raise BadRequest("the request's path holds characters or segments that are not forwarded", param="path")
+
+
+def engine_target(scope: Scope) -> str:
+    """The request target for the engine: the path as the client sent it (percent-encoded: never the decoded path
+    written raw into the request line), and its query as it came."""
+    raw: bytes = scope.get("raw_path") or scope["path"].encode("ascii")
+    target = raw.decode("latin-1")
+    if scope["query_string"]:
+        target += "?" + scope["query_string"].decode("latin-1")
+    return target
 
 
 async def read_body(receive: Receive) -> bytes:

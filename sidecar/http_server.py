@@ -42,6 +42,13 @@ log = get_logger("sidecar.http")
 CLIENT_WRITES = "client_writes"
 
 _REFUSALS = Throttle(5.0)  # connections refused at the open-files limit: a storm of them is one line every 5 s
+# Clients cut off for their slowness, by what they were slow at: a slowloris of thousands is a line every 5 s.
+_TIMEOUTS = {waiting_for: Throttle(5.0) for waiting_for in ("head", "body", "reads")}
+
+
+def _log_client_timeout(waiting_for: str, **fields: Any) -> None:
+    if timed_out := _TIMEOUTS[waiting_for].due():
+        log.warning("client_timeout", waiting_for=waiting_for, timed_out=timed_out, **fields)
 
 
 class _HeadTooLarge(Exception):
@@ -186,7 +193,7 @@ class HttpProtocol(HttpToolsProtocol):
             return
         timeout = self.client_timeout_s
         if self._in_head:
-            log.warning("client_timeout", waiting_for="head", timeout_s=timeout, bytes_read=self._head_bytes)
+            _log_client_timeout(waiting_for="head", timeout_s=timeout, bytes_read=self._head_bytes)
             if self._head_bytes:
                 self._answer(RequestTimeout(f"the request's head was not complete within {timeout:g} s"))
             else:  # a connection that never sent a byte
@@ -194,7 +201,7 @@ class HttpProtocol(HttpToolsProtocol):
             return
         state = self.cycle.scope.setdefault("state", {})
         state[CLIENT_TIMED_OUT] = True
-        log.warning("client_timeout", waiting_for="body", timeout_s=timeout, request_id=state.get("request_id"))
+        _log_client_timeout(waiting_for="body", timeout_s=timeout, request_id=state.get("request_id"))
         if self.cycle.response_started:
             self.transport.close()
         else:  # the app is still reading the body: it sees the client gone
@@ -208,7 +215,7 @@ class HttpProtocol(HttpToolsProtocol):
         state = self.cycle.scope.setdefault("state", {}) if self.cycle is not None else {}
         state[CLIENT_TIMED_OUT] = True
         request_id = state.get("request_id")
-        log.warning("client_timeout", waiting_for="reads", timeout_s=self.client_timeout_s, request_id=request_id)
+        _log_client_timeout(waiting_for="reads", timeout_s=self.client_timeout_s, request_id=request_id)
         self.transport.abort()  # what it did not read is dropped; the app's request sees its client gone
 
     def _note_writes(self, paused: bool) -> None:

@@ -32,9 +32,17 @@ from sidecar.chunks import (
     is_usage_chunk,
 )
 from sidecar.engine import Engine
-from sidecar.errors import BadGateway, BadRequest, GatewayTimeout, SidecarError, SidecarOverloaded, engine_error_body
-from sidecar.history import RequestHistory
-from sidecar.http import disconnected, header, json_object, read_body
+from sidecar.errors import (
+    BadGateway,
+    BadRequest,
+    GatewayTimeout,
+    NotFound,
+    SidecarError,
+    SidecarOverloaded,
+    engine_error_body,
+)
+from sidecar.history import OWNER_FIELD, RequestHistory
+from sidecar.http import check_forwardable, disconnected, engine_target, header, json_object, read_body
 from sidecar.http_server import CLIENT_WRITES
 from sidecar.logs import Throttle, get_logger
 from sidecar.middleware.request_context import CLIENT_TIMED_OUT, log_fields
@@ -343,7 +351,9 @@ class Proxy:
         await self._exchange(scope, receive, send, start_ns, raw, self._relay_whole)
 
     async def passthrough(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Any other /v1/* path: the request and the answer as they are, the answer streamed."""
+        """Another /v1/* path the engine's adapter lists (`data_paths`): the request and the answer as they are,
+        the answer streamed. Every other path is 404 without reaching the engine."""
+        check_forwardable(scope)  # a 400 before the body is read
         payload = await read_body(receive)
         start_ns = time.perf_counter_ns()
         await self._exchange(scope, receive, send, start_ns, payload, self._relay_raw, measured=False)
@@ -369,6 +379,8 @@ class Proxy:
         # Passed-through paths (the model list, tokenizers) are not generation: no queue for them.
         admission = self.admission.slot(receive) if measured else contextlib.nullcontext()
         async with admission, self.supervisor.request_slot() as engine:
+            if not measured and not engine.adapter.serves(scope["method"], scope["path"]):
+                raise NotFound(f"no route {scope['method']} {scope['path']} for a data key", param="path")
             await self._exchange_admitted(scope, receive, send, start_ns, engine, payload, relay, measured, prompt)
 
     async def _exchange_admitted(
@@ -420,9 +432,7 @@ class Proxy:
     async def _open(self, exchange: _Exchange, payload: bytes, json_body: bool = True) -> Response:
         """Send the request; the engine's response headers, or 502/504."""
         scope = exchange.scope
-        target = scope["path"]
-        if scope["query_string"]:
-            target += "?" + scope["query_string"].decode("latin-1")
+        target = engine_target(scope)
         engine = exchange.engine
         request_id = engine.adapter.engine_request_id(scope["state"]["request_id"])
         headers = _request_headers(scope, request_id, json_body, engine)
@@ -708,6 +718,9 @@ class Proxy:
         }
         if self.worker is not None:
             record["worker"] = self.worker
+        fingerprint = log_fields(scope).get("key_fingerprint")
+        if fingerprint is not None:  # whose it is: GET /v1/requests/{id} shows it to that key (or an admin key)
+            record[OWNER_FIELD] = fingerprint
         self.history.add(request_id, record)
         self.telemetry.metrics.observe_performance(performance, exchange.meter.gaps_ns)
         fields = log_fields(scope)

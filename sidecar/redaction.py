@@ -17,11 +17,13 @@ SENSITIVE_FIELDS = frozenset({"authorization", "x-api-key", "x_api_key", "api_ke
 
 # Token-shaped strings (Hugging Face, OpenAI-style) and the values of auth headers written as text.
 _TOKEN_PATTERN = r"(?<![A-Za-z0-9])(?:hf_[A-Za-z0-9]{6,}|sk-[A-Za-z0-9_\-]{6,})"
+# A URL's user and password (`https://user:pass@host`): the password, wherever a URL is written.
+_URL_CREDENTIALS_PATTERN = r"(?<=://)[^\s/@:]+:[^\s/@]+(?=@)"
 _HEADER_PATTERN = r"(?i:(?:(?<=authorization)|(?<=x-api-key))([\"']?\s*[:=]\s*[\"']?(?:bearer\s+)?)[^\s\"',;}]+)"
 
 
 class Redactor:
-    """Masks registered secrets, token-shaped strings and auth header values. Thread-safe."""
+    """Masks registered secrets, token-shaped strings, passwords in URLs and auth header values. Thread-safe."""
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:
         self._lock = threading.Lock()
@@ -42,7 +44,7 @@ class Redactor:
         # Longest first, so a secret that contains another is masked whole.
         literal = "|".join(re.escape(s) for s in sorted(secrets, key=len, reverse=True))
         alternatives = [f"(?:{literal})"] if literal else []
-        alternatives += [_TOKEN_PATTERN, _HEADER_PATTERN]
+        alternatives += [_TOKEN_PATTERN, _URL_CREDENTIALS_PATTERN, _HEADER_PATTERN]
         return re.compile("|".join(alternatives))
 
     def redact_text(self, text: str) -> str:
@@ -51,7 +53,7 @@ class Redactor:
     def _may_hold_secret(self, text: str) -> bool:
         """What the pattern could match, found by plain substring search: a fraction of the pattern's cost (its
         look-behinds are tried at every position), and most text holds none of it."""
-        if "hf_" in text or "sk-" in text:
+        if "hf_" in text or "sk-" in text or ("://" in text and "@" in text):
             return True
         lower = text.lower()
         if "authorization" in lower or "x-api-key" in lower:

@@ -68,6 +68,11 @@ _TOKEN_ENV = "SIDECAR_WORKER_TOKEN"
 _FORWARD_DROPPED = frozenset(
     {"connection", "keep-alive", "transfer-encoding", "upgrade", "host", "content-length", "x-request-id"}
 )
+# Of the answer: hop-by-hop headers, and those the worker's server writes itself (one Date). Its length is kept:
+# the raw bytes go through unchanged.
+_ANSWER_DROPPED = frozenset(
+    {"connection", "keep-alive", "transfer-encoding", "upgrade", "date", "server", "x-request-id"}
+)
 
 
 def supervisor_socket(settings: Settings) -> Path:
@@ -393,7 +398,7 @@ def worker_routes(
             answer = await supervisor.send(outgoing, stream=True)
         except httpx.HTTPError as exc:
             raise ServiceUnavailable(f"the sidecar's supervising process did not answer: {exc}") from None
-        kept = {k: v for k, v in answer.headers.items() if k not in _FORWARD_DROPPED}
+        kept = {k: v for k, v in answer.headers.items() if k not in _ANSWER_DROPPED}
         return StreamingResponse(
             answer.aiter_raw(), status_code=answer.status_code, headers=kept, background=BackgroundTask(answer.aclose)
         )

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -211,6 +211,23 @@ def test_a_head_trickled_a_byte_at_a_time_is_not_kept_open_by_it(sidecar: Sideca
         waited = time.monotonic() - started
     assert _status(answer) == 408, answer[:300]
     assert waited < TIMEOUT_S + 10, waited
+
+
+def test_a_storm_of_slow_heads_is_one_log_line_not_one_each(start_sidecar: Callable[..., SidecarProcess]) -> None:
+    sidecar = start_sidecar({"SIDECAR_CLIENT_TIMEOUT_S": str(TIMEOUT_S)})
+    connections = [_connect(sidecar) for _ in range(40)]
+    try:
+        for sock in connections:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # and never the rest
+        answers = [_status(_read_all(sock)) for sock in connections]
+    finally:
+        for sock in connections:
+            sock.close()
+    assert answers == [408] * 40
+    assert httpx.get(f"{sidecar.url}/health").status_code == 200
+    lines = [line for line in sidecar.output().splitlines() if "client_timeout" in line]
+    # The first at once; the rest of the burst, within the throttle's 5 s, counted into the next line.
+    assert len(lines) == 1 and "waiting_for=head" in lines[0] and "timed_out=1" in lines[0], lines
 
 
 def test_a_body_that_stops_coming_gets_408_and_is_logged_so(sidecar: SidecarProcess) -> None:

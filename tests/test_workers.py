@@ -134,6 +134,15 @@ def test_load_through_one_worker_stream_through_both_records_found_through_eithe
         assert httpx.get(f"{sidecar.url}/internal/requests/{served[0]}", headers=headers).status_code == 404
 
 
+def test_control_answers_forwarded_by_a_worker_have_one_date_and_their_length(sidecar: SidecarProcess) -> None:
+    for _ in range(6):  # a new connection each: both workers forward some
+        answer = httpx.get(f"{sidecar.url}/v1/model", headers=ADMIN, timeout=10)
+        assert answer.status_code == 200, answer.text
+        assert len(answer.headers.get_list("date")) == 1 and len(answer.headers.get_list("x-request-id")) == 1
+        assert int(answer.headers["content-length"]) == len(answer.content)
+        assert "transfer-encoding" not in answer.headers
+
+
 def test_metrics_add_up_whichever_worker_is_scraped(sidecar: SidecarProcess) -> None:
     _served_by_both(sidecar, "metrics-warm")
     before = _chat_count(sidecar)

@@ -49,6 +49,25 @@ def _presented_key(scope: Scope) -> str | None:
     return api_key.strip() if api_key and api_key.strip() else None
 
 
+def fingerprint_of(scope: Scope) -> str | None:
+    """The fingerprint of the key this request presented (None without one): what a request's record keeps of the
+    key that made it, and what the access line shows."""
+    key = _presented_key(scope)
+    return None if key is None else _fingerprint(_digest(key))
+
+
+def holds_one_of(scope: Scope, keys: Iterable[str]) -> bool:
+    """Whether the request presented one of `keys`, compared in constant time (every key compared)."""
+    key = _presented_key(scope)
+    if key is None:
+        return False
+    presented = _digest(key)
+    matched = False
+    for candidate in keys:
+        matched |= hmac.compare_digest(presented, _digest(candidate))
+    return matched
+
+
 class AuthMiddleware:
     def __init__(
         self,

@@ -131,3 +131,35 @@ def test_only_llama_cpp_python_is_asked_to_count_the_prompt() -> None:
     assert engine.prompt_count({"count": 7}) == 7
     assert engine.prompt_count({"count": True}) is None and engine.prompt_count(None) is None
     assert LlamaCppAdapter().prompt_count_request({"prompt": "x"}) is None  # llama-server streams its usage
+
+
+@pytest.mark.parametrize("engine", ["vllm", "sglang", "tgi", "llamacpp", "mock"])
+def test_reserved_flags_are_refused_as_any_prefix_argparse_would_expand(engine: str) -> None:
+    """`--ho 0.0.0.0` is `--host 0.0.0.0` to Python's argparse; `--interrupt-requests` is `--interrupt_requests`."""
+    built = adapter(engine)
+    for flag in built.reserved_flags:
+        for end in range(1, len(flag) + 1):
+            for spelling in {flag[:end], flag[:end].replace("-", "_"), flag[:end].replace("_", "-")}:
+                with pytest.raises(AdapterError, match="set by the sidecar"):
+                    built.flags({spelling: "x"})
+    assert built.flags({"max-model-len": 4096}) == ["--max-model-len", "4096"]
+
+
+@pytest.mark.parametrize(
+    ("engine", "method", "path", "served"),
+    [
+        ("vllm", "GET", "/v1/models", True),
+        ("vllm", "GET", "/v1/models/Qwen/Qwen2.5-0.5B", True),
+        ("vllm", "GET", "/v1/models/", False),
+        ("vllm", "POST", "/v1/models", False),
+        ("vllm", "POST", "/v1/rerank", True),
+        ("vllm", "POST", "/v1/load_lora_adapter", False),
+        ("vllm", "POST", "/v1/unload_lora_adapter", False),
+        ("sglang", "POST", "/v1/score", True),
+        ("external", "POST", "/v1/responses", True),
+        ("external", "POST", "/v1/load_lora_adapter", False),
+        ("mock", "DELETE", "/v1/mock/echo", True),
+    ],
+)
+def test_clients_reach_only_the_data_paths_an_adapter_lists(engine: str, method: str, path: str, served: bool) -> None:
+    assert adapter(engine).serves(method, path) is served

@@ -26,9 +26,9 @@ def test_passthrough_keeps_the_engines_status_and_length(stack: Stack) -> None:
     response = httpx.get(f"{stack.url}/v1/mock/echo", headers={"Authorization": f"Bearer {KEY}"})
     assert response.status_code == 200
     assert int(response.headers["content-length"]) == len(response.content)
-    missing = httpx.get(f"{stack.url}/v1/not-an-engine-path", headers={"Authorization": f"Bearer {KEY}"})
-    assert missing.status_code == 404  # the engine's own answer, in the OpenAI shape
-    assert missing.json()["error"]["message"] == "Not Found"
+    missing = httpx.get(f"{stack.url}/v1/models/no-such-model", headers={"Authorization": f"Bearer {KEY}"})
+    assert missing.status_code == 404  # a path it serves, and the engine's own 404 for it, in the OpenAI shape
+    assert missing.json()["error"]["type"] == "NotFoundError"
 
 
 def test_passthrough_needs_the_key(stack: Stack) -> None:
