@@ -227,7 +227,7 @@ def _phases(spread: LoadProcesses | None, session: aiohttp.ClientSession) -> Pha
 
 async def _measure_with(args: argparse.Namespace, targets: Targets, spread: LoadProcesses | None) -> dict[str, Any]:
     headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
-    body = chat_body(args.tokens, model=targets.model, history=args.history_bytes)
+    body = chat_body(args.tokens, model=targets.model, history=args.history_bytes, extra=args.request_extra)
     urls = {"direct": targets.direct} | {proxy.name: proxy.url for proxy in targets.proxies}
     pids = {proxy.name: proxy.pid for proxy in targets.proxies}
     levels: list[dict[str, Any]] = []
@@ -275,7 +275,11 @@ async def _cost_split(
             phases = []
             for tokens in lengths:
                 body = chat_body(
-                    tokens, model=targets.model, mock=args.engine in _OWN_ENGINES, history=args.history_bytes
+                    tokens,
+                    model=targets.model,
+                    mock=args.engine in _OWN_ENGINES,
+                    history=args.history_bytes,
+                    extra=args.request_extra,
                 )
                 await phase("warm-up", url, headers, body, concurrency, 1)
                 with ProcessMeter(proxy.pid) as meter:
@@ -347,7 +351,7 @@ def _parser() -> argparse.ArgumentParser:
         default="fast",
         help="fast (default: bench/fast_engine.py, cheap enough per event to load the proxy), mock (the project's "
         "mock engine, slower than the sidecar from a few hundred streams), or a real engine the sidecar loads "
-        "(llamacpp, with --model)",
+        "(llamacpp or vllm, with --model)",
     )
     parser.add_argument("--engine-workers", type=int, default=1, help="processes of the fast engine (default 1)")
     parser.add_argument(
@@ -360,6 +364,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", help="the model the engine loads (a .gguf file for llamacpp)")
     parser.add_argument("--engine-args", default="{}", help="the engine's flags as a JSON object, as in a load")
     parser.add_argument("--engine-executable", help="the engine's binary, where it is not on PATH")
+    parser.add_argument(
+        "--request-extra",
+        type=json.loads,
+        default={},
+        help="fields added to every request, as a JSON object (vLLM with a random model: '{\"ignore_eos\": true}')",
+    )
     parser.add_argument("--startup-timeout", type=float, default=120, help="seconds for the engine to be ready")
     parser.add_argument("--nginx", default="auto", help="nginx binary to measure beside the sidecar (auto|off|PATH)")
     parser.add_argument(

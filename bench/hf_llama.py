@@ -21,7 +21,7 @@ HEADS = 4  # a head of 32
 KV_HEADS = 2
 LAYERS = 2
 INTERMEDIATE = 256
-CONTEXT = 512
+CONTEXT = 2048
 SPECIAL = ["<unk>", "<s>", "</s>", "<pad>"]  # ids 0-3, in this order
 CHAT_TEMPLATE = (
     "{% for message in messages %}<s>{{ message['role'] }}\n{{ message['content'] }}</s>\n{% endfor %}"

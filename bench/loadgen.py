@@ -45,10 +45,16 @@ _TURN = ("The quick brown fox jumps over the lazy dog; the proxy relays every wo
 
 
 def chat_body(
-    tokens: int, prompt: str = "measure the proxy", model: str = "mock-model", mock: bool = False, history: int = 0
+    tokens: int,
+    prompt: str = "measure the proxy",
+    model: str = "mock-model",
+    mock: bool = False,
+    history: int = 0,
+    extra: dict[str, object] | None = None,
 ) -> bytes:
     """A streamed chat request for `tokens` tokens (`mock`: also raises the mock engine's own cap to them), after
-    a conversation of about `history` bytes in turns of 500 (what a chat client sends back each time)."""
+    a conversation of about `history` bytes in turns of 500 (what a chat client sends back each time), with the
+    `extra` fields an engine takes (vLLM's `ignore_eos`, for a random model that would stop at any token)."""
     turns = [{"role": "user" if index % 2 == 0 else "assistant", "content": _TURN} for index in range(history // 500)]
     body: dict[str, object] = {
         "model": model,
@@ -58,6 +64,7 @@ def chat_body(
     }
     if mock:
         body["mock"] = {"tokens": tokens}
+    body |= extra or {}
     return json.dumps(body).encode()
 
 

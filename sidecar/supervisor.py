@@ -62,8 +62,10 @@ log = get_logger("sidecar.supervisor")
 
 READY_POLL_S = 0.1
 DRAIN_POLL_S = 0.01
-# A scrape of the sidecar waits this long at most for the engine's own metrics (its load), then goes without them.
-ENGINE_METRICS_TIMEOUT_S = 1.0
+# A scrape of the sidecar waits this long at most for the engine's own metrics (its load), then goes without them
+# (a hung engine's figures are left out, never the last ones repeated). vLLM's /metrics takes up to 3 s on two busy
+# cores: a shorter wait lost its load exactly when it was busiest.
+ENGINE_METRICS_TIMEOUT_S = 3.0
 # Sleep, wake and adapter loads move weights between GPU, CPU and disk: seconds to minutes for a large model.
 ENGINE_CONTROL_TIMEOUT_S = 300.0
 

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,7 +40,7 @@ SERVED = "tiny-vllm"
 MESSAGES: Any = [{"role": "user", "content": "Name three clocks."}]
 # What vLLM's CPU build needs to serve the tiny model: its KV cache in GiB, no download, no CUDA graphs. Two
 # sequences at a time, so that a few streams make a queue in vLLM.
-ARGS = {"dtype": "float32", "max-model-len": 512, "enforce-eager": True, "max-num-seqs": 2}
+ARGS = {"dtype": "float32", "max-model-len": 2048, "enforce-eager": True, "max-num-seqs": 2}
 ENV = {"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
 # Random weights stop at any token: `ignore_eos` (vLLM's own parameter) makes every answer run to max_tokens.
 LONG = {"ignore_eos": True}
@@ -198,65 +196,6 @@ def test_the_clients_request_id_is_vllms(vllm: Vllm) -> None:
     )
     assert answer.status_code == 200 and answer.headers["x-request-id"] == "job-vllm-7"
     assert answer.json()["id"] == "chatcmpl-job-vllm-7"  # vLLM took it for its own request id
-
-
-def test_a_client_that_leaves_aborts_the_request_inside_vllm(vllm: Vllm) -> None:
-    body = {"model": SERVED, "messages": MESSAGES, "max_tokens": 400, "stream": True} | LONG
-    headers = DATA | {"X-Request-ID": "leaving-1"}
-    finished_before = vllm.engine_metric("vllm:e2e_request_latency_seconds_count")
-    tokens_before = vllm.engine_metric("vllm:generation_tokens_total")
-    got_output = False
-    with httpx.Client(timeout=60) as client:
-        with client.stream("POST", f"{vllm.sidecar.url}/v1/chat/completions", json=body, headers=headers) as stream:
-            for line in stream.iter_lines():
-                if '"content":"' in line:
-                    got_output = True
-                    break
-    assert got_output
-    # vLLM 0.32 writes no line for an abort at INFO and counts it in no `finished_reason`: it stops running the
-    # request, well before its 400 tokens, and never records it as finished.
-    wait_until(lambda: vllm.engine_metric("vllm:num_requests_running") == 0, timeout_s=10)
-    assert vllm.engine_metric("vllm:generation_tokens_total") - tokens_before < 400
-    assert vllm.engine_metric("vllm:e2e_request_latency_seconds_count") == finished_before
-    record = httpx.get(f"{vllm.sidecar.url}/v1/requests/leaving-1", headers=DATA, timeout=10).json()
-    assert record["client_disconnected"] is True
-
-
-def test_vllms_load_is_read_from_its_own_metrics(vllm: Vllm) -> None:
-    """Twelve long streams against two of vLLM's sequences: the sidecar's gauges show vLLM's running and queued.
-
-    On two busy cores vLLM's own /metrics takes up to 3 s to answer, and a scrape of the sidecar waits 1 s for it
-    (then goes without its load): the load lasts long enough for several scrapes to find it answered."""
-    body = {"model": SERVED, "messages": MESSAGES, "max_tokens": 480, "stream": True} | LONG
-    seen: dict[str, float] = {"running": 0, "queued": 0}
-    done = threading.Event()
-
-    def stream() -> None:
-        with httpx.stream("POST", f"{vllm.sidecar.url}/v1/chat/completions", json=body, headers=DATA, timeout=300) as r:
-            for _ in r.iter_lines():
-                if done.is_set():
-                    break
-
-    def gauge(text: str, name: str) -> float:
-        match = re.search(rf'^sidecar_engine_{name}_requests\{{[^}}]*engine="vllm"[^}}]*\}} (\S+)$', text, re.M)
-        return float(match.group(1)) if match else 0.0
-
-    def both_seen() -> bool:
-        text = httpx.get(f"{vllm.sidecar.url}/metrics", timeout=10).text
-        for name in seen:
-            seen[name] = max(seen[name], gauge(text, name))
-        return seen["running"] >= 1 and seen["queued"] >= 1
-
-    threads = [threading.Thread(target=stream) for _ in range(12)]
-    for thread in threads:
-        thread.start()
-    try:
-        wait_until(both_seen, timeout_s=60, interval_s=0.2)
-    finally:
-        done.set()
-        for thread in threads:
-            thread.join(timeout=120)
-    assert seen["running"] <= 2  # vLLM's own figure: never more than its --max-num-seqs
 
 
 def test_a_flag_vllm_refuses_is_a_clear_error_in_its_own_words_at_once(vllm: Vllm, model: Path) -> None:
