@@ -108,6 +108,21 @@ def test_loaded_with_real_flags_and_listed(vllm: Vllm) -> None:
     assert len(group_members(vllm.loaded["pid"])) >= 2
 
 
+def test_clients_reach_vllms_data_paths_and_none_of_its_others(vllm: Vllm) -> None:
+    """The passthrough's allow-list against vLLM's real routes: a listed path reaches it, one of its routes that
+    the sidecar does not expose is a 404 from the sidecar (vLLM answers it directly)."""
+    body = {"model": SERVED, "messages": MESSAGES, "max_tokens": 2}
+    render = "/v1/chat/completions/render"  # vLLM's: a chat's prompt as its template makes it
+    assert httpx.post(f"{vllm.engine}{render}", json=body, timeout=60).status_code == 200
+    refused = httpx.post(f"{vllm.sidecar.url}{render}", json=body, headers=DATA, timeout=60)
+    assert refused.status_code == 404 and refused.json()["error"]["code"] == "not_found", refused.text
+    responses = httpx.post(
+        f"{vllm.sidecar.url}/v1/responses", json={"model": SERVED, "input": "hi", "max_output_tokens": 2},
+        headers=DATA, timeout=60,
+    )  # fmt: skip
+    assert responses.json().get("error", {}).get("code") != "not_found", responses.text  # vLLM's own answer
+
+
 def test_streamed_chat_carries_vllms_usage_and_the_sidecars_performance(vllm: Vllm) -> None:
     ttft_sum = vllm.engine_metric("vllm:time_to_first_token_seconds_sum")
     stream = vllm.client().chat.completions.create(
