@@ -12,7 +12,8 @@ from starlette.types import Receive, Scope, Send
 
 from sidecar.errors import NotFound
 from sidecar.history import RequestHistory, readable_by, shown
-from sidecar.middleware.auth import fingerprint_of, holds_one_of
+from sidecar.middleware.auth import holds_one_of
+from sidecar.middleware.request_context import log_fields
 from sidecar.proxy import Proxy
 from sidecar.settings import Settings
 
@@ -42,7 +43,8 @@ async def request_metrics(request: Request) -> Response:
     if record is not None:
         settings: Settings = request.app.state.settings
         admin = holds_one_of(request.scope, settings.control_keys)
-        if not readable_by(record, fingerprint_of(request.scope), admin):
+        # The fingerprint auth took of the request's key, as the proxy kept it in the record of the one it made.
+        if not readable_by(record, log_fields(request.scope).get("key_fingerprint"), admin):
             record = None
     if record is None:
         raise NotFound(

@@ -320,16 +320,18 @@ def create_app(config: MockConfig) -> Starlette:
         usage = {"prompt_tokens": tokens, "total_tokens": tokens}
         return JSONResponse({"object": "list", "data": data, "model": config.model, "usage": usage})
 
-    async def models(request: Request) -> Response:
+    def model_cards() -> list[dict[str, Any]]:
         card = {"id": config.model, "object": "model", "created": 0, "owned_by": "mock", "root": config.model}
         loras = [card | {"id": name, "root": path, "parent": config.model} for name, path in adapters.items()]
-        return JSONResponse({"object": "list", "data": [card | {"parent": None}, *loras]})
+        return [card | {"parent": None}, *loras]
+
+    async def models(request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": model_cards()})
 
     async def model(request: Request) -> Response:
         """One model's card, as OpenAI's retrieve-model answers; a 404 in vLLM's error shape for another name."""
         model_id = request.path_params["model_id"]
-        answer = await models(request)
-        for card in json.loads(bytes(answer.body))["data"]:
+        for card in model_cards():
             if card["id"] == model_id:
                 return JSONResponse(card)
         body = {"object": "error", "message": f"The model `{model_id}` does not exist.", "type": "NotFoundError"}

@@ -49,23 +49,18 @@ def _presented_key(scope: Scope) -> str | None:
     return api_key.strip() if api_key and api_key.strip() else None
 
 
-def fingerprint_of(scope: Scope) -> str | None:
-    """The fingerprint of the key this request presented (None without one): what a request's record keeps of the
-    key that made it, and what the access line shows."""
-    key = _presented_key(scope)
-    return None if key is None else _fingerprint(_digest(key))
+def _matches(presented: bytes, digests: Iterable[bytes]) -> bool:
+    """Whether a presented key's digest is one of `digests`: constant time, with no early exit (every one compared)."""
+    matched = False
+    for digest in digests:
+        matched |= hmac.compare_digest(presented, digest)
+    return matched
 
 
 def holds_one_of(scope: Scope, keys: Iterable[str]) -> bool:
-    """Whether the request presented one of `keys`, compared in constant time (every key compared)."""
+    """Whether the request presented one of `keys`."""
     key = _presented_key(scope)
-    if key is None:
-        return False
-    presented = _digest(key)
-    matched = False
-    for candidate in keys:
-        matched |= hmac.compare_digest(presented, _digest(candidate))
-    return matched
+    return key is not None and _matches(_digest(key), (_digest(candidate) for candidate in keys))
 
 
 class AuthMiddleware:
@@ -104,10 +99,7 @@ class AuthMiddleware:
             raise Unauthorized("missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'")
         presented = _digest(key)
         log_fields(scope)["key_fingerprint"] = _fingerprint(presented)
-        matched = False
-        for digest in accepted:  # no early exit: every key is compared
-            matched |= hmac.compare_digest(presented, digest)
-        if not matched:
+        if not _matches(presented, accepted):
             message = "invalid API key"
             if plane is Plane.CONTROL:
                 message += " for the control plane (an admin key is needed)"
