@@ -184,6 +184,19 @@ def test_a_streamed_answer_without_usage_asked_is_vllms_own_stream(vllm: Vllm) -
     assert through.text.rstrip().endswith("data: [DONE]")
 
 
+def test_usage_in_every_chunk_as_vllm_counts_it_and_the_performance_in_the_last(vllm: Vllm) -> None:
+    options: Any = {"include_usage": True, "continuous_usage_stats": True}  # vLLM's own field
+    stream = vllm.client().chat.completions.create(
+        model=SERVED, messages=MESSAGES, max_tokens=6, stream=True, stream_options=options, extra_body=LONG
+    )
+    chunks = list(stream)
+    assert all(chunk.usage is not None for chunk in chunks)  # vLLM's running count, passed through
+    counts = [chunk.usage.completion_tokens for chunk in chunks if chunk.usage is not None]
+    assert counts == sorted(counts) and counts[-1] == 6
+    performance = [chunk.usage.model_dump().get("performance") for chunk in chunks if chunk.usage is not None]
+    assert all(p is None for p in performance[:-1]) and performance[-1]["completion_tokens"] == 6
+
+
 def test_whole_chat_assembled_from_vllms_stream_equals_its_own_answer(vllm: Vllm) -> None:
     fields: Any = {"model": SERVED, "messages": MESSAGES, "max_tokens": 12, "temperature": 0, "logprobs": True}
     fields["top_logprobs"] = 2
@@ -357,6 +370,10 @@ def test_a_flag_vllm_refuses_is_a_clear_error_in_its_own_words_at_once(vllm: Vll
     assert took < 120, took  # vLLM's own exit, not the start-up timeout of 300 s
     # The engine it replaced is gone; load it again for the tests after this one.
     assert group_members(vllm.loaded["pid"]) == []
+    # A model vLLM cannot find (offline, no such directory): its own words too.
+    nowhere = _load(vllm.sidecar, model=str(model.parent / "no-such-model"), args=ARGS)
+    assert nowhere.status_code == 502, nowhere.text
+    assert "no-such-model" in nowhere.json()["error"]["message"], nowhere.text
     # vLLM's CPU build has no sleep mode: it says so and exits; the sidecar answers the load with its words.
     started = time.monotonic()
     no_sleep = _load(vllm.sidecar, model=str(model), args=ARGS | {"enable-sleep-mode": True})
