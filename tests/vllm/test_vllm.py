@@ -193,7 +193,7 @@ def test_usage_in_every_chunk_as_vllm_counts_it_and_the_performance_in_the_last(
     assert all(chunk.usage is not None for chunk in chunks)  # vLLM's running count, passed through
     counts = [chunk.usage.completion_tokens for chunk in chunks if chunk.usage is not None]
     assert counts == sorted(counts) and counts[-1] == 6
-    performance = [chunk.usage.model_dump().get("performance") for chunk in chunks if chunk.usage is not None]
+    performance: list[Any] = [chunk.usage.model_dump().get("performance") for chunk in chunks if chunk.usage]
     assert all(p is None for p in performance[:-1]) and performance[-1]["completion_tokens"] == 6
 
 
