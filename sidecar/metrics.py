@@ -295,12 +295,18 @@ class _LiveCollector(Collector):
             if sample.engine_gpu_mb is not None:
                 engine_gpu.add_metric([], sample.engine_gpu_mb * _MB)
         yield from (cpu, rss, ram, gpu_used, gpu_total, gpu_util, engine_gpu)
-        drift = self.watchdog.intervals_ms()
-        interval = GaugeMetricFamily(
-            "sidecar_watchdog_interval_seconds", "Real intervals between the watchdog's samples", labels=["quantile"]
+        yield self._watchdog_intervals()
+
+    def _watchdog_intervals(self) -> Metric:
+        """A summary: quantiles over the watchdog's recent intervals, count and sum over all of them."""
+        interval = Metric(
+            "sidecar_watchdog_interval_seconds", "Real intervals between the watchdog's samples", "summary"
         )
+        drift = self.watchdog.intervals_ms()
         for quantile, key in (("0.5", "p50"), ("0.99", "p99")):
             value = drift[key]
             if value is not None:
-                interval.add_metric([quantile], float(value) / 1000)
-        yield interval
+                interval.add_sample(interval.name, {"quantile": quantile}, float(value) / 1000)
+        interval.add_sample(interval.name + "_count", {}, float(self.watchdog.intervals_total))
+        interval.add_sample(interval.name + "_sum", {}, self.watchdog.intervals_sum_s)
+        return interval

@@ -61,6 +61,9 @@ class ResourceWatchdog:
         size = max(10, int(WINDOW_S / interval_s))
         self._samples: deque[Sample] = deque(maxlen=size)
         self._intervals: deque[float] = deque(maxlen=size)
+        # Every interval since the start, for the summary's count and sum (the window above is for quantiles).
+        self.intervals_total = 0
+        self.intervals_sum_s = 0.0
         self._processes: dict[int, psutil.Process] = {}  # kept: cpu_percent() measures since the last call
         self._listed_at = 0.0
         self._me = psutil.Process(os.getpid())
@@ -94,6 +97,8 @@ class ResourceWatchdog:
                     self.on_sample(sample)
                 if last is not None:
                     self._intervals.append(sample.monotonic - last)
+                    self.intervals_total += 1
+                    self.intervals_sum_s += sample.monotonic - last
                 last = sample.monotonic
             # On a fixed schedule: a slow sample shortens the next wait instead of shifting every later one.
             next_at = max(next_at + self.interval_s, time.monotonic())

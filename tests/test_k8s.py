@@ -21,6 +21,7 @@ from sidecar.settings import ENV_PREFIX, Settings, load_settings
 from tests.processes import SidecarProcess, wait_until
 
 K8S = Path(__file__).resolve().parent.parent / "k8s"
+OPERATOR_KINDS = {"ServiceMonitor", "PrometheusRule"}  # tests/test_prometheus.py checks the rules with promtool
 
 
 def _resources() -> dict[str, dict[str, Any]]:
@@ -36,7 +37,7 @@ def _container() -> dict[str, Any]:
 
 def test_every_manifest_is_valid_for_the_kubernetes_api() -> None:
     for kind, document in _resources().items():
-        if kind == "ServiceMonitor":  # Prometheus Operator's own resource: its schema is not Kubernetes'
+        if kind in OPERATOR_KINDS:  # the Prometheus Operator's own resources: their schemas are not Kubernetes'
             continue
         kubernetes_validate.validate(document, kubernetes_validate.latest_version(), strict=True)
 
@@ -118,7 +119,7 @@ def test_kubectl_kustomize_renders_what_the_files_say() -> None:
     documents = {document["kind"]: document for document in yaml.safe_load_all(rendered)}
     assert set(documents) == {*_resources(), "ConfigMap"}
     for kind, document in documents.items():
-        if kind != "ServiceMonitor":
+        if kind not in OPERATOR_KINDS:
             kubernetes_validate.validate(document, kubernetes_validate.latest_version(), strict=True)
     dashboard = documents["ConfigMap"]["data"]["grafana-dashboard.json"]
     assert json.loads(dashboard)["uid"] == "llm-sidecar"
