@@ -45,8 +45,9 @@ MESSAGES: Any = [{"role": "user", "content": "Name three clocks."}]
 # What vLLM's CPU build needs to serve the model: its KV cache in GiB, no download, no CUDA graphs. Two
 # sequences at a time, so that a few streams make a queue in vLLM.
 ARGS = {"dtype": "float32", "max-model-len": 2048, "enforce-eager": True, "max-num-seqs": 2}
-# The module's server also takes LoRA adapters at run time, of the rank bench/hf_llama.py writes.
-LORA_ARGS = {"enable-lora": True, "max-lora-rank": 8}
+# The module's server also takes LoRA adapters at run time, of the rank bench/hf_llama.py writes, and tools: a
+# named tool_choice makes vLLM constrain the output to the tool's arguments (random weights never choose one).
+SERVER_ARGS = {"enable-lora": True, "max-lora-rank": 8, "enable-auto-tool-choice": True, "tool-call-parser": "pythonic"}
 ENV = {"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
 # Random weights stop at any token: `ignore_eos` (vLLM's own parameter) makes every answer run to max_tokens.
 LONG = {"ignore_eos": True}
@@ -114,7 +115,7 @@ def vllm(tmp_path_factory: pytest.TempPathFactory, model: Path) -> Iterator[Vllm
     sidecar = SidecarProcess(workdir, env)
     try:
         sidecar.wait_healthy()
-        response = _load(sidecar, model=str(model), served_model_name=SERVED, args=ARGS | LORA_ARGS)
+        response = _load(sidecar, model=str(model), served_model_name=SERVED, args=ARGS | SERVER_ARGS)
         assert response.status_code == 200, f"{response.text}\n{sidecar.output()[-5000:]}"
         yield Vllm(sidecar, response.json())
     finally:
@@ -208,6 +209,29 @@ def test_whole_chat_assembled_from_vllms_stream_equals_its_own_answer(vllm: Vllm
     assert through.usage is not None and direct.usage is not None
     assert (through.usage.prompt_tokens, through.usage.completion_tokens) == (direct.usage.prompt_tokens, 12)
     assert through.usage.model_dump()["performance"]["ttft_ms"] > 0  # measured: the sidecar asked for a stream
+
+
+def test_a_named_tool_call_streams_through_and_assembles_as_vllms_own(vllm: Vllm) -> None:
+    weather: Any = {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        },
+    }
+    fields: Any = {"model": SERVED, "messages": MESSAGES, "max_tokens": 24, "temperature": 0, "tools": [weather]}
+    fields["tool_choice"] = {"type": "function", "function": {"name": "get_weather"}}
+    chunks = list(vllm.client().chat.completions.create(stream=True, **fields))
+    calls = [call for chunk in chunks if chunk.choices for call in chunk.choices[0].delta.tool_calls or []]
+    assert calls and calls[0].function is not None and calls[0].function.name == "get_weather"
+    streamed = "".join(call.function.arguments or "" for call in calls if call.function is not None)
+
+    through = vllm.client().chat.completions.create(**fields)  # the sidecar assembles it from vLLM's stream
+    direct = vllm.direct().chat.completions.create(**fields)
+    (call,), (own,) = through.choices[0].message.tool_calls or [], direct.choices[0].message.tool_calls or []
+    assert call.type == own.type == "function" and call.function.name == own.function.name == "get_weather"
+    assert call.function.arguments == own.function.arguments == streamed  # greedy, constrained: the same
+    assert through.choices[0].finish_reason == direct.choices[0].finish_reason
 
 
 def test_completions_with_n_stop_and_max_completion_tokens(vllm: Vllm) -> None:
@@ -379,7 +403,7 @@ def test_a_flag_vllm_refuses_is_a_clear_error_in_its_own_words_at_once(vllm: Vll
     no_sleep = _load(vllm.sidecar, model=str(model), args=ARGS | {"enable-sleep-mode": True})
     assert no_sleep.status_code == 502 and time.monotonic() - started < 120, no_sleep.text
     assert "Sleep mode is not supported on current platform" in no_sleep.json()["error"]["message"]
-    again = _load(vllm.sidecar, model=str(model), served_model_name=SERVED, args=ARGS | LORA_ARGS)
+    again = _load(vllm.sidecar, model=str(model), served_model_name=SERVED, args=ARGS | SERVER_ARGS)
     assert again.status_code == 200, again.text
     vllm.loaded = again.json()
     vllm.engine = f"http://127.0.0.1:{vllm.loaded['port']}"
