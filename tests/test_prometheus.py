@@ -114,7 +114,7 @@ def prometheus(tmp_path: Path) -> Iterator[Callable[[list[str]], Prometheus]]:
         server.stop()
 
 
-def _load(sidecar: SidecarProcess, requests: int) -> list[float]:
+def _stream_chats(sidecar: SidecarProcess, requests: int) -> list[float]:
     """Streamed chats through the sidecar, a few at a time; the TTFT each one's `usage.performance` reports."""
     body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
     body["stream_options"] = {"include_usage": True}
@@ -144,7 +144,7 @@ def test_every_dashboard_query_returns_data_from_a_real_prometheus(
     server = prometheus([f"127.0.0.1:{sidecar.port}"])
     # Prometheus takes its targets in a few seconds after it starts: the load begins once it scrapes.
     wait_until(lambda: bool(server.query("up == 1")), timeout_s=30, interval_s=0.2)
-    ttfts = _load(sidecar, REQUESTS)
+    ttfts = _stream_chats(sidecar, REQUESTS)
     # Scraped after the last request: Prometheus has every request the sidecar counted.
     chats = 'sum(sidecar_requests_total{route="/v1/chat/completions"})'
     wait_until(lambda: float(server.query(chats)[0]["value"][1]) >= len(ttfts), timeout_s=30, interval_s=0.2)
@@ -179,7 +179,7 @@ def test_promtool_finds_the_sidecars_exposition_well_formed(start_sidecar: Start
     env = {"SIDECAR_WORKERS": str(workers), "SIDECAR_AUTOLOAD_ENGINE": "mock", "SIDECAR_AUTOLOAD_MODEL": "m"}
     sidecar = start_sidecar(env)
     wait_until(lambda: httpx.get(f"{sidecar.url}/ready").status_code == 200, timeout_s=30)
-    _load(sidecar, 3)
+    _stream_chats(sidecar, 3)
     exposition = httpx.get(f"{sidecar.url}/metrics").text
     assert re.search(r"^sidecar_ttft_seconds_bucket", exposition, re.MULTILINE)
     checked = subprocess.run(
