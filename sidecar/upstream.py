@@ -1,9 +1,10 @@
 """The proxy's HTTP/1.1 client to the engine: pooled keep-alive connections, each an asyncio protocol whose
 responses httptools parses (uvicorn's parser, already here for the server side).
 
-It replaced aiohttp's client, which took a quarter of the sidecar's CPU under load (cProfile at 64 streams:
-its request objects, header multidicts and timers per request, its stream reader's wake-up and flow-control
-calls per read); this one writes a request in one `write`, and hands a read to the waiting relay as it comes.
+Not a general client such as aiohttp's, which takes a quarter of the sidecar's CPU under load (cProfile at 64
+streams: its request objects, header multidicts and timers per request, its stream reader's wake-up and
+flow-control calls per read): this one writes a request in one `write`, and hands a read to the waiting relay
+as it comes.
 It does only what the proxy needs: one request at a time per connection, bodies known whole, responses
 delimited by length, chunks or the connection's end, TLS verified against the system's CAs for `https`.
 """

@@ -47,7 +47,14 @@ MESSAGES: Any = [{"role": "user", "content": "Name three clocks."}]
 ARGS = {"dtype": "float32", "max-model-len": 2048, "enforce-eager": True, "max-num-seqs": 2}
 # The module's server also takes LoRA adapters at run time, of the rank bench/hf_llama.py writes, and tools: a
 # named tool_choice makes vLLM constrain the output to the tool's arguments (random weights never choose one).
-SERVER_ARGS = {"enable-lora": True, "max-lora-rank": 8, "enable-auto-tool-choice": True, "tool-call-parser": "pythonic"}
+# It logs each request it receives, under its request id.
+SERVER_ARGS = {
+    "enable-lora": True,
+    "max-lora-rank": 8,
+    "enable-auto-tool-choice": True,
+    "tool-call-parser": "pythonic",
+    "enable-log-requests": True,
+}
 ENV = {"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
 # Random weights stop at any token: `ignore_eos` (vLLM's own parameter) makes every answer run to max_tokens.
 LONG = {"ignore_eos": True}
@@ -270,6 +277,8 @@ def test_the_clients_request_id_is_vllms(vllm: Vllm) -> None:
     )
     assert answer.status_code == 200 and answer.headers["x-request-id"] == "job-vllm-7"
     assert answer.json()["id"] == "chatcmpl-job-vllm-7"  # vLLM took it for its own request id
+    # and logs the request under it: its line comes through the sidecar's log of the engine's output.
+    wait_until(lambda: "Received request chatcmpl-job-vllm-7" in vllm.sidecar.output(), timeout_s=10)
 
 
 def test_a_lora_adapter_made_here_is_loaded_used_and_unloaded_through_the_sidecar(vllm: Vllm, lora: Path) -> None:
