@@ -135,7 +135,7 @@ def _weights(vocabulary: int, size: Size, seed: int) -> dict[str, Any]:
     return tensors
 
 
-def write_tiny_hf_llama(directory: Path, seed: int = 0, size: Size = SIZES["tiny"]) -> Path:
+def write_hf_llama(directory: Path, seed: int = 0, size: Size = SIZES["tiny"]) -> Path:
     """The model directory, written whole: config, weights, tokenizer."""
     from safetensors.numpy import save_file
 
@@ -149,7 +149,7 @@ def write_tiny_hf_llama(directory: Path, seed: int = 0, size: Size = SIZES["tiny
 
 
 def write_lora_adapter(directory: Path, size: Size = SIZES["tiny"], seed: int = 1, rank: int = LORA_RANK) -> Path:
-    """A LoRA adapter for the tiny model in PEFT's format (`adapter_config.json`, `adapter_model.safetensors`) on
+    """A LoRA adapter for a model of this size in PEFT's format (`adapter_config.json`, `adapter_model.safetensors`) on
     the attention's q and v projections. Its B matrices are not zero (PEFT starts them at zero), so the adapter
     changes what the model says: a request that names it is told apart from one that does not."""
     import numpy as np
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lora", type=Path, help="also write a LoRA adapter for the model in this directory")
     options = parser.parse_args(argv)
     size = SIZES[options.size]
-    write_tiny_hf_llama(options.directory, options.seed, size)
+    write_hf_llama(options.directory, options.seed, size)
     if options.lora is not None:
         write_lora_adapter(options.lora, size)
     sys.stdout.write(f"{options.directory}\n")

@@ -115,7 +115,7 @@ def prometheus(tmp_path: Path) -> Iterator[Callable[[list[str]], Prometheus]]:
 
 
 def _stream_chats(sidecar: SidecarProcess, requests: int) -> list[float]:
-    """Streamed chats through the sidecar, a few at a time; the TTFT each one's `usage.performance` reports."""
+    """Streamed chats through the sidecar, one after another; the TTFT each one's `usage.performance` reports."""
     body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
     body["stream_options"] = {"include_usage": True}
     ttfts = []
@@ -154,7 +154,7 @@ def test_every_dashboard_query_returns_data_from_a_real_prometheus(
         if any(name in promql for name in GPU_SERIES) and not gpus:
             assert result == [], (title, promql)  # no GPU here: the series have no samples
             continue
-        assert result, f"{title}: no series for {promql}:"
+        assert result, f"{title}: no series for {promql}"
 
     # The TTFT quantile the dashboard plots agrees with what the requests reported, within the bucket's width.
     p50 = _dashboard_queries()[0][1]

@@ -88,10 +88,19 @@ def _load(sidecar: SidecarProcess, **body: Any) -> httpx.Response:
     return httpx.post(f"{sidecar.url}/v1/model/load", json=request, headers=ADMIN, timeout=330)
 
 
+def _load_module_server(sidecar: SidecarProcess, model: Path) -> httpx.Response:
+    """The server the module's tests share: the model under SERVED, with SERVER_ARGS."""
+    return _load(sidecar, model=str(model), served_model_name=SERVED, args=ARGS | SERVER_ARGS)
+
+
+def _lora_beside(model: Path) -> Path:
+    return model.parent / f"{model.name}-lora"
+
+
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("tiny-hf")
-    lora = directory.parent / f"{directory.name}-lora"
+    directory = tmp_path_factory.mktemp("small-hf")
+    lora = _lora_beside(directory)
     maker = [
         str(VLLM_PYTHON),
         str(REPO / "bench" / "hf_llama.py"),
@@ -108,7 +117,7 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def lora(model: Path) -> Path:
     """A LoRA adapter for the module's model, written beside it (by the model fixture)."""
-    return model.parent / f"{model.name}-lora"
+    return _lora_beside(model)
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +131,7 @@ def vllm(tmp_path_factory: pytest.TempPathFactory, model: Path) -> Iterator[Vllm
     sidecar = SidecarProcess(workdir, env)
     try:
         sidecar.wait_healthy()
-        response = _load(sidecar, model=str(model), served_model_name=SERVED, args=ARGS | SERVER_ARGS)
+        response = _load_module_server(sidecar, model)
         assert response.status_code == 200, f"{response.text}\n{sidecar.output()[-5000:]}"
         yield Vllm(sidecar, response.json())
     finally:
@@ -412,7 +421,7 @@ def test_a_flag_vllm_refuses_is_a_clear_error_in_its_own_words_at_once(vllm: Vll
     no_sleep = _load(vllm.sidecar, model=str(model), args=ARGS | {"enable-sleep-mode": True})
     assert no_sleep.status_code == 502 and time.monotonic() - started < 120, no_sleep.text
     assert "Sleep mode is not supported on current platform" in no_sleep.json()["error"]["message"]
-    again = _load(vllm.sidecar, model=str(model), served_model_name=SERVED, args=ARGS | SERVER_ARGS)
+    again = _load_module_server(vllm.sidecar, model)
     assert again.status_code == 200, again.text
     vllm.loaded = again.json()
     vllm.engine = f"http://127.0.0.1:{vllm.loaded['port']}"
