@@ -390,8 +390,9 @@ def test_under_load_the_sidecar_reads_vllms_queue_and_clients_gone_abort_their_r
     )
     assert vllm.engine_metric("vllm:num_requests_running") == vllm.engine_metric("vllm:num_requests_waiting") == 0
     # vLLM counts tokens in its next step's statistics: one more request (of one token) makes that step. Had it
-    # not aborted them, the streams would have made all their tokens; the ones cut short made at most what ran
-    # while the clients were there (two at a time, each less than its whole).
+    # not aborted them, the streams would have made all their tokens. The ones cut short made what ran while the
+    # clients were there, and a queued one that vLLM started as the running ones were aborted runs until vLLM
+    # notices its client gone (2,736 tokens of 8,000 in one run): less than half of what they asked for.
     vllm.client().completions.create(model=SERVED, prompt="x", max_tokens=1, extra_body=LONG)
     ended = len(completed) * tokens + 1
 
@@ -399,7 +400,8 @@ def test_under_load_the_sidecar_reads_vllms_queue_and_clients_gone_abort_their_r
         return vllm.engine_metric("vllm:generation_tokens_total") - generated_before
 
     wait_until(lambda: generated() >= ended, timeout_s=60, interval_s=0.2)
-    assert generated() < ended + 2 * tokens + streams, (generated(), len(completed))
+    cut_short = streams - len(completed)
+    assert generated() < ended + cut_short * tokens / 2, (generated(), len(completed))
 
 
 def test_a_flag_vllm_refuses_is_a_clear_error_in_its_own_words_at_once(vllm: Vllm, model: Path) -> None:
