@@ -24,7 +24,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from sidecar import control, dataplane, health, http_server, telemetry, workers
+from sidecar import control, dataplane, health, http_server, otel, telemetry, workers
 from sidecar.admission import Admission
 from sidecar.dataplane import AsgiHandler
 from sidecar.engine import LoadRequest
@@ -61,6 +61,7 @@ def create_app(settings: Settings, redactor: Redactor | None = None, pool: Worke
     redactor.register(*settings.data_keys)
     gpus = Gpus()
     supervisor = Supervisor(settings, redactor, gpus)
+    supervisor.otel = exporting = otel.from_settings(settings, "supervisor")
     watch = Telemetry(settings, gpus, lambda: supervisor.engine_pid, supervisor.status)
     if pool is not None:
         supervisor.shared = shared = pool.shared
@@ -73,7 +74,7 @@ def create_app(settings: Settings, redactor: Redactor | None = None, pool: Worke
     history = RequestHistory(settings.request_history_size)
     admission = Admission(settings.max_concurrent_requests, settings.max_queued_requests, settings.queue_timeout_s)
     watch.metrics.watch_admission(admission)
-    proxy = Proxy(settings, supervisor, history, watch, admission)
+    proxy = Proxy(settings, supervisor, history, watch, admission, otel=exporting)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -108,6 +109,8 @@ def create_app(settings: Settings, redactor: Redactor | None = None, pool: Worke
         await supervisor.shutdown()  # the engine goes first: nothing is left running
         proxy.close()
         watch.stop()
+        if exporting is not None:  # after the engine's stop: its span goes out too
+            exporting.shutdown()
         log.info("sidecar_stopped")
 
     routes = [*dataplane.routes(proxy), *health.routes, *telemetry.routes, *control.routes]
@@ -130,7 +133,8 @@ def create_worker_app(settings: Settings, redactor: Redactor, shared: SharedStat
     history = RequestHistory(settings.request_history_size)
     admission = Admission(*workers.admission_share(settings), settings.queue_timeout_s)
     watch.metrics.watch_admission(admission)
-    proxy = Proxy(settings, view, history, watch, admission, worker=index)
+    exporting = otel.from_settings(settings, f"worker-{index}")
+    proxy = Proxy(settings, view, history, watch, admission, worker=index, otel=exporting)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -140,6 +144,8 @@ def create_worker_app(settings: Settings, redactor: Redactor, shared: SharedStat
         proxy.close()
         await supervisor.aclose()
         gpus.close()
+        if exporting is not None:
+            exporting.shutdown()
 
     siblings = workers.sibling_clients(settings, index, token)
     routes = [*workers.worker_routes(settings, token, history, siblings), *dataplane.routes(proxy)]

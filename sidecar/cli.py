@@ -77,5 +77,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.command == "demo":
         return demo(settings, args.prompt)
-    serve(settings)
+    try:
+        serve(settings)
+    except SettingsError as exc:  # what only the app can check: the OpenTelemetry variables (sidecar/otel.py)
+        log.error("settings_invalid", error=str(exc))
+        return 2
     return 0

@@ -46,6 +46,7 @@ from sidecar.http import check_forwardable, disconnected, engine_target, header,
 from sidecar.http_server import CLIENT_WRITES
 from sidecar.logs import Throttle, get_logger
 from sidecar.middleware.request_context import CLIENT_TIMED_OUT, log_fields
+from sidecar.otel import Answer, OpenTelemetry, RequestSpan, finish_reasons
 from sidecar.performance import PerformanceMeter
 from sidecar.settings import Settings
 from sidecar.sse import DONE, SSEParser
@@ -279,6 +280,11 @@ class _Exchange:
     client_done: bool = False  # the client's response is complete (a stream ends with [DONE])
     gpu_window: GpuWindow | None = None
     prompt_count: asyncio.Task[int | None] | None = None  # the engine counting the prompt (it streams no usage)
+    # OpenTelemetry's span, where it is on; then also what the span says of the answer's end.
+    span: RequestSpan | None = None
+    failure: SidecarError | None = None  # the error that ended the exchange before its status went out
+    finish_reasons: list[str] | None = None  # from the chunks parsed on the way
+    final_events: tuple[bytes | dict[str, Any], ...] = ()
 
 
 class Proxy:
@@ -290,8 +296,10 @@ class Proxy:
         telemetry: Telemetry,
         admission: Admission,
         worker: int | None = None,
+        otel: OpenTelemetry | None = None,
     ) -> None:
         self.settings = settings
+        self.otel = otel
         self.supervisor = supervisor
         self.admission = admission
         self.worker = worker  # which data-plane worker this is, where there are several
@@ -313,6 +321,7 @@ class Proxy:
         body = json_object(raw)  # a bad body is a 400 whether or not an engine is loaded
         start_ns = time.perf_counter_ns()
         stream, options, n = _generation_fields(body)
+        span = self.otel.start_request(scope, body) if self.otel is not None else None
         client_usage = stream and options is not None and options.get("include_usage") is True
         loaded = self.supervisor.engine
         assemble = not stream and self.settings.assemble_non_streaming
@@ -342,13 +351,15 @@ class Proxy:
             else:
                 await self._relay_assembled(exchange, response, Assembler(chat))
 
-        await self._exchange(scope, receive, send, start_ns, payload, relay, prompt=prompt)
+        await self._exchange(scope, receive, send, start_ns, payload, relay, prompt=prompt, span=span)
 
     async def embeddings(self, scope: Scope, receive: Receive, send: Send) -> None:
         raw = await read_body(receive)
-        json_object(raw)
+        body = json_object(raw)
         start_ns = time.perf_counter_ns()
-        await self._exchange(scope, receive, send, start_ns, raw, self._relay_whole)
+        span = self.otel.start_request(scope, body) if self.otel is not None else None
+        del body
+        await self._exchange(scope, receive, send, start_ns, raw, self._relay_whole, span=span)
 
     async def passthrough(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Another /v1/* path the engine's adapter lists (`data_paths`): the request and the answer as they are,
@@ -368,6 +379,7 @@ class Proxy:
         relay: Relay,
         measured: bool = True,
         prompt: dict[str, Any] | None = None,
+        span: RequestSpan | None = None,
     ) -> None:
         """One request through to the engine and back, holding the engine (drain waits for it).
 
@@ -378,10 +390,17 @@ class Proxy:
         """
         # Passed-through paths (the model list, tokenizers) are not generation: no queue for them.
         admission = self.admission.slot(receive) if measured else contextlib.nullcontext()
-        async with admission, self.supervisor.request_slot() as engine:
-            if not measured and not engine.adapter.serves(scope["method"], scope["path"]):
-                raise NotFound(f"no route {scope['method']} {scope['path']} for a data key", param="path")
-            await self._exchange_admitted(scope, receive, send, start_ns, engine, payload, relay, measured, prompt)
+        try:
+            async with admission, self.supervisor.request_slot() as engine:
+                if not measured and not engine.adapter.serves(scope["method"], scope["path"]):
+                    raise NotFound(f"no route {scope['method']} {scope['path']} for a data key", param="path")
+                await self._exchange_admitted(
+                    scope, receive, send, start_ns, engine, payload, relay, measured, prompt, span
+                )
+        except BaseException as exc:  # refused before the engine had it, or the client gone while queued
+            if span is not None and self.otel is not None:
+                self.otel.end_unanswered(span, *_unanswered(exc))
+            raise
 
     async def _exchange_admitted(
         self,
@@ -394,6 +413,7 @@ class Proxy:
         relay: Relay,
         measured: bool,
         prompt: dict[str, Any] | None,
+        span: RequestSpan | None,
     ) -> None:
         # The clock starts now: time spent in the sidecar's queue is queue_ms, never the engine's TTFT.
         admitted_ns = time.perf_counter_ns()
@@ -402,7 +422,7 @@ class Proxy:
         deadline = _Deadline(
             meter, settings.upstream_first_token_timeout_s, settings.upstream_inter_token_timeout_s, scope["state"]
         )
-        exchange = _Exchange(scope, receive, send, engine, meter, deadline)
+        exchange = _Exchange(scope, receive, send, engine, meter, deadline, span=span)
         exchange.gpu_window = self.telemetry.window()
         if prompt is not None and not engine.adapter.streams_usage:
             exchange.prompt_count = asyncio.create_task(self._count_prompt(engine, prompt))
@@ -420,6 +440,9 @@ class Proxy:
             task = asyncio.current_task()
             if not exchange.client_disconnected or task is None or task.uncancel() > 0:
                 raise  # cancelled by someone else: the server is stopping
+        except SidecarError as exc:
+            exchange.failure = exc
+            raise
         finally:
             deadline.close()
             if exchange.prompt_count is not None:
@@ -436,6 +459,8 @@ class Proxy:
         engine = exchange.engine
         request_id = engine.adapter.engine_request_id(scope["state"]["request_id"])
         headers = _request_headers(scope, request_id, json_body, engine)
+        if exchange.span is not None and self.otel is not None:  # the engine's spans join the request's trace
+            headers.update(self.otel.context_headers(exchange.span))
         exchange.meter.overhead_ns += time.perf_counter_ns() - exchange.meter.start_ns
         try:
             with exchange.deadline:
@@ -520,6 +545,8 @@ class Proxy:
         headers = _response_headers(response)
         body = _loads(raw)
         if body is not None:
+            if exchange.span is not None:
+                exchange.final_events = (body,)
             usage = body.get("usage")
             exchange.usage = usage if isinstance(usage, dict) else None
             exchange.timings = engine_timings(body) or _header_timings(response)
@@ -593,6 +620,7 @@ class Proxy:
         parser = SSEParser()
         last_data = b""  # the last chunk, for a usage chunk the engine did not send
         read = response.readany
+        previous_data = b""  # and the one before it: the last with choices, where the last is the usage chunk
         done = False
         deadline = exchange.deadline
         try:
@@ -606,10 +634,11 @@ class Proxy:
                         raw: bytes | None = event.raw
                         if data == DONE:
                             done = True
+                            exchange.final_events = (previous_data, last_data)
                             if exchange.client_usage and exchange.performance is None and assembler is None:
                                 out.append(await self._counted_usage_event(exchange, out, last_data, now))
                         elif data is not None:
-                            last_data = data
+                            previous_data, last_data = last_data, data
                             if parse_every or carries_measures(data):
                                 parsed = _loads(data)
                                 if parsed is not None:
@@ -670,6 +699,10 @@ class Proxy:
         for choice in chunk.get("choices") or ():
             if choice_has_output(choice):
                 meter.output(now, choice.get("index", 0) if exchange.several_choices else 0)
+        if exchange.span is not None:  # for the trace: why each choice ended
+            reasons = finish_reasons(chunk)
+            if reasons:
+                exchange.finish_reasons = (exchange.finish_reasons or []) + reasons
         timings = engine_timings(chunk)
         if timings is not None:
             exchange.timings = timings
@@ -723,6 +756,8 @@ class Proxy:
             record[OWNER_FIELD] = fingerprint
         self.history.add(request_id, record)
         self.telemetry.metrics.observe_performance(performance, exchange.meter.gaps_ns)
+        if exchange.span is not None and self.otel is not None:
+            self.otel.end_request(exchange.span, _answer(exchange, performance))
         fields = log_fields(scope)
         if exchange.client_disconnected:
             fields["client_disconnected"] = True
@@ -731,6 +766,37 @@ class Proxy:
         if exchange.error is not None:  # the status says 200: the line says what cut the stream
             fields["error"] = exchange.error
         fields.update({key: value for key, value in performance.items() if value is not None})
+
+
+def _answer(exchange: _Exchange, performance: dict[str, Any]) -> Answer:
+    """How the exchange ended, for its span: `error.type` is the sidecar's error code (or the engine's status)."""
+    failure = exchange.failure
+    status = failure.status_code if failure is not None else exchange.status
+    if exchange.client_disconnected:
+        error_type: str | None = "client_disconnected"
+    elif failure is not None:
+        error_type = failure.code or str(failure.status_code)
+    elif exchange.error is not None:  # the stream was cut after its status went out
+        error_type = exchange.error
+    else:
+        error_type = str(status) if status is not None and status >= 400 else None
+    return Answer(
+        performance,
+        status,
+        error_type,
+        exchange.finish_reasons or (),
+        exchange.final_events,
+        exchange.client_disconnected,
+    )
+
+
+def _unanswered(exc: BaseException) -> tuple[str, int | None]:
+    """A request's end before the engine had it, as `error.type` and the status the client got."""
+    if isinstance(exc, SidecarError):
+        return exc.code or str(exc.status_code), exc.status_code
+    if isinstance(exc, asyncio.CancelledError):
+        return "client_disconnected", None
+    return exc.__class__.__name__, None
 
 
 _ASK_FOR_USAGE = b',"stream_options":{"include_usage":true}'

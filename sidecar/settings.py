@@ -106,6 +106,9 @@ class Settings(BaseSettings):
     restart_backoff_s: float = Field(1.0, gt=0)
     restart_backoff_max_s: float = Field(60.0, gt=0)
     watchdog_interval_ms: int = Field(100, ge=10)
+    # OpenTelemetry (sidecar/otel.py): requests as GenAI spans and metrics, sent to this OTLP/HTTP base URL (a
+    # collector's http://host:4318). Off while neither it nor the SDK's OTEL_EXPORTER_OTLP_*ENDPOINT is set.
+    otel_exporter_otlp_endpoint: str | None = None
     # The record of the running engine lives here, so that the next sidecar stops one a killed sidecar left behind.
     run_dir: Path = Path("/tmp/sidecar")
 
@@ -123,7 +126,13 @@ class Settings(BaseSettings):
         return _split_commas(value)
 
     @field_validator(
-        "log_dir", "upstream_ca_file", "autoload_engine", "autoload_model", "autoload_served_model_name", mode="before"
+        "log_dir",
+        "upstream_ca_file",
+        "autoload_engine",
+        "autoload_model",
+        "autoload_served_model_name",
+        "otel_exporter_otlp_endpoint",
+        mode="before",
     )
     @classmethod
     def _empty_is_none(cls, value: Any) -> Any:

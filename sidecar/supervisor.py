@@ -27,7 +27,7 @@ import contextlib
 import contextvars
 import os
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +50,7 @@ from sidecar.gpu import RELEASE_TIMEOUT_S, Gpus, engine_memory_mb, freed_mb
 from sidecar.inbox import DEFER, Abandoned, Command, Decision, Inbox, Preempt, fail, new_reply, reply
 from sidecar.logs import get_logger
 from sidecar.metrics import engine_load
+from sidecar.otel import OpenTelemetry
 from sidecar.process import REAP_AFTER_KILL_S, EngineProcess, become_subreaper, process_tree
 from sidecar.redaction import Redactor
 from sidecar.runfile import EngineRecord
@@ -132,7 +133,9 @@ class Supervisor:
         self.restarts = 0
         self.exit_code: int | None = None
         self.last_error: str | None = None
+        self._last_error_code: str | None = None
         self.freed_gpu_memory_mb: float | None = None
+        self.otel: OpenTelemetry | None = None  # control operations as spans, where OpenTelemetry is on
         # The owner's.
         self._inbox = Inbox()
         self._owner: asyncio.Task[None] | None = None
@@ -410,7 +413,8 @@ class Supervisor:
         while True:
             command = await self._inbox.next()
             try:
-                await self._handle(command)
+                with self._traced(command):
+                    await self._handle(command)
             except Exception as exc:  # a bug: its caller hears of it, and the owner goes on
                 log.exception("supervisor_error", command=type(command).__name__)
                 fail(command, SidecarError(f"internal error in the supervisor: {exc.__class__.__name__}"))
@@ -442,6 +446,29 @@ class Supervisor:
             if command.final and self.engine is not None:
                 await self._stop(0.0, reason="shutdown", joiners=[])
             reply(command, None)
+
+    @contextlib.contextmanager
+    def _traced(self, command: Command) -> Iterator[None]:
+        """A span around a command that acts on the engine, where OpenTelemetry is on: what it acted on, the
+        state it left, and its error. (A crash report of an engine stopped on purpose does nothing: no span.)"""
+        operation = _operation(command, self.engine, self.state) if self.otel is not None else None
+        if operation is None or self.otel is None:
+            yield
+            return
+        request = command.request if isinstance(command, _Load) else (self.engine.request if self.engine else None)
+        attributes = (
+            {} if request is None else {"sidecar.engine": request.engine, "gen_ai.request.model": request.model}
+        )
+        with self.otel.control(operation, attributes) as span:
+            yield
+            error = command.reply.exception() if command.reply.done() and not command.reply.cancelled() else None
+            span.attributes = {"sidecar.state": str(self.state), "sidecar.restarts": self.restarts}
+            if isinstance(error, SidecarError):
+                span.error_type = error.code or str(error.status_code)
+            elif self.state is EngineState.FAILED:  # a load answered 202, or a restart, that did not come up
+                span.error_type = self._last_error_code or "engine_failed"
+            if self.exit_code is not None:
+                span.attributes["sidecar.exit_code"] = self.exit_code
 
     def _set_state(self, state: EngineState) -> None:
         check_transition(self.state, state)
@@ -508,7 +535,7 @@ class Supervisor:
         """Start the engine and wait until it is ready: state loading, then ready, or failed, or abandoned."""
         self._set_state(EngineState.LOADING)
         self.exit_code = None
-        self.last_error = None
+        self.last_error = self._last_error_code = None
         started = time.monotonic()
         log.info("model_load", engine=adapter.name, model=request.model)
         try:
@@ -522,7 +549,7 @@ class Supervisor:
             raise
         except SidecarError as exc:
             self._set_state(EngineState.FAILED)
-            self.last_error = exc.message
+            self.last_error, self._last_error_code = exc.message, exc.code
             log.error("model_load_failed", engine=adapter.name, model=request.model, error=exc.message)
             raise
         engine.load_time_s = round(time.monotonic() - started, 3)
@@ -646,6 +673,7 @@ class Supervisor:
             return  # stopped on purpose
         assert engine.process is not None
         self.last_error = f"engine exited with code {engine.process.returncode} while {self.state}"
+        self._last_error_code = "engine_crashed"
         self._set_state(EngineState.FAILED)
         self.exit_code = engine.process.returncode
         log.error("engine_crashed", engine=engine.adapter.name, exit_code=self.exit_code, tail=engine.process.tail(5))
@@ -907,6 +935,19 @@ def _refused_while_busy(command: Command, state: EngineState) -> bool:
         fail(command, Conflict(f"the engine is {state}: wait until it is done"))
         return True
     return False
+
+
+def _operation(command: Command, engine: Engine | None, state: EngineState) -> str | None:
+    """The span's name for a command that acts on the engine; None for one that will not."""
+    if isinstance(command, _Crashed):
+        alive = command.engine is engine and state in (EngineState.READY, EngineState.SLEEPING)
+        return "engine_crashed" if alive else None
+    if isinstance(command, _IdleUnload):
+        return "idle_unload" if command.engine is engine and state is EngineState.READY else None
+    if isinstance(command, _Shutdown):
+        return "shutdown" if command.final and engine is not None else None
+    names = {_Load: "load", _Unload: "unload", _Sleep: "sleep", _Wake: "wake"}
+    return names.get(type(command))
 
 
 def _iso(timestamp: float) -> str:

@@ -12,9 +12,9 @@ from tests.processes import SidecarProcess
 
 @pytest.fixture(autouse=True)
 def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No SIDECAR_* setting and no .env from the developer's shell leaks into a test."""
+    """No SIDECAR_* setting, no OpenTelemetry variable and no .env from the developer's shell leaks into a test."""
     for name in list(os.environ):
-        if name.startswith("SIDECAR_"):
+        if name.startswith(("SIDECAR_", "OTEL_")):
             monkeypatch.delenv(name)
     monkeypatch.chdir(tmp_path)
 
