@@ -25,6 +25,7 @@ import pytest
 from openai import OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.otlp_receiver import OtlpReceiver, Received
 from tests.processes import SidecarProcess, group_members, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
@@ -55,15 +56,17 @@ SERVER_ARGS = {
     "tool-call-parser": "pythonic",
     "enable-log-requests": True,
 }
-ENV = {"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
+# vLLM's trace exporter speaks gRPC unless told otherwise; the test receiver is OTLP over HTTP.
+ENV = {"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf"}
 # Random weights stop at any token: `ignore_eos` (vLLM's own parameter) makes every answer run to max_tokens.
 LONG = {"ignore_eos": True}
 
 
 class Vllm:
-    def __init__(self, sidecar: SidecarProcess, loaded: dict[str, Any]) -> None:
+    def __init__(self, sidecar: SidecarProcess, loaded: dict[str, Any], receiver: OtlpReceiver) -> None:
         self.sidecar = sidecar
         self.loaded = loaded
+        self.receiver = receiver  # where the sidecar and vLLM both send their spans
         self.engine = f"http://127.0.0.1:{loaded['port']}"
 
     def client(self) -> OpenAI:
@@ -88,9 +91,10 @@ def _load(sidecar: SidecarProcess, **body: Any) -> httpx.Response:
     return httpx.post(f"{sidecar.url}/v1/model/load", json=request, headers=ADMIN, timeout=330)
 
 
-def _load_module_server(sidecar: SidecarProcess, model: Path) -> httpx.Response:
-    """The server the module's tests share: the model under SERVED, with SERVER_ARGS."""
-    return _load(sidecar, model=str(model), served_model_name=SERVED, args=ARGS | SERVER_ARGS)
+def _load_module_server(sidecar: SidecarProcess, model: Path, receiver: OtlpReceiver) -> httpx.Response:
+    """The server the module's tests share: the model under SERVED, with SERVER_ARGS, its spans to the receiver."""
+    traces = {"otlp-traces-endpoint": f"{receiver.url}/v1/traces"}
+    return _load(sidecar, model=str(model), served_model_name=SERVED, args=ARGS | SERVER_ARGS | traces)
 
 
 def _lora_beside(model: Path) -> Path:
@@ -121,19 +125,27 @@ def lora(model: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def vllm(tmp_path_factory: pytest.TempPathFactory, model: Path) -> Iterator[Vllm]:
+def receiver() -> Iterator[OtlpReceiver]:
+    with OtlpReceiver() as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def vllm(tmp_path_factory: pytest.TempPathFactory, model: Path, receiver: OtlpReceiver) -> Iterator[Vllm]:
     workdir = tmp_path_factory.mktemp("vllm")
     env = {
         "SIDECAR_API_KEYS": API_KEY,
         "SIDECAR_ADMIN_KEYS": ADMIN_KEY,
         "SIDECAR_ENGINE_EXECUTABLES": json.dumps({"vllm": str(VLLM_PYTHON)}),
+        "SIDECAR_OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url,
+        "OTEL_BSP_SCHEDULE_DELAY": "100",  # spans batched for 0.1 s, not 5: the sidecar's and vLLM's
     }
     sidecar = SidecarProcess(workdir, env)
     try:
         sidecar.wait_healthy()
-        response = _load_module_server(sidecar, model)
+        response = _load_module_server(sidecar, model, receiver)
         assert response.status_code == 200, f"{response.text}\n{sidecar.output()[-5000:]}"
-        yield Vllm(sidecar, response.json())
+        yield Vllm(sidecar, response.json(), receiver)
     finally:
         sidecar.stop()
 
@@ -290,6 +302,32 @@ def test_the_clients_request_id_is_vllms(vllm: Vllm) -> None:
     wait_until(lambda: "Received request chatcmpl-job-vllm-7" in vllm.sidecar.output(), timeout_s=10)
 
 
+def test_vllms_request_span_joins_the_sidecars_trace_as_its_child(vllm: Vllm) -> None:
+    trace, client_span = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    answer = vllm.client().chat.completions.with_raw_response.create(
+        model=SERVED,
+        messages=MESSAGES,
+        max_tokens=4,
+        extra_headers={"traceparent": f"00-{trace}-{client_span}-01"},
+        extra_body=LONG,
+    )
+    assert answer.status_code == 200
+
+    def both_arrived(received: Received) -> bool:
+        return {s.name for s in received.spans if s.trace_id == trace} >= {f"chat {SERVED}", "llm_request"}
+
+    spans = {s.name: s for s in vllm.receiver.wait_for(both_arrived, timeout_s=30).spans if s.trace_id == trace}
+    ours, engines = spans[f"chat {SERVED}"], spans["llm_request"]
+    assert ours.parent_span_id == client_span
+    assert engines.parent_span_id == ours.span_id  # vLLM took the sidecar's span for its parent
+    assert ours.attributes["gen_ai.provider.name"] == "vllm"
+    assert ours.attributes["gen_ai.usage.output_tokens"] == engines.attributes["gen_ai.usage.completion_tokens"] == 4
+    # vLLM's span lies within the sidecar's (one machine, one clock), and its first token came no later.
+    assert ours.start_ns <= engines.start_ns and engines.end_ns <= ours.end_ns
+    vllm_ttft_s = engines.attributes["gen_ai.latency.time_to_first_token"]
+    assert vllm_ttft_s <= ours.attributes["gen_ai.response.time_to_first_chunk"]
+
+
 def test_a_lora_adapter_made_here_is_loaded_used_and_unloaded_through_the_sidecar(vllm: Vllm, lora: Path) -> None:
     adapters = f"{vllm.sidecar.url}/v1/model/adapters"
     loaded = httpx.post(f"{adapters}/load", json={"name": "clocks", "path": str(lora)}, headers=ADMIN, timeout=60)
@@ -423,7 +461,7 @@ def test_a_flag_vllm_refuses_is_a_clear_error_in_its_own_words_at_once(vllm: Vll
     no_sleep = _load(vllm.sidecar, model=str(model), args=ARGS | {"enable-sleep-mode": True})
     assert no_sleep.status_code == 502 and time.monotonic() - started < 120, no_sleep.text
     assert "Sleep mode is not supported on current platform" in no_sleep.json()["error"]["message"]
-    again = _load_module_server(vllm.sidecar, model)
+    again = _load_module_server(vllm.sidecar, model, vllm.receiver)
     assert again.status_code == 200, again.text
     vllm.loaded = again.json()
     vllm.engine = f"http://127.0.0.1:{vllm.loaded['port']}"
