@@ -7,7 +7,9 @@ ratios: TTFT added by each proxy, throughput (chunks per second) relative to dir
 relayed chunk and memory. `--target URL` measures another OpenAI-compatible proxy instead of the sidecar, in
 front of the fake engine the bench starts on `--engine-port` (point the proxy there first). `--workers 1,2`
 measures the sidecar once per count of data-plane workers (`SIDECAR_WORKERS`) and adds a scaling table: relayed
-chunks/s at the top concurrency per count, against one worker, with direct and nginx from each run.
+chunks/s at the top concurrency per count, against one worker, with direct and nginx from each run. `--otel` adds
+a second sidecar in front of the same engine with OpenTelemetry on (spans and metrics to an OTLP sink the bench
+runs, `bench/otlp_receiver.py`): what tracing costs, against the sidecar with it off, in the same run.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import sys
 import tempfile
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -61,10 +63,11 @@ class Targets:
     reference: Proxy | None  # nginx, where it is installed
     engine_pid: int | None = None
     model: str = "mock-model"
+    compared: list[Proxy] = field(default_factory=list)  # beside the sidecar: the same with OpenTelemetry on
 
     @property
     def proxies(self) -> list[Proxy]:
-        return [self.proxy] + ([self.reference] if self.reference else [])
+        return [self.proxy, *self.compared] + ([self.reference] if self.reference else [])
 
 
 def _raise_fd_limit() -> None:
@@ -134,6 +137,8 @@ def _processes(args: argparse.Namespace, logs: Path) -> Iterator[Targets]:
             direct = f"http://127.0.0.1:{model['port']}"
             served = "mock-model" if args.engine == "mock" else "bench-model"
             targets = Targets(direct, Proxy("sidecar", url, sidecar.pid), None, model["pid"], served)
+        if args.otel and not args.target:
+            started += _traced_sidecar(args, targets, logs)
         nginx = find_nginx(args.nginx)
         if nginx:
             master, url = start_nginx(nginx, int(targets.direct.rsplit(":", 1)[1]), logs)
@@ -149,6 +154,27 @@ def _processes(args: argparse.Namespace, logs: Path) -> Iterator[Targets]:
                 process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 process.kill()
+
+
+def _traced_sidecar(args: argparse.Namespace, targets: Targets, logs: Path) -> list[subprocess.Popen[bytes]]:
+    """A second sidecar with OpenTelemetry on, in front of the same engine (loaded as an external one), exporting
+    to an OTLP sink of its own; its metrics every 5 s (the SDK's default is 60 s) so that a run sees exports."""
+    port = free_port()
+    with (logs / "otlp-sink.log").open("wb") as log:
+        sink = subprocess.Popen(
+            [sys.executable, "-m", "bench.otlp_receiver", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT
+        )
+    settings = {k: v for k, v in _sidecar_settings(args).items() if not k.startswith("SIDECAR_AUTOLOAD_")}
+    settings |= {
+        "SIDECAR_OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
+        "OTEL_METRIC_EXPORT_INTERVAL": "5000",
+    }
+    sidecar, url = spawn_sidecar(settings, logs, name="sidecar-otel")
+    wait_ok(url + "/health")
+    load = {"engine": "external", "model": targets.model, "url": targets.direct}
+    httpx.post(f"{url}/v1/model/load", json=load, headers={"Authorization": f"Bearer {KEY}"}).raise_for_status()
+    targets.compared.append(Proxy("sidecar+otel", url, sidecar.pid))
+    return [sink, sidecar]
 
 
 def _pin(proxy_cpus: set[int], targets: Targets) -> None:
@@ -383,6 +409,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--sidecar-env", action="append", default=[], help="extra SIDECAR_X=value for the sidecar")
     parser.add_argument("--skip-memory", action="store_true", help="skip the long-stream and large-prompt checks")
     parser.add_argument(
+        "--otel", action="store_true", help="also measure a sidecar with OpenTelemetry on (to an OTLP sink) beside it"
+    )
+    parser.add_argument(
         "--cost-split",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -479,6 +508,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
         "settings": {k: v for k, v in vars(args).items() if k not in {"out"}},
         "proxy": targets.proxy.name,
+        "compared": [proxy.name for proxy in targets.compared],
         "reference": targets.reference.name if targets.reference else None,
         "engine": args.engine if not args.target else "mock",
         **measured,

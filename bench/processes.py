@@ -14,12 +14,14 @@ import psutil
 from sidecar.engine import free_port
 
 
-def spawn_sidecar(settings: dict[str, str], workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
+def spawn_sidecar(
+    settings: dict[str, str], workdir: Path, name: str = "sidecar"
+) -> tuple[subprocess.Popen[bytes], str]:
     """`sidecar serve` with these SIDECAR_* settings (none inherited); the process and its URL."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")} | settings
     env["SIDECAR_PORT"] = str(port)
-    with (workdir / "sidecar.log").open("wb") as log:  # the child writes to its own copy of the descriptor
+    with (workdir / f"{name}.log").open("wb") as log:  # the child writes to its own copy of the descriptor
         process = subprocess.Popen(
             [sys.executable, "-m", "sidecar", "serve"], env=env, cwd=workdir, stdout=log, stderr=subprocess.STDOUT
         )

@@ -128,8 +128,15 @@ def _targets_met(level: dict[str, Any]) -> bool | None:
     return met
 
 
+def _proxies(results: dict[str, Any]) -> list[str]:
+    """The proxies of a run: the sidecar, those compared with it, then the reference (nginx)."""
+    return [results["proxy"], *results.get("compared", ())] + (
+        [results["reference"]] if results.get("reference") else []
+    )
+
+
 def write_table(results: dict[str, Any], out: TextIO) -> None:
-    proxies = [results["proxy"]] + ([results["reference"]] if results.get("reference") else [])
+    proxies = _proxies(results)
     columns = (
         ("added_ttft_p50_ms", "+TTFT p50 ms"),
         ("added_ttft_p99_ms", "+TTFT p99 ms"),
@@ -158,6 +165,16 @@ def write_table(results: dict[str, Any], out: TextIO) -> None:
         out.write(
             "+TTFT: the path's, each client TTFT less the engine's own TTFT for that request (the engine says it)\n"
         )
+    for name in results.get("compared", ()):
+        out.write(f"\n{name} against {results['proxy']}: CPU per chunk ratio, added TTFT p50 difference (ms)\n")
+        for level in results["levels"]:
+            versus = level[f"vs_{name}"]
+            ratio = versus["cpu_per_chunk_ratio"]
+            diff = versus["added_ttft_p50_diff_ms"]
+            out.write(
+                f"  {level['concurrency']} streams: {_cell(None if not ratio else round(1 / ratio, 3))}x CPU, "
+                f"{_cell(None if diff is None else round(-diff, 3))} ms TTFT\n"
+            )
     if results.get("reference"):
         name = results["reference"]
         out.write(f"\n{results['proxy']} against {name}: CPU per chunk ratio, added TTFT p50 difference (ms)\n")
@@ -185,6 +202,14 @@ def write_table(results: dict[str, Any], out: TextIO) -> None:
                 f"{_cell(split['cpu_us_per_chunk'])} µs per chunk\n"
             )
         main, reference = splits.get(results["proxy"]), splits.get(results.get("reference"))
+        for name in results.get("compared", ()):
+            other = splits.get(name)
+            if main and other:
+                more = {key: _difference(other[key], main[key]) for key in ("cpu_ms_per_request", "cpu_us_per_chunk")}
+                out.write(
+                    f"  {name} - {results['proxy']}: {_cell(more['cpu_ms_per_request'])} ms per request, "
+                    f"{_cell(more['cpu_us_per_chunk'])} µs per relayed chunk\n"
+                )
         if main and reference:
             ratios = {
                 key: _positive_ratio(main[key], reference[key]) for key in ("cpu_ms_per_request", "cpu_us_per_chunk")
@@ -209,6 +234,10 @@ def _positive_ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 2) if a is not None and b is not None and a > 0 and b > 0 else None
 
 
+def _difference(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else round(a - b, 4)
+
+
 def _times(ratio: float | None) -> str:
     return "-" if ratio is None else f"{ratio}x"
 
@@ -230,8 +259,8 @@ def write_chart(results: dict[str, Any], path: Path) -> None:
     levels = results["levels"]
     x = [level["concurrency"] for level in levels]
     figure, (ttft, ratio) = plt.subplots(1, 2, figsize=(11, 4.2))
-    proxies = [results["proxy"]] + ([results["reference"]] if results.get("reference") else [])
-    for name, marker in zip(proxies, "os", strict=False):
+    proxies = _proxies(results)
+    for name, marker in zip(proxies, "osd^v", strict=False):
         figures = levels if name == results["proxy"] else [level[name] for level in levels]
         for key, style in (("added_ttft_p50_ms", "-"), ("added_ttft_p99_ms", ":")):
             label = f"{name} {key[11:14]}"
