@@ -8,13 +8,14 @@ FROM ${UV_IMAGE} AS uv
 
 FROM ${BASE_IMAGE}
 
-# The sidecar gets a virtual environment of its own, so its dependencies never change the engine's.
+# The sidecar gets a virtual environment of its own, so its dependencies never change the engine's; with its
+# OpenTelemetry exporter (the otel extra), idle until an OTLP endpoint is set.
 COPY --from=uv /uv /usr/local/bin/uv
 COPY pyproject.toml README.md /opt/sidecar-src/
 COPY sidecar /opt/sidecar-src/sidecar
 COPY engines /opt/sidecar-src/engines
 RUN uv venv --python 3.12 /opt/sidecar \
-    && uv pip install --no-cache --python /opt/sidecar/bin/python /opt/sidecar-src \
+    && uv pip install --no-cache --python /opt/sidecar/bin/python "/opt/sidecar-src[otel]" \
     && rm -rf /opt/sidecar-src
 
 # SGLang lives in the image's own python3, not in the sidecar's environment.

@@ -321,7 +321,6 @@ class Proxy:
         body = json_object(raw)  # a bad body is a 400 whether or not an engine is loaded
         start_ns = time.perf_counter_ns()
         stream, options, n = _generation_fields(body)
-        span = self.otel.start_request(scope, body) if self.otel is not None else None
         client_usage = stream and options is not None and options.get("include_usage") is True
         loaded = self.supervisor.engine
         assemble = not stream and self.settings.assemble_non_streaming
@@ -339,6 +338,8 @@ class Proxy:
         # Held for the whole answer: of a large body, only the bytes for the engine, and the parsed prompt only for
         # an engine that counts it (the client's bytes and its JSON would triple a long prompt's memory).
         prompt = sent if loaded is None or not loaded.adapter.streams_usage else None
+        # Started where nothing can fail before the exchange, which ends it.
+        span = self.otel.start_request(scope, body) if self.otel is not None else None
         del raw, body, translated, sent
 
         async def relay(exchange: _Exchange, response: Response) -> None:
