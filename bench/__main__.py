@@ -9,7 +9,9 @@ front of the fake engine the bench starts on `--engine-port` (point the proxy th
 measures the sidecar once per count of data-plane workers (`SIDECAR_WORKERS`) and adds a scaling table: relayed
 chunks/s at the top concurrency per count, against one worker, with direct and nginx from each run. `--otel` adds
 a second sidecar in front of the same engine with OpenTelemetry on (spans and metrics to an OTLP sink the bench
-runs, `bench/otlp_receiver.py`): what tracing costs, against the sidecar with it off, in the same run.
+runs, `bench/otlp_receiver.py`): what tracing costs, against the sidecar with it off, in the same run. `--peers
+litellm,vllm-router` puts the proxies users would pick instead beside them, in front of the same engine
+(`bench/peers.py` installs each on demand; one it cannot install or start is skipped, saying why).
 """
 
 from __future__ import annotations
@@ -37,13 +39,14 @@ import psutil
 import uvloop
 from tqdm import tqdm
 
+from bench import peers
 from bench.loadgen import LoadProcesses, PhaseResult, chat_body, new_session, run_phase, stream_once
 from bench.nginx import find_nginx, start_nginx, worker_pid
 from bench.processes import pin, spawn_sidecar, wait_ok
 from bench.report import summarize, write_chart, write_table
 from sidecar.engine import free_port
 
-KEY = "bench-key-0123"
+KEY = "sk-bench-key-0123"  # LiteLLM's proxy takes it as its master key too
 _OWN_ENGINES = ("fast", "mock")  # the bench's fake engines, which take a request's "mock" overrides
 # run_phase without its session: (target, url, headers, body, concurrency, seconds).
 Phase = Callable[[str, str, dict[str, str], bytes, int, float], Awaitable[PhaseResult]]
@@ -63,7 +66,9 @@ class Targets:
     reference: Proxy | None  # nginx, where it is installed
     engine_pid: int | None = None
     model: str = "mock-model"
-    compared: list[Proxy] = field(default_factory=list)  # beside the sidecar: the same with OpenTelemetry on
+    # Beside the sidecar: the same with OpenTelemetry on, the peers; and the peers skipped, with why.
+    compared: list[Proxy] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
 
     @property
     def proxies(self) -> list[Proxy]:
@@ -139,6 +144,14 @@ def _processes(args: argparse.Namespace, logs: Path) -> Iterator[Targets]:
             targets = Targets(direct, Proxy("sidecar", url, sidecar.pid), None, model["pid"], served)
         if args.otel and not args.target:
             started += _traced_sidecar(args, targets, logs)
+        for name in args.peers:
+            process, peer_url, reason = peers.start(peers.PEERS[name], targets.direct, targets.model, KEY, logs)
+            if process is None or peer_url is None:
+                targets.skipped[name] = reason or "not started"
+                sys.stderr.write(f"{name}: skipped: {reason}\n")
+                continue
+            started.append(process)
+            targets.compared.append(Proxy(name, peer_url, process.pid))
         nginx = find_nginx(args.nginx)
         if nginx:
             master, url = start_nginx(nginx, int(targets.direct.rsplit(":", 1)[1]), logs)
@@ -191,20 +204,21 @@ def _pin(proxy_cpus: set[int], targets: Targets) -> None:
 
 
 class ProcessMeter:
-    """CPU seconds and peak RSS of one process over a phase (RSS sampled every 50 ms)."""
+    """CPU seconds and peak RSS of one process over a phase (RSS sampled every 50 ms), its children's CPU (a
+    sidecar's data-plane workers, a peer's) counted with it, never an engine's."""
 
-    def __init__(self, pid: int | None) -> None:
+    def __init__(self, pid: int | None, engine_pid: int | None = None) -> None:
         self.process = psutil.Process(pid) if pid else None
+        self.engine_pid = engine_pid
         self.cpu_s = 0.0
         self.peak_rss_mb = 0.0
         self._task: asyncio.Task[None] | None = None
         self._cpu_start = 0.0
 
     def _cpu(self) -> float:
-        """The process's CPU, and its data-plane workers' (`sidecar worker`), never its engine's."""
         assert self.process is not None
         total = 0.0
-        for each in [self.process, *_workers_of(self.process)]:
+        for each in [self.process, *_children_of(self.process, self.engine_pid)]:
             with contextlib.suppress(psutil.NoSuchProcess):
                 times = each.cpu_times()
                 total += times.user + times.system
@@ -228,13 +242,16 @@ class ProcessMeter:
             self.cpu_s = self._cpu() - self._cpu_start
 
 
-def _workers_of(process: psutil.Process) -> list[psutil.Process]:
-    found = []
-    for child in process.children():
+def _children_of(process: psutil.Process, engine_pid: int | None) -> list[psutil.Process]:
+    """The process's descendants but the engine and its own (a sidecar that loaded its engine is its parent)."""
+    engine: set[int] = set()
+    if engine_pid is not None:
         with contextlib.suppress(psutil.NoSuchProcess):
-            if child.cmdline()[2:4] == ["sidecar", "worker"]:
-                found.append(child)
-    return found
+            tree = psutil.Process(engine_pid)
+            engine = {tree.pid, *(child.pid for child in tree.children(recursive=True))}
+    with contextlib.suppress(psutil.NoSuchProcess):
+        return [child for child in process.children(recursive=True) if child.pid not in engine]
+    return []
 
 
 async def _measure(args: argparse.Namespace, targets: Targets) -> dict[str, Any]:
@@ -271,7 +288,7 @@ async def _measure_with(args: argparse.Namespace, targets: Targets, spread: Load
                     order = list(urls)
                     for name in order if round_index % 2 == 0 else reversed(order):
                         progress.set_postfix_str(f"c={concurrency} {name}")
-                        with ProcessMeter(pids.get(name)) as meter:
+                        with ProcessMeter(pids.get(name), targets.engine_pid) as meter:
                             url = urls[name] + "/v1/chat/completions"
                             result = await phase(name, url, headers, body, concurrency, args.seconds)
                         if name in pids:
@@ -308,7 +325,7 @@ async def _cost_split(
                     extra=args.request_extra,
                 )
                 await phase("warm-up", url, headers, body, concurrency, 1)
-                with ProcessMeter(proxy.pid) as meter:
+                with ProcessMeter(proxy.pid, targets.engine_pid) as meter:
                     result = await phase(proxy.name, url, headers, body, concurrency, args.seconds)
                 measured = {"cpu_s": meter.cpu_s, "requests": result.requests, "chunks": result.chunks}
                 phases.append({"tokens": tokens} | measured)
@@ -345,7 +362,7 @@ async def _memory_checks(targets: Targets, headers: dict[str, str]) -> dict[str,
         for name, body, repeat in (("long_stream_4000_tokens", long_body, 1), ("prompt_2mb_x10", big_body, 10)):
             result = PhaseResult(name, 1)
             before = psutil.Process(targets.proxy.pid).memory_info().rss / 2**20 if targets.proxy.pid else None
-            with ProcessMeter(targets.proxy.pid) as meter:
+            with ProcessMeter(targets.proxy.pid, targets.engine_pid) as meter:
                 for _ in range(repeat):
                     await stream_once(session, url, body, headers, result)
             after = psutil.Process(targets.proxy.pid).memory_info().rss / 2**20 if targets.proxy.pid else None
@@ -408,6 +425,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--engine-port", type=int, help="port for the fake engine with --target (default: free)")
     parser.add_argument("--sidecar-env", action="append", default=[], help="extra SIDECAR_X=value for the sidecar")
     parser.add_argument("--skip-memory", action="store_true", help="skip the long-stream and large-prompt checks")
+    parser.add_argument(
+        "--peers",
+        type=lambda text: [name for name in text.split(",") if name],
+        default=[],
+        help=f"proxies to measure beside the sidecar, installed on demand (comma list of {', '.join(peers.PEERS)})",
+    )
     parser.add_argument(
         "--otel", action="store_true", help="also measure a sidecar with OpenTelemetry on (to an OTLP sink) beside it"
     )
@@ -492,6 +515,9 @@ def _per(value: float | None, count: int) -> float | None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     args.concurrency = [int(level) for level in args.concurrency.split(",")]
+    unknown = set(args.peers) - set(peers.PEERS)
+    if unknown:
+        raise SystemExit(f"--peers: no peer named {', '.join(sorted(unknown))} (there are {', '.join(peers.PEERS)})")
     _raise_fd_limit()
     args.out.mkdir(parents=True, exist_ok=True)
     logs = Path(tempfile.mkdtemp(prefix="sidecar-bench-"))
@@ -509,6 +535,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "settings": {k: v for k, v in vars(args).items() if k not in {"out"}},
         "proxy": targets.proxy.name,
         "compared": [proxy.name for proxy in targets.compared],
+        "skipped": targets.skipped,
         "reference": targets.reference.name if targets.reference else None,
         "engine": args.engine if not args.target else "mock",
         **measured,

@@ -23,7 +23,7 @@ class _Merged:
     """One target's phases at one level, taken together."""
 
     ttfts: list[float]  # sorted
-    added_basis: list[float]  # what added TTFT is computed from: the path's TTFTs where known, else `ttfts`
+    path_ttfts: list[float] | None  # each client TTFT less the engine's own, where the engine said it for every one
     rate: float
     chunks: int
     errors: int
@@ -33,15 +33,12 @@ class _Merged:
 def _merged(runs: list[PhaseResult]) -> _Merged:
     ttfts = sorted(t for run in runs for t in run.ttfts_ms)
     path_ttfts = sorted(t for run in runs for t in run.path_ttfts_ms)
-    # Where the engine said its own TTFT for every request, added TTFT compares the path's (the client's TTFT
-    # less the engine's): the engine's 1 ms clock moves a first token by up to a millisecond, a proxy's whole
-    # added TTFT at low concurrency, and that blur does not cancel between two phases of a few dozen requests.
-    basis = path_ttfts if path_ttfts and len(path_ttfts) == len(ttfts) else ttfts
+    complete = path_ttfts if path_ttfts and len(path_ttfts) == len(ttfts) else None
     chunks = sum(run.chunks for run in runs)
     seconds = sum(run.seconds for run in runs)
     errors = sum(run.errors for run in runs)
     first_error = next((run.first_error for run in runs if run.first_error), None)
-    return _Merged(ttfts, basis, chunks / seconds if seconds else 0.0, chunks, errors, first_error)
+    return _Merged(ttfts, complete, chunks / seconds if seconds else 0.0, chunks, errors, first_error)
 
 
 def _proxy_figures(direct: _Merged, runs: list[PhaseResult], cpu_s: float, peak_rss_mb: float) -> dict[str, Any]:
@@ -50,8 +47,15 @@ def _proxy_figures(direct: _Merged, runs: list[PhaseResult], cpu_s: float, peak_
     def q(values: list[float], level: float) -> float | None:
         return round(percentile(values, level), 3) if values else None
 
+    # Where the engine said its own TTFT for every request, through the proxy and directly, added TTFT compares
+    # the path's (the client's TTFT less the engine's): the engine's 1 ms clock moves a first token by up to a
+    # millisecond, a proxy's whole added TTFT at low concurrency, and that blur does not cancel between two
+    # phases of a few dozen requests. A proxy that drops the engine's field (LiteLLM's) is compared on client TTFTs.
+    engine_timed = proxied.path_ttfts is not None and direct.path_ttfts is not None
+    basis = (proxied.path_ttfts, direct.path_ttfts) if engine_timed else (proxied.ttfts, direct.ttfts)
+
     def added(level: float) -> float | None:
-        a, b = q(proxied.added_basis, level), q(direct.added_basis, level)
+        a, b = q(basis[0] or [], level), q(basis[1] or [], level)
         return None if a is None or b is None else round(a - b, 3)
 
     cpu_per_chunk = cpu_s / proxied.chunks if proxied.chunks else None
@@ -60,7 +64,7 @@ def _proxy_figures(direct: _Merged, runs: list[PhaseResult], cpu_s: float, peak_
         "proxied_ttft_p99_ms": q(proxied.ttfts, 99),
         "added_ttft_p50_ms": added(50),
         "added_ttft_p99_ms": added(99),
-        "added_ttft_engine_timed": proxied.added_basis is not proxied.ttfts and direct.added_basis is not direct.ttfts,
+        "added_ttft_engine_timed": engine_timed,
         "proxied_chunks_per_s": round(proxied.rate, 1),
         "throughput_ratio": round(proxied.rate / direct.rate, 3) if direct.rate else None,
         "errors": proxied.errors,
@@ -161,10 +165,21 @@ def write_table(results: dict[str, Any], out: TextIO) -> None:
             out.write(" | ".join(_cell(cell) for cell in [*cells, met]) + "\n")
         if level["first_error"]:
             out.write(f"    first error: {level['first_error']}\n")
-    if all(level["added_ttft_engine_timed"] for level in results["levels"]):
-        out.write(
-            "+TTFT: the path's, each client TTFT less the engine's own TTFT for that request (the engine says it)\n"
+    timed = [
+        name
+        for name in proxies
+        if all(
+            (level if name == results["proxy"] else level[name])["added_ttft_engine_timed"]
+            for level in results["levels"]
         )
+    ]
+    if timed:
+        out.write(
+            f"+TTFT of {', '.join(timed)}: the path's, each client TTFT less the engine's own TTFT for that request "
+            "(the engine says it); of the others: client TTFTs compared\n"
+        )
+    for name, reason in results.get("skipped", {}).items():
+        out.write(f"{name}: skipped: {reason}\n")
     for name in results.get("compared", ()):
         out.write(f"\n{name} against {results['proxy']}: CPU per chunk ratio, added TTFT p50 difference (ms)\n")
         for level in results["levels"]:

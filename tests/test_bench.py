@@ -14,11 +14,12 @@ from pathlib import Path
 import httpx
 import pytest
 
+from bench import peers
 from bench.fast_engine import ENGINE_TTFT_FIELD
-from bench.loadgen import LoadProcesses, chat_body
+from bench.loadgen import LoadProcesses, PhaseResult, chat_body
 from bench.nginx import find_nginx
 from bench.processes import wait_ok
-from bench.report import write_table
+from bench.report import summarize, write_table
 from sidecar.engine import free_port
 
 pytestmark = pytest.mark.slow
@@ -53,7 +54,7 @@ def test_bench_measures_the_sidecar_against_direct_and_nginx(tmp_path: Path) -> 
         assert ("nginx" in level) == (NGINX is not None)
         if NGINX:
             assert level["nginx"]["errors"] == 0 and level["nginx"]["added_ttft_engine_timed"]
-    assert "+TTFT: the path's" in result.stdout
+    assert "+TTFT of sidecar" in result.stdout and "the path's" in result.stdout
     split = results["cost_split"]["sidecar"]
     assert [phase["tokens"] for phase in split["phases"]] == [32, 256]
     short, long = split["phases"]
@@ -162,3 +163,48 @@ def test_the_cost_split_is_compared_with_the_reference_proxy() -> None:
     out = io.StringIO()
     write_table(noisy, out)
     assert f"sidecar / nginx: - per request, {per_chunk}x per relayed chunk" in out.getvalue()
+
+
+def test_bench_puts_the_sidecar_with_opentelemetry_on_beside_it(tmp_path: Path) -> None:
+    """`--otel`: a second sidecar in front of the same engine, exporting to the bench's OTLP sink, in the same run."""
+    out = tmp_path / "results"
+    args = ("--otel", "--concurrency", "1,16", "--seconds", "0.5", "--rounds", "1", "--nginx", "off", "--skip-memory")
+    result = _bench(*args, "--out", str(out), timeout=240)
+    results = json.loads((out / "results.json").read_text())
+    assert results["compared"] == ["sidecar+otel"]
+    for level in results["levels"]:
+        traced = level["sidecar+otel"]
+        assert traced["errors"] == 0 and traced["proxy_cpu_s_per_1k_chunks"] > 0, traced["first_error"]
+    assert results["cost_split"]["sidecar+otel"]["cpu_ms_per_request"] is not None
+    assert "sidecar+otel against sidecar" in result.stdout
+    assert "sidecar+otel - sidecar:" in result.stdout
+
+
+def test_a_proxy_that_drops_the_engines_ttft_is_compared_on_client_ttfts() -> None:
+    """LiteLLM's proxy rebuilds the engine's chunks without the field where the fast engine says its own TTFT: its
+    added TTFT is its client TTFT against the direct one, never against the direct path's (which is near zero)."""
+    direct = PhaseResult("direct", 1, seconds=1, chunks=10, ttfts_ms=[20.0, 20.2], path_ttfts_ms=[0.1, 0.1])
+    timed = PhaseResult("timed", 1, seconds=1, chunks=10, ttfts_ms=[20.5, 20.7], path_ttfts_ms=[0.6, 0.6])
+    untimed = PhaseResult("untimed", 1, seconds=1, chunks=10, ttfts_ms=[26.0, 26.2])
+    level = summarize(1, [direct], {"timed": ([timed], 1.0, 1.0), "untimed": ([untimed], 1.0, 1.0)}, "timed")
+    assert level["added_ttft_engine_timed"] and level["added_ttft_p50_ms"] == 0.5
+    assert not level["untimed"]["added_ttft_engine_timed"]
+    assert level["untimed"]["added_ttft_p50_ms"] == 6.0
+
+
+def test_a_peer_that_cannot_be_installed_is_skipped_saying_why(tmp_path: Path) -> None:
+    nothing = peers.Peer(
+        "nothing", "no-such-package-for-the-sidecar-bench==0.0.1", "nothing", lambda *a: [], {}, tmp_path
+    )
+    process, url, reason = peers.start(nothing, "http://127.0.0.1:9", "m", "k", tmp_path)
+    assert process is None and url is None
+    assert reason is not None and "no-such-package-for-the-sidecar-bench" in reason
+    assert "No matching distribution" in (tmp_path / "nothing-install.log").read_text()
+
+
+def test_an_unknown_peer_is_refused_naming_those_there_are() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", "--peers", "nginx-plus"], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode != 0
+    assert "no peer named nginx-plus" in result.stderr and "litellm, vllm-router" in result.stderr
