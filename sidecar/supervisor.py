@@ -465,6 +465,8 @@ class Supervisor:
             span.attributes = {"sidecar.state": str(self.state), "sidecar.restarts": self.restarts}
             if isinstance(error, SidecarError):
                 span.error_type = error.code or str(error.status_code)
+            elif operation == "engine_crashed":  # an incident, even where a restart brought the engine back
+                span.error_type = "engine_crashed"
             elif self.state is EngineState.FAILED:  # a load answered 202, or a restart, that did not come up
                 span.error_type = self._last_error_code or "engine_failed"
             if self.exit_code is not None:

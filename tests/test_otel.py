@@ -20,7 +20,7 @@ import pytest
 from bench.otlp_receiver import OtlpReceiver, Received, Span
 from sidecar import otel
 from sidecar.settings import load_settings
-from tests.processes import SidecarProcess, free_port
+from tests.processes import SidecarProcess, free_port, wait_until
 
 Start = Callable[..., SidecarProcess]
 MODEL = "otel-model"
@@ -266,25 +266,37 @@ def test_control_operations_are_spans(
 ) -> None:
     for name, value in QUICK_EXPORT.items():
         monkeypatch.setenv(name, value)
-    sidecar = start_sidecar({"SIDECAR_OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url})
+    restart = {"SIDECAR_RESTART_MAX": "1", "SIDECAR_RESTART_BACKOFF_S": "0.1"}
+    sidecar = start_sidecar({"SIDECAR_OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url, **restart})
     load = {"engine": "mock", "model": MODEL, "args": {"enable-sleep-mode": True}}
     httpx.post(f"{sidecar.url}/v1/model/load", json=load, timeout=30).raise_for_status()
     httpx.post(f"{sidecar.url}/v1/model/sleep", json={"level": 1}, timeout=30).raise_for_status()
     httpx.post(f"{sidecar.url}/v1/model/wake", timeout=30).raise_for_status()
+    # The engine dies under a request, and the sidecar starts it again.
+    dying = {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "mock": {"die_after": 1}}
+    httpx.post(f"{sidecar.url}/v1/chat/completions", json=dying, timeout=30)
+    wait_until(lambda: httpx.get(f"{sidecar.url}/v1/model").json()["restarts"] == 1, timeout_s=20)
+    _wait_ready(sidecar)
     httpx.post(f"{sidecar.url}/v1/model/unload", timeout=30).raise_for_status()
     failing = {"engine": "mock", "model": MODEL, "args": {"exit-at-start": 3}}
     assert httpx.post(f"{sidecar.url}/v1/model/load", json=failing, timeout=30).status_code == 502
 
-    names = ["sidecar.load", "sidecar.sleep", "sidecar.wake", "sidecar.unload", "sidecar.load"]
-    received = receiver.wait_for(lambda r: len(r.spans) >= len(names), timeout_s=10)
-    spans = sorted(received.spans, key=lambda span: span.start_ns)
-    assert [span.name for span in spans] == names
+    names = ["load", "sleep", "wake", "engine_crashed", "unload", "load"]
+
+    def control(received: Received) -> list[Span]:
+        return sorted((s for s in received.spans if s.name.startswith("sidecar.")), key=lambda span: span.start_ns)
+
+    spans = control(receiver.wait_for(lambda r: len(control(r)) >= len(names), timeout_s=10))
+    assert [span.name for span in spans] == [f"sidecar.{name}" for name in names]
     for span in spans:
         assert span.attributes["sidecar.engine"] == "mock"
         assert span.attributes["gen_ai.request.model"] == MODEL
-    assert [span.attributes["sidecar.state"] for span in spans] == ["ready", "sleeping", "ready", "idle", "failed"]
+    states = ["ready", "sleeping", "ready", "ready", "idle", "failed"]
+    assert [span.attributes["sidecar.state"] for span in spans] == states
+    crashed = spans[3]  # an incident, whatever came after it: here, a restart that brought the engine back
+    assert crashed.attributes["error.type"] == "engine_crashed" and crashed.attributes["sidecar.restarts"] == 1
     assert spans[-1].status_code == ERROR and spans[-1].attributes["error.type"] == "engine_start_failed"
-    assert all("error.type" not in span.attributes for span in spans[:-1])
+    assert [i for i, span in enumerate(spans) if "error.type" in span.attributes] == [3, 5]
     assert spans[0].resource["service.name"] == "llm-sidecar"
 
 
