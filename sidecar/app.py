@@ -58,7 +58,7 @@ WORKER_EXIT_MARGIN_S = 10.0
 def create_app(settings: Settings, redactor: Redactor | None = None, pool: WorkerPool | None = None) -> Starlette:
     """The sidecar; with a pool of data-plane workers, the process that owns the engine behind them."""
     redactor = redactor or Redactor()
-    redactor.register(*settings.data_keys)
+    redactor.register(*settings.data_keys, *otel.header_secrets())
     gpus = Gpus()
     supervisor = Supervisor(settings, redactor, gpus)
     supervisor.otel = exporting = otel.from_settings(settings, "supervisor")
@@ -124,7 +124,7 @@ def create_app(settings: Settings, redactor: Redactor | None = None, pool: Worke
 
 def create_worker_app(settings: Settings, redactor: Redactor, shared: SharedState, index: int, token: str) -> Starlette:
     """A data-plane worker: the proxy and what it measures here, the rest answered by the supervisor's process."""
-    redactor.register(*settings.data_keys)
+    redactor.register(*settings.data_keys, *otel.header_secrets())
     supervisor = workers.internal_client(workers.supervisor_socket(settings), token)
     view = workers.EngineView(settings, shared, index, supervisor, redactor)
     gpus = Gpus()

@@ -20,6 +20,7 @@ import os
 import socket
 import threading
 import time
+import urllib.parse
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -88,6 +89,23 @@ def enabled(settings: Settings, environ: Mapping[str, str] = os.environ) -> bool
     if environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
         return False
     return bool(settings.otel_exporter_otlp_endpoint or any(environ.get(name) for name in _ENDPOINT_VARIABLES))
+
+
+def header_secrets(environ: Mapping[str, str] = os.environ) -> list[str]:
+    """The values of the exporters' headers (a collector's key, `OTEL_EXPORTER_OTLP_HEADERS=authorization=Bearer
+    ...`), for the redactor: the engine inherits the variables as it does the container's others, and neither
+    its output nor the sidecar's logs show them."""
+    values = []
+    for name in (
+        "OTEL_EXPORTER_OTLP_HEADERS",
+        "OTEL_EXPORTER_OTLP_TRACES_HEADERS",
+        "OTEL_EXPORTER_OTLP_METRICS_HEADERS",
+    ):
+        for pair in environ.get(name, "").split(","):
+            _, _, value = pair.partition("=")
+            if value.strip():
+                values += [value.strip(), urllib.parse.unquote(value.strip())]
+    return values
 
 
 def from_settings(settings: Settings, process: str) -> OpenTelemetry | None:

@@ -355,3 +355,17 @@ def test_a_collector_that_is_down_holds_the_exit_no_longer_than_the_flush_bound(
     assert sidecar.wait_exit(timeout_s=30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal it handled
     # The exporters alone retry for 10 s each (measured: 13 s to exit); the flush bound is 3 s.
     assert time.monotonic() - started < 8
+
+
+def test_the_collectors_key_never_shows_in_the_engines_output(
+    receiver: OtlpReceiver, start_sidecar: Start, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key = "collector-key-0a1b2c3d4e5f"
+    # Honeycomb's headers: a name no pattern takes for a secret's, so only the registered value masks it.
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_HEADERS", f"x-honeycomb-team={key},x-honeycomb-dataset=llm")
+    sidecar = start_sidecar({"SIDECAR_OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url})
+    load = {"engine": "mock", "model": MODEL, "args": {"print-env": "OTEL_EXPORTER_OTLP_HEADERS"}}
+    httpx.post(f"{sidecar.url}/v1/model/load", json=load, timeout=30).raise_for_status()
+    # The engine printed the variable it inherited; the sidecar's log of its output shows it masked.
+    wait_until(lambda: "OTEL_EXPORTER_OTLP_HEADERS" in sidecar.output(), timeout_s=10)
+    assert key not in sidecar.output()
