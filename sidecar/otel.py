@@ -22,6 +22,7 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -192,8 +193,8 @@ class OpenTelemetry:
             attributes["gen_ai.request.model"] = model
         if operation != "embeddings":
             attributes["gen_ai.request.stream"] = body.get("stream") is True
-        for field, name in _REQUEST_FIELDS:
-            value = body.get(field)
+        for key, name in _REQUEST_FIELDS:
+            value = body.get(key)
             if isinstance(value, int | float) and not isinstance(value, bool) and name not in attributes:
                 attributes[name] = value
         span = None
@@ -322,36 +323,26 @@ class RequestSpan:
         self.ended = False
 
 
+@dataclass(frozen=True, slots=True)
 class Answer:
     """How a request that reached the engine ended: what the span and the metrics are made of."""
 
-    __slots__ = ("performance", "status", "error_type", "finish_reasons", "final_events", "client_disconnected")
-
-    def __init__(
-        self,
-        performance: dict[str, Any],
-        status: int | None,
-        error_type: str | None,
-        finish_reasons: Sequence[str],
-        final_events: Sequence[bytes | Mapping[str, Any]],
-        client_disconnected: bool,
-    ) -> None:
-        self.performance = performance
-        self.status = status
-        self.error_type = error_type
-        self.finish_reasons = finish_reasons
-        # A stream's last events (not parsed on their way: read here for the finish reasons and the response's id),
-        # or the whole answer, parsed.
-        self.final_events = final_events
-        self.client_disconnected = client_disconnected
+    performance: dict[str, Any]
+    status: int | None
+    error_type: str | None
+    finish_reasons: Sequence[str]
+    # A stream's last events (not parsed on their way: read here for the finish reasons and the response's id),
+    # or the whole answer, parsed.
+    final_events: Sequence[bytes | Mapping[str, Any]]
+    client_disconnected: bool
 
 
+@dataclass(slots=True)
 class ControlSpan:
     """What a control operation's body tells its span: attributes learnt on the way, and its error if it failed."""
 
-    def __init__(self) -> None:
-        self.attributes: dict[str, Any] = {}
-        self.error_type: str | None = None
+    attributes: dict[str, Any] = field(default_factory=dict)
+    error_type: str | None = None
 
 
 def _span_attributes(answer: Answer) -> dict[str, Any]:

@@ -63,10 +63,7 @@ def traced(
 
 
 def _wait_ready(sidecar: SidecarProcess) -> None:
-    deadline = time.monotonic() + 20
-    while httpx.get(f"{sidecar.url}/ready").status_code != 200:
-        assert time.monotonic() < deadline, sidecar.output()
-        time.sleep(0.05)
+    wait_until(lambda: httpx.get(f"{sidecar.url}/ready").status_code == 200, timeout_s=20)
 
 
 def _client(sidecar: SidecarProcess, **headers: str) -> openai.OpenAI:
@@ -139,6 +136,17 @@ def test_a_streamed_chat_is_a_genai_span_in_the_clients_trace_and_the_engines_pa
     engine_port = httpx.get(f"{sidecar.url}/v1/model").json()["port"]
     seen = httpx.get(f"http://127.0.0.1:{engine_port}/mock/last-headers").json()
     assert seen["traceparent"] == f"00-{CLIENT_TRACE}-{span.span_id}-01"
+
+
+def test_a_stream_without_the_engines_usage_chunk_still_says_why_it_ended(
+    traced: Callable[..., SidecarProcess], receiver: OtlpReceiver
+) -> None:
+    """llama-cpp-python ignores stream_options: the finish reason and the id come from the stream's last chunk."""
+    _, performance, response_id = _stream(_client(traced()), extra_body={"mock": {"stream_usage": False}})
+    assert performance["tokens_estimated"]  # the sidecar counted: the engine sent no usage
+    [span] = _spans(receiver, f"chat {MODEL}")
+    assert span.attributes["gen_ai.response.finish_reasons"] == ["stop"]
+    assert span.attributes["gen_ai.response.id"] == response_id
 
 
 def test_a_whole_answer_without_a_trace_starts_one_and_metrics_carry_the_same_numbers(
