@@ -621,6 +621,7 @@ class Proxy:
         parser = SSEParser()
         last_data = b""  # the last chunk, for a usage chunk the engine did not send
         read = response.readany
+        previous_data = b""  # and the one before it: the last with choices, where the last is the usage chunk
         done = False
         deadline = exchange.deadline
         try:
@@ -634,11 +635,11 @@ class Proxy:
                         raw: bytes | None = event.raw
                         if data == DONE:
                             done = True
-                            if exchange.span is not None and not exchange.final_events:
-                                exchange.final_events = (last_data,)  # no usage chunk: the last has the choices
+                            exchange.final_events = (previous_data, last_data)
                             if exchange.client_usage and exchange.performance is None and assembler is None:
                                 out.append(await self._counted_usage_event(exchange, out, last_data, now))
                         elif data is not None:
+                            previous_data, last_data = last_data, data
                             if parse_every or carries_measures(data):
                                 parsed = _loads(data)
                                 if parsed is not None:
@@ -647,11 +648,8 @@ class Proxy:
                                         assembler.add(parsed)
                                     elif is_usage_chunk(parsed):
                                         raw = self._usage_event(exchange, parsed)
-                                        if exchange.span is not None:  # the chunk before it says why it ended
-                                            exchange.final_events = (last_data, data)
                             elif has_output(data):
                                 meter.output(now)
-                            last_data = data
                         if raw is not None and assembler is None:
                             out.append(raw)
                     if out and not exchange.client_done:
