@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bench import peers
+from bench import guard, peers
 from bench.fast_engine import ENGINE_TTFT_FIELD
 from bench.loadgen import LoadProcesses, PhaseResult, chat_body
 from bench.nginx import find_nginx
@@ -208,3 +208,10 @@ def test_an_unknown_peer_is_refused_naming_those_there_are() -> None:
     )
     assert result.returncode != 0
     assert "no peer named nginx-plus" in result.stderr and "litellm, vllm-router" in result.stderr
+
+
+def test_the_ci_guard_fails_a_relay_over_its_bound_or_one_that_measured_nothing() -> None:
+    assert guard.judge(2.3, 4.0) == (True, "passed: 2.3x nginx's CPU per chunk, bound 4.0x")
+    passed, line = guard.judge(4.6, 4.0)  # a change that doubled the relay's cost
+    assert not passed and "4.6x nginx's, over the bound of 4.0x" in line
+    assert guard.judge(None, 4.0)[0] is False
