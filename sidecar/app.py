@@ -26,6 +26,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from sidecar import control, dataplane, health, http_server, otel, telemetry, workers
 from sidecar.admission import Admission
+from sidecar.backlog import Backlog
 from sidecar.dataplane import AsgiHandler
 from sidecar.engine import LoadRequest
 from sidecar.errors import (
@@ -107,6 +108,7 @@ def create_app(settings: Settings, redactor: Redactor | None = None, pool: Worke
         if pool is not None:  # the workers drain their requests first
             await pool.stop(settings.drain_timeout_s + WORKER_EXIT_MARGIN_S)
         await supervisor.shutdown()  # the engine goes first: nothing is left running
+        proxy.backlog.run()  # the last requests' records and access lines
         proxy.close()
         watch.stop()
         if exporting is not None:  # after the engine's stop: its span goes out too
@@ -141,6 +143,7 @@ def create_worker_app(settings: Settings, redactor: Redactor, shared: SharedStat
         log.info("worker_serving", worker=index, pid=os.getpid())
         await view.prime()
         yield
+        proxy.backlog.run()
         proxy.close()
         await supervisor.aclose()
         gpus.close()
@@ -167,7 +170,7 @@ def _assemble(
     """The app around a proxy: its generation routes first, `routes`, then the pass-through of other /v1 paths."""
     app = _SidecarApp(
         generation=dataplane.generation_paths(proxy),
-        outer=_middleware(settings, watch, internal_token, proxy.worker),
+        outer=_middleware(settings, watch, internal_token, proxy.worker, proxy.backlog),
         settings=settings,
         routes=[*routes, dataplane.passthrough_route(proxy)],
         exception_handlers=_EXCEPTION_HANDLERS,
@@ -196,12 +199,14 @@ _EXCEPTION_HANDLERS: dict[Any, Any] = {
 
 
 def _middleware(
-    settings: Settings, watch: Telemetry, internal_token: str | None, worker: int | None
+    settings: Settings, watch: Telemetry, internal_token: str | None, worker: int | None, backlog: Backlog
 ) -> list[Middleware]:
     """The layers every request passes first, outermost first: a request id and an access line for every
     response, then CORS (preflights need no key). Auth, then the body limit, come after them (`_SidecarApp`)."""
     observe = watch.metrics.observe_request
-    middleware = [Middleware(RequestContextMiddleware, observe, internal_token=internal_token, worker=worker)]
+    middleware = [
+        Middleware(RequestContextMiddleware, observe, internal_token=internal_token, worker=worker, backlog=backlog)
+    ]
     if settings.cors_origins:
         middleware.append(
             Middleware(

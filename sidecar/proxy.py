@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -23,6 +24,7 @@ from starlette.types import Receive, Scope, Send
 
 from sidecar import resources
 from sidecar.admission import Admission
+from sidecar.backlog import Backlog
 from sidecar.chunks import (
     Assembler,
     carries_measures,
@@ -309,6 +311,7 @@ class Proxy:
             settings.upstream_connect_timeout_s, _KEEPALIVE_S, tls_context(settings.upstream_ca_file)
         )
         self._out_of_descriptors_lines = Throttle(5.0)
+        self.backlog = Backlog()  # a finished request's record, metrics and access line
 
     def close(self) -> None:
         self.upstream.close()
@@ -448,8 +451,10 @@ class Proxy:
             deadline.close()
             if exchange.prompt_count is not None:
                 exchange.prompt_count.cancel()  # the answer was cut: its usage is not reported
-            if measured:
-                self._record(exchange)
+            if measured:  # measured now, recorded once nothing more urgent waits
+                if exchange.performance is None:
+                    self._finish(exchange, time.perf_counter_ns())
+                self.backlog.add(functools.partial(self._record, exchange, int(time.time())))
 
     # -- the engine's side ----------------------------------------------------------------------------------
 
@@ -734,15 +739,16 @@ class Proxy:
         )
         return exchange.performance
 
-    def _record(self, exchange: _Exchange) -> None:
-        """Into the history for GET /v1/requests/{id}, and into the request's access line."""
-        performance = exchange.performance or self._finish(exchange, time.perf_counter_ns())
+    def _record(self, exchange: _Exchange, created: int) -> None:
+        """Into the history for GET /v1/requests/{id}, the metrics, the span, and the request's access line."""
+        performance = exchange.performance
+        assert performance is not None
         scope = exchange.scope
         request_id = scope["state"]["request_id"]
         record: dict[str, Any] = {
             "id": request_id,
             "object": "sidecar.request",
-            "created": int(time.time()),
+            "created": created,
             "method": scope["method"],
             "path": scope["path"],
             "status": exchange.status,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hmac
 import os
 import re
@@ -13,6 +14,7 @@ import structlog
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from sidecar.backlog import Backlog
 from sidecar.errors import internal_error, send_error
 from sidecar.http import header
 from sidecar.logs import get_logger, write_record
@@ -62,8 +64,12 @@ class RequestContextMiddleware:
         on_complete: Callable[[str, int | None, dict[str, Any]], None] | None = None,
         internal_token: str | None = None,
         worker: int | None = None,
+        backlog: Backlog | None = None,
     ) -> None:
         self.app = app
+        # Where the access line waits for a moment the loop has nothing more urgent (else it is written at once);
+        # every GET runs what waits first: it may read what that writes (the history, the metrics).
+        self.backlog = backlog
         # With data-plane workers: which one answered, in an X-Sidecar-Worker header (as load balancers' X-Served-By).
         self.worker_header = None if worker is None else (b"x-sidecar-worker", str(worker).encode())
         self.on_complete = on_complete  # told of every request once answered: path, status, the access fields
@@ -77,9 +83,10 @@ class RequestContextMiddleware:
             return
 
         # A new id: 128 random bits in hex (uuid4().hex fixes 6 of them), at a third of uuid4's cost.
+        if self.backlog is not None and scope["method"] == "GET":
+            self.backlog.run()
         request_id = incoming_request_id(header(scope, _REQUEST_ID_HEADER)) or os.urandom(16).hex()
         scope.setdefault("state", {})["request_id"] = request_id
-        fields = log_fields(scope)
         status: int | None = None
         start = time.perf_counter()
 
@@ -106,22 +113,25 @@ class RequestContextMiddleware:
                 await send_error(internal_error(), scope, receive, send_with_id)
         finally:
             duration_ms = round((time.perf_counter() - start) * 1000, 3)
-            write_record(
-                "sidecar.access",
-                "debug" if internal else "info",
-                # In the order structlog's logger would put them (the event after the fields): the JSON lines' order.
-                {
-                    "method": scope["method"],
-                    "path": scope["path"],
-                    "status": status,
-                    "duration_ms": duration_ms,
-                    **fields,
-                    "event": "request",
-                },
-            )
+            line = functools.partial(self._access_line, scope, status, duration_ms, internal)
+            if self.backlog is not None:
+                self.backlog.add(line)  # in this context: the line carries the request's bound fields
+            else:
+                line()
             structlog.contextvars.reset_contextvars(**bound)
-            if self.on_complete is not None and not internal:
-                self.on_complete(scope["path"], status, fields)
+
+    def _access_line(self, scope: Scope, status: int | None, duration_ms: float, internal: bool) -> None:
+        fields = log_fields(scope)  # as the proxy's record of the request left them
+        write_record(
+            "sidecar.access",
+            "debug" if internal else "info",
+            # In the order structlog's logger would put them (the event after the fields): the JSON lines' order.
+            {"method": scope["method"], "path": scope["path"], "status": status, "duration_ms": duration_ms}
+            | fields
+            | {"event": "request"},
+        )
+        if self.on_complete is not None and not internal:
+            self.on_complete(scope["path"], status, fields)
 
 
 def _carries(scope: Scope, token: bytes) -> bool:
