@@ -40,6 +40,10 @@ log = get_logger("sidecar.http")
 # when (perf_counter seconds) it has been, or has been drained last. The relay's engine timeout does not count the
 # time it waits on the client (proxy._Deadline).
 CLIENT_WRITES = "client_writes"
+# In a request's scope state: set once its client's connection is lost before the response completed; and, while
+# the proxy relays the request, the function to call then (proxy._ClientWatch), which cancels the exchange.
+CLIENT_GONE = "client_gone"
+ON_CLIENT_GONE = "on_client_gone"
 
 _REFUSALS = Throttle(5.0)  # connections refused at the open-files limit: a storm of them is one line every 5 s
 # Clients cut off for their slowness, by what they were slow at: a slowloris of thousands is a line every 5 s.
@@ -85,6 +89,13 @@ class HttpProtocol(HttpToolsProtocol):
                 timer.cancel()
         self._timer = self._write_timer = None
         super().connection_lost(exc)
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            state = cycle.scope.setdefault("state", {})
+            state[CLIENT_GONE] = True
+            gone = state.pop(ON_CLIENT_GONE, None)
+            if gone is not None:
+                gone()
 
     def pause_writing(self) -> None:
         super().pause_writing()

@@ -1,8 +1,9 @@
 """The watch that cancels an exchange when its client leaves: it must not keep the exchange alive afterwards.
 
-A unit test of the one component: the end-to-end disconnect behaviour is in test_faults.py. A reference cycle
-per request (a cancelled watcher's traceback holding the request's frames) kept every finished exchange in
-memory until the garbage collector's oldest generation, whose collections stopped the event loop for tens of
+A unit test of the one component, with the server's side played by the test (what `http_server.HttpProtocol`
+does when a connection is lost: flag the request's state, call the function the watch left there); the
+end-to-end disconnect behaviour is in test_faults.py. A reference cycle per request kept every finished exchange
+in memory until the garbage collector's oldest generation, whose collections stopped the event loop for tens of
 milliseconds under load.
 """
 
@@ -16,18 +17,8 @@ from typing import Any
 
 import pytest
 
+from sidecar.http_server import CLIENT_GONE, ON_CLIENT_GONE
 from sidecar.proxy import _ClientWatch
-
-
-class _Receive:
-    """uvicorn's `receive` once the body is read: it waits until the response completes or the client leaves."""
-
-    def __init__(self) -> None:
-        self.over = asyncio.Event()
-
-    async def __call__(self) -> dict[str, Any]:
-        await self.over.wait()
-        return {"type": "http.disconnect"}
 
 
 @pytest.fixture
@@ -42,32 +33,64 @@ def garbage_kept() -> Iterator[list[Any]]:
         gc.garbage.clear()
 
 
-async def _exchange(receive: _Receive, leave: bool) -> SimpleNamespace:
-    exchange = SimpleNamespace(receive=receive, client_done=False, client_disconnected=False)
+def _connection_lost(state: dict[str, Any]) -> None:
+    """What the server does when a request's connection is lost before its response completed."""
+    state[CLIENT_GONE] = True
+    gone = state.pop(ON_CLIENT_GONE, None)
+    if gone is not None:
+        gone()
+
+
+async def _exchange(leave: str | None) -> tuple[SimpleNamespace, bool]:
+    """An exchange under the watch; its client leaving `before` it begins, `during` it, or not at all (None).
+    The exchange, and whether it ran to its end."""
+    scope: dict[str, Any] = {"state": {}}
+    exchange = SimpleNamespace(scope=scope, client_done=False, client_disconnected=False)
+    if leave == "before":
+        _connection_lost(scope["state"])
+    engine = asyncio.Event()  # the engine's answer, which never comes unless the client stays
 
     async def serve() -> None:
         with _ClientWatch(exchange):  # type: ignore[arg-type]
-            if leave:
-                receive.over.set()
-            await asyncio.sleep(0.05)
+            if leave == "during":
+                asyncio.get_running_loop().call_soon(_connection_lost, scope["state"])
+            else:
+                asyncio.get_running_loop().call_soon(engine.set)
+            await engine.wait()
+            exchange.client_done = True
+        assert ON_CLIENT_GONE not in scope["state"]
 
     task = asyncio.create_task(serve())
     try:
         await task
     except asyncio.CancelledError:
-        pass
-    receive.over.set()  # the response is complete: the server answers the watcher's receive
-    await asyncio.sleep(0.01)
-    return exchange
+        return exchange, False
+    return exchange, True
 
 
 async def test_a_finished_exchange_is_freed_without_the_garbage_collector(garbage_kept: list[Any]) -> None:
-    exchange = await _exchange(_Receive(), leave=False)
-    assert not exchange.client_disconnected  # the response's end is no disconnect
+    exchange, finished = await _exchange(leave=None)
+    assert finished and not exchange.client_disconnected
+    assert ON_CLIENT_GONE not in exchange.scope["state"]  # nothing of the exchange is left in the scope
+    del exchange
     gc.collect()
     assert not [obj for obj in garbage_kept if isinstance(obj, _ClientWatch | SimpleNamespace)]
 
 
-async def test_a_client_that_leaves_cancels_the_exchange() -> None:
-    exchange = await _exchange(_Receive(), leave=True)
-    assert exchange.client_disconnected
+@pytest.mark.parametrize("leave", ["during", "before"])
+async def test_a_client_that_leaves_cancels_the_exchange(leave: str, garbage_kept: list[Any]) -> None:
+    exchange, finished = await _exchange(leave=leave)
+    assert not finished and exchange.client_disconnected
+    del exchange
+    gc.collect()
+    assert not [obj for obj in garbage_kept if isinstance(obj, _ClientWatch | SimpleNamespace)]
+
+
+async def test_a_connection_lost_after_the_response_completed_is_no_disconnect() -> None:
+    scope: dict[str, Any] = {"state": {}}
+    exchange = SimpleNamespace(scope=scope, client_done=False, client_disconnected=False)
+    with _ClientWatch(exchange):  # type: ignore[arg-type]
+        exchange.client_done = True  # [DONE] went out: the server may close the connection any time now
+        _connection_lost(scope["state"])
+        await asyncio.sleep(0)  # where a cancellation would land
+    assert not exchange.client_disconnected
