@@ -58,6 +58,7 @@ from sidecar.upstream import (
     Disconnected,
     OutOfDescriptors,
     Response,
+    Sending,
     UpstreamError,
     UpstreamPool,
     tls_context,
@@ -421,18 +422,26 @@ class Proxy:
     ) -> None:
         # The clock starts now: time spent in the sidecar's queue is queue_ms, never the engine's TTFT.
         admitted_ns = time.perf_counter_ns()
-        meter = PerformanceMeter(admitted_ns, queue_ns=admitted_ns - start_ns)
-        settings = self.settings
-        deadline = _Deadline(
-            meter, settings.upstream_first_token_timeout_s, settings.upstream_inter_token_timeout_s, scope["state"]
-        )
-        exchange = _Exchange(scope, receive, send, engine, meter, deadline, span=span)
-        exchange.gpu_window = self.telemetry.window()
-        if prompt is not None and not engine.adapter.streams_usage:
-            exchange.prompt_count = asyncio.create_task(self._count_prompt(engine, prompt))
+        # The engine gets the request first; what can wait (the meter, the deadline, the client watch, the GPU
+        # window) is set up while it works on it.
+        sending = self._send(scope, engine, payload, measured, span)
+        try:
+            meter = PerformanceMeter(admitted_ns, queue_ns=admitted_ns - start_ns)
+            settings = self.settings
+            deadline = _Deadline(
+                meter, settings.upstream_first_token_timeout_s, settings.upstream_inter_token_timeout_s, scope["state"]
+            )
+            exchange = _Exchange(scope, receive, send, engine, meter, deadline, span=span)
+            exchange.gpu_window = self.telemetry.window()
+            if prompt is not None and not engine.adapter.streams_usage:
+                exchange.prompt_count = asyncio.create_task(self._count_prompt(engine, prompt))
+        except BaseException:
+            sending.close()
+            raise
+        meter.overhead_ns += time.perf_counter_ns() - admitted_ns
         try:
             with _ClientWatch(exchange):
-                response = await self._open(exchange, payload, json_body=measured)
+                response = await self._opened(exchange, sending)
                 try:
                     if response.status >= 400:
                         await self._relay_error(exchange, response)
@@ -458,19 +467,19 @@ class Proxy:
 
     # -- the engine's side ----------------------------------------------------------------------------------
 
-    async def _open(self, exchange: _Exchange, payload: bytes, json_body: bool = True) -> Response:
-        """Send the request; the engine's response headers, or 502/504."""
-        scope = exchange.scope
-        target = engine_target(scope)
-        engine = exchange.engine
+    def _send(self, scope: Scope, engine: Engine, payload: bytes, json_body: bool, span: RequestSpan | None) -> Sending:
+        """The request to the engine, written now where a connection to it is idle."""
         request_id = engine.adapter.engine_request_id(scope["state"]["request_id"])
         headers = _request_headers(scope, request_id, json_body, engine)
-        if exchange.span is not None and self.otel is not None:  # the engine's spans join the request's trace
-            headers.update(self.otel.context_headers(exchange.span))
-        exchange.meter.overhead_ns += time.perf_counter_ns() - exchange.meter.start_ns
+        if span is not None and self.otel is not None:  # the engine's spans join the request's trace
+            headers.update(self.otel.context_headers(span))
+        return self.upstream.send(scope["method"], engine.base_url, engine_target(scope), headers.items(), payload)
+
+    async def _opened(self, exchange: _Exchange, sending: Sending) -> Response:
+        """The engine's response headers, or 502/504."""
         try:
             with exchange.deadline:
-                return await self.upstream.request(scope["method"], engine.base_url, target, headers.items(), payload)
+                return await sending.response()
         except TimeoutError:  # the connect timeout is a TimeoutError too
             raise GatewayTimeout("the engine did not start answering within the timeout") from None
         except OutOfDescriptors:

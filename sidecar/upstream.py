@@ -259,21 +259,21 @@ class UpstreamPool:
     async def request(
         self, method: str, base_url: str, target: str, headers: Iterable[tuple[str, str]], body: bytes
     ) -> Response:
-        """Send one request; the engine's response head. A pooled connection the engine closed as it was reused
-        (before its answer began: llama-server's HTTP threads do this) costs one more try, on a new one."""
-        origin = self._origin(base_url)
+        """Send one request; the engine's response head."""
+        return await self.send(method, base_url, target, headers, body).response()
+
+    def send(self, method: str, base_url: str, target: str, headers: Iterable[tuple[str, str]], body: bytes) -> Sending:
+        """Write one request now where a connection to the engine is idle (else it goes once `response` has one),
+        so that the caller can do what can wait while the engine works on it."""
+        try:
+            origin = self._origin(base_url)
+        except ConnectFailed as exc:
+            return Sending(self, None, b"", body, failed=exc)
         lines = [f"{method} {origin.prefix}{target} HTTP/1.1\r\n".encode("latin-1"), origin.host_header]
         lines += [f"{name}: {value}\r\n".encode("latin-1") for name, value in headers]
         if body or method in ("POST", "PUT", "PATCH"):
             lines.append(b"content-length: %d\r\n" % len(body))
-        head = b"".join(lines) + b"\r\n"
-        connection = self._take(origin)
-        if connection is not None:
-            try:
-                return await self._exchange(connection, head, body)
-            except Disconnected:
-                pass
-        return await self._exchange(await self._connect(origin), head, body)
+        return Sending(self, origin, b"".join(lines) + b"\r\n", body)
 
     def release(self, connection: _Connection) -> None:
         connection.idle_since = asyncio.get_running_loop().time()
@@ -292,13 +292,7 @@ class UpstreamPool:
         self._idle.clear()
 
     async def _exchange(self, connection: _Connection, head: bytes, body: bytes) -> Response:
-        response = connection.send(head, body)
-        try:
-            await response._head
-        except BaseException:
-            connection.finished(reusable=False)
-            raise
-        return response
+        return await _head(connection.send(head, body))
 
     def _take(self, origin: _Origin) -> _Connection | None:
         idle = self._idle.get(origin)
@@ -352,6 +346,49 @@ class UpstreamPool:
         if self._tls is None:
             self._tls = tls_context()
         return self._tls
+
+
+class Sending:
+    """A request on its way: written on a pooled connection as it was made, or waiting for `response` to open one.
+    `response` must be awaited (it is the request's only end), or `close` called. One that could not be made (not
+    an http(s) URL) raises its error there, with the others."""
+
+    def __init__(
+        self, pool: UpstreamPool, origin: _Origin | None, head: bytes, body: bytes, failed: UpstreamError | None = None
+    ) -> None:
+        self._pool, self._origin, self._request_head, self._body, self._failed = pool, origin, head, body, failed
+        connection = pool._take(origin) if origin is not None else None
+        self._written = connection.send(head, body) if connection is not None else None
+
+    async def response(self) -> Response:
+        """The engine's response head. A pooled connection the engine closed as it was reused (before its answer
+        began: llama-server's HTTP threads do this) costs one more try, on a new one."""
+        if self._failed is not None:
+            raise self._failed
+        assert self._origin is not None
+        written, self._written = self._written, None
+        if written is not None:
+            try:
+                return await _head(written)
+            except Disconnected:
+                pass
+        pool = self._pool
+        return await pool._exchange(await pool._connect(self._origin), self._request_head, self._body)
+
+    def close(self) -> None:
+        """Where `response` will not be awaited: the connection the request went out on is dropped."""
+        if self._written is not None:
+            self._written.close()
+            self._written = None
+
+
+async def _head(response: Response) -> Response:
+    try:
+        await response._head
+    except BaseException:
+        response._connection.finished(reusable=False)
+        raise
+    return response
 
 
 @functools.cache

@@ -155,3 +155,46 @@ async def test_nothing_listening_is_a_connect_failure() -> None:
         pass  # closed again: its port refuses now
     with pytest.raises(ConnectFailed):
         await UpstreamPool(connect_timeout_s=5, keepalive_s=5).request("GET", url, "/", [], b"")
+
+
+async def test_a_request_on_an_idle_connection_is_written_before_its_answer_is_awaited() -> None:
+    """The proxy sets up its bookkeeping while the engine already works on the request; a request it then gives
+    up before awaiting the answer drops its connection, as an abandoned answer does (the engine aborts)."""
+    received: asyncio.Queue[bytes] = asyncio.Queue()
+    closed = asyncio.Event()
+
+    async def recording(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                request = await read_request(reader)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                closed.set()
+                return
+            await received.put(request)
+            if not request.endswith(b"slow"):  # an engine still working on it
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                await writer.drain()
+
+    pool = UpstreamPool(connect_timeout_s=5, keepalive_s=5)
+    async with server(recording) as (url, connections):
+        assert await body_of(pool, url) == b"ok"  # a connection in the pool
+        await received.get()
+        sending = pool.send("POST", url, "/v1/chat/completions", [], b'{"first": true}')
+        request = await asyncio.wait_for(received.get(), timeout=5)  # here before anyone awaits the answer
+        assert request.endswith(b'{"first": true}')
+        response = await sending.response()
+        assert (response.status, await response.read()) == (200, b"ok")
+        response.close()
+
+        abandoned = pool.send("POST", url, "/v1/chat/completions", [], b"slow")
+        await asyncio.wait_for(received.get(), timeout=5)
+        abandoned.close()
+        await asyncio.wait_for(closed.wait(), timeout=5)
+        assert len(connections) == 1
+    pool.close()
+
+
+async def test_a_request_to_what_is_not_an_http_url_fails_when_its_answer_is_awaited() -> None:
+    sending = UpstreamPool(connect_timeout_s=5, keepalive_s=5).send("GET", "unix:/engine.sock", "/", [], b"")
+    with pytest.raises(ConnectFailed, match="not an http"):
+        await sending.response()
