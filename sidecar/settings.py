@@ -50,6 +50,14 @@ def usable_cores(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
     return max(1, min(cores, math.ceil(int(quota) / int(period))))
 
 
+def auto_workers(cores: int) -> int:
+    """The data-plane workers for this many usable cores: half of them, the other half left to the engine's own
+    processes on the CPU (vLLM's API server and engine core, a tokenizer), the load's clients where they share the
+    machine, and the supervisor; at least one, at most `MAX_AUTO_WORKERS`. On 2 cores that is one: a second worker
+    there relayed no more and spent more CPU a chunk (docs/benchmarks.md#data-plane-workers)."""
+    return max(1, min(cores // 2, MAX_AUTO_WORKERS))
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,
@@ -61,9 +69,9 @@ class Settings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
-    # Processes serving the data plane on the port (`auto`: the cores this process may use, its cgroup's CPU
-    # quota included, at most 16); one more process owns the engine.
-    workers: int = Field(1, ge=1, le=64)
+    # Processes serving the data plane on the port (`auto`, the default: half the cores this process may use, its
+    # cgroup's CPU quota included, at least 1 and at most 16); one more process owns the engine.
+    workers: int = Field(default_factory=lambda: auto_workers(usable_cores()), ge=1, le=64)
     api_keys: KeyList = []
     admin_keys: KeyList = []
     metrics_require_key: bool = False
@@ -142,7 +150,7 @@ class Settings(BaseSettings):
     @classmethod
     def _auto_workers(cls, value: Any) -> Any:
         if isinstance(value, str) and value.strip().lower() == "auto":
-            return min(usable_cores(), MAX_AUTO_WORKERS)
+            return auto_workers(usable_cores())
         return value
 
     @field_validator("log_level", "log_format", mode="before")

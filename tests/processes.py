@@ -33,7 +33,8 @@ class SidecarProcess:
         self.output_path = workdir / f"sidecar-{self.port}.out"
         self._output = self.output_path.open("wb")
         child_env = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
-        child_env |= {"SIDECAR_PORT": str(self.port), **env}
+        # One data-plane process unless a test asks for workers: the default (half the cores) differs by machine.
+        child_env |= {"SIDECAR_PORT": str(self.port), "SIDECAR_WORKERS": "1", **env}
         self.process = subprocess.Popen(
             [sys.executable, "-m", "sidecar", "serve", *args],
             cwd=workdir,

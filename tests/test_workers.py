@@ -219,10 +219,13 @@ def test_a_bad_workers_setting_stops_start_up_with_one_line(value: str, tmp_path
     assert len(lines) == 1 and "SIDECAR_WORKERS" in lines[0]
 
 
-def test_auto_is_the_cores_this_process_may_use() -> None:
-    from sidecar.settings import load_settings, usable_cores
+def test_auto_the_default_is_half_the_cores_this_process_may_use() -> None:
+    from sidecar.settings import auto_workers, load_settings, usable_cores
 
-    assert load_settings(None, workers="auto").workers == min(usable_cores(), 16)
+    assert load_settings(None, workers="auto").workers == auto_workers(usable_cores())
+    assert load_settings(None).workers == auto_workers(usable_cores())  # unset: auto
+    # One on the two cores where a second relayed no more; half of a larger share; never past 16.
+    assert [auto_workers(cores) for cores in (1, 2, 3, 4, 16, 64)] == [1, 1, 1, 2, 8, 16]
 
 
 @pytest.mark.parametrize(
