@@ -321,7 +321,7 @@ def _collect_rarely() -> None:
     collection every 700 new objects) a stream's objects outlive young collections and reach the oldest
     generation, whose full collections walk every object (the imported modules' too) and stopped the event loop
     30-120 ms at a time under load, about a tenth of the CPU. What start-up made is frozen out of the collector;
-    young collections come at 10,000 new objects. Requests make no reference cycles (see proxy._ClientWatch)."""
+    young collections come at 10,000 new objects. Requests make no reference cycles (see exchange.ClientWatch)."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(10_000, 10, 10)

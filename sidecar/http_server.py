@@ -38,10 +38,10 @@ log = get_logger("sidecar.http")
 
 # In a request's scope state while it is answered: (paused, since), whether the client's buffer is full and since
 # when (perf_counter seconds) it has been, or has been drained last. The relay's engine timeout does not count the
-# time it waits on the client (proxy._Deadline).
+# time it waits on the client (exchange.Deadline).
 CLIENT_WRITES = "client_writes"
 # In a request's scope state: set once its client's connection is lost before the response completed; and, while
-# the proxy relays the request, the function to call then (proxy._ClientWatch), which cancels the exchange.
+# the proxy relays the request, the function to call then (exchange.ClientWatch), which cancels the exchange.
 CLIENT_GONE = "client_gone"
 ON_CLIENT_GONE = "on_client_gone"
 

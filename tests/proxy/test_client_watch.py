@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
+from sidecar.exchange import ClientWatch
 from sidecar.http_server import CLIENT_GONE, ON_CLIENT_GONE
-from sidecar.proxy import _ClientWatch
 
 
 @pytest.fixture
@@ -51,7 +51,7 @@ async def _exchange(leave: str | None) -> tuple[SimpleNamespace, bool]:
     engine = asyncio.Event()  # the engine's answer, which never comes unless the client stays
 
     async def serve() -> None:
-        with _ClientWatch(exchange):  # type: ignore[arg-type]
+        with ClientWatch(exchange):  # type: ignore[arg-type]
             if leave == "during":
                 asyncio.get_running_loop().call_soon(_connection_lost, scope["state"])
             else:
@@ -74,7 +74,7 @@ async def test_a_finished_exchange_is_freed_without_the_garbage_collector(garbag
     assert ON_CLIENT_GONE not in exchange.scope["state"]  # nothing of the exchange is left in the scope
     del exchange
     gc.collect()
-    assert not [obj for obj in garbage_kept if isinstance(obj, _ClientWatch | SimpleNamespace)]
+    assert not [obj for obj in garbage_kept if isinstance(obj, ClientWatch | SimpleNamespace)]
 
 
 @pytest.mark.parametrize("leave", ["during", "before"])
@@ -83,13 +83,13 @@ async def test_a_client_that_leaves_cancels_the_exchange(leave: str, garbage_kep
     assert not finished and exchange.client_disconnected
     del exchange
     gc.collect()
-    assert not [obj for obj in garbage_kept if isinstance(obj, _ClientWatch | SimpleNamespace)]
+    assert not [obj for obj in garbage_kept if isinstance(obj, ClientWatch | SimpleNamespace)]
 
 
 async def test_a_connection_lost_after_the_response_completed_is_no_disconnect() -> None:
     scope: dict[str, Any] = {"state": {}}
     exchange = SimpleNamespace(scope=scope, client_done=False, client_disconnected=False)
-    with _ClientWatch(exchange):  # type: ignore[arg-type]
+    with ClientWatch(exchange):  # type: ignore[arg-type]
         exchange.client_done = True  # [DONE] went out: the server may close the connection any time now
         _connection_lost(scope["state"])
         await asyncio.sleep(0)  # where a cancellation would land

@@ -1,4 +1,4 @@
-"""The stream relay (`Proxy._relay_stream` and its read loop, `_pump`) on its own: a scripted engine response, the
+"""The stream relay (`Relays.stream` and its read loop, `_pump`) on its own: a scripted engine response, the
 client's `send` recorded, and a clock the test moves, so that what the relay writes and what it measures are
 checked exactly. The end-to-end streams are in test_streaming.py."""
 
@@ -11,12 +11,13 @@ from typing import Any
 
 import pytest
 
-from sidecar import proxy as proxy_module
+from sidecar import relay as relay_module
 from sidecar.admission import Admission
+from sidecar.exchange import Deadline, Exchange
 from sidecar.gpu import Gpus
 from sidecar.history import RequestHistory
 from sidecar.performance import PerformanceMeter
-from sidecar.proxy import Proxy, _Deadline, _Exchange
+from sidecar.proxy import Proxy
 from sidecar.settings import load_settings
 from sidecar.telemetry import Telemetry
 from sidecar.upstream import Disconnected
@@ -73,7 +74,7 @@ USAGE = {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
     fake = Clock()
-    monkeypatch.setattr(proxy_module.time, "perf_counter_ns", fake)
+    monkeypatch.setattr(relay_module.time, "perf_counter_ns", fake)
     return fake
 
 
@@ -90,11 +91,11 @@ async def relay(clock: Clock, reads: list[tuple[float, bytes | Exception]], clie
     engine = SimpleNamespace(adapter=SimpleNamespace(name="vllm"), served_model="m")
     start_ns = clock.now_ns
     meter = PerformanceMeter(start_ns)
-    deadline = _Deadline(meter, 60.0, 60.0, {})
+    deadline = Deadline(meter, 60.0, 60.0, {})
     scope = {"type": "http", "path": "/v1/chat/completions", "state": {}}
-    exchange = _Exchange(scope, None, send, engine, meter, deadline, client_usage=client_usage)  # type: ignore[arg-type]
+    exchange = Exchange(scope, None, send, engine, meter, deadline, client_usage=client_usage)  # type: ignore[arg-type]
     try:
-        await proxy._relay_stream(exchange, ScriptedResponse(clock, start_ns, reads))  # type: ignore[arg-type]
+        await proxy.relays.stream(exchange, ScriptedResponse(clock, start_ns, reads))  # type: ignore[arg-type]
     finally:
         deadline.close()
         proxy.close()

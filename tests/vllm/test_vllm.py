@@ -380,8 +380,11 @@ def test_under_load_the_sidecar_reads_vllms_queue_and_clients_gone_abort_their_r
     running, the rest queued, the KV cache in use. Then the clients go: vLLM aborts every request whose client
     left, where an unaborted one would go on generating for nobody (vLLM counts the tokens, not the aborts).
 
-    The clients are tasks of one event loop reading raw bytes: threads parsing eight streams would keep the
-    interpreter's lock from the reading of the gauges, and take CPU that vLLM's own server needs."""
+    The clients are tasks of one event loop on raw sockets: threads parsing eight streams would keep the
+    interpreter's lock from the reading of the gauges, and take CPU that vLLM's own server needs. A client's
+    socket is closed the moment its task is cancelled: an HTTP client library's pool may leave a cancelled
+    stream's connection open (encode/httpx#1461, encode/httpcore#658), a client that is still there to the
+    sidecar, and so to vLLM, which then generates all its tokens."""
     streams, tokens = 8, 1000  # seconds of generation each, two at a time
     body = {"model": SERVED, "messages": MESSAGES, "max_tokens": tokens, "stream": True} | LONG
     generated_before = vllm.engine_metric("vllm:generation_tokens_total")
@@ -389,14 +392,25 @@ def test_under_load_the_sidecar_reads_vllms_queue_and_clients_gone_abort_their_r
     completed: list[bool] = []
     readings: list[dict[str, float]] = []
 
-    async def stream(client: httpx.AsyncClient) -> None:
-        async with client.stream("POST", "/v1/chat/completions", json=body, headers=DATA) as answer:
-            statuses.append(answer.status_code)
+    payload = json.dumps(body).encode()
+    request = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+        f"authorization: {DATA['Authorization']}\r\ncontent-length: {len(payload)}\r\n\r\n"
+    ).encode() + payload
+
+    async def stream() -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", vllm.sidecar.port)
+        try:
+            writer.write(request)
+            statuses.append(int((await reader.readline()).split()[1]))
             tail = b""
-            async for data in answer.aiter_raw():
-                tail = (tail + data)[-32:]
-        if b"data: [DONE]" in tail:
-            completed.append(True)
+            while data := await reader.read(65536):
+                tail = (tail + data)[-64:]
+                if b"data: [DONE]" in tail:
+                    completed.append(True)
+                    return
+        finally:
+            writer.transport.abort()  # gone at once, however the task ended
 
     def queued_and_running(gauges: dict[str, float]) -> bool:
         return (
@@ -407,7 +421,7 @@ def test_under_load_the_sidecar_reads_vllms_queue_and_clients_gone_abort_their_r
 
     async def load() -> None:
         async with httpx.AsyncClient(base_url=vllm.sidecar.url, timeout=120) as client:
-            clients = [asyncio.create_task(stream(client)) for _ in range(streams)]
+            clients = [asyncio.create_task(stream()) for _ in range(streams)]
             deadline = time.monotonic() + 120
             while not readings or not queued_and_running(readings[-1]):
                 assert time.monotonic() < deadline, f"never two running and some queued: {readings}"
