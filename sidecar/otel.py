@@ -14,7 +14,6 @@ metrics are the numbers of `usage.performance`, in seconds.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import socket
@@ -43,10 +42,6 @@ SERVICE_NAME = "llm-sidecar"
 # At exit, what is batched gets this long to go out: a collector that is down must not hold the sidecar's exit for
 # the exporters' own timeouts and retries (10 s each by default).
 EXIT_FLUSH_S = 3.0
-# A finished request's span and metrics are written this long after it ends, a few at a time between the event
-# loop's reads: not while the next request (a client that sends one as soon as the last answer ends) wants the loop.
-SETTLE_S = 0.05
-_SETTLE_BATCH = 16
 # Spans go out in batches of this many unless OTEL_BSP_MAX_EXPORT_BATCH_SIZE says otherwise: encoding a span
 # takes some 80 µs under the GIL, and the SDK's 512 held the event loop off for 40 ms at a time.
 SPAN_BATCH = 64
@@ -173,8 +168,6 @@ class OpenTelemetry:
         self._trace = trace
         self._tracer = self.tracer_provider.get_tracer("sidecar") if self.tracer_provider else None
         self._instruments = _Instruments(self.meter_provider) if self.meter_provider else None
-        self._settling: list[tuple[RequestSpan, Answer, int]] = []
-        self._settle_handle: asyncio.Handle | None = None
         log.info(
             "otel_exporting", process=process, traces=self._tracer is not None, metrics=self._instruments is not None
         )
@@ -217,23 +210,13 @@ class OpenTelemetry:
         self._propagate.inject(carrier, context=self._trace.set_span_in_context(request.span))
         return carrier
 
-    def end_request(self, request: RequestSpan, answer: Answer) -> None:
-        """The request's end: its span ended and its metrics recorded, SETTLE_S later (the span's end is now)."""
+    def end_request(self, request: RequestSpan, answer: Answer, end_ns: int) -> None:
+        """The request's end at `end_ns` (wall clock): its span ended and its metrics recorded, from its
+        `usage.performance` and how it ended. Called with the request's record, which the proxy's backlog writes
+        once nothing more urgent waits (`sidecar/backlog.py`)."""
         if request.ended:
             return
         request.ended = True
-        self._settling.append((request, answer, time.time_ns()))
-        if self._settle_handle is None:
-            self._settle_handle = asyncio.get_running_loop().call_later(SETTLE_S, self._settle)
-
-    def _settle(self) -> None:
-        batch, self._settling = self._settling[:_SETTLE_BATCH], self._settling[_SETTLE_BATCH:]
-        for ended in batch:
-            self._finish(*ended)
-        self._settle_handle = asyncio.get_running_loop().call_soon(self._settle) if self._settling else None
-
-    def _finish(self, request: RequestSpan, answer: Answer, end_ns: int) -> None:
-        """The span and the metrics, from the request's `usage.performance` and how it ended."""
         performance = answer.performance
         attributes = request.attributes
         common = {
@@ -293,11 +276,6 @@ class OpenTelemetry:
     def shutdown(self, timeout_s: float = EXIT_FLUSH_S) -> None:
         """What is batched goes out, for `timeout_s` at most (the exporters' threads are daemons: an export still
         retrying then does not keep the process)."""
-        if self._settle_handle is not None:
-            self._settle_handle.cancel()
-        for ended in self._settling:
-            self._finish(*ended)
-        self._settling.clear()
 
         def flush() -> None:
             if self.tracer_provider is not None:

@@ -245,7 +245,7 @@ class Proxy:
             if measured:  # measured now, recorded once nothing more urgent waits
                 if exchange.performance is None:
                     self.recorder.finish(exchange, time.perf_counter_ns())
-                self.backlog.add(functools.partial(self.recorder.record, exchange, int(time.time())))
+                self.backlog.add(functools.partial(self.recorder.record, exchange, time.time_ns()))
 
     def _send(self, scope: Scope, engine: Engine, payload: bytes, json_body: bool, span: RequestSpan | None) -> Sending:
         """The request to the engine, written now where a connection to it is idle."""

@@ -77,8 +77,9 @@ class Recorder:
         body["usage"] = (exchange.usage or {}) | {"performance": performance}
         return dumps(body), json.dumps(performance, separators=(",", ":")).encode()  # a header: ASCII
 
-    def record(self, exchange: Exchange, created: int) -> None:
-        """Into the history for GET /v1/requests/{id}, the metrics, the span, and the request's access line."""
+    def record(self, exchange: Exchange, ended_ns: int) -> None:
+        """Into the history for GET /v1/requests/{id}, the metrics, the span, and the request's access line, for a
+        request that ended at `ended_ns` (wall clock)."""
         performance = exchange.performance
         assert performance is not None
         scope = exchange.scope
@@ -86,7 +87,7 @@ class Recorder:
         record: dict[str, Any] = {
             "id": request_id,
             "object": "sidecar.request",
-            "created": created,
+            "created": ended_ns // 1_000_000_000,
             "method": scope["method"],
             "path": scope["path"],
             "status": exchange.status,
@@ -102,7 +103,7 @@ class Recorder:
         self.history.add(request_id, record)
         self.telemetry.metrics.observe_performance(performance, exchange.meter.gaps_ns)
         if exchange.span is not None and self.otel is not None:
-            self.otel.end_request(exchange.span, _answer(exchange, performance))
+            self.otel.end_request(exchange.span, _answer(exchange, performance), ended_ns)
         fields = log_fields(scope)
         if exchange.client_disconnected:
             fields["client_disconnected"] = True
