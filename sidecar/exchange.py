@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from starlette.types import Receive, Scope, Send
+from starlette.types import Scope, Send
 
 from sidecar.engine import Engine
 from sidecar.errors import BadRequest, SidecarError
@@ -211,7 +211,6 @@ class Exchange:
     """One request on its way through: what it asked for, and what has been measured of it."""
 
     scope: Scope
-    receive: Receive
     send: Send
     engine: Engine
     meter: PerformanceMeter
@@ -239,9 +238,9 @@ class ClientWatch:
 
     The server's protocol calls the function this puts in the request's scope state (`http_server.ON_CLIENT_GONE`)
     when the connection is lost before the response completed; a client already gone when the exchange begins
-    cancels it at once. No task waits on the client's `receive` for it: that task cost two steps of the loop a
-    request, and cancelling one left a CancelledError whose traceback held the request's frames in a reference
-    cycle. Leaving removes the function again, and with it the only path from the scope back to the exchange.
+    cancels it at once. No task waits on the client's `receive` for it, which would cost two steps of the loop a
+    request. Leaving removes the function again, and with it the only path from the scope back to the exchange,
+    so that no reference cycle keeps a finished exchange for the garbage collector.
     """
 
     def __init__(self, exchange: Exchange) -> None:

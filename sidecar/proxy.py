@@ -181,9 +181,7 @@ class Proxy:
             async with admission, self.supervisor.request_slot() as engine:
                 if not measured and not engine.adapter.serves(scope["method"], scope["path"]):
                     raise NotFound(f"no route {scope['method']} {scope['path']} for a data key", param="path")
-                await self._exchange_admitted(
-                    scope, receive, send, start_ns, engine, payload, relay, measured, prompt, span
-                )
+                await self._exchange_admitted(scope, send, start_ns, engine, payload, relay, measured, prompt, span)
         except BaseException as exc:  # refused before the engine had it, or the client gone while queued
             if span is not None and self.otel is not None:
                 self.otel.end_unanswered(span, *unanswered(exc))
@@ -192,7 +190,6 @@ class Proxy:
     async def _exchange_admitted(
         self,
         scope: Scope,
-        receive: Receive,
         send: Send,
         start_ns: int,
         engine: Engine,
@@ -213,7 +210,7 @@ class Proxy:
             deadline = Deadline(
                 meter, settings.upstream_first_token_timeout_s, settings.upstream_inter_token_timeout_s, scope["state"]
             )
-            exchange = Exchange(scope, receive, send, engine, meter, deadline, span=span)
+            exchange = Exchange(scope, send, engine, meter, deadline, span=span)
             exchange.gpu_window = self.telemetry.window()
             if prompt is not None and not engine.adapter.streams_usage:
                 exchange.prompt_count = asyncio.create_task(self._count_prompt(engine, prompt))

@@ -54,7 +54,7 @@ def auto_workers(cores: int) -> int:
     """The data-plane workers for this many usable cores: half of them, the other half left to the engine's own
     processes on the CPU (vLLM's API server and engine core, a tokenizer), the load's clients where they share the
     machine, and the supervisor; at least one, at most `MAX_AUTO_WORKERS`. On 2 cores that is one: a second worker
-    there relayed no more and spent more CPU a chunk (docs/benchmarks.md#data-plane-workers)."""
+    there relayed no more and spent more CPU a chunk (docs/data-plane.md#data-plane-workers)."""
     return max(1, min(cores // 2, MAX_AUTO_WORKERS))
 
 

@@ -291,9 +291,6 @@ class UpstreamPool:
                 connection.abort()
         self._idle.clear()
 
-    async def _exchange(self, connection: _Connection, head: bytes, body: bytes) -> Response:
-        return await _head(connection.send(head, body))
-
     def _take(self, origin: _Origin) -> _Connection | None:
         idle = self._idle.get(origin)
         now = asyncio.get_running_loop().time()
@@ -372,8 +369,8 @@ class Sending:
                 return await _head(written)
             except Disconnected:
                 pass
-        pool = self._pool
-        return await pool._exchange(await pool._connect(self._origin), self._request_head, self._body)
+        connection = await self._pool._connect(self._origin)
+        return await _head(connection.send(self._request_head, self._body))
 
     def close(self) -> None:
         """Where `response` will not be awaited: the connection the request went out on is dropped."""

@@ -82,9 +82,9 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send)
             return
 
-        # A new id: 128 random bits in hex (uuid4().hex fixes 6 of them), at a third of uuid4's cost.
         if self.backlog is not None and scope["method"] == "GET":
             self.backlog.run()
+        # A new id: 128 random bits in hex (uuid4().hex fixes 6 of them), at a third of uuid4's cost.
         request_id = incoming_request_id(header(scope, _REQUEST_ID_HEADER)) or os.urandom(16).hex()
         scope.setdefault("state", {})["request_id"] = request_id
         status: int | None = None

@@ -93,7 +93,7 @@ async def relay(clock: Clock, reads: list[tuple[float, bytes | Exception]], clie
     meter = PerformanceMeter(start_ns)
     deadline = Deadline(meter, 60.0, 60.0, {})
     scope = {"type": "http", "path": "/v1/chat/completions", "state": {}}
-    exchange = Exchange(scope, None, send, engine, meter, deadline, client_usage=client_usage)  # type: ignore[arg-type]
+    exchange = Exchange(scope, send, engine, meter, deadline, client_usage=client_usage)  # type: ignore[arg-type]
     try:
         await proxy.relays.stream(exchange, ScriptedResponse(clock, start_ns, reads))  # type: ignore[arg-type]
     finally:
