@@ -44,7 +44,7 @@ from bench.loadgen import LoadProcesses, PhaseResult, chat_body, new_session, ru
 from bench.nginx import find_nginx, start_nginx, worker_pid
 from bench.processes import pin, spawn_sidecar, wait_ok
 from bench.report import summarize, write_chart, write_table
-from sidecar.engine import free_port
+from sidecar.control.engine import free_port
 
 KEY = "sk-bench-key-0123"  # LiteLLM's proxy takes it as its master key too
 _OWN_ENGINES = ("fast", "mock")  # the bench's fake engines, which take a request's "mock" overrides

@@ -16,7 +16,7 @@ import aiohttp
 import uvloop
 
 from bench.fast_engine import ENGINE_TTFT_FIELD
-from sidecar.chunks import has_output
+from sidecar.dataplane.chunks import has_output
 
 _ENGINE_TTFT = re.compile(rb'"' + ENGINE_TTFT_FIELD.encode() + rb'":(\d+)')
 

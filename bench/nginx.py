@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 
 from bench.processes import wait_ok
-from sidecar.engine import free_port
+from sidecar.control.engine import free_port
 
 CONFIG = """\
 worker_processes 1;

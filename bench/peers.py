@@ -17,7 +17,7 @@ from pathlib import Path
 
 import httpx
 
-from sidecar.engine import free_port
+from sidecar.control.engine import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 _INSTALL_TIMEOUT_S = 1200.0

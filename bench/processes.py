@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-from sidecar.engine import free_port
+from sidecar.control.engine import free_port
 
 
 def spawn_sidecar(

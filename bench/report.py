@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from bench.loadgen import PhaseResult
-from sidecar.performance import percentile
+from sidecar.telemetry.stats import percentile
 
 # Issue 5's targets on a 2-core machine that runs load generator, engine and sidecar together.
 TARGETS = {

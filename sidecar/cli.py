@@ -11,13 +11,14 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from sidecar import __version__, resources
-from sidecar.app import serve_with_workers, serve_worker, server
+from sidecar import __version__
+from sidecar.control.engine import free_port
 from sidecar.demo import demo
-from sidecar.engine import free_port
 from sidecar.logs import configure_logging, get_logger
 from sidecar.redaction import Redactor
+from sidecar.server.app import serve_with_workers, serve_worker, server
 from sidecar.settings import Settings, SettingsError, load_settings
+from sidecar.telemetry import resources
 
 log = get_logger("sidecar.cli")
 
@@ -79,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return demo(settings, args.prompt)
     try:
         serve(settings)
-    except SettingsError as exc:  # what only the app can check: the OpenTelemetry variables (sidecar/otel.py)
+    except SettingsError as exc:  # what only the app can check: the OpenTelemetry variables (sidecar/telemetry/otel.py)
         log.error("settings_invalid", error=str(exc))
         return 2
     return 0

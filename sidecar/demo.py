@@ -16,9 +16,9 @@ from typing import Any
 import httpx
 import uvloop
 
-from sidecar.app import server as make_server
 from sidecar.logs import configure_logging, get_logger
 from sidecar.redaction import Redactor
+from sidecar.server.app import server as make_server
 from sidecar.settings import Settings
 
 log = get_logger("sidecar.demo")

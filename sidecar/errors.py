@@ -85,7 +85,7 @@ class MethodNotAllowed(SidecarError):
 
 
 class RequestTimeout(SidecarError):
-    """A client that stopped sending its request's head or body (sidecar/http_server.py)."""
+    """A client that stopped sending its request's head or body (sidecar/server/http_server.py)."""
 
     status_code = 408
     error_type = "invalid_request_error"
@@ -110,7 +110,7 @@ class PayloadTooLarge(SidecarError):
 
 
 class RequestHeadersTooLarge(SidecarError):
-    """A request line and headers past SIDECAR_MAX_HEADER_BYTES (sidecar/http_server.py)."""
+    """A request line and headers past SIDECAR_MAX_HEADER_BYTES (sidecar/server/http_server.py)."""
 
     status_code = 431
     error_type = "invalid_request_error"
@@ -140,8 +140,8 @@ class ServiceUnavailable(SidecarError):
 
 
 class SidecarOverloaded(ServiceUnavailable):
-    """The sidecar has no descriptor to serve a request with (sidecar/resources.py), or no room for its body
-    (sidecar/middleware/body_limit.py): its own limits, not the engine's."""
+    """The sidecar has no descriptor to serve a request with (sidecar/telemetry/resources.py), or no room for its body
+    (sidecar/server/body_limit.py): its own limits, not the engine's."""
 
     default_code = "sidecar_overloaded"
     retry_after_s = 1

@@ -114,7 +114,7 @@ class Settings(BaseSettings):
     restart_backoff_s: float = Field(1.0, gt=0)
     restart_backoff_max_s: float = Field(60.0, gt=0)
     watchdog_interval_ms: int = Field(100, ge=10)
-    # OpenTelemetry (sidecar/otel.py): requests as GenAI spans and metrics, sent to this OTLP/HTTP base URL (a
+    # OpenTelemetry (sidecar/telemetry/otel.py): requests as GenAI spans and metrics, sent to this OTLP/HTTP base URL (a
     # collector's http://host:4318). Off while neither it nor the SDK's OTEL_EXPORTER_OTLP_*ENDPOINT is set.
     otel_exporter_otlp_endpoint: str | None = None
     # The record of the running engine lives here, so that the next sidecar stops one a killed sidecar left behind.

@@ -6,7 +6,7 @@ from typing import Any
 
 import httpx
 
-from sidecar.app import create_app
+from sidecar.server.app import create_app
 from sidecar.settings import load_settings
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-from sidecar.engine import free_port
+from sidecar.control.engine import free_port
 
 __all__ = ["SidecarProcess", "free_port", "group_members", "is_gone", "wait_until"]
 

@@ -8,7 +8,7 @@ import contextvars
 
 import structlog
 
-from sidecar.backlog import Backlog
+from sidecar.dataplane.backlog import Backlog
 
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="none")
 

@@ -20,7 +20,7 @@ from bench.loadgen import LoadProcesses, PhaseResult, chat_body
 from bench.nginx import find_nginx
 from bench.processes import wait_ok
 from bench.report import summarize, write_table
-from sidecar.engine import free_port
+from sidecar.control.engine import free_port
 
 pytestmark = pytest.mark.slow
 

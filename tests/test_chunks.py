@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sidecar.chunks import Assembler, carries_measures, carries_output, has_output, is_usage_chunk
+from sidecar.dataplane.chunks import Assembler, carries_measures, carries_output, has_output, is_usage_chunk
 
 CHUNKS: list[tuple[dict[str, Any], bool]] = [
     ({"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}, False),

@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 import structlog
 
-from sidecar.gpu import MB, Gpus, on_gpu, processes_memory_mb, visible_devices
 from sidecar.settings import load_settings
-from sidecar.telemetry import Telemetry
+from sidecar.telemetry.gpu import MB, Gpus, on_gpu, processes_memory_mb, visible_devices
+from sidecar.telemetry.service import Telemetry
 
 
 class NVMLError(Exception):
@@ -145,7 +145,7 @@ def test_no_driver_or_no_library_means_null_gpu_fields_and_one_warning(
     assert [entry["event"] for entry in logs] == ["gpu_unavailable"]
     assert "Driver Not Loaded" in logs[0]["reason"]
 
-    monkeypatch.setattr("sidecar.gpu._load_nvml", lambda: None)
+    monkeypatch.setattr("sidecar.telemetry.gpu._load_nvml", lambda: None)
     with structlog.testing.capture_logs() as logs:
         assert Gpus().available is False
     assert [entry["event"] for entry in logs] == ["gpu_unavailable"]

@@ -3,8 +3,8 @@ from __future__ import annotations
 from starlette.routing import Route
 
 from sidecar import __version__
-from sidecar.app import create_app
-from sidecar.openapi import ENDPOINTS
+from sidecar.server.app import create_app
+from sidecar.server.openapi import ENDPOINTS
 from sidecar.settings import load_settings
 from tests.apps import client_for
 

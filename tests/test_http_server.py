@@ -1,4 +1,4 @@
-"""What a client may hold of the sidecar (sidecar/http_server.py), against a real sidecar with the mock engine:
+"""What a client may hold of the sidecar (sidecar/server/http_server.py), against a real sidecar with the mock engine:
 a head past the size limit gets 431, a head or a body that stops coming gets 408, the connection closed after
 either; a client that stops reading its answer is cut off and its engine request cancelled; what is not HTTP
 gets an OpenAI 400; an answer longer than the client timeout, read as it comes, is never cut by it."""

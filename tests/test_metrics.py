@@ -10,7 +10,7 @@ from engines.llamacpp import LLAMA_SERVER_LOAD
 from engines.sglang import SGLANG_LOAD
 from engines.tgi import TGI_LOAD
 from engines.vllm import VLLM_LOAD
-from sidecar.metrics import TOKEN_GAP_BUCKETS, RequestHistogram, engine_load
+from sidecar.telemetry.metrics import TOKEN_GAP_BUCKETS, RequestHistogram, engine_load
 
 
 def test_request_histogram_writes_what_prometheus_clients_histogram_writes() -> None:

@@ -18,8 +18,8 @@ import openai
 import pytest
 
 from bench.otlp_receiver import OtlpReceiver, Received, Span
-from sidecar import otel
 from sidecar.settings import load_settings
+from sidecar.telemetry import otel
 from tests.processes import SidecarProcess, free_port, wait_until
 
 Start = Callable[..., SidecarProcess]
@@ -337,7 +337,7 @@ def test_off_without_an_endpoint_nothing_is_imported() -> None:
     )
     environment = {k: v for k, v in os.environ.items() if not k.startswith(("SIDECAR_", "OTEL_"))}
     script = (
-        "import sys; from sidecar.app import create_app; from sidecar.settings import load_settings; "
+        "import sys; from sidecar.server.app import create_app; from sidecar.settings import load_settings; "
         "create_app(load_settings(None)); print(sorted(m for m in sys.modules if m.startswith('opentelemetry')))"
     )
     imported = subprocess.run(

@@ -2,7 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from sidecar.performance import PerformanceMeter, percentile
+from sidecar.dataplane.performance import PerformanceMeter
+from sidecar.telemetry.stats import percentile
 
 MS = 1_000_000
 

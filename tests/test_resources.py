@@ -1,5 +1,5 @@
-"""A sidecar at its open-files limit (sidecar/resources.py), real processes with the limit set low: the soft limit
-is raised to the hard one at start-up; a burst of clients past what the limit can serve is served up to it and the
+"""A sidecar at its open-files limit (sidecar/telemetry/resources.py), real processes with the limit set low: the soft
+limit is raised to the hard one at start-up; a burst of clients past what the limit can serve is served up to it and the
 rest answered 503 (before, the clients' own connections took every descriptor and not one request was served); a
 request that finds no descriptor for its connection to the engine waits a moment for one, then gets a 503 that
 does not blame the engine. And memory: what a burst of large prompts took is given back, and the bodies held at
@@ -23,7 +23,7 @@ import psutil
 import pytest
 
 from sidecar.settings import load_settings
-from sidecar.workers import body_budget_share
+from sidecar.workers.pool import body_budget_share
 from tests.processes import SidecarProcess, wait_until
 
 KEY = "descriptors-key"

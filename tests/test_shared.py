@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from sidecar.shared import GPU_READINGS, SharedState
-from sidecar.state import EngineState
+from sidecar.control.shared import GPU_READINGS, SharedState
+from sidecar.engine_state import EngineState
 
 
 def test_a_worker_reads_what_the_supervisor_publishes_and_the_supervisor_adds_up_the_workers(tmp_path: Path) -> None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sidecar.sse import Event, SSEParser
+from sidecar.dataplane.sse import Event, SSEParser
 
 STREAM = (
     b'data: {"choices":[{"delta":{"role":"assistant"}}]}\n\n'

@@ -18,12 +18,12 @@ import httpx
 import psutil
 import pytest
 
-from sidecar.engine import LoadRequest
+from sidecar.control.engine import LoadRequest
+from sidecar.control.supervisor import Supervisor
+from sidecar.engine_state import EngineState
 from sidecar.errors import ServiceUnavailable
 from sidecar.redaction import Redactor
 from sidecar.settings import load_settings
-from sidecar.state import EngineState
-from sidecar.supervisor import Supervisor
 from tests.processes import SidecarProcess, free_port, group_members, is_gone, wait_until
 
 Start = Callable[..., SidecarProcess]

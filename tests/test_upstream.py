@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 
 import pytest
 
-from sidecar.upstream import ConnectFailed, Disconnected, UpstreamPool
+from sidecar.dataplane.upstream import ConnectFailed, Disconnected, UpstreamPool
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 

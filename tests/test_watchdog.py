@@ -11,8 +11,8 @@ from collections.abc import Iterator
 import pytest
 import structlog
 
-from sidecar.gpu import Gpus
-from sidecar.watchdog import ResourceWatchdog
+from sidecar.telemetry.gpu import Gpus
+from sidecar.telemetry.watchdog import ResourceWatchdog
 from tests.processes import free_port, wait_until
 
 

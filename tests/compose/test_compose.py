@@ -23,8 +23,8 @@ import pytest
 import yaml
 from dockerfile_parse import DockerfileParser
 
+from sidecar.control.supervisor import shutdown_bound_s
 from sidecar.settings import Settings, load_settings
-from sidecar.supervisor import shutdown_bound_s
 from tests.processes import free_port, group_members, wait_until
 
 pytestmark = pytest.mark.slow

@@ -7,8 +7,8 @@ import pytest
 from starlette.types import Receive, Scope, Send
 
 from sidecar.logs import configure_logging
-from sidecar.middleware import RequestContextMiddleware
 from sidecar.redaction import Redactor
+from sidecar.server.request_context import RequestContextMiddleware
 from sidecar.settings import load_settings
 from tests.apps import client_for
 

@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from sidecar.exchange import ClientWatch
-from sidecar.http_server import CLIENT_GONE, ON_CLIENT_GONE
+from sidecar import request_state
+from sidecar.dataplane.exchange import ClientWatch
 
 
 @pytest.fixture
@@ -33,32 +33,24 @@ def garbage_kept() -> Iterator[list[Any]]:
         gc.garbage.clear()
 
 
-def _connection_lost(state: dict[str, Any]) -> None:
-    """What the server does when a request's connection is lost before its response completed."""
-    state[CLIENT_GONE] = True
-    gone = state.pop(ON_CLIENT_GONE, None)
-    if gone is not None:
-        gone()
-
-
 async def _exchange(leave: str | None) -> tuple[SimpleNamespace, bool]:
     """An exchange under the watch; its client leaving `before` it begins, `during` it, or not at all (None).
     The exchange, and whether it ran to its end."""
     scope: dict[str, Any] = {"state": {}}
     exchange = SimpleNamespace(scope=scope, client_done=False, client_disconnected=False)
     if leave == "before":
-        _connection_lost(scope["state"])
+        request_state.of(scope).connection_lost()
     engine = asyncio.Event()  # the engine's answer, which never comes unless the client stays
 
     async def serve() -> None:
         with ClientWatch(exchange):  # type: ignore[arg-type]
             if leave == "during":
-                asyncio.get_running_loop().call_soon(_connection_lost, scope["state"])
+                asyncio.get_running_loop().call_soon(request_state.of(scope).connection_lost)
             else:
                 asyncio.get_running_loop().call_soon(engine.set)
             await engine.wait()
             exchange.client_done = True
-        assert ON_CLIENT_GONE not in scope["state"]
+        assert request_state.of(scope).on_client_gone is None
 
     task = asyncio.create_task(serve())
     try:
@@ -71,7 +63,7 @@ async def _exchange(leave: str | None) -> tuple[SimpleNamespace, bool]:
 async def test_a_finished_exchange_is_freed_without_the_garbage_collector(garbage_kept: list[Any]) -> None:
     exchange, finished = await _exchange(leave=None)
     assert finished and not exchange.client_disconnected
-    assert ON_CLIENT_GONE not in exchange.scope["state"]  # nothing of the exchange is left in the scope
+    assert request_state.of(exchange.scope).on_client_gone is None  # nothing of the exchange is left in the scope
     del exchange
     gc.collect()
     assert not [obj for obj in garbage_kept if isinstance(obj, ClientWatch | SimpleNamespace)]
@@ -91,6 +83,6 @@ async def test_a_connection_lost_after_the_response_completed_is_no_disconnect()
     exchange = SimpleNamespace(scope=scope, client_done=False, client_disconnected=False)
     with ClientWatch(exchange):  # type: ignore[arg-type]
         exchange.client_done = True  # [DONE] went out: the server may close the connection any time now
-        _connection_lost(scope["state"])
+        request_state.of(scope).connection_lost()
         await asyncio.sleep(0)  # where a cancellation would land
     assert not exchange.client_disconnected

@@ -11,16 +11,16 @@ from typing import Any
 
 import pytest
 
-from sidecar import relay as relay_module
-from sidecar.admission import Admission
-from sidecar.exchange import Deadline, Exchange
-from sidecar.gpu import Gpus
-from sidecar.history import RequestHistory
-from sidecar.performance import PerformanceMeter
-from sidecar.proxy import Proxy
+from sidecar.dataplane import relay as relay_module
+from sidecar.dataplane.admission import Admission
+from sidecar.dataplane.exchange import Deadline, Exchange
+from sidecar.dataplane.performance import PerformanceMeter
+from sidecar.dataplane.proxy import Proxy
+from sidecar.dataplane.upstream import Disconnected
 from sidecar.settings import load_settings
-from sidecar.telemetry import Telemetry
-from sidecar.upstream import Disconnected
+from sidecar.telemetry.gpu import Gpus
+from sidecar.telemetry.history import RequestHistory
+from sidecar.telemetry.service import Telemetry
 
 MS = 1_000_000  # nanoseconds
 

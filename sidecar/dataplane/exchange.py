@@ -1,0 +1,268 @@
+"""One request's way through the proxy: the exchange's state, its deadline on the engine, the watch on its client,
+and the helpers for the headers and bodies it sends both ways."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from starlette.types import Scope, Send
+
+from sidecar import request_state
+from sidecar.control.engine import Engine
+from sidecar.dataplane.performance import PerformanceMeter
+from sidecar.dataplane.upstream import Response
+from sidecar.errors import BadRequest, SidecarError
+from sidecar.http import header
+from sidecar.request_state import RequestState
+from sidecar.telemetry.otel import RequestSpan
+from sidecar.telemetry.service import GpuWindow
+
+_HOP_BY_HOP = frozenset(
+    {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "trailers"}
+    | {"transfer-encoding", "upgrade"}
+)
+
+# The engine never sees the client's key; it gets identity encoding (the proxy reads the stream) and our request id.
+_REQUEST_HEADERS_DROPPED = _HOP_BY_HOP | {
+    "host",
+    "content-length",
+    "authorization",
+    "x-api-key",
+    "accept-encoding",
+    "expect",
+    "x-request-id",
+}
+
+# The sidecar's server sets its own date, server and request id; lengths are recomputed where bodies change.
+_RESPONSE_HEADERS_DROPPED = _HOP_BY_HOP | {"content-length", "date", "server", "x-request-id"}
+
+ERROR_BODY_LIMIT = 1024 * 1024
+
+JSON_TYPE = (b"content-type", b"application/json")
+
+JSON_TYPE_STR = ("content-type", "application/json")
+
+
+def dumps(value: Any) -> bytes:
+    try:
+        return orjson.dumps(value)
+    except TypeError:  # an integer beyond 64 bits, or nesting beyond orjson's 254 levels: the standard library's
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def request_bytes(body: dict[str, Any]) -> bytes:
+    """A changed request body serialized for the engine; 400 where it nests too deeply to be written again (the
+    parser reads 1024 levels, the writers fewer)."""
+    try:
+        return dumps(body)
+    except RecursionError:
+        raise BadRequest("request body is JSON nested too deeply", code="invalid_json") from None
+
+
+def request_headers(scope: Scope, request_id: str, json_body: bool, engine: Engine) -> dict[str, str]:
+    named_in_connection = {name.strip().lower() for name in (header(scope, b"connection") or "").split(",")}
+    forwarded = {
+        name: value.decode("latin-1")
+        for raw_name, value in scope["headers"]
+        if (name := raw_name.decode("latin-1")) not in _REQUEST_HEADERS_DROPPED and name not in named_in_connection
+    }
+    forwarded["x-request-id"] = request_id
+    if json_body:  # checked to be JSON already: say so, whatever the client's curl -d claimed
+        forwarded["content-type"] = "application/json"
+    if engine.upstream_headers:  # a hosted engine's key and headers, from its load request
+        forwarded.update(engine.upstream_headers)
+    return forwarded
+
+
+def response_headers(response: Response, drop: Iterable[str] = ()) -> list[tuple[bytes, bytes]]:
+    dropped = _RESPONSE_HEADERS_DROPPED.union(drop)
+    return [
+        (name.lower(), value) for name, value in response.raw_headers if name.decode("latin-1").lower() not in dropped
+    ]
+
+
+def header_timings(response: Response) -> dict[str, Any] | None:
+    """TGI's `x-*-time` headers (and `x-time-per-token`), as numbers where they are."""
+    timings: dict[str, Any] = {}
+    for name, value in response.headers():
+        lower = name.lower()
+        if lower.startswith("x-") and (lower.endswith("-time") or lower == "x-time-per-token"):
+            try:
+                timings[lower] = float(value)
+            except ValueError:
+                timings[lower] = value
+    return timings or None
+
+
+async def send_whole(exchange: Exchange, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+    """A response whose body is known whole: its length, then the body in one message."""
+    headers.append((b"content-length", str(len(body)).encode()))
+    await exchange.send({"type": "http.response.start", "status": status, "headers": headers})
+    await exchange.send({"type": "http.response.body", "body": body})
+
+
+def sse_error(error: SidecarError) -> bytes:
+    return b"data: " + dumps(error.body()) + b"\n\ndata: [DONE]\n\n"
+
+
+def loads(data: bytes) -> dict[str, Any] | None:
+    """An event's JSON object, or None: what is not JSON passes through unmeasured rather than failing."""
+    try:
+        value = orjson.loads(data)
+    except ValueError:
+        try:  # what the standard library still reads (an engine's -Infinity): measured and assembled all the same
+            value = json.loads(data)
+        except (ValueError, RecursionError):
+            return None
+    return value if isinstance(value, dict) else None
+
+
+class Deadline:
+    """How long an exchange waits for the engine: the first-token timeout until output begins, then the
+    inter-token timeout from the latest read (`read_ns`, which the relay sets), or from when a client that left
+    its buffer full read again: the time the relay waits on the client is not the engine's silence (the client's
+    own bound is the server's, `http_server`).
+
+    Each wait on the engine runs inside `with deadline:` and, as in `asyncio.timeout`, past the limit the waiting
+    task is cancelled and the block raises TimeoutError. But one timer serves the whole exchange, and a read only
+    notes its time: the timer is never set later than the limit and at most `inter_token_s` ahead, and when it
+    fires early it is set again. asyncio's timeouts (one a wait, moved when output begins) cost 14 µs a request.
+    """
+
+    __slots__ = (
+        "_loop",
+        "_meter",
+        "_state",
+        "_first_token_at",
+        "_inter_token_s",
+        "_handle",
+        "_task",
+        "_cancelling",
+        "_expired",
+        "read_ns",
+    )
+
+    def __init__(
+        self, meter: PerformanceMeter, first_token_s: float, inter_token_s: float, state: RequestState
+    ) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._meter = meter
+        self._state = state  # the request's: whether the relay is waiting on the client
+        self._first_token_at = time.perf_counter() + first_token_s
+        self._inter_token_s = inter_token_s
+        self.read_ns = 0
+        self._task: asyncio.Task[Any] | None = None  # the task waiting inside `with`, if one is
+        self._cancelling = 0
+        self._expired = False
+        self._handle: asyncio.Handle | None = self._loop.call_later(min(first_token_s, inter_token_s), self._fire)
+
+    def _fire(self) -> None:
+        now = time.perf_counter()
+        if self._meter.first_output_ns is None:
+            due = self._first_token_at
+        else:
+            due = self.read_ns / 1e9 + self._inter_token_s  # perf_counter_ns's clock, in seconds
+            writes = self._state.client_writes
+            if writes is not None:  # the client's buffer has been full: waiting on it is not the engine's silence
+                paused, since = writes
+                due = now + self._inter_token_s if paused else max(due, since + self._inter_token_s)
+        if due > now:
+            # Early: the limit is still ahead (a read came since, or the first token's limit is further off than
+            # `inter_token_s`). Never set further ahead than that, so that output beginning, which brings the
+            # limit closer, needs no new timer.
+            self._handle = self._loop.call_later(min(due - now, self._inter_token_s), self._fire)
+            return
+        self._handle = None
+        if self._task is not None:
+            self._expired = True
+            self._task.cancel()
+        # Else nothing waits on the engine now: the next `with` finds the limit past.
+
+    def __enter__(self) -> Deadline:
+        task = asyncio.current_task()
+        assert task is not None
+        self._task, self._cancelling = task, task.cancelling()
+        if self._handle is None:  # the limit passed while nothing waited
+            self._handle = self._loop.call_soon(self._fire)
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        task, self._task = self._task, None
+        if self._expired:
+            self._expired = False
+            assert task is not None
+            # As asyncio.timeout: the cancellation was ours alone (no one else's pending) and it ended the wait.
+            if task.uncancel() <= self._cancelling and exc_type is asyncio.CancelledError:
+                raise TimeoutError from exc
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+
+@dataclass
+class Exchange:
+    """One request on its way through: what it asked for, and what has been measured of it."""
+
+    scope: Scope
+    send: Send
+    engine: Engine
+    meter: PerformanceMeter
+    deadline: Deadline
+    client_usage: bool = False  # the client asked for the usage chunk
+    several_choices: bool = False
+    usage: dict[str, Any] | None = None
+    timings: dict[str, Any] | None = None
+    performance: dict[str, Any] | None = None
+    status: int | None = None
+    client_disconnected: bool = False
+    error: str | None = None  # the code of the error that cut a stream short after its status went out
+    client_done: bool = False  # the client's response is complete (a stream ends with [DONE])
+    gpu_window: GpuWindow | None = None
+    prompt_count: asyncio.Task[int | None] | None = None  # the engine counting the prompt (it streams no usage)
+    # OpenTelemetry's span, where it is on; then also what the span says of the answer's end.
+    span: RequestSpan | None = None
+    failure: SidecarError | None = None  # the error that ended the exchange before its status went out
+    finish_reasons: list[str] | None = None  # from the chunks parsed on the way
+    final_events: tuple[bytes | dict[str, Any], ...] = ()
+
+
+class ClientWatch:
+    """While an exchange runs: the server's word that the client left (its connection lost) cancels it.
+
+    The server's protocol calls the function this puts in the request's scope state (`RequestState.on_client_gone`)
+    when the connection is lost before the response completed; a client already gone when the exchange begins
+    cancels it at once. No task waits on the client's `receive` for it, which would cost two steps of the loop a
+    request. Leaving removes the function again, and with it the only path from the scope back to the exchange,
+    so that no reference cycle keeps a finished exchange for the garbage collector.
+    """
+
+    def __init__(self, exchange: Exchange) -> None:
+        self._exchange = exchange
+        self._state = request_state.of(exchange.scope)
+
+    def __enter__(self) -> ClientWatch:
+        owner = asyncio.current_task()
+        assert owner is not None
+        exchange = self._exchange
+
+        def gone() -> None:
+            if not exchange.client_done:  # a response complete is no disconnect
+                exchange.client_disconnected = True
+                owner.cancel()
+
+        if self._state.client_gone:
+            gone()
+        else:
+            self._state.on_client_gone = gone
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._state.on_client_gone = None

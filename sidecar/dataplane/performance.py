@@ -1,0 +1,100 @@
+"""`usage.performance`: the metrics of one request, as the spec defines them (vLLM's TTFT, TPOT, ITL, E2EL).
+
+Times come from one monotonic clock in nanoseconds; the clock starts when the request's body has been read and
+the request is admitted (`queue_ms` is the time it waited for that in the sidecar's queue, outside TTFT).
+With several choices (`n` > 1), ITL gaps are taken within each choice and TPOT divides by each choice's share
+of the tokens: the spec's formulas for one sequence, applied per sequence.
+
+Events that arrive in one read of the engine's stream (a busy machine, an engine that writes in batches) share
+its timestamp: the time between them was not observed. They are counted as `coalesced_events`, their zero gaps
+left out of ITL, and TPOT and tokens/s are null when every output event came in the same read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from sidecar.telemetry.stats import percentile
+
+
+def _ms(ns: int | float) -> float:
+    return round(ns / 1e6, 3)
+
+
+@dataclass
+class PerformanceMeter:
+    start_ns: int
+    first_output_ns: int | None = None
+    last_output_ns: int | None = None
+    output_events: int = 0
+    queue_ns: int = 0  # before start_ns: waiting in the sidecar's queue for admission
+    overhead_ns: int = 0  # time the sidecar spent on the request itself, added up by the proxy
+    gaps_ns: list[int] = field(default_factory=list)
+    last_by_choice: dict[int, int] = field(default_factory=dict)
+    coalesced_events: int = 0  # output events read together with the one before them: no gap was observed
+
+    def output(self, now_ns: int, choice: int = 0) -> None:
+        """One event carrying generated output for `choice` arrived at now_ns."""
+        last = self.last_by_choice.get(choice)
+        if last == now_ns:
+            self.coalesced_events += 1
+        elif last is not None:
+            self.gaps_ns.append(now_ns - last)
+        elif self.first_output_ns is None:
+            self.first_output_ns = now_ns
+        self.last_by_choice[choice] = now_ns
+        self.last_output_ns = now_ns
+        self.output_events += 1
+
+    def whole_body(self, now_ns: int) -> None:
+        """A non-streamed answer arrived whole at now_ns: its latency is known, its TTFT is not."""
+        self.last_output_ns = now_ns
+
+    def result(
+        self,
+        end_ns: int,
+        usage: dict[str, Any] | None,
+        *,
+        engine: str,
+        model: str,
+        engine_timings: dict[str, Any] | None = None,
+        gpu_memory_peak_mb: float | None = None,
+        gpu_memory_delta_mb: float | None = None,
+    ) -> dict[str, Any]:
+        ttft_ns = None if self.first_output_ns is None else self.first_output_ns - self.start_ns
+        latency_ns = None if self.last_output_ns is None else self.last_output_ns - self.start_ns
+        usage = usage or {}
+        reported = usage.get("completion_tokens")
+        estimated = not isinstance(reported, int)
+        completion_tokens = reported if isinstance(reported, int) else self.output_events
+        per_sequence = completion_tokens / max(1, len(self.last_by_choice))
+        decode_ns = latency_ns - ttft_ns if latency_ns is not None and ttft_ns is not None else None
+        tpot = _ms(decode_ns / (per_sequence - 1)) if decode_ns and per_sequence > 1 else None
+        rate = round(completion_tokens / (decode_ns / 1e9), 3) if decode_ns else None
+        gaps = self.gaps_ns
+        gaps.sort()  # in place: the ITL histogram takes them in order too
+        itl = {f"p{q}": _ms(percentile(gaps, q)) for q in (50, 90, 99)} | {"max": _ms(gaps[-1])} if gaps else None
+        performance: dict[str, Any] = {
+            "ttft_ms": None if ttft_ns is None else _ms(ttft_ns),
+            "latency_ms": None if latency_ns is None else _ms(latency_ns),
+            "total_ms": _ms(end_ns - self.start_ns),
+            "queue_ms": _ms(self.queue_ns),
+            "tpot_ms": tpot,
+            "itl_ms": itl,
+            "prompt_tokens": usage.get("prompt_tokens"),
+            "completion_tokens": completion_tokens,
+            "output_tokens_per_s": rate,
+            "coalesced_events": self.coalesced_events,
+            "gpu_memory_peak_mb": gpu_memory_peak_mb,
+            "gpu_memory_delta_mb": gpu_memory_delta_mb,
+            "sidecar_overhead_ms": _ms(self.overhead_ns),
+            "engine": engine,
+            "model": model,
+        }
+        if estimated:
+            performance["tokens_estimated"] = True
+        if engine_timings:
+            # The spec's `engine` key already names the engine: its own timings sit beside it, as reported.
+            performance["engine_timings"] = engine_timings
+        return performance

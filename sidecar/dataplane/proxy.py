@@ -1,0 +1,328 @@
+"""The data plane: OpenAI requests to the engine and its answers back, each one measured.
+
+A request is checked and admitted here, goes to the engine over one pool of keep-alive connections
+(`upstream.py`, which says why it is not an HTTP client library), and its answer goes back through one of the
+relay modes (`relay.py`); what it leaves is recorded afterwards (`recording.py`). The state of one request on its
+way is `exchange.py`'s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+from starlette.types import Receive, Scope, Send
+
+from sidecar import request_state
+from sidecar.control.engine import Engine
+from sidecar.dataplane.admission import Admission
+from sidecar.dataplane.backlog import Backlog
+from sidecar.dataplane.chunks import Assembler
+from sidecar.dataplane.exchange import (
+    ERROR_BODY_LIMIT,
+    JSON_TYPE_STR,
+    ClientWatch,
+    Deadline,
+    Exchange,
+    dumps,
+    loads,
+    request_bytes,
+    request_headers,
+)
+from sidecar.dataplane.performance import PerformanceMeter
+from sidecar.dataplane.recording import Recorder, unanswered
+from sidecar.dataplane.relay import Relays
+from sidecar.dataplane.upstream import (
+    ConnectFailed,
+    Disconnected,
+    OutOfDescriptors,
+    Response,
+    Sending,
+    UpstreamError,
+    UpstreamPool,
+)
+from sidecar.errors import BadGateway, BadRequest, GatewayTimeout, NotFound, SidecarError, SidecarOverloaded
+from sidecar.http import check_forwardable, engine_target, json_object, read_body, tls_context
+from sidecar.logs import Throttle, get_logger
+from sidecar.settings import Settings
+from sidecar.telemetry import resources
+from sidecar.telemetry.history import RequestHistory
+from sidecar.telemetry.otel import OpenTelemetry, RequestSpan
+from sidecar.telemetry.service import Telemetry
+
+log = get_logger("sidecar.proxy")
+
+_KEEPALIVE_S = 4.0
+
+
+class EngineHolder(Protocol):
+    """What the data plane needs of whoever holds the engine: the Supervisor, or a worker's view of it."""
+
+    @property
+    def engine(self) -> Engine | None: ...
+
+    def request_slot(self) -> contextlib.AbstractAsyncContextManager[Engine]: ...
+
+
+# How an answer goes back to the client, once the engine's status says it is not an error.
+Relay = Callable[["Exchange", Response], Awaitable[None]]
+
+
+class Proxy:
+    def __init__(
+        self,
+        settings: Settings,
+        supervisor: EngineHolder,
+        history: RequestHistory,
+        telemetry: Telemetry,
+        admission: Admission,
+        worker: int | None = None,
+        otel: OpenTelemetry | None = None,
+    ) -> None:
+        self.settings = settings
+        self.otel = otel
+        self.supervisor = supervisor
+        self.admission = admission
+        self.worker = worker  # which data-plane worker this is, where there are several
+        self.telemetry = telemetry
+        self.upstream = UpstreamPool(
+            settings.upstream_connect_timeout_s, _KEEPALIVE_S, tls_context(settings.upstream_ca_file)
+        )
+        self._out_of_descriptors_lines = Throttle(5.0)
+        self.recorder = Recorder(telemetry, history, worker, otel)
+        self.relays = Relays(settings, self.recorder)
+        self.backlog = Backlog()  # a finished request's record, metrics and access line
+
+    def close(self) -> None:
+        self.upstream.close()
+
+    async def generate(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Chat and text completions: streamed through, or streamed from the engine and assembled."""
+        raw = await read_body(receive)
+        body = json_object(raw)  # a bad body is a 400 whether or not an engine is loaded
+        start_ns = time.perf_counter_ns()
+        stream, options, n = _generation_fields(body)
+        client_usage = stream and options is not None and options.get("include_usage") is True
+        loaded = self.supervisor.engine
+        assemble = not stream and self.settings.assemble_non_streaming
+        translated = loaded.adapter.translate_request(body) if loaded is not None else body
+        if stream and not client_usage or assemble:
+            # Ask for usage to count tokens; the chunk is removed again before the client sees it.
+            sent = translated | {"stream": True, "stream_options": (options or {}) | {"include_usage": True}}
+            spliced = _asking_for_usage(raw, body) if translated is body else None
+            payload = spliced if spliced is not None else request_bytes(sent)
+        else:
+            sent = translated
+            # The bytes as the client sent them, unless the body changed: then serialized once.
+            payload = raw if sent is body else request_bytes(sent)
+        chat = scope["path"].endswith("/chat/completions")
+        # Held for the whole answer: of a large body, only the bytes for the engine, and the parsed prompt only for
+        # an engine that counts it (the client's bytes and its JSON would triple a long prompt's memory).
+        prompt = sent if loaded is None or not loaded.adapter.streams_usage else None
+        # Started where nothing can fail before the exchange, which ends it.
+        span = self.otel.start_request(scope, body) if self.otel is not None else None
+        del raw, body, translated, sent
+
+        async def relay(exchange: Exchange, response: Response) -> None:
+            exchange.client_usage = client_usage
+            exchange.several_choices = n > 1
+            if response.content_type != "text/event-stream":
+                await self.relays.whole(exchange, response)
+            elif stream:
+                await self.relays.stream(exchange, response)
+            else:
+                await self.relays.assembled(exchange, response, Assembler(chat))
+
+        await self._exchange(scope, receive, send, start_ns, payload, relay, prompt=prompt, span=span)
+
+    async def embeddings(self, scope: Scope, receive: Receive, send: Send) -> None:
+        raw = await read_body(receive)
+        body = json_object(raw)
+        start_ns = time.perf_counter_ns()
+        span = self.otel.start_request(scope, body) if self.otel is not None else None
+        del body
+        await self._exchange(scope, receive, send, start_ns, raw, self.relays.whole, span=span)
+
+    async def passthrough(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Another /v1/* path the engine's adapter lists (`data_paths`): the request and the answer as they are,
+        the answer streamed. Every other path is 404 without reaching the engine."""
+        check_forwardable(scope)  # a 400 before the body is read
+        payload = await read_body(receive)
+        start_ns = time.perf_counter_ns()
+        await self._exchange(scope, receive, send, start_ns, payload, self.relays.raw, measured=False)
+
+    async def _exchange(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        start_ns: int,
+        payload: bytes,
+        relay: Relay,
+        measured: bool = True,
+        prompt: dict[str, Any] | None = None,
+        span: RequestSpan | None = None,
+    ) -> None:
+        """One request through to the engine and back, holding the engine (drain waits for it).
+
+        A client that disconnects cancels the exchange wherever it is, waiting for the engine's headers or
+        relaying its answer; closing the engine's unfinished response then drops that connection, which is
+        what makes the engine abort the request. An engine that streams no usage is asked to count the `prompt`
+        at the same time as it gets the request.
+        """
+        # Passed-through paths (the model list, tokenizers) are not generation: no queue for them.
+        admission = self.admission.slot(receive) if measured else contextlib.nullcontext()
+        try:
+            async with admission, self.supervisor.request_slot() as engine:
+                if not measured and not engine.adapter.serves(scope["method"], scope["path"]):
+                    raise NotFound(f"no route {scope['method']} {scope['path']} for a data key", param="path")
+                await self._exchange_admitted(scope, send, start_ns, engine, payload, relay, measured, prompt, span)
+        except BaseException as exc:  # refused before the engine had it, or the client gone while queued
+            if span is not None and self.otel is not None:
+                self.otel.end_unanswered(span, *unanswered(exc))
+            raise
+
+    async def _exchange_admitted(
+        self,
+        scope: Scope,
+        send: Send,
+        start_ns: int,
+        engine: Engine,
+        payload: bytes,
+        relay: Relay,
+        measured: bool,
+        prompt: dict[str, Any] | None,
+        span: RequestSpan | None,
+    ) -> None:
+        # The clock starts now: time spent in the sidecar's queue is queue_ms, never the engine's TTFT.
+        admitted_ns = time.perf_counter_ns()
+        # The engine gets the request first; what can wait (the meter, the deadline, the client watch, the GPU
+        # window) is set up while it works on it.
+        sending = self._send(scope, engine, payload, measured, span)
+        try:
+            meter = PerformanceMeter(admitted_ns, queue_ns=admitted_ns - start_ns)
+            settings = self.settings
+            deadline = Deadline(
+                meter,
+                settings.upstream_first_token_timeout_s,
+                settings.upstream_inter_token_timeout_s,
+                request_state.of(scope),
+            )
+            exchange = Exchange(scope, send, engine, meter, deadline, span=span)
+            exchange.gpu_window = self.telemetry.window()
+            if prompt is not None and not engine.adapter.streams_usage:
+                exchange.prompt_count = asyncio.create_task(self._count_prompt(engine, prompt))
+        except BaseException:
+            sending.close()
+            raise
+        meter.overhead_ns += time.perf_counter_ns() - admitted_ns
+        try:
+            with ClientWatch(exchange):
+                response = await self._opened(exchange, sending)
+                try:
+                    if response.status >= 400:
+                        await self.relays.error(exchange, response)
+                    else:
+                        await relay(exchange, response)
+                finally:
+                    response.close()  # after a full read the connection is back in the pool; else dropped
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if not exchange.client_disconnected or task is None or task.uncancel() > 0:
+                raise  # cancelled by someone else: the server is stopping
+        except SidecarError as exc:
+            exchange.failure = exc
+            raise
+        finally:
+            deadline.close()
+            if exchange.prompt_count is not None:
+                exchange.prompt_count.cancel()  # the answer was cut: its usage is not reported
+            if measured:  # measured now, recorded once nothing more urgent waits
+                if exchange.performance is None:
+                    self.recorder.finish(exchange, time.perf_counter_ns())
+                self.backlog.add(functools.partial(self.recorder.record, exchange, time.time_ns()))
+
+    def _send(self, scope: Scope, engine: Engine, payload: bytes, json_body: bool, span: RequestSpan | None) -> Sending:
+        """The request to the engine, written now where a connection to it is idle."""
+        request_id = engine.adapter.engine_request_id(request_state.of(scope).request_id)
+        headers = request_headers(scope, request_id, json_body, engine)
+        if span is not None and self.otel is not None:  # the engine's spans join the request's trace
+            headers.update(self.otel.context_headers(span))
+        return self.upstream.send(scope["method"], engine.base_url, engine_target(scope), headers.items(), payload)
+
+    async def _opened(self, exchange: Exchange, sending: Sending) -> Response:
+        """The engine's response headers, or 502/504."""
+        try:
+            with exchange.deadline:
+                return await sending.response()
+        except TimeoutError:  # the connect timeout is a TimeoutError too
+            raise GatewayTimeout("the engine did not start answering within the timeout") from None
+        except OutOfDescriptors:
+            raise self._out_of_descriptors() from None
+        except ConnectFailed as exc:
+            raise BadGateway(f"could not connect to the engine: {exc}") from None
+        except Disconnected as exc:
+            raise BadGateway(f"{exc} before answering") from None
+
+    def _out_of_descriptors(self) -> SidecarOverloaded:
+        """No descriptor left for a connection to the engine: the sidecar's limit, not the engine, which a 502 would
+        blame."""
+        if refused := self._out_of_descriptors_lines.due():
+            log.warning("open_files_exhausted", open_files_limit=resources.open_files_limit(), refused=refused)
+        return SidecarOverloaded(
+            "the sidecar is out of file descriptors for a connection to the engine (its open-files limit): retry later"
+        )
+
+    async def _count_prompt(self, engine: Engine, body: dict[str, Any]) -> int | None:
+        """The prompt's tokens, counted by the engine's own tokenizer; None where it cannot say."""
+        question = engine.adapter.prompt_count_request(body)
+        if question is None:
+            return None
+        path, count_body = question
+        try:
+            headers = [JSON_TYPE_STR, *engine.upstream_headers.items()]
+            response = await self.upstream.request("POST", engine.base_url, path, headers, dumps(count_body))
+            try:
+                raw = await response.read(ERROR_BODY_LIMIT)
+            finally:
+                response.close()
+        except UpstreamError as exc:
+            log.warning("prompt_count_failed", path=path, error=str(exc))
+            return None
+        if response.status != 200:
+            log.warning("prompt_count_failed", path=path, status=response.status)
+            return None
+        return engine.adapter.prompt_count(loads(raw))
+
+
+_ASK_FOR_USAGE = b',"stream_options":{"include_usage":true}'
+
+
+def _asking_for_usage(raw: bytes, body: dict[str, Any]) -> bytes | None:
+    """The client's bytes with `stream_options.include_usage` added before the object's closing brace, where that
+    says exactly what serializing the changed body would: a streamed request without `stream_options`, in UTF-8.
+    None for any other. Re-serializing costs as much as the prompt is long: about 175 µs for a 50 KB chat, the
+    splice 4.5 µs."""
+    if body.get("stream") is not True or "stream_options" in body or json.detect_encoding(raw) != "utf-8":
+        return None
+    end = raw.rfind(b"}")  # the object's own: only whitespace may follow it in valid JSON
+    return raw[:end] + _ASK_FOR_USAGE + raw[end:]
+
+
+def _generation_fields(body: dict[str, Any]) -> tuple[bool, dict[str, Any] | None, int]:
+    """The fields the proxy acts on, checked: a wrong type is the client's 400, not the engine's problem."""
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool) and stream is not None:
+        raise BadRequest("'stream' must be a boolean", param="stream")
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise BadRequest("'stream_options' must be an object", param="stream_options")
+    n = body.get("n")
+    if n is not None and (not isinstance(n, int) or isinstance(n, bool)):
+        raise BadRequest("'n' must be an integer", param="n")
+    return bool(stream), options, n or 1

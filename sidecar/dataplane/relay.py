@@ -1,0 +1,243 @@
+"""How an answer goes back to the client: an engine's error in the OpenAI shape, a whole JSON answer with its
+`usage.performance`, a passed-through body, a stream relayed as it is read, or a stream assembled into the answer
+a non-streaming client asked for.
+
+Streams pass through as they are read, forwarded as the engine wrote them; only the usage chunk is ever
+re-serialized. Each event is checked for output on its raw bytes (`chunks.has_output`), which is what timestamps
+it; JSON is parsed only for chunks that carry usage or timings, or when `n` > 1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from sidecar.dataplane.chunks import (
+    Assembler,
+    carries_measures,
+    choice_has_output,
+    engine_timings,
+    has_output,
+    is_usage_chunk,
+)
+from sidecar.dataplane.exchange import (
+    ERROR_BODY_LIMIT,
+    JSON_TYPE,
+    Exchange,
+    dumps,
+    header_timings,
+    loads,
+    response_headers,
+    send_whole,
+    sse_error,
+)
+from sidecar.dataplane.recording import Recorder
+from sidecar.dataplane.sse import DONE, SSEParser
+from sidecar.dataplane.upstream import Response, UpstreamError
+from sidecar.errors import BadGateway, GatewayTimeout, SidecarError, engine_error_body
+from sidecar.logs import get_logger
+from sidecar.settings import Settings
+from sidecar.telemetry.otel import finish_reasons
+
+log = get_logger("sidecar.proxy")  # the proxy's lines, whichever of its modules writes them
+
+
+class Relays:
+    """The relay modes, each given the exchange and the engine's response once its status says it is no error
+    (`error` where it does)."""
+
+    def __init__(self, settings: Settings, recorder: Recorder) -> None:
+        self.settings = settings
+        self.recorder = recorder
+
+    async def error(self, exchange: Exchange, response: Response) -> None:
+        """The engine's 4xx/5xx: its status kept, its body in the OpenAI shape."""
+        try:
+            async with asyncio.timeout(self.settings.upstream_inter_token_timeout_s):
+                raw = await response.read(ERROR_BODY_LIMIT)
+        except (TimeoutError, UpstreamError):
+            raw = b""
+        exchange.status = response.status
+        body = dumps(engine_error_body(response.status, raw))
+        await send_whole(
+            exchange, response.status, [*response_headers(response, drop={"content-type"}), JSON_TYPE], body
+        )
+
+    async def whole(self, exchange: Exchange, response: Response) -> None:
+        """A non-streamed JSON answer: `usage.performance` added, and the same in X-Performance-Metrics."""
+        try:
+            async with asyncio.timeout(self.settings.upstream_inter_token_timeout_s):
+                raw = await response.read()
+        except TimeoutError:
+            raise GatewayTimeout("the engine stopped answering within the timeout") from None
+        except UpstreamError:
+            raise BadGateway("the engine closed the connection mid-answer") from None
+        now = time.perf_counter_ns()
+        exchange.meter.whole_body(now)
+        exchange.status = response.status
+        headers = response_headers(response)
+        body = loads(raw)
+        if body is not None:
+            if exchange.span is not None:
+                exchange.final_events = (body,)
+            usage = body.get("usage")
+            exchange.usage = usage if isinstance(usage, dict) else None
+            exchange.timings = engine_timings(body) or header_timings(response)
+            raw, performance = self.recorder.with_performance(exchange, body, now)
+            headers.append((b"x-performance-metrics", performance))
+        exchange.meter.overhead_ns += time.perf_counter_ns() - now
+        await send_whole(exchange, response.status, headers, raw)
+
+    async def raw(self, exchange: Exchange, response: Response) -> None:
+        """Another path's answer (`Proxy.passthrough`), its bytes as the engine sent them, unmeasured."""
+        send = exchange.send
+        headers = response_headers(response)
+        if response.content_length is not None:  # the bytes go through unchanged: the engine's length holds
+            headers.append((b"content-length", str(response.content_length).encode()))
+        await send({"type": "http.response.start", "status": response.status, "headers": headers})
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.settings.upstream_inter_token_timeout_s) as deadline:
+                while chunk := await response.readany():
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    deadline.reschedule(loop.time() + self.settings.upstream_inter_token_timeout_s)
+        except (UpstreamError, TimeoutError) as exc:
+            # The status is sent: leaving the body unfinished makes the server drop the connection, so the
+            # client sees a cut answer rather than a short one that looks whole.
+            log.warning("engine_answer_cut", path=exchange.scope["path"], error=exc.__class__.__name__)
+            return
+        await send({"type": "http.response.body", "body": b""})
+
+    async def stream(self, exchange: Exchange, response: Response) -> None:
+        """SSE through as it is read; the usage chunk removed, or given `usage.performance`."""
+        send = exchange.send
+        exchange.status = response.status
+        exchange.timings = header_timings(response)
+        await send({"type": "http.response.start", "status": response.status, "headers": response_headers(response)})
+        error = await self._pump(exchange, response, None)
+        if exchange.prompt_count is not None and exchange.performance is None and error is None:
+            await self.recorder.finish_counted(
+                exchange, time.perf_counter_ns()
+            )  # for the record, after the client's answer
+        if error is not None and not exchange.client_done:
+            # The status went out with the first event: the stream says what happened, then ends as streams do.
+            exchange.error = error.code
+            await send({"type": "http.response.body", "body": sse_error(error)})
+        elif not exchange.client_done:
+            await send({"type": "http.response.body", "body": b""})
+
+    async def assembled(self, exchange: Exchange, response: Response, assembler: Assembler) -> None:
+        """A non-streaming request streamed from the engine (for its TTFT), answered as the engine would."""
+        exchange.timings = header_timings(response)
+        error = await self._pump(exchange, response, assembler)
+        if error is not None:
+            raise error
+        now = time.perf_counter_ns()
+        exchange.status = response.status
+        if assembler.usage is None:  # the engine streams no usage: the sidecar's count
+            await self.recorder.finish_counted(exchange, now)
+            exchange.usage = self.recorder.counted_usage(exchange)
+        raw, performance = self.recorder.with_performance(exchange, assembler.result(), now)
+        headers = [
+            *response_headers(response, drop={"content-type"}),
+            JSON_TYPE,
+            (b"x-performance-metrics", performance),
+        ]
+        exchange.meter.overhead_ns += time.perf_counter_ns() - now
+        await send_whole(exchange, response.status, headers, raw)
+
+    async def _pump(self, exchange: Exchange, response: Response, assembler: Assembler | None) -> SidecarError | None:
+        """Read the engine's SSE stream to its end, timestamping every event; forward the events to the client
+        as each read brings them (nothing waits for a later read), or give them to the assembler.
+
+        None when the stream ended, else the error that cut it short (the exchange's deadline: the first-token
+        timeout until the first output, then the inter-token timeout from each read).
+        """
+        meter = exchange.meter
+        send = exchange.send
+        parse_every = assembler is not None or exchange.several_choices
+        clock = time.perf_counter_ns
+        parser = SSEParser()
+        last_data = b""  # the last chunk, for a usage chunk the engine did not send
+        read = response.readany
+        previous_data = b""  # and the one before it: the last with choices, where the last is the usage chunk
+        done = False
+        deadline = exchange.deadline
+        try:
+            with deadline:
+                while True:
+                    chunk = await read()
+                    deadline.read_ns = now = clock()
+                    out: list[bytes] = []
+                    for event in parser.feed(chunk) if chunk else parser.close():
+                        data = event.data
+                        raw: bytes | None = event.raw
+                        if data == DONE:
+                            done = True
+                            exchange.final_events = (previous_data, last_data)
+                            if exchange.client_usage and exchange.performance is None and assembler is None:
+                                out.append(await self._counted_usage_event(exchange, out, last_data, now))
+                        elif data is not None:
+                            previous_data, last_data = last_data, data
+                            if parse_every or carries_measures(data):
+                                parsed = loads(data)
+                                if parsed is not None:
+                                    self._measure_parsed(exchange, parsed, now)
+                                    if assembler is not None:
+                                        assembler.add(parsed)
+                                    elif is_usage_chunk(parsed):
+                                        raw = self._usage_event(exchange, parsed)
+                            elif has_output(data):
+                                meter.output(now)
+                        if raw is not None and assembler is None:
+                            out.append(raw)
+                    if out and not exchange.client_done:
+                        # One write for what one read brought: an engine's events that arrived together. After
+                        # [DONE] the answer is complete: the end of the body goes in the same write.
+                        exchange.client_done = done
+                        await send({"type": "http.response.body", "body": b"".join(out), "more_body": not done})
+                    meter.overhead_ns += clock() - now
+                    if not chunk:
+                        return None
+        except TimeoutError:
+            return GatewayTimeout("the engine sent no token within the timeout")
+        except UpstreamError:
+            return BadGateway("the engine closed the stream mid-answer")
+
+    def _usage_event(self, exchange: Exchange, chunk: dict[str, Any]) -> bytes | None:
+        """The usage chunk for the client: with `usage.performance`, or none when only the sidecar asked."""
+        if not exchange.client_usage or exchange.performance is None:
+            return None
+        usage = chunk["usage"] | {"performance": exchange.performance}
+        return b"data: " + dumps(chunk | {"usage": usage}) + b"\n\n"
+
+    async def _counted_usage_event(self, exchange: Exchange, out: list[bytes], last_data: bytes, now: int) -> bytes:
+        """The usage chunk the client asked for and the engine did not send (llama-cpp-python ignores
+        `stream_options`): the streamed tokens and the prompt counted. The events read before it (`out`) go to
+        the client first when the prompt's count is awaited: events are never held back."""
+        if exchange.prompt_count is not None and out:
+            await exchange.send({"type": "http.response.body", "body": b"".join(out), "more_body": True})
+            out.clear()
+        last = loads(last_data) or {}
+        chunk = {key: last[key] for key in ("id", "object", "created", "model", "system_fingerprint") if key in last}
+        performance = await self.recorder.finish_counted(exchange, now)
+        usage = self.recorder.counted_usage(exchange) | {"performance": performance}
+        return b"data: " + dumps(chunk | {"choices": [], "usage": usage}) + b"\n\n"
+
+    def _measure_parsed(self, exchange: Exchange, chunk: dict[str, Any], now: int) -> None:
+        meter = exchange.meter
+        for choice in chunk.get("choices") or ():
+            if choice_has_output(choice):
+                meter.output(now, choice.get("index", 0) if exchange.several_choices else 0)
+        if exchange.span is not None:  # for the trace: why each choice ended
+            reasons = finish_reasons(chunk)
+            if reasons:
+                exchange.finish_reasons = (exchange.finish_reasons or []) + reasons
+        timings = engine_timings(chunk)
+        if timings is not None:
+            exchange.timings = timings
+        if isinstance(chunk.get("usage"), dict):
+            exchange.usage = chunk["usage"]
+            if is_usage_chunk(chunk) and exchange.performance is None:
+                self.recorder.finish(exchange, now)  # the usage chunk ends the answer: [DONE] follows

@@ -1,0 +1,374 @@
+"""The app factory: settings in, a Starlette app out."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import math
+import os
+import secrets
+import socket
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from types import FrameType
+from typing import Any
+
+import structlog
+import uvicorn
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from sidecar.control.engine import LoadRequest
+from sidecar.control.shared import SharedState
+from sidecar.control.supervisor import Supervisor
+from sidecar.dataplane.admission import Admission
+from sidecar.dataplane.backlog import Backlog
+from sidecar.dataplane.proxy import Proxy
+from sidecar.errors import (
+    SidecarError,
+    handle_http_exception,
+    handle_sidecar_error,
+    handle_unexpected_error,
+    send_error,
+)
+from sidecar.logs import configure_logging, get_logger
+from sidecar.redaction import Redactor
+from sidecar.server import control_plane, data_plane, health, http_server, internal, openapi
+from sidecar.server.auth import AuthMiddleware
+from sidecar.server.body_limit import BodyLimitMiddleware
+from sidecar.server.data_plane import AsgiHandler
+from sidecar.server.request_context import RequestContextMiddleware, client_left
+from sidecar.settings import Settings
+from sidecar.telemetry import otel
+from sidecar.telemetry import service as telemetry
+from sidecar.telemetry.gpu import Gpus
+from sidecar.telemetry.history import RequestHistory
+from sidecar.telemetry.service import Telemetry
+from sidecar.telemetry.watchdog import Sample
+from sidecar.workers import pool as workers
+from sidecar.workers.pool import WorkerPool
+from sidecar.workers.view import EngineView
+
+log = get_logger("sidecar.app")
+
+KNOWN_PATHS = frozenset(endpoint.path for endpoint in openapi.ENDPOINTS)  # labelled as they are in the metrics
+# The supervisor's process waits this long past the drain for its workers to exit, then kills them.
+WORKER_EXIT_MARGIN_S = 10.0
+
+
+def create_app(settings: Settings, redactor: Redactor | None = None, pool: WorkerPool | None = None) -> Starlette:
+    """The sidecar; with a pool of data-plane workers, the process that owns the engine behind them."""
+    redactor = redactor or Redactor()
+    redactor.register(*settings.data_keys, *otel.header_secrets())
+    gpus = Gpus()
+    supervisor = Supervisor(settings, redactor, gpus)
+    supervisor.otel = exporting = otel.from_settings(settings, "supervisor")
+    watch = Telemetry(settings, gpus, lambda: supervisor.engine_pid, supervisor.status, known_routes=KNOWN_PATHS)
+    if pool is not None:
+        supervisor.shared = shared = pool.shared
+
+        def share_gpu_reading(sample: Sample) -> None:  # the workers' requests read their GPU peaks from these
+            if sample.gpu_used_mb is not None:
+                shared.record_gpu(sample.monotonic, sample.gpu_used_mb)
+
+        watch.watchdog.on_sample = share_gpu_reading
+    history = RequestHistory(settings.request_history_size)
+    admission = Admission(settings.max_concurrent_requests, settings.max_queued_requests, settings.queue_timeout_s)
+    watch.metrics.watch_admission(admission)
+    proxy = Proxy(settings, supervisor, history, watch, admission, otel=exporting)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        if not settings.has_keys:
+            log.warning(
+                "auth_disabled",
+                reason="no API keys configured: requests are not authenticated, listening on loopback only",
+                host=settings.host,
+            )
+        log.info("sidecar_started", host=settings.host, port=settings.port)
+        await asyncio.to_thread(supervisor.stop_leftover)
+        watch.start()
+        if settings.autoload_engine and settings.autoload_model:
+            # Spawn now, but do not wait for readiness here: start-up blocks serving, /ready tells when.
+            autoload = LoadRequest(
+                engine=settings.autoload_engine,
+                model=settings.autoload_model,
+                args=settings.autoload_args,
+                served_model_name=settings.autoload_served_model_name,
+                wait=False,
+            )
+            try:
+                await supervisor.load(autoload)
+            except SidecarError as exc:  # a bad autoload setting: stop start-up, saying why
+                log.error("autoload_failed", engine=settings.autoload_engine, error=exc.message)
+                raise SystemExit(2) from None
+        if pool is not None:
+            pool.start()
+        yield
+        if pool is not None:  # the workers drain their requests first
+            await pool.stop(settings.drain_timeout_s + WORKER_EXIT_MARGIN_S)
+        await supervisor.shutdown()  # the engine goes first: nothing is left running
+        proxy.backlog.run()  # the last requests' records and access lines
+        proxy.close()
+        watch.stop()
+        if exporting is not None:  # after the engine's stop: its span goes out too
+            exporting.shutdown()
+        log.info("sidecar_stopped")
+
+    routes = [*data_plane.routes(proxy), *health.routes, *telemetry.routes, *control_plane.routes]
+    if pool is not None:
+        routes += internal.supervisor_routes
+    token = pool.token if pool is not None else None
+    app = _assemble(settings, redactor, proxy, watch, history, routes, lifespan, token)
+    app.state.supervisor = supervisor
+    return app
+
+
+def create_worker_app(settings: Settings, redactor: Redactor, shared: SharedState, index: int, token: str) -> Starlette:
+    """A data-plane worker: the proxy and what it measures here, the rest answered by the supervisor's process."""
+    redactor.register(*settings.data_keys, *otel.header_secrets())
+    supervisor = workers.internal_client(workers.supervisor_socket(settings), token)
+    view = EngineView(settings, shared, index, supervisor, redactor)
+    gpus = Gpus()
+    watch = Telemetry(settings, gpus, lambda: None, lambda: {}, live=False, known_routes=KNOWN_PATHS)  # no watchdog
+    watch.gpu_peak_since = shared.gpu_peak_since
+    history = RequestHistory(settings.request_history_size)
+    admission = Admission(*workers.admission_share(settings), settings.queue_timeout_s)
+    watch.metrics.watch_admission(admission)
+    exporting = otel.from_settings(settings, f"worker-{index}")
+    proxy = Proxy(settings, view, history, watch, admission, worker=index, otel=exporting)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        log.info("worker_serving", worker=index, pid=os.getpid())
+        await view.prime()
+        yield
+        proxy.backlog.run()
+        proxy.close()
+        await supervisor.aclose()
+        gpus.close()
+        if exporting is not None:
+            exporting.shutdown()
+
+    siblings = internal.sibling_clients(settings, index, token)
+    routes = [*internal.worker_routes(settings, token, history, siblings), *data_plane.routes(proxy)]
+    app = _assemble(settings, redactor, proxy, watch, history, routes, lifespan, token)
+    app.state.find_elsewhere = internal.find_in(siblings)
+    return app
+
+
+def _assemble(
+    settings: Settings,
+    redactor: Redactor,
+    proxy: Proxy,
+    watch: Telemetry,
+    history: RequestHistory,
+    routes: list[BaseRoute],
+    lifespan: Callable[[Starlette], AbstractAsyncContextManager[None]],
+    internal_token: str | None,
+) -> Starlette:
+    """The app around a proxy: its generation routes first, `routes`, then the pass-through of other /v1 paths."""
+    app = _SidecarApp(
+        generation=data_plane.generation_paths(proxy),
+        outer=_middleware(settings, watch, internal_token, proxy.worker, proxy.backlog),
+        settings=settings,
+        routes=[*routes, data_plane.passthrough_route(proxy)],
+        exception_handlers=_EXCEPTION_HANDLERS,
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.redactor = redactor
+    app.state.history = history
+    app.state.telemetry = watch
+    app.state.find_elsewhere = None  # a data-plane worker asks the others for the records it lacks
+    return app
+
+
+async def _handle_client_disconnect(request: Request, exc: Exception) -> Response:
+    """A client gone before its body was read (a control-plane call, embeddings): nothing reaches it, and the
+    access line logs nginx's 499 instead of the 500 and traceback of an unexpected error."""
+    return Response(status_code=client_left(request.scope))
+
+
+_EXCEPTION_HANDLERS: dict[Any, Any] = {
+    SidecarError: handle_sidecar_error,
+    HTTPException: handle_http_exception,
+    ClientDisconnect: _handle_client_disconnect,
+    Exception: handle_unexpected_error,
+}
+
+
+def _middleware(
+    settings: Settings, watch: Telemetry, internal_token: str | None, worker: int | None, backlog: Backlog
+) -> list[Middleware]:
+    """The layers every request passes first, outermost first: a request id and an access line for every
+    response, then CORS (preflights need no key). Auth, then the body limit, come after them (`_SidecarApp`)."""
+    observe = watch.metrics.observe_request
+    middleware = [
+        Middleware(RequestContextMiddleware, observe, internal_token=internal_token, worker=worker, backlog=backlog)
+    ]
+    if settings.cors_origins:
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=settings.cors_origins,
+                allow_methods=["*"],
+                allow_headers=["Authorization", "X-API-Key", "Content-Type", "X-Request-ID"],
+                expose_headers=["X-Request-ID", "X-Performance-Metrics"],
+            )
+        )
+    return middleware
+
+
+class _SidecarApp(Starlette):
+    """Starlette, with the generation routes served before its router and its two error middlewares.
+
+    Every token of every stream passes the layers between the server and the proxy, and every resumption of a
+    request's task passes through each of them again: for the two routes that carry the traffic, the request
+    goes from the outer middlewares straight to the proxy, with auth and the body limit checked as calls rather
+    than layers (SidecarError answered there). Every other route goes the usual way: auth, the body limit,
+    then Starlette's error middlewares and router.
+    """
+
+    def __init__(
+        self, generation: dict[str, AsgiHandler], outer: list[Middleware], settings: Settings, **kwargs: Any
+    ) -> None:
+        super().__init__(**kwargs)
+        self.generation = generation
+        self.outer = outer
+        self.sidecar_settings = settings
+
+    def build_middleware_stack(self) -> ASGIApp:
+        settings = self.sidecar_settings
+        body_limit = BodyLimitMiddleware(
+            super().build_middleware_stack(), settings.max_body_bytes, workers.body_budget_share(settings)
+        )
+        auth = AuthMiddleware(
+            body_limit,
+            data_keys=settings.data_keys,
+            control_keys=settings.control_keys,
+            metrics_require_key=settings.metrics_require_key,
+        )
+        app: ASGIApp = _GenerationRoutes(self.generation, rest=auth, auth=auth, body_limit=body_limit)
+        for cls, args, kwargs in reversed(self.outer):
+            app = cls(app, *args, **kwargs)
+        return app
+
+
+class _GenerationRoutes:
+    def __init__(
+        self, routes: dict[str, AsgiHandler], rest: ASGIApp, auth: AuthMiddleware, body_limit: BodyLimitMiddleware
+    ) -> None:
+        self.routes = routes
+        self.rest = rest
+        self.auth = auth
+        self.body_limit = body_limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        handler = self.routes.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
+        if handler is None:
+            await self.rest(scope, receive, send)
+            return
+        try:
+            self.auth.check(scope)  # before anything reads the body
+            bounded = self.body_limit.bounded(scope, receive)
+        except SidecarError as exc:
+            await send_error(exc, scope, receive, send)
+            return
+        try:
+            await handler(scope, bounded, send)
+        except SidecarError as exc:  # raised before the response started, as with Starlette's handlers
+            await send_error(exc, scope, receive, send)
+        finally:
+            self.body_limit.release(scope)
+
+
+def server_config(settings: Settings, app: Starlette) -> uvicorn.Config:
+    """The app on uvloop and httptools, with our access line instead of uvicorn's, draining on shutdown."""
+    return uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        loop="uvloop",
+        http=http_server.protocol(settings.max_header_bytes, settings.client_timeout_s),  # uvicorn's, bounded
+        log_config=None,
+        access_log=False,
+        server_header=False,
+        proxy_headers=False,  # nothing reads the client's address: no need to rewrite it on every request
+        timeout_graceful_shutdown=math.ceil(settings.drain_timeout_s),
+    )
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, which tells the supervisor the moment a signal asks it to stop: a load in progress is
+    abandoned then, with an OpenAI error for its caller, rather than cut after the graceful wait."""
+
+    def __init__(self, config: uvicorn.Config, on_exit: Callable[[], None] = lambda: None) -> None:
+        super().__init__(config)
+        self._on_exit = on_exit
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self._on_exit()
+        super().handle_exit(sig, frame)
+
+    def run(self, sockets: list[socket.socket] | None = None) -> None:
+        _collect_rarely()
+        super().run(sockets)
+
+
+def _collect_rarely() -> None:
+    """The garbage collector tuned for a server whose requests live for seconds: with Python's default (a young
+    collection every 700 new objects) a stream's objects outlive young collections and reach the oldest
+    generation, whose full collections walk every object (the imported modules' too) and stopped the event loop
+    30-120 ms at a time under load, about a tenth of the CPU. What start-up made is frozen out of the collector;
+    young collections come at 10,000 new objects. Requests make no reference cycles (see exchange.ClientWatch)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(10_000, 10, 10)
+
+
+def server(settings: Settings, redactor: Redactor) -> uvicorn.Server:
+    app = create_app(settings, redactor)
+    supervisor: Supervisor = app.state.supervisor
+    return _Server(server_config(settings, app), supervisor.server_stopping)
+
+
+def serve_with_workers(settings: Settings, redactor: Redactor) -> None:
+    """SIDECAR_WORKERS > 1: this process binds the port for the workers, owns the engine, and serves the full app
+    on a Unix socket for them; the workers serve the port."""
+    listener = socket.create_server((settings.host, settings.port), reuse_port=False, backlog=2048)
+    listener.set_inheritable(True)
+    if settings.port == 0:  # a free port: the one the workers are told
+        settings = settings.model_copy(update={"port": listener.getsockname()[1]})
+    shared = SharedState.create(workers.state_file(settings), settings.workers)
+    pool = workers.WorkerPool(settings, listener, shared, secrets.token_urlsafe(32))
+    app = create_app(settings, redactor, pool)
+    supervisor: Supervisor = app.state.supervisor
+
+    def stopping() -> None:
+        supervisor.server_stopping()
+        pool.signal_stop()  # the workers drain now, alongside this process
+
+    internal = workers.unix_listener(workers.supervisor_socket(settings))
+    _Server(server_config(settings, app), stopping).run(sockets=[internal])
+
+
+def serve_worker(index: int, fd: int) -> None:
+    """A data-plane worker (`python -m sidecar worker INDEX FD`), started by the supervisor's process."""
+    settings, token = workers.worker_settings()
+    if settings.log_dir is not None:  # files of its own: rotation is not safe with several writers
+        settings = settings.model_copy(update={"log_dir": settings.log_dir / f"worker-{index}"})
+    redactor = Redactor()
+    configure_logging(settings, redactor)
+    structlog.contextvars.bind_contextvars(worker=index)
+    shared = SharedState.attach(workers.state_file(settings), settings.workers)
+    app = create_worker_app(settings, redactor, shared, index, token)
+    public = socket.socket(fileno=fd)
+    own = workers.unix_listener(workers.worker_socket(settings, index))
+    _Server(server_config(settings, app)).run(sockets=[public, own])
