@@ -10,7 +10,8 @@ from engines.llamacpp import LLAMA_SERVER_LOAD
 from engines.sglang import SGLANG_LOAD
 from engines.tgi import TGI_LOAD
 from engines.vllm import VLLM_LOAD
-from sidecar.telemetry.metrics import TOKEN_GAP_BUCKETS, RequestHistogram, engine_load
+from sidecar.telemetry.engine_load import engine_load
+from sidecar.telemetry.metrics import TOKEN_GAP_BUCKETS, RequestHistogram
 
 
 def test_request_histogram_writes_what_prometheus_clients_histogram_writes() -> None:

@@ -336,7 +336,7 @@ def test_a_sidecar_stops_the_engine_a_killed_one_left_behind(start_sidecar: Star
     assert (record["pid"], record["port"]) == (pid, status(first)["port"])
     # Its guard killed first, then the sidecar: the engine ignores the SIGTERM the kernel sends it, and stays.
     for child in psutil.Process(first.pid).children():
-        if "sidecar.guard" in " ".join(child.cmdline()):
+        if "sidecar.control.guard" in " ".join(child.cmdline()):
             child.kill()
     first.process.kill()
     first.process.wait()

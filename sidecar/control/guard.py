@@ -1,4 +1,4 @@
-"""`python -m sidecar.guard SIDECAR_PID ENGINE_PGID GRACE_S`: the engine dies with the sidecar, however it dies.
+"""`python -m sidecar.control.guard SIDECAR_PID ENGINE_PGID GRACE_S`: the engine dies with the sidecar, however it dies.
 
 The sidecar starts one guard beside each engine, in a session of its own, and kills it once it has stopped the
 engine itself. If the sidecar dies first (SIGKILL included), the kernel sends the guard SIGTERM (its parent-death

@@ -158,7 +158,7 @@ class EngineProcess:
             preexec_fn=die_with_parent,
         )
         pid = transport.get_pid()
-        guard_argv = [sys.executable, "-m", "sidecar.guard", str(os.getpid()), str(pid), str(grace_s)]
+        guard_argv = [sys.executable, "-m", "sidecar.control.guard", str(os.getpid()), str(pid), str(grace_s)]
         guard = await asyncio.create_subprocess_exec(
             *guard_argv,
             stdin=asyncio.subprocess.DEVNULL,

@@ -67,11 +67,11 @@ def create_app(settings: Settings, redactor: Redactor | None = None, pool: Worke
     redactor = redactor or Redactor()
     redactor.register(*settings.data_keys, *otel.header_secrets())
     gpus = Gpus()
-    supervisor = Supervisor(settings, redactor, gpus)
-    supervisor.otel = exporting = otel.from_settings(settings, "supervisor")
+    exporting = otel.from_settings(settings, "supervisor")
+    supervisor = Supervisor(settings, redactor, gpus, otel=exporting, shared=pool.shared if pool else None)
     watch = Telemetry(settings, gpus, lambda: supervisor.engine_pid, supervisor.status, known_routes=KNOWN_PATHS)
     if pool is not None:
-        supervisor.shared = shared = pool.shared
+        shared = pool.shared
 
         def share_gpu_reading(sample: Sample) -> None:  # the workers' requests read their GPU peaks from these
             if sample.gpu_used_mb is not None:

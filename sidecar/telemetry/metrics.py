@@ -21,7 +21,6 @@ from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from engines import LoadSeries
 from sidecar.engine_state import EngineState
 from sidecar.telemetry.watchdog import ResourceWatchdog
 
@@ -107,43 +106,6 @@ _LOAD_GAUGES = (
     ("sidecar_engine_running_requests", "running", "Requests the engine is generating (the engine's own figure)"),
     ("sidecar_engine_kv_cache_usage_ratio", "kv_cache_usage", "Used fraction of the engine's KV cache, 0 to 1"),
 )
-
-
-def engine_load(exposition: str, series: LoadSeries) -> dict[str, float]:
-    """The engine's load from its own Prometheus text: {"queued", "running", "kv_cache_usage"}, each under the
-    first of the adapter's names the engine exports. A series' samples are summed (vLLM has one per data-parallel
-    engine); for the KV cache, the fullest is the one that refuses work first: their highest.
-
-    Read line by line for the few names wanted: vLLM's exposition is thousands of histogram lines, which a full
-    parser would build into objects on every scrape."""
-    kinds = {"queued": series.queued, "running": series.running, "kv_cache_usage": series.kv_cache_usage}
-    wanted = tuple(name for names in kinds.values() for name in names)
-    samples: dict[str, list[float]] = {}
-    if wanted:
-        for line in exposition.splitlines():
-            if not line.startswith(wanted):
-                continue
-            name, labels_and_value = _split_sample(line)
-            if name in wanted:
-                try:
-                    samples.setdefault(name, []).append(float(labels_and_value.split()[0]))
-                except (ValueError, IndexError):
-                    continue
-    load: dict[str, float] = {}
-    for kind, names in kinds.items():
-        found = next((samples[name] for name in names if name in samples), None)
-        if found:
-            load[kind] = max(found) if kind == "kv_cache_usage" else sum(found)
-    return load
-
-
-def _split_sample(line: str) -> tuple[str, str]:
-    """`name{labels} value [timestamp]` -> (name, "value [timestamp]"); label values may hold spaces."""
-    brace = line.find("{")
-    space = line.find(" ")
-    if brace != -1 and (space == -1 or brace < space):
-        return line[:brace], line[line.rfind("}") + 1 :]
-    return line[:space], line[space + 1 :]
 
 
 class _EngineLoadCollector(Collector):

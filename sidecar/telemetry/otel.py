@@ -30,9 +30,9 @@ from starlette.types import Scope
 from sidecar import request_state
 from sidecar.logs import get_logger
 from sidecar.settings import Settings, SettingsError
+from sidecar.telemetry.otel_metrics import Instruments
 
 if TYPE_CHECKING:
-    from opentelemetry.metrics import Histogram
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.trace import Span
@@ -76,10 +76,6 @@ _PERFORMANCE_FIELDS = (
     "gpu_memory_delta_mb",
 )
 # The conventions' bucket boundaries for each histogram (seconds; tokens).
-_DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92)
-_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
-_TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
-_TOKEN_BUCKETS = tuple(float(4**power) for power in range(14))  # 1, 4, 16, ... 67108864
 
 
 def enabled(settings: Settings, environ: Mapping[str, str] = os.environ) -> bool:
@@ -168,7 +164,7 @@ class OpenTelemetry:
         self._propagate = propagate
         self._trace = trace
         self._tracer = self.tracer_provider.get_tracer("sidecar") if self.tracer_provider else None
-        self._instruments = _Instruments(self.meter_provider) if self.meter_provider else None
+        self._instruments = Instruments(self.meter_provider) if self.meter_provider else None
         log.info(
             "otel_exporting", process=process, traces=self._tracer is not None, metrics=self._instruments is not None
         )
@@ -371,45 +367,3 @@ def finish_reasons(chunk: Mapping[str, Any]) -> list[str]:
     if not isinstance(choices, list):
         return []
     return [c["finish_reason"] for c in choices if isinstance(c, dict) and isinstance(c.get("finish_reason"), str)]
-
-
-class _Instruments:
-    """The GenAI model-server histograms, with the conventions' bucket boundaries."""
-
-    def __init__(self, provider: MeterProvider) -> None:
-        meter = provider.get_meter("sidecar")
-        self.duration: Histogram = meter.create_histogram(
-            "gen_ai.server.request.duration",
-            unit="s",
-            description="Time from the request's body read to the end of its answer, its wait in the queue included",
-            explicit_bucket_boundaries_advisory=_DURATION_BUCKETS,
-        )
-        self.ttft: Histogram = meter.create_histogram(
-            "gen_ai.server.time_to_first_token",
-            unit="s",
-            description="Time to the first output token for successful responses (usage.performance.ttft_ms)",
-            explicit_bucket_boundaries_advisory=_TTFT_BUCKETS,
-        )
-        self.tpot: Histogram = meter.create_histogram(
-            "gen_ai.server.time_per_output_token",
-            unit="s",
-            description="Time per output token after the first for successful responses (usage.performance.tpot_ms)",
-            explicit_bucket_boundaries_advisory=_TPOT_BUCKETS,
-        )
-        self.tokens: Histogram = meter.create_histogram(
-            "gen_ai.client.token.usage",
-            unit="{token}",
-            description="Input and output tokens of each request",
-            explicit_bucket_boundaries_advisory=_TOKEN_BUCKETS,
-        )
-
-    def record(self, performance: Mapping[str, Any], attributes: Mapping[str, Any]) -> None:
-        self.duration.record((performance["queue_ms"] + performance["total_ms"]) / 1000, attributes)
-        if "error.type" not in attributes:
-            if performance["ttft_ms"] is not None:
-                self.ttft.record(performance["ttft_ms"] / 1000, attributes)
-            if performance["tpot_ms"] is not None:
-                self.tpot.record(performance["tpot_ms"] / 1000, attributes)
-        if isinstance(performance["prompt_tokens"], int):
-            self.tokens.record(performance["prompt_tokens"], {**attributes, "gen_ai.token.type": "input"})
-        self.tokens.record(performance["completion_tokens"], {**attributes, "gen_ai.token.type": "output"})

@@ -12,8 +12,8 @@ import httpx
 
 from engines import adapter as registered_adapter
 from sidecar.control.engine import Engine, EngineSlot, LoadRequest
+from sidecar.control.gate import not_ready
 from sidecar.control.shared import SharedState
-from sidecar.control.supervisor import not_ready
 from sidecar.engine_state import EngineState
 from sidecar.errors import ServiceUnavailable
 from sidecar.redaction import Redactor

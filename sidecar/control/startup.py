@@ -1,0 +1,102 @@
+"""An engine's start: its process spawned (or an external server's address taken), then polled until ready."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+
+import httpx
+
+from engines import EngineAdapter
+from sidecar.control.engine import Engine, LoadRequest, free_port
+from sidecar.control.process import EngineProcess
+from sidecar.control.runfile import EngineRecord
+from sidecar.errors import BadGateway, GatewayTimeout
+from sidecar.logs import get_logger
+from sidecar.redaction import Redactor
+from sidecar.settings import ENV_PREFIX
+
+log = get_logger("sidecar.supervisor")
+
+READY_POLL_S = 0.1
+
+
+async def spawn(
+    request: LoadRequest, adapter: EngineAdapter, redactor: Redactor, record: EngineRecord, kill_grace_s: float
+) -> Engine:
+    """The engine for `request`: its process started (502 when it cannot be), or the external server named."""
+    now = (time.time(), time.monotonic())
+    # The request's env goes to the child only, its key and headers to the engine only; their values are masked
+    # in every log line from now on.
+    redactor.register(*request.secrets())
+    if not adapter.starts_process:
+        assert request.url is not None
+        base_url = request.url.rstrip("/")
+        return Engine(request, adapter, base_url, None, None, *now, upstream_headers=request.upstream_headers())
+    port = free_port()
+    argv = adapter.command(request.model, port, request.args, request.served_model_name)
+    env = {**inherited_environment(), **adapter.environment(request.args), **request.env}
+    log.info("engine_spawn", engine=adapter.name, argv=argv, port=port, env_names=sorted(request.env))
+    try:
+        process = await EngineProcess.spawn(adapter.name, argv, env, redactor, record, kill_grace_s, port)
+    except OSError as exc:
+        raise BadGateway(
+            f"cannot start engine {adapter.name}: {exc.strerror or exc}", code="engine_spawn_failed"
+        ) from None
+    return Engine(request, adapter, f"http://127.0.0.1:{port}", port, process, *now)
+
+
+async def wait_ready(engine: Engine, probe: httpx.AsyncClient, timeout_s: float, kill_grace_s: float) -> None:
+    """Poll readiness until the deadline; an exit during start-up ends the wait at once (502), the deadline
+    stops the process (504). Either way its exit code is the process's `returncode`."""
+    deadline = time.monotonic() + timeout_s
+    process = engine.process
+    if process is None:
+        await _check_reachable(engine, probe)
+    while True:
+        if process is not None and process.exited.is_set():
+            await process.stop(kill_grace_s)  # the rest of its group
+            tail = " | ".join(process.tail(5))
+            raise BadGateway(
+                f"engine {engine.adapter.name} exited during start-up with exit code {process.returncode}: {tail}",
+                code="engine_start_failed",
+            )
+        if await engine.adapter.is_ready(probe, engine.base_url, engine.upstream_headers):
+            return
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            if process is not None:
+                await process.stop(kill_grace_s)
+            raise GatewayTimeout(
+                f"engine {engine.adapter.name} was not ready within {timeout_s:g}s; it was stopped",
+                code="engine_start_timeout",
+            )
+        wait = min(READY_POLL_S, remaining)
+        if process is None:
+            await asyncio.sleep(wait)
+        else:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(process.exited.wait(), wait)
+
+
+async def _check_reachable(engine: Engine, probe: httpx.AsyncClient) -> None:
+    """A server that should be running already: nothing listening, or a refused key, is final (502)."""
+    try:
+        answer = await probe.get(engine.base_url + "/v1/models", headers=engine.upstream_headers)
+    except httpx.ConnectError as exc:  # refused, unknown host, or a certificate that does not verify
+        raise BadGateway(f"cannot reach {engine.base_url}: {exc}", code="engine_unreachable") from None
+    except httpx.HTTPError:
+        return
+    if answer.status_code in (401, 403):
+        raise BadGateway(
+            f"{engine.base_url} refused the key ({answer.status_code}): check 'api_key'", code="engine_unauthorized"
+        )
+
+
+def inherited_environment() -> dict[str, str]:
+    """What the engine inherits of the sidecar's environment: all of it (CUDA, Hugging Face, the engine's own
+    variables) but the sidecar's settings, its keys among them. An engine, its custom code (`trust_remote_code`)
+    or a crash dump of it never holds them."""
+    return {name: value for name, value in os.environ.items() if not name.upper().startswith(ENV_PREFIX)}
