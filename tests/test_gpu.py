@@ -116,7 +116,7 @@ def test_request_window_peak_and_delta_follow_the_memory_curve(fake: FakeNvml) -
     # The request starts at 1000 MB; the watchdog samples 1800 and 2600 during it; it ends at 1200 MB.
     fake.curve = [1000.0, 1800.0, 2600.0, 1200.0]
     telemetry = Telemetry(
-        load_settings(None), Gpus(fake.module(), environ={"CUDA_VISIBLE_DEVICES": "0"}), lambda: None, dict
+        load_settings(None), Gpus(fake.module(), environ={"CUDA_VISIBLE_DEVICES": "0"}), lambda: None, None
     )
     window = telemetry.window()
     telemetry.watchdog._samples.append(telemetry.watchdog.sample())
@@ -128,7 +128,7 @@ def test_nvml_errors_are_tolerated(fake: FakeNvml) -> None:
     gpus = Gpus(fake.module(), environ={})
     fake.fail_reads = True
     assert gpus.read() is None and gpus.used_mb() is None
-    telemetry = Telemetry(load_settings(None), gpus, lambda: None, dict)
+    telemetry = Telemetry(load_settings(None), gpus, lambda: None, None)
     assert telemetry.gpu_memory(telemetry.window()) == (None, None)
     assert telemetry.watchdog.sample().gpus is None
 
@@ -139,7 +139,7 @@ def test_no_driver_or_no_library_means_null_gpu_fields_and_one_warning(
     fake.fail_init = True
     with structlog.testing.capture_logs() as logs:
         without_driver = Gpus(fake.module(), environ={})
-        telemetry = Telemetry(load_settings(None), without_driver, lambda: None, dict)
+        telemetry = Telemetry(load_settings(None), without_driver, lambda: None, None)
         assert telemetry.window() is None and telemetry.gpu_memory(None) == (None, None)
         assert telemetry.watchdog.sample().gpus is None
     assert [entry["event"] for entry in logs] == ["gpu_unavailable"]

@@ -10,6 +10,7 @@ import httpx
 
 from engines import LoraApi, SleepApi
 from sidecar.control.engine import Engine
+from sidecar.control.records import Adapter
 from sidecar.engine_state import EngineState
 from sidecar.errors import BadGateway, BadRequest, Conflict, engine_error_body
 from sidecar.telemetry.gpu import Gpus
@@ -70,7 +71,7 @@ class EngineCalls:
         after = await asyncio.to_thread(gpus.used_mb) if gpus is not None and before is not None else None
         return None if before is None or after is None else round(before - after, 1)
 
-    async def adapters(self, engine: Engine) -> list[dict[str, Any]]:
+    async def adapters(self, engine: Engine) -> list[Adapter]:
         """The LoRA adapters the engine has now, read from its /v1/models (entries that name a parent)."""
         try:
             answer = await self.client.get(engine.base_url + "/v1/models", headers=engine.upstream_headers)
@@ -78,7 +79,7 @@ class EngineCalls:
         except (httpx.HTTPError, ValueError, AttributeError) as exc:
             raise BadGateway(f"the engine's model list could not be read: {exc or exc.__class__.__name__}") from None
         return [
-            {"name": m.get("id"), "path": m.get("root"), "parent": m["parent"]}
+            Adapter(name=m.get("id"), path=m.get("root"), parent=m["parent"])
             for m in models
             if isinstance(m, dict) and m.get("parent")
         ]

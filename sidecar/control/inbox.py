@@ -12,7 +12,7 @@ import contextlib
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from sidecar.errors import SidecarError
 
@@ -20,8 +20,10 @@ T = TypeVar("T")
 
 
 @dataclass(eq=False)
-class Command:
-    reply: asyncio.Future[Any]
+class Command(Generic[T]):
+    """A request to the owner; `T` is what it is answered with."""
+
+    reply: asyncio.Future[T]
 
 
 class Defer:
@@ -38,6 +40,7 @@ class Preempt:
 DEFER = Defer()
 # What a step does with a command that arrives while it runs: None once the command is answered.
 Decision = Defer | Preempt | None
+AnyCommand = Command[Any]
 
 
 class Abandoned(Exception):
@@ -55,37 +58,37 @@ def new_reply() -> asyncio.Future[Any]:
     return reply
 
 
-def reply(command: Command, value: Any) -> None:
+def reply(command: Command[T], value: T) -> None:
     if not command.reply.done():
         command.reply.set_result(value)
 
 
-def fail(command: Command, error: SidecarError) -> None:
+def fail(command: Command[Any], error: SidecarError) -> None:
     if not command.reply.done():
         command.reply.set_exception(error)
 
 
 class Inbox:
     def __init__(self) -> None:
-        self._commands: deque[Command] = deque()
+        self._commands: deque[AnyCommand] = deque()
         self._arrived = asyncio.Event()
 
-    def post(self, command: Command) -> None:
+    def post(self, command: AnyCommand) -> None:
         self._commands.append(command)
         self._arrived.set()
 
-    async def next(self) -> Command:
+    async def next(self) -> AnyCommand:
         while not self._commands:
             self._arrived.clear()
             await self._arrived.wait()
         return self._commands.popleft()
 
-    def take_all(self) -> list[Command]:
+    def take_all(self) -> list[AnyCommand]:
         taken = list(self._commands)
         self._commands.clear()
         return taken
 
-    async def during(self, work: Awaitable[T], decide: Callable[[Command], Decision]) -> T:
+    async def during(self, work: Awaitable[T], decide: Callable[[AnyCommand], Decision]) -> T:
         """Await `work` while `decide` answers each command that arrives, defers it, or stops `work` for it
         (`work` is cancelled, the command goes first in line, and Abandoned is raised)."""
         task = asyncio.ensure_future(work)

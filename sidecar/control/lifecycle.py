@@ -17,8 +17,9 @@ from sidecar.control import features
 from sidecar.control.commands import Crashed, IdleUnload, Load, Shutdown, Sleep, Unload, Wake, shutting_down
 from sidecar.control.engine import Engine, LoadRequest
 from sidecar.control.features import EngineCalls
-from sidecar.control.inbox import Abandoned, Command, fail, new_reply, reply
+from sidecar.control.inbox import Abandoned, AnyCommand, fail, new_reply, reply
 from sidecar.control.policy import Phase
+from sidecar.control.records import Slept, Unloaded, Woken
 from sidecar.control.runner import Runner
 from sidecar.engine_state import EngineState
 from sidecar.errors import BadRequest, Conflict, SidecarError
@@ -28,7 +29,7 @@ log = get_logger("sidecar.supervisor")
 
 
 class Lifecycle:
-    def __init__(self, run: Runner, calls: EngineCalls, post: Callable[[Command], None]) -> None:
+    def __init__(self, run: Runner, calls: EngineCalls, post: Callable[[AnyCommand], None]) -> None:
         self.run = run
         self.calls = calls
         self.post = post  # into the owner's inbox (a watcher's report)
@@ -36,7 +37,7 @@ class Lifecycle:
         self._watchers: set[asyncio.Task[None]] = set()
         self._idle_watcher: asyncio.Task[None] | None = None
 
-    async def handle(self, command: Command) -> None:
+    async def handle(self, command: AnyCommand) -> None:
         run = self.run
         if isinstance(command, Load):
             await self._load(command)
@@ -103,8 +104,8 @@ class Lifecycle:
         run.idle_unloaded = None  # an operator's unload: the model stays away
         if run.engine is None:
             run.publish()
-            return reply(command, {"state": EngineState.IDLE})
-        joiners: list[Command] = [command]
+            return reply(command, Unloaded(state=EngineState.IDLE))
+        joiners: list[AnyCommand] = [command]
         result = await run.stop(command.drain_timeout_s, reason="unload", joiners=joiners)
         for joiner in joiners:
             reply(joiner, result)
@@ -190,7 +191,7 @@ class Lifecycle:
 
     # -- sleep and wake (an engine's sleep mode) ----------------------------------------------------------
 
-    async def _sleep(self, level: int) -> dict[str, Any]:
+    async def _sleep(self, level: int) -> Slept:
         """Drain, then ask the engine to give its GPU memory back: state sleeping, data plane 503 meanwhile."""
         run = self.run
         engine, api = features.sleep_api(run.engine)
@@ -216,9 +217,9 @@ class Lifecycle:
             freed_gpu_memory_mb=freed,
             duration_ms=duration_ms,
         )
-        return {"state": run.state, "level": level, "freed_gpu_memory_mb": freed}
+        return Slept(state=run.state, level=level, freed_gpu_memory_mb=freed)
 
-    async def _wake(self) -> dict[str, Any]:
+    async def _wake(self) -> Woken:
         run = self.run
         engine, api = features.sleep_api(run.engine)
         if run.state is not EngineState.SLEEPING:
@@ -231,10 +232,10 @@ class Lifecycle:
         self._watch_idleness(engine)  # its idle watcher stopped while it slept
         duration_ms = round((time.monotonic() - started) * 1000, 3)
         log.info("model_wake", engine=engine.adapter.name, gpu_memory_taken_mb=taken, duration_ms=duration_ms)
-        return {"state": run.state, "gpu_memory_taken_mb": taken}
+        return Woken(state=run.state, gpu_memory_taken_mb=taken)
 
 
-async def _answer(command: Command, work: Awaitable[Any]) -> None:
+async def _answer(command: AnyCommand, work: Awaitable[Any]) -> None:
     try:
         reply(command, await work)
     except SidecarError as exc:

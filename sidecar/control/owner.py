@@ -12,21 +12,23 @@ import asyncio
 import contextvars
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractContextManager
-from typing import Any
+from typing import Any, TypeVar
 
 from sidecar.control.commands import Shutdown, shutting_down
-from sidecar.control.inbox import Command, Inbox, fail, new_reply
+from sidecar.control.inbox import AnyCommand, Command, Inbox, fail, new_reply
 from sidecar.errors import SidecarError
 from sidecar.logs import get_logger
 
 log = get_logger("sidecar.supervisor")
 
+T = TypeVar("T")
+
 
 class Owner:
     def __init__(
         self,
-        handle: Callable[[Command], Awaitable[None]],
-        traced: Callable[[Command], AbstractContextManager[None]],
+        handle: Callable[[AnyCommand], Awaitable[None]],
+        traced: Callable[[AnyCommand], AbstractContextManager[None]],
         on_close: Callable[[], None],
     ) -> None:
         self.inbox = Inbox()
@@ -37,7 +39,7 @@ class Owner:
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    def post(self, command: Command) -> None:
+    def post(self, command: AnyCommand) -> None:
         """Into the inbox; the task starts with the first command."""
         if self._task is None:
             self._loop = asyncio.get_running_loop()
@@ -50,14 +52,15 @@ class Owner:
         if self._loop is not None and not self.closed:
             self._loop.call_soon_threadsafe(callback)
 
-    async def ask(self, make: Callable[[asyncio.Future[Any]], Command]) -> Any:
+    async def ask(self, make: Callable[[asyncio.Future[T]], Command[T]]) -> T:
         """Post the command `make` builds around a new reply, and wait for the answer (503 once the task is gone)."""
         if self.closed:
             raise shutting_down("no engine operation is possible")
         command = make(new_reply())
         self.post(command)
         assert self._task is not None
-        await asyncio.wait({command.reply, self._task}, return_when=asyncio.FIRST_COMPLETED)
+        waiting: set[asyncio.Future[Any]] = {command.reply, self._task}
+        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
         if not command.reply.done():
             raise SidecarError("the engine's supervisor stopped", code="supervisor_stopped")
         return command.reply.result()

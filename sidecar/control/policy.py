@@ -13,7 +13,7 @@ import enum
 from collections.abc import Callable
 
 from sidecar.control.commands import Crashed, IdleUnload, Load, Shutdown, Sleep, Unload, Wake, shutting_down
-from sidecar.control.inbox import DEFER, Command, Decision, Preempt, fail, reply
+from sidecar.control.inbox import DEFER, AnyCommand, Decision, Preempt, fail, reply
 from sidecar.engine_state import EngineState
 from sidecar.errors import Conflict, SidecarError
 
@@ -66,7 +66,7 @@ _LOAD_STOPPED_BY: dict[Kind, Callable[[], SidecarError]] = {
 }
 
 
-def kind_of(command: Command) -> Kind:
+def kind_of(command: AnyCommand) -> Kind:
     if isinstance(command, Load):
         return Kind.REPLACE if command.request.replace else Kind.LOAD
     if isinstance(command, Unload):
@@ -79,7 +79,7 @@ def kind_of(command: Command) -> Kind:
     return Kind.REPORT
 
 
-def decide(phase: Phase, command: Command, state: EngineState, closing: bool, joiners: list[Command]) -> Decision:
+def decide(phase: Phase, command: AnyCommand, state: EngineState, closing: bool, joiners: list[AnyCommand]) -> Decision:
     """Answer `command` as the table says for `phase` (None once answered), or defer it, or stop the step for it.
     A load while the server stops is 503, whatever the phase; an unload that joins is added to `joiners`."""
     kind = kind_of(command)

@@ -15,9 +15,10 @@ from engines import EngineAdapter
 from sidecar.control import startup
 from sidecar.control.engine import Engine, LoadRequest
 from sidecar.control.gate import RequestGate
-from sidecar.control.inbox import Abandoned, Command, Inbox
+from sidecar.control.inbox import Abandoned, AnyCommand, Inbox
 from sidecar.control.policy import Phase, decide
 from sidecar.control.process import process_tree
+from sidecar.control.records import EngineStatus, ReadyEngine, Unloaded
 from sidecar.control.runfile import EngineRecord
 from sidecar.control.shared import SharedState
 from sidecar.engine_state import EngineState, check_transition
@@ -56,7 +57,7 @@ class Runner:
         self.generation = 0  # changes whenever the engine does: the workers fetch its description then
         self._published_engine: Engine | None = None
 
-    def during(self, phase: Phase, work: Awaitable[Any], joiners: list[Command] | None = None) -> Awaitable[Any]:
+    def during(self, phase: Phase, work: Awaitable[Any], joiners: list[AnyCommand] | None = None) -> Awaitable[Any]:
         """`work`, with the commands that arrive meanwhile answered as the policy says for `phase`."""
         joined = [] if joiners is None else joiners
         return self.inbox.during(work, lambda command: decide(phase, command, self.state, self.closing, joined))
@@ -77,7 +78,7 @@ class Runner:
 
     # -- reading ------------------------------------------------------------------------------------------
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> EngineStatus:
         engine = self.engine
         process = engine.process if engine else None
         now = time.monotonic()
@@ -111,12 +112,19 @@ class Runner:
             return None
         return round(ttl_s if self.gate.in_flight else max(0.0, self.gate.last_used + ttl_s - now), 3)
 
-    def ready_body(self) -> dict[str, Any]:
+    def ready_body(self) -> ReadyEngine:
         """A load's answer once the engine is ready."""
-        status = self.status()
-        keys = ("state", "engine", "model", "served_model_name", "pid", "port", "load_time_s")
-        gpu_memory_used_mb = engine_memory_mb(self.gpus, self.engine_pids())
-        return {key: status[key] for key in keys} | {"gpu_memory_used_mb": gpu_memory_used_mb}
+        s = self.status()
+        return ReadyEngine(
+            state=s["state"],
+            engine=s["engine"],
+            model=s["model"],
+            served_model_name=s["served_model_name"],
+            pid=s["pid"],
+            port=s["port"],
+            load_time_s=s["load_time_s"],
+            gpu_memory_used_mb=engine_memory_mb(self.gpus, self.engine_pids()),
+        )
 
     def engine_pids(self) -> set[int]:
         engine = self.engine
@@ -165,7 +173,7 @@ class Runner:
 
     # -- stop -----------------------------------------------------------------------------------------------
 
-    async def stop(self, drain_timeout_s: float, reason: str, joiners: list[Command]) -> dict[str, Any]:
+    async def stop(self, drain_timeout_s: float, reason: str, joiners: list[AnyCommand]) -> Unloaded:
         """Drain the data plane, stop the engine's whole group, and say what was freed: state unloading, then idle.
         Unloads that arrive meanwhile join `joiners`."""
         engine = self.engine
@@ -193,7 +201,7 @@ class Runner:
             freed_gpu_memory_mb=freed,
             duration_ms=duration_ms,
         )
-        return {"state": EngineState.IDLE, "exit_code": exit_code, "freed_gpu_memory_mb": freed}
+        return Unloaded(state=EngineState.IDLE, exit_code=exit_code, freed_gpu_memory_mb=freed)
 
 
 def _iso(timestamp: float) -> str:

@@ -18,6 +18,7 @@ import os
 import struct
 import time
 from pathlib import Path
+from typing import TypedDict
 
 from sidecar.engine_state import EngineState
 
@@ -27,6 +28,12 @@ _SLOT = struct.Struct("<qdq")  # in flight, last start or end (monotonic), pid
 _GPU_COUNT = struct.Struct("<q")  # readings written so far
 _GPU = struct.Struct("<dd")  # a reading: monotonic time, used MB
 GPU_READINGS = 4096  # kept: about 7 minutes at the watchdog's 100 ms
+
+
+class WorkerSlot(TypedDict):
+    index: int
+    pid: int  # 0 while it is being replaced
+    in_flight: int
 
 
 class SharedState:
@@ -74,10 +81,10 @@ class SharedState:
         _GPU.pack_into(self._map, self._gpu_reading(count), monotonic, used_mb)
         _GPU_COUNT.pack_into(self._map, self._gpu_at, count + 1)
 
-    def workers_now(self) -> list[dict[str, int]]:
+    def workers_now(self) -> list[WorkerSlot]:
         """Each worker's pid (0 while it is being replaced) and requests in flight."""
         return [
-            {"index": index, "pid": pid, "in_flight": in_flight}
+            WorkerSlot(index=index, pid=pid, in_flight=in_flight)
             for index, (in_flight, _, pid) in enumerate(self._slot(i) for i in range(self.workers))
         ]
 

@@ -23,10 +23,11 @@ from sidecar.control.commands import Load, Shutdown, Sleep, Unload, Wake, shutti
 from sidecar.control.engine import Engine, EngineSlot, LoadRequest
 from sidecar.control.features import EngineCalls
 from sidecar.control.gate import RequestGate, not_ready
-from sidecar.control.inbox import Command, new_reply
+from sidecar.control.inbox import AnyCommand, new_reply
 from sidecar.control.lifecycle import Lifecycle
 from sidecar.control.owner import Owner
 from sidecar.control.process import REAP_AFTER_KILL_S, EngineProcess, become_subreaper
+from sidecar.control.records import Adapter, Described, EngineDescription, EngineStatus, Loaded, Slept, Unloaded, Woken
 from sidecar.control.runner import Runner
 from sidecar.control.shared import SharedState
 from sidecar.engine_state import EngineState
@@ -82,7 +83,7 @@ class Supervisor:
     def engine(self) -> Engine | None:
         return self.run.engine
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> EngineStatus:
         return self.run.status()
 
     @property
@@ -100,25 +101,10 @@ class Supervisor:
         load = await read_engine_load(self._probe, url, engine.upstream_headers, engine.adapter.load_series)
         return None if load is None else ((engine.served_model, engine.adapter.name), load)
 
-    def describe_engine(self) -> dict[str, Any]:
-        """For the data-plane workers: the engine's generation and what a request to it needs (keys included:
-        this goes over the run's private socket only)."""
+    def describe_engine(self) -> Described:
+        """For the data-plane workers: the engine's generation and what a request to it needs."""
         engine = self.run.engine
-        described = None
-        if engine is not None:
-            request = engine.request.model_dump() | {
-                "api_key": engine.request.api_key.get_secret_value() if engine.request.api_key else None
-            }
-            described = {
-                "request": request,
-                "base_url": engine.base_url,
-                "port": engine.port,
-                "started_at": engine.started_at,
-                "uptime_s": time.monotonic() - engine.started_monotonic,
-                "load_time_s": engine.load_time_s,
-                "upstream_headers": engine.upstream_headers,
-            }
-        return {"generation": self.run.generation, "engine": described}
+        return Described(generation=self.run.generation, engine=EngineDescription.of(engine) if engine else None)
 
     def engine_process(self) -> EngineProcess:
         """The running engine's process, for following its output: 404 without one, 400 for an external engine."""
@@ -197,33 +183,29 @@ class Supervisor:
             raise BadRequest(f"'{param}' is only for the external engine, not {request.engine}", param=param)
         return adapter
 
-    async def load(self, request: LoadRequest) -> tuple[int, dict[str, Any]]:
+    async def load(self, request: LoadRequest) -> Loaded:
         """(200, the ready engine) with `wait`, else (202, the status) once the engine's process exists."""
         adapter = self._adapter_for(request)
-        result: tuple[int, dict[str, Any]] = await self._owner.ask(lambda reply: Load(reply, request, adapter))
-        return result
+        return await self._owner.ask(lambda reply: Load(reply, request, adapter))
 
-    async def unload(self, drain_timeout_s: float | None = None) -> dict[str, Any]:
+    async def unload(self, drain_timeout_s: float | None = None) -> Unloaded:
         drain = self.settings.drain_timeout_s if drain_timeout_s is None else drain_timeout_s
-        result: dict[str, Any] = await self._owner.ask(lambda reply: Unload(reply, drain))
-        return result
+        return await self._owner.ask(lambda reply: Unload(reply, drain))
 
-    async def sleep(self, level: int) -> dict[str, Any]:
-        result: dict[str, Any] = await self._owner.ask(lambda reply: Sleep(reply, level))
-        return result
+    async def sleep(self, level: int) -> Slept:
+        return await self._owner.ask(lambda reply: Sleep(reply, level))
 
-    async def wake(self) -> dict[str, Any]:
-        result: dict[str, Any] = await self._owner.ask(lambda reply: Wake(reply))
-        return result
+    async def wake(self) -> Woken:
+        return await self._owner.ask(lambda reply: Wake(reply))
 
     # LoRA adapters: straight to the engine (no state of the sidecar's changes), while it is ready.
 
-    async def adapters(self) -> list[dict[str, Any]]:
+    async def adapters(self) -> list[Adapter]:
         """The LoRA adapters the engine has now, as it lists them."""
         engine, _ = features.lora_api(self.run.engine, self.run.state)
         return await self.calls.adapters(engine)
 
-    async def load_adapter(self, name: str, path: str) -> list[dict[str, Any]]:
+    async def load_adapter(self, name: str, path: str) -> list[Adapter]:
         engine, api = features.lora_api(self.run.engine, self.run.state)
         started = time.monotonic()
         await self.calls.post(engine, api.load, {"lora_name": name, "lora_path": path})
@@ -231,7 +213,7 @@ class Supervisor:
         log.info("adapter_load", engine=engine.adapter.name, adapter=name, path=path, duration_ms=duration_ms)
         return await self.calls.adapters(engine)
 
-    async def unload_adapter(self, name: str) -> list[dict[str, Any]]:
+    async def unload_adapter(self, name: str) -> list[Adapter]:
         engine, api = features.lora_api(self.run.engine, self.run.state)
         started = time.monotonic()
         await self.calls.post(engine, api.unload, {"lora_name": name})
@@ -266,13 +248,13 @@ class Supervisor:
 
     # -- the owner's hooks ----------------------------------------------------------------------------------
 
-    async def _handle(self, command: Command) -> None:
+    async def _handle(self, command: AnyCommand) -> None:
         await self._lifecycle.handle(command)
 
-    def _traced(self, command: Command) -> contextlib.AbstractContextManager[None]:
+    def _traced(self, command: AnyCommand) -> contextlib.AbstractContextManager[None]:
         return tracing.traced(self._otel, command, self.run)
 
-    def _report(self, command: Command) -> None:
+    def _report(self, command: AnyCommand) -> None:
         """A command from inside (a watcher, the signal handler): dropped once the owner is gone."""
         if not self._owner.closed:
             self._owner.post(command)

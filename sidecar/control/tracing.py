@@ -7,16 +7,16 @@ from collections.abc import Iterator
 
 from sidecar.control.commands import Crashed, IdleUnload, Load, Shutdown, Sleep, Unload, Wake
 from sidecar.control.engine import Engine
-from sidecar.control.inbox import Command
+from sidecar.control.inbox import AnyCommand
 from sidecar.control.runner import Runner
 from sidecar.engine_state import EngineState
 from sidecar.errors import SidecarError
 from sidecar.telemetry.otel import OpenTelemetry
 
-_NAMES: dict[type[Command], str] = {Load: "load", Unload: "unload", Sleep: "sleep", Wake: "wake"}
+_NAMES: dict[type[AnyCommand], str] = {Load: "load", Unload: "unload", Sleep: "sleep", Wake: "wake"}
 
 
-def span_name(command: Command, engine: Engine | None, state: EngineState) -> str | None:
+def span_name(command: AnyCommand, engine: Engine | None, state: EngineState) -> str | None:
     """The span's name for a command that acts on the engine; None for one that will not (a crash report of an
     engine stopped on purpose, an idle report of one replaced since)."""
     if isinstance(command, Crashed):
@@ -30,7 +30,7 @@ def span_name(command: Command, engine: Engine | None, state: EngineState) -> st
 
 
 @contextlib.contextmanager
-def traced(otel: OpenTelemetry | None, command: Command, run: Runner) -> Iterator[None]:
+def traced(otel: OpenTelemetry | None, command: AnyCommand, run: Runner) -> Iterator[None]:
     """A span around `command` as the owner runs it (nothing where OpenTelemetry is off)."""
     operation = span_name(command, run.engine, run.state) if otel is not None else None
     if operation is None or otel is None:

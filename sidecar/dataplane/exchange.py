@@ -21,6 +21,7 @@ from sidecar.errors import BadRequest, SidecarError
 from sidecar.http import header
 from sidecar.request_state import RequestState
 from sidecar.telemetry.otel import RequestSpan
+from sidecar.telemetry.records import Performance
 from sidecar.telemetry.service import GpuWindow
 
 _HOP_BY_HOP = frozenset(
@@ -220,7 +221,7 @@ class Exchange:
     several_choices: bool = False
     usage: dict[str, Any] | None = None
     timings: dict[str, Any] | None = None
-    performance: dict[str, Any] | None = None
+    performance: Performance | None = None
     status: int | None = None
     client_disconnected: bool = False
     error: str | None = None  # the code of the error that cut a stream short after its status went out

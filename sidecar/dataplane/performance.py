@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from sidecar.telemetry.records import InterTokenLatency, Performance
 from sidecar.telemetry.stats import percentile
 
 
@@ -61,7 +62,7 @@ class PerformanceMeter:
         engine_timings: dict[str, Any] | None = None,
         gpu_memory_peak_mb: float | None = None,
         gpu_memory_delta_mb: float | None = None,
-    ) -> dict[str, Any]:
+    ) -> Performance:
         ttft_ns = None if self.first_output_ns is None else self.first_output_ns - self.start_ns
         latency_ns = None if self.last_output_ns is None else self.last_output_ns - self.start_ns
         usage = usage or {}
@@ -74,8 +75,11 @@ class PerformanceMeter:
         rate = round(completion_tokens / (decode_ns / 1e9), 3) if decode_ns else None
         gaps = self.gaps_ns
         gaps.sort()  # in place: the ITL histogram takes them in order too
-        itl = {f"p{q}": _ms(percentile(gaps, q)) for q in (50, 90, 99)} | {"max": _ms(gaps[-1])} if gaps else None
-        performance: dict[str, Any] = {
+        itl = None
+        if gaps:
+            p50, p90, p99 = (_ms(percentile(gaps, q)) for q in (50, 90, 99))
+            itl = InterTokenLatency(p50=p50, p90=p90, p99=p99, max=_ms(gaps[-1]))
+        performance: Performance = {
             "ttft_ms": None if ttft_ns is None else _ms(ttft_ns),
             "latency_ms": None if latency_ns is None else _ms(latency_ns),
             "total_ms": _ms(end_ns - self.start_ns),

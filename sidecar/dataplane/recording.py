@@ -11,8 +11,9 @@ from sidecar import request_state
 from sidecar.dataplane.exchange import Exchange, dumps
 from sidecar.errors import SidecarError
 from sidecar.logs import get_logger
-from sidecar.telemetry.history import OWNER_FIELD, RequestHistory
+from sidecar.telemetry.history import RequestHistory
 from sidecar.telemetry.otel import Answer, OpenTelemetry
+from sidecar.telemetry.records import Performance, RequestRecord
 from sidecar.telemetry.service import Telemetry
 
 log = get_logger("sidecar.proxy")  # the proxy's lines, whichever of its modules writes them
@@ -34,7 +35,7 @@ class Recorder:
         self.worker = worker
         self.otel = otel
 
-    def finish(self, exchange: Exchange, end_ns: int) -> dict[str, Any]:
+    def finish(self, exchange: Exchange, end_ns: int) -> Performance:
         engine = exchange.engine
         gpu_peak, gpu_delta = self.telemetry.gpu_memory(exchange.gpu_window)
         exchange.performance = exchange.meter.result(
@@ -48,7 +49,7 @@ class Recorder:
         )
         return exchange.performance
 
-    async def finish_counted(self, exchange: Exchange, end_ns: int) -> dict[str, Any]:
+    async def finish_counted(self, exchange: Exchange, end_ns: int) -> Performance:
         """`finish` for an answer whose usage the sidecar counts: once the engine's count of the prompt has come
         into the usage (or the wait for it is over). The time spent waiting is not the engine's: `end_ns` is."""
         task, exchange.prompt_count = exchange.prompt_count, None
@@ -85,7 +86,7 @@ class Recorder:
         scope = exchange.scope
         state = request_state.of(scope)
         request_id = state.request_id
-        record: dict[str, Any] = {
+        record: RequestRecord = {
             "id": request_id,
             "object": "sidecar.request",
             "created": ended_ns // 1_000_000_000,
@@ -100,7 +101,7 @@ class Recorder:
             record["worker"] = self.worker
         fingerprint = state.log_fields.get("key_fingerprint")
         if fingerprint is not None:  # whose it is: GET /v1/requests/{id} shows it to that key (or an admin key)
-            record[OWNER_FIELD] = fingerprint
+            record["_key_fingerprint"] = fingerprint
         self.history.add(request_id, record)
         self.telemetry.metrics.observe_performance(performance, exchange.meter.gaps_ns)
         if exchange.span is not None and self.otel is not None:
@@ -115,7 +116,7 @@ class Recorder:
         fields.update({key: value for key, value in performance.items() if value is not None})
 
 
-def _answer(exchange: Exchange, performance: dict[str, Any]) -> Answer:
+def _answer(exchange: Exchange, performance: Performance) -> Answer:
     """How the exchange ended, for its span: `error.type` is the sidecar's error code (or the engine's status)."""
     failure = exchange.failure
     status = failure.status_code if failure is not None else exchange.status

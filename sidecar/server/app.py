@@ -39,14 +39,15 @@ from sidecar.errors import (
 )
 from sidecar.logs import configure_logging, get_logger
 from sidecar.redaction import Redactor
-from sidecar.server import control_plane, data_plane, health, http_server, internal, openapi
-from sidecar.server.auth import AuthMiddleware
-from sidecar.server.body_limit import BodyLimitMiddleware
+from sidecar.server import http_server, internal
+from sidecar.server import routes as routes_table
+from sidecar.server.auth import Auth
+from sidecar.server.body_limit import BodyLimit
 from sidecar.server.data_plane import AsgiHandler
+from sidecar.server.endpoint import RequestHandler
 from sidecar.server.request_context import RequestContextMiddleware, client_left
 from sidecar.settings import Settings
 from sidecar.telemetry import otel
-from sidecar.telemetry import service as telemetry
 from sidecar.telemetry.gpu import Gpus
 from sidecar.telemetry.history import RequestHistory
 from sidecar.telemetry.service import Telemetry
@@ -57,7 +58,6 @@ from sidecar.workers.view import EngineView
 
 log = get_logger("sidecar.app")
 
-KNOWN_PATHS = frozenset(endpoint.path for endpoint in openapi.ENDPOINTS)  # labelled as they are in the metrics
 # The supervisor's process waits this long past the drain for its workers to exit, then kills them.
 WORKER_EXIT_MARGIN_S = 10.0
 
@@ -69,7 +69,9 @@ def create_app(settings: Settings, redactor: Redactor | None = None, pool: Worke
     gpus = Gpus()
     exporting = otel.from_settings(settings, "supervisor")
     supervisor = Supervisor(settings, redactor, gpus, otel=exporting, shared=pool.shared if pool else None)
-    watch = Telemetry(settings, gpus, lambda: supervisor.engine_pid, supervisor.status, known_routes=KNOWN_PATHS)
+    watch = Telemetry(
+        settings, gpus, lambda: supervisor.engine_pid, supervisor.status, known_routes=routes_table.known_paths()
+    )
     if pool is not None:
         shared = pool.shared
 
@@ -121,9 +123,7 @@ def create_app(settings: Settings, redactor: Redactor | None = None, pool: Worke
             exporting.shutdown()
         log.info("sidecar_stopped")
 
-    routes = [*data_plane.routes(proxy), *health.routes, *telemetry.routes, *control_plane.routes]
-    if pool is not None:
-        routes += internal.supervisor_routes
+    routes = internal.supervisor_routes if pool is not None else []
     token = pool.token if pool is not None else None
     app = _assemble(settings, redactor, proxy, watch, history, routes, lifespan, token)
     app.state.supervisor = supervisor
@@ -136,7 +136,8 @@ def create_worker_app(settings: Settings, redactor: Redactor, shared: SharedStat
     supervisor = workers.internal_client(workers.supervisor_socket(settings), token)
     view = EngineView(settings, shared, index, supervisor, redactor)
     gpus = Gpus()
-    watch = Telemetry(settings, gpus, lambda: None, lambda: {}, live=False, known_routes=KNOWN_PATHS)  # no watchdog
+    # The engine's state, the resources and GPU readings are the supervisor's process's: no watchdog here.
+    watch = Telemetry(settings, gpus, lambda: None, None, known_routes=routes_table.known_paths())
     watch.gpu_peak_since = shared.gpu_peak_since
     history = RequestHistory(settings.request_history_size)
     admission = Admission(*workers.admission_share(settings), settings.queue_timeout_s)
@@ -157,8 +158,8 @@ def create_worker_app(settings: Settings, redactor: Redactor, shared: SharedStat
             exporting.shutdown()
 
     siblings = internal.sibling_clients(settings, index, token)
-    routes = [*internal.worker_routes(settings, token, history, siblings), *data_plane.routes(proxy)]
-    app = _assemble(settings, redactor, proxy, watch, history, routes, lifespan, token)
+    routes, forward = internal.worker_routes(settings, token, history, siblings)
+    app = _assemble(settings, redactor, proxy, watch, history, routes, lifespan, token, forward)
     app.state.find_elsewhere = internal.find_in(siblings)
     return app
 
@@ -172,13 +173,15 @@ def _assemble(
     routes: list[BaseRoute],
     lifespan: Callable[[Starlette], AbstractAsyncContextManager[None]],
     internal_token: str | None,
+    forward: RequestHandler | None = None,
 ) -> Starlette:
-    """The app around a proxy: its generation routes first, `routes`, then the pass-through of other /v1 paths."""
+    """The app around a proxy: the generation routes served first, then `routes` (a process's own), then the route
+    table's (in a data-plane worker, those of the engine's owner go to `forward`)."""
     app = _SidecarApp(
-        generation=data_plane.generation_paths(proxy),
+        generation=routes_table.generation_paths(proxy),
         outer=_middleware(settings, watch, internal_token, proxy.worker, proxy.backlog),
         settings=settings,
-        routes=[*routes, data_plane.passthrough_route(proxy)],
+        routes=[*routes, *routes_table.starlette_routes(proxy, forward)],
         exception_handlers=_EXCEPTION_HANDLERS,
         lifespan=lifespan,
     )
@@ -208,7 +211,7 @@ def _middleware(
     settings: Settings, watch: Telemetry, internal_token: str | None, worker: int | None, backlog: Backlog
 ) -> list[Middleware]:
     """The layers every request passes first, outermost first: a request id and an access line for every
-    response, then CORS (preflights need no key). Auth, then the body limit, come after them (`_SidecarApp`)."""
+    response, then CORS (preflights need no key). Auth and the body limit come after them (`_Checked`)."""
     observe = watch.metrics.observe_request
     middleware = [
         Middleware(RequestContextMiddleware, observe, internal_token=internal_token, worker=worker, backlog=backlog)
@@ -227,13 +230,11 @@ def _middleware(
 
 
 class _SidecarApp(Starlette):
-    """Starlette, with the generation routes served before its router and its two error middlewares.
-
-    Every token of every stream passes the layers between the server and the proxy, and every resumption of a
-    request's task passes through each of them again: for the two routes that carry the traffic, the request
-    goes from the outer middlewares straight to the proxy, with auth and the body limit checked as calls rather
-    than layers (SidecarError answered there). Every other route goes the usual way: auth, the body limit,
-    then Starlette's error middlewares and router.
+    """Starlette, behind the checks every request passes (`_Checked`), which serve the generation routes
+    themselves: every token of every stream passes the layers between the server and the proxy, and every
+    resumption of a request's task passes through each of them again, so the two routes that carry the traffic go
+    from the outer middlewares straight to the proxy. Every other route goes on to Starlette's error middlewares
+    and router.
     """
 
     def __init__(
@@ -246,33 +247,26 @@ class _SidecarApp(Starlette):
 
     def build_middleware_stack(self) -> ASGIApp:
         settings = self.sidecar_settings
-        body_limit = BodyLimitMiddleware(
-            super().build_middleware_stack(), settings.max_body_bytes, workers.body_budget_share(settings)
-        )
-        auth = AuthMiddleware(
-            body_limit,
-            data_keys=settings.data_keys,
-            control_keys=settings.control_keys,
-            metrics_require_key=settings.metrics_require_key,
-        )
-        app: ASGIApp = _GenerationRoutes(self.generation, rest=auth, auth=auth, body_limit=body_limit)
+        auth = Auth(settings.data_keys, settings.control_keys, routes_table.planes(settings.metrics_require_key))
+        body_limit = BodyLimit(settings.max_body_bytes, workers.body_budget_share(settings))
+        app: ASGIApp = _Checked(self.generation, super().build_middleware_stack(), auth, body_limit)
         for cls, args, kwargs in reversed(self.outer):
             app = cls(app, *args, **kwargs)
         return app
 
 
-class _GenerationRoutes:
-    def __init__(
-        self, routes: dict[str, AsgiHandler], rest: ASGIApp, auth: AuthMiddleware, body_limit: BodyLimitMiddleware
-    ) -> None:
-        self.routes = routes
+class _Checked:
+    """Authentication and the body limit, the one place each is applied, for every HTTP request; then the
+    generation routes (POST) straight to the proxy, every other request to the rest of the app."""
+
+    def __init__(self, generation: dict[str, AsgiHandler], rest: ASGIApp, auth: Auth, body_limit: BodyLimit) -> None:
+        self.generation = generation
         self.rest = rest
         self.auth = auth
         self.body_limit = body_limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        handler = self.routes.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
-        if handler is None:
+        if scope["type"] != "http":
             await self.rest(scope, receive, send)
             return
         try:
@@ -281,10 +275,15 @@ class _GenerationRoutes:
         except SidecarError as exc:
             await send_error(exc, scope, receive, send)
             return
+        handler = self.generation.get(scope["path"]) if scope["method"] == "POST" else None
         try:
-            await handler(scope, bounded, send)
-        except SidecarError as exc:  # raised before the response started, as with Starlette's handlers
-            await send_error(exc, scope, receive, send)
+            if handler is None:
+                await self.rest(scope, bounded, send)
+            else:
+                try:
+                    await handler(scope, bounded, send)
+                except SidecarError as exc:  # raised before the response started, as with Starlette's handlers
+                    await send_error(exc, scope, receive, send)
         finally:
             self.body_limit.release(scope)
 

@@ -2,30 +2,16 @@
 
 from __future__ import annotations
 
-import enum
 import hashlib
 import hmac
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Scope
 
 from sidecar import request_state
-from sidecar.errors import Forbidden, SidecarError, Unauthorized, send_error
+from sidecar.errors import Forbidden, Unauthorized
 from sidecar.http import header
-
-
-class Plane(enum.Enum):
-    OPEN = "open"
-    DATA = "data"
-    CONTROL = "control"
-
-
-def plane_for(path: str, metrics_require_key: bool = False) -> Plane:
-    if path == "/v1/model" or path.startswith("/v1/model/"):
-        return Plane.CONTROL
-    if path.startswith("/v1/") or (path == "/metrics" and metrics_require_key):
-        return Plane.DATA
-    return Plane.OPEN
+from sidecar.server.endpoint import Plane
 
 
 def _fingerprint(key: str) -> str:
@@ -65,16 +51,11 @@ def holds_one_of(scope: Scope, keys: Iterable[str]) -> bool:
     return key is not None and _matches(_digest(key), (_digest(candidate) for candidate in keys))
 
 
-class AuthMiddleware:
-    def __init__(
-        self,
-        app: ASGIApp,
-        data_keys: Iterable[str],
-        control_keys: Iterable[str],
-        metrics_require_key: bool = False,
-    ) -> None:
-        self.app = app
-        self.metrics_require_key = metrics_require_key
+class Auth:
+    """Every request's key checked against the plane its path needs (the route table's `Planes`)."""
+
+    def __init__(self, data_keys: Iterable[str], control_keys: Iterable[str], plane_of: Callable[[str], Plane]) -> None:
+        self.plane_of = plane_of
         data_keys, control_keys = list(data_keys), list(control_keys)
         self.digests = {
             Plane.DATA: [_digest(k) for k in data_keys],
@@ -83,19 +64,10 @@ class AuthMiddleware:
         # An accepted key's fingerprint by its digest, worked out once rather than on every request.
         self.fingerprints = {_digest(k): _fingerprint(k) for k in (*data_keys, *control_keys)}
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            try:
-                self.check(scope)
-            except SidecarError as error:
-                await send_error(error, scope, receive, send)
-                return
-        await self.app(scope, receive, send)
-
     def check(self, scope: Scope) -> None:
         """Raise the 401 or 403 this request earns; return where it may pass (an open path, no keys configured,
-        or a key accepted). The app's generation routes call it directly, outside the middleware's layer."""
-        plane = plane_for(scope["path"], self.metrics_require_key)
+        or a key accepted)."""
+        plane = self.plane_of(scope["path"])
         accepted = self.digests.get(plane)
         if not accepted:  # an open path, or no keys configured (loopback only)
             return

@@ -10,19 +10,18 @@ body is read, and the bodies in flight are served.
 
 from __future__ import annotations
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Message, Receive, Scope
 
 from sidecar import request_state
-from sidecar.errors import BadRequest, PayloadTooLarge, SidecarError, SidecarOverloaded, send_error
+from sidecar.errors import BadRequest, PayloadTooLarge, SidecarOverloaded
 from sidecar.http import header
 from sidecar.logs import Throttle, get_logger
 
 log = get_logger("sidecar.http")
 
 
-class BodyLimitMiddleware:
-    def __init__(self, app: ASGIApp, max_bytes: int, max_in_flight: int = 0) -> None:
-        self.app = app
+class BodyLimit:
+    def __init__(self, max_bytes: int, max_in_flight: int = 0) -> None:
         self.max_bytes = max_bytes
         self.max_in_flight = max_in_flight
         self.in_flight = 0  # bytes of the bodies of the requests being handled
@@ -31,25 +30,11 @@ class BodyLimitMiddleware:
     def _too_large(self) -> PayloadTooLarge:
         return PayloadTooLarge(f"request body is larger than the limit of {self.max_bytes} bytes")
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        try:
-            bounded = self.bounded(scope, receive)
-        except SidecarError as error:
-            await send_error(error, scope, receive, send)
-            return
-        try:
-            await self.app(scope, bounded, send)
-        finally:
-            self.release(scope)
-
     def bounded(self, scope: Scope, receive: Receive) -> Receive:
         """The request's `receive`, which raises 413 past the limit; a declared length over it (or not a number)
         raises here, and so does one the budget has no room for (503). A declared length within both bounds the
-        body already (HTTP's framing ends the body there): `receive` is returned as it is. The app's generation
-        routes call it directly, outside the layer; whoever calls it calls `release` when the request ends."""
+        body already (HTTP's framing ends the body there): `receive` is returned as it is. Whoever calls it calls
+        `release` when the request ends."""
         declared = header(scope, b"content-length")
         if declared is not None:
             if not declared.isdigit():

@@ -10,7 +10,6 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
 
 from sidecar.control.engine import AdapterName, AdapterRequest, LoadRequest, SleepRequest
 from sidecar.control.process import TAIL_LINES, EngineProcess
@@ -137,16 +136,3 @@ async def _output_events(process: EngineProcess, tail: int, request: Request) ->
 def _event(data: dict[str, Any], name: str | None = None) -> bytes:
     head = f"event: {name}\n" if name else ""
     return f"{head}data: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
-
-
-routes = [
-    Route("/v1/model", status, methods=["GET"]),
-    Route("/v1/model/logs", logs, methods=["GET"]),
-    Route("/v1/model/sleep", sleep, methods=["POST"]),
-    Route("/v1/model/wake", wake, methods=["POST"]),
-    Route("/v1/model/adapters", adapters, methods=["GET"]),
-    Route("/v1/model/adapters/load", load_adapter, methods=["POST"]),
-    Route("/v1/model/adapters/unload", unload_adapter, methods=["POST"]),
-    Route("/v1/model/load", load, methods=["POST"]),
-    Route("/v1/model/unload", unload, methods=["POST"]),
-]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Any
+from collections.abc import Awaitable, Callable
 
 import httpx
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -26,6 +26,7 @@ from sidecar.settings import Settings
 from sidecar.telemetry import service as telemetry
 from sidecar.telemetry.history import RequestHistory
 from sidecar.telemetry.merge import merged_exposition
+from sidecar.telemetry.records import RequestRecord
 from sidecar.workers.pool import internal_client, supervisor_socket, worker_socket
 
 # Hop-by-hop and length headers, and the request id: each side of a forwarded call sets its own.
@@ -49,7 +50,7 @@ async def internal_engine(request: Request) -> Response:
     """For the workers: the engine now, its generation, and what a request to it needs (keys included)."""
     _internal(request)
     supervisor: Supervisor = request.app.state.supervisor
-    return JSONResponse(supervisor.describe_engine())
+    return Response(supervisor.describe_engine().model_dump_json(), media_type="application/json")
 
 
 async def internal_on_demand(request: Request) -> Response:
@@ -80,12 +81,12 @@ def sibling_clients(settings: Settings, index: int, token: str) -> list[httpx.As
 def find_in(siblings: list[httpx.AsyncClient]) -> FindElsewhere:
     """GET /v1/requests/{id} in a worker, for a request it did not serve: the record of the worker that did."""
 
-    async def find(request_id: str) -> dict[str, Any] | None:
+    async def find(request_id: str) -> RequestRecord | None:
         for client in siblings:
             with contextlib.suppress(httpx.HTTPError):
                 answer = await client.get(f"/internal/requests/{request_id}")
                 if answer.status_code == 200:
-                    found: dict[str, Any] = answer.json()
+                    found: RequestRecord = answer.json()
                     return found
         return None
 
@@ -94,8 +95,9 @@ def find_in(siblings: list[httpx.AsyncClient]) -> FindElsewhere:
 
 def worker_routes(
     settings: Settings, token: str, history: RequestHistory, siblings: list[httpx.AsyncClient]
-) -> list[BaseRoute]:
-    """A worker's own routes, besides the data plane: what spans the workers, and what it forwards."""
+) -> tuple[list[BaseRoute], Callable[[Request], Awaitable[Response]]]:
+    """A worker's own routes (what spans the workers: a request's record, the metrics), and the handler of the
+    routes it forwards to the supervisor's process (the route table's, `routes.starlette_routes`)."""
     supervisor = internal_client(supervisor_socket(settings), token, timeout_s=None)  # streams: the logs
 
     async def own_request(request: Request) -> Response:
@@ -139,16 +141,9 @@ def worker_routes(
             answer.aiter_raw(), status_code=answer.status_code, headers=kept, background=BackgroundTask(answer.aclose)
         )
 
-    everything = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
-    return [
+    own: list[BaseRoute] = [
         Route("/metrics", all_metrics, methods=["GET"]),
         Route("/internal/requests/{request_id}", own_request, methods=["GET"]),
         Route("/internal/metrics", own_metrics, methods=["GET"]),
-        Route("/v1/model", forward, methods=everything),
-        Route("/v1/model/{rest:path}", forward, methods=everything),
-        Route("/v1/telemetry", forward, methods=everything),
-        Route("/", forward, methods=everything),
-        Route("/health", forward, methods=everything),
-        Route("/ready", forward, methods=everything),
-        Route("/openapi.json", forward, methods=everything),
     ]
+    return own, forward

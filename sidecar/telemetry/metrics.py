@@ -15,13 +15,14 @@ import threading
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import accumulate
-from typing import Any, Protocol
+from typing import Any, Protocol, TypedDict
 
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from sidecar.engine_state import EngineState
+from sidecar.telemetry.records import Performance
 from sidecar.telemetry.watchdog import ResourceWatchdog
 
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60)
@@ -126,12 +127,12 @@ class Metrics:
     def __init__(
         self,
         watchdog: ResourceWatchdog,
-        engine_status: Callable[[], dict[str, Any]],
-        live: bool = True,
+        engine_status: Callable[[], EngineFigures] | None,
         known_routes: Iterable[str] = (),
     ) -> None:
-        """`live`: the engine's state and the watchdog's resources too (not in a data-plane worker, whose
-        series are added to those of the process that has them). `known_routes`: the paths labelled as they are."""
+        """`engine_status`: where the engine's state comes from, and with it the watchdog's resources are exported
+        too (None in a data-plane worker, whose series are added to those of the process that has them).
+        `known_routes`: the paths labelled as they are."""
         self.known_routes = frozenset(known_routes)
         self.registry = CollectorRegistry()
         self.requests = Counter(
@@ -153,7 +154,7 @@ class Metrics:
         self.tokens = Counter(
             "sidecar_tokens", "Tokens, by kind (prompt, completion)", [*_LABELS, "kind"], registry=self.registry
         )
-        if live:
+        if engine_status is not None:
             self.registry.register(_LiveCollector(watchdog, engine_status))
         self._engine_load = _EngineLoadCollector()
         self.registry.register(self._engine_load)
@@ -172,17 +173,21 @@ class Metrics:
         model, engine = str(fields.get("model", "")), str(fields.get("engine", ""))
         self._child(self.requests, (route_label(path, self.known_routes), status_class, model, engine)).inc()
 
-    def observe_performance(self, performance: dict[str, Any], sorted_gaps_ns: list[int]) -> None:
+    def observe_performance(self, performance: Performance, sorted_gaps_ns: list[int]) -> None:
         """A request's measures; its token gaps in order (`PerformanceMeter.result` sorts them)."""
         labels = (performance["model"], performance["engine"])
-        for histogram, key in ((self.ttft, "ttft_ms"), (self.tpot, "tpot_ms"), (self.latency, "latency_ms")):
-            if performance.get(key) is not None:
-                histogram.observe(labels, (performance[key] / 1000,))
+        measured = (
+            (self.ttft, performance["ttft_ms"]),
+            (self.tpot, performance["tpot_ms"]),
+            (self.latency, performance["latency_ms"]),
+        )
+        for histogram, ms in measured:
+            if ms is not None:
+                histogram.observe(labels, (ms / 1000,))
         if sorted_gaps_ns:
             self.itl.observe_sorted_ns(labels, sorted_gaps_ns)
-        for kind in ("prompt", "completion"):
-            count = performance.get(f"{kind}_tokens")
-            if isinstance(count, int) and count > 0:
+        for kind, count in (("prompt", performance["prompt_tokens"]), ("completion", performance["completion_tokens"])):
+            if count:
                 self._child(self.tokens, (*labels, kind)).inc(count)
 
     def watch_admission(self, admission: AdmissionCounts) -> None:
@@ -225,10 +230,18 @@ class _AdmissionCollector(Collector):
         yield from (active, queued, rejected)
 
 
+class EngineFigures(TypedDict):
+    """What the metrics read of the engine's status (control.records.EngineStatus has these and more)."""
+
+    state: EngineState
+    restarts: int
+    load_time_s: float | None
+
+
 class _LiveCollector(Collector):
     """Engine state and the watchdog's latest sample, read at scrape time."""
 
-    def __init__(self, watchdog: ResourceWatchdog, engine_status: Callable[[], dict[str, Any]]) -> None:
+    def __init__(self, watchdog: ResourceWatchdog, engine_status: Callable[[], EngineFigures]) -> None:
         self.watchdog = watchdog
         self.engine_status = engine_status
 
@@ -242,7 +255,7 @@ class _LiveCollector(Collector):
         restarts.add_metric([], status["restarts"])
         yield restarts
         load = GaugeMetricFamily("sidecar_engine_load_seconds", "How long the current engine took to be ready")
-        if status.get("load_time_s") is not None:
+        if status["load_time_s"] is not None:
             load.add_metric([], status["load_time_s"])
         yield load
         yield from self._resources()

@@ -31,6 +31,7 @@ from sidecar import request_state
 from sidecar.logs import get_logger
 from sidecar.settings import Settings, SettingsError
 from sidecar.telemetry.otel_metrics import Instruments
+from sidecar.telemetry.records import Performance
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.metrics import MeterProvider
@@ -302,7 +303,7 @@ class RequestSpan:
 class Answer:
     """How a request that reached the engine ended: what the span and the metrics are made of."""
 
-    performance: dict[str, Any]
+    performance: Performance
     status: int | None
     error_type: str | None
     finish_reasons: Sequence[str]
@@ -322,8 +323,11 @@ class ControlSpan:
 
 def _span_attributes(answer: Answer) -> dict[str, Any]:
     performance = answer.performance
-    attributes: dict[str, Any] = {f"sidecar.{name}": performance[name] for name in _PERFORMANCE_FIELDS}
-    attributes = {name: value for name, value in attributes.items() if value is not None}
+    attributes: dict[str, Any] = {
+        f"sidecar.{name}": value
+        for name, value in performance.items()
+        if name in _PERFORMANCE_FIELDS and value is not None
+    }
     itl = performance.get("itl_ms")
     if itl:
         attributes |= {f"sidecar.itl_{quantile}_ms": value for quantile, value in itl.items()}

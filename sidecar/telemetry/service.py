@@ -1,4 +1,4 @@
-"""Telemetry: the watchdog, NVML and the Prometheus series in one place, and their two routes.
+"""Telemetry: the watchdog, NVML and the Prometheus series in one place, and the handlers of its two routes.
 
 `GET /metrics` (Prometheus text) and `GET /v1/telemetry` (the latest sample and a recent window's min, mean
 and max, JSON). Per request, `window()` and `gpu_memory()` give `usage.performance` its GPU fields: the
@@ -16,12 +16,11 @@ from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
 from sidecar.errors import BadRequest
 from sidecar.settings import Settings
 from sidecar.telemetry.gpu import Gpus
-from sidecar.telemetry.metrics import Metrics
+from sidecar.telemetry.metrics import EngineFigures, Metrics
 from sidecar.telemetry.watchdog import ResourceWatchdog
 
 _SUMMARIZED = (
@@ -47,13 +46,12 @@ class Telemetry:
         settings: Settings,
         gpus: Gpus,
         engine_pid: Callable[[], int | None],
-        engine_status: Callable[[], dict[str, Any]],
-        live: bool = True,
+        engine_status: Callable[[], EngineFigures] | None,
         known_routes: Iterable[str] = (),
     ) -> None:
         self.gpus = gpus
         self.watchdog = ResourceWatchdog(settings.watchdog_interval_ms / 1000, gpus, engine_pid)
-        self.metrics = Metrics(self.watchdog, engine_status, live, known_routes)
+        self.metrics = Metrics(self.watchdog, engine_status, known_routes)
         # Where a request's GPU peak between its two reads comes from: this watchdog, or (in a data-plane
         # worker) the supervising process's, through the memory they share.
         self.gpu_peak_since: Callable[[float], float | None] = self.watchdog.gpu_peak_since
@@ -125,9 +123,3 @@ async def telemetry_snapshot(request: Request) -> Response:
     if not 0 < window_s <= 3600:
         raise BadRequest("window_s must be a number of seconds between 0 and 3600", param="window_s")
     return JSONResponse(telemetry.snapshot(window_s))
-
-
-routes = [
-    Route("/metrics", metrics, methods=["GET"]),
-    Route("/v1/telemetry", telemetry_snapshot, methods=["GET"]),
-]

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
-from typing import Any
 
 import httpx
+from pydantic import ValidationError
 
-from engines import adapter as registered_adapter
-from sidecar.control.engine import Engine, EngineSlot, LoadRequest
+from sidecar.control.engine import Engine, EngineSlot
 from sidecar.control.gate import not_ready
+from sidecar.control.records import Described
 from sidecar.control.shared import SharedState
 from sidecar.engine_state import EngineState
 from sidecar.errors import ServiceUnavailable
@@ -80,28 +79,15 @@ class EngineView:
 
     async def _fetch(self) -> None:
         try:
-            answer = (await self.supervisor.get("/internal/engine")).raise_for_status().json()
-        except httpx.HTTPError as exc:
+            answer = (await self.supervisor.get("/internal/engine")).raise_for_status()
+            described = Described.model_validate_json(answer.content)
+        except (httpx.HTTPError, ValidationError) as exc:
             raise ServiceUnavailable(f"the engine's description could not be read: {exc}") from None
-        described = answer["engine"]
-        self.engine = None if described is None else self._engine(described)
-        self._generation = answer["generation"]
-
-    def _engine(self, described: dict[str, Any]) -> Engine:
-        request = LoadRequest.model_validate(described["request"])
-        self.redactor.register(*request.secrets())
-        adapter = registered_adapter(request.engine, self.settings.engine_executables.get(request.engine))
-        return Engine(
-            request,
-            adapter,
-            described["base_url"],
-            described["port"],
-            None,
-            described["started_at"],
-            time.monotonic() - described["uptime_s"],
-            described["load_time_s"],
-            upstream_headers=described["upstream_headers"],
-        )
+        self.engine = None
+        if described.engine is not None:
+            self.engine = described.engine.engine(self.settings.engine_executables)
+            self.redactor.register(*self.engine.request.secrets())
+        self._generation = described.generation
 
     async def _load_on_demand(self) -> None:
         timeout_s = self.settings.startup_timeout_s + 30

@@ -81,7 +81,7 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
 async def relay(clock: Clock, reads: list[tuple[float, bytes | Exception]], client_usage: bool) -> tuple[list, Any]:
     """The reads through a real Proxy's stream relay: the messages the client was sent, and the exchange."""
     settings = load_settings(None)
-    telemetry = Telemetry(settings, Gpus(nvml=None), lambda: None, lambda: {}, live=False)
+    telemetry = Telemetry(settings, Gpus(nvml=None), lambda: None, None)
     proxy = Proxy(settings, SimpleNamespace(), RequestHistory(8), telemetry, Admission(8, 8, 5.0))
     sent: list[dict[str, Any]] = []
 
