@@ -10,13 +10,14 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
 
 from sidecar.control.engine import free_port
 
-__all__ = ["SidecarProcess", "free_port", "group_members", "is_gone", "wait_until"]
+__all__ = ["SidecarProcess", "bearer", "free_port", "group_members", "is_gone", "wait_until"]
 
 
 class SidecarProcess:
@@ -64,6 +65,35 @@ class SidecarProcess:
             time.sleep(0.05)
         raise TimeoutError(f"sidecar not healthy after {timeout_s}s:\n{self.output()}")
 
+    # -- what tests ask of it most, as a client would --------------------------------------------------------
+
+    def load(self, key: str | None = None, timeout: float = 30, **body: Any) -> httpx.Response:
+        """POST /v1/model/load: the mock engine serving "m", unless `body` says otherwise."""
+        request = {"engine": "mock", "model": "m"} | body
+        return httpx.post(f"{self.url}/v1/model/load", json=request, headers=bearer(key), timeout=timeout)
+
+    def status(self, key: str | None = None) -> dict[str, Any]:
+        """GET /v1/model, which must answer 200."""
+        answer = httpx.get(f"{self.url}/v1/model", headers=bearer(key))
+        assert answer.status_code == 200, answer.text
+        status: dict[str, Any] = answer.json()
+        return status
+
+    def chat(
+        self,
+        key: str | None = None,
+        model: str = "m",
+        headers: dict[str, str] | None = None,
+        timeout: float = 30,
+        **mock: Any,
+    ) -> httpx.Response:
+        """POST /v1/chat/completions: one user message, 4 tokens at most; `mock` is the mock engine's overrides."""
+        body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+        if mock:
+            body["mock"] = mock
+        url = f"{self.url}/v1/chat/completions"
+        return httpx.post(url, json=body, headers=bearer(key) | (headers or {}), timeout=timeout)
+
     def wait_exit(self, timeout_s: float = 20.0) -> int:
         return self.process.wait(timeout=timeout_s)
 
@@ -77,6 +107,10 @@ class SidecarProcess:
                 self.process.wait()
         self._output.close()
         return self.process.returncode
+
+
+def bearer(key: str | None) -> dict[str, str]:
+    return {} if key is None else {"Authorization": f"Bearer {key}"}
 
 
 def wait_until(predicate: Callable[[], bool], timeout_s: float, interval_s: float = 0.02) -> float:

@@ -16,7 +16,8 @@ import pytest
 from tests.processes import SidecarProcess, wait_until
 
 Start = Callable[..., SidecarProcess]
-ADMIN = {"Authorization": "Bearer logs-admin-key-0123"}
+ADMIN_KEY = "logs-admin-key-0123"
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 DATA = {"Authorization": "Bearer logs-data-key-4567"}
 KEYS = {"SIDECAR_ADMIN_KEYS": "logs-admin-key-0123", "SIDECAR_API_KEYS": "logs-data-key-4567"}
 SECRET = "hf_logs_secret_0123456789"
@@ -31,11 +32,6 @@ def _say(sidecar: SidecarProcess, line: str) -> None:
     """The mock engine prints `line` when it gets this request, as an engine logs its requests."""
     body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, "mock": {"log": line}}
     httpx.post(f"{sidecar.url}/v1/chat/completions", json=body, headers=DATA, timeout=10).raise_for_status()
-
-
-def _status(sidecar: SidecarProcess) -> dict[str, Any]:
-    answer: dict[str, Any] = httpx.get(f"{sidecar.url}/v1/model", headers=ADMIN).json()
-    return answer
 
 
 class Follower:
@@ -96,7 +92,7 @@ def test_the_kept_tail_then_each_line_as_it_comes_masked_then_the_end(start_side
     follower = Follower(sidecar)
     try:
         wait_until(lambda: any("mock engine sees HF_TOKEN=" in line for line in follower.lines()), timeout_s=10)
-        assert _status(sidecar)["log_followers"] == 1
+        assert sidecar.status(ADMIN_KEY)["log_followers"] == 1
         _say(sidecar, f"request one carries {SECRET} in its line")
         _say(sidecar, "request two")
         wait_until(lambda: "request two" in follower.lines(), timeout_s=10)
@@ -119,7 +115,7 @@ def test_tail_chooses_how_much_of_the_kept_output_comes_first(start_sidecar: Sta
     assert _load(sidecar).status_code == 200
     follower = Follower(sidecar, "?tail=0")
     try:
-        wait_until(lambda: _status(sidecar)["log_followers"] == 1, timeout_s=10)
+        wait_until(lambda: sidecar.status(ADMIN_KEY)["log_followers"] == 1, timeout_s=10)
         _say(sidecar, "only this one")
         wait_until(lambda: follower.lines() != [], timeout_s=10)
         assert follower.lines() == ["only this one"]
@@ -134,12 +130,12 @@ def test_a_client_that_leaves_is_let_go_at_once(start_sidecar: Start) -> None:
     sidecar = start_sidecar(KEYS)
     assert _load(sidecar).status_code == 200
     followers = [Follower(sidecar, "?tail=0") for _ in range(5)]
-    wait_until(lambda: _status(sidecar)["log_followers"] == 5, timeout_s=10)
+    wait_until(lambda: sidecar.status(ADMIN_KEY)["log_followers"] == 5, timeout_s=10)
     for follower in followers:
         follower.close()
-    wait_until(lambda: _status(sidecar)["log_followers"] == 0, timeout_s=5)  # no output needed to notice
+    wait_until(lambda: sidecar.status(ADMIN_KEY)["log_followers"] == 0, timeout_s=5)  # no output needed to notice
     _say(sidecar, "nobody reads this")  # and output with no reader costs nothing more than the log line
-    assert _status(sidecar)["state"] == "ready"
+    assert sidecar.status(ADMIN_KEY)["state"] == "ready"
 
 
 def test_an_open_stream_does_not_hold_up_the_sidecars_stop(start_sidecar: Start) -> None:
@@ -147,7 +143,7 @@ def test_an_open_stream_does_not_hold_up_the_sidecars_stop(start_sidecar: Start)
     assert _load(sidecar).status_code == 200
     follower = Follower(sidecar)
     try:
-        wait_until(lambda: _status(sidecar)["log_followers"] == 1, timeout_s=10)
+        wait_until(lambda: sidecar.status(ADMIN_KEY)["log_followers"] == 1, timeout_s=10)
         started = time.monotonic()
         sidecar.stop()
         assert time.monotonic() - started < 10

@@ -17,16 +17,6 @@ CHAT = "/v1/chat/completions"
 MESSAGES = [{"role": "user", "content": "hi"}]
 
 
-def _status(sidecar: SidecarProcess) -> dict[str, Any]:
-    answer: dict[str, Any] = httpx.get(f"{sidecar.url}/v1/model").json()
-    return answer
-
-
-def _chat(sidecar: SidecarProcess, **mock: Any) -> httpx.Response:
-    body = {"model": "m", "messages": MESSAGES, "max_tokens": 4} | ({"mock": mock} if mock else {})
-    return httpx.post(f"{sidecar.url}{CHAT}", json=body, timeout=30)
-
-
 def _load(sidecar: SidecarProcess, **body: Any) -> httpx.Response:
     request = {"engine": "mock", "model": "m", "args": {"ttft-ms": 5, "itl-ms": 5}} | body
     return httpx.post(f"{sidecar.url}/v1/model/load", json=request, timeout=30)
@@ -45,22 +35,22 @@ def test_an_engine_without_requests_for_its_ttl_is_unloaded_and_then_answers_503
     loaded = _load(sidecar, ttl_s=1.0)
     assert loaded.status_code == 200, loaded.text
     pid = loaded.json()["pid"]
-    status = _status(sidecar)
+    status = sidecar.status()
     assert status["ttl_s"] == 1.0 and 0 < status["idle_unload_in_s"] <= 1.0
 
     # A request in flight for longer than the TTL keeps the engine; the count starts again when it ends.
-    assert _chat(sidecar, itl_ms=500).status_code == 200  # 4 tokens: about 1.5 s
-    assert _status(sidecar)["state"] == "ready" and _status(sidecar)["idle_unload_in_s"] > 0.5
+    assert sidecar.chat(itl_ms=500).status_code == 200  # 4 tokens: about 1.5 s
+    assert sidecar.status()["state"] == "ready" and sidecar.status()["idle_unload_in_s"] > 0.5
 
-    idle_s = wait_until(lambda: _status(sidecar)["state"] == "idle", timeout_s=10)
+    idle_s = wait_until(lambda: sidecar.status()["state"] == "idle", timeout_s=10)
     assert idle_s == pytest.approx(1.0, abs=0.8)
     assert is_gone(pid)
     (unload,) = _log_events(sidecar, "model_unload")
     assert unload["reason"] == "idle" and unload["engine"] == "mock"
-    status = _status(sidecar)
+    status = sidecar.status()
     assert status["ttl_s"] is None and status["idle_unload_in_s"] is None
 
-    answered = _chat(sidecar)
+    answered = sidecar.chat()
     assert answered.status_code == 503 and answered.headers["retry-after"]
     error = answered.json()["error"]
     assert error["code"] == "model_unloaded_idle" and "'m' was unloaded after its ttl_s" in error["message"]
@@ -69,16 +59,16 @@ def test_an_engine_without_requests_for_its_ttl_is_unloaded_and_then_answers_503
 def test_the_default_ttl_applies_to_every_load_and_a_load_of_its_own_wins(start_sidecar: Start) -> None:
     sidecar = start_sidecar({"SIDECAR_DEFAULT_TTL_S": "60", **JSON_LOGS})
     assert _load(sidecar).status_code == 200
-    assert _status(sidecar)["ttl_s"] == 60.0
+    assert sidecar.status()["ttl_s"] == 60.0
     assert _load(sidecar, ttl_s=0.5, replace=True).status_code == 200
-    assert _status(sidecar)["ttl_s"] == 0.5
-    wait_until(lambda: _status(sidecar)["state"] == "idle", timeout_s=10)
+    assert sidecar.status()["ttl_s"] == 0.5
+    wait_until(lambda: sidecar.status()["state"] == "idle", timeout_s=10)
 
 
 def test_without_a_ttl_the_engine_stays(start_sidecar: Start) -> None:
     sidecar = start_sidecar()
     assert _load(sidecar).status_code == 200
-    status = _status(sidecar)
+    status = sidecar.status()
     assert status["ttl_s"] is None and status["idle_unload_in_s"] is None
 
 
@@ -86,22 +76,22 @@ def test_without_a_ttl_the_engine_stays(start_sidecar: Start) -> None:
 def test_a_bad_ttl_is_a_400_and_changes_nothing(start_sidecar: Start, ttl: Any) -> None:
     sidecar = start_sidecar()
     assert _load(sidecar).status_code == 200
-    before = _status(sidecar)
+    before = sidecar.status()
     answered = _load(sidecar, ttl_s=ttl, replace=True)
     assert answered.status_code == 400 and answered.json()["error"]["param"] == "ttl_s"
-    after = _status(sidecar)
+    after = sidecar.status()
     assert (after["state"], after["pid"], after["ttl_s"]) == ("ready", before["pid"], None)
 
 
 def test_load_on_demand_brings_the_model_back_once_for_the_requests_that_wait(start_sidecar: Start) -> None:
     sidecar = start_sidecar({"SIDECAR_LOAD_ON_DEMAND": "true", **JSON_LOGS})
     first_pid = _load(sidecar, ttl_s=0.5, args={"ttft-ms": 5, "itl-ms": 5, "startup-delay-s": 0.5}).json()["pid"]
-    wait_until(lambda: _status(sidecar)["state"] == "idle", timeout_s=10)
+    wait_until(lambda: sidecar.status()["state"] == "idle", timeout_s=10)
 
     with ThreadPoolExecutor(3) as pool:
-        answers = list(pool.map(lambda _: _chat(sidecar), range(3)))
+        answers = list(pool.map(lambda _: sidecar.chat(), range(3)))
     assert [a.status_code for a in answers] == [200, 200, 200], [a.text for a in answers]
-    status = _status(sidecar)
+    status = sidecar.status()
     assert status["state"] == "ready" and status["pid"] != first_pid and status["ttl_s"] == 0.5
     assert len(_log_events(sidecar, "model_load_on_demand")) == 1  # one load for the three
     assert len(_log_events(sidecar, "model_ready")) == 2
@@ -114,6 +104,6 @@ def test_load_on_demand_never_undoes_an_operators_unload(start_sidecar: Start) -
     sidecar = start_sidecar({"SIDECAR_LOAD_ON_DEMAND": "true"})
     assert _load(sidecar, ttl_s=60).status_code == 200
     assert httpx.post(f"{sidecar.url}/v1/model/unload", json={}, timeout=30).status_code == 200
-    answered = _chat(sidecar)
+    answered = sidecar.chat()
     assert answered.status_code == 503 and answered.json()["error"]["code"] == "engine_not_ready"
-    assert _status(sidecar)["state"] == "idle"
+    assert sidecar.status()["state"] == "idle"

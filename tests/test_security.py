@@ -27,11 +27,6 @@ def _load(sidecar: SidecarProcess, **body: Any) -> httpx.Response:
     return httpx.post(f"{sidecar.url}/v1/model/load", json={"engine": "mock", "model": "mock-model"} | body, headers=A)
 
 
-def _status(sidecar: SidecarProcess) -> dict[str, Any]:
-    status: dict[str, Any] = httpx.get(f"{sidecar.url}/v1/model", headers=A).json()
-    return status
-
-
 @pytest.fixture
 def sidecar(start_sidecar: Start, tmp_path: Path) -> SidecarProcess:
     return start_sidecar(KEYS | {"SIDECAR_LOG_DIR": str(tmp_path / "logs")})
@@ -67,7 +62,7 @@ def test_a_data_key_cannot_reach_the_engines_admin_endpoints(sidecar: SidecarPro
     # The engine's other admin endpoints (vLLM's /sleep and such) are outside /v1 and never forwarded.
     for path in ("/sleep", "/wake_up", "/reset_prefix_cache", "/v1/sleep", "/v1/collective_rpc"):
         assert httpx.post(f"{sidecar.url}{path}", headers=D).status_code == 404, path
-    assert _status(sidecar)["state"] == "ready"
+    assert sidecar.status(ADMIN_KEY)["state"] == "ready"
 
 
 @pytest.mark.parametrize("args", [{"ho": "0.0.0.0"}, {"hos": "0.0.0.0"}, {"mod": "evil-name"}, {"po": 1}, {"--p": 1}])
@@ -77,7 +72,7 @@ def test_reserved_flags_are_refused_in_every_spelling_argparse_takes(
     refused = _load(sidecar, args=args)
     assert refused.status_code == 400, refused.text
     assert "is set by the sidecar" in refused.json()["error"]["message"]
-    assert _status(sidecar)["state"] == "idle"  # nothing was started
+    assert sidecar.status(ADMIN_KEY)["state"] == "idle"  # nothing was started
 
 
 def test_the_engine_never_holds_the_sidecars_keys(sidecar: SidecarProcess) -> None:
@@ -127,7 +122,7 @@ def test_a_password_in_an_external_engines_url_is_refused_and_never_shown(
     refused = httpx.post(f"{sidecar.url}/v1/model/load", json=body, headers=A)
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "url"
     assert "urlPassw0rd77x" not in refused.text
-    assert "urlPassw0rd77x" not in json.dumps(_status(sidecar))
+    assert "urlPassw0rd77x" not in json.dumps(sidecar.status(ADMIN_KEY))
     for name, text in _all_logs(sidecar, tmp_path).items():
         assert "urlPassw0rd77x" not in text, name
 

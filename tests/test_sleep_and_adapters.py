@@ -19,7 +19,8 @@ from tests.processes import SidecarProcess, group_members, wait_until
 
 Start = Callable[..., SidecarProcess]
 ADMIN = {"Authorization": "Bearer model-admin-key-0123"}
-DATA = {"Authorization": "Bearer model-data-key-4567"}
+DATA_KEY = "model-data-key-4567"
+DATA = {"Authorization": f"Bearer {DATA_KEY}"}
 KEYS = {"SIDECAR_ADMIN_KEYS": "model-admin-key-0123", "SIDECAR_API_KEYS": "model-data-key-4567"}
 JSON_LOGS = {"SIDECAR_LOG_FORMAT": "json", **KEYS}
 
@@ -33,11 +34,6 @@ def _load(sidecar: SidecarProcess, **args: Any) -> dict[str, Any]:
     assert loaded.status_code == 200, loaded.text
     body: dict[str, Any] = loaded.json()
     return body
-
-
-def _chat(sidecar: SidecarProcess, model: str = "base", **mock: Any) -> httpx.Response:
-    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "mock": mock}
-    return httpx.post(f"{sidecar.url}/v1/chat/completions", json=body, headers=DATA, timeout=30)
 
 
 def _state(sidecar: SidecarProcess) -> str:
@@ -63,14 +59,14 @@ def test_sleep_frees_the_engine_the_data_plane_waits_wake_brings_it_back(start_s
     assert httpx.get(f"{engine}/is_sleeping").json() == {"is_sleeping": True}  # the engine itself sleeps
     assert _state(sidecar) == "sleeping"
     assert httpx.get(f"{sidecar.url}/ready").status_code == 503
-    answered = _chat(sidecar)
+    answered = sidecar.chat(DATA_KEY, "base")
     assert answered.status_code == 503 and answered.headers["retry-after"]
     assert answered.json()["error"]["code"] == "model_sleeping"
 
     woken = _post(sidecar, "/v1/model/wake")
     assert woken.status_code == 200 and woken.json() == {"state": "ready", "gpu_memory_taken_mb": None}
     assert httpx.get(f"{engine}/is_sleeping").json() == {"is_sleeping": False}
-    assert _chat(sidecar).status_code == 200
+    assert sidecar.chat(DATA_KEY, "base").status_code == 200
     (sleep,) = _logged(sidecar, "model_sleep")
     (wake,) = _logged(sidecar, "model_wake")
     assert sleep["sleep_level"] == 1 and sleep["duration_ms"] > 0 and wake["duration_ms"] > 0
@@ -80,7 +76,7 @@ def test_sleep_waits_for_the_requests_in_flight(start_sidecar: Start) -> None:
     sidecar = start_sidecar(KEYS)
     _load(sidecar, **{"enable-sleep-mode": True})
     answers: list[httpx.Response] = []
-    streaming = threading.Thread(target=lambda: answers.append(_chat(sidecar, itl_ms=300)))  # about 1 s
+    streaming = threading.Thread(target=lambda: answers.append(sidecar.chat(DATA_KEY, "base", itl_ms=300)))  # about 1 s
     streaming.start()
     wait_until(lambda: "sidecar_requests_active 1.0" in httpx.get(f"{sidecar.url}/metrics").text, timeout_s=5)
     assert _post(sidecar, "/v1/model/sleep").status_code == 200  # level 1 by default
@@ -114,7 +110,7 @@ def test_sleep_and_wake_refused_where_they_cannot_be_changing_nothing(start_side
         refused = _post(sidecar, "/v1/model/sleep", body)
         assert refused.status_code == 400, (body, refused.text)
         assert _state(sidecar) == "ready"
-    assert _chat(sidecar).status_code == 200
+    assert sidecar.chat(DATA_KEY, "base").status_code == 200
 
 
 def test_a_sleeping_engine_is_not_replaced_without_replace(start_sidecar: Start) -> None:
@@ -148,7 +144,7 @@ def test_adapters_load_list_serve_and_unload_as_the_engine_has_them(start_sideca
     assert loaded.json()["data"] == [{"name": "sql", "path": str(sql), "parent": "base"}]
     models = httpx.get(f"{sidecar.url}/v1/models", headers=DATA).json()["data"]
     assert [m["id"] for m in models] == ["base", "sql"]  # clients see the adapter as a model
-    assert _chat(sidecar, model="sql").status_code == 200
+    assert sidecar.chat(DATA_KEY, model="sql").status_code == 200
 
     # Read back from the engine, not remembered: an adapter loaded behind the sidecar's back shows too.
     other = tmp_path / "other-lora"

@@ -29,19 +29,9 @@ from tests.processes import SidecarProcess, free_port, group_members, is_gone, w
 Start = Callable[..., SidecarProcess]
 
 
-def load(sidecar: SidecarProcess, timeout: float = 30, **body: Any) -> httpx.Response:
-    return httpx.post(f"{sidecar.url}/v1/model/load", json={"engine": "mock", "model": "m", **body}, timeout=timeout)
-
-
-def status(sidecar: SidecarProcess) -> dict[str, Any]:
-    response = httpx.get(f"{sidecar.url}/v1/model")
-    assert response.status_code == 200
-    return response.json()  # type: ignore[no-any-return]
-
-
 def test_load_ready_unload_leaves_no_process_of_the_group(start_sidecar: Start) -> None:
     sidecar = start_sidecar()
-    response = load(sidecar, args={"spawn-child": True}, served_model_name="mocked")
+    response = sidecar.load(args={"spawn-child": True}, served_model_name="mocked")
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["state"] == "ready"
@@ -62,20 +52,20 @@ def test_load_ready_unload_leaves_no_process_of_the_group(start_sidecar: Start) 
     assert group_members(pid) == []
     assert all(is_gone(p.pid) for p in members)
     assert httpx.get(f"{sidecar.url}/ready").status_code == 503
-    assert status(sidecar)["state"] == "idle"
+    assert sidecar.status()["state"] == "idle"
 
 
 def test_engine_exiting_at_start_up_is_502_with_its_output_within_a_second(start_sidecar: Start) -> None:
     sidecar = start_sidecar()
     started = time.monotonic()
-    response = load(sidecar, args={"no-such-flag": True})  # argparse refuses it and exits 2
+    response = sidecar.load(args={"no-such-flag": True})  # argparse refuses it and exits 2
     elapsed = time.monotonic() - started
     assert response.status_code == 502, response.text
     error = response.json()["error"]
     assert "exit code 2" in error["message"]
     assert "unrecognized arguments: --no-such-flag" in error["message"]
     assert elapsed < 1.0 + 1.0, f"took {elapsed:.2f}s: the exit must be noticed at once, not at a deadline"
-    current = status(sidecar)
+    current = sidecar.status()
     assert current["state"] == "failed"
     assert current["exit_code"] == 2
     assert any("unrecognized arguments" in line for line in current["output_tail"])
@@ -85,21 +75,21 @@ def test_engine_exiting_at_start_up_is_502_with_its_output_within_a_second(start
 
 def test_start_up_timeout_kills_the_group_and_is_504(start_sidecar: Start) -> None:
     sidecar = start_sidecar()
-    response = load(sidecar, args={"startup-delay-s": 60, "spawn-child": True}, startup_timeout_s=1.5)
+    response = sidecar.load(args={"startup-delay-s": 60, "spawn-child": True}, startup_timeout_s=1.5)
     assert response.status_code == 504, response.text
     assert "not ready within 1.5s" in response.json()["error"]["message"]
-    current = status(sidecar)
+    current = sidecar.status()
     assert current["state"] == "failed"
     assert group_members(current["pid"]) == []
 
 
 def test_engine_killed_while_ready_is_noticed_within_a_second(start_sidecar: Start) -> None:
     sidecar = start_sidecar()
-    pid = load(sidecar, args={"spawn-child": True}).json()["pid"]
+    pid = sidecar.load(args={"spawn-child": True}).json()["pid"]
     os.kill(pid, signal.SIGKILL)
     # The deadline is the spec's second; the wait goes past it so that a miss is measured, not a timeout.
-    took = wait_until(lambda: status(sidecar)["state"] == "failed", timeout_s=10)
-    current = status(sidecar)
+    took = wait_until(lambda: sidecar.status()["state"] == "failed", timeout_s=10)
+    current = sidecar.status()
     assert current["exit_code"] == -signal.SIGKILL
     assert "while ready" in current["last_error"]
     assert current["restarts"] == 0
@@ -110,14 +100,14 @@ def test_engine_killed_while_ready_is_noticed_within_a_second(start_sidecar: Sta
 
 def test_restart_policy_brings_a_crashed_engine_back(start_sidecar: Start) -> None:
     sidecar = start_sidecar({"SIDECAR_RESTART_MAX": "1", "SIDECAR_RESTART_BACKOFF_S": "0.2"})
-    first = load(sidecar).json()["pid"]
+    first = sidecar.load().json()["pid"]
     os.kill(first, signal.SIGKILL)
-    wait_until(lambda: status(sidecar)["restarts"] == 1 and status(sidecar)["state"] == "ready", timeout_s=20)
-    assert status(sidecar)["pid"] != first
-    second = status(sidecar)["pid"]
+    wait_until(lambda: sidecar.status()["restarts"] == 1 and sidecar.status()["state"] == "ready", timeout_s=20)
+    assert sidecar.status()["pid"] != first
+    second = sidecar.status()["pid"]
     os.kill(second, signal.SIGKILL)  # the policy allows one restart only
     wait_until(lambda: "engine_restarts_exhausted" in sidecar.output(), timeout_s=10)
-    current = status(sidecar)
+    current = sidecar.status()
     assert (current["state"], current["restarts"], current["pid"]) == ("failed", 1, second)
     assert sidecar.output().count("engine_restart_scheduled") == 1
 
@@ -129,7 +119,7 @@ def test_two_concurrent_loads_give_one_200_and_one_409(start_sidecar: Start) -> 
 
     def attempt() -> None:
         barrier.wait()
-        results.append(load(sidecar, args={"startup-delay-s": 0.5}).status_code)
+        results.append(sidecar.load(args={"startup-delay-s": 0.5}).status_code)
 
     threads = [threading.Thread(target=attempt) for _ in range(2)]
     for thread in threads:
@@ -137,16 +127,16 @@ def test_two_concurrent_loads_give_one_200_and_one_409(start_sidecar: Start) -> 
     for thread in threads:
         thread.join(timeout=30)
     assert sorted(results) == [200, 409]
-    assert len(group_members(status(sidecar)["pid"])) == 1
+    assert len(group_members(sidecar.status()["pid"])) == 1
 
 
 def test_load_when_loaded_is_409_unless_replace(start_sidecar: Start) -> None:
     sidecar = start_sidecar()
-    first = load(sidecar).json()["pid"]
-    conflict = load(sidecar)
+    first = sidecar.load().json()["pid"]
+    conflict = sidecar.load()
     assert conflict.status_code == 409
     assert "replace" in conflict.json()["error"]["message"]
-    replaced = load(sidecar, replace=True)
+    replaced = sidecar.load(replace=True)
     assert replaced.status_code == 200
     assert replaced.json()["pid"] != first
     assert group_members(first) == []
@@ -154,25 +144,25 @@ def test_load_when_loaded_is_409_unless_replace(start_sidecar: Start) -> None:
 
 def test_load_without_wait_is_202_then_ready(start_sidecar: Start) -> None:
     sidecar = start_sidecar()
-    response = load(sidecar, wait=False, args={"startup-delay-s": 0.3})
+    response = sidecar.load(wait=False, args={"startup-delay-s": 0.3})
     assert response.status_code == 202
     assert response.json()["state"] == "loading"
     assert response.json()["pid"]
-    wait_until(lambda: status(sidecar)["state"] == "ready", timeout_s=20)
+    wait_until(lambda: sidecar.status()["state"] == "ready", timeout_s=20)
 
 
 def test_unload_cancels_a_load_in_progress(start_sidecar: Start) -> None:
     sidecar = start_sidecar()
-    pid = load(sidecar, wait=False, args={"startup-delay-s": 60, "spawn-child": True}).json()["pid"]
+    pid = sidecar.load(wait=False, args={"startup-delay-s": 60, "spawn-child": True}).json()["pid"]
     unloaded = httpx.post(f"{sidecar.url}/v1/model/unload", timeout=30)
     assert unloaded.status_code == 200
-    assert status(sidecar)["state"] == "idle"
+    assert sidecar.status()["state"] == "idle"
     assert group_members(pid) == []
 
 
 def test_engine_ignoring_sigterm_is_killed_after_the_grace_period(start_sidecar: Start) -> None:
     sidecar = start_sidecar({"SIDECAR_KILL_GRACE_S": "0.5"})
-    pid = load(sidecar, args={"ignore-sigterm": True}).json()["pid"]
+    pid = sidecar.load(args={"ignore-sigterm": True}).json()["pid"]
     response = httpx.post(f"{sidecar.url}/v1/model/unload", timeout=30)
     assert response.json()["exit_code"] == -signal.SIGKILL
     assert group_members(pid) == []
@@ -191,8 +181,7 @@ def test_env_reaches_the_child_only_and_no_log(tmp_path: Path, start_sidecar: St
     other = "plain-secret-value"
     log_dir = tmp_path / "logs"
     sidecar = start_sidecar({"SIDECAR_LOG_DIR": str(log_dir), "SIDECAR_LOG_LEVEL": "debug"})
-    response = load(
-        sidecar,
+    response = sidecar.load(
         env={"HF_TOKEN": secret, "OTHER_SECRET": other},
         args={"print-env": ["HF_TOKEN", "OTHER_SECRET"]},
     )
@@ -200,7 +189,7 @@ def test_env_reaches_the_child_only_and_no_log(tmp_path: Path, start_sidecar: St
     engine_env = psutil.Process(response.json()["pid"]).environ()
     assert (engine_env["HF_TOKEN"], engine_env["OTHER_SECRET"]) == (secret, other)
     assert "HF_TOKEN" not in psutil.Process(sidecar.pid).environ()
-    tail = status(sidecar)["output_tail"]
+    tail = sidecar.status()["output_tail"]
     assert "mock engine sees HF_TOKEN=***" in tail and "mock engine sees OTHER_SECRET=***" in tail
     httpx.post(f"{sidecar.url}/v1/model/unload")
     sidecar.stop()
@@ -235,7 +224,7 @@ def test_bad_load_requests_are_400_and_change_nothing(
     error = response.json()["error"]
     assert error["param"] == param
     assert fragment in error["message"]
-    assert status(sidecar)["state"] == "idle"
+    assert sidecar.status()["state"] == "idle"
 
 
 def test_bad_unload_body_is_400(start_sidecar: Start) -> None:
@@ -253,7 +242,7 @@ def test_external_engine_is_used_and_forgotten_not_killed(start_sidecar: Start, 
     )
     try:
         sidecar = start_sidecar()
-        response = load(sidecar, engine="external", model="ext", url=f"http://127.0.0.1:{port}")
+        response = sidecar.load(engine="external", model="ext", url=f"http://127.0.0.1:{port}")
         assert response.status_code == 200, response.text
         assert response.json()["pid"] is None
         assert httpx.post(f"{sidecar.url}/v1/model/unload").json()["state"] == "idle"
@@ -266,10 +255,10 @@ def test_external_engine_is_used_and_forgotten_not_killed(start_sidecar: Start, 
 def test_an_external_url_where_nothing_listens_is_a_502_at_once_and_blocks_no_other_load(start_sidecar: Start) -> None:
     sidecar = start_sidecar()  # start-up timeout 900 s by default: the answer must not wait for it
     started = time.monotonic()
-    response = load(sidecar, engine="external", model="ext", url=f"http://127.0.0.1:{free_port()}")
+    response = sidecar.load(engine="external", model="ext", url=f"http://127.0.0.1:{free_port()}")
     assert response.status_code == 502 and response.json()["error"]["code"] == "engine_unreachable"
     assert time.monotonic() - started < 5
-    assert load(sidecar, engine="mock", model="next").status_code == 200  # no 409: nothing is left loading
+    assert sidecar.load(engine="mock", model="next").status_code == 200  # no 409: nothing is left loading
 
 
 def test_autoload_at_start_up(start_sidecar: Start) -> None:
@@ -281,7 +270,7 @@ def test_autoload_at_start_up(start_sidecar: Start) -> None:
         }
     )
     wait_until(lambda: httpx.get(f"{sidecar.url}/ready").status_code == 200, timeout_s=20)
-    assert status(sidecar)["model"] == "auto"
+    assert sidecar.status()["model"] == "auto"
 
 
 def test_bad_autoload_stops_start_up_saying_why(start_sidecar: Start) -> None:
@@ -293,7 +282,7 @@ def test_bad_autoload_stops_start_up_saying_why(start_sidecar: Start) -> None:
 
 def test_sigterm_to_the_sidecar_stops_the_engine_first(start_sidecar: Start) -> None:
     sidecar = start_sidecar()
-    pid = load(sidecar, args={"spawn-child": True}).json()["pid"]
+    pid = sidecar.load(args={"spawn-child": True}).json()["pid"]
     members = group_members(pid)
     assert len(members) >= 2
     # uvicorn shuts down gracefully, then re-raises the signal: the exit status says SIGTERM.
@@ -306,10 +295,10 @@ def test_sigterm_to_the_sidecar_stops_the_engine_first(start_sidecar: Start) -> 
 def test_sigterm_during_a_load_answers_it_with_an_openai_error_and_stops_the_engine(start_sidecar: Start) -> None:
     sidecar = start_sidecar()
     answered: list[httpx.Response] = []
-    loading = threading.Thread(target=lambda: answered.append(load(sidecar, args={"startup-delay-s": 60})))
+    loading = threading.Thread(target=lambda: answered.append(sidecar.load(args={"startup-delay-s": 60})))
     loading.start()
-    wait_until(lambda: status(sidecar)["pid"] is not None, timeout_s=10)
-    pid = status(sidecar)["pid"]
+    wait_until(lambda: sidecar.status()["pid"] is not None, timeout_s=10)
+    pid = sidecar.status()["pid"]
     sidecar.process.send_signal(signal.SIGTERM)
     loading.join(timeout=20)
     assert answered[0].status_code == 503
@@ -321,7 +310,7 @@ def test_sigterm_during_a_load_answers_it_with_an_openai_error_and_stops_the_eng
 @pytest.mark.parametrize("engine_args", [{"spawn-child": True}, {"spawn-child": True, "ignore-sigterm": True}])
 def test_the_engine_dies_with_a_sidecar_killed_by_sigkill(start_sidecar: Start, engine_args: dict[str, Any]) -> None:
     sidecar = start_sidecar({"SIDECAR_KILL_GRACE_S": "0.5"})
-    pid = load(sidecar, args=engine_args).json()["pid"]
+    pid = sidecar.load(args=engine_args).json()["pid"]
     assert len(group_members(pid)) >= 2
     sidecar.process.kill()
     sidecar.process.wait()
@@ -331,9 +320,9 @@ def test_the_engine_dies_with_a_sidecar_killed_by_sigkill(start_sidecar: Start, 
 def test_a_sidecar_stops_the_engine_a_killed_one_left_behind(start_sidecar: Start, tmp_path: Path) -> None:
     settings = {"SIDECAR_RUN_DIR": str(tmp_path / "run"), "SIDECAR_KILL_GRACE_S": "0.5"}
     first = start_sidecar(settings)
-    pid = load(first, args={"ignore-sigterm": True}).json()["pid"]
+    pid = first.load(args={"ignore-sigterm": True}).json()["pid"]
     record = json.loads((tmp_path / "run" / f"engine-{first.port}.json").read_text())
-    assert (record["pid"], record["port"]) == (pid, status(first)["port"])
+    assert (record["pid"], record["port"]) == (pid, first.status()["port"])
     # Its guard killed first, then the sidecar: the engine ignores the SIGTERM the kernel sends it, and stays.
     for child in psutil.Process(first.pid).children():
         if "sidecar.control.guard" in " ".join(child.cmdline()):

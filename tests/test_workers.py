@@ -24,16 +24,15 @@ import pytest
 from tests.processes import SidecarProcess, group_members, wait_until
 
 Start = Callable[..., SidecarProcess]
-KEYS = {"SIDECAR_API_KEYS": "workers-data-key-0123", "SIDECAR_ADMIN_KEYS": "workers-admin-key-4567"}
+DATA_KEY = "workers-data-key-0123"
+KEYS = {"SIDECAR_API_KEYS": DATA_KEY, "SIDECAR_ADMIN_KEYS": "workers-admin-key-4567"}
 DATA = {"Authorization": "Bearer workers-data-key-0123", "Connection": "close"}  # a new connection each time
 ADMIN = {"Authorization": "Bearer workers-admin-key-4567", "Connection": "close"}
 WORKERS = {"SIDECAR_WORKERS": "2", "SIDECAR_LOG_FORMAT": "json", **KEYS}
 
 
 def _chat(sidecar: SidecarProcess, request_id: str, **mock: Any) -> httpx.Response:
-    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "mock": mock}
-    headers = DATA | {"X-Request-ID": request_id}
-    return httpx.post(f"{sidecar.url}/v1/chat/completions", json=body, headers=headers, timeout=30)
+    return sidecar.chat(DATA_KEY, headers={"X-Request-ID": request_id, "Connection": "close"}, **mock)
 
 
 def _record(sidecar: SidecarProcess, request_id: str) -> dict[str, Any]:
