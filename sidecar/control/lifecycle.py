@@ -29,6 +29,9 @@ log = get_logger("sidecar.supervisor")
 
 
 class Lifecycle:
+    """The owner's handler: one command at a time, out of the runner's steps; the engine's watchers (its exit,
+    its idleness) report back as commands."""
+
     def __init__(self, run: Runner, calls: EngineCalls, post: Callable[[AnyCommand], None]) -> None:
         self.run = run
         self.calls = calls
@@ -36,6 +39,7 @@ class Lifecycle:
         self.settings = run.settings
         self._watchers: set[asyncio.Task[None]] = set()
         self._idle_watcher: asyncio.Task[None] | None = None
+        self.sleep = asyncio.sleep  # a restart's back-off waits on it (a test's clock stands in)
 
     async def handle(self, command: AnyCommand) -> None:
         run = self.run
@@ -145,7 +149,7 @@ class Lifecycle:
             run.restarts += 1
             log.warning("engine_restart_scheduled", engine=crashed.adapter.name, attempt=run.restarts, delay_s=delay)
             try:
-                await run.during(Phase.RESTART_WAIT, asyncio.sleep(delay))
+                await run.during(Phase.RESTART_WAIT, self.sleep(delay))
                 await self._bring_up(crashed.request, crashed.adapter, lambda: None)
             except Abandoned:
                 return  # the command that came in goes next

@@ -32,6 +32,9 @@ log = get_logger("sidecar.supervisor")
 
 
 class Runner:
+    """The engine's start (loading, then ready or failed) and stop (drain, the process group stopped, idle), and
+    the state they leave: what status, health and the workers read."""
+
     def __init__(
         self,
         settings: Settings,

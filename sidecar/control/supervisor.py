@@ -52,6 +52,9 @@ def shutdown_bound_s(settings: Settings) -> float:
 
 
 class Supervisor:
+    """The engine as the control plane, the data plane, health and the workers see it: commands that the owner
+    runs one at a time, what it publishes, and the data plane's slot per request."""
+
     def __init__(
         self,
         settings: Settings,

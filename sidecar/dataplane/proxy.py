@@ -74,6 +74,9 @@ Relay = Callable[["Exchange", Response], Awaitable[None]]
 
 
 class Proxy:
+    """The data plane's handlers (chat and text completions, embeddings, the engine's other paths): each request
+    checked, admitted, sent to the engine over one pool of connections, its answer relayed and measured."""
+
     def __init__(
         self,
         settings: Settings,

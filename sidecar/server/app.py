@@ -43,8 +43,7 @@ from sidecar.server import http_server, internal
 from sidecar.server import routes as routes_table
 from sidecar.server.auth import Auth
 from sidecar.server.body_limit import BodyLimit
-from sidecar.server.data_plane import AsgiHandler
-from sidecar.server.endpoint import RequestHandler
+from sidecar.server.endpoint import AsgiHandler, RequestHandler
 from sidecar.server.request_context import RequestContextMiddleware, client_left
 from sidecar.settings import Settings
 from sidecar.telemetry import otel

@@ -6,7 +6,6 @@ from collections.abc import Awaitable, Callable
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.types import Receive, Scope, Send
 
 from sidecar import request_state
 from sidecar.errors import NotFound
@@ -15,7 +14,6 @@ from sidecar.settings import Settings
 from sidecar.telemetry.history import RequestHistory, readable_by, shown
 from sidecar.telemetry.records import RequestRecord
 
-AsgiHandler = Callable[[Scope, Receive, Send], Awaitable[None]]
 FindElsewhere = Callable[[str], Awaitable[RequestRecord | None]]
 
 

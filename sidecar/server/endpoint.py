@@ -10,6 +10,7 @@ from typing import Any, Literal
 from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 
 class Plane(enum.Enum):
@@ -29,6 +30,7 @@ class Serves(enum.Enum):
 
 
 RequestHandler = Callable[[Request], Awaitable[Response]]
+AsgiHandler = Callable[[Scope, Receive, Send], Awaitable[None]]
 # A route's handler: Starlette's request -> response, or the name of the proxy's method (ASGI) that serves it.
 Handler = RequestHandler | Literal["generate", "embeddings", "passthrough"]
 

@@ -21,8 +21,7 @@ from sidecar.control.engine import AdapterName, AdapterRequest, LoadRequest, Sle
 from sidecar.dataplane.proxy import Proxy
 from sidecar.errors import NotFound
 from sidecar.server import control_plane, data_plane, health
-from sidecar.server.data_plane import AsgiHandler
-from sidecar.server.endpoint import Endpoint, Handler, Plane, RequestHandler, Serves
+from sidecar.server.endpoint import AsgiHandler, Endpoint, Handler, Plane, RequestHandler, Serves
 from sidecar.server.openapi import openapi_document
 from sidecar.telemetry import service as telemetry
 
