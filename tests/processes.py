@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ import psutil
 
 from sidecar.control.engine import free_port
 
-__all__ = ["SidecarProcess", "bearer", "free_port", "group_members", "is_gone", "wait_until"]
+__all__ = ["SidecarProcess", "bearer", "running", "free_port", "group_members", "is_gone", "wait_until"]
 
 
 class SidecarProcess:
@@ -107,6 +108,20 @@ class SidecarProcess:
                 self.process.wait()
         self._output.close()
         return self.process.returncode
+
+
+@contextlib.contextmanager
+def running(workdir: Path, env: dict[str, str], ready: bool = False) -> Iterator[SidecarProcess]:
+    """A sidecar started and healthy (with `ready`, its autoloaded engine ready too), stopped on the way out: for
+    a module's fixture, where the tests share one."""
+    process = SidecarProcess(workdir, env)
+    try:
+        process.wait_healthy()
+        if ready:
+            wait_until(lambda: httpx.get(f"{process.url}/ready").status_code == 200, timeout_s=20)
+        yield process
+    finally:
+        process.stop()
 
 
 def bearer(key: str | None) -> dict[str, str]:

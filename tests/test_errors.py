@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from sidecar.errors import engine_error_body
-from tests.processes import SidecarProcess
+from tests.processes import SidecarProcess, running
 
 KEY = "data-key-0123"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -16,12 +16,9 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 
 @pytest.fixture(scope="module")
 def sidecar(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SidecarProcess]:
-    process = SidecarProcess(
-        tmp_path_factory.mktemp("errors"), {"SIDECAR_API_KEYS": KEY, "SIDECAR_MAX_BODY_BYTES": "1024"}
-    )
-    process.wait_healthy()
-    yield process
-    process.stop()
+    env = {"SIDECAR_API_KEYS": KEY, "SIDECAR_MAX_BODY_BYTES": "1024"}
+    with running(tmp_path_factory.mktemp("errors"), env) as process:
+        yield process
 
 
 def assert_openai_error(response: httpx.Response, status: int) -> dict[str, object]:

@@ -22,7 +22,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 
-from tests.processes import SidecarProcess, wait_until
+from tests.processes import SidecarProcess, running
 
 pytestmark = pytest.mark.slow
 
@@ -37,27 +37,20 @@ ENGINE_STATUSES = {502, 503, 504}  # the engine's failure or absence, never the 
 
 @pytest.fixture(scope="module")
 def sidecar(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SidecarProcess]:
-    process = SidecarProcess(
-        tmp_path_factory.mktemp("fuzz"),
-        {
-            "SIDECAR_API_KEYS": DATA_KEY,
-            "SIDECAR_ADMIN_KEYS": ADMIN_KEY,
-            "SIDECAR_AUTOLOAD_ENGINE": "mock",
-            "SIDECAR_AUTOLOAD_MODEL": "mock-model",
-            "SIDECAR_AUTOLOAD_ARGS": json.dumps({"ttft-ms": 1, "itl-ms": 1, "tokens": 4}),
-            "SIDECAR_DRAIN_TIMEOUT_S": "0.5",
-            "SIDECAR_KILL_GRACE_S": "0.5",
-            "SIDECAR_STARTUP_TIMEOUT_S": "5",
-            "SIDECAR_UPSTREAM_FIRST_TOKEN_TIMEOUT_S": "5",
-            "SIDECAR_MAX_BODY_BYTES": str(1024 * 1024),
-        },
-    )
-    try:
-        process.wait_healthy()
-        wait_until(lambda: httpx.get(f"{process.url}/ready").status_code == 200, timeout_s=20)
+    env = {
+        "SIDECAR_API_KEYS": DATA_KEY,
+        "SIDECAR_ADMIN_KEYS": ADMIN_KEY,
+        "SIDECAR_AUTOLOAD_ENGINE": "mock",
+        "SIDECAR_AUTOLOAD_MODEL": "mock-model",
+        "SIDECAR_AUTOLOAD_ARGS": json.dumps({"ttft-ms": 1, "itl-ms": 1, "tokens": 4}),
+        "SIDECAR_DRAIN_TIMEOUT_S": "0.5",
+        "SIDECAR_KILL_GRACE_S": "0.5",
+        "SIDECAR_STARTUP_TIMEOUT_S": "5",
+        "SIDECAR_UPSTREAM_FIRST_TOKEN_TIMEOUT_S": "5",
+        "SIDECAR_MAX_BODY_BYTES": str(1024 * 1024),
+    }
+    with running(tmp_path_factory.mktemp("fuzz"), env, ready=True) as process:
         yield process
-    finally:
-        process.stop()
 
 
 def assert_sound(response: httpx.Response | Any, what: str) -> None:

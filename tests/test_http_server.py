@@ -17,7 +17,7 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.processes import SidecarProcess, wait_until
+from tests.processes import SidecarProcess, running, wait_until
 
 KEY = "http-bounds-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -27,24 +27,17 @@ CHAT = "/v1/chat/completions"
 
 @pytest.fixture(scope="module")
 def sidecar(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SidecarProcess]:
-    process = SidecarProcess(
-        tmp_path_factory.mktemp("http-bounds"),
-        {
-            "SIDECAR_API_KEYS": KEY,
-            "SIDECAR_AUTOLOAD_ENGINE": "mock",
-            "SIDECAR_AUTOLOAD_MODEL": "mock-model",
-            "SIDECAR_AUTOLOAD_ARGS": json.dumps({"ttft-ms": 1, "itl-ms": 1, "tokens": 4}),
-            "SIDECAR_CLIENT_TIMEOUT_S": str(TIMEOUT_S),
-            # Shorter than the client's: waiting on a client that does not read must not read as the engine's silence.
-            "SIDECAR_UPSTREAM_INTER_TOKEN_TIMEOUT_S": "0.5",
-        },
-    )
-    try:
-        process.wait_healthy()
-        wait_until(lambda: httpx.get(f"{process.url}/ready").status_code == 200, timeout_s=20)
+    env = {
+        "SIDECAR_API_KEYS": KEY,
+        "SIDECAR_AUTOLOAD_ENGINE": "mock",
+        "SIDECAR_AUTOLOAD_MODEL": "mock-model",
+        "SIDECAR_AUTOLOAD_ARGS": json.dumps({"ttft-ms": 1, "itl-ms": 1, "tokens": 4}),
+        "SIDECAR_CLIENT_TIMEOUT_S": str(TIMEOUT_S),
+        # Shorter than the client's: waiting on a client that does not read must not read as the engine's silence.
+        "SIDECAR_UPSTREAM_INTER_TOKEN_TIMEOUT_S": "0.5",
+    }
+    with running(tmp_path_factory.mktemp("http-bounds"), env, ready=True) as process:
         yield process
-    finally:
-        process.stop()
 
 
 def _connect(sidecar: SidecarProcess) -> socket.socket:
