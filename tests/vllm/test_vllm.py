@@ -380,6 +380,9 @@ def test_under_load_the_sidecar_reads_vllms_queue_and_clients_gone_abort_their_r
     running, the rest queued, the KV cache in use. Then the clients go: vLLM aborts every request whose client
     left, where an unaborted one would go on generating for nobody (vLLM counts the tokens, not the aborts).
 
+    The sidecar's part is checked apart from vLLM's: its connections to vLLM close as the clients go (within a
+    second here; vLLM then made some 900 tokens in all), so a failure says which side kept generating.
+
     The clients are tasks of one event loop on raw sockets: threads parsing eight streams would keep the
     interpreter's lock from the reading of the gauges, and take CPU that vLLM's own server needs. A client's
     socket is closed the moment its task is cancelled: an HTTP client library's pool may leave a cancelled
@@ -427,12 +430,19 @@ def test_under_load_the_sidecar_reads_vllms_queue_and_clients_gone_abort_their_r
                 assert time.monotonic() < deadline, f"never two running and some queued: {readings}"
                 await asyncio.sleep(0.1)
                 readings.append(_gauges((await client.get("/metrics", headers=ADMIN)).text))
+            held.append(_connections_to(vllm.sidecar.pid, engine_port))
             for task in clients:
                 task.cancel()  # the clients go, mid-answer or still queued
             await asyncio.gather(*clients, return_exceptions=True)
 
+    held: list[int] = []
+    engine_port = int(vllm.engine.rsplit(":", 1)[1])
     asyncio.run(load())
     assert statuses and set(statuses) == {200} and len(completed) < streams
+    # The sidecar's part: each stream's connection to vLLM was dropped as its client went (what makes vLLM abort).
+    # Idle pooled ones are dropped within the pool's keep-alive (4 s).
+    assert held[0] >= streams, held
+    wait_until(lambda: _connections_to(vllm.sidecar.pid, engine_port) == 0, timeout_s=10, interval_s=0.05)
     idle = {"sidecar_engine_running_requests": 0, "sidecar_engine_queued_requests": 0}
     gauges = vllm.sidecar.url + "/metrics"
     wait_until(
@@ -454,6 +464,15 @@ def test_under_load_the_sidecar_reads_vllms_queue_and_clients_gone_abort_their_r
     wait_until(lambda: generated() >= ended, timeout_s=60, interval_s=0.2)
     cut_short = streams - len(completed)
     assert generated() < ended + cut_short * tokens / 2, (generated(), len(completed))
+
+
+def _connections_to(pid: int, port: int) -> int:
+    """The process's open TCP connections to `port` on loopback."""
+    return sum(
+        1
+        for c in psutil.Process(pid).net_connections(kind="tcp")
+        if c.raddr and c.raddr.port == port and c.status == psutil.CONN_ESTABLISHED
+    )
 
 
 def test_a_flag_vllm_refuses_is_a_clear_error_in_its_own_words_at_once(vllm: Vllm, model: Path) -> None:
