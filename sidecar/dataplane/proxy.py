@@ -70,7 +70,7 @@ class EngineHolder(Protocol):
 
 
 # How an answer goes back to the client, once the engine's status says it is not an error.
-Relay = Callable[["Exchange", Response], Awaitable[None]]
+RelayMode = Callable[["Exchange", Response], Awaitable[None]]
 
 
 class Proxy:
@@ -166,7 +166,7 @@ class Proxy:
         send: Send,
         start_ns: int,
         payload: bytes,
-        relay: Relay,
+        relay: RelayMode,
         measured: bool = True,
         prompt: dict[str, Any] | None = None,
         span: RequestSpan | None = None,
@@ -197,7 +197,7 @@ class Proxy:
         start_ns: int,
         engine: Engine,
         payload: bytes,
-        relay: Relay,
+        relay: RelayMode,
         measured: bool,
         prompt: dict[str, Any] | None,
         span: RequestSpan | None,

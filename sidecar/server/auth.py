@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 from starlette.types import Scope
 
@@ -54,15 +54,15 @@ def holds_one_of(scope: Scope, keys: Iterable[str]) -> bool:
 class Auth:
     """Every request's key checked against the plane its path needs (the route table's `Planes`)."""
 
-    def __init__(self, data_keys: Iterable[str], control_keys: Iterable[str], plane_of: Callable[[str], Plane]) -> None:
+    def __init__(self, data_keys: Sequence[str], control_keys: Sequence[str], plane_of: Callable[[str], Plane]) -> None:
         self.plane_of = plane_of
-        data_keys, control_keys = list(data_keys), list(control_keys)
+        digested = {key: _digest(key) for key in (*data_keys, *control_keys)}
         self.digests = {
-            Plane.DATA: [_digest(k) for k in data_keys],
-            Plane.CONTROL: [_digest(k) for k in control_keys],
+            Plane.DATA: [digested[key] for key in data_keys],
+            Plane.CONTROL: [digested[key] for key in control_keys],
         }
         # An accepted key's fingerprint by its digest, worked out once rather than on every request.
-        self.fingerprints = {_digest(k): _fingerprint(k) for k in (*data_keys, *control_keys)}
+        self.fingerprints = {digest: _fingerprint(key) for key, digest in digested.items()}
 
     def check(self, scope: Scope) -> None:
         """Raise the 401 or 403 this request earns; return where it may pass (an open path, no keys configured,
