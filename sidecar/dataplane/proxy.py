@@ -14,6 +14,7 @@ import functools
 import json
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from starlette.types import Receive, Scope, Send
@@ -71,6 +72,17 @@ class EngineHolder(Protocol):
 
 # How an answer goes back to the client, once the engine's status says it is not an error.
 RelayMode = Callable[["Exchange", Response], Awaitable[None]]
+
+
+@dataclass(slots=True)
+class Outgoing:
+    """What a handler hands the exchange: the bytes for the engine and how its answer goes back."""
+
+    payload: bytes
+    relay: RelayMode
+    measured: bool = True  # generation and embeddings: queued, timed and recorded (not a passed-through path)
+    prompt: dict[str, Any] | None = None  # for an engine that streams no usage: counted by it meanwhile
+    span: RequestSpan | None = None  # OpenTelemetry's, where it is on
 
 
 class Proxy:
@@ -141,7 +153,7 @@ class Proxy:
             else:
                 await self.relays.assembled(exchange, response, Assembler(chat))
 
-        await self._exchange(scope, receive, send, start_ns, payload, relay, prompt=prompt, span=span)
+        await self._exchange(scope, receive, send, start_ns, Outgoing(payload, relay, prompt=prompt, span=span))
 
     async def embeddings(self, scope: Scope, receive: Receive, send: Send) -> None:
         raw = await read_body(receive)
@@ -149,7 +161,7 @@ class Proxy:
         start_ns = time.perf_counter_ns()
         span = self.otel.start_request(scope, body) if self.otel is not None else None
         del body
-        await self._exchange(scope, receive, send, start_ns, raw, self.relays.whole, span=span)
+        await self._exchange(scope, receive, send, start_ns, Outgoing(raw, self.relays.whole, span=span))
 
     async def passthrough(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Another /v1/* path the engine's adapter lists (`data_paths`): the request and the answer as they are,
@@ -157,20 +169,9 @@ class Proxy:
         check_forwardable(scope)  # a 400 before the body is read
         payload = await read_body(receive)
         start_ns = time.perf_counter_ns()
-        await self._exchange(scope, receive, send, start_ns, payload, self.relays.raw, measured=False)
+        await self._exchange(scope, receive, send, start_ns, Outgoing(payload, self.relays.raw, measured=False))
 
-    async def _exchange(
-        self,
-        scope: Scope,
-        receive: Receive,
-        send: Send,
-        start_ns: int,
-        payload: bytes,
-        relay: RelayMode,
-        measured: bool = True,
-        prompt: dict[str, Any] | None = None,
-        span: RequestSpan | None = None,
-    ) -> None:
+    async def _exchange(self, scope: Scope, receive: Receive, send: Send, start_ns: int, outgoing: Outgoing) -> None:
         """One request through to the engine and back, holding the engine (drain waits for it).
 
         A client that disconnects cancels the exchange wherever it is, waiting for the engine's headers or
@@ -179,34 +180,27 @@ class Proxy:
         at the same time as it gets the request.
         """
         # Passed-through paths (the model list, tokenizers) are not generation: no queue for them.
+        measured, span = outgoing.measured, outgoing.span
         admission = self.admission.slot(receive) if measured else contextlib.nullcontext()
         try:
             async with admission, self.supervisor.request_slot() as engine:
                 if not measured and not engine.adapter.serves(scope["method"], scope["path"]):
                     raise NotFound(f"no route {scope['method']} {scope['path']} for a data key", param="path")
-                await self._exchange_admitted(scope, send, start_ns, engine, payload, relay, measured, prompt, span)
+                await self._exchange_admitted(scope, send, start_ns, engine, outgoing)
         except BaseException as exc:  # refused before the engine had it, or the client gone while queued
             if span is not None and self.otel is not None:
                 self.otel.end_unanswered(span, *unanswered(exc))
             raise
 
     async def _exchange_admitted(
-        self,
-        scope: Scope,
-        send: Send,
-        start_ns: int,
-        engine: Engine,
-        payload: bytes,
-        relay: RelayMode,
-        measured: bool,
-        prompt: dict[str, Any] | None,
-        span: RequestSpan | None,
+        self, scope: Scope, send: Send, start_ns: int, engine: Engine, outgoing: Outgoing
     ) -> None:
+        measured, prompt, span = outgoing.measured, outgoing.prompt, outgoing.span
         # The clock starts now: time spent in the sidecar's queue is queue_ms, never the engine's TTFT.
         admitted_ns = time.perf_counter_ns()
         # The engine gets the request first; what can wait (the meter, the deadline, the client watch, the GPU
         # window) is set up while it works on it.
-        sending = self._send(scope, engine, payload, measured, span)
+        sending = self._send(scope, engine, outgoing.payload, measured, span)
         try:
             meter = PerformanceMeter(admitted_ns, queue_ns=admitted_ns - start_ns)
             settings = self.settings
@@ -231,7 +225,7 @@ class Proxy:
                     if response.status >= 400:
                         await self.relays.error(exchange, response)
                     else:
-                        await relay(exchange, response)
+                        await outgoing.relay(exchange, response)
                 finally:
                     response.close()  # after a full read the connection is back in the pool; else dropped
         except asyncio.CancelledError:
