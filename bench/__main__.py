@@ -66,6 +66,7 @@ class Targets:
     reference: Proxy | None  # nginx, where it is installed
     engine_pid: int | None = None
     model: str = "mock-model"
+    sidecar_workers: int | None = None  # the data-plane processes the sidecar runs (its default: from its cores)
     # Beside the sidecar: the same with OpenTelemetry on, the peers; and the peers skipped, with why.
     compared: list[Proxy] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
@@ -134,6 +135,7 @@ def _processes(args: argparse.Namespace, logs: Path) -> Iterator[Targets]:
             load = {"engine": "external", "model": "mock-model", "url": direct}
             httpx.post(f"{url}/v1/model/load", json=load, headers={"Authorization": f"Bearer {KEY}"}).raise_for_status()
             targets = Targets(direct, Proxy("sidecar", url, sidecar.pid), None, engine.pid)
+            targets.sidecar_workers = _workers_of(url)
         else:
             sidecar, url = spawn_sidecar(_sidecar_settings(args), logs)
             started.append(sidecar)
@@ -142,6 +144,7 @@ def _processes(args: argparse.Namespace, logs: Path) -> Iterator[Targets]:
             direct = f"http://127.0.0.1:{model['port']}"
             served = "mock-model" if args.engine == "mock" else "bench-model"
             targets = Targets(direct, Proxy("sidecar", url, sidecar.pid), None, model["pid"], served)
+            targets.sidecar_workers = len(model.get("workers") or ()) or 1
         if args.otel and not args.target:
             started += _traced_sidecar(args, targets, logs)
         for name in args.peers:
@@ -167,6 +170,12 @@ def _processes(args: argparse.Namespace, logs: Path) -> Iterator[Targets]:
                 process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 process.kill()
+
+
+def _workers_of(url: str) -> int:
+    """How many data-plane processes the sidecar runs: `GET /v1/model` lists them where there are several."""
+    model = httpx.get(f"{url}/v1/model", headers={"Authorization": f"Bearer {KEY}"}).json()
+    return len(model.get("workers") or ()) or 1
 
 
 def _traced_sidecar(args: argparse.Namespace, targets: Targets, logs: Path) -> list[subprocess.Popen[bytes]]:
@@ -534,6 +543,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
         "settings": {k: v for k, v in vars(args).items() if k not in {"out"}},
         "proxy": targets.proxy.name,
+        "sidecar_workers": targets.sidecar_workers,
         "compared": [proxy.name for proxy in targets.compared],
         "skipped": targets.skipped,
         "reference": targets.reference.name if targets.reference else None,

@@ -46,8 +46,8 @@ def _stream(client: httpx.Client, request_mb: float) -> dict[str, Any]:
     return performance
 
 
-def run(engine_mb: float, request_mb: float, workdir: Path, workers: int = 1) -> dict[str, Any]:
-    sidecar, url = spawn_sidecar({"SIDECAR_WORKERS": str(workers)}, workdir)
+def run(engine_mb: float, request_mb: float, workdir: Path, workers: str = "1") -> dict[str, Any]:
+    sidecar, url = spawn_sidecar({"SIDECAR_WORKERS": workers}, workdir)
     try:
         wait_ok(url + "/health")
         with httpx.Client(base_url=url, timeout=120) as client:
@@ -110,9 +110,9 @@ def main() -> int:
     parser.add_argument("--request-mb", type=float, default=2048, help="GPU memory a request holds (default 2048)")
     parser.add_argument(
         "--workers",
-        type=int,
-        default=1,
-        help="SIDECAR_WORKERS: the request is served by a worker, read by the supervisor's one watchdog (default 1)",
+        default="1",
+        help="SIDECAR_WORKERS (a count, or auto): the request is served by a worker, read by the supervisor's one "
+        "watchdog (default 1)",
     )
     parser.add_argument("--out", type=Path, default=Path("bench/results/gpu_check.json"))
     args = parser.parse_args()
