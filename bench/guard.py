@@ -22,10 +22,11 @@ from bench import __main__ as bench
 from bench.nginx import find_nginx
 
 CONCURRENCY = 256
-# The sidecar's CPU per chunk over nginx's at 256 streams. Twelve guard runs on the 2-core class (2026-12-05) gave
-# 2.20-2.47, median 2.32 (bench/reference/guard/runs.json): 4 leaves 60% above the worst for noise and still fails a
-# change that doubles the relay's cost (about 4.6).
-BOUND = 4.0
+# The sidecar's CPU per chunk over nginx's at 256 streams. Guard runs on two machines of the 2-core class
+# (2026-12-05, bench/reference/guard/runs*.json) gave 2.20-2.47 (median 2.32) and 2.86-3.25 (median 2.99): nginx's
+# own cost differs between them. 4.5 leaves 38% above the worst for noise and still fails a change that doubles the
+# relay's cost on either (about 4.6 and 6.0).
+BOUND = 4.5
 
 
 def _figures(results: dict[str, Any]) -> dict[str, Any]:

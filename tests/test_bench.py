@@ -215,3 +215,14 @@ def test_the_ci_guard_fails_a_relay_over_its_bound_or_one_that_measured_nothing(
     passed, line = guard.judge(4.6, 4.0)  # a change that doubled the relay's cost
     assert not passed and "4.6x nginx's, over the bound of 4.0x" in line
     assert guard.judge(None, 4.0)[0] is False
+
+
+def test_the_guards_bound_clears_every_recorded_run_and_fails_a_doubled_relay() -> None:
+    """The bound against the runs it was set from: room above the worst for noise (a red CI from noise stops every
+    change), yet under twice each machine's median (a relay grown twice as dear must fail)."""
+    recorded = [json.loads(path.read_text()) for path in sorted((REPO / "bench/reference/guard").glob("runs*.json"))]
+    assert len(recorded) >= 2 and all(len(machine["runs"]) >= 10 for machine in recorded)
+    for machine in recorded:
+        ratios = [run["cpu_per_chunk_ratio"] for run in machine["runs"]]
+        assert guard.BOUND >= 1.3 * max(ratios), (guard.BOUND, max(ratios))
+        assert guard.BOUND < 2 * sorted(ratios)[len(ratios) // 2], (guard.BOUND, ratios)
