@@ -76,6 +76,38 @@ async def test_connections_are_kept_alive_and_reused_until_the_keepalive_ends() 
     pool.close()
 
 
+async def test_idle_connections_are_closed_at_their_keepalive_with_no_request_after_them() -> None:
+    """The engine sees each idle connection closed `keepalive_s` after its last use, though no request came to look
+    for one (a quiet sidecar holds no connection to the engine, whose own timer a busy loop may run late); one that
+    went idle later is closed at its own time, not with the first."""
+    loop = asyncio.get_running_loop()
+    closed_at: list[float] = []
+
+    async def answering_then_noting_the_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await keep_answering(reader, writer)
+        closed_at.append(loop.time())
+
+    keepalive_s = 0.3
+    pool = UpstreamPool(connect_timeout_s=5, keepalive_s=keepalive_s)
+    async with server(answering_then_noting_the_close) as (url, connections):
+        first = await pool.request("POST", url, "/", [], b"first")
+        second = await pool.request("POST", url, "/", [], b"second")  # the first's connection is busy: a new one
+        assert len(connections) == 2
+        idle_since = []
+        for response in (first, second):
+            await response.read()
+            response.close()
+            idle_since.append(loop.time())
+            await asyncio.sleep(0.15)
+        deadline = loop.time() + 5
+        while len(closed_at) < 2 and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        assert len(closed_at) == 2 and len(pool.idle) == 0
+        for went_idle, closed in zip(idle_since, closed_at, strict=True):
+            assert keepalive_s - 0.01 <= closed - went_idle < keepalive_s + 2, (idle_since, closed_at)
+    pool.close()
+
+
 async def test_a_body_without_a_length_ends_with_the_connection_which_is_not_reused() -> None:
     async def until_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_request(reader)

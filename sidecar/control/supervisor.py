@@ -66,7 +66,14 @@ class Supervisor:
         """`otel`: control operations as spans; `shared`: the block the data-plane workers read (and count in)."""
         self.settings = settings
         self.shared = shared
-        self._probe = httpx.AsyncClient(timeout=httpx.Timeout(2.0), verify=tls_context(settings.upstream_ca_file))
+        # Its calls to the engine (readiness, its metrics at a scrape, sleep, adapters) are seconds apart: each on a
+        # connection of its own, closed after it, so that none is left open to the engine between them (httpx
+        # closes an expired idle connection only when the pool is next used).
+        self._probe = httpx.AsyncClient(
+            timeout=httpx.Timeout(2.0),
+            limits=httpx.Limits(max_keepalive_connections=0),
+            verify=tls_context(settings.upstream_ca_file),
+        )
         self.calls = EngineCalls(self._probe, gpus)
         self.gate = RequestGate(shared)
         self._owner = Owner(self._handle, self._traced, self._closed)

@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 
 import httptools
 
+from sidecar.dataplane.keepalive import KeepAlive
 from sidecar.http import tls_context
 
 _COPY_BELOW = 64 * 1024  # a body this small goes out with the head in one write
@@ -246,14 +247,13 @@ class _Connection(asyncio.Protocol):
 
 class UpstreamPool:
     """Keep-alive connections per engine origin, the most recently used first; no cap (the engine's queue is the
-    cap). Idle ones are dropped after `keepalive_s`, before the engine would drop them itself (uvicorn, so vLLM
-    and SGLang, closes after 5 s): reusing one it is closing loses the request."""
+    cap). Idle ones are closed `keepalive_s` after their last use (`KeepAlive`), before the engine would close them
+    itself (uvicorn, so vLLM and SGLang, closes after 5 s): reusing one it is closing loses the request."""
 
     def __init__(self, connect_timeout_s: float, keepalive_s: float, tls: ssl.SSLContext | None = None) -> None:
         self.connect_timeout_s = connect_timeout_s
-        self.keepalive_s = keepalive_s
         self._origins: dict[str, _Origin] = {}
-        self._idle: dict[_Origin, list[_Connection]] = {}
+        self.idle: KeepAlive[_Origin, _Connection] = KeepAlive(keepalive_s)
         self._tls = tls
 
     async def request(
@@ -276,30 +276,14 @@ class UpstreamPool:
         return Sending(self, origin, b"".join(lines) + b"\r\n", body)
 
     def release(self, connection: _Connection) -> None:
-        connection.idle_since = asyncio.get_running_loop().time()
-        self._idle.setdefault(connection.origin, []).append(connection)
+        self.idle.put(connection.origin, connection)
 
     def forget(self, connection: _Connection) -> None:
         """An idle connection the engine closed."""
-        idle = self._idle.get(connection.origin)
-        if idle and connection in idle:
-            idle.remove(connection)
+        self.idle.forget(connection.origin, connection)
 
     def close(self) -> None:
-        for idle in self._idle.values():
-            for connection in idle:
-                connection.abort()
-        self._idle.clear()
-
-    def _take(self, origin: _Origin) -> _Connection | None:
-        idle = self._idle.get(origin)
-        now = asyncio.get_running_loop().time()
-        while idle:
-            connection = idle.pop()
-            if not connection.closed and now - connection.idle_since < self.keepalive_s:
-                return connection
-            connection.abort()
-        return None
+        self.idle.close()
 
     async def _connect(self, origin: _Origin) -> _Connection:
         """A new connection. Without a descriptor for it, it waits a moment for one (connections being closed free
@@ -354,7 +338,7 @@ class Sending:
         self, pool: UpstreamPool, origin: _Origin | None, head: bytes, body: bytes, failed: UpstreamError | None = None
     ) -> None:
         self._pool, self._origin, self._request_head, self._body, self._failed = pool, origin, head, body, failed
-        connection = pool._take(origin) if origin is not None else None
+        connection = pool.idle.take(origin) if origin is not None else None
         self._written = connection.send(head, body) if connection is not None else None
 
     async def response(self) -> Response:
