@@ -23,7 +23,6 @@ import httpx
 import psutil
 import pytest
 from openai import OpenAI
-from prometheus_client.parser import text_string_to_metric_families
 
 from bench.otlp_receiver import OtlpReceiver, Received
 from tests.processes import SidecarProcess, group_members, wait_until
@@ -75,15 +74,23 @@ class Vllm:
     def direct(self) -> OpenAI:
         return OpenAI(base_url=f"{self.engine}/v1", api_key="unused", max_retries=0, timeout=60)
 
-    def engine_metric(self, name: str, **labels: str) -> float:
-        """A sample of vLLM's own /metrics, summed over the labels not given."""
-        text = httpx.get(f"{self.engine}/metrics", timeout=10).text
-        return sum(
-            sample.value
-            for family in text_string_to_metric_families(text)
-            for sample in family.samples
-            if sample.name == name and labels.items() <= sample.labels.items()
-        )
+    def engine_metric(self, name: str) -> float:
+        """A series of vLLM's own /metrics, its samples summed."""
+        return _summed(httpx.get(f"{self.engine}/metrics", timeout=10).text, name).get(name, 0.0)
+
+
+def _summed(exposition: str, *names: str) -> dict[str, float]:
+    """The named series of a Prometheus text, each one's samples summed; those absent left out. Read line by line:
+    vLLM's exposition is thousands of histogram lines, which prometheus_client's parser would build into objects on
+    every poll, CPU taken from the sidecar and vLLM on two cores."""
+    sums: dict[str, float] = {}
+    for line in exposition.splitlines():
+        if line.startswith(names):
+            head, _, value = line.rpartition(" ")  # the value comes last: these expositions carry no timestamps
+            name = head.split("{", 1)[0].strip()
+            if name in names:
+                sums[name] = sums.get(name, 0.0) + float(value)
+    return sums
 
 
 def _load(sidecar: SidecarProcess, **body: Any) -> httpx.Response:
@@ -367,19 +374,15 @@ GAUGES = {f"sidecar_engine_{name}" for name in ("queued_requests", "running_requ
 
 def _gauges(exposition: str) -> dict[str, float]:
     """The sidecar's normalized engine gauges in its /metrics text."""
-    return {
-        sample.name: sample.value
-        for family in text_string_to_metric_families(exposition)
-        for sample in family.samples
-        if sample.name in GAUGES
-    }
+    return _summed(exposition, *GAUGES)
 
 
 @pytest.mark.timeout(360)  # on a loaded 2-core machine vLLM may take minutes to get eight streams going
 @pytest.mark.xfail(
     strict=False,
-    reason="vLLM's CPU build, on some runs: every stream's head sent, then 0 running and 0 waiting for minutes, "
-    "or every token generated for streams whose connections the sidecar closed (the check before it passing)",
+    reason="on two cores with vLLM's CPU build at full load, the processes beside vLLM (the sidecar, a watcher of its "
+    "/health) stall for 6-34 s at a time in some runs, cause not established: vLLM's state moves on while the sidecar "
+    "is frozen (its heads sent then nothing relayed, every token generated before the clients' going reached it)",
 )
 def test_under_load_the_sidecar_reads_vllms_queue_and_clients_gone_abort_their_requests(vllm: Vllm) -> None:
     """Eight long streams on a server that runs two sequences at a time: the sidecar's normalized gauges show
@@ -436,11 +439,7 @@ def test_under_load_the_sidecar_reads_vllms_queue_and_clients_gone_abort_their_r
 
     def vllm_busy(exposition: str) -> bool:
         """vLLM's own gauges: sequences running (two at most) and some waiting."""
-        own: dict[str, float] = {}
-        for family in text_string_to_metric_families(exposition):
-            for sample in family.samples:
-                if sample.name in ("vllm:num_requests_running", "vllm:num_requests_waiting"):
-                    own[sample.name] = own.get(sample.name, 0.0) + sample.value
+        own = _summed(exposition, "vllm:num_requests_running", "vllm:num_requests_waiting")
         seen.append(own)
         return own.get("vllm:num_requests_running", 0) >= 1 and own.get("vllm:num_requests_waiting", 0) >= 1
 
