@@ -27,9 +27,8 @@ if [ -d .whl ]; then
   export PYTHONPATH=/tmp/site
 fi
 nginx=off
-if [ -x .nginx/nginx ] && LD_LIBRARY_PATH=$PWD/.nginx/lib .nginx/nginx -v; then
-  nginx=$PWD/.nginx/nginx
-  export LD_LIBRARY_PATH=$PWD/.nginx/lib
+if [ -x .nginx/run ] && .nginx/run -v; then
+  nginx=$PWD/.nginx/run  # nginx with the libraries carried beside it
 fi
 nproc
 "$python" -c 'import platform; from sidecar.settings import auto_workers, usable_cores

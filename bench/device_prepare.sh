@@ -39,5 +39,12 @@ mkdir -p .nginx/lib
 cp "$binary" .nginx/nginx
 ldd "$binary" | awk '$3 ~ /^\// {print $3}' | grep -vE '/(libc|libm|libpthread|libdl|librt|ld-linux[^/]*)\.so' \
   | xargs -r cp -t .nginx/lib
+# Those libraries for nginx alone: Python's own ssl module there keeps the machine's OpenSSL.
+cat >.nginx/run <<'SCRIPT'
+#!/bin/sh
+here=$(dirname "$0")
+LD_LIBRARY_PATH="$here/lib" exec "$here/nginx" "$@"
+SCRIPT
+chmod +x .nginx/run
 
 du -sh .whl .nginx
