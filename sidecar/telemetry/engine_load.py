@@ -36,27 +36,34 @@ def engine_load(exposition: str, series: LoadSeries) -> dict[str, float]:
     first of the adapter's names the engine exports. A series' samples are summed (vLLM has one per data-parallel
     engine); for the KV cache, the fullest is the one that refuses work first: their highest.
 
-    Read line by line for the few names wanted: vLLM's exposition is thousands of histogram lines, which a full
-    parser would build into objects on every scrape."""
+    Read line by line (`series_samples`): vLLM's exposition is thousands of histogram lines, which a full parser would
+    build into objects on every scrape."""
     kinds = {"queued": series.queued, "running": series.running, "kv_cache_usage": series.kv_cache_usage}
-    wanted = tuple(name for names in kinds.values() for name in names)
-    samples: dict[str, list[float]] = {}
-    if wanted:
-        for line in exposition.splitlines():
-            if not line.startswith(wanted):
-                continue
-            name, labels_and_value = _split_sample(line)
-            if name in wanted:
-                try:
-                    samples.setdefault(name, []).append(float(labels_and_value.split()[0]))
-                except (ValueError, IndexError):
-                    continue
+    samples = series_samples(exposition, *(name for names in kinds.values() for name in names))
     load: dict[str, float] = {}
     for kind, names in kinds.items():
         found = next((samples[name] for name in names if name in samples), None)
         if found:
             load[kind] = max(found) if kind == "kv_cache_usage" else sum(found)
     return load
+
+
+def series_samples(exposition: str, *names: str) -> dict[str, list[float]]:
+    """The values of the named series in a Prometheus text, by name (those absent left out), read line by line for
+    those names alone; a sample whose value does not parse is skipped."""
+    samples: dict[str, list[float]] = {}
+    if not names:
+        return samples
+    for line in exposition.splitlines():
+        if not line.startswith(names):
+            continue
+        name, labels_and_value = _split_sample(line)
+        if name in names:
+            try:
+                samples.setdefault(name, []).append(float(labels_and_value.split()[0]))
+            except (ValueError, IndexError):
+                continue
+    return samples
 
 
 def _split_sample(line: str) -> tuple[str, str]:

@@ -25,6 +25,7 @@ import pytest
 from openai import OpenAI
 
 from bench.otlp_receiver import OtlpReceiver, Received
+from sidecar.telemetry.engine_load import series_samples
 from tests.processes import SidecarProcess, group_members, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
@@ -80,17 +81,10 @@ class Vllm:
 
 
 def _summed(exposition: str, *names: str) -> dict[str, float]:
-    """The named series of a Prometheus text, each one's samples summed; those absent left out. Read line by line:
-    vLLM's exposition is thousands of histogram lines, which prometheus_client's parser would build into objects on
-    every poll, CPU taken from the sidecar and vLLM on two cores."""
-    sums: dict[str, float] = {}
-    for line in exposition.splitlines():
-        if line.startswith(names):
-            head, _, value = line.rpartition(" ")  # the value comes last: these expositions carry no timestamps
-            name = head.split("{", 1)[0].strip()
-            if name in names:
-                sums[name] = sums.get(name, 0.0) + float(value)
-    return sums
+    """The named series of a Prometheus text, each one's samples summed; those absent left out. Read line by line
+    (as the sidecar reads an engine's): vLLM's exposition is thousands of histogram lines, which prometheus_client's
+    parser would build into objects on every poll, CPU taken from the sidecar and vLLM on two cores."""
+    return {name: sum(values) for name, values in series_samples(exposition, *names).items()}
 
 
 def _load(sidecar: SidecarProcess, **body: Any) -> httpx.Response:
