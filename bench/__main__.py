@@ -134,17 +134,17 @@ def _processes(args: argparse.Namespace, logs: Path) -> Iterator[Targets]:
             wait_ok(url + "/health")
             load = {"engine": "external", "model": "mock-model", "url": direct}
             httpx.post(f"{url}/v1/model/load", json=load, headers={"Authorization": f"Bearer {KEY}"}).raise_for_status()
-            targets = Targets(direct, Proxy("sidecar", url, sidecar.pid), None, engine.pid)
-            targets.sidecar_workers = _workers_of(url)
+            workers = _workers_in(_model_status(url))
+            targets = Targets(direct, Proxy("sidecar", url, sidecar.pid), None, engine.pid, sidecar_workers=workers)
         else:
             sidecar, url = spawn_sidecar(_sidecar_settings(args), logs)
             started.append(sidecar)
             wait_ok(url + "/ready", timeout_s=args.startup_timeout)
-            model = httpx.get(f"{url}/v1/model", headers={"Authorization": f"Bearer {KEY}"}).json()
+            model = _model_status(url)
             direct = f"http://127.0.0.1:{model['port']}"
             served = "mock-model" if args.engine == "mock" else "bench-model"
-            targets = Targets(direct, Proxy("sidecar", url, sidecar.pid), None, model["pid"], served)
-            targets.sidecar_workers = len(model.get("workers") or ()) or 1
+            proxy = Proxy("sidecar", url, sidecar.pid)
+            targets = Targets(direct, proxy, None, model["pid"], served, sidecar_workers=_workers_in(model))
         if args.otel and not args.target:
             started += _traced_sidecar(args, targets, logs)
         for name in args.peers:
@@ -172,10 +172,14 @@ def _processes(args: argparse.Namespace, logs: Path) -> Iterator[Targets]:
                 process.kill()
 
 
-def _workers_of(url: str) -> int:
-    """How many data-plane processes the sidecar runs: `GET /v1/model` lists them where there are several."""
-    model = httpx.get(f"{url}/v1/model", headers={"Authorization": f"Bearer {KEY}"}).json()
-    return len(model.get("workers") or ()) or 1
+def _model_status(url: str) -> dict[str, Any]:
+    """The sidecar's `GET /v1/model`."""
+    return httpx.get(f"{url}/v1/model", headers={"Authorization": f"Bearer {KEY}"}).json()  # type: ignore[no-any-return]
+
+
+def _workers_in(status: dict[str, Any]) -> int:
+    """How many data-plane processes the sidecar runs: its status lists them where there are several."""
+    return len(status.get("workers") or ()) or 1
 
 
 def _traced_sidecar(args: argparse.Namespace, targets: Targets, logs: Path) -> list[subprocess.Popen[bytes]]:
