@@ -41,7 +41,7 @@ class KeepAlive(Generic[Key, Connection]):
         now = asyncio.get_running_loop().time()
         while idle:
             connection = idle.pop()
-            if not connection.closed and now - connection.idle_since < self.keepalive_s:
+            if self._usable(connection, now):
                 return connection
             connection.abort()
         return None
@@ -64,6 +64,9 @@ class KeepAlive(Generic[Key, Connection]):
     def __len__(self) -> int:
         return sum(len(idle) for idle in self._idle.values())
 
+    def _usable(self, connection: Connection, now: float) -> bool:
+        return not connection.closed and now - connection.idle_since < self.keepalive_s
+
     def _close_expired(self) -> None:
         """The timer: the connections past `keepalive_s` closed; set again for the oldest left, if any."""
         self._expiry = None
@@ -72,7 +75,7 @@ class KeepAlive(Generic[Key, Connection]):
         oldest: float | None = None
         for idle in self._idle.values():
             expired = 0
-            while expired < len(idle) and (idle[expired].closed or now - idle[expired].idle_since >= self.keepalive_s):
+            while expired < len(idle) and not self._usable(idle[expired], now):
                 idle[expired].abort()
                 expired += 1
             del idle[:expired]
