@@ -30,10 +30,10 @@ nginx=off
 if [ -x .nginx/run ] && .nginx/run -v; then
   nginx=$PWD/.nginx/run  # nginx with the libraries carried beside it
 fi
-nproc
-"$python" -c 'import platform; from sidecar.settings import auto_workers, usable_cores
-print(platform.python_version(), platform.platform(), "usable cores", usable_cores(), "auto workers", auto_workers(usable_cores()))' \
+auto=$("$python" -c 'from sidecar.settings import auto_workers, usable_cores; print(auto_workers(usable_cores()))') \
   || exit 1
+"$python" -c 'import platform; print(platform.python_version(), platform.platform())'
+echo "cores $(nproc), workers the sidecar's default gives: $auto"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 
 if [ "${DEVICE_CHECKS_QUICK:-}" = 1 ]; then
@@ -57,7 +57,6 @@ echo "== 2. python -m bench, the sidecar on its defaults"
 timeout 270 "$python" -m bench "${phases[@]}" "${load[@]}" --out "$out/defaults" || failed+=(defaults)
 
 echo "== 3. one worker against the default count"
-auto=$("$python" -c 'from sidecar.settings import auto_workers, usable_cores; print(auto_workers(usable_cores()))')
 timeout 200 "$python" -m bench --workers "1,$auto" "${scaling[@]}" "${load[@]}" --out "$out/workers" \
   || failed+=(workers)
 
