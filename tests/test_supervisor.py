@@ -55,6 +55,21 @@ def test_load_ready_unload_leaves_no_process_of_the_group(start_sidecar: Start) 
     assert sidecar.status()["state"] == "idle"
 
 
+def test_the_engine_has_a_process_group_of_its_own_in_the_sidecars_session(start_sidecar: Start) -> None:
+    """Its own group, for the stop to reach all of it and nothing else; the sidecar's session, for the kernel's
+    autogroup scheduling to share the cores between their threads: an engine in a session of its own had the
+    sidecar unrun for seconds while it kept every core busy (docs/control-plane.md#the-engine-process)."""
+    sidecar = start_sidecar()
+    loaded = sidecar.load()
+    assert loaded.status_code == 200, loaded.text
+    pid = loaded.json()["pid"]
+    assert os.getpgid(pid) == pid != os.getpgid(sidecar.pid)
+    assert os.getsid(pid) == os.getsid(sidecar.pid)
+    autogroup = Path(f"/proc/{pid}/autogroup")
+    if autogroup.exists():  # Linux with autogroup built in: the same scheduling group
+        assert autogroup.read_text().split()[0] == Path(f"/proc/{sidecar.pid}/autogroup").read_text().split()[0]
+
+
 def test_engine_exiting_at_start_up_is_502_with_its_output_within_a_second(start_sidecar: Start) -> None:
     sidecar = start_sidecar()
     started = time.monotonic()

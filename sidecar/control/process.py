@@ -1,4 +1,4 @@
-"""One engine process: spawned in its own session, its output read into the log, its whole group stopped.
+"""One engine process: spawned in a process group of its own, its output read into the log, its whole group stopped.
 
 Mechanism only; when to start, stop or restart it is the supervisor's business.
 """
@@ -98,6 +98,12 @@ class _OutputProtocol(asyncio.SubprocessProtocol):
         self.on_end()
 
 
+def _in_own_group() -> None:
+    """In the child before it runs the engine: a process group of its own, and SIGTERM when the sidecar goes."""
+    os.setpgid(0, 0)
+    die_with_parent()
+
+
 class EngineProcess:
     def __init__(
         self,
@@ -131,7 +137,13 @@ class EngineProcess:
         grace_s: float,
         port: int,
     ) -> EngineProcess:
-        """Start argv (never through a shell) in a new session; `env` is the child's whole environment.
+        """Start argv (never through a shell) in a new process group; `env` is the child's whole environment.
+
+        A group of its own, for one signal to reach all of it; but the sidecar's session, not a new one: Linux's
+        autogroup scheduling (on where tasks are not in a CPU cgroup of their own: a host's shell, CI) puts each
+        session in a scheduling group, and with a CPU engine busy on every core (vLLM's CPU build) the kernel left
+        the sidecar runnable but unrun for 1-30 s at a time, every stream stalled meanwhile. In one session, the
+        engine's threads and the sidecar's share the cores as threads do (docs/control-plane.md).
 
         The engine dies with the sidecar: its leader gets SIGTERM from the kernel when the sidecar dies, and a
         guard process stops the rest of its group (`sidecar.guard`); its pid goes into the run directory's record.
@@ -154,8 +166,7 @@ class EngineProcess:
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             env=env,
-            start_new_session=True,
-            preexec_fn=die_with_parent,
+            preexec_fn=_in_own_group,  # uvloop's spawn takes no `process_group`
         )
         pid = transport.get_pid()
         guard_argv = [sys.executable, "-m", "sidecar.control.guard", str(os.getpid()), str(pid), str(grace_s)]

@@ -372,14 +372,6 @@ def _gauges(exposition: str) -> dict[str, float]:
 
 
 @pytest.mark.timeout(360)  # on a loaded 2-core machine vLLM may take minutes to get eight streams going
-@pytest.mark.xfail(
-    strict=False,
-    reason="on two cores with vLLM's CPU build at full load, the processes beside vLLM (the sidecar, a watcher of its "
-    "/health) stalled for 6-34 s at a time in some runs, cause not established: vLLM's state moves on while the "
-    "sidecar is frozen (its heads sent then nothing relayed, every token generated before the clients' going reached "
-    "it). About 9 runs in 20 failed so while this test parsed vLLM's whole exposition at every poll; 1 in 13 since it "
-    "reads the lines it needs",
-)
 def test_under_load_the_sidecar_reads_vllms_queue_and_clients_gone_abort_their_requests(vllm: Vllm) -> None:
     """Eight long streams on a server that runs two sequences at a time: the sidecar's normalized gauges show
     some running (two, or one where the KV cache holds one), the rest queued, the KV cache in use. Then the
