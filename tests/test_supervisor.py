@@ -58,7 +58,7 @@ def test_load_ready_unload_leaves_no_process_of_the_group(start_sidecar: Start) 
 def test_the_engine_has_a_process_group_of_its_own_in_the_sidecars_session(start_sidecar: Start) -> None:
     """Its own group, for the stop to reach all of it and nothing else; the sidecar's session, for the kernel's
     autogroup scheduling to share the cores between their threads: an engine in a session of its own had the
-    sidecar unrun for seconds while it kept every core busy (docs/control-plane.md#the-engine-process)."""
+    sidecar unrun for seconds while it kept every core busy (docs/control-plane.md, "Loading an engine")."""
     sidecar = start_sidecar()
     loaded = sidecar.load()
     assert loaded.status_code == 200, loaded.text
