@@ -26,6 +26,7 @@ import structlog
 from structlog.tracebacks import ExceptionDictTransformer
 from structlog.typing import EventDict, Processor
 
+from sidecar.log_writer import BackgroundWriter
 from sidecar.redaction import Redactor
 from sidecar.settings import Settings
 
@@ -136,12 +137,22 @@ class _Sink:
                     pass
 
 
-def _stream_sink(stream: TextIO, format: _Format) -> _Sink:
-    def write(line: str) -> None:
-        stream.write(line + "\n")
-        stream.flush()
+# One writer thread a stream, however often logging is configured.
+_writers: dict[int, BackgroundWriter] = {}
 
-    return _Sink(write, format, logging.NOTSET, threading.Lock())
+
+def _stream_sink(stream: TextIO, format: _Format) -> _Sink:
+    """A stream (standard error) written by a thread of its own (`log_writer`): never blocking the event loop."""
+    writer = _writers.get(id(stream))
+    if writer is None or writer.stream is not stream:
+        writer = _writers[id(stream)] = BackgroundWriter(stream)
+    return _Sink(writer.write, format, logging.NOTSET, threading.Lock())
+
+
+def flush_logs(timeout_s: float | None = None) -> None:
+    """Everything logged so far written to the streams (tests read them; at exit atexit does this)."""
+    for writer in list(_writers.values()):
+        writer.flush(timeout_s)
 
 
 def _file_sink(path: Path, settings: Settings, format: _Format, level: int, closers: list[Callable[[], None]]) -> _Sink:

@@ -29,6 +29,7 @@ class SidecarProcess:
         args: tuple[str, ...] = (),
         port: int | None = None,
         open_files: tuple[int, int] | None = None,  # its soft and hard RLIMIT_NOFILE, where not this process's
+        unread: bool = False,  # its output to a pipe read only by whoever takes `process.stdout` (`output()` empty)
     ) -> None:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -41,7 +42,7 @@ class SidecarProcess:
             [sys.executable, "-m", "sidecar", "serve", *args],
             cwd=workdir,
             env=child_env,
-            stdout=self._output,
+            stdout=subprocess.PIPE if unread else self._output,
             stderr=subprocess.STDOUT,
             preexec_fn=None if open_files is None else lambda: resource.setrlimit(resource.RLIMIT_NOFILE, open_files),
         )
@@ -107,6 +108,8 @@ class SidecarProcess:
                 self.process.kill()
                 self.process.wait()
         self._output.close()
+        if self.process.stdout is not None:
+            self.process.stdout.close()
         return self.process.returncode
 
 

@@ -1,15 +1,18 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import pytest
 
-from sidecar import logs
+from sidecar import logs as sidecar_logs
+from sidecar.log_writer import BackgroundWriter
 from sidecar.logs import configure_logging, get_logger, timer
 from sidecar.redaction import Redactor
 from sidecar.settings import load_settings
@@ -37,6 +40,7 @@ def test_secret_registered_at_run_time_is_in_no_sink(tmp_path: Path, capfd: pyte
     except ValueError:
         log.exception("load_failed", env={"HF_TOKEN": "registered-at-run-time"})
 
+    sidecar_logs.flush_logs()  # written by the log thread: all of it before reading
     console = capfd.readouterr().err
     logs = read_logs(log_dir)
     for text in (console, *logs.values()):
@@ -64,6 +68,7 @@ def test_level_from_settings(capfd: pytest.CaptureFixture[str]) -> None:
     log = get_logger("sidecar.test")
     log.info("quiet_event")
     log.warning("loud_event")
+    sidecar_logs.flush_logs()  # written by the log thread: all of it before reading
     err = capfd.readouterr().err
     assert "loud_event" in err and "quiet_event" not in err
 
@@ -71,12 +76,13 @@ def test_level_from_settings(capfd: pytest.CaptureFixture[str]) -> None:
 def test_timer_logs_duration_and_outcome(capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     configure_logging(load_settings(None, log_format="json"), Redactor())
     ticks = iter([10.0, 10.25, 20.0, 20.0015])  # a fake clock: each block's start and end, in seconds
-    monkeypatch.setattr(logs, "clock", lambda: next(ticks))
+    monkeypatch.setattr(sidecar_logs, "clock", lambda: next(ticks))
     log = get_logger("sidecar.test")
     with timer(log, "model_load", engine="mock") as fields:
         fields["pid"] = 42
     with pytest.raises(RuntimeError), timer(log, "model_unload"):
         raise RuntimeError("boom")
+    sidecar_logs.flush_logs()  # written by the log thread: all of it before reading
     records = [json.loads(line) for line in capfd.readouterr().err.splitlines()]
     load, unload = records
     assert (load["event"], load["outcome"], load["engine"], load["pid"]) == ("model_load", "ok", "mock", 42)
@@ -130,3 +136,63 @@ def test_engine_lines_carry_no_request_id_of_the_load_that_started_the_engine(
     assert all("request_id" not in r for r in engine_lines), engine_lines
     access = [r for r in records if r.get("request_id") == "the-load-request"]
     assert access, "the load's own access line keeps its request id"
+
+
+def test_a_log_reader_that_stops_reading_stops_no_request(tmp_path: Path) -> None:
+    """Standard error a pipe that nobody reads (a log driver that blocks): the sidecar answers on well past the
+    pipe's 64 KB of lines, where writing them from its event loop stopped it, /health included, after some 125
+    requests. Read again, the pipe gets every line."""
+    sidecar = SidecarProcess(tmp_path, {"SIDECAR_LOG_FORMAT": "json"}, unread=True)
+    requests = 400  # some 300 KB of access lines
+    try:
+        sidecar.wait_healthy()
+        assert sidecar.load().status_code == 200
+        with httpx.Client(base_url=sidecar.url, timeout=10) as client:
+            for number in range(requests):
+                body = {
+                    "model": "m",
+                    "messages": [{"role": "user", "content": "hi"}],
+                    "max_tokens": 2,
+                    "mock": {"ttft_ms": 0, "itl_ms": 0},
+                }
+                answer = client.post("/v1/chat/completions", json=body, headers={"X-Request-ID": f"r-{number}"})
+                assert answer.status_code == 200, number
+            assert client.get("/health").status_code == 200
+    finally:
+        assert sidecar.process.stdout is not None
+        lines: list[bytes] = []
+        reader = threading.Thread(target=lambda: lines.extend(sidecar.process.stdout))  # type: ignore[union-attr]
+        reader.start()
+        sidecar.stop()
+        reader.join(timeout=30)
+    records = [json.loads(line) for line in lines if line.startswith(b"{")]
+    answered = {r["request_id"] for r in records if r.get("event") == "request" and r["path"] == "/v1/chat/completions"}
+    assert answered == {f"r-{number}" for number in range(requests)}
+    assert "sidecar_stopped" in {r.get("event") for r in records}  # what it wrote as it exited, too
+
+
+class _StuckStream(io.StringIO):
+    """A stream whose reader has stopped until `reading` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reading = threading.Event()
+
+    def write(self, text: str) -> int:
+        self.reading.wait()
+        return super().write(text)
+
+
+def test_what_queues_for_a_stuck_stream_is_bounded_and_what_was_dropped_is_said() -> None:
+    stream = _StuckStream()
+    writer = BackgroundWriter(stream, max_bytes=100)
+    writer.write("first")  # taken by the thread, which then waits on the stream
+    assert not writer.flush(timeout_s=0.2)  # a stuck reader: flush gives up at its timeout
+    for number in range(30):
+        writer.write(f"line {number:02}")  # 7 characters each: 14 fit in 100, the other 16 are dropped
+    stream.reading.set()
+    assert writer.flush(timeout_s=5)
+    lines = stream.getvalue().splitlines()
+    assert lines[0] == "first"
+    assert json.loads(lines[1]) == {"event": "log_lines_dropped", "dropped": 16, "level": "warning"}
+    assert lines[2:] == [f"line {number:02}" for number in range(14)]

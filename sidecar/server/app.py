@@ -8,8 +8,8 @@ import math
 import os
 import secrets
 import socket
-from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from types import FrameType
 from typing import Any
 
@@ -37,7 +37,8 @@ from sidecar.errors import (
     handle_unexpected_error,
     send_error,
 )
-from sidecar.logs import configure_logging, get_logger
+from sidecar.log_writer import EXIT_WAIT_S
+from sidecar.logs import configure_logging, flush_logs, get_logger
 from sidecar.redaction import Redactor
 from sidecar.server import http_server, internal
 from sidecar.server import routes as routes_table
@@ -314,6 +315,16 @@ class _Server(uvicorn.Server):
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         self._on_exit()
         super().handle_exit(sig, frame)
+
+    @contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """uvicorn's, with the log lines still queued (`log_writer`) written before it raises again the signal that
+        stopped it: that ends the process at once, atexit's flush never runs."""
+        with super().capture_signals():
+            try:
+                yield
+            finally:
+                flush_logs(EXIT_WAIT_S)
 
     def run(self, sockets: list[socket.socket] | None = None) -> None:
         _collect_rarely()

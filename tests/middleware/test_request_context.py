@@ -6,6 +6,7 @@ import httpx
 import pytest
 from starlette.types import Receive, Scope, Send
 
+from sidecar import logs
 from sidecar.logs import configure_logging
 from sidecar.redaction import Redactor
 from sidecar.server.request_context import RequestContextMiddleware
@@ -55,6 +56,7 @@ async def test_unexpected_exception_is_500_without_traceback_and_logged_with_req
     assert response.json() == {
         "error": {"message": "internal server error", "type": "server_error", "param": None, "code": "internal_error"}
     }
+    logs.flush_logs()  # written by the log thread: all of it before reading
     records = [json.loads(line) for line in capfd.readouterr().err.splitlines()]
     error = next(r for r in records if r["event"] == "unhandled_error")
     assert error["request_id"] == "req-500"
