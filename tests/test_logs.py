@@ -147,21 +147,15 @@ def test_a_log_reader_that_stops_reading_stops_no_request(tmp_path: Path) -> Non
     try:
         sidecar.wait_healthy()
         assert sidecar.load().status_code == 200
-        with httpx.Client(base_url=sidecar.url, timeout=10) as client:
-            for number in range(requests):
-                body = {
-                    "model": "m",
-                    "messages": [{"role": "user", "content": "hi"}],
-                    "max_tokens": 2,
-                    "mock": {"ttft_ms": 0, "itl_ms": 0},
-                }
-                answer = client.post("/v1/chat/completions", json=body, headers={"X-Request-ID": f"r-{number}"})
-                assert answer.status_code == 200, number
-            assert client.get("/health").status_code == 200
+        for number in range(requests):
+            answer = sidecar.chat(None, headers={"X-Request-ID": f"r-{number}"}, timeout=10, ttft_ms=0, itl_ms=0)
+            assert answer.status_code == 200, number
+        assert httpx.get(f"{sidecar.url}/health", timeout=10).status_code == 200
     finally:
-        assert sidecar.process.stdout is not None
+        output = sidecar.process.stdout
+        assert output is not None
         lines: list[bytes] = []
-        reader = threading.Thread(target=lambda: lines.extend(sidecar.process.stdout))  # type: ignore[union-attr]
+        reader = threading.Thread(target=lambda: lines.extend(output))
         reader.start()
         sidecar.stop()
         reader.join(timeout=30)
