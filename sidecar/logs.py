@@ -14,7 +14,6 @@ import logging
 import logging.handlers
 import re
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -26,7 +25,7 @@ import structlog
 from structlog.tracebacks import ExceptionDictTransformer
 from structlog.typing import EventDict, Processor
 
-from sidecar.log_writer import BackgroundWriter
+from sidecar.log_writer import BackgroundWriter, stream_lines
 from sidecar.redaction import Redactor
 from sidecar.settings import Settings
 
@@ -121,51 +120,53 @@ def _console_format(colors: bool) -> _Format:
 
 @dataclass
 class _Sink:
-    write: Callable[[str], object]  # one whole line at a time
+    writer: BackgroundWriter  # its own thread writes the lines: never the event loop
     format: _Format
     level: int
-    lock: threading.Lock
 
     def emit(self, level: int, event_dict: EventDict, redactor: Redactor) -> None:
         if level >= self.level:
             event_dict = cast(EventDict, self.format.exceptions(None, "", dict(event_dict)))
-            line = self.format.render(redactor(None, "", event_dict))
-            with self.lock:
-                try:
-                    self.write(line)
-                except (OSError, ValueError):  # a full disk or a closed stream: logging never fails a request
-                    pass
+            self.writer.write(self.format.render(redactor(None, "", event_dict)))
 
 
 # One writer thread a stream, however often logging is configured.
-_writers: dict[int, BackgroundWriter] = {}
+_writers: dict[int, tuple[TextIO, BackgroundWriter]] = {}
 
 
 def _stream_sink(stream: TextIO, format: _Format) -> _Sink:
-    """A stream (standard error) written by a thread of its own (`log_writer`): never blocking the event loop."""
-    writer = _writers.get(id(stream))
-    if writer is None or writer.stream is not stream:
-        writer = _writers[id(stream)] = BackgroundWriter(stream)
-    return _Sink(writer.write, format, logging.NOTSET, threading.Lock())
+    known, writer = _writers.get(id(stream), (None, None))
+    if writer is None or known is not stream:
+        writer = BackgroundWriter(stream_lines(stream))
+        _writers[id(stream)] = (stream, writer)
+    return _Sink(writer, format, logging.NOTSET)
 
 
 def flush_logs(timeout_s: float | None = None) -> None:
-    """Everything logged so far written to the streams (tests read them; at exit atexit does this)."""
-    for writer in list(_writers.values()):
-        writer.flush(timeout_s)
+    """Everything logged so far written to the streams and files (tests read them; at exit atexit does this)."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    for sink in _pipeline.sinks:
+        sink.writer.flush(None if deadline is None else max(0.0, deadline - time.monotonic()))
+
+
+class _RotatingFile(logging.handlers.RotatingFileHandler):
+    """A log file rotated by size by the standard library's rules, a line at a time, written in batches."""
+
+    def write_lines(self, lines: list[str]) -> None:
+        for line in lines:
+            if self.shouldRollover(logging.makeLogRecord({"msg": line})):  # which opens the file where it is closed
+                self.doRollover()
+            cast(TextIO, self.stream).write(line + "\n")
+        self.flush()
 
 
 def _file_sink(path: Path, settings: Settings, format: _Format, level: int, closers: list[Callable[[], None]]) -> _Sink:
-    """A file rotated by size: the standard library's handler does the rotating."""
-    handler = logging.handlers.RotatingFileHandler(
+    file = _RotatingFile(
         path, maxBytes=settings.log_file_max_bytes, backupCount=settings.log_file_backups, encoding="utf-8"
     )
-    closers.append(handler.close)
-
-    def write(line: str) -> None:
-        handler.handle(logging.makeLogRecord({"msg": line, "levelno": level}))
-
-    return _Sink(write, format, level, threading.Lock())
+    writer = BackgroundWriter(file.write_lines)
+    closers += [writer.close, file.close]  # its lines written, then the file closed
+    return _Sink(writer, format, level)
 
 
 class _Pipeline:

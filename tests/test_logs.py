@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from sidecar import logs as sidecar_logs
-from sidecar.log_writer import BackgroundWriter
+from sidecar.log_writer import BackgroundWriter, stream_lines
 from sidecar.logs import configure_logging, get_logger, timer
 from sidecar.redaction import Redactor
 from sidecar.settings import load_settings
@@ -58,9 +58,41 @@ def test_log_files_rotate_by_size(tmp_path: Path) -> None:
     log = get_logger("sidecar.test")
     for i in range(100):
         log.info("filler", i=i, padding="x" * 50)
+    sidecar_logs.flush_logs()  # written by the files' threads: all of it before reading
     assert (tmp_path / "sidecar.log.1").exists()
     assert not (tmp_path / "sidecar.log.3").exists()
     assert (tmp_path / "sidecar.log").stat().st_size <= 2000
+
+
+class _StalledDisk:
+    """A disk that takes no write until `free` is set (a network volume gone slow); after 5 s it stalls no more, so
+    that a logging call that waits on it ends and says so."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.free = threading.Event()
+        self.gave_up = False
+        write_lines = sidecar_logs._RotatingFile.write_lines
+
+        def stalled(file: sidecar_logs._RotatingFile, lines: list[str]) -> None:
+            if not self.gave_up and not self.free.wait(5):
+                self.gave_up = True
+            write_lines(file, lines)
+
+        monkeypatch.setattr(sidecar_logs._RotatingFile, "write_lines", stalled)
+
+
+def test_a_log_file_on_a_stalled_disk_holds_up_no_logging_call(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The event loop logs: a file written by the caller would stop every request while its disk stalls."""
+    disk = _StalledDisk(monkeypatch)
+    configure_logging(load_settings(None, log_dir=tmp_path), Redactor())
+    log = get_logger("sidecar.test")
+    for number in range(100):
+        log.info("logged_while_the_disk_stalls", number=number)
+    disk.free.set()
+    sidecar_logs.flush_logs()
+    assert not disk.gave_up, "a logging call waited for the disk"
+    lines = (tmp_path / "sidecar.jsonl").read_text().splitlines()
+    assert [json.loads(line)["number"] for line in lines] == list(range(100))
 
 
 def test_level_from_settings(capfd: pytest.CaptureFixture[str]) -> None:
@@ -179,7 +211,7 @@ class _StuckStream(io.StringIO):
 
 def test_what_queues_for_a_stuck_stream_is_bounded_and_what_was_dropped_is_said() -> None:
     stream = _StuckStream()
-    writer = BackgroundWriter(stream, max_bytes=100)
+    writer = BackgroundWriter(stream_lines(stream), max_bytes=100)
     writer.write("first")  # taken by the thread, which then waits on the stream
     assert not writer.flush(timeout_s=0.2)  # a stuck reader: flush gives up at its timeout
     for number in range(30):
@@ -190,3 +222,16 @@ def test_what_queues_for_a_stuck_stream_is_bounded_and_what_was_dropped_is_said(
     assert lines[0] == "first"
     assert json.loads(lines[1]) == {"event": "log_lines_dropped", "dropped": 16, "level": "warning"}
     assert lines[2:] == [f"line {number:02}" for number in range(14)]
+
+
+def test_configuring_again_ends_the_old_files_writers_with_their_lines_written(tmp_path: Path) -> None:
+    def writers() -> int:
+        return sum(thread.name == "log-writer" for thread in threading.enumerate())
+
+    configure_logging(load_settings(None, log_dir=tmp_path / "first"), Redactor())
+    before = writers()
+    get_logger("sidecar.test").info("last_line_to_the_first_files")
+    for name in ("second", "third"):
+        configure_logging(load_settings(None, log_dir=tmp_path / name), Redactor())
+    assert writers() == before
+    assert "last_line_to_the_first_files" in (tmp_path / "first" / "sidecar.jsonl").read_text()
