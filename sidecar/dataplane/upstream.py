@@ -186,6 +186,11 @@ class _Connection(asyncio.Protocol):
                 response._finish()  # a body without a length ends with the connection
             else:
                 response._fail(Disconnected("the engine closed the connection"))
+        # The parser calls this connection back, the transport and the response hold it: what it holds is let go,
+        # so that a closed connection is freed at once, not left as a reference cycle for the garbage collector.
+        self.transport = None
+        self.response = None
+        del self.parser
 
     # -- httptools ----------------------------------------------------------------------------------------------
 
