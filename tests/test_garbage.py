@@ -1,19 +1,65 @@
-"""No request of any kind, its client gone or its engine failing included, leaves a reference cycle in the sidecar:
-its objects are freed when it ends, not left for the garbage collector."""
+"""The garbage collector on a clock (`sidecar/server/garbage.py`), and what it relies on: no request of any kind,
+its client gone or its engine failing included, leaves a reference cycle in the sidecar."""
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import json
+import weakref
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
+import pytest
 
+from sidecar.server import garbage
 from tests.processes import SidecarProcess, bearer, wait_until
 
 KEY = "garbage-test-key"
 PROBE = Path(__file__).parent / "garbage_probe"
+
+
+@pytest.fixture
+def automatic_collection_off() -> Iterator[list[int]]:
+    """Automatic collection off as `garbage.take_over` leaves it; the generations collected, in order."""
+    collected: list[int] = []
+
+    def record(phase: str, info: dict[str, Any]) -> None:
+        if phase == "stop":
+            collected.append(info["generation"])
+
+    gc.disable()
+    gc.callbacks.append(record)
+    try:
+        yield collected
+    finally:
+        gc.callbacks.remove(record)
+        gc.enable()
+
+
+class _Cycle:
+    def __init__(self) -> None:
+        self.me = self
+
+
+async def test_a_cycle_is_freed_on_the_clock_and_every_nth_collection_is_full(
+    automatic_collection_off: list[int],
+) -> None:
+    cycle = _Cycle()
+    freed = weakref.ref(cycle)
+    del cycle
+    collecting = asyncio.create_task(garbage.collect_periodically(every_s=0.01, full_every=3))
+    try:
+        async with asyncio.timeout(10):
+            while len(automatic_collection_off) < 6:
+                await asyncio.sleep(0.01)
+    finally:
+        collecting.cancel()
+    assert freed() is None
+    assert automatic_collection_off[:6] == [1, 1, 2, 1, 1, 2]
 
 
 class _Probe:
@@ -79,8 +125,9 @@ def _every_kind_of_request(sidecar: SidecarProcess) -> None:
 def test_no_kind_of_request_leaves_a_reference_cycle_in_the_sidecar(
     tmp_path: Path, start_sidecar: Callable[..., SidecarProcess]
 ) -> None:
-    """Not among these: a scrape of /metrics, which reads the engine's own through httpx, whose closed connections
-    are cycles (a few dozen objects a scrape, seconds apart)."""
+    """What the clock's collector relies on: a request's objects are freed when it ends, never left for the
+    collector. Not among these: a scrape of /metrics, which reads the engine's own through httpx, whose closed
+    connections are cycles (a few dozen objects a scrape, seconds apart: the clock's collections free them)."""
     sidecar = start_sidecar({"SIDECAR_API_KEYS": KEY, "PYTHONPATH": str(PROBE), "GARBAGE_PROBE_DIR": str(tmp_path)})
     assert sidecar.load(KEY).status_code == 200
     probe = _Probe(tmp_path, sidecar.pid)

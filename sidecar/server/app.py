@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 import math
 import os
 import secrets
@@ -40,7 +39,7 @@ from sidecar.errors import (
 from sidecar.log_writer import EXIT_WAIT_S
 from sidecar.logs import configure_logging, flush_logs, get_logger
 from sidecar.redaction import Redactor
-from sidecar.server import http_server, internal
+from sidecar.server import garbage, http_server, internal
 from sidecar.server import routes as routes_table
 from sidecar.server.auth import Auth
 from sidecar.server.body_limit import BodyLimit
@@ -327,19 +326,15 @@ class _Server(uvicorn.Server):
                 flush_logs(EXIT_WAIT_S)
 
     def run(self, sockets: list[socket.socket] | None = None) -> None:
-        _collect_rarely()
+        garbage.take_over()
         super().run(sockets)
 
-
-def _collect_rarely() -> None:
-    """The garbage collector tuned for a server whose requests live for seconds: with Python's default (a young
-    collection every 700 new objects) a stream's objects outlive young collections and reach the oldest
-    generation, whose full collections walk every object (the imported modules' too) and stopped the event loop
-    30-120 ms at a time under load, about a tenth of the CPU. What start-up made is frozen out of the collector;
-    young collections come at 10,000 new objects. Requests make no reference cycles (see exchange.ClientWatch)."""
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(10_000, 10, 10)
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        collecting = asyncio.create_task(garbage.collect_periodically())
+        try:
+            await super().serve(sockets)
+        finally:
+            collecting.cancel()
 
 
 def server(settings: Settings, redactor: Redactor) -> uvicorn.Server:
