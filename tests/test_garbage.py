@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 
 from sidecar.server import garbage
@@ -122,17 +123,28 @@ def _every_kind_of_request(sidecar: SidecarProcess) -> None:
     ]
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
 def test_no_kind_of_request_leaves_a_reference_cycle_in_the_sidecar(
-    tmp_path: Path, start_sidecar: Callable[..., SidecarProcess]
+    workers: str, tmp_path: Path, start_sidecar: Callable[..., SidecarProcess]
 ) -> None:
     """What the clock's collector relies on: a request's objects are freed when it ends, never left for the
-    collector. Not among these: a scrape of /metrics, which reads the engine's own through httpx, whose closed
-    connections are cycles (a few dozen objects a scrape, seconds apart: the clock's collections free them)."""
-    sidecar = start_sidecar({"SIDECAR_API_KEYS": KEY, "PYTHONPATH": str(PROBE), "GARBAGE_PROBE_DIR": str(tmp_path)})
-    assert sidecar.load(KEY).status_code == 200
-    probe = _Probe(tmp_path, sidecar.pid)
+    collector, in the process that owns the engine and in each data-plane worker. Not among these: what goes
+    through httpx (a scrape of /metrics, which reads the engine's own; a control-plane request a worker forwards),
+    whose closed connections and streamed answers are cycles of httpx's own, a few dozen objects each, seconds
+    apart: the clock's collections free them."""
+    probed = {"SIDECAR_API_KEYS": KEY, "PYTHONPATH": str(PROBE), "GARBAGE_PROBE_DIR": str(tmp_path)}
+    # The engine loaded at start-up and the workers found among the sidecar's children, rather than by a load and
+    # GET /v1/model: a worker forwards those to the supervisor's process through httpx, and the cycle its streamed
+    # answer leaves appears once the connection idles out, within the counting.
+    autoload = {"SIDECAR_AUTOLOAD_ENGINE": "mock", "SIDECAR_AUTOLOAD_MODEL": "m"}
+    sidecar = start_sidecar(probed | autoload | {"SIDECAR_WORKERS": workers})
+    wait_until(lambda: httpx.get(f"{sidecar.url}/ready").status_code == 200, timeout_s=20)
+    children = psutil.Process(sidecar.pid).children()
+    worker_pids = [child.pid for child in children if child.cmdline()[2:4] == ["sidecar", "worker"]]
+    assert len(worker_pids) == (0 if workers == "1" else 2)
+    probes = [_Probe(tmp_path, pid) for pid in (sidecar.pid, *worker_pids)]
     _every_kind_of_request(sidecar)  # what is made once (caches, connections) made before counting
-    before = probe.count()
+    before = [probe.count() for probe in probes]
     for _ in range(20):
         _every_kind_of_request(sidecar)
-    assert probe.count() - before == Counter()
+    assert [probe.count() - counted for probe, counted in zip(probes, before, strict=True)] == [Counter()] * len(probes)
