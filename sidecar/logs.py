@@ -130,15 +130,14 @@ class _Sink:
             self.writer.write(self.format.render(redactor(None, "", event_dict)))
 
 
-# One writer thread a stream, however often logging is configured.
-_writers: dict[int, tuple[TextIO, BackgroundWriter]] = {}
+# One writer thread a stream (streams hash by identity), however often logging is configured.
+_writers: dict[TextIO, BackgroundWriter] = {}
 
 
 def _stream_sink(stream: TextIO, format: _Format) -> _Sink:
-    known, writer = _writers.get(id(stream), (None, None))
-    if writer is None or known is not stream:
-        writer = BackgroundWriter(stream_lines(stream))
-        _writers[id(stream)] = (stream, writer)
+    writer = _writers.get(stream)
+    if writer is None:
+        writer = _writers[stream] = BackgroundWriter(stream_lines(stream))
     return _Sink(writer, format, logging.NOTSET)
 
 
