@@ -22,7 +22,6 @@ import contextlib
 import functools
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -39,7 +38,7 @@ import psutil
 import uvloop
 from tqdm import tqdm
 
-from bench import peers
+from bench import machine, peers
 from bench.loadgen import LoadProcesses, PhaseResult, chat_body, new_session, run_phase, stream_once
 from bench.nginx import find_nginx, start_nginx, worker_pid
 from bench.processes import pin, spawn_sidecar, wait_ok
@@ -501,7 +500,7 @@ def _scaling(args: argparse.Namespace, logs: Path) -> int:
     for row in rows:
         row["vs_first"] = round(row["chunks_per_s"] / first, 3) if first else None
     results = {
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "machine": machine.describe(idle=False),
         "settings": {k: v for k, v in vars(args).items() if k not in {"out"}},
         "concurrency": top,
         "scaling": rows,
@@ -535,12 +534,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with _processes(args, logs) as targets:
         measured = _measured(args, targets)
     results = {
-        "machine": {
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "processor": platform.processor() or platform.machine(),
-        },
+        "machine": machine.describe(idle=1 in args.concurrency),
         "settings": {k: v for k, v in vars(args).items() if k not in {"out"}},
         "proxy": targets.proxy.name,
         "sidecar_workers": targets.sidecar_workers,

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from bench.loadgen import PhaseResult
+from bench.machine import IDLE_S
 from sidecar.telemetry.stats import percentile
 
 # The spec's bounds against nginx in the same run: the TTFT the sidecar adds at one stream, over nginx's, and its CPU
@@ -190,6 +191,11 @@ def write_table(results: dict[str, Any], out: TextIO) -> None:
                 f"  {level['concurrency']} streams: {_cell(versus['cpu_per_chunk_ratio'])}x CPU, "
                 f"{_cell(diff)} ms TTFT{bound}\n"
             )
+            if level["concurrency"] == 1 and (penalty := results["machine"].get("idle_penalty")):
+                out.write(
+                    f"    this machine ran Python {penalty}x slower after {IDLE_S * 1000:g} ms idle than kept busy: "
+                    "every Python step of the one-stream path pays it, nginx's mostly kernel path little of it\n"
+                )
     top = results["levels"][-1]
     share = top["core_share_at_direct_rate"]
     verdict = (

@@ -55,6 +55,7 @@ def test_bench_measures_the_sidecar_against_direct_and_nginx(tmp_path: Path) -> 
         if NGINX:
             assert level["nginx"]["errors"] == 0 and level["nginx"]["added_ttft_engine_timed"]
     assert "+TTFT of sidecar" in result.stdout and "the path's" in result.stdout
+    assert results["machine"]["idle_penalty"] > 0  # measured: the run has one stream
     split = results["cost_split"]["sidecar"]
     assert [phase["tokens"] for phase in split["phases"]] == [32, 256]
     short, long = split["phases"]
@@ -163,6 +164,20 @@ def test_the_cost_split_is_compared_with_the_reference_proxy() -> None:
     out = io.StringIO()
     write_table(noisy, out)
     assert f"sidecar / nginx: - per request, {per_chunk}x per relayed chunk" in out.getvalue()
+
+
+def test_the_one_stream_verdict_says_how_much_slower_the_machine_runs_code_after_an_idle_wait() -> None:
+    results = json.loads((REPO / "bench" / "reference" / "first-token" / "run2.json").read_text())
+    out = io.StringIO()
+    write_table(results, out)
+    assert "after 20 ms idle" not in out.getvalue()  # a run from before the figure was measured
+
+    results["machine"]["idle_penalty"] = 2.13
+    out = io.StringIO()
+    write_table(results, out)
+    one_stream, penalty = out.getvalue().split("  1 streams: ")[1].splitlines()[:2]
+    assert "at most 0.3 at one stream" in one_stream
+    assert penalty.strip().startswith("this machine ran Python 2.13x slower after 20 ms idle than kept busy")
 
 
 def test_bench_puts_the_sidecar_with_opentelemetry_on_beside_it(tmp_path: Path) -> None:
