@@ -90,6 +90,10 @@ class Settings(BaseSettings):
     max_header_bytes: int = Field(64 * 1024, ge=1024)
     client_timeout_s: float = Field(60.0, gt=0)
 
+    # The most of one engine answer the sidecar holds: a non-streamed answer (it adds usage.performance), one event
+    # of a relayed stream, or a stream it assembles. Past it, 502: an engine's answer is untrusted input too.
+    max_answer_bytes: int = Field(256 * 1024 * 1024, gt=0)
+
     upstream_connect_timeout_s: float = Field(5.0, gt=0)
     upstream_first_token_timeout_s: float = Field(600.0, gt=0)
     upstream_inter_token_timeout_s: float = Field(120.0, gt=0)

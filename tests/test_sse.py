@@ -1,9 +1,13 @@
 from __future__ import annotations
 
+import re
+
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sidecar.dataplane.sse import Event, SSEParser
+from sidecar.dataplane import sse
+from sidecar.dataplane.sse import Event, EventTooLarge, SSEParser
 
 STREAM = (
     b'data: {"choices":[{"delta":{"role":"assistant"}}]}\n\n'
@@ -68,3 +72,37 @@ _line = st.text(alphabet=st.characters(blacklist_characters="\r\n", blacklist_ca
 def test_a_read_of_whole_events_parses_as_it_does_byte_by_byte(fields: list[tuple[str, str]]) -> None:
     stream = b"".join(f"{name}{value}\n\n".encode() for name, value in fields)
     assert parse([stream]) == parse([stream[i : i + 1] for i in range(len(stream))])
+
+
+def test_an_event_still_incomplete_past_the_bound_is_refused() -> None:
+    parser = SSEParser(max_event_bytes=100)
+    assert parser.feed(b"data: " + b"a" * 50) == []
+    data = b"a" * 50 + b"b" * 40
+    assert parser.feed(b"b" * 40 + b"\n\n") == [Event(b"data: " + data + b"\n\n", data)]
+    assert parser.feed(b"data: " + b"c" * 90) == []  # the event before it is no longer held
+    with pytest.raises(EventTooLarge):
+        parser.feed(b"c" * 10)
+
+
+class _CountingSearch:
+    """The parser's line-end pattern, counting the bytes each search may look at."""
+
+    def __init__(self, pattern: re.Pattern[bytes]) -> None:
+        self.pattern = pattern
+        self.looked_at = 0
+
+    def search(self, buffer: bytearray, position: int) -> re.Match[bytes] | None:
+        self.looked_at += len(buffer) - position
+        return self.pattern.search(buffer, position)
+
+
+def test_a_long_line_in_many_reads_is_searched_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each read's bytes are searched for a line end once, not the whole line again on every read: an engine's line
+    of 100 MB, searched from its start on each 64 KB read, held the event loop for half a minute."""
+    counting = _CountingSearch(sse._LINE_END)
+    monkeypatch.setattr(sse, "_LINE_END", counting)
+    parser = SSEParser()
+    reads = [b"data: ", *[b"x" * 1000] * 1000, b"\r", b"\n\r\n", b"data: next\n", b"\n"]
+    events = [event for read in reads for event in parser.feed(read)]
+    assert [len(event.data or b"") for event in events] == [1_000_000, 4]
+    assert counting.looked_at < 2 * sum(map(len, reads))

@@ -33,7 +33,7 @@ from sidecar.dataplane.exchange import (
     sse_error,
 )
 from sidecar.dataplane.recording import Recorder
-from sidecar.dataplane.sse import DONE, SSEParser
+from sidecar.dataplane.sse import DONE, EventTooLarge, SSEParser
 from sidecar.dataplane.upstream import Response, UpstreamError
 from sidecar.errors import BadGateway, GatewayTimeout, SidecarError, engine_error_body
 from sidecar.logs import get_logger
@@ -66,13 +66,16 @@ class Relays:
 
     async def whole(self, exchange: Exchange, response: Response) -> None:
         """A non-streamed JSON answer: `usage.performance` added, and the same in X-Performance-Metrics."""
+        limit = self.settings.max_answer_bytes
         try:
             async with asyncio.timeout(self.settings.upstream_inter_token_timeout_s):
-                raw = await response.read()
+                raw = await response.read(limit + 1)
         except TimeoutError:
             raise GatewayTimeout("the engine stopped answering within the timeout") from None
         except UpstreamError:
             raise BadGateway("the engine closed the connection mid-answer") from None
+        if len(raw) > limit:
+            raise _answer_too_large(exchange, limit, "answer")
         now = time.perf_counter_ns()
         exchange.meter.whole_body(now)
         exchange.status = response.status
@@ -158,7 +161,9 @@ class Relays:
         send = exchange.send
         parse_every = assembler is not None or exchange.several_choices
         clock = time.perf_counter_ns
-        parser = SSEParser()
+        limit = self.settings.max_answer_bytes
+        parser = SSEParser(limit)
+        assembled = 0  # bytes of the events given to the assembler, which holds them all
         last_data = b""  # the last chunk, for a usage chunk the engine did not send
         read = response.readany
         previous_data = b""  # and the one before it: the last with choices, where the last is the usage chunk
@@ -185,6 +190,9 @@ class Relays:
                                 if parsed is not None:
                                     self._measure_parsed(exchange, parsed, now)
                                     if assembler is not None:
+                                        assembled += len(data)
+                                        if assembled > limit:
+                                            return _answer_too_large(exchange, limit, "assembled answer")
                                         assembler.add(parsed)
                                     elif is_usage_chunk(parsed):
                                         raw = self._usage_event(exchange, parsed)
@@ -204,6 +212,8 @@ class Relays:
             return GatewayTimeout("the engine sent no token within the timeout")
         except UpstreamError:
             return BadGateway("the engine closed the stream mid-answer")
+        except EventTooLarge:
+            return _answer_too_large(exchange, limit, "event")
 
     def _usage_event(self, exchange: Exchange, chunk: dict[str, Any]) -> bytes | None:
         """The usage chunk for the client: with `usage.performance`, or none when only the sidecar asked."""
@@ -241,3 +251,12 @@ class Relays:
             exchange.usage = chunk["usage"]
             if is_usage_chunk(chunk) and exchange.performance is None:
                 self.recorder.finish(exchange, now)  # the usage chunk ends the answer: [DONE] follows
+
+
+def _answer_too_large(exchange: Exchange, limit: int, what: str) -> BadGateway:
+    """The 502 for an engine's answer past `SIDECAR_MAX_ANSWER_BYTES`: what is held of it is let go, and closing
+    the unfinished response drops the connection, which makes the engine abort the request."""
+    log.warning("engine_answer_too_large", path=exchange.scope["path"], held=what, limit_bytes=limit)
+    return BadGateway(
+        f"the engine's {what} is larger than SIDECAR_MAX_ANSWER_BYTES ({limit} bytes)", code="engine_answer_too_large"
+    )

@@ -3,6 +3,11 @@
 It yields each event's raw bytes exactly as they arrived (the proxy forwards them unchanged) and its `data`
 field, whatever way the stream was cut into reads: events split across reads, several in one read, `\\n`,
 `\\r\\n` or `\\r` line ends, comments.
+
+It holds one event at a time, and each byte is searched for a line end once: a line that comes in many reads is
+not searched again from its start on each (an engine's 100 MB line took the relay 30 s that way, its event loop
+stalled for most of a second at a time). Past `max_event_bytes` an event is refused (`EventTooLarge`) rather
+than held: an engine whose event never ends would otherwise take the sidecar's memory.
 """
 
 from __future__ import annotations
@@ -20,10 +25,17 @@ class Event:
     data: bytes | None  # the data lines joined with "\n"; None for an event without data (a comment, a ping)
 
 
+class EventTooLarge(ValueError):
+    """An event grew past the parser's `max_event_bytes` before it ended."""
+
+
 class SSEParser:
-    def __init__(self) -> None:
-        self._buffer = bytearray()
+    def __init__(self, max_event_bytes: int | None = None) -> None:
+        self.max_event_bytes = max_event_bytes
+        self._buffer = bytearray()  # the event being read; after a feed, nothing before it
+        self._start = 0  # where the event being read begins (the ones before it go at the end of the feed)
         self._position = 0  # where the next line starts
+        self._searched = 0  # where the search for the next line end resumes
         self._data: list[bytes] = []
 
     def feed(self, chunk: bytes) -> list[Event]:
@@ -35,22 +47,31 @@ class SSEParser:
         events: list[Event] = []
         buffer = self._buffer
         while True:
-            match = _LINE_END.search(buffer, self._position)
+            match = _LINE_END.search(buffer, self._searched)
             if match is None:
+                self._searched = len(buffer)
                 break
             if match.group() == b"\r" and match.end() == len(buffer):
-                break  # maybe the first half of "\r\n": wait for the next read
+                self._searched = match.start()  # maybe the first half of "\r\n": looked at again with the next read
+                break
             line = buffer[self._position : match.start()]
-            self._position = match.end()
+            self._position = self._searched = match.end()
             if line:
                 self._field(line)
             else:
                 events.append(self._dispatch())
+        if self._start:  # the events dispatched leave the buffer at once, not one by one
+            del buffer[: self._start]
+            self._position -= self._start
+            self._searched -= self._start
+            self._start = 0
+        if self.max_event_bytes is not None and len(buffer) > self.max_event_bytes:
+            raise EventTooLarge(f"an event over {self.max_event_bytes} bytes")
         return events
 
     def close(self) -> list[Event]:
         """The end of the stream ends its last line and its last event, terminated or not."""
-        if not self._buffer:
+        if len(self._buffer) == self._start:
             return []
         rest = self._buffer[self._position :]
         if rest.endswith(b"\r"):
@@ -67,9 +88,8 @@ class SSEParser:
                 self._data.append(value[1:] if value.startswith(b" ") else value)
 
     def _dispatch(self) -> Event:
-        raw = bytes(self._buffer[: self._position])
-        del self._buffer[: self._position]
-        self._position = 0
+        raw = bytes(self._buffer[self._start : self._position])
+        self._start = self._position
         data = b"\n".join(self._data) if self._data else None
         self._data = []
         return Event(raw, data)

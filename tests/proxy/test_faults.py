@@ -275,3 +275,69 @@ def test_a_pooled_connection_the_engine_resets_is_retried_on_a_new_one(
             assert response.status_code == 200, response.text
             assert response.text.endswith("data: [DONE]\n\n")
         assert _OneRequestPerConnection.chats == 3
+
+
+class _OversizedAnswers(FakeEngine):
+    """An engine whose answer is larger than the sidecar holds, by the request's last message: one event that
+    never ends ("endless event"), a stream of small events longer than the bound ("long stream"), or a JSON body
+    past it ("large body"). It notes whether the sidecar cut it off before it had written everything."""
+
+    cut_off: list[str] = []
+    PIECE = b"x" * 65536
+
+    def handle(self) -> None:
+        try:
+            super().handle()
+        except ConnectionResetError:  # the sidecar dropped the connection: what the test wants of it
+            pass
+
+    def chat(self) -> bool:
+        kind = json.loads(self.body)["messages"][-1]["content"]
+        if kind == "large body":
+            self.send(b"application/json", b'{"choices": [], "padding": "' + b"x" * 3_000_000 + b'"}')
+            return True
+        self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+        delta = {"choices": [{"index": 0, "delta": {"content": "y" * 1000}, "finish_reason": None}]}
+        event = b"data: " + json.dumps(delta).encode() + b"\n\n"
+        reads = [b"data: ", *[self.PIECE] * 1000] if kind == "endless event" else [event * 64] * 1000
+        try:
+            for read in reads:  # 64 MB in all, far past the bound
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(read), read))
+            self.wfile.write(b"0\r\n\r\n")
+        except OSError:
+            type(self).cut_off.append(kind)
+            return False
+        return True
+
+
+def test_an_answer_larger_than_the_sidecar_holds_is_a_502_and_the_engines_request_is_dropped(
+    start_sidecar: Callable[..., SidecarProcess],
+) -> None:
+    """An engine's answer is untrusted input: an event that never ends, a stream to assemble or a JSON body past
+    `SIDECAR_MAX_ANSWER_BYTES` is not held; the client gets a 502 (a stream's error event once its status is out),
+    the engine's connection is closed, and the sidecar goes on serving."""
+    with serving(_OversizedAnswers) as url:
+        sidecar = start_sidecar({"SIDECAR_API_KEYS": KEY, "SIDECAR_MAX_ANSWER_BYTES": str(1024 * 1024)})
+        load = {"engine": "external", "model": "fake", "url": url}
+        assert httpx.post(f"{sidecar.url}/v1/model/load", json=load, headers=AUTH, timeout=30).status_code == 200
+        client = openai.OpenAI(base_url=f"{sidecar.url}/v1", api_key=KEY, max_retries=0, timeout=60)
+
+        def ask(kind: str, stream: bool) -> Any:
+            messages: Any = [{"role": "user", "content": kind}]
+            return client.chat.completions.create(model="fake", messages=messages, stream=stream)
+
+        with pytest.raises(openai.APIError) as streamed:
+            for _ in ask("endless event", stream=True):
+                pass
+        assert streamed.value.code == "engine_answer_too_large"
+        for kind in ("endless event", "long stream", "large body"):
+            with pytest.raises(openai.APIStatusError) as refused:
+                ask(kind, stream=False)
+            assert refused.value.status_code == 502, kind
+            assert refused.value.code == "engine_answer_too_large"
+            assert "SIDECAR_MAX_ANSWER_BYTES (1048576 bytes)" in refused.value.message
+        cut_off = ["endless event", "endless event", "long stream"]
+        wait_until(lambda: sorted(_OversizedAnswers.cut_off) == cut_off, timeout_s=10)
+        assert httpx.get(f"{sidecar.url}/ready", timeout=5).status_code == 200
+        warnings = [line for line in sidecar.output().splitlines() if "[sidecar.proxy]" in line]
+        assert sum("engine_answer_too_large" in line for line in warnings) == 4, warnings
