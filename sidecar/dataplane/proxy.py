@@ -41,6 +41,7 @@ from sidecar.dataplane.relay import Relays
 from sidecar.dataplane.upstream import (
     ConnectFailed,
     Disconnected,
+    HeadTooLarge,
     OutOfDescriptors,
     Response,
     Sending,
@@ -106,7 +107,10 @@ class Proxy:
         self.worker = worker  # which data-plane worker this is, where there are several
         self.telemetry = telemetry
         self.upstream = UpstreamPool(
-            settings.upstream_connect_timeout_s, _KEEPALIVE_S, tls_context(settings.upstream_ca_file)
+            settings.upstream_connect_timeout_s,
+            _KEEPALIVE_S,
+            tls_context(settings.upstream_ca_file),
+            settings.max_header_bytes,
         )
         self._out_of_descriptors_lines = Throttle(5.0)
         self.recorder = Recorder(telemetry, history, worker, otel)
@@ -263,6 +267,9 @@ class Proxy:
             raise self._out_of_descriptors() from None
         except ConnectFailed as exc:
             raise BadGateway(f"could not connect to the engine: {exc}") from None
+        except HeadTooLarge as exc:
+            log.warning("engine_answer_too_large", path=exchange.scope["path"], held="headers")
+            raise BadGateway(f"{exc} (SIDECAR_MAX_HEADER_BYTES)", code="engine_answer_too_large") from None
         except Disconnected as exc:
             raise BadGateway(f"{exc} before answering") from None
 

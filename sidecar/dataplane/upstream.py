@@ -46,6 +46,10 @@ class Disconnected(UpstreamError):
     """The engine closed the connection before its answer was complete, or sent what is not HTTP."""
 
 
+class HeadTooLarge(Disconnected):
+    """The engine's status line and headers went past the pool's bound: the connection is dropped unread."""
+
+
 @dataclass(frozen=True, slots=True)
 class _Origin:
     scheme: str
@@ -158,6 +162,7 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.response: Response | None = None
+        self.head_bytes = 0  # read of the response's head so far
         self.closed = False
         self.idle_since = 0.0
 
@@ -170,11 +175,18 @@ class _Connection(asyncio.Protocol):
         if self.response is None:  # bytes nobody asked for: the connection cannot be trusted any more
             self.abort()
             return
+        response = self.response
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            self.response._fail(Disconnected(f"the engine's answer is not HTTP/1.1: {exc}"))
+            response._fail(Disconnected(f"the engine's answer is not HTTP/1.1: {exc}"))
             self.abort()
+            return
+        if not response._head.done():  # all that was read is head: bounded as a client's head is
+            self.head_bytes += len(data)
+            if self.head_bytes > self.pool.max_head_bytes:
+                response._fail(HeadTooLarge(f"the engine's headers are larger than {self.pool.max_head_bytes} bytes"))
+                self.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -222,6 +234,7 @@ class _Connection(asyncio.Protocol):
     def send(self, head: bytes, body: bytes) -> Response:
         assert self.transport is not None
         self.response = Response(self)
+        self.head_bytes = 0
         if len(body) < _COPY_BELOW:
             self.transport.write(head + body)
         else:  # a large prompt is not copied once more
@@ -255,8 +268,15 @@ class UpstreamPool:
     cap). Idle ones are closed `keepalive_s` after their last use (`KeepAlive`), before the engine would close them
     itself (uvicorn, so vLLM and SGLang, closes after 5 s): reusing one it is closing loses the request."""
 
-    def __init__(self, connect_timeout_s: float, keepalive_s: float, tls: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self,
+        connect_timeout_s: float,
+        keepalive_s: float,
+        tls: ssl.SSLContext | None = None,
+        max_head_bytes: int = 64 * 1024,
+    ) -> None:
         self.connect_timeout_s = connect_timeout_s
+        self.max_head_bytes = max_head_bytes  # of a response's status line and headers: past it, `HeadTooLarge`
         self._origins: dict[str, _Origin] = {}
         self.idle: KeepAlive[_Origin, _Connection] = KeepAlive(keepalive_s)
         self._tls = tls

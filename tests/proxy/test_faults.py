@@ -279,8 +279,9 @@ def test_a_pooled_connection_the_engine_resets_is_retried_on_a_new_one(
 
 class _OversizedAnswers(FakeEngine):
     """An engine whose answer is larger than the sidecar holds, by the request's last message: one event that
-    never ends ("endless event"), a stream of small events longer than the bound ("long stream"), or a JSON body
-    past it ("large body"). It notes whether the sidecar cut it off before it had written everything."""
+    never ends ("endless event"), a stream of small events longer than the bound ("long stream"), a JSON body
+    past it ("large body"), or headers that never end ("large headers"). It notes whether the sidecar cut it off
+    before it had written everything."""
 
     cut_off: list[str] = []
     PIECE = b"x" * 65536
@@ -296,6 +297,14 @@ class _OversizedAnswers(FakeEngine):
         if kind == "large body":
             self.send(b"application/json", b'{"choices": [], "padding": "' + b"x" * 3_000_000 + b'"}')
             return True
+        if kind == "large headers":
+            try:
+                self.wfile.write(b"HTTP/1.1 200 OK\r\nX-Padding: ")
+                for _ in range(1000):
+                    self.wfile.write(self.PIECE)
+            except OSError:
+                type(self).cut_off.append(kind)
+            return False
         self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
         delta = {"choices": [{"index": 0, "delta": {"content": "y" * 1000}, "finish_reason": None}]}
         event = b"data: " + json.dumps(delta).encode() + b"\n\n"
@@ -314,8 +323,8 @@ def test_an_answer_larger_than_the_sidecar_holds_is_a_502_and_the_engines_reques
     start_sidecar: Callable[..., SidecarProcess],
 ) -> None:
     """An engine's answer is untrusted input: an event that never ends, a stream to assemble or a JSON body past
-    `SIDECAR_MAX_ANSWER_BYTES` is not held; the client gets a 502 (a stream's error event once its status is out),
-    the engine's connection is closed, and the sidecar goes on serving."""
+    `SIDECAR_MAX_ANSWER_BYTES`, or headers past `SIDECAR_MAX_HEADER_BYTES`, is not held; the client gets a 502 (a
+    stream's error event once its status is out), the engine's connection is closed, and the sidecar goes on."""
     with serving(_OversizedAnswers) as url:
         sidecar = start_sidecar({"SIDECAR_API_KEYS": KEY, "SIDECAR_MAX_ANSWER_BYTES": str(1024 * 1024)})
         load = {"engine": "external", "model": "fake", "url": url}
@@ -330,14 +339,21 @@ def test_an_answer_larger_than_the_sidecar_holds_is_a_502_and_the_engines_reques
             for _ in ask("endless event", stream=True):
                 pass
         assert streamed.value.code == "engine_answer_too_large"
-        for kind in ("endless event", "long stream", "large body"):
+        answer_bound = "larger than SIDECAR_MAX_ANSWER_BYTES (1048576 bytes)"
+        head_bound = "headers are larger than 65536 bytes (SIDECAR_MAX_HEADER_BYTES)"
+        for kind, bound in [
+            ("endless event", answer_bound),
+            ("long stream", answer_bound),
+            ("large body", answer_bound),
+            ("large headers", head_bound),
+        ]:
             with pytest.raises(openai.APIStatusError) as refused:
                 ask(kind, stream=False)
             assert refused.value.status_code == 502, kind
             assert refused.value.code == "engine_answer_too_large"
-            assert "SIDECAR_MAX_ANSWER_BYTES (1048576 bytes)" in refused.value.message
-        cut_off = ["endless event", "endless event", "long stream"]
+            assert bound in refused.value.message
+        cut_off = ["endless event", "endless event", "large headers", "long stream"]
         wait_until(lambda: sorted(_OversizedAnswers.cut_off) == cut_off, timeout_s=10)
         assert httpx.get(f"{sidecar.url}/ready", timeout=5).status_code == 200
         warnings = [line for line in sidecar.output().splitlines() if "[sidecar.proxy]" in line]
-        assert sum("engine_answer_too_large" in line for line in warnings) == 4, warnings
+        assert sum("engine_answer_too_large" in line for line in warnings) == 5, warnings
