@@ -41,7 +41,15 @@ _REQUEST_HEADERS_DROPPED = _HOP_BY_HOP | {
 }
 
 # The sidecar's server sets its own date, server and request id; lengths are recomputed where bodies change.
-_RESPONSE_HEADERS_DROPPED = _HOP_BY_HOP | {"content-length", "date", "server", "x-request-id"}
+# The sidecar's own headers among them: an engine's cannot pass for the sidecar's measures or worker.
+_RESPONSE_HEADERS_DROPPED = _HOP_BY_HOP | {
+    "content-length",
+    "date",
+    "server",
+    "x-request-id",
+    "x-performance-metrics",
+    "x-sidecar-worker",
+}
 
 ERROR_BODY_LIMIT = 1024 * 1024
 

@@ -357,3 +357,39 @@ def test_an_answer_larger_than_the_sidecar_holds_is_a_502_and_the_engines_reques
         assert httpx.get(f"{sidecar.url}/ready", timeout=5).status_code == 200
         warnings = [line for line in sidecar.output().splitlines() if "[sidecar.proxy]" in line]
         assert sum("engine_answer_too_large" in line for line in warnings) == 5, warnings
+
+
+class _ClaimingEngine(FakeEngine):
+    """An engine whose answers carry the sidecar's own headers, as if it had measured them."""
+
+    extra_headers = b'X-Performance-Metrics: {"ttft_ms": 0.001}\r\nX-Sidecar-Worker: 7\r\nX-Engine-Own: kept\r\n'
+
+    def chat(self) -> bool:
+        chunk = {"id": "c", "object": "chat.completion.chunk", "model": "fake", "choices": []}
+        if json.loads(self.body).get("stream"):
+            chunk["choices"] = [{"index": 0, "delta": {"content": "hi"}, "finish_reason": "stop"}]
+            self.send(b"text/event-stream", b"data: " + json.dumps(chunk).encode() + b"\n\ndata: [DONE]\n\n")
+        else:
+            answer = {"id": "c", "object": "chat.completion", "model": "fake", "choices": []}
+            self.send(b"application/json", json.dumps(answer).encode())
+        return True
+
+
+def test_an_engines_answer_cannot_carry_the_sidecars_own_headers(start_sidecar: Callable[..., SidecarProcess]) -> None:
+    """X-Performance-Metrics and X-Sidecar-Worker are the sidecar's: an engine's are dropped, its other headers kept."""
+    with serving(_ClaimingEngine) as url:
+        sidecar = start_sidecar({"SIDECAR_API_KEYS": KEY, "SIDECAR_ASSEMBLE_NON_STREAMING": "false"})
+        load = {"engine": "external", "model": "fake", "url": url}
+        assert httpx.post(f"{sidecar.url}/v1/model/load", json=load, headers=AUTH, timeout=30).status_code == 200
+        for stream in (False, True):
+            body = {"model": "fake", "messages": MESSAGES, "stream": stream}
+            response = httpx.post(f"{sidecar.url}{CHAT}", json=body, headers=AUTH, timeout=30)
+            assert response.status_code == 200, response.text
+            assert response.headers["x-engine-own"] == "kept"
+            assert "x-sidecar-worker" not in response.headers
+            measured = response.headers.get_list("x-performance-metrics")
+            if stream:
+                assert measured == []  # a stream's measures go in its usage chunk
+            else:
+                assert len(measured) == 1
+                assert json.loads(measured[0]) == response.json()["usage"]["performance"]
