@@ -103,3 +103,13 @@ def test_a_whole_answer_in_one_read_has_no_tpot_itl_or_rate_rather_than_zeros() 
     assert (result["ttft_ms"], result["latency_ms"]) == (100.0, 100.0)
     assert result["coalesced_events"] == 7
     assert (result["tpot_ms"], result["itl_ms"], result["output_tokens_per_s"]) == (None, None, None)
+
+
+@pytest.mark.parametrize("reported", ["4", -4, 4.0, True, None])
+def test_usage_that_is_not_a_count_of_tokens_is_not_reported_as_one(reported: object) -> None:
+    meter = PerformanceMeter(start_ns=0)
+    for at_ms in (10, 20):
+        meter.output(at_ms * MS)
+    result = meter.result(30 * MS, {"prompt_tokens": reported, "completion_tokens": reported}, engine="e", model="m")
+    assert result["prompt_tokens"] is None
+    assert result["completion_tokens"] == 2 and result["tokens_estimated"] is True

@@ -19,6 +19,12 @@ from sidecar.telemetry.records import InterTokenLatency, Performance
 from sidecar.telemetry.stats import percentile
 
 
+def _count(value: Any) -> int | None:
+    """A count of tokens from the engine's usage, or None for what is not one (text, a negative number, true):
+    the engine's usage is untrusted input, and the metrics add it up."""
+    return value if type(value) is int and value >= 0 else None
+
+
 def _ms(ns: int | float) -> float:
     return round(ns / 1e6, 3)
 
@@ -66,9 +72,9 @@ class PerformanceMeter:
         ttft_ns = None if self.first_output_ns is None else self.first_output_ns - self.start_ns
         latency_ns = None if self.last_output_ns is None else self.last_output_ns - self.start_ns
         usage = usage or {}
-        reported = usage.get("completion_tokens")
-        estimated = not isinstance(reported, int)
-        completion_tokens = reported if isinstance(reported, int) else self.output_events
+        reported = _count(usage.get("completion_tokens"))
+        estimated = reported is None
+        completion_tokens = self.output_events if reported is None else reported
         per_sequence = completion_tokens / max(1, len(self.last_by_choice))
         decode_ns = latency_ns - ttft_ns if latency_ns is not None and ttft_ns is not None else None
         tpot = _ms(decode_ns / (per_sequence - 1)) if decode_ns and per_sequence > 1 else None
@@ -86,7 +92,7 @@ class PerformanceMeter:
             "queue_ms": _ms(self.queue_ns),
             "tpot_ms": tpot,
             "itl_ms": itl,
-            "prompt_tokens": usage.get("prompt_tokens"),
+            "prompt_tokens": _count(usage.get("prompt_tokens")),
             "completion_tokens": completion_tokens,
             "output_tokens_per_s": rate,
             "coalesced_events": self.coalesced_events,

@@ -67,7 +67,7 @@ class Recorder:
         """Usage as the sidecar counted it (after `_finish`): output events, and the engine's count of the prompt
         where it gave one (null where it could not: `usage.performance.tokens_estimated` says so)."""
         assert exchange.performance is not None
-        prompt = (exchange.usage or {}).get("prompt_tokens")
+        prompt = exchange.performance["prompt_tokens"]  # the engine's count, where it is one
         tokens = exchange.performance["completion_tokens"]
         total = None if prompt is None else prompt + tokens
         return {"prompt_tokens": prompt, "completion_tokens": tokens, "total_tokens": total}

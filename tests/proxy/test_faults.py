@@ -393,3 +393,46 @@ def test_an_engines_answer_cannot_carry_the_sidecars_own_headers(start_sidecar: 
             else:
                 assert len(measured) == 1
                 assert json.loads(measured[0]) == response.json()["usage"]["performance"]
+
+
+class _MiscountingEngine(FakeEngine):
+    """An engine whose usage is not counts: a prompt count that is text, a negative completion count."""
+
+    def chat(self) -> bool:
+        delta = {"id": "c", "object": "chat.completion.chunk", "model": "fake"}
+        events = [
+            delta | {"choices": [{"index": 0, "delta": {"content": word}, "finish_reason": None}]}
+            for word in ("one", "two", "three")
+        ]
+        usage = {"prompt_tokens": "eight", "completion_tokens": -3, "total_tokens": None}
+        events.append(delta | {"choices": [], "usage": usage})
+        stream = b"".join(b"data: " + json.dumps(event).encode() + b"\n\n" for event in events)
+        self.send(b"text/event-stream", stream + b"data: [DONE]\n\n")
+        return True
+
+
+def test_usage_that_is_not_counts_is_not_taken_for_them(start_sidecar: Callable[..., SidecarProcess]) -> None:
+    """The engine's usage is untrusted: what is not a count of tokens (text, a negative number) is not reported as
+    one; the sidecar counts the streamed tokens instead, and the request's record and metrics are kept as for any
+    other."""
+    with serving(_MiscountingEngine) as url:
+        sidecar = start_sidecar({"SIDECAR_API_KEYS": KEY})
+        load = {"engine": "external", "model": "fake", "url": url}
+        assert httpx.post(f"{sidecar.url}/v1/model/load", json=load, headers=AUTH, timeout=30).status_code == 200
+        body = {"model": "fake", "messages": MESSAGES, "stream": True, "stream_options": {"include_usage": True}}
+        headers = AUTH | {"X-Request-ID": "miscounted-1"}
+        response = httpx.post(f"{sidecar.url}{CHAT}", json=body, headers=headers, timeout=30)
+        assert response.status_code == 200, response.text
+        usage = json.loads(response.text.split("data: ")[-2])["usage"]
+        performance = usage["performance"]
+        assert performance["prompt_tokens"] is None
+        assert performance["completion_tokens"] == 3 and performance["tokens_estimated"] is True
+
+        def recorded() -> bool:
+            found = httpx.get(f"{sidecar.url}/v1/requests/miscounted-1", headers=AUTH, timeout=5)
+            return found.status_code == 200
+
+        wait_until(recorded, timeout_s=5)
+        metrics = httpx.get(f"{sidecar.url}/metrics", timeout=5).text
+        assert 'sidecar_tokens_total{engine="external",kind="completion",model="fake"} 3.0' in metrics
+        assert "bookkeeping_failed" not in sidecar.output()
