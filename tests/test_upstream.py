@@ -8,7 +8,8 @@ from contextlib import asynccontextmanager
 
 import pytest
 
-from sidecar.dataplane.upstream import ConnectFailed, Disconnected, UpstreamPool
+from sidecar.dataplane.upstream import UpstreamPool
+from sidecar.dataplane.upstream_errors import BadAnswer, ConnectFailed, Disconnected
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -147,7 +148,7 @@ async def test_a_large_chunked_body_read_slowly_arrives_whole_and_in_order() -> 
     pool.close()
 
 
-async def test_what_is_not_http_and_a_connection_closed_mid_body_are_disconnects() -> None:
+async def test_what_is_not_http_is_a_bad_answer_and_a_connection_closed_mid_body_a_disconnect() -> None:
     async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_request(reader)
         writer.write(b"SSH-2.0-OpenSSH\r\n\r\n")
@@ -160,7 +161,7 @@ async def test_what_is_not_http_and_a_connection_closed_mid_body_are_disconnects
 
     pool = UpstreamPool(connect_timeout_s=5, keepalive_s=5)
     async with server(garbage) as (url, _):
-        with pytest.raises(Disconnected):
+        with pytest.raises(BadAnswer):
             await pool.request("GET", url, "/", [], b"")
     async with server(cut) as (url, _):
         with pytest.raises(Disconnected):
@@ -230,3 +231,42 @@ async def test_a_request_to_what_is_not_an_http_url_fails_when_its_answer_is_awa
     sending = UpstreamPool(connect_timeout_s=5, keepalive_s=5).send("GET", "unix:/engine.sock", "/", [], b"")
     with pytest.raises(ConnectFailed, match="not an http"):
         await sending.response()
+
+
+async def test_informational_heads_are_skipped_and_the_answers_own_head_is_the_response() -> None:
+    async def continue_then_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </style.css>\r\n\r\n")
+        await writer.drain()
+        writer.write(b"HTTP/1.1 201 Created\r\ncontent-length: 2\r\n\r\nok")
+        await writer.drain()
+        await keep_answering(reader, writer)
+
+    pool = UpstreamPool(connect_timeout_s=5, keepalive_s=5)
+    async with server(continue_then_answer) as (url, connections):
+        response = await pool.request("POST", url, "/", [], b"{}")
+        assert (response.status, response.raw_headers) == (201, [(b"content-length", b"2")])
+        assert await response.read() == b"ok"
+        response.close()
+        assert await body_of(pool, url, "POST", b"again") == b"again"  # the connection is whole: reused
+        assert len(connections) == 1
+    pool.close()
+
+
+async def test_a_status_http_does_not_have_is_a_bad_answer_not_tried_again() -> None:
+    answers = [b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", b"HTTP/1.1 999 Odd\r\ncontent-length: 0\r\n\r\n"]
+
+    async def ok_then_odd(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for answer in answers:
+            await read_request(reader)
+            writer.write(answer)
+            await writer.drain()
+        await reader.read()
+
+    pool = UpstreamPool(connect_timeout_s=5, keepalive_s=5)
+    async with server(ok_then_odd) as (url, connections):
+        assert await body_of(pool, url) == b"ok"
+        with pytest.raises(BadAnswer, match="status 999"):
+            await pool.request("GET", url, "/", [], b"")  # on the pooled connection: the engine did answer
+        assert len(connections) == 1
+    pool.close()

@@ -38,15 +38,14 @@ from sidecar.dataplane.exchange import (
 from sidecar.dataplane.performance import PerformanceMeter
 from sidecar.dataplane.recording import Recorder, unanswered
 from sidecar.dataplane.relay import Relays
-from sidecar.dataplane.upstream import (
+from sidecar.dataplane.upstream import Response, Sending, UpstreamPool
+from sidecar.dataplane.upstream_errors import (
+    BadAnswer,
     ConnectFailed,
     Disconnected,
     HeadTooLarge,
     OutOfDescriptors,
-    Response,
-    Sending,
     UpstreamError,
-    UpstreamPool,
 )
 from sidecar.errors import BadGateway, BadRequest, GatewayTimeout, NotFound, SidecarError, SidecarOverloaded
 from sidecar.http import check_forwardable, engine_target, json_object, read_body, tls_context
@@ -270,6 +269,8 @@ class Proxy:
         except HeadTooLarge as exc:
             log.warning("engine_answer_too_large", path=exchange.scope["path"], held="headers")
             raise BadGateway(f"{exc} (SIDECAR_MAX_HEADER_BYTES)", code="engine_answer_too_large") from None
+        except BadAnswer as exc:
+            raise BadGateway(str(exc)) from None
         except Disconnected as exc:
             raise BadGateway(f"{exc} before answering") from None
 

@@ -34,7 +34,8 @@ from sidecar.dataplane.exchange import (
 )
 from sidecar.dataplane.recording import Recorder
 from sidecar.dataplane.sse import DONE, EventTooLarge, SSEParser
-from sidecar.dataplane.upstream import Response, UpstreamError
+from sidecar.dataplane.upstream import Response
+from sidecar.dataplane.upstream_errors import UpstreamError
 from sidecar.errors import BadGateway, GatewayTimeout, SidecarError, engine_error_body
 from sidecar.logs import get_logger
 from sidecar.settings import Settings

@@ -21,6 +21,14 @@ from urllib.parse import urlsplit
 import httptools
 
 from sidecar.dataplane.keepalive import KeepAlive
+from sidecar.dataplane.upstream_errors import (
+    BadAnswer,
+    ConnectFailed,
+    Disconnected,
+    HeadTooLarge,
+    OutOfDescriptors,
+    UpstreamError,
+)
 from sidecar.http import tls_context
 
 _COPY_BELOW = 64 * 1024  # a body this small goes out with the head in one write
@@ -28,26 +36,6 @@ _PAUSE_AT = 256 * 1024  # bytes read and not yet relayed: stop reading the engin
 # Out of descriptors, a new connection is tried again this often, for this long at most.
 _DESCRIPTOR_POLL_S = 0.01
 _DESCRIPTOR_WAIT_S = 1.0
-
-
-class UpstreamError(Exception):
-    """The engine could not be reached, or its connection broke."""
-
-
-class ConnectFailed(UpstreamError):
-    """Nothing answered at the engine's address (refused, unreachable, unknown host)."""
-
-
-class OutOfDescriptors(ConnectFailed):
-    """The sidecar's own open-files limit left no descriptor for the connection: the engine is not at fault."""
-
-
-class Disconnected(UpstreamError):
-    """The engine closed the connection before its answer was complete, or sent what is not HTTP."""
-
-
-class HeadTooLarge(Disconnected):
-    """The engine's status line and headers went past the pool's bound: the connection is dropped unread."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,7 +150,8 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.response: Response | None = None
-        self.head_bytes = 0  # read of the response's head so far
+        self.head_bytes = 0  # read of the response's head so far (informational heads before it included)
+        self.informational = False  # in a 1xx head, which another head follows
         self.closed = False
         self.idle_since = 0.0
 
@@ -179,7 +168,8 @@ class _Connection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            response._fail(Disconnected(f"the engine's answer is not HTTP/1.1: {exc}"))
+            reason = exc.__context__ or exc  # what a callback raised says more than httptools' wrapper of it
+            response._fail(BadAnswer(f"the engine's answer is not HTTP/1.1: {reason}"))
             self.abort()
             return
         if not response._head.done():  # all that was read is head: bounded as a client's head is
@@ -213,7 +203,14 @@ class _Connection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         response = self.response
         assert response is not None
-        response.status = self.parser.get_status_code()
+        status = self.parser.get_status_code()
+        if status < 200:  # 100 Continue, 103 Early Hints: informational, the answer's own head follows
+            response.raw_headers.clear()
+            self.informational = True
+            return
+        if status > 599:  # httptools reads any three digits
+            raise ValueError(f"status {status}")
+        response.status = status
         response.keep_alive = self.parser.should_keep_alive()
         response.delimited = any(
             name.lower() in (b"content-length", b"transfer-encoding") for name, _ in response.raw_headers
@@ -227,6 +224,9 @@ class _Connection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         assert self.response is not None
+        if self.informational:  # the end of an informational head, not of the answer
+            self.informational = False
+            return
         self.response._finish()
 
     # -- the pool's and the response's ---------------------------------------------------------------------------
@@ -234,7 +234,7 @@ class _Connection(asyncio.Protocol):
     def send(self, head: bytes, body: bytes) -> Response:
         assert self.transport is not None
         self.response = Response(self)
-        self.head_bytes = 0
+        self.head_bytes, self.informational = 0, False
         if len(body) < _COPY_BELOW:
             self.transport.write(head + body)
         else:  # a large prompt is not copied once more

@@ -436,3 +436,36 @@ def test_usage_that_is_not_counts_is_not_taken_for_them(start_sidecar: Callable[
         metrics = httpx.get(f"{sidecar.url}/metrics", timeout=5).text
         assert 'sidecar_tokens_total{engine="external",kind="completion",model="fake"} 3.0' in metrics
         assert "bookkeeping_failed" not in sidecar.output()
+
+
+class _OddHeads(FakeEngine):
+    """An engine that sends an informational head before its answer ("continue"), or a status HTTP does not have."""
+
+    def chat(self) -> bool:
+        if json.loads(self.body)["messages"][-1]["content"] == "continue":
+            chunk = {"id": "c", "object": "chat.completion.chunk", "model": "fake"}
+            chunk["choices"] = [{"index": 0, "delta": {"content": "hi"}, "finish_reason": "stop"}]
+            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self.send(b"text/event-stream", b"data: " + json.dumps(chunk).encode() + b"\n\ndata: [DONE]\n\n")
+        else:
+            self.wfile.write(b"HTTP/1.1 999 Odd\r\nContent-Length: 0\r\n\r\n")
+        return True
+
+
+def test_an_informational_head_is_skipped_and_a_status_http_lacks_is_a_502(
+    start_sidecar: Callable[..., SidecarProcess],
+) -> None:
+    with serving(_OddHeads) as url:
+        sidecar = start_sidecar({"SIDECAR_API_KEYS": KEY})
+        load = {"engine": "external", "model": "fake", "url": url}
+        assert httpx.post(f"{sidecar.url}/v1/model/load", json=load, headers=AUTH, timeout=30).status_code == 200
+        client = openai.OpenAI(base_url=f"{sidecar.url}/v1", api_key=KEY, max_retries=0, timeout=30)
+        stream = client.chat.completions.create(
+            model="fake", messages=[{"role": "user", "content": "continue"}], stream=True
+        )
+        assert "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices) == "hi"
+        with pytest.raises(openai.APIStatusError) as refused:
+            client.chat.completions.create(model="fake", messages=[{"role": "user", "content": "odd"}])
+        assert refused.value.status_code == 502
+        assert refused.value.message.endswith("the engine's answer is not HTTP/1.1: status 999")
+        assert "unhandled_error" not in sidecar.output()

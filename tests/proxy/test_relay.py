@@ -16,7 +16,7 @@ from sidecar.dataplane.admission import Admission
 from sidecar.dataplane.exchange import Deadline, Exchange
 from sidecar.dataplane.performance import PerformanceMeter
 from sidecar.dataplane.proxy import Proxy
-from sidecar.dataplane.upstream import Disconnected
+from sidecar.dataplane.upstream_errors import Disconnected
 from sidecar.settings import load_settings
 from sidecar.telemetry.gpu import Gpus
 from sidecar.telemetry.history import RequestHistory
