@@ -9,7 +9,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
@@ -233,6 +233,30 @@ async def wait_for_state(client: httpx.AsyncClient, state: str, timeout_s: float
         await asyncio.sleep(0.01)
 
 
+def _in_front_of(
+    engine_url: str, start_sidecar: Callable[..., SidecarProcess], settings: dict[str, str] | None = None
+) -> SidecarProcess:
+    """A sidecar with these settings and the fake engine at `engine_url` loaded as an external engine."""
+    sidecar = start_sidecar({"SIDECAR_API_KEYS": KEY} | (settings or {}))
+    load = {"engine": "external", "model": "fake", "url": engine_url}
+    assert httpx.post(f"{sidecar.url}/v1/model/load", json=load, headers=AUTH, timeout=30).status_code == 200
+    return sidecar
+
+
+@pytest.fixture
+def openai_client() -> Iterator[Callable[[SidecarProcess], openai.OpenAI]]:
+    """The OpenAI SDK in front of a sidecar, closed after the test; no retries."""
+    clients: list[openai.OpenAI] = []
+
+    def make(sidecar: SidecarProcess) -> openai.OpenAI:
+        clients.append(openai.OpenAI(base_url=f"{sidecar.url}/v1", api_key=KEY, max_retries=0, timeout=60))
+        return clients[-1]
+
+    yield make
+    for client in clients:
+        client.close()
+
+
 class _OneRequestPerConnection(FakeEngine):
     """An engine that answers one chat request per connection and resets the connection on the next one, while its
     answers say keep-alive: what llama-server's HTTP threads beyond its fixed pool do."""
@@ -266,9 +290,7 @@ def test_a_pooled_connection_the_engine_resets_is_retried_on_a_new_one(
     start_sidecar: Callable[..., SidecarProcess],
 ) -> None:
     with serving(_OneRequestPerConnection) as url:
-        sidecar = start_sidecar({"SIDECAR_API_KEYS": KEY})
-        load = {"engine": "external", "model": "fake", "url": url}
-        assert httpx.post(f"{sidecar.url}/v1/model/load", json=load, headers=AUTH, timeout=30).status_code == 200
+        sidecar = _in_front_of(url, start_sidecar)
         body = {"model": "fake", "messages": MESSAGES, "stream": True}
         for _ in range(3):
             response = httpx.post(f"{sidecar.url}{CHAT}", json=body, headers=AUTH, timeout=30)
@@ -320,16 +342,14 @@ class _OversizedAnswers(FakeEngine):
 
 
 def test_an_answer_larger_than_the_sidecar_holds_is_a_502_and_the_engines_request_is_dropped(
-    start_sidecar: Callable[..., SidecarProcess],
+    start_sidecar: Callable[..., SidecarProcess], openai_client: Callable[[SidecarProcess], openai.OpenAI]
 ) -> None:
     """An engine's answer is untrusted input: an event that never ends, a stream to assemble or a JSON body past
     `SIDECAR_MAX_ANSWER_BYTES`, or headers past `SIDECAR_MAX_HEADER_BYTES`, is not held; the client gets a 502 (a
     stream's error event once its status is out), the engine's connection is closed, and the sidecar goes on."""
     with serving(_OversizedAnswers) as url:
-        sidecar = start_sidecar({"SIDECAR_API_KEYS": KEY, "SIDECAR_MAX_ANSWER_BYTES": str(1024 * 1024)})
-        load = {"engine": "external", "model": "fake", "url": url}
-        assert httpx.post(f"{sidecar.url}/v1/model/load", json=load, headers=AUTH, timeout=30).status_code == 200
-        client = openai.OpenAI(base_url=f"{sidecar.url}/v1", api_key=KEY, max_retries=0, timeout=60)
+        sidecar = _in_front_of(url, start_sidecar, {"SIDECAR_MAX_ANSWER_BYTES": str(1024 * 1024)})
+        client = openai_client(sidecar)
 
         def ask(kind: str, stream: bool) -> Any:
             messages: Any = [{"role": "user", "content": kind}]
@@ -378,9 +398,7 @@ class _ClaimingEngine(FakeEngine):
 def test_an_engines_answer_cannot_carry_the_sidecars_own_headers(start_sidecar: Callable[..., SidecarProcess]) -> None:
     """X-Performance-Metrics and X-Sidecar-Worker are the sidecar's: an engine's are dropped, its other headers kept."""
     with serving(_ClaimingEngine) as url:
-        sidecar = start_sidecar({"SIDECAR_API_KEYS": KEY, "SIDECAR_ASSEMBLE_NON_STREAMING": "false"})
-        load = {"engine": "external", "model": "fake", "url": url}
-        assert httpx.post(f"{sidecar.url}/v1/model/load", json=load, headers=AUTH, timeout=30).status_code == 200
+        sidecar = _in_front_of(url, start_sidecar, {"SIDECAR_ASSEMBLE_NON_STREAMING": "false"})
         for stream in (False, True):
             body = {"model": "fake", "messages": MESSAGES, "stream": stream}
             response = httpx.post(f"{sidecar.url}{CHAT}", json=body, headers=AUTH, timeout=30)
@@ -416,9 +434,7 @@ def test_usage_that_is_not_counts_is_not_taken_for_them(start_sidecar: Callable[
     one; the sidecar counts the streamed tokens instead, and the request's record and metrics are kept as for any
     other."""
     with serving(_MiscountingEngine) as url:
-        sidecar = start_sidecar({"SIDECAR_API_KEYS": KEY})
-        load = {"engine": "external", "model": "fake", "url": url}
-        assert httpx.post(f"{sidecar.url}/v1/model/load", json=load, headers=AUTH, timeout=30).status_code == 200
+        sidecar = _in_front_of(url, start_sidecar)
         body = {"model": "fake", "messages": MESSAGES, "stream": True, "stream_options": {"include_usage": True}}
         headers = AUTH | {"X-Request-ID": "miscounted-1"}
         response = httpx.post(f"{sidecar.url}{CHAT}", json=body, headers=headers, timeout=30)
@@ -447,19 +463,17 @@ class _OddHeads(FakeEngine):
             chunk["choices"] = [{"index": 0, "delta": {"content": "hi"}, "finish_reason": "stop"}]
             self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             self.send(b"text/event-stream", b"data: " + json.dumps(chunk).encode() + b"\n\ndata: [DONE]\n\n")
-        else:
-            self.wfile.write(b"HTTP/1.1 999 Odd\r\nContent-Length: 0\r\n\r\n")
-        return True
+            return True
+        self.wfile.write(b"HTTP/1.1 999 Odd\r\nContent-Length: 0\r\n\r\n")
+        return False  # the sidecar drops the connection: nothing more comes on it
 
 
 def test_an_informational_head_is_skipped_and_a_status_http_lacks_is_a_502(
-    start_sidecar: Callable[..., SidecarProcess],
+    start_sidecar: Callable[..., SidecarProcess], openai_client: Callable[[SidecarProcess], openai.OpenAI]
 ) -> None:
     with serving(_OddHeads) as url:
-        sidecar = start_sidecar({"SIDECAR_API_KEYS": KEY})
-        load = {"engine": "external", "model": "fake", "url": url}
-        assert httpx.post(f"{sidecar.url}/v1/model/load", json=load, headers=AUTH, timeout=30).status_code == 200
-        client = openai.OpenAI(base_url=f"{sidecar.url}/v1", api_key=KEY, max_retries=0, timeout=30)
+        sidecar = _in_front_of(url, start_sidecar)
+        client = openai_client(sidecar)
         stream = client.chat.completions.create(
             model="fake", messages=[{"role": "user", "content": "continue"}], stream=True
         )
