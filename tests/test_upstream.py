@@ -270,3 +270,23 @@ async def test_a_status_http_does_not_have_is_a_bad_answer_not_tried_again() -> 
             await pool.request("GET", url, "/", [], b"")  # on the pooled connection: the engine did answer
         assert len(connections) == 1
     pool.close()
+
+
+async def test_bytes_past_the_end_of_an_answer_are_not_taken_for_the_next_request() -> None:
+    """An engine that writes a second answer after the one asked for: the first is whole, the rest is no one's, and
+    the connection is dropped rather than pooled with half an answer in its parser."""
+
+    async def answer_twice(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokHTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\nsmuggl"
+        )
+        await writer.drain()
+        await keep_answering(reader, writer)
+
+    pool = UpstreamPool(connect_timeout_s=5, keepalive_s=5)
+    async with server(answer_twice) as (url, connections):
+        assert await body_of(pool, url) == b"ok"
+        assert await body_of(pool, url, "POST", b"next") == b"ok"  # on a new connection
+        assert len(connections) == 2
+    pool.close()

@@ -196,6 +196,10 @@ class _Connection(asyncio.Protocol):
 
     # -- httptools ----------------------------------------------------------------------------------------------
 
+    def on_message_begin(self) -> None:
+        if self.response is None or self.response.complete:  # an answer past the end of the one asked for
+            raise ValueError("more than one answer to one request")
+
     def on_header(self, name: bytes, value: bytes | None) -> None:
         assert self.response is not None
         self.response.raw_headers.append((name, value or b""))
