@@ -10,6 +10,7 @@ it; JSON is parsed only for chunks that carry usage or timings, or when `n` > 1.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Any
 
@@ -42,6 +43,11 @@ from sidecar.settings import Settings
 from sidecar.telemetry.otel import finish_reasons
 
 log = get_logger("sidecar.proxy")  # the proxy's lines, whichever of its modules writes them
+
+# After [DONE] only the end of the engine's body is to come, in the same read or the next: waited for this long,
+# after which the connection is dropped rather than the request held (its slot, the drain of an unload) for the
+# inter-token timeout by an engine that keeps its body open.
+_END_AFTER_DONE_S = 1.0
 
 
 class Relays:
@@ -209,6 +215,9 @@ class Relays:
                     meter.overhead_ns += clock() - now
                     if not chunk:
                         return None
+                    if done:
+                        await _body_end(response)
+                        return None
         except TimeoutError:
             return GatewayTimeout("the engine sent no token within the timeout")
         except UpstreamError:
@@ -261,3 +270,14 @@ def _answer_too_large(exchange: Exchange, limit: int, what: str) -> BadGateway:
     return BadGateway(
         f"the engine's {what} is larger than SIDECAR_MAX_ANSWER_BYTES ({limit} bytes)", code="engine_answer_too_large"
     )
+
+
+async def _body_end(response: Response) -> None:
+    """What comes after [DONE] (the body's end, else nothing meant for anyone), for `_END_AFTER_DONE_S` at most: a
+    body not ended by then is left unfinished, which drops the connection once the response is closed."""
+    if response.complete:  # the usual case: the end came in the same read
+        return
+    with contextlib.suppress(TimeoutError, UpstreamError):
+        async with asyncio.timeout(_END_AFTER_DONE_S):
+            while await response.readany():
+                pass

@@ -483,3 +483,38 @@ def test_an_informational_head_is_skipped_and_a_status_http_lacks_is_a_502(
         assert refused.value.status_code == 502
         assert refused.value.message.endswith("the engine's answer is not HTTP/1.1: status 999")
         assert "unhandled_error" not in sidecar.output()
+
+
+class _OpenAfterDone(FakeEngine):
+    """An engine that sends its answer and [DONE], then holds its body open (no last chunk) for a minute."""
+
+    ended: list[str] = []
+
+    def chat(self) -> bool:
+        chunk = {"id": "c", "object": "chat.completion.chunk", "model": "fake"}
+        chunk["choices"] = [{"index": 0, "delta": {"content": "hi"}, "finish_reason": "stop"}]
+        events = b"data: " + json.dumps(chunk).encode() + b"\n\ndata: [DONE]\n\n"
+        self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(events), events))
+        self.connection.settimeout(60)
+        ended = self.rfile.read(1)  # what the sidecar does with the connection: b"" once it drops it
+        type(self).ended.append("dropped" if ended == b"" else "written to")
+        return False
+
+
+def test_a_body_held_open_after_done_does_not_hold_the_request(start_sidecar: Callable[..., SidecarProcess]) -> None:
+    """After [DONE] the answer is whole: the client has it at once, and the request is over within a second (its
+    record kept, its slot free), the engine's connection dropped, rather than held for the inter-token timeout."""
+    with serving(_OpenAfterDone) as url:
+        sidecar = _in_front_of(url, start_sidecar)
+        body = {"model": "fake", "messages": MESSAGES, "stream": True}
+        headers = AUTH | {"X-Request-ID": "open-after-done"}
+        response = httpx.post(f"{sidecar.url}{CHAT}", json=body, headers=headers, timeout=30)
+        assert response.status_code == 200 and response.text.endswith("data: [DONE]\n\n")
+
+        def recorded() -> bool:
+            found = httpx.get(f"{sidecar.url}/v1/requests/open-after-done", headers=AUTH, timeout=5)
+            return found.status_code == 200
+
+        wait_until(recorded, timeout_s=5)
+        wait_until(lambda: _OpenAfterDone.ended == ["dropped"], timeout_s=5)

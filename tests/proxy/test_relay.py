@@ -48,6 +48,11 @@ class ScriptedResponse:
     def headers(self) -> Iterator[tuple[str, str]]:
         return iter([("content-type", "text/event-stream")])
 
+    @property
+    def complete(self) -> bool:
+        """Whether every read of the script has been given: the body's end is all that is left."""
+        return not self._reads
+
     async def readany(self) -> bytes:
         if not self._reads:
             return b""
