@@ -59,8 +59,11 @@ async def _client(url: str, seed: int, answers: list[tuple[str, int, float]]) ->
             await asyncio.sleep(rng.uniform(0, 0.2))
             method, path, body = _operation(rng)
             started = time.monotonic()
-            response = await client.request(method, path, json=body)
-            await response.aread()
+            try:
+                response = await client.request(method, path, json=body)
+                await response.aread()
+            except httpx.TimeoutException as exc:  # which operation hung, for the failure's message
+                raise AssertionError(f"no answer to {method} {path} {body} within {ANSWER_BOUND_S} s") from exc
             answers.append((path, response.status_code, time.monotonic() - started))
             if response.status_code >= 400:
                 error = response.json()["error"]
@@ -95,6 +98,8 @@ async def test_a_storm_of_operations_never_deadlocks_nor_runs_two_engines(start_
     watcher = asyncio.create_task(_watch_engines(sidecar, most, stop))
     try:
         await asyncio.gather(*(_client(sidecar.url, seed * 100 + n, answers) for n in range(CLIENTS)))
+    except AssertionError as exc:  # with what the sidecar logged meanwhile: a hang is found in its lines
+        raise AssertionError(f"{exc}\nthe sidecar's output, last lines:\n{sidecar.output()[-8000:]}") from exc
     finally:
         stop.set()
         await watcher
