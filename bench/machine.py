@@ -44,11 +44,11 @@ def _median_after(wait: Callable[[float], None], idle_s: float, rounds: int) -> 
     return statistics.median(times)
 
 
-def idle_penalty(idle_s: float = IDLE_S, rounds: int = 40, sleep: Callable[[float], None] = time.sleep) -> float:
+def idle_penalty(idle_s: float = IDLE_S, rounds: int = 40) -> float:
     """The median time of a small Python workload after `idle_s` asleep over its median after as long kept busy:
     about 1 where a core wakes as it slept, 2-3 on the 2-core VMs these figures were taken on."""
     after_busy = _median_after(_busy, idle_s, rounds)
-    after_sleep = _median_after(sleep, idle_s, rounds)
+    after_sleep = _median_after(time.sleep, idle_s, rounds)
     return round(after_sleep / after_busy, 2)
 
 
