@@ -22,10 +22,14 @@ class FakeEngine(socketserver.StreamRequestHandler):
                 name, _, value = line.decode("latin-1").partition(":")
                 length = int(value) if name.strip().lower() == "content-length" else length
             self.body = self.rfile.read(length)
-            if not request_line.startswith(b"POST"):
-                self.send(b"application/json", MODELS)
-            elif not self.chat():
+            method, path, _ = request_line.decode("latin-1").split(" ", 2)
+            if not (self.chat() if method == "POST" else self.get(path)):
                 return
+
+    def get(self, path: str) -> bool:
+        """Answer a GET (a probe, or a scrape of the engine's /metrics); False closes the connection."""
+        self.send(b"application/json", MODELS)
+        return True
 
     def chat(self) -> bool:
         """Answer a chat request; False closes the connection."""

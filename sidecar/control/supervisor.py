@@ -14,13 +14,12 @@ import contextlib
 import time
 from typing import Any
 
-import httpx
-
 from engines import AdapterError, EngineAdapter, UnknownEngine
 from engines import adapter as registered_adapter
 from sidecar.control import features, tracing
 from sidecar.control.commands import Load, Shutdown, Sleep, Unload, Wake, shutting_down
 from sidecar.control.engine import Engine, EngineSlot, LoadRequest
+from sidecar.control.engine_client import engine_client
 from sidecar.control.features import EngineCalls
 from sidecar.control.gate import RequestGate, not_ready
 from sidecar.control.inbox import AnyCommand, new_reply
@@ -32,7 +31,6 @@ from sidecar.control.runner import Runner
 from sidecar.control.shared import SharedState
 from sidecar.engine_state import EngineState
 from sidecar.errors import BadRequest, NotFound, ServiceUnavailable, SidecarError
-from sidecar.http import tls_context
 from sidecar.logs import get_logger
 from sidecar.redaction import Redactor
 from sidecar.settings import Settings
@@ -66,14 +64,7 @@ class Supervisor:
         """`otel`: control operations as spans; `shared`: the block the data-plane workers read (and count in)."""
         self.settings = settings
         self.shared = shared
-        # Its calls to the engine (readiness, its metrics at a scrape, sleep, adapters) are seconds apart: each on a
-        # connection of its own, closed after it, so that none is left open to the engine between them (httpx
-        # closes an expired idle connection only when the pool is next used).
-        self._probe = httpx.AsyncClient(
-            timeout=httpx.Timeout(2.0),
-            limits=httpx.Limits(max_keepalive_connections=0),
-            verify=tls_context(settings.upstream_ca_file),
-        )
+        self._probe = engine_client(settings.upstream_ca_file)  # readiness, its metrics, sleep, adapters
         self.calls = EngineCalls(self._probe, gpus)
         self.gate = RequestGate(shared)
         self._owner = Owner(self._handle, self._traced, self._closed)

@@ -518,3 +518,49 @@ def test_a_body_held_open_after_done_does_not_hold_the_request(start_sidecar: Ca
 
         wait_until(recorded, timeout_s=5)
         wait_until(lambda: _OpenAfterDone.ended == ["dropped"], timeout_s=5)
+
+
+class _UnendingMetrics(FakeEngine):
+    """An engine whose /metrics never ends: 256 MB at full speed on the first scrape ("flood"), then nothing more;
+    a line every 0.1 s on the next ("trickle"). It notes how each ended: the sidecar hanging up on it, or (the
+    flood) all of it written."""
+
+    scrapes = 0
+    ended: list[str] = []
+    PIECE = b"# " + b"x" * 65533 + b"\n"
+
+    def get(self, path: str) -> bool:
+        if path != "/metrics":
+            return super().get(path)
+        type(self).scrapes += 1
+        kind = "flood" if type(self).scrapes == 1 else "trickle"
+        self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n")
+        piece = self.PIECE if kind == "flood" else b"#\n"
+        try:
+            for _ in range(4096) if kind == "flood" else iter(int, 1):
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                if kind == "trickle":
+                    time.sleep(0.1)
+        except OSError:
+            type(self).ended.append(f"{kind} hung up on")
+            return False
+        self.rfile.read(1)  # b"" once the sidecar closes the connection
+        type(self).ended.append(f"{kind} written whole")
+        return False
+
+
+def test_an_engines_metrics_that_never_end_cost_the_scrape_its_load_not_the_sidecar(
+    start_sidecar: Callable[..., SidecarProcess],
+) -> None:
+    """A scrape of the sidecar reads the engine's /metrics: an endless one is cut off at its size bound, one that
+    trickles at its 3 s deadline (httpx's own read timeout is per read), and the scrape answers without the
+    engine's load figures."""
+    with serving(_UnendingMetrics) as url:
+        sidecar = _in_front_of(url, start_sidecar)
+        for _ in ("flood", "trickle"):
+            scrape = httpx.get(f"{sidecar.url}/metrics", timeout=15)
+            assert scrape.status_code == 200
+            assert "sidecar_engine_queued_requests{" not in scrape.text
+            wait_until(lambda: len(_UnendingMetrics.ended) == _UnendingMetrics.scrapes, timeout_s=10)
+        assert _UnendingMetrics.ended == ["flood hung up on", "trickle hung up on"]
+        assert httpx.get(f"{sidecar.url}/ready", timeout=5).status_code == 200
