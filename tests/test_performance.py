@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from sidecar.dataplane.performance import PerformanceMeter
+from sidecar.dataplane.performance import ENGINE_TIMINGS_BYTES, PerformanceMeter
 from sidecar.telemetry.stats import percentile
 
 MS = 1_000_000
@@ -63,6 +63,18 @@ def test_engine_timings_are_kept_as_reported() -> None:
     result = meter.result(2 * MS, None, engine="llamacpp", model="m", engine_timings=timings)
     assert result["engine_timings"] == timings
     assert result["engine"] == "llamacpp"
+
+
+@pytest.mark.parametrize(
+    "timings",
+    [{"notes": "x" * ENGINE_TIMINGS_BYTES}, {"prompt_ms": 2**70}],
+    ids=["past the bound", "not writable as JSON"],
+)
+def test_engine_timings_past_the_bound_or_not_json_are_left_out(timings: dict[str, object]) -> None:
+    meter = PerformanceMeter(start_ns=0)
+    meter.output(MS)
+    result = meter.result(2 * MS, None, engine="llamacpp", model="m", engine_timings=timings)
+    assert "engine_timings" not in result and result["ttft_ms"] == 1.0
 
 
 def test_several_choices_are_timed_per_choice() -> None:

@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 from sidecar.telemetry.records import InterTokenLatency, Performance
 from sidecar.telemetry.stats import percentile
 
@@ -23,6 +25,19 @@ def _count(value: Any) -> int | None:
     """A count of tokens from the engine's usage, or None for what is not one (text, a negative number, true):
     the engine's usage is untrusted input, and the metrics add it up."""
     return value if type(value) is int and value >= 0 else None
+
+
+# The engine's own timings are kept as reported up to this much JSON (llama.cpp's, vLLM's and TGI's are 150-300
+# bytes): they ride in the X-Performance-Metrics header, which a proxy in front refuses past its buffer for the
+# whole head (nginx's proxy_buffer_size: 4 KiB by default), and in each of the history's thousand records.
+ENGINE_TIMINGS_BYTES = 2048
+
+
+def _kept_timings(timings: dict[str, Any]) -> bool:
+    try:
+        return len(orjson.dumps(timings)) <= ENGINE_TIMINGS_BYTES
+    except TypeError:  # what orjson cannot write (an integer past 64 bits, nesting past 254 levels): not timings
+        return False
 
 
 def _ms(ns: int | float) -> float:
@@ -104,7 +119,7 @@ class PerformanceMeter:
         }
         if estimated:
             performance["tokens_estimated"] = True
-        if engine_timings:
+        if engine_timings and _kept_timings(engine_timings):
             # The spec's `engine` key already names the engine: its own timings sit beside it, as reported.
             performance["engine_timings"] = engine_timings
         return performance

@@ -564,3 +564,37 @@ def test_an_engines_metrics_that_never_end_cost_the_scrape_its_load_not_the_side
             wait_until(lambda: len(_UnendingMetrics.ended) == _UnendingMetrics.scrapes, timeout_s=10)
         assert _UnendingMetrics.ended == ["flood hung up on", "trickle hung up on"]
         assert httpx.get(f"{sidecar.url}/ready", timeout=5).status_code == 200
+
+
+class _LavishTimings(FakeEngine):
+    """An engine whose own timings (llama.cpp's `timings`) are 20 KB: past what the sidecar keeps of them."""
+
+    def chat(self) -> bool:
+        chunk = {"id": "c", "object": "chat.completion.chunk", "model": "fake"}
+        events = [
+            chunk | {"choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": "stop"}]},
+            chunk | {"choices": [], "timings": {"predicted_ms": 1.5, "notes": "x" * 20_000}},
+        ]
+        stream = b"".join(b"data: " + json.dumps(event).encode() + b"\n\n" for event in events)
+        self.send(b"text/event-stream", stream + b"data: [DONE]\n\n")
+        return True
+
+
+def test_engine_timings_past_their_bound_are_left_out(
+    start_sidecar: Callable[..., SidecarProcess], openai_client: Callable[[SidecarProcess], openai.OpenAI]
+) -> None:
+    """The engine's own timings go into `usage.performance`, the X-Performance-Metrics header, the request's
+    record (a thousand kept) and its access line: those past 2 KiB of JSON are left out of all of them, so that
+    the answer's head stays within what a proxy in front takes (nginx's 4 KiB by default)."""
+    with serving(_LavishTimings) as url:
+        sidecar = _in_front_of(url, start_sidecar)
+        answer = openai_client(sidecar).chat.completions.with_raw_response.create(
+            model="fake", messages=MESSAGES, extra_headers={"X-Request-ID": "lavish-1"}
+        )
+        performance = answer.parse().usage.model_extra["performance"]  # type: ignore[union-attr]
+        assert answer.parse().choices[0].message.content == "hi"
+        assert "engine_timings" not in performance and performance["completion_tokens"] == 1
+        assert json.loads(answer.headers["x-performance-metrics"]) == performance
+        assert sum(len(name) + len(value) + 4 for name, value in answer.headers.items()) < 4096
+        record = httpx.get(f"{sidecar.url}/v1/requests/lavish-1", headers=AUTH, timeout=5).json()
+        assert "engine_timings" not in record["performance"]
