@@ -81,6 +81,9 @@ class Settings(BaseSettings):
     log_dir: Path | None = None
     log_file_max_bytes: int = Field(50 * 1024 * 1024, gt=0)
     log_file_backups: int = Field(5, ge=0)
+    # The engine's output lines logged a second at most, ten seconds' worth at once (0: every line); past it they
+    # are counted, and kept in the output's tail and its live follow.
+    engine_output_lines_per_s: int = Field(1000, ge=0)
 
     cors_origins: CommaList = []
     max_body_bytes: int = Field(16 * 1024 * 1024, gt=0)

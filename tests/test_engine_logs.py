@@ -28,9 +28,10 @@ def _load(sidecar: SidecarProcess, **body: Any) -> httpx.Response:
     return httpx.post(f"{sidecar.url}/v1/model/load", json=request | body, headers=ADMIN, timeout=30)
 
 
-def _say(sidecar: SidecarProcess, line: str) -> None:
-    """The mock engine prints `line` when it gets this request, as an engine logs its requests."""
-    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, "mock": {"log": line}}
+def _say(sidecar: SidecarProcess, line: str, repeat: int = 1) -> None:
+    """The mock engine prints `line` (`repeat` times) when it gets this request, as an engine logs its requests."""
+    mock = {"log": line, "log_repeat": repeat}
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, "mock": mock}
     httpx.post(f"{sidecar.url}/v1/chat/completions", json=body, headers=DATA, timeout=10).raise_for_status()
 
 
@@ -170,3 +171,43 @@ def test_no_engine_is_a_404_a_data_key_a_403_an_external_engine_a_400(start_side
     assert httpx.post(f"{sidecar.url}/v1/model/load", json=external, headers=ADMIN, timeout=30).status_code == 200
     answered = httpx.get(f"{sidecar.url}/v1/model/logs", headers=ADMIN)
     assert answered.status_code == 400 and "runs elsewhere" in answered.json()["error"]["message"]
+
+
+def test_an_engine_flooding_its_output_is_logged_at_the_set_rate_and_every_line_kept_or_counted(
+    start_sidecar: Start,
+) -> None:
+    """Past SIDECAR_ENGINE_OUTPUT_LINES_PER_S (bursts of ten seconds' worth) the engine's lines are not logged but
+    counted in `engine_output_unlogged` warnings (the first at once, the last within 5 s); readers of the output
+    get every one."""
+    sidecar = start_sidecar(KEYS | {"SIDECAR_ENGINE_OUTPUT_LINES_PER_S": "10", "SIDECAR_LOG_FORMAT": "json"})
+    assert _load(sidecar).status_code == 200
+    follower = Follower(sidecar)  # from the kept tail: every line the engine has written
+
+    def records(event: str) -> list[dict[str, Any]]:
+        lines = (json.loads(line) for line in sidecar.output().splitlines() if line.startswith("{"))
+        return [record for record in lines if record.get("event") == event]
+
+    try:
+        _say(sidecar, "flooded", repeat=500)
+        wait_until(lambda: follower.lines().count("flooded") == 500, timeout_s=10)
+        logged = [record["line"] for record in records("engine_output")]
+        assert 50 <= logged.count("flooded") <= 110  # the burst left after start-up, then 10 a second
+
+        def resumed() -> bool:
+            _say(sidecar, "after the flood")
+            return "after the flood" in [record["line"] for record in records("engine_output")]
+
+        wait_until(resumed, timeout_s=10)
+
+        def all_counted() -> bool:
+            unlogged = sum(record["lines"] for record in records("engine_output_unlogged"))
+            return len(follower.lines()) == len(records("engine_output")) + unlogged
+
+        wait_until(all_counted, timeout_s=10)
+        warnings = records("engine_output_unlogged")
+        assert warnings[0]["lines_per_s"] == 10
+        assert sum(record["lines"] for record in warnings) >= 500 - 110
+        tail = sidecar.status(ADMIN_KEY)["output_tail"]
+        assert "after the flood" in tail[-1] and "flooded" in tail[0]
+    finally:
+        follower.close()

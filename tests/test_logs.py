@@ -13,7 +13,7 @@ import pytest
 
 from sidecar import logs as sidecar_logs
 from sidecar.log_writer import BackgroundWriter, stream_lines
-from sidecar.logs import configure_logging, get_logger, timer
+from sidecar.logs import LineBudget, configure_logging, get_logger, timer
 from sidecar.redaction import Redactor
 from sidecar.settings import load_settings
 from tests.processes import SidecarProcess
@@ -235,3 +235,22 @@ def test_configuring_again_ends_the_old_files_writers_with_their_lines_written(t
         configure_logging(load_settings(None, log_dir=tmp_path / name), Redactor())
     assert writers() == before
     assert "last_line_to_the_first_files" in (tmp_path / "first" / "sidecar.jsonl").read_text()
+
+
+def test_a_line_budget_lets_a_burst_through_whole_then_the_rate() -> None:
+    now = [100.0]
+    budget = LineBudget(5, clock=lambda: now[0])
+    assert sum(budget.take() for _ in range(80)) == 50  # ten seconds' worth at once
+    now[0] += 1.0
+    assert sum(budget.take() for _ in range(80)) == 5  # then five a second
+    now[0] += 60.0
+    assert budget.take(80) == 50  # a long quiet refills the burst, never past it
+    now[0] += 0.5
+    assert budget.take(1) == 1 and budget.take(10) == 1  # two and a half: whole lines only, the half kept
+    now[0] += 0.2
+    assert budget.take(10) == 1
+
+
+def test_a_line_budget_of_zero_lets_every_line_through() -> None:
+    budget = LineBudget(0, clock=lambda: 0.0)
+    assert budget.take(100_000) == 100_000 and budget.take() == 1

@@ -93,9 +93,10 @@ class Answer:
         return len(self.tool[1]) if self.tool else len(self.choices[0])
 
 
-def output_line(line: str) -> None:
-    """A line of the engine's output, as engines write theirs: plain, on stdout, at once."""
-    sys.stdout.write(line + "\n")
+def output_line(line: str, repeat: int = 1) -> None:
+    """A line of the engine's output, as engines write theirs: plain, on stdout, at once; `repeat` times in one
+    write, as an engine in a loop printing an error floods its output."""
+    sys.stdout.write((line + "\n") * repeat)
     sys.stdout.flush()
 
 

@@ -97,7 +97,7 @@ class MockEngine:
         answer = Answer(base, chat, choices, tool, finish, want_logprobs, usage, pace, received_ns)
         self.stats.started += 1
         if "log" in overrides:  # a line of output, as an engine logs its requests (tests of the live log)
-            output_line(str(overrides["log"]))
+            output_line(str(overrides["log"]), repeat=int(overrides.get("log_repeat", 1)))
         headers = {"x-compute-time": "0.0805"} if answer.pace.timings else None
         if body.get("stream"):
             # `"stream_usage": false` ignores stream_options, as llama-cpp-python's server does.

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import itertools
 import os
 import signal
 import sys
@@ -18,7 +19,7 @@ import psutil
 
 from sidecar.control.guard import PR_SET_CHILD_SUBREAPER, die_with_parent, prctl
 from sidecar.control.runfile import EngineRecord
-from sidecar.logs import get_logger
+from sidecar.logs import LineBudget, get_logger
 from sidecar.redaction import Redactor
 
 log = get_logger("sidecar.engine")
@@ -27,6 +28,7 @@ TAIL_LINES = 100
 FOLLOW_BUFFER = 1000  # lines a live reader of the output may fall behind before it misses some
 REAP_AFTER_KILL_S = 10.0  # how long the group may take to be gone after SIGKILL
 _MAX_LINE = 16 * 1024  # a line longer than this is logged in pieces
+_UNLOGGED_EVERY_S = 5.0  # while the engine's output is past its rate, how often the lines not logged are counted
 
 
 def become_subreaper() -> None:
@@ -65,10 +67,11 @@ class OutputFollower:
 
 
 class _OutputProtocol(asyncio.SubprocessProtocol):
-    """Splits stdout and stderr on `\\n` and `\\r` (progress bars) as the bytes arrive, never waiting for a line."""
+    """Splits stdout and stderr on `\\n` and `\\r` (progress bars) as the bytes arrive, never waiting for a line;
+    the lines of each read go on together (`on_lines`), so that a flood is handled a read at a time."""
 
-    def __init__(self, on_line: Callable[[str, str], None], on_end: Callable[[], None]) -> None:
-        self.on_line = on_line
+    def __init__(self, on_lines: Callable[[str, list[bytes]], None], on_end: Callable[[], None]) -> None:
+        self.on_lines = on_lines
         self.on_end = on_end
         self.partial = {1: b"", 2: b""}
         self.exited = asyncio.Event()
@@ -81,14 +84,13 @@ class _OutputProtocol(asyncio.SubprocessProtocol):
         while len(self.partial[fd]) > _MAX_LINE:
             lines.append(self.partial[fd][:_MAX_LINE])
             self.partial[fd] = self.partial[fd][_MAX_LINE:]
-        for line in lines:
-            if line.strip():
-                self.on_line("stdout" if fd == 1 else "stderr", line.decode(errors="replace"))
+        if lines := [line for line in lines if line.strip()]:
+            self.on_lines("stdout" if fd == 1 else "stderr", lines)
 
     def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
         rest = self.partial.pop(fd, b"")
         if rest.strip():
-            self.on_line("stdout" if fd == 1 else "stderr", rest.decode(errors="replace"))
+            self.on_lines("stdout" if fd == 1 else "stderr", [rest])
 
     def process_exited(self) -> None:
         self.exited.set()
@@ -96,6 +98,42 @@ class _OutputProtocol(asyncio.SubprocessProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.ended = True  # the process exited and every pipe is closed: no more output
         self.on_end()
+
+
+class _LoggedOutput:
+    """How many of the engine's lines go into the log: at most `per_s` a second (`LineBudget`). Those past it are
+    counted in an `engine_output_unlogged` warning: the first at once, then at most one every 5 s for as long as
+    they go on, the last 5 s after them (or when the output ends), so that every line not logged is counted."""
+
+    def __init__(self, name: str, per_s: float) -> None:
+        self.name, self.per_s = name, per_s
+        self.budget = LineBudget(per_s)
+        self.unlogged = 0
+        self.reported_at = -_UNLOGGED_EVERY_S
+        self.due: asyncio.TimerHandle | None = None
+
+    def take(self, lines: int) -> int:
+        """How many of the next `lines` to log (the first ones); the rest are counted."""
+        logging = self.budget.take(lines)
+        if logging < lines:
+            self.unlogged += lines - logging
+            if self.due is None:
+                wait = self.reported_at + _UNLOGGED_EVERY_S - time.monotonic()
+                if wait <= 0:
+                    self.report()
+                else:
+                    self.due = asyncio.get_running_loop().call_later(wait, self.report)
+        return logging
+
+    def report(self) -> None:
+        """The lines not logged since the last report, reported (where there are any)."""
+        if self.due is not None:
+            self.due.cancel()
+            self.due = None
+        if self.unlogged:
+            log.warning("engine_output_unlogged", engine=self.name, lines=self.unlogged, lines_per_s=self.per_s)
+            self.unlogged = 0
+            self.reported_at = time.monotonic()
 
 
 def _in_own_group() -> None:
@@ -136,6 +174,7 @@ class EngineProcess:
         record: EngineRecord,
         grace_s: float,
         port: int,
+        output_lines_per_s: float = 0,
     ) -> EngineProcess:
         """Start argv (never through a shell) in a new process group; `env` is the child's whole environment.
 
@@ -147,20 +186,35 @@ class EngineProcess:
 
         The engine dies with the sidecar: its leader gets SIGTERM from the kernel when the sidecar dies, and a
         guard process stops the rest of its group (`sidecar.guard`); its pid goes into the run directory's record.
+
+        Its output is logged at most `output_lines_per_s` lines a second (0: every line); every line is kept in
+        the tail and goes to followers whatever the rate, and what was not logged is counted in a warning.
         """
         tail: collections.deque[tuple[str, str]] = collections.deque(maxlen=TAIL_LINES)
         followers: set[OutputFollower] = set()
 
-        def on_line(stream: str, line: str) -> None:
-            masked = redactor.redact_text(line)
-            tail.append((stream, masked))
-            log.info("engine_output", engine=name, stream=stream, line=masked)
-            for follower in followers:
-                follower.push(stream, masked)
+        logged = _LoggedOutput(name, output_lines_per_s)
+
+        def on_lines(stream: str, lines: list[bytes]) -> None:
+            # The first `to_log` are logged; with no follower, those past them that the read's own last
+            # TAIL_LINES push out of the tail are only counted: a flood costs a split, not a mask, per line.
+            to_log = logged.take(len(lines))
+            kept_from = to_log if followers else max(to_log, len(lines) - TAIL_LINES)
+            for index in itertools.chain(range(to_log), range(kept_from, len(lines))):
+                masked = redactor.redact_text(lines[index].decode(errors="replace"))
+                tail.append((stream, masked))
+                if index < to_log:
+                    log.info("engine_output", engine=name, stream=stream, line=masked)
+                for follower in followers:
+                    follower.push(stream, masked)
+
+        def on_end() -> None:
+            logged.report()
+            _let_go(followers)
 
         loop = asyncio.get_running_loop()
         transport, protocol = await loop.subprocess_exec(
-            lambda: _OutputProtocol(on_line, lambda: _let_go(followers)),
+            lambda: _OutputProtocol(on_lines, on_end),
             *argv,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,

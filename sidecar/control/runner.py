@@ -144,7 +144,9 @@ class Runner:
         settings = self.settings
         engine: Engine | None = None
         try:
-            engine = await startup.spawn(request, adapter, self.redactor, self.record, settings.kill_grace_s)
+            engine = await startup.spawn(
+                request, adapter, self.redactor, self.record, settings.kill_grace_s, settings.engine_output_lines_per_s
+            )
             self.engine = engine
             spawned()
             timeout_s = request.startup_timeout_s or settings.startup_timeout_s

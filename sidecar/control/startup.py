@@ -24,7 +24,12 @@ READY_POLL_S = 0.1
 
 
 async def spawn(
-    request: LoadRequest, adapter: EngineAdapter, redactor: Redactor, record: EngineRecord, kill_grace_s: float
+    request: LoadRequest,
+    adapter: EngineAdapter,
+    redactor: Redactor,
+    record: EngineRecord,
+    kill_grace_s: float,
+    output_lines_per_s: float = 0,
 ) -> Engine:
     """The engine for `request`: its process started (502 when it cannot be), or the external server named."""
     now = (time.time(), time.monotonic())
@@ -40,7 +45,9 @@ async def spawn(
     env = {**inherited_environment(), **adapter.environment(request.args), **request.env}
     log.info("engine_spawn", engine=adapter.name, argv=argv, port=port, env_names=sorted(request.env))
     try:
-        process = await EngineProcess.spawn(adapter.name, argv, env, redactor, record, kill_grace_s, port)
+        process = await EngineProcess.spawn(
+            adapter.name, argv, env, redactor, record, kill_grace_s, port, output_lines_per_s
+        )
     except OSError as exc:
         raise BadGateway(
             f"cannot start engine {adapter.name}: {exc.strerror or exc}", code="engine_spawn_failed"
