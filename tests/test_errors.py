@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -139,3 +141,14 @@ def test_engine_errors_are_brought_to_the_openai_shape(
 ) -> None:
     error = engine_error_body(status, raw)["error"]
     assert (error["message"], error["type"], error["param"], error["code"]) == expected
+
+
+def test_every_error_code_the_sidecar_makes_is_in_the_reference() -> None:
+    """Clients branch on `code`: each one the code can make (an error class's default, or one passed by name) is
+    named in docs/ (reliability's and the control plane's error tables, or beside the feature that makes it)."""
+    root = Path(__file__).parents[1]
+    source = "".join(path.read_text() for folder in ("sidecar", "engines") for path in (root / folder).rglob("*.py"))
+    codes = set(re.findall(r'(?:default_code = |code=)"([a-z_]+)"', source))
+    docs = "".join(path.read_text() for path in (root / "docs").glob("*.md"))
+    assert len(codes) > 20
+    assert sorted(code for code in codes if f"`{code}`" not in docs) == []

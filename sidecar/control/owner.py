@@ -61,8 +61,8 @@ class Owner:
         assert self._task is not None
         waiting: set[asyncio.Future[Any]] = {command.reply, self._task}
         await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-        if not command.reply.done():
-            raise SidecarError("the engine's supervisor stopped", code="supervisor_stopped")
+        if not command.reply.done():  # the task ended without answering: cancelled, as the server stops
+            raise shutting_down("the engine's supervisor stopped")
         return command.reply.result()
 
     @property
