@@ -7,7 +7,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sidecar.dataplane.chunks import Assembler, carries_measures, carries_output, has_output, is_usage_chunk
+from sidecar.dataplane.chunks import (
+    Assembler,
+    carries_measures,
+    carries_output,
+    has_output,
+    is_response_output,
+    is_usage_chunk,
+    response_usage,
+)
 
 CHUNKS: list[tuple[dict[str, Any], bool]] = [
     ({"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}, False),
@@ -130,3 +138,30 @@ def test_assembler_concatenates_completion_logprobs_per_choice() -> None:
     assert [c["text"] for c in result["choices"]] == ["a", "bc"]
     assert result["choices"][1]["logprobs"]["tokens"] == ["b", "c"]
     assert result["object"] == "text_completion"
+
+
+@pytest.mark.parametrize(
+    ("event", "expected"),
+    [
+        ({"type": "response.output_text.delta", "delta": "Hi"}, True),
+        ({"type": "response.reasoning_text.delta", "delta": "think"}, True),
+        ({"type": "response.function_call_arguments.delta", "delta": '{"a"'}, True),
+        ({"type": "response.refusal.delta", "delta": "no"}, True),
+        ({"type": "response.output_text.delta", "delta": ""}, False),  # nothing generated
+        ({"type": "response.output_text.done", "text": "Hi"}, False),  # the whole text again
+        ({"type": "response.completed", "response": {"output": [{"content": [{"text": "Hi"}]}]}}, False),
+        ({"type": "response.created", "response": {"instructions": 'say "type":"response.x.delta"'}}, False),
+    ],
+)
+def test_a_responses_output_event_is_a_non_empty_delta(event: dict[str, Any], expected: bool) -> None:
+    for raw in (json.dumps(event), json.dumps(event, separators=(",", ":"))):
+        assert is_response_output(raw.encode()) is expected
+
+
+def test_a_responses_usage_is_the_ending_events_only() -> None:
+    usage = {"input_tokens": 5, "output_tokens": 3}
+    for ending in ("response.completed", "response.incomplete", "response.failed"):
+        assert response_usage({"type": ending, "response": {"usage": usage}}) == usage
+    assert response_usage({"type": "response.created", "response": {"usage": usage}}) is None
+    assert response_usage({"type": "response.completed", "response": {"usage": None}}) is None
+    assert response_usage({"type": "response.completed", "response": "not an object"}) is None

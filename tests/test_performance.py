@@ -125,3 +125,11 @@ def test_usage_that_is_not_a_count_of_tokens_is_not_reported_as_one(reported: ob
     result = meter.result(30 * MS, {"prompt_tokens": reported, "completion_tokens": reported}, engine="e", model="m")
     assert result["prompt_tokens"] is None
     assert result["completion_tokens"] == 2 and result["tokens_estimated"] is True
+
+
+def test_the_responses_apis_input_and_output_tokens_are_its_prompt_and_completion() -> None:
+    meter = PerformanceMeter(start_ns=0)
+    meter.output(MS)
+    meter.output(3 * MS)
+    result = meter.result(4 * MS, {"input_tokens": 7, "output_tokens": 2}, engine="vllm", model="m")
+    assert (result["prompt_tokens"], result["completion_tokens"]) == (7, 2) and "tokens_estimated" not in result

@@ -15,6 +15,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from engines.mock_server.answer import MockConfig, error_response, output_line
 from engines.mock_server.engine import MockEngine
+from engines.mock_server.responses import respond
 
 __all__ = ["MockConfig", "MockEngine", "create_app"]
 
@@ -106,6 +107,10 @@ class Extras:
         """The headers of the last chat or completion request: what a proxy in front forwarded."""
         return JSONResponse(self.engine.stats.last_headers)
 
+    async def responses(self, request: Request) -> Response:
+        """vLLM's Responses API (`responses.py`)."""
+        return await respond(self.engine, request)
+
     async def mock_outputs(self, request: Request) -> Response:
         """When a recent streamed answer's output steps were written, by the engine's own clock."""
         times = self.engine.stats.outputs_ms.get(request.path_params["answer_id"])
@@ -134,6 +139,7 @@ def create_app(config: MockConfig) -> Starlette:
             Route("/v1/chat/completions", engine.generate, methods=["POST"]),
             Route("/v1/completions", engine.generate, methods=["POST"]),
             Route("/v1/embeddings", engine.embeddings, methods=["POST"]),
+            Route("/v1/responses", extras.responses, methods=["POST"]),
             Route("/v1/models", engine.models, methods=["GET"]),
             Route("/v1/models/{model_id:path}", engine.model, methods=["GET"]),
             Route("/health", extras.health, methods=["GET"]),

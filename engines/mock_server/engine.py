@@ -167,7 +167,7 @@ class MockEngine:
             if slot and self.slots is not None:
                 self.slots.release()
 
-    async def _generate_whole(self, pace: Pace, steps: int) -> None:
+    async def generate_whole(self, pace: Pace, steps: int) -> None:
         slot = await self.admitted()
         try:
             if pace.die_after is not None:
@@ -188,7 +188,7 @@ class MockEngine:
         pace = answer.pace
         self.stats.in_flight += 1
         # As vLLM's non-streaming routes do: a client that disconnects aborts the generation.
-        generating = asyncio.create_task(self._generate_whole(pace, answer.steps))
+        generating = asyncio.create_task(self.generate_whole(pace, answer.steps))
         watching = asyncio.create_task(self._until_disconnected(request))
         try:
             await asyncio.wait({generating, watching}, return_when=asyncio.FIRST_COMPLETED)

@@ -58,6 +58,30 @@ def is_usage_chunk(chunk: dict[str, Any]) -> bool:
     return isinstance(chunk.get("usage"), dict) and not chunk.get("choices")
 
 
+# -- the Responses API's events ----------------------------------------------------------------------------
+
+# An event carrying generated output: a delta (of text, reasoning, a refusal, a tool call's arguments) whose `delta`
+# is a non-empty string. The `.done` events and the final response repeat the whole text: they are not output.
+_RESPONSE_DELTA = re.compile(rb'"type"\s*:\s*"response\.[a-z_.]+\.delta"')
+_STRING_DELTA = re.compile(rb'"delta"\s*:\s*"(?!")')
+# The events that end a response, each with the whole response object and its usage.
+_RESPONSE_ENDS = frozenset({"response.completed", "response.incomplete", "response.failed"})
+
+
+def is_response_output(data: bytes) -> bool:
+    """Whether a Responses API event carries generated output, without parsing it."""
+    return _RESPONSE_DELTA.search(data) is not None and _STRING_DELTA.search(data) is not None
+
+
+def response_usage(event: dict[str, Any]) -> dict[str, Any] | None:
+    """The usage of the event that ends a response (input and output tokens), or None for any other event."""
+    if event.get("type") not in _RESPONSE_ENDS:
+        return None
+    response = event.get("response")
+    usage = response.get("usage") if isinstance(response, dict) else None
+    return usage if isinstance(usage, dict) else None
+
+
 def engine_timings(chunk: dict[str, Any]) -> dict[str, Any] | None:
     for key in ("timings", "metrics"):
         value = chunk.get(key)

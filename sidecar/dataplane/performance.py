@@ -87,7 +87,8 @@ class PerformanceMeter:
         ttft_ns = None if self.first_output_ns is None else self.first_output_ns - self.start_ns
         latency_ns = None if self.last_output_ns is None else self.last_output_ns - self.start_ns
         usage = usage or {}
-        reported = _count(usage.get("completion_tokens"))
+        # Chat and completions count prompt and completion tokens; the Responses API, input and output tokens.
+        reported = _count(usage.get("completion_tokens", usage.get("output_tokens")))
         estimated = reported is None
         completion_tokens = self.output_events if reported is None else reported
         per_sequence = completion_tokens / max(1, len(self.last_by_choice))
@@ -107,7 +108,7 @@ class PerformanceMeter:
             "queue_ms": _ms(self.queue_ns),
             "tpot_ms": tpot,
             "itl_ms": itl,
-            "prompt_tokens": _count(usage.get("prompt_tokens")),
+            "prompt_tokens": _count(usage.get("prompt_tokens", usage.get("input_tokens"))),
             "completion_tokens": completion_tokens,
             "output_tokens_per_s": rate,
             "coalesced_events": self.coalesced_events,

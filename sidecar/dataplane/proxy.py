@@ -38,6 +38,7 @@ from sidecar.dataplane.exchange import (
 from sidecar.dataplane.performance import PerformanceMeter
 from sidecar.dataplane.recording import Recorder, unanswered
 from sidecar.dataplane.relay import Relays
+from sidecar.dataplane.responses import ResponsesRelay
 from sidecar.dataplane.upstream import Response, Sending, UpstreamPool
 from sidecar.dataplane.upstream_errors import (
     BadAnswer,
@@ -81,6 +82,7 @@ class Outgoing:
     payload: bytes
     relay: RelayMode
     measured: bool = True  # generation and embeddings: queued, timed and recorded (not a passed-through path)
+    listed: bool = False  # a path the engine serves only where its adapter lists it (`data_paths`), else 404
     prompt: dict[str, Any] | None = None  # for an engine that streams no usage: counted by it meanwhile
     span: RequestSpan | None = None  # OpenTelemetry's, where it is on
 
@@ -114,6 +116,7 @@ class Proxy:
         self._out_of_descriptors_lines = Throttle(5.0)
         self.recorder = Recorder(telemetry, history, worker, otel)
         self.relays = Relays(settings, self.recorder)
+        self.responses_relay = ResponsesRelay(settings, self.recorder)
         self.backlog = Backlog()  # a finished request's record, metrics and access line
 
     def close(self) -> None:
@@ -166,13 +169,32 @@ class Proxy:
         del body
         await self._exchange(scope, receive, send, start_ns, Outgoing(raw, self.relays.whole, span=span))
 
+    async def responses(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The Responses API, for an engine whose adapter lists it: the body as the client sent it, the answer
+        streamed through (`responses.py`) or whole, measured either way."""
+        raw = await read_body(receive)
+        body = json_object(raw)
+        start_ns = time.perf_counter_ns()
+        stream = _generation_fields(body)[0]
+        span = self.otel.start_request(scope, body) if self.otel is not None else None
+        del body
+
+        async def relay(exchange: Exchange, response: Response) -> None:
+            if stream and response.content_type == "text/event-stream":
+                await self.responses_relay.stream(exchange, response)
+            else:
+                await self.relays.whole(exchange, response)
+
+        await self._exchange(scope, receive, send, start_ns, Outgoing(raw, relay, listed=True, span=span))
+
     async def passthrough(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Another /v1/* path the engine's adapter lists (`data_paths`): the request and the answer as they are,
         the answer streamed. Every other path is 404 without reaching the engine."""
         check_forwardable(scope)  # a 400 before the body is read
         payload = await read_body(receive)
         start_ns = time.perf_counter_ns()
-        await self._exchange(scope, receive, send, start_ns, Outgoing(payload, self.relays.raw, measured=False))
+        outgoing = Outgoing(payload, self.relays.raw, measured=False, listed=True)
+        await self._exchange(scope, receive, send, start_ns, outgoing)
 
     async def _exchange(self, scope: Scope, receive: Receive, send: Send, start_ns: int, outgoing: Outgoing) -> None:
         """One request through to the engine and back, holding the engine (drain waits for it).
@@ -187,7 +209,7 @@ class Proxy:
         admission = self.admission.slot(receive) if measured else contextlib.nullcontext()
         try:
             async with admission, self.supervisor.request_slot() as engine:
-                if not measured and not engine.adapter.serves(scope["method"], scope["path"]):
+                if outgoing.listed and not engine.adapter.serves(scope["method"], scope["path"]):
                     raise NotFound(f"no route {scope['method']} {scope['path']} for a data key", param="path")
                 await self._exchange_admitted(scope, send, start_ns, engine, outgoing)
         except BaseException as exc:  # refused before the engine had it, or the client gone while queued

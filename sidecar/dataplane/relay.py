@@ -82,7 +82,7 @@ class Relays:
         except UpstreamError:
             raise BadGateway("the engine closed the connection mid-answer") from None
         if len(raw) > limit:
-            raise _answer_too_large(exchange, limit, "answer")
+            raise answer_too_large(exchange, limit, "answer")
         now = time.perf_counter_ns()
         exchange.meter.whole_body(now)
         exchange.status = response.status
@@ -199,7 +199,7 @@ class Relays:
                                     if assembler is not None:
                                         assembled += len(data)
                                         if assembled > limit:
-                                            return _answer_too_large(exchange, limit, "assembled answer")
+                                            return answer_too_large(exchange, limit, "assembled answer")
                                         assembler.add(parsed)
                                     elif is_usage_chunk(parsed):
                                         raw = self._usage_event(exchange, parsed)
@@ -223,7 +223,7 @@ class Relays:
         except UpstreamError:
             return BadGateway("the engine closed the stream mid-answer")
         except EventTooLarge:
-            return _answer_too_large(exchange, limit, "event")
+            return answer_too_large(exchange, limit, "event")
 
     def _usage_event(self, exchange: Exchange, chunk: dict[str, Any]) -> bytes | None:
         """The usage chunk for the client: with `usage.performance`, or none when only the sidecar asked."""
@@ -263,7 +263,7 @@ class Relays:
                 self.recorder.finish(exchange, now)  # the usage chunk ends the answer: [DONE] follows
 
 
-def _answer_too_large(exchange: Exchange, limit: int, what: str) -> BadGateway:
+def answer_too_large(exchange: Exchange, limit: int, what: str) -> BadGateway:
     """The 502 for an engine's answer past `SIDECAR_MAX_ANSWER_BYTES`: what is held of it is let go, and closing
     the unfinished response drops the connection, which makes the engine abort the request."""
     log.warning("engine_answer_too_large", path=exchange.scope["path"], held=what, limit_bytes=limit)

@@ -91,6 +91,15 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint(
         _POST, "/v1/embeddings", _D, "embeddings", _EVERY, "OpenAI embeddings, proxied to the engine", _OPENAI_BODY
     ),
+    Endpoint(
+        _POST,
+        "/v1/responses",
+        _D,
+        "responses",
+        _EVERY,
+        "OpenAI responses, proxied to the engine and measured (engines that serve them: vLLM, SGLang)",
+        _OPENAI_BODY,
+    ),
     Endpoint(_GET, "/v1/models", _D, "passthrough", _EVERY, "The engine's models"),
     Endpoint(
         _GET,

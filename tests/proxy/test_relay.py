@@ -5,7 +5,7 @@ checked exactly. The end-to-end streams are in test_streaming.py."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from types import SimpleNamespace
 from typing import Any
 
@@ -85,6 +85,17 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
 
 async def relay(clock: Clock, reads: list[tuple[float, bytes | Exception]], client_usage: bool) -> tuple[list, Any]:
     """The reads through a real Proxy's stream relay: the messages the client was sent, and the exchange."""
+    return await relayed(clock, reads, "/v1/chat/completions", lambda proxy: proxy.relays.stream, client_usage)
+
+
+async def relayed(
+    clock: Clock,
+    reads: list[tuple[float, bytes | Exception]],
+    path: str,
+    mode: Callable[[Proxy], Callable[..., Awaitable[None]]],
+    client_usage: bool = False,
+) -> tuple[list, Any]:
+    """The reads through one of a real Proxy's relay modes, for a request to `path`."""
     settings = load_settings(None)
     telemetry = Telemetry(settings, Gpus(nvml=None), lambda: None, None)
     proxy = Proxy(settings, SimpleNamespace(), RequestHistory(8), telemetry, Admission(8, 8, 5.0))
@@ -97,10 +108,10 @@ async def relay(clock: Clock, reads: list[tuple[float, bytes | Exception]], clie
     start_ns = clock.now_ns
     meter = PerformanceMeter(start_ns)
     deadline = Deadline(meter, 60.0, 60.0, {})
-    scope = {"type": "http", "path": "/v1/chat/completions", "state": {}}
+    scope = {"type": "http", "path": path, "state": {}}
     exchange = Exchange(scope, send, engine, meter, deadline, client_usage=client_usage)  # type: ignore[arg-type]
     try:
-        await proxy.relays.stream(exchange, ScriptedResponse(clock, start_ns, reads))  # type: ignore[arg-type]
+        await mode(proxy)(exchange, ScriptedResponse(clock, start_ns, reads))
     finally:
         deadline.close()
         proxy.close()

@@ -1,0 +1,94 @@
+"""The Responses API (`POST /v1/responses`) through the sidecar to the mock engine, with the OpenAI SDK: its events
+as the engine wrote them, timed as the engine's output, the final event's usage with `usage.performance`."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.processes import wait_until
+from tests.proxy.conftest import AUTH, MODEL, Stack, assert_timed_as_the_engine, samples
+
+RESPONSES = "/v1/responses"
+
+
+def _timeless(event: str) -> str:
+    """Two answers to the same request differ only in `created_at` (the clock's second)."""
+    return re.sub(r'"created_at":\s*\d+', '"created_at":0', event)
+
+
+def _record(stack: Stack, request_id: str) -> dict[str, Any]:
+    response = httpx.get(f"{stack.url}/v1/requests/{request_id}", headers=AUTH)
+    return response.json() if response.status_code == 200 else {}
+
+
+def test_a_streamed_response_is_the_engines_timed_as_its_output_with_performance_at_its_end(stack: Stack) -> None:
+    mock = {"ttft_ms": 150, "itl_ms": 20, "tokens": 6}
+    request = {"model": MODEL, "input": "what time is it", "stream": True, "extra_body": {"mock": mock}}
+    headers = {"X-Request-ID": "responses-stream-1"}
+    proxied = list(stack.client().responses.create(**request, extra_headers=headers))  # type: ignore[call-overload]
+    performance = proxied[-1].response.usage.model_extra["performance"]
+    # Before the direct request takes the same id, and with it the mock's record of when it wrote each delta.
+    assert_timed_as_the_engine(stack, proxied[-1].response.id, performance, delay_ms=150)
+    direct = list(stack.direct().responses.create(**request, extra_headers=headers))  # type: ignore[call-overload]
+
+    assert [event.type for event in proxied] == [event.type for event in direct]
+    assert proxied[-1].type == "response.completed"
+    deltas = [event.delta for event in proxied if event.type == "response.output_text.delta"]
+    assert len(deltas) == 6 and "".join(deltas) == proxied[-1].response.output_text
+    usage = proxied[-1].response.usage
+    assert performance["prompt_tokens"] == usage.input_tokens and performance["completion_tokens"] == 6
+    assert "tokens_estimated" not in performance and performance["model"] == MODEL
+    assert "performance" not in direct[-1].response.usage.model_extra  # the sidecar's, not the engine's
+    # Every event but the last passed through as the engine wrote it.
+    for mine, its in zip(proxied[:-1], direct[:-1], strict=True):
+        assert _timeless(mine.model_dump_json()) == _timeless(its.model_dump_json())
+
+    wait_until(lambda: _record(stack, "responses-stream-1").get("status") == 200, timeout_s=5)
+    assert _record(stack, "responses-stream-1")["performance"] == performance
+
+
+def test_a_whole_response_gets_usage_performance_and_the_header(stack: Stack) -> None:
+    before = samples(stack)
+    body = {"model": MODEL, "input": [{"role": "user", "content": "hello"}], "max_output_tokens": 4}
+    same_id = {"X-Request-ID": "responses-whole-1"}
+    response = httpx.post(stack.url + RESPONSES, json=body, headers=AUTH | same_id, timeout=30)
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    performance = answer["usage"].pop("performance")
+    assert json.loads(response.headers["x-performance-metrics"]) == performance
+    assert performance["completion_tokens"] == answer["usage"]["output_tokens"] == 4
+    assert performance["prompt_tokens"] == answer["usage"]["input_tokens"]
+    assert performance["latency_ms"] > 0 and performance["ttft_ms"] is None  # whole: its first token not seen
+    direct = httpx.post(stack.engine_url + RESPONSES, json=body, headers=same_id, timeout=30).json()
+    assert answer | {"created_at": 0} == direct | {"created_at": 0}
+    after = samples(stack)
+    labels = (("engine", "mock"), ("model", MODEL), ("route", RESPONSES), ("status", "2xx"))
+    assert after[("sidecar_requests_total", labels)] == before.get(("sidecar_requests_total", labels), 0) + 1
+
+
+def test_a_client_leaving_a_streamed_response_cancels_the_engines_request(stack: Stack) -> None:
+    before = stack.engine_stats()["cancelled"]
+    body = {"model": MODEL, "input": "go on", "stream": True, "mock": {"ttft_ms": 0, "itl_ms": 50, "tokens": 400}}
+    headers = AUTH | {"X-Request-ID": "responses-leaving-1"}
+    with (
+        httpx.Client(timeout=30) as client,
+        client.stream("POST", stack.url + RESPONSES, json=body, headers=headers) as response,
+    ):
+        for count, _ in enumerate(response.iter_lines()):
+            if count == 20:
+                break  # leaves with about 20 seconds of deltas still to come
+    wait_until(lambda: stack.engine_stats()["cancelled"] == before + 1, timeout_s=2)
+    wait_until(lambda: _record(stack, "responses-leaving-1").get("client_disconnected") is True, timeout_s=2)
+
+
+@pytest.mark.parametrize("body", [{"input": "x", "stream": "yes"}, {"input": "x", "stream_options": 3}])
+def test_a_bad_field_is_the_clients_400_before_the_engine(stack: Stack, body: dict[str, Any]) -> None:
+    started = stack.engine_stats()["started"]
+    response = httpx.post(stack.url + RESPONSES, json={"model": MODEL, **body}, headers=AUTH, timeout=30)
+    assert response.status_code == 400 and response.json()["error"]["param"] in ("stream", "stream_options")
+    assert stack.engine_stats()["started"] == started

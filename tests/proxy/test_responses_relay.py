@@ -1,0 +1,84 @@
+"""The Responses API's stream relay (`ResponsesRelay`) on its own: a scripted engine response, the client's `send`
+recorded and a clock the test moves (test_relay.py's), so that what it writes and what it measures are checked
+exactly. The end-to-end stream is in test_responses.py."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from sidecar.dataplane import relay as relay_module
+from sidecar.dataplane.exchange import Exchange
+from sidecar.dataplane.upstream_errors import Disconnected
+from tests.proxy.test_relay import Clock, bodies, relayed
+
+USAGE = {"input_tokens": 5, "output_tokens": 3, "total_tokens": 8}
+
+
+def event(kind: str, **fields: Any) -> bytes:
+    payload = {"type": f"response.{kind}", **fields}
+    return b"event: response.%s\ndata: %s\n\n" % (kind.encode(), json.dumps(payload).encode())
+
+
+def delta(text: str) -> bytes:
+    return event("output_text.delta", item_id="m", output_index=0, content_index=0, delta=text)
+
+
+COMPLETED = event("completed", response={"id": "resp_1", "status": "completed", "usage": USAGE})
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    fake = Clock()
+    monkeypatch.setattr(relay_module.time, "perf_counter_ns", fake)  # the time module: every relay's clock
+    return fake
+
+
+async def relay(clock: Clock, reads: list[tuple[float, bytes | Exception]]) -> tuple[list[dict[str, Any]], Exchange]:
+    return await relayed(clock, reads, "/v1/responses", lambda proxy: proxy.responses_relay.stream)
+
+
+async def test_events_go_out_a_read_at_a_time_as_written_and_the_last_carries_performance(clock: Clock) -> None:
+    created = event("created", response={"id": "resp_1", "status": "in_progress", "usage": None})
+    done = event("output_text.done", item_id="m", output_index=0, content_index=0, text="Hello!")
+    reads: list[tuple[float, bytes | Exception]] = [
+        (1, created),
+        (20, delta("Hel")),
+        (25, delta("lo")[:30]),  # an event cut between reads
+        (26, delta("lo")[30:] + delta("!")),
+        (40, done + COMPLETED),
+    ]
+    sent, exchange = await relay(clock, reads)
+
+    written = bodies(sent)
+    assert written[:3] == [created, delta("Hel"), delta("lo") + delta("!")]  # a read with no whole event: no write
+    assert written[3].startswith(done + b"event: response.completed\ndata: ")
+    assert written[4:] == [b""]  # the end of the engine's body ends the client's: there is no [DONE]
+    final = json.loads(written[3][len(done) :].split(b"data: ", 1)[1])
+    performance = final["response"]["usage"].pop("performance")
+    assert final["response"]["usage"] == USAGE
+    assert performance == exchange.performance
+    assert (performance["ttft_ms"], performance["latency_ms"], performance["total_ms"]) == (20.0, 26.0, 40.0)
+    assert performance["itl_ms"] == {"p50": 6.0, "p90": 6.0, "p99": 6.0, "max": 6.0}
+    assert (performance["prompt_tokens"], performance["completion_tokens"]) == (5, 3)
+    assert "tokens_estimated" not in performance
+
+
+async def test_the_text_done_event_and_the_final_response_are_not_output(clock: Clock) -> None:
+    done = event("output_text.done", item_id="m", output_index=0, content_index=0, text="Hi")
+    reads: list[tuple[float, bytes | Exception]] = [(10, delta("Hi")), (30, done), (50, COMPLETED)]
+    _, exchange = await relay(clock, reads)
+    assert exchange.performance is not None
+    assert exchange.performance["latency_ms"] == 10.0 and exchange.performance["total_ms"] == 50.0
+
+
+async def test_an_engine_gone_mid_stream_ends_it_with_an_error_event(clock: Clock) -> None:
+    reads: list[tuple[float, bytes | Exception]] = [(10, delta("Hi")), (20, Disconnected("reset"))]
+    sent, exchange = await relay(clock, reads)
+    written = bodies(sent)
+    assert written[0] == delta("Hi")
+    error = json.loads(written[-1].split(b"\n\n")[0].removeprefix(b"data: "))
+    assert error["error"]["code"] == "engine_error" and exchange.error == "engine_error"
+    assert written[-1].endswith(b"data: [DONE]\n\n")  # what the OpenAI SDK stops at, after raising the error
