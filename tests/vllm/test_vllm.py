@@ -200,6 +200,28 @@ def test_streamed_chat_carries_vllms_usage_and_the_sidecars_performance(vllm: Vl
     assert performance["ttft_ms"] >= vllm_ttft_ms - 0.5, (performance["ttft_ms"], vllm_ttft_ms)
 
 
+def test_a_streamed_response_is_vllms_own_events_timed_with_the_performance_in_the_last(vllm: Vllm) -> None:
+    """The Responses API as vLLM streams it: its events through (greedy: the same ones as direct), the answer
+    timed on its output deltas, and `usage.performance` in the event that ends it, counted as vLLM counts."""
+    request: Any = {"model": SERVED, "input": "Name three clocks.", "max_output_tokens": 8, "temperature": 0}
+    through = list(vllm.client().responses.create(**request, stream=True))
+    direct = list(vllm.direct().responses.create(**request, stream=True))
+    # The same text and events; how many deltas carry it is vLLM's timing (tokens produced together go together).
+
+    def shape(events: list[Any]) -> tuple[list[str], str]:
+        text = "".join(event.delta for event in events if event.type == "response.output_text.delta")
+        return [event.type for event in events if event.type != "response.output_text.delta"], text
+
+    assert shape(through) == shape(direct)
+    assert through[-1].type in ("response.completed", "response.incomplete")
+    usage = through[-1].response.usage
+    performance: dict[str, Any] = usage.model_extra["performance"]
+    assert performance["completion_tokens"] == usage.output_tokens and "tokens_estimated" not in performance
+    assert performance["prompt_tokens"] == usage.input_tokens
+    assert 0 < performance["ttft_ms"] <= performance["latency_ms"] <= performance["total_ms"]
+    assert "performance" not in (direct[-1].response.usage.model_extra or {})
+
+
 def test_a_streamed_answer_without_usage_asked_is_vllms_own_stream(vllm: Vllm) -> None:
     body = {"model": SERVED, "messages": MESSAGES, "max_tokens": 8, "temperature": 0, "stream": True}
     through = httpx.post(f"{vllm.sidecar.url}/v1/chat/completions", json=body, headers=DATA, timeout=60)
