@@ -140,6 +140,31 @@ def test_a_streamed_chat_is_a_genai_span_in_the_clients_trace_and_the_engines_pa
     assert seen["traceparent"] == f"00-{CLIENT_TRACE}-{span.span_id}-01"
 
 
+def test_a_streamed_response_is_a_chat_span_with_its_counts_and_first_token(
+    traced: Callable[..., SidecarProcess], receiver: OtlpReceiver
+) -> None:
+    """The Responses API in the conventions' terms: a chat, its `max_output_tokens` the request's max tokens, the
+    response's id and counts from the event that ends it, its first delta the first token's event."""
+    events = list(_client(traced()).responses.create(model=MODEL, input="trace me", max_output_tokens=6, stream=True))
+    final = events[-1].response
+    performance = final.usage.model_extra["performance"]
+    [span] = _spans(receiver, f"chat {MODEL}")
+    expected = {
+        "gen_ai.operation.name": "chat",
+        "gen_ai.request.stream": True,
+        "gen_ai.request.max_tokens": 6,
+        "gen_ai.response.id": final.id,
+        "gen_ai.usage.input_tokens": final.usage.input_tokens,
+        "gen_ai.usage.output_tokens": 6,
+        "gen_ai.response.time_to_first_chunk": performance["ttft_ms"] / 1000,
+        "http.response.status_code": 200,
+    }
+    assert {name: span.attributes.get(name) for name in expected} == expected
+    [(event, at)] = span.events
+    assert event == "gen_ai.first_token"
+    assert (at - span.start_ns) / 1e6 == pytest.approx(performance["ttft_ms"], abs=0.01)
+
+
 def test_a_stream_without_the_engines_usage_chunk_still_says_why_it_ended(
     traced: Callable[..., SidecarProcess], receiver: OtlpReceiver
 ) -> None:

@@ -52,12 +52,19 @@ _ENDPOINT_VARIABLES = (
     "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
     "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
 )
-_OPERATIONS = {"/v1/chat/completions": "chat", "/v1/completions": "text_completion", "/v1/embeddings": "embeddings"}
+# The Responses API is a chat in the conventions' terms (their operation names have none of its own).
+_OPERATIONS = {
+    "/v1/chat/completions": "chat",
+    "/v1/responses": "chat",
+    "/v1/completions": "text_completion",
+    "/v1/embeddings": "embeddings",
+}
 # The client's trace context, as W3C Trace Context and Baggage carry it.
 _CONTEXT_HEADERS = frozenset({b"traceparent", b"tracestate", b"baggage"})
 # The request fields a span records, under the conventions' names.
 _REQUEST_FIELDS = (
     ("max_completion_tokens", "gen_ai.request.max_tokens"),
+    ("max_output_tokens", "gen_ai.request.max_tokens"),  # the Responses API's
     ("max_tokens", "gen_ai.request.max_tokens"),
     ("temperature", "gen_ai.request.temperature"),
     ("top_p", "gen_ai.request.top_p"),
