@@ -176,16 +176,20 @@ class Proxy:
         body = json_object(raw)
         start_ns = time.perf_counter_ns()
         stream = _generation_fields(body)[0]
+        # Streamed from the engine either way, for a TTFT: a non-streaming client gets the response it ends with.
+        payload = raw if stream or not self.settings.assemble_non_streaming else request_bytes(body | {"stream": True})
         span = self.otel.start_request(scope, body) if self.otel is not None else None
-        del body
+        del raw, body
 
         async def relay(exchange: Exchange, response: Response) -> None:
-            if stream and response.content_type == "text/event-stream":
+            if response.content_type != "text/event-stream":
+                await self.relays.whole(exchange, response)
+            elif stream:
                 await self.responses_relay.stream(exchange, response)
             else:
-                await self.relays.whole(exchange, response)
+                await self.responses_relay.assembled(exchange, response)
 
-        await self._exchange(scope, receive, send, start_ns, Outgoing(raw, relay, listed=True, span=span))
+        await self._exchange(scope, receive, send, start_ns, Outgoing(payload, relay, listed=True, span=span))
 
     async def passthrough(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Another /v1/* path the engine's adapter lists (`data_paths`): the request and the answer as they are,

@@ -1,11 +1,14 @@
-"""The Responses API's stream (`POST /v1/responses` with `"stream": true`), relayed and measured.
+"""The Responses API (`POST /v1/responses`), relayed and measured.
 
-Its events pass through as the engine wrote them, each as soon as it is read. An event is output when it is a
-delta (`response.output_text.delta`, a reasoning, refusal or tool-call arguments delta): that is what TTFT, ITL
+A stream's events pass through as the engine wrote them, each as soon as it is read. An event is output when it is
+a delta (`response.output_text.delta`, a reasoning, refusal or tool-call arguments delta): that is what TTFT, ITL
 and latency are timed on. The event that ends the response (`response.completed`, `.incomplete` or `.failed`)
 carries the whole response and its usage, in input and output tokens: it is the only one re-serialized, with
 `usage.performance` added, as the usage chunk of a chat stream is. There is no `[DONE]`: the stream ends with the
-engine's body. A non-streamed response is a whole JSON answer (`Relays.whole`).
+engine's body.
+
+A non-streaming request is streamed from the engine too, for its TTFT, and answered with the response object that
+last event carries: what the engine answers whole, built by it, not put together here.
 """
 
 from __future__ import annotations
@@ -14,7 +17,16 @@ import time
 from typing import Any
 
 from sidecar.dataplane.chunks import carries_measures, is_response_output, response_usage
-from sidecar.dataplane.exchange import Exchange, dumps, header_timings, loads, response_headers, sse_error
+from sidecar.dataplane.exchange import (
+    JSON_TYPE,
+    Exchange,
+    dumps,
+    header_timings,
+    loads,
+    response_headers,
+    send_whole,
+    sse_error,
+)
 from sidecar.dataplane.recording import Recorder
 from sidecar.dataplane.relay import answer_too_large
 from sidecar.dataplane.sse import EventTooLarge, SSEParser
@@ -25,26 +37,51 @@ from sidecar.settings import Settings
 
 
 class ResponsesRelay:
+    """The two relay modes of a Responses API answer that streams: to a streaming client, or to a whole one."""
+
     def __init__(self, settings: Settings, recorder: Recorder) -> None:
         self.settings = settings
         self.recorder = recorder
 
     async def stream(self, exchange: Exchange, response: Response) -> None:
+        """The events through as they are read; the one that ends the response given `usage.performance`."""
         send = exchange.send
         exchange.status = response.status
         exchange.timings = header_timings(response)
         await send({"type": "http.response.start", "status": response.status, "headers": response_headers(response)})
-        error = await self._pump(exchange, response)
-        if error is not None and not exchange.client_done:
+        error = await self._pump(exchange, response, forward=True)
+        if isinstance(error, SidecarError) and not exchange.client_done:
             # The status went out with the first event: an error event (which the OpenAI SDK raises), then the end.
             exchange.error = error.code
             await send({"type": "http.response.body", "body": sse_error(error)})
         elif not exchange.client_done:
             await send({"type": "http.response.body", "body": b""})
 
-    async def _pump(self, exchange: Exchange, response: Response) -> SidecarError | None:
-        """Read the engine's events to the end of its body, timestamping the output ones, and forward what each read
-        brings at once; None when the body ended, else the error that cut it short."""
+    async def assembled(self, exchange: Exchange, response: Response) -> None:
+        """A non-streaming request streamed from the engine: answered with the response its last event carries."""
+        exchange.timings = header_timings(response)
+        ended = await self._pump(exchange, response, forward=False)
+        if isinstance(ended, SidecarError):
+            raise ended
+        if ended is None:
+            raise BadGateway("the engine's stream ended before its response did")
+        now = time.perf_counter_ns()
+        exchange.status = response.status
+        raw, performance = self.recorder.with_performance(exchange, ended, now)
+        headers = [
+            *response_headers(response, drop={"content-type"}),
+            JSON_TYPE,
+            (b"x-performance-metrics", performance),
+        ]
+        exchange.meter.overhead_ns += time.perf_counter_ns() - now
+        await send_whole(exchange, response.status, headers, raw)
+
+    async def _pump(
+        self, exchange: Exchange, response: Response, forward: bool
+    ) -> SidecarError | dict[str, Any] | None:
+        """Read the engine's events to the end of its body, timestamping the output ones; with `forward`, send what
+        each read brings at once. The response the last event carried (None if none did), or the error that cut
+        the stream short."""
         meter = exchange.meter
         send = exchange.send
         clock = time.perf_counter_ns
@@ -52,6 +89,7 @@ class ResponsesRelay:
         parser = SSEParser(limit)
         read = response.readany
         deadline = exchange.deadline
+        ended: dict[str, Any] | None = None
         try:
             with deadline:
                 while True:
@@ -68,13 +106,16 @@ class ResponsesRelay:
                                 parsed = loads(data)
                                 usage = response_usage(parsed) if parsed is not None else None
                                 if parsed is not None and usage is not None:
-                                    raw = self._final_event(exchange, raw, parsed, usage, now)
+                                    ended = parsed["response"]
+                                    self._ended(exchange, ended, usage, now)
+                                    if forward:
+                                        raw = _with_performance(raw, parsed, usage, exchange.performance)
                         out.append(raw)
-                    if out and not exchange.client_done:
+                    if forward and out and not exchange.client_done:
                         await send({"type": "http.response.body", "body": b"".join(out), "more_body": True})
                     meter.overhead_ns += clock() - now
                     if not chunk:
-                        return None
+                        return ended
         except TimeoutError:
             return GatewayTimeout("the engine sent no token within the timeout")
         except UpstreamError:
@@ -82,13 +123,15 @@ class ResponsesRelay:
         except EventTooLarge:
             return answer_too_large(exchange, limit, "event")
 
-    def _final_event(
-        self, exchange: Exchange, raw: bytes, event: dict[str, Any], usage: dict[str, Any], now: int
-    ) -> bytes:
-        """The event that ends the response, its usage given `performance`: the answer is measured as it ends."""
+    def _ended(self, exchange: Exchange, ended: dict[str, Any], usage: dict[str, Any], now: int) -> None:
+        """The event that ends the response has come: the answer is measured as it ends."""
         exchange.usage = usage
-        exchange.final_events = (event["response"],)
-        performance = self.recorder.finish(exchange, now)
-        event["response"]["usage"] = usage | {"performance": performance}
-        named = b"event: " + str(event["type"]).encode() + b"\n" if raw.startswith(b"event:") else b""
-        return named + b"data: " + dumps(event) + b"\n\n"
+        exchange.final_events = (ended,)
+        self.recorder.finish(exchange, now)
+
+
+def _with_performance(raw: bytes, event: dict[str, Any], usage: dict[str, Any], performance: Any) -> bytes:
+    """The event that ends the response for the client: its usage with `performance`, its event name kept."""
+    event["response"]["usage"] = usage | {"performance": performance}
+    named = b"event: " + str(event["type"]).encode() + b"\n" if raw.startswith(b"event:") else b""
+    return named + b"data: " + dumps(event) + b"\n\n"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -52,23 +53,44 @@ def test_a_streamed_response_is_the_engines_timed_as_its_output_with_performance
     assert _record(stack, "responses-stream-1")["performance"] == performance
 
 
-def test_a_whole_response_gets_usage_performance_and_the_header(stack: Stack) -> None:
-    before = samples(stack)
-    body = {"model": MODEL, "input": [{"role": "user", "content": "hello"}], "max_output_tokens": 4}
-    same_id = {"X-Request-ID": "responses-whole-1"}
-    response = httpx.post(stack.url + RESPONSES, json=body, headers=AUTH | same_id, timeout=30)
+def _whole(stack: Stack, request_id: str, **body: Any) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """A non-streamed response through the sidecar, its `usage.performance` taken out, and the engine's own answer
+    to the same request (its ids the same: the request id is)."""
+    request = {"model": MODEL, "input": [{"role": "user", "content": "hello"}], **body}
+    headers = {"X-Request-ID": request_id}
+    response = httpx.post(stack.url + RESPONSES, json=request, headers=AUTH | headers, timeout=30)
     assert response.status_code == 200, response.text
     answer = response.json()
     performance = answer["usage"].pop("performance")
     assert json.loads(response.headers["x-performance-metrics"]) == performance
+    direct = httpx.post(stack.engine_url + RESPONSES, json=request, headers=headers, timeout=30).json()
+    return answer, performance, direct
+
+
+def test_a_whole_response_is_the_engines_own_timed_from_its_stream(stack: Stack) -> None:
+    """Streamed from the engine for its TTFT, answered with the response its last event carries: the engine's own
+    answer to the request without streaming, with `usage.performance` and the X-Performance-Metrics header."""
+    before = samples(stack)
+    mock = {"ttft_ms": 120, "itl_ms": 10, "tokens": 8}
+    answer, performance, direct = _whole(stack, "responses-whole-1", max_output_tokens=4, mock=mock)
+    assert answer | {"created_at": 0} == direct | {"created_at": 0}
+    assert answer["status"] == "incomplete"  # cut at max_output_tokens
     assert performance["completion_tokens"] == answer["usage"]["output_tokens"] == 4
     assert performance["prompt_tokens"] == answer["usage"]["input_tokens"]
-    assert performance["latency_ms"] > 0 and performance["ttft_ms"] is None  # whole: its first token not seen
-    direct = httpx.post(stack.engine_url + RESPONSES, json=body, headers=same_id, timeout=30).json()
-    assert answer | {"created_at": 0} == direct | {"created_at": 0}
+    assert_timed_as_the_engine(stack, answer["id"], performance, delay_ms=120)
     after = samples(stack)
     labels = (("engine", "mock"), ("model", MODEL), ("route", RESPONSES), ("status", "2xx"))
     assert after[("sidecar_requests_total", labels)] == before.get(("sidecar_requests_total", labels), 0) + 1
+
+
+def test_without_assembly_a_whole_response_is_passed_on_with_its_latency_only(
+    own_stack: Callable[..., Stack],
+) -> None:
+    stack = own_stack(env={"SIDECAR_ASSEMBLE_NON_STREAMING": "false"})
+    answer, performance, direct = _whole(stack, "responses-whole-2")
+    assert answer | {"created_at": 0} == direct | {"created_at": 0}
+    assert performance["ttft_ms"] is None and performance["latency_ms"] > 0
+    assert performance["completion_tokens"] == answer["usage"]["output_tokens"]
 
 
 def test_a_client_leaving_a_streamed_response_cancels_the_engines_request(stack: Stack) -> None:

@@ -12,6 +12,7 @@ import pytest
 from sidecar.dataplane import relay as relay_module
 from sidecar.dataplane.exchange import Exchange
 from sidecar.dataplane.upstream_errors import Disconnected
+from sidecar.errors import BadGateway
 from tests.proxy.test_relay import Clock, bodies, relayed
 
 USAGE = {"input_tokens": 5, "output_tokens": 3, "total_tokens": 8}
@@ -82,3 +83,22 @@ async def test_an_engine_gone_mid_stream_ends_it_with_an_error_event(clock: Cloc
     error = json.loads(written[-1].split(b"\n\n")[0].removeprefix(b"data: "))
     assert error["error"]["code"] == "engine_error" and exchange.error == "engine_error"
     assert written[-1].endswith(b"data: [DONE]\n\n")  # what the OpenAI SDK stops at, after raising the error
+
+
+async def test_a_whole_response_is_the_one_the_last_event_carries_timed_on_the_deltas(clock: Clock) -> None:
+    reads: list[tuple[float, bytes | Exception]] = [(10, delta("Hi")), (14, delta("!")), (30, COMPLETED)]
+    sent, exchange = await relayed(clock, reads, "/v1/responses", lambda proxy: proxy.responses_relay.assembled)
+    head, [body] = sent[0], bodies(sent)
+    answer = json.loads(body)
+    performance = answer["usage"].pop("performance")
+    assert answer == {"id": "resp_1", "status": "completed", "usage": USAGE}
+    assert (performance["ttft_ms"], performance["latency_ms"], performance["total_ms"]) == (10.0, 14.0, 30.0)
+    assert (b"x-performance-metrics", json.dumps(performance, separators=(",", ":")).encode()) in head["headers"]
+    assert (b"content-type", b"application/json") in head["headers"]
+    assert exchange.performance == performance
+
+
+async def test_a_stream_that_ends_without_its_response_is_a_502(clock: Clock) -> None:
+    reads: list[tuple[float, bytes | Exception]] = [(10, delta("Hi"))]
+    with pytest.raises(BadGateway, match="ended before its response did"):
+        await relayed(clock, reads, "/v1/responses", lambda proxy: proxy.responses_relay.assembled)

@@ -222,6 +222,21 @@ def test_a_streamed_response_is_vllms_own_events_timed_with_the_performance_in_t
     assert "performance" not in (direct[-1].response.usage.model_extra or {})
 
 
+def test_a_whole_response_streamed_from_vllm_is_its_own_answer_with_a_ttft(vllm: Vllm) -> None:
+    """A non-streaming Responses request, streamed from vLLM for its TTFT: answered with the response vLLM's last
+    event carries, which is what vLLM answers the request whole (greedy: the same text and counts)."""
+    request: Any = {"model": SERVED, "input": "Name three clocks.", "max_output_tokens": 8, "temperature": 0}
+    through = vllm.client().responses.create(**request)
+    direct = vllm.direct().responses.create(**request)
+    assert (through.status, through.output_text) == (direct.status, direct.output_text)
+    assert through.usage is not None and direct.usage is not None
+    performance: dict[str, Any] = through.usage.model_extra.pop("performance")
+    assert through.usage == direct.usage
+    assert [item.type for item in through.output] == [item.type for item in direct.output]
+    assert performance["completion_tokens"] == through.usage.output_tokens
+    assert 0 < performance["ttft_ms"] <= performance["latency_ms"] <= performance["total_ms"]
+
+
 def test_a_streamed_answer_without_usage_asked_is_vllms_own_stream(vllm: Vllm) -> None:
     body = {"model": SERVED, "messages": MESSAGES, "max_tokens": 8, "temperature": 0, "stream": True}
     through = httpx.post(f"{vllm.sidecar.url}/v1/chat/completions", json=body, headers=DATA, timeout=60)
