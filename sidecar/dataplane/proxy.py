@@ -2,8 +2,8 @@
 
 A request is checked and admitted here, goes to the engine over one pool of keep-alive connections
 (`upstream.py`, which says why it is not an HTTP client library), and its answer goes back through one of the
-relay modes (`relay.py`); what it leaves is recorded afterwards (`recording.py`). The state of one request on its
-way is `exchange.py`'s.
+relay modes (`relay.py`; the Responses API's stream, `responses.py`); what it leaves is recorded afterwards
+(`recording.py`). The state of one request on its way is `exchange.py`'s.
 """
 
 from __future__ import annotations
@@ -88,8 +88,8 @@ class Outgoing:
 
 
 class Proxy:
-    """The data plane's handlers (chat and text completions, embeddings, the engine's other paths): each request
-    checked, admitted, sent to the engine over one pool of connections, its answer relayed and measured."""
+    """The data plane's handlers (chat and text completions, embeddings, responses, the engine's other paths): each
+    request checked, admitted, sent to the engine over one pool of connections, its answer relayed and measured."""
 
     def __init__(
         self,
@@ -170,8 +170,9 @@ class Proxy:
         await self._exchange(scope, receive, send, start_ns, Outgoing(raw, self.relays.whole, span=span))
 
     async def responses(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """The Responses API, for an engine whose adapter lists it: the body as the client sent it, the answer
-        streamed through (`responses.py`) or whole, measured either way."""
+        """The Responses API, for an engine whose adapter lists it: the answer streamed through (`responses.py`),
+        or for a non-streaming client streamed from the engine and answered with its last event's response;
+        measured either way."""
         raw = await read_body(receive)
         body = json_object(raw)
         start_ns = time.perf_counter_ns()
