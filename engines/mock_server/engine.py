@@ -4,6 +4,7 @@ them, at the pace its configuration or a request's `mock` field sets, with the f
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from collections.abc import AsyncIterator
@@ -121,10 +122,7 @@ class MockEngine:
                 payload["usage"] = tokens | {"total_tokens": prompt_tokens + completion_tokens}
             return sse(payload)
 
-        self.stats.in_flight += 1
-        slot = False
-        try:
-            slot = await self.admitted()
+        async with self.streaming():
             if chat:  # the role arrives before any output, as vLLM sends it
                 for i in range(len(choices)):
                     delta = {"role": "assistant", "content": ""}
@@ -158,6 +156,16 @@ class MockEngine:
             if include_usage:
                 yield sse({**base, "choices": [], "usage": answer.usage})
             yield b"data: [DONE]\n\n"
+
+    @contextlib.asynccontextmanager
+    async def streaming(self) -> AsyncIterator[None]:
+        """One streamed answer: in flight, and holding a slot where there are `max_num_seqs`, until it ends;
+        counted as completed, or as cancelled when its client leaves."""
+        self.stats.in_flight += 1
+        slot = False
+        try:
+            slot = await self.admitted()
+            yield
             self.stats.completed += 1
         except (asyncio.CancelledError, GeneratorExit):
             self.stats.cancelled += 1

@@ -111,10 +111,7 @@ async def respond(engine: MockEngine, request: Request) -> Response:
 
 
 async def _stream(engine: MockEngine, reply: _Reply) -> AsyncIterator[bytes]:
-    engine.stats.in_flight += 1
-    slot = False
-    try:
-        slot = await engine.admitted()
+    async with engine.streaming():
         yield reply.event("created", response=reply.response("in_progress", [], None))
         yield reply.event("in_progress", response=reply.response("in_progress", [], None))
         yield reply.event("output_item.added", output_index=0, item=reply.message("in_progress", None))
@@ -136,11 +133,3 @@ async def _stream(engine: MockEngine, reply: _Reply) -> AsyncIterator[bytes]:
         done = reply.message("completed", text)
         yield reply.event("output_item.done", output_index=0, item=done)
         yield reply.event(reply.status, response=reply.response(reply.status, [done], reply.usage))
-        engine.stats.completed += 1
-    except (asyncio.CancelledError, GeneratorExit):
-        engine.stats.cancelled += 1
-        raise
-    finally:
-        engine.stats.in_flight -= 1
-        if slot and engine.slots is not None:
-            engine.slots.release()
