@@ -6,6 +6,7 @@ import asyncio
 import copy
 import io
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -241,3 +242,23 @@ def test_the_guards_bound_clears_every_recorded_run_and_fails_a_doubled_relay() 
         ratios = [run["cpu_per_chunk_ratio"] for run in machine["runs"]]
         assert guard.BOUND >= 1.3 * max(ratios), (guard.BOUND, max(ratios))
         assert guard.BOUND < 2 * sorted(ratios)[len(ratios) // 2], (guard.BOUND, ratios)
+
+
+@pytest.mark.skipif(
+    shutil.which("callgrind_control") is None, reason="valgrind is not installed (`.ci/run` installs it)"
+)
+def test_instructions_counts_a_requests_path_for_the_sidecar_and_its_floors(tmp_path: Path) -> None:
+    """`python -m bench.instructions`: each proxy's instructions per request, the sidecar's work on a request more
+    than uvicorn's with nothing on it, and that more than a byte pipe's."""
+    out = tmp_path / "instructions.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.instructions", "--requests", "3", "--warm", "2", "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    counts = json.loads(out.read_text())["per_request"]
+    assert counts["sidecar"] > counts["bare_uvicorn"] > counts["pipe"] > 0
+    assert "the sidecar: " in result.stdout and "x bare_uvicorn's" in result.stdout

@@ -1,0 +1,176 @@
+"""`python -m bench.instructions`: the instructions a proxy's own process executes for one streamed chat request,
+counted by valgrind's callgrind, for the sidecar and, in the same run, for the floors it is compared with:
+uvicorn with the sidecar's engine client and no feature (`bench/floors/bare_uvicorn.py`), and bytes piped on
+uvloop (`bench/floors/pipe.py`).
+
+Timings at one stream move with the machine by more than a change to the request's path does (docs/benchmarks.md);
+a count of instructions does not: the same code gives the same count to 1-2%, whatever else the machine runs. So it
+is the figure to compare a change's path length with, before and after (user space only: the kernel's part, the
+same for every proxy, is not counted). Each proxy runs under callgrind with instrumentation off; `--warm` requests
+go first (imports, caches, the engine's connection), then the count covers `--requests` requests, one at a time,
+each read to its end by a client in this process. The fast engine (its own process, not counted) answers each
+with `--tokens` tokens and no pacing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+from bench.loadgen import chat_body
+from bench.processes import wait_ok
+from sidecar.control.engine import free_port
+
+_KEY = "bench-instructions"
+_FLOORS = Path(__file__).resolve().parent / "floors"
+
+
+def _stream(port: int, body: bytes, key: str | None) -> int:
+    """One streamed chat request read to its end; the bytes of its answer."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    headers = {"content-type": "application/json"} | ({"authorization": f"Bearer {key}"} if key else {})
+    try:
+        connection.request("POST", "/v1/chat/completions", body, headers)
+        response = connection.getresponse()
+        answer = response.read()
+        if response.status != 200 or b"[DONE]" not in answer:
+            raise RuntimeError(f"the proxy answered {response.status}: {answer[:300]!r}")
+        return len(answer)
+    finally:
+        connection.close()
+
+
+def _control(pid: int, *command: str) -> None:
+    subprocess.run(["callgrind_control", *command, str(pid)], check=True, capture_output=True, timeout=60)
+
+
+@contextmanager
+def _under_callgrind(argv: list[str], env: dict[str, str], workdir: Path, name: str) -> Iterator[int]:
+    """The command run by callgrind with instrumentation off; its pid while the block runs, then it is stopped."""
+    out = workdir / f"{name}.callgrind.%p"
+    command = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}", *argv]
+    with (workdir / f"{name}.log").open("wb") as log:
+        # Run from the work folder: a checkout's own folder first on sys.path would shadow `--sidecar-tree`.
+        process = subprocess.Popen(command, env=env, cwd=workdir, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        yield process.pid
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+
+
+def _instructions(workdir: Path, name: str) -> int:
+    """What callgrind counted for one proxy: the totals of every dump it wrote."""
+    total = 0
+    for path in workdir.glob(f"{name}.callgrind.*"):
+        for line in path.read_text().splitlines():
+            if line.startswith("totals:"):
+                total += int(line.split()[1])
+    return total
+
+
+def count(name: str, args: argparse.Namespace, engine_url: str, workdir: Path) -> int:
+    """Instructions per request of one proxy (`sidecar`, `bare_uvicorn` or `pipe`) in front of the engine."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
+    key: str | None = None
+    if name == "sidecar":
+        key = _KEY
+        # One process (no data-plane workers to miss), the watchdog's sampling thread out of the count.
+        env |= {"SIDECAR_API_KEYS": key, "SIDECAR_PORT": str(port), "SIDECAR_WORKERS": "1"}
+        env |= {"SIDECAR_WATCHDOG_INTERVAL_MS": "3600000"}
+        if args.sidecar_tree:  # another checkout's sidecar (and engines), for a before and after
+            env["PYTHONPATH"] = str(args.sidecar_tree.resolve())
+        argv = [sys.executable, "-m", "sidecar", "serve"]
+    else:
+        engine_port = engine_url.rsplit(":", 1)[1]
+        argv = [sys.executable, str(_FLOORS / f"{name}.py"), str(port), engine_port]
+    body = chat_body(args.tokens)
+    with _under_callgrind(argv, env, workdir, name) as pid:
+        url = f"http://127.0.0.1:{port}"
+        if name == "sidecar":
+            wait_ok(url + "/health", timeout_s=300)
+            load = {"engine": "external", "model": "mock-model", "url": engine_url}
+            headers = {"Authorization": f"Bearer {key}"}
+            httpx.post(f"{url}/v1/model/load", json=load, headers=headers, timeout=300).raise_for_status()
+        else:
+            wait_ok(engine_url + "/health")
+            _wait_listening(port)
+        for _ in range(args.warm):
+            _stream(port, body, key)
+        _control(pid, "-i", "on")
+        for _ in range(args.requests):
+            _stream(port, body, key)
+        _control(pid, "-i", "off")
+    return _instructions(workdir, name) // int(args.requests)
+
+
+def _wait_listening(port: int) -> None:
+    """Until a floor accepts connections (they answer no health check of their own)."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.2)
+    raise TimeoutError(f"nothing listens on {port}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.instructions", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=100, help="requests counted (default 100)")
+    parser.add_argument("--warm", type=int, default=20, help="requests before the count (default 20)")
+    parser.add_argument("--tokens", type=int, default=32, help="tokens per answer (default 32)")
+    parser.add_argument(
+        "--proxies", default="sidecar,bare_uvicorn,pipe", help="which to count (default sidecar,bare_uvicorn,pipe)"
+    )
+    parser.add_argument("--sidecar-tree", type=Path, help="count the sidecar of this checkout (a git worktree)")
+    parser.add_argument("--out", type=Path, help="write the counts here as JSON")
+    args = parser.parse_args(argv)
+    missing = [tool for tool in ("valgrind", "callgrind_control") if shutil.which(tool) is None]
+    if missing:
+        sys.stderr.write(f"needs {' and '.join(missing)} (Debian's valgrind package)\n")
+        return 2
+    counts: dict[str, int] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-instructions-") as tmp:
+        workdir = Path(tmp)
+        engine_port = free_port()
+        engine_argv = [sys.executable, "-m", "bench.fast_engine", "--port", str(engine_port)]
+        engine_argv += ["--ttft-ms", "0", "--itl-ms", "0", "--tokens", str(args.tokens)]
+        with (workdir / "engine.log").open("wb") as log:
+            engine = subprocess.Popen(engine_argv, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            engine_url = f"http://127.0.0.1:{engine_port}"
+            wait_ok(engine_url + "/health")
+            for name in args.proxies.split(","):
+                counts[name] = count(name, args, engine_url, workdir)
+        finally:
+            engine.terminate()
+            engine.wait(timeout=30)
+    sys.stdout.write(f"instructions per streamed request of {args.tokens} tokens ({args.requests} counted)\n")
+    for name, instructions in counts.items():
+        sys.stdout.write(f"  {name}: {instructions:,}\n")
+    if counts.get("sidecar"):
+        floors = [f"{counts['sidecar'] / n:.2f}x {name}'s" for name, n in counts.items() if name != "sidecar" and n]
+        sys.stdout.write(f"the sidecar: {', '.join(floors)}\n" if floors else "")
+    if args.out:
+        args.out.write_text(json.dumps({"tokens": args.tokens, "requests": args.requests, "per_request": counts}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
