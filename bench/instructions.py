@@ -92,6 +92,7 @@ def count(name: str, args: argparse.Namespace, engine_url: str, workdir: Path) -
         # One process (no data-plane workers to miss), the watchdog's sampling thread out of the count.
         env |= {"SIDECAR_API_KEYS": key, "SIDECAR_PORT": str(port), "SIDECAR_WORKERS": "1"}
         env |= {"SIDECAR_WATCHDOG_INTERVAL_MS": "3600000"}
+        env |= dict(item.split("=", 1) for item in args.sidecar_env)
         if args.sidecar_tree:  # another checkout's sidecar (and engines), for a before and after
             env["PYTHONPATH"] = str(args.sidecar_tree.resolve())
         argv = [sys.executable, "-m", "sidecar", "serve"]
@@ -138,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--proxies", default="sidecar,bare_uvicorn,pipe", help="which to count (default sidecar,bare_uvicorn,pipe)"
     )
+    parser.add_argument("--sidecar-env", action="append", default=[], help="extra SIDECAR_X=value for the sidecar")
     parser.add_argument("--sidecar-tree", type=Path, help="count the sidecar of this checkout (a git worktree)")
     parser.add_argument("--out", type=Path, help="write the counts here as JSON")
     args = parser.parse_args(argv)
