@@ -130,12 +130,7 @@ class Relays:
             await self.recorder.finish_counted(
                 exchange, time.perf_counter_ns()
             )  # for the record, after the client's answer
-        if error is not None and not exchange.client_done:
-            # The status went out with the first event: the stream says what happened, then ends as streams do.
-            exchange.error = error.code
-            await send({"type": "http.response.body", "body": sse_error(error)})
-        elif not exchange.client_done:
-            await send({"type": "http.response.body", "body": b""})
+        await end_stream(exchange, error)
 
     async def assembled(self, exchange: Exchange, response: Response, assembler: Assembler) -> None:
         """A non-streaming request streamed from the engine (for its TTFT), answered as the engine would."""
@@ -148,14 +143,7 @@ class Relays:
         if assembler.usage is None:  # the engine streams no usage: the sidecar's count
             await self.recorder.finish_counted(exchange, now)
             exchange.usage = self.recorder.counted_usage(exchange)
-        raw, performance = self.recorder.with_performance(exchange, assembler.result(), now)
-        headers = [
-            *response_headers(response, drop={"content-type"}),
-            JSON_TYPE,
-            (b"x-performance-metrics", performance),
-        ]
-        exchange.meter.overhead_ns += time.perf_counter_ns() - now
-        await send_whole(exchange, response.status, headers, raw)
+        await send_assembled(self.recorder, exchange, response, assembler.result(), now)
 
     async def _pump(self, exchange: Exchange, response: Response, assembler: Assembler | None) -> SidecarError | None:
         """Read the engine's SSE stream to its end, timestamping every event; forward the events to the client
@@ -218,12 +206,8 @@ class Relays:
                     if done:
                         await _body_end(response)
                         return None
-        except TimeoutError:
-            return GatewayTimeout("the engine sent no token within the timeout")
-        except UpstreamError:
-            return BadGateway("the engine closed the stream mid-answer")
-        except EventTooLarge:
-            return answer_too_large(exchange, limit, "event")
+        except (TimeoutError, UpstreamError, EventTooLarge) as exc:
+            return stream_cut(exchange, exc, limit)
 
     def _usage_event(self, exchange: Exchange, chunk: dict[str, Any]) -> bytes | None:
         """The usage chunk for the client: with `usage.performance`, or none when only the sidecar asked."""
@@ -261,6 +245,43 @@ class Relays:
             exchange.usage = chunk["usage"]
             if is_usage_chunk(chunk) and exchange.performance is None:
                 self.recorder.finish(exchange, now)  # the usage chunk ends the answer: [DONE] follows
+
+
+async def end_stream(exchange: Exchange, error: SidecarError | None) -> None:
+    """The end of a relayed stream whose status went out with its first event: where the engine's stream was cut,
+    an error event says what happened (the OpenAI SDK raises it), then the body ends as streams do."""
+    if exchange.client_done:
+        return
+    if error is not None:
+        exchange.error = error.code
+        await exchange.send({"type": "http.response.body", "body": sse_error(error)})
+    else:
+        await exchange.send({"type": "http.response.body", "body": b""})
+
+
+def stream_cut(exchange: Exchange, exc: Exception, limit: int) -> SidecarError:
+    """The error for what cut the engine's stream short while it was read: the exchange's deadline, the engine's
+    connection, or an event past `SIDECAR_MAX_ANSWER_BYTES` (`limit`)."""
+    if isinstance(exc, TimeoutError):
+        return GatewayTimeout("the engine sent no token within the timeout")
+    if isinstance(exc, EventTooLarge):
+        return answer_too_large(exchange, limit, "event")
+    return BadGateway("the engine closed the stream mid-answer")
+
+
+async def send_assembled(
+    recorder: Recorder, exchange: Exchange, response: Response, body: dict[str, Any], now: int
+) -> None:
+    """A non-streaming client's answer, put together from the engine's stream: the body with `usage.performance`,
+    the same in X-Performance-Metrics, as JSON."""
+    raw, performance = recorder.with_performance(exchange, body, now)
+    headers = [
+        *response_headers(response, drop={"content-type"}),
+        JSON_TYPE,
+        (b"x-performance-metrics", performance),
+    ]
+    exchange.meter.overhead_ns += time.perf_counter_ns() - now
+    await send_whole(exchange, response.status, headers, raw)
 
 
 def answer_too_large(exchange: Exchange, limit: int, what: str) -> BadGateway:

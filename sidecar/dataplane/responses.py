@@ -17,22 +17,13 @@ import time
 from typing import Any
 
 from sidecar.dataplane.chunks import carries_measures, is_response_output, response_usage
-from sidecar.dataplane.exchange import (
-    JSON_TYPE,
-    Exchange,
-    dumps,
-    header_timings,
-    loads,
-    response_headers,
-    send_whole,
-    sse_error,
-)
+from sidecar.dataplane.exchange import Exchange, dumps, header_timings, loads, response_headers
 from sidecar.dataplane.recording import Recorder
-from sidecar.dataplane.relay import answer_too_large
+from sidecar.dataplane.relay import end_stream, send_assembled, stream_cut
 from sidecar.dataplane.sse import EventTooLarge, SSEParser
 from sidecar.dataplane.upstream import Response
 from sidecar.dataplane.upstream_errors import UpstreamError
-from sidecar.errors import BadGateway, GatewayTimeout, SidecarError
+from sidecar.errors import BadGateway, SidecarError
 from sidecar.settings import Settings
 
 
@@ -49,13 +40,8 @@ class ResponsesRelay:
         exchange.status = response.status
         exchange.timings = header_timings(response)
         await send({"type": "http.response.start", "status": response.status, "headers": response_headers(response)})
-        error = await self._pump(exchange, response, forward=True)
-        if isinstance(error, SidecarError) and not exchange.client_done:
-            # The status went out with the first event: an error event (which the OpenAI SDK raises), then the end.
-            exchange.error = error.code
-            await send({"type": "http.response.body", "body": sse_error(error)})
-        elif not exchange.client_done:
-            await send({"type": "http.response.body", "body": b""})
+        ended = await self._pump(exchange, response, forward=True)
+        await end_stream(exchange, ended if isinstance(ended, SidecarError) else None)
 
     async def assembled(self, exchange: Exchange, response: Response) -> None:
         """A non-streaming request streamed from the engine: answered with the response its last event carries."""
@@ -67,14 +53,7 @@ class ResponsesRelay:
             raise BadGateway("the engine's stream ended before its response did")
         now = time.perf_counter_ns()
         exchange.status = response.status
-        raw, performance = self.recorder.with_performance(exchange, ended, now)
-        headers = [
-            *response_headers(response, drop={"content-type"}),
-            JSON_TYPE,
-            (b"x-performance-metrics", performance),
-        ]
-        exchange.meter.overhead_ns += time.perf_counter_ns() - now
-        await send_whole(exchange, response.status, headers, raw)
+        await send_assembled(self.recorder, exchange, response, ended, now)
 
     async def _pump(
         self, exchange: Exchange, response: Response, forward: bool
@@ -116,12 +95,8 @@ class ResponsesRelay:
                     meter.overhead_ns += clock() - now
                     if not chunk:
                         return ended
-        except TimeoutError:
-            return GatewayTimeout("the engine sent no token within the timeout")
-        except UpstreamError:
-            return BadGateway("the engine closed the stream mid-answer")
-        except EventTooLarge:
-            return answer_too_large(exchange, limit, "event")
+        except (TimeoutError, UpstreamError, EventTooLarge) as exc:
+            return stream_cut(exchange, exc, limit)
 
     def _ended(self, exchange: Exchange, ended: dict[str, Any], usage: dict[str, Any], now: int) -> None:
         """The event that ends the response has come: the answer is measured as it ends."""
