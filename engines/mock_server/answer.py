@@ -9,6 +9,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
+from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from engines.mock_server import generation as gen
@@ -108,6 +109,17 @@ def error_response(message: str, status: int = 400, shape: str = "vllm") -> Resp
         return Response(message, status_code=status, media_type="text/plain")
     body = {"object": "error", "message": message, "type": "BadRequestError", "param": None, "code": status}
     return JSONResponse(body, status_code=status)
+
+
+async def json_object(request: Request) -> dict[str, Any] | Response:
+    """The request's body as a JSON object, or the 400 vLLM answers when it is not one."""
+    try:
+        body = await request.json()
+    except ValueError:
+        return error_response("invalid JSON")
+    if not isinstance(body, dict):
+        return error_response("body must be an object")
+    return body
 
 
 TIMINGS = {"prompt_n": 4, "prompt_ms": 1.25, "predicted_n": 16, "predicted_ms": 80.5}

@@ -21,6 +21,7 @@ from engines.mock_server.answer import (
     Pace,
     Stats,
     error_response,
+    json_object,
     output_line,
     sse,
     stream_choice,
@@ -52,12 +53,9 @@ class MockEngine:
     async def generate(self, request: Request) -> Response:
         received_ns = time.perf_counter_ns()
         self.stats.last_headers = dict(request.headers)
-        try:
-            body = await request.json()
-        except ValueError:
-            return error_response("invalid JSON")
-        if not isinstance(body, dict):
-            return error_response("body must be an object")
+        body = await json_object(request)
+        if isinstance(body, Response):
+            return body
         chat = request.url.path.endswith("/chat/completions")
         overrides: dict[str, Any] = body["mock"] if isinstance(body.get("mock"), dict) else {}
         if isinstance(overrides.get("error"), dict):
@@ -175,7 +173,25 @@ class MockEngine:
             if slot and self.slots is not None:
                 self.slots.release()
 
-    async def generate_whole(self, pace: Pace, steps: int) -> None:
+    async def generated_whole(self, request: Request, pace: Pace, steps: int) -> bool:
+        """One answer generated whole, in flight meanwhile: True once done (counted completed), False when its
+        client left first, which aborts the generation as vLLM's non-streaming routes do (counted cancelled)."""
+        self.stats.in_flight += 1
+        generating = asyncio.create_task(self._generate_whole(pace, steps))
+        watching = asyncio.create_task(self._until_disconnected(request))
+        try:
+            await asyncio.wait({generating, watching}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self.stats.in_flight -= 1
+            watching.cancel()
+            generating.cancel()
+        if not generating.done() or generating.cancelled():
+            self.stats.cancelled += 1
+            return False
+        self.stats.completed += 1
+        return True
+
+    async def _generate_whole(self, pace: Pace, steps: int) -> None:
         slot = await self.admitted()
         try:
             if pace.die_after is not None:
@@ -194,18 +210,7 @@ class MockEngine:
     async def _complete(self, request: Request, answer: Answer, headers: dict[str, str] | None) -> Response:
         chat, tool, finish, want_logprobs = answer.chat, answer.tool, answer.finish, answer.want_logprobs
         pace = answer.pace
-        self.stats.in_flight += 1
-        # As vLLM's non-streaming routes do: a client that disconnects aborts the generation.
-        generating = asyncio.create_task(self.generate_whole(pace, answer.steps))
-        watching = asyncio.create_task(self._until_disconnected(request))
-        try:
-            await asyncio.wait({generating, watching}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            self.stats.in_flight -= 1
-            watching.cancel()
-            generating.cancel()
-        if not generating.done() or generating.cancelled():
-            self.stats.cancelled += 1
+        if not await self.generated_whole(request, pace, answer.steps):
             return Response(status_code=499)
         result = []
         for i, tokens in enumerate(answer.choices):
@@ -219,7 +224,6 @@ class MockEngine:
             else:
                 logprobs = gen.completion_logprobs(tokens) if want_logprobs else None
                 result.append({"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish})
-        self.stats.completed += 1
         object_name = "chat.completion" if chat else "text_completion"
         body = {**answer.base, "object": object_name, "choices": result, "usage": answer.usage}
         if pace.timings:

@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from engines.mock_server import generation as gen
-from engines.mock_server.answer import Pace, error_response, output_line
+from engines.mock_server.answer import Pace, error_response, json_object, output_line
 from engines.mock_server.engine import MockEngine
 
 
@@ -83,12 +83,9 @@ class _Reply:
 
 
 async def respond(engine: MockEngine, request: Request) -> Response:
-    try:
-        body = await request.json()
-    except ValueError:
-        return error_response("invalid JSON")
-    if not isinstance(body, dict):
-        return error_response("body must be an object")
+    body = await json_object(request)
+    if isinstance(body, Response):
+        return body
     given = body.get("input")
     if not (isinstance(given, str) or isinstance(given, list) and all(isinstance(item, dict) for item in given)):
         return error_response("'input' must be a string or a list of input items")
@@ -104,8 +101,8 @@ async def respond(engine: MockEngine, request: Request) -> Response:
         output_line(str(reply.overrides["log"]))
     if body.get("stream"):
         return StreamingResponse(_stream(engine, reply), media_type="text/event-stream")
-    await engine.generate_whole(reply.pace, len(reply.tokens))
-    engine.stats.completed += 1
+    if not await engine.generated_whole(request, reply.pace, len(reply.tokens)):
+        return Response(status_code=499)
     text = "".join(reply.tokens)
     return JSONResponse(reply.response(reply.status, [reply.message("completed", text)], reply.usage))
 
