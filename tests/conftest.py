@@ -5,6 +5,7 @@ import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import openai
 import pytest
 
 from tests.processes import SidecarProcess
@@ -52,3 +53,22 @@ def start_sidecar(tmp_path: Path) -> Iterator[Callable[..., SidecarProcess]]:
     yield start
     for process in started:
         process.stop()
+
+
+@pytest.fixture
+def openai_client() -> Iterator[Callable[..., openai.OpenAI]]:
+    """The OpenAI SDK in front of a sidecar (`make(sidecar, api_key, **headers)`), closed after the test: an
+    unclosed client's socket is a ResourceWarning, an error here, in whichever later test the collector finds it.
+    No retries."""
+    clients: list[openai.OpenAI] = []
+
+    def make(sidecar: SidecarProcess, api_key: str = "unused", **headers: str) -> openai.OpenAI:
+        client = openai.OpenAI(
+            base_url=f"{sidecar.url}/v1", api_key=api_key, default_headers=headers, max_retries=0, timeout=60
+        )
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.close()

@@ -66,10 +66,6 @@ def _wait_ready(sidecar: SidecarProcess) -> None:
     wait_until(lambda: httpx.get(f"{sidecar.url}/ready").status_code == 200, timeout_s=20)
 
 
-def _client(sidecar: SidecarProcess, **headers: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{sidecar.url}/v1", api_key="unused", default_headers=headers, max_retries=0)
-
-
 def _spans(receiver: OtlpReceiver, name: str, count: int = 1) -> list[Span]:
     def arrived(received: Received) -> bool:
         return sum(span.name == name for span in received.spans) >= count
@@ -96,10 +92,10 @@ def _stream(client: openai.OpenAI, **extra: Any) -> tuple[str, dict[str, Any], s
 
 
 def test_a_streamed_chat_is_a_genai_span_in_the_clients_trace_and_the_engines_parent(
-    traced: Callable[..., SidecarProcess], receiver: OtlpReceiver
+    traced: Callable[..., SidecarProcess], receiver: OtlpReceiver, openai_client: Callable[..., openai.OpenAI]
 ) -> None:
     sidecar = traced()
-    request_id, performance, response_id = _stream(_client(sidecar, traceparent=TRACEPARENT))
+    request_id, performance, response_id = _stream(openai_client(sidecar, traceparent=TRACEPARENT))
 
     [span] = _spans(receiver, f"chat {MODEL}")
     assert (span.trace_id, span.parent_span_id, span.kind) == (CLIENT_TRACE, CLIENT_SPAN, SERVER)
@@ -141,11 +137,13 @@ def test_a_streamed_chat_is_a_genai_span_in_the_clients_trace_and_the_engines_pa
 
 
 def test_a_streamed_response_is_a_chat_span_with_its_counts_and_first_token(
-    traced: Callable[..., SidecarProcess], receiver: OtlpReceiver
+    traced: Callable[..., SidecarProcess], receiver: OtlpReceiver, openai_client: Callable[..., openai.OpenAI]
 ) -> None:
     """The Responses API in the conventions' terms: a chat, its `max_output_tokens` the request's max tokens, the
     response's id and counts from the event that ends it, its first delta the first token's event."""
-    events = list(_client(traced()).responses.create(model=MODEL, input="trace me", max_output_tokens=6, stream=True))
+    events = list(
+        openai_client(traced()).responses.create(model=MODEL, input="trace me", max_output_tokens=6, stream=True)
+    )
     final = events[-1].response
     performance = final.usage.model_extra["performance"]
     [span] = _spans(receiver, f"chat {MODEL}")
@@ -166,10 +164,10 @@ def test_a_streamed_response_is_a_chat_span_with_its_counts_and_first_token(
 
 
 def test_a_stream_without_the_engines_usage_chunk_still_says_why_it_ended(
-    traced: Callable[..., SidecarProcess], receiver: OtlpReceiver
+    traced: Callable[..., SidecarProcess], receiver: OtlpReceiver, openai_client: Callable[..., openai.OpenAI]
 ) -> None:
     """llama-cpp-python ignores stream_options: the finish reason and the id come from the stream's last chunk."""
-    _, performance, response_id = _stream(_client(traced()), extra_body={"mock": {"stream_usage": False}})
+    _, performance, response_id = _stream(openai_client(traced()), extra_body={"mock": {"stream_usage": False}})
     assert performance["tokens_estimated"]  # the sidecar counted: the engine sent no usage
     [span] = _spans(receiver, f"chat {MODEL}")
     assert span.attributes["gen_ai.response.finish_reasons"] == ["stop"]
@@ -177,10 +175,10 @@ def test_a_stream_without_the_engines_usage_chunk_still_says_why_it_ended(
 
 
 def test_a_whole_answer_without_a_trace_starts_one_and_metrics_carry_the_same_numbers(
-    traced: Callable[..., SidecarProcess], receiver: OtlpReceiver
+    traced: Callable[..., SidecarProcess], receiver: OtlpReceiver, openai_client: Callable[..., openai.OpenAI]
 ) -> None:
     sidecar = traced()
-    client = _client(sidecar)
+    client = openai_client(sidecar)
     answers = [
         client.chat.completions.with_raw_response.create(
             model=MODEL, messages=[{"role": "user", "content": f"whole {i}"}], max_tokens=4
@@ -234,9 +232,11 @@ def _histogram(receiver: OtlpReceiver, metric: str, count: int) -> Any:
     return point
 
 
-def test_failed_requests_say_their_error_type(traced: Callable[..., SidecarProcess], receiver: OtlpReceiver) -> None:
+def test_failed_requests_say_their_error_type(
+    traced: Callable[..., SidecarProcess], receiver: OtlpReceiver, openai_client: Callable[..., openai.OpenAI]
+) -> None:
     sidecar = traced(SIDECAR_UPSTREAM_INTER_TOKEN_TIMEOUT_S="0.5")
-    client = _client(sidecar)
+    client = openai_client(sidecar)
     with pytest.raises(openai.BadRequestError):  # the engine's own 400
         client.chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": "x"}], extra_body={"mock": {"error": {"status": 400}}}
@@ -336,10 +336,10 @@ def test_control_operations_are_spans(
 
 
 def test_every_data_plane_worker_exports_its_own_requests(
-    traced: Callable[..., SidecarProcess], receiver: OtlpReceiver
+    traced: Callable[..., SidecarProcess], receiver: OtlpReceiver, openai_client: Callable[..., openai.OpenAI]
 ) -> None:
     sidecar = traced(SIDECAR_WORKERS="2")
-    answered = {_stream(_client(sidecar))[0] for _ in range(6)}
+    answered = {_stream(openai_client(sidecar))[0] for _ in range(6)}
 
     spans = _spans(receiver, f"chat {MODEL}", count=6)
     assert {span.attributes["sidecar.request_id"] for span in spans} == answered
@@ -380,11 +380,13 @@ def test_a_grpc_protocol_is_refused_at_start_naming_the_http_port(start_sidecar:
     assert "http/protobuf" in sidecar.output() and "4318" in sidecar.output()
 
 
-def test_a_collector_that_is_down_holds_the_exit_no_longer_than_the_flush_bound(start_sidecar: Start) -> None:
+def test_a_collector_that_is_down_holds_the_exit_no_longer_than_the_flush_bound(
+    start_sidecar: Start, openai_client: Callable[..., openai.OpenAI]
+) -> None:
     closed = f"http://127.0.0.1:{free_port()}"  # nothing listens: every export is refused and retried
     sidecar = start_sidecar({"SIDECAR_OTEL_EXPORTER_OTLP_ENDPOINT": closed, **_AUTOLOAD})
     _wait_ready(sidecar)
-    _stream(_client(sidecar))  # a span and metrics waiting to go out
+    _stream(openai_client(sidecar))  # a span and metrics waiting to go out
     sidecar.process.send_signal(signal.SIGTERM)
     started = time.monotonic()
     assert sidecar.wait_exit(timeout_s=30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal it handled

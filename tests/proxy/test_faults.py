@@ -9,7 +9,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -243,20 +243,6 @@ def _in_front_of(
     return sidecar
 
 
-@pytest.fixture
-def openai_client() -> Iterator[Callable[[SidecarProcess], openai.OpenAI]]:
-    """The OpenAI SDK in front of a sidecar, closed after the test; no retries."""
-    clients: list[openai.OpenAI] = []
-
-    def make(sidecar: SidecarProcess) -> openai.OpenAI:
-        clients.append(openai.OpenAI(base_url=f"{sidecar.url}/v1", api_key=KEY, max_retries=0, timeout=60))
-        return clients[-1]
-
-    yield make
-    for client in clients:
-        client.close()
-
-
 class _OneRequestPerConnection(FakeEngine):
     """An engine that answers one chat request per connection and resets the connection on the next one, while its
     answers say keep-alive: what llama-server's HTTP threads beyond its fixed pool do."""
@@ -342,14 +328,14 @@ class _OversizedAnswers(FakeEngine):
 
 
 def test_an_answer_larger_than_the_sidecar_holds_is_a_502_and_the_engines_request_is_dropped(
-    start_sidecar: Callable[..., SidecarProcess], openai_client: Callable[[SidecarProcess], openai.OpenAI]
+    start_sidecar: Callable[..., SidecarProcess], openai_client: Callable[..., openai.OpenAI]
 ) -> None:
     """An engine's answer is untrusted input: an event that never ends, a stream to assemble or a JSON body past
     `SIDECAR_MAX_ANSWER_BYTES`, or headers past `SIDECAR_MAX_HEADER_BYTES`, is not held; the client gets a 502 (a
     stream's error event once its status is out), the engine's connection is closed, and the sidecar goes on."""
     with serving(_OversizedAnswers) as url:
         sidecar = _in_front_of(url, start_sidecar, {"SIDECAR_MAX_ANSWER_BYTES": str(1024 * 1024)})
-        client = openai_client(sidecar)
+        client = openai_client(sidecar, KEY)
 
         def ask(kind: str, stream: bool) -> Any:
             messages: Any = [{"role": "user", "content": kind}]
@@ -469,11 +455,11 @@ class _OddHeads(FakeEngine):
 
 
 def test_an_informational_head_is_skipped_and_a_status_http_lacks_is_a_502(
-    start_sidecar: Callable[..., SidecarProcess], openai_client: Callable[[SidecarProcess], openai.OpenAI]
+    start_sidecar: Callable[..., SidecarProcess], openai_client: Callable[..., openai.OpenAI]
 ) -> None:
     with serving(_OddHeads) as url:
         sidecar = _in_front_of(url, start_sidecar)
-        client = openai_client(sidecar)
+        client = openai_client(sidecar, KEY)
         stream = client.chat.completions.create(
             model="fake", messages=[{"role": "user", "content": "continue"}], stream=True
         )
@@ -581,14 +567,14 @@ class _LavishTimings(FakeEngine):
 
 
 def test_engine_timings_past_their_bound_are_left_out(
-    start_sidecar: Callable[..., SidecarProcess], openai_client: Callable[[SidecarProcess], openai.OpenAI]
+    start_sidecar: Callable[..., SidecarProcess], openai_client: Callable[..., openai.OpenAI]
 ) -> None:
     """The engine's own timings go into `usage.performance`, the X-Performance-Metrics header, the request's
     record (a thousand kept) and its access line: those past 2 KiB of JSON are left out of all of them, so that
     the answer's head stays within what a proxy in front takes (nginx's 4 KiB by default)."""
     with serving(_LavishTimings) as url:
         sidecar = _in_front_of(url, start_sidecar)
-        answer = openai_client(sidecar).chat.completions.with_raw_response.create(
+        answer = openai_client(sidecar, KEY).chat.completions.with_raw_response.create(
             model="fake", messages=MESSAGES, extra_headers={"X-Request-ID": "lavish-1"}
         )
         performance = answer.parse().usage.model_extra["performance"]  # type: ignore[union-attr]
