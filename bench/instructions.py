@@ -8,8 +8,9 @@ a count of instructions does not: the same code gives the same count to 1-2%, wh
 is the figure to compare a change's path length with, before and after (user space only: the kernel's part, the
 same for every proxy, is not counted). Each proxy runs under callgrind with instrumentation off; `--warm` requests
 go first (imports, caches, the engine's connection), then the count covers `--requests` requests, one at a time,
-each read to its end by a client in this process. The fast engine (its own process, not counted) answers each
-with `--tokens` tokens and no pacing.
+each read to its end by a client in this process on one keep-alive connection, as the OpenAI SDKs and the bench's
+load send them (`--new-connections`: a connection for each request, its opening and closing counted too). The
+fast engine (its own process, not counted) answers each with `--tokens` tokens and no pacing.
 """
 
 from __future__ import annotations
@@ -38,17 +39,25 @@ _KEY = "bench-instructions"
 _FLOORS = Path(__file__).resolve().parent / "floors"
 
 
-def _stream(port: int, body: bytes, key: str | None) -> int:
+def _stream(connection: http.client.HTTPConnection, body: bytes, key: str | None) -> int:
     """One streamed chat request read to its end; the bytes of its answer."""
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
     headers = {"content-type": "application/json"} | ({"authorization": f"Bearer {key}"} if key else {})
+    connection.request("POST", "/v1/chat/completions", body, headers)
+    response = connection.getresponse()
+    answer = response.read()
+    if response.status != 200 or b"[DONE]" not in answer:
+        raise RuntimeError(f"the proxy answered {response.status}: {answer[:300]!r}")
+    return len(answer)
+
+
+def _requests(port: int, body: bytes, key: str | None, count: int, new_connections: bool) -> None:
+    """`count` streamed requests one after another: on one keep-alive connection, or each on a new one."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
     try:
-        connection.request("POST", "/v1/chat/completions", body, headers)
-        response = connection.getresponse()
-        answer = response.read()
-        if response.status != 200 or b"[DONE]" not in answer:
-            raise RuntimeError(f"the proxy answered {response.status}: {answer[:300]!r}")
-        return len(answer)
+        for _ in range(count):
+            _stream(connection, body, key)
+            if new_connections:
+                connection.close()  # the next request opens a new one
     finally:
         connection.close()
 
@@ -109,11 +118,9 @@ def count(name: str, args: argparse.Namespace, engine_url: str, workdir: Path) -
             httpx.post(f"{url}/v1/model/load", json=load, headers=headers, timeout=300).raise_for_status()
         else:  # the engine was ready before any proxy started
             _wait_listening(port)
-        for _ in range(args.warm):
-            _stream(port, body, key)
+        _requests(port, body, key, args.warm, args.new_connections)
         _control(pid, "-i", "on")
-        for _ in range(args.requests):
-            _stream(port, body, key)
+        _requests(port, body, key, args.requests, args.new_connections)
         _control(pid, "-i", "off")
     return _instructions(workdir, name) // int(args.requests)
 
@@ -140,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--sidecar-env", action="append", default=[], help="extra SIDECAR_X=value for the sidecar")
     parser.add_argument("--sidecar-tree", type=Path, help="count the sidecar of this checkout (a git worktree)")
+    parser.add_argument(
+        "--new-connections", action="store_true", help="a connection for each request (default: one kept alive)"
+    )
     parser.add_argument("--out", type=Path, help="write the counts here as JSON")
     args = parser.parse_args(argv)
     missing = [tool for tool in ("valgrind", "callgrind_control") if shutil.which(tool) is None]
@@ -162,14 +172,26 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             engine.terminate()
             engine.wait(timeout=30)
-    sys.stdout.write(f"instructions per streamed request of {args.tokens} tokens ({args.requests} counted)\n")
+    connections = "a new connection each" if args.new_connections else "one connection kept alive"
+    sys.stdout.write(
+        f"instructions per streamed request of {args.tokens} tokens ({args.requests} counted, {connections})\n"
+    )
     for name, instructions in counts.items():
         sys.stdout.write(f"  {name}: {instructions:,}\n")
     if counts.get("sidecar"):
         floors = [f"{counts['sidecar'] / n:.2f}x {name}'s" for name, n in counts.items() if name != "sidecar" and n]
         sys.stdout.write(f"the sidecar: {', '.join(floors)}\n" if floors else "")
     if args.out:
-        args.out.write_text(json.dumps({"tokens": args.tokens, "requests": args.requests, "per_request": counts}))
+        args.out.write_text(
+            json.dumps(
+                {
+                    "tokens": args.tokens,
+                    "requests": args.requests,
+                    "new_connections": args.new_connections,
+                    "per_request": counts,
+                }
+            )
+        )
     return 0
 
 

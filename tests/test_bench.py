@@ -262,3 +262,22 @@ def test_instructions_counts_a_requests_path_for_the_sidecar_and_its_floors(tmp_
     counts = json.loads(out.read_text())["per_request"]
     assert counts["sidecar"] > counts["bare_uvicorn"] > counts["pipe"] > 0
     assert "the sidecar: " in result.stdout and "x bare_uvicorn's" in result.stdout
+
+
+@pytest.mark.skipif(
+    shutil.which("callgrind_control") is None, reason="valgrind is not installed (`.ci/run` installs it)"
+)
+def test_instructions_count_a_connection_each_only_when_asked(tmp_path: Path) -> None:
+    """By default the requests share one keep-alive connection, as SDK clients send them; `--new-connections`
+    opens one a request, and the proxy's accepting it (and the pipe's connecting to the engine) is counted too."""
+    counts = {}
+    for mode in ("keep-alive", "new"):
+        out = tmp_path / f"{mode}.json"
+        argv = [sys.executable, "-m", "bench.instructions", "--proxies", "pipe", "--requests", "5", "--warm", "2"]
+        argv += ["--out", str(out)] + (["--new-connections"] if mode == "new" else [])
+        result = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        recorded = json.loads(out.read_text())
+        assert recorded["new_connections"] is (mode == "new")
+        counts[mode] = recorded["per_request"]["pipe"]
+    assert counts["new"] > 1.2 * counts["keep-alive"]
