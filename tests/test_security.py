@@ -75,6 +75,27 @@ def test_reserved_flags_are_refused_in_every_spelling_argparse_takes(
     assert sidecar.status(ADMIN_KEY)["state"] == "idle"  # nothing was started
 
 
+@pytest.mark.parametrize("name", ["PATH", "LD_PRELOAD", "PYTHONPATH"])
+def test_a_load_request_cannot_choose_the_program_the_sidecar_runs_or_the_code_it_loads(
+    sidecar: SidecarProcess, tmp_path: Path, name: str
+) -> None:
+    """A folder holding a program named as vLLM's command, and (for the loader and Python) a library and a module:
+    named in `env`, the sidecar once ran that program in place of the engine's. Refused now, before anything runs."""
+    planted = tmp_path / "planted"
+    planted.mkdir()
+    ran = tmp_path / "ran"
+    (planted / "vllm").write_text(f"#!/bin/sh\n: > {ran}\n")  # a builtin: with PATH the folder, no command is found
+    (planted / "vllm").chmod(0o755)
+    value = {"PATH": str(planted), "LD_PRELOAD": str(planted / "x.so"), "PYTHONPATH": str(planted)}[name]
+    refused = _load(sidecar, engine="vllm", model="m", env={name: value, "HF_TOKEN": "hf_allowed_beside_it"})
+    assert refused.status_code == 400, refused.text
+    error = refused.json()["error"]
+    assert error["param"] == "env" and f"'{name}'" in error["message"] and value not in error["message"]
+    assert "HF_TOKEN" not in error["message"]  # only what is refused is named
+    assert sidecar.status(ADMIN_KEY)["state"] == "idle"
+    assert not ran.exists()
+
+
 def test_the_engine_never_holds_the_sidecars_keys(sidecar: SidecarProcess) -> None:
     loaded = _load(sidecar, env={"ENGINE_ONLY": "given-to-the-engine"})
     assert loaded.status_code == 200, loaded.text

@@ -225,6 +225,12 @@ def test_env_reaches_the_child_only_and_no_log(tmp_path: Path, start_sidecar: St
         ({"engine": "mock", "model": "m", "args": {"a b": 1}}, "args.a b", "invalid flag name"),
         ({"engine": "mock", "model": "m", "env": {"BAD-NAME": "x"}}, "env", "environment variable name"),
         ({"engine": "mock", "model": "m", "env": {"X": 1}}, "env.X", "valid string"),
+        # What chooses the program or the code it loads is the container's to set, not a request's.
+        ({"engine": "mock", "model": "m", "env": {"PATH": "/tmp"}}, "env", "'PATH': a load request cannot set"),
+        ({"engine": "mock", "model": "m", "env": {"LD_PRELOAD": "/tmp/x.so"}}, "env", "'LD_PRELOAD'"),
+        ({"engine": "mock", "model": "m", "env": {"ld_audit": "/tmp/x.so"}}, "env", "'ld_audit'"),
+        ({"engine": "mock", "model": "m", "env": {"PYTHONPATH": "/tmp", "HF_TOKEN": "x"}}, "env", "'PYTHONPATH'"),
+        ({"engine": "mock", "model": "m", "env": {"BASH_ENV": "/tmp/x.sh"}}, "env", "sidecar's environment"),
         ({"engine": "mock", "model": "m", "wait": "later"}, "wait", "boolean"),
         ({"engine": "external", "model": "m"}, "url", "needs 'url'"),
         ({"engine": "mock", "model": "m", "url": "http://127.0.0.1:1"}, "url", "only for the external engine"),

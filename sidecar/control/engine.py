@@ -14,6 +14,32 @@ from engines import ArgValue, EngineAdapter
 from sidecar.control.process import EngineProcess
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# Variables that choose which program runs or what code it loads, read by what every engine is built on: the
+# dynamic loader (every `LD_*`), Python, the shell, and the C compilers Triton and torch run at run time. Not
+# from a load request (its `env` holds secrets and tuning); where a container needs one, it sets it for the
+# sidecar, whose environment the engine inherits.
+_CODE_CHOOSING_ENV = frozenset(
+    {
+        "PATH",
+        "GCONV_PATH",
+        "GLIBC_TUNABLES",
+        "PYTHONPATH",
+        "PYTHONHOME",
+        "PYTHONSTARTUP",
+        "PYTHONUSERBASE",
+        "PYTHONPLATLIBDIR",
+        "PYTHONEXECUTABLE",
+        "PYTHONWARNINGS",  # a warning category's module is imported
+        "PYTHONBREAKPOINT",  # a callable is imported at breakpoint()
+        "BASH_ENV",
+        "ENV",
+        "SHELLOPTS",
+        "BASHOPTS",
+        "PS4",
+        "CC",
+        "CXX",
+    }
+)
 # A name clients send as `model` (a served model's, a LoRA adapter's): a hub id's characters, nothing that could
 # break a log line, a header or a URL.
 MODEL_NAME = r"^[A-Za-z0-9][A-Za-z0-9._:@+=\-/]*$"
@@ -51,6 +77,12 @@ class LoadRequest(BaseModel):
         bad = [name for name in env if not _ENV_NAME.fullmatch(name)]
         if bad:
             raise ValueError(f"invalid environment variable name(s): {', '.join(map(repr, bad))}")
+        chooser = [name for name in env if name.upper() in _CODE_CHOOSING_ENV or name.upper().startswith("LD_")]
+        if chooser:
+            raise ValueError(
+                f"{', '.join(map(repr, chooser))}: a load request cannot set what chooses which program runs or "
+                "what code it loads; set it in the sidecar's environment (the container's), which the engine inherits"
+            )
         return env
 
     @field_validator("url")

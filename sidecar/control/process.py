@@ -8,8 +8,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import errno
 import itertools
 import os
+import shutil
 import signal
 import sys
 import time
@@ -29,6 +31,16 @@ FOLLOW_BUFFER = 1000  # lines a live reader of the output may fall behind before
 REAP_AFTER_KILL_S = 10.0  # how long the group may take to be gone after SIGKILL
 _MAX_LINE = 16 * 1024  # a line longer than this is logged in pieces
 _UNLOGGED_EVERY_S = 5.0  # while the engine's output is past its rate, how often the lines not logged are counted
+
+
+def executable_on_own_path(executable: str) -> str:
+    """The engine's executable as the sidecar's own PATH finds it (a path is taken as it is). A bare name given to
+    the spawn would be looked up on the child's PATH, which a load request's `env` sets: the request chooses the
+    engine's environment, never which program the sidecar starts."""
+    found = shutil.which(executable)
+    if found is None:
+        raise FileNotFoundError(errno.ENOENT, f"{executable!r} is not an executable on the sidecar's PATH")
+    return os.path.abspath(found)
 
 
 def become_subreaper() -> None:
@@ -215,7 +227,8 @@ class EngineProcess:
         loop = asyncio.get_running_loop()
         transport, protocol = await loop.subprocess_exec(
             lambda: _OutputProtocol(on_lines, on_end),
-            *argv,
+            executable_on_own_path(argv[0]),
+            *argv[1:],
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
