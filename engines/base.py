@@ -13,6 +13,8 @@ import httpx
 ArgValue = str | int | float | bool | None | list[Any] | dict[str, Any]
 
 _FLAG_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
+# The one kind of value that may begin with "-": a number, which no engine's parser reads as a flag.
+_NEGATIVE_NUMBER = re.compile(r"-(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 
 
 class AdapterError(ValueError):
@@ -23,12 +25,21 @@ class AdapterError(ValueError):
         self.param = param
 
 
-def _value(value: Any) -> str:
+def _value(value: Any, raw_name: str) -> str:
+    """A flag's value as one argument. One that begins with "-" (but a number) is refused: after a flag that takes
+    no value, or past a list's values, the engine's parser reads it as a flag of its own, and `--host=0.0.0.0`
+    there would override the sidecar's host whatever the flag names checked."""
     if isinstance(value, dict | list):
         return json.dumps(value, separators=(",", ":"))
     if isinstance(value, bool):
         return "true" if value else "false"
-    return str(value)
+    text = str(value)
+    if text.startswith("-") and not _NEGATIVE_NUMBER.fullmatch(text):
+        raise AdapterError(
+            f"the value {text!r} of flag --{raw_name.lstrip('-')} begins with '-': the engine would read it as a flag",
+            param=f"args.{raw_name}",
+        )
+    return text
 
 
 def _reserved_by(name: str, reserved: frozenset[str]) -> str | None:
@@ -65,11 +76,11 @@ def flags_from_args(
         elif isinstance(value, list):
             if list_style == "repeat":
                 for item in value:
-                    argv += [flag, _value(item)]
+                    argv += [flag, _value(item, raw_name)]
             else:
-                argv += [flag, *(_value(item) for item in value)]
+                argv += [flag, *(_value(item, raw_name) for item in value)]
         else:
-            argv += [flag, _value(value)]
+            argv += [flag, _value(value, raw_name)]
     return argv
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 
 from tests.processes import SidecarProcess, wait_until
@@ -94,6 +95,26 @@ def test_a_load_request_cannot_choose_the_program_the_sidecar_runs_or_the_code_i
     assert "HF_TOKEN" not in error["message"]  # only what is refused is named
     assert sidecar.status(ADMIN_KEY)["state"] == "idle"
     assert not ran.exists()
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"args": {"enable-lora": "--host=0.0.0.0"}},  # once: the engine listened on every interface
+        {"args": {"print-env": ["HOME", "--host=0.0.0.0"]}},
+        {"model": "--host=0.0.0.0"},
+    ],
+)
+def test_no_value_of_a_load_request_becomes_a_flag_of_the_engine(sidecar: SidecarProcess, body: dict[str, Any]) -> None:
+    refused = _load(sidecar, **body)
+    assert refused.status_code == 400, refused.text
+    assert "begin" in refused.json()["error"]["message"] and "flag" in refused.json()["error"]["message"]
+    assert sidecar.status(ADMIN_KEY)["state"] == "idle"  # nothing was started
+    loaded = _load(sidecar, args={"enable-lora": True, "max-num-seqs": 4})
+    assert loaded.status_code == 200, loaded.text
+    sockets = psutil.Process(loaded.json()["pid"]).net_connections("tcp")
+    listening = {tuple(conn.laddr) for conn in sockets if conn.status == psutil.CONN_LISTEN}
+    assert listening == {("127.0.0.1", loaded.json()["port"])}  # loopback only: the sidecar is its one way in
 
 
 def test_the_engine_never_holds_the_sidecars_keys(sidecar: SidecarProcess) -> None:

@@ -71,6 +71,14 @@ class LoadRequest(BaseModel):
     api_key: SecretStr | None = Field(None, min_length=1)
     headers: dict[str, str] = {}
 
+    @field_validator("model")
+    @classmethod
+    def _not_a_flag(cls, model: str) -> str:
+        # The model goes on the engine's command line: one beginning with "-" would be read as a flag there.
+        if model.startswith("-"):
+            raise ValueError("a model may not begin with '-': the engine would read it as a flag (write ./-name)")
+        return model
+
     @field_validator("env")
     @classmethod
     def _env_names(cls, env: dict[str, str]) -> dict[str, str]:

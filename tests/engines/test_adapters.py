@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any, Literal
 
 import pytest
 
@@ -32,6 +33,28 @@ def test_lists_as_nargs_or_repeated() -> None:
 def test_unsafe_flag_names_are_refused(name: str) -> None:
     with pytest.raises(AdapterError):
         flags_from_args({name: True})
+
+
+@pytest.mark.parametrize(
+    ("args", "style"),
+    [
+        ({"enforce-eager": "--host=0.0.0.0"}, "nargs"),  # after a flag that takes no value: a flag of its own
+        ({"x": ["a", "--host", "0.0.0.0"]}, "nargs"),  # past a list's values
+        ({"x": ["--port=80"]}, "repeat"),
+        ({"x": "-h"}, "nargs"),
+        ({"x": "-1x"}, "nargs"),
+    ],
+)
+def test_a_value_that_begins_with_a_dash_is_refused(args: dict[str, Any], style: Literal["nargs", "repeat"]) -> None:
+    with pytest.raises(AdapterError, match="begins with '-': the engine would read it as a flag"):
+        flags_from_args(args, style, frozenset({"host", "port"}))
+
+
+def test_negative_numbers_are_values() -> None:
+    args = {"seed": -1, "n-gpu-layers": "-1", "bias": -0.5, "tiny": -1e-05, "x": ["-2", -3]}
+    assert flags_from_args(args) == [
+        "--seed", "-1", "--n-gpu-layers", "-1", "--bias", "-0.5", "--tiny", "-1e-05", "--x", "-2", "-3",
+    ]  # fmt: skip
 
 
 def test_flags_the_sidecar_sets_are_refused() -> None:
