@@ -34,6 +34,8 @@ def _value(value: Any, raw_name: str) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     text = str(value)
+    if "\x00" in text:  # a command line's strings end at NUL: the engine would get part of the value
+        raise AdapterError(f"the value of flag --{raw_name.lstrip('-')} holds a NUL character", f"args.{raw_name}")
     if text.startswith("-") and not _NEGATIVE_NUMBER.fullmatch(text):
         raise AdapterError(
             f"the value {text!r} of flag --{raw_name.lstrip('-')} begins with '-': the engine would read it as a flag",

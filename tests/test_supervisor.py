@@ -231,6 +231,8 @@ def test_env_reaches_the_child_only_and_no_log(tmp_path: Path, start_sidecar: St
         ({"engine": "mock", "model": "m", "env": {"ld_audit": "/tmp/x.so"}}, "env", "'ld_audit'"),
         ({"engine": "mock", "model": "m", "env": {"PYTHONPATH": "/tmp", "HF_TOKEN": "x"}}, "env", "'PYTHONPATH'"),
         ({"engine": "mock", "model": "m", "env": {"BASH_ENV": "/tmp/x.sh"}}, "env", "sidecar's environment"),
+        ({"engine": "mock", "model": "m", "env": {"X": "a\x00b"}}, "env", "'X' holds a NUL character"),
+        ({"engine": "mock", "model": "m", "args": {"api-key": "a\x00b"}}, "args.api-key", "NUL character"),
         ({"engine": "mock", "model": "m", "wait": "later"}, "wait", "boolean"),
         ({"engine": "external", "model": "m"}, "url", "needs 'url'"),
         ({"engine": "mock", "model": "m", "url": "http://127.0.0.1:1"}, "url", "only for the external engine"),

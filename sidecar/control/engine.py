@@ -85,6 +85,9 @@ class LoadRequest(BaseModel):
         bad = [name for name in env if not _ENV_NAME.fullmatch(name)]
         if bad:
             raise ValueError(f"invalid environment variable name(s): {', '.join(map(repr, bad))}")
+        cut = [name for name, value in env.items() if "\x00" in value]
+        if cut:  # an environment's strings end at NUL: the engine would get part of the value
+            raise ValueError(f"the value of {', '.join(map(repr, cut))} holds a NUL character")
         chooser = [name for name in env if name.upper() in _CODE_CHOOSING_ENV or name.upper().startswith("LD_")]
         if chooser:
             raise ValueError(

@@ -50,6 +50,13 @@ def test_a_value_that_begins_with_a_dash_is_refused(args: dict[str, Any], style:
         flags_from_args(args, style, frozenset({"host", "port"}))
 
 
+@pytest.mark.parametrize("args", [{"x": "5\x00--host=0.0.0.0"}, {"x": ["a", "b\x00"]}])
+def test_a_value_with_a_nul_is_refused(args: dict[str, Any]) -> None:
+    """A command line's strings end at NUL: the engine would get part of the value."""
+    with pytest.raises(AdapterError, match="holds a NUL character"):
+        flags_from_args(args)
+
+
 def test_negative_numbers_are_values() -> None:
     args = {"seed": -1, "n-gpu-layers": "-1", "bias": -0.5, "tiny": -1e-05, "x": ["-2", -3]}
     assert flags_from_args(args) == [
