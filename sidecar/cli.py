@@ -13,6 +13,7 @@ from typing import Any
 
 from sidecar import __version__
 from sidecar.control.engine import free_port
+from sidecar.control.runfile import private_run_dir
 from sidecar.demo import demo
 from sidecar.logs import configure_logging, get_logger
 from sidecar.redaction import Redactor
@@ -71,6 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides |= {"autoload_args": args.args, "port": args.port or free_port()}
     try:
         settings = load_settings(args.env_file, **overrides)
+        private_run_dir(settings.run_dir)  # before anything reads or writes it
     except SettingsError as exc:
         # Logging is not configured yet (its settings may be the bad ones): a plain structured line to stderr.
         logging.basicConfig(format="%(message)s")

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,7 +15,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.processes import SidecarProcess, wait_until
+from tests.processes import SidecarProcess, free_port, wait_until
 
 Start = Callable[..., SidecarProcess]
 DATA_KEY = "datakey-probe-51be02"
@@ -115,6 +117,31 @@ def test_no_value_of_a_load_request_becomes_a_flag_of_the_engine(sidecar: Sideca
     sockets = psutil.Process(loaded.json()["pid"]).net_connections("tcp")
     listening = {tuple(conn.laddr) for conn in sockets if conn.status == psutil.CONN_LISTEN}
     assert listening == {("127.0.0.1", loaded.json()["port"])}  # loopback only: the sidecar is its one way in
+
+
+def test_a_run_directory_another_user_can_write_cannot_make_the_sidecar_kill_a_process(
+    start_sidecar: Start, tmp_path: Path
+) -> None:
+    """Its engine record names the process group a starting sidecar stops as one a killed sidecar left: written by
+    another user (into a /tmp/sidecar they made first), it once had the sidecar kill the process it named."""
+    run = tmp_path / "shared-run"
+    run.mkdir()
+    run.chmod(0o777)
+    victim = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    try:
+        started = psutil.Process(victim.pid).create_time()
+        record = {"pid": victim.pid, "pgid": victim.pid, "create_time": started, "engine": "vllm", "port": 1}
+        port = free_port()
+        (run / f"engine-{port}.json").write_text(json.dumps(record))
+        sidecar = start_sidecar(KEYS | {"SIDECAR_RUN_DIR": str(run)}, port=port, wait=False)
+        assert sidecar.wait_exit() == 2
+        lines = sidecar.output().strip().splitlines()
+        assert len(lines) == 1 and "settings_invalid" in lines[0], lines
+        assert f"SIDECAR_RUN_DIR {run} can be written by other users" in lines[0]
+        assert victim.poll() is None  # alive
+    finally:
+        victim.kill()
+        victim.wait()
 
 
 def test_the_engine_never_holds_the_sidecars_keys(sidecar: SidecarProcess) -> None:

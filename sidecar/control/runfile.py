@@ -4,7 +4,10 @@ stops it. Stopping rather than adopting: an adopted engine's output and exit sta
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +15,34 @@ import psutil
 
 from sidecar.control.guard import group_alive, stop_group
 from sidecar.logs import get_logger
+from sidecar.settings import SettingsError
 
 log = get_logger("sidecar.runfile")
+
+
+def private_run_dir(path: Path) -> None:
+    """Make the run directory (`SIDECAR_RUN_DIR`), or check the one there: a directory of this user's that no
+    other user can write. What it holds is acted on: the engine record names a process group the next sidecar
+    stops, and the workers' sockets and shared state carry the engine's. In a directory another user can write
+    (a /tmp/sidecar they made first), their record would have the sidecar kill any process they name."""
+    try:
+        with contextlib.suppress(FileExistsError):  # a file, or a link to one: said below
+            path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        found = os.lstat(path)
+    except OSError as exc:
+        raise SettingsError(f"SIDECAR_RUN_DIR {path}: {exc.strerror or exc}") from None
+    if not stat.S_ISDIR(found.st_mode):  # lstat: a link is refused, not followed
+        raise SettingsError(f"SIDECAR_RUN_DIR {path} is not a directory (a link or a file): name a directory")
+    if found.st_uid != os.geteuid():
+        raise SettingsError(
+            f"SIDECAR_RUN_DIR {path} belongs to another user (uid {found.st_uid}): its engine record would be "
+            "trusted; remove it or choose another directory"
+        )
+    if found.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise SettingsError(
+            f"SIDECAR_RUN_DIR {path} can be written by other users (mode {stat.S_IMODE(found.st_mode):o}): its "
+            "engine record would be trusted; remove it or choose another directory"
+        )
 
 
 class EngineRecord:
