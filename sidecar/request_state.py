@@ -19,6 +19,8 @@ _KEY = "sidecar"
 @dataclass(slots=True, eq=False)
 class RequestState:
     request_id: str = ""
+    # What the engine gets as the request's id: the sidecar's own id, or the client's with a random suffix (below).
+    engine_request_id: str = ""
     # A call between the sidecar's processes (SIDECAR_WORKERS > 1) that carries this run's token.
     internal: bool = False
     # What the inner layers add to the request's access line (key fingerprint, model, performance).

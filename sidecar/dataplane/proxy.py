@@ -276,7 +276,7 @@ class Proxy:
 
     def _send(self, scope: Scope, engine: Engine, payload: bytes, json_body: bool, span: RequestSpan | None) -> Sending:
         """The request to the engine, written now where a connection to it is idle."""
-        request_id = engine.adapter.engine_request_id(request_state.of(scope).request_id)
+        request_id = engine.adapter.engine_request_id(request_state.of(scope).engine_request_id)
         headers = request_headers(scope, request_id, json_body, engine)
         if span is not None and self.otel is not None:  # the engine's spans join the request's trace
             headers.update(self.otel.context_headers(span))

@@ -78,9 +78,14 @@ class RequestContextMiddleware:
         if self.backlog is not None and scope["method"] == "GET":
             self.backlog.run()
         # A new id: 128 random bits in hex (uuid4().hex fixes 6 of them), at a third of uuid4's cost.
-        request_id = incoming_request_id(header(scope, _REQUEST_ID_HEADER)) or os.urandom(16).hex()
+        incoming = incoming_request_id(header(scope, _REQUEST_ID_HEADER))
+        request_id = incoming or os.urandom(16).hex()
         state = request_state.of(scope)
         state.request_id = request_id
+        # The engine's id is unique whatever clients send: engines key their requests by it, and two at once with
+        # one id break them (vLLM before 0.11.2: a 400 for the second, an abort of the wrong one, a hang). The
+        # client's id stays its prefix, which ties the engine's logs to the sidecar's.
+        state.engine_request_id = request_id if incoming is None else f"{incoming}-{os.urandom(8).hex()}"
         status: int | None = None
         start = time.perf_counter()
 

@@ -126,6 +126,14 @@ def events(raw: bytes) -> list[bytes]:
     return [event for event in raw.split(b"\n\n") if event]
 
 
+def engine_id(stream: bytes) -> str:
+    """The request id the engine was given for a streamed answer (a client's made unique by the sidecar): its
+    events' `id`, the object's prefix (`chatcmpl-`, `cmpl-`) taken off. The engine's own answer to a request with
+    this id is the same answer."""
+    first: dict[str, Any] = json.loads(events(stream)[0].removeprefix(b"data: "))
+    return str(first["id"]).split("-", 1)[1]
+
+
 def post_stream(url: str, body: dict[str, Any], request_id: str, key: str | None = KEY) -> bytes:
     headers = {"X-Request-ID": request_id} | ({"Authorization": f"Bearer {key}"} if key else {})
     with httpx.stream("POST", url, json=body, headers=headers, timeout=30) as response:

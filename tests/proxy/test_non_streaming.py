@@ -35,8 +35,10 @@ def test_assembled_answer_equals_the_engines_own(stack: Stack, case: str) -> Non
     path, fields = CASES[case]
     body = {"model": MODEL} | fields
     through = _post(stack.url + path, body, f"assembled-{case}")
-    direct = _post(stack.engine_url + path, body, f"assembled-{case}", key=False)
     answer = json.loads(normalized(through.content))
+    engine_id = answer["id"].split("-", 1)[1]  # what the engine was given: the client's id, made unique
+    assert engine_id.startswith(f"assembled-{case}-")
+    direct = _post(stack.engine_url + path, body, engine_id, key=False)
     performance = answer["usage"].pop("performance")
     assert answer == json.loads(normalized(direct.content))
     assert json.loads(through.headers["X-Performance-Metrics"]) == performance

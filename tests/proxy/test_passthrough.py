@@ -15,7 +15,8 @@ def test_engine_never_sees_the_clients_key_and_gets_the_request_id(stack: Stack)
         seen = response.json()
         assert seen["method"] == "POST" and seen["query"] == "a=1&b=two" and seen["body"] == "raw body"
         assert seen["headers"]["x-custom"] == "kept"
-        assert seen["headers"]["x-request-id"] == "echo-1"
+        engine_id = seen["headers"]["x-request-id"]  # the client's, made unique (below)
+        assert engine_id.startswith("echo-1-") and len(engine_id) == len("echo-1-") + 16
         for dropped in ("authorization", "x-api-key", "x-hop"):
             assert dropped not in seen["headers"]
         assert KEY not in response.text
@@ -34,3 +35,16 @@ def test_passthrough_keeps_the_engines_status_and_length(stack: Stack) -> None:
 def test_passthrough_needs_the_key(stack: Stack) -> None:
     assert httpx.get(f"{stack.url}/v1/models").status_code == 401
     assert httpx.get(f"{stack.url}/v1/models", headers={"X-API-Key": "wrong"}).status_code == 403
+
+
+def test_requests_that_share_a_clients_id_reach_the_engine_under_ids_of_their_own(stack: Stack) -> None:
+    """Engines key their requests by the id they are given, and two at once with one id break them (vLLM before
+    0.11.2): the engine gets the client's id with a random suffix, the client its own id back; a request without
+    one goes to the engine under the sidecar's id."""
+    auth = {"Authorization": f"Bearer {KEY}"}
+    seen = [httpx.post(f"{stack.url}/v1/mock/echo", headers=auth | {"X-Request-ID": "retry-7"}) for _ in range(3)]
+    assert [answer.headers["x-request-id"] for answer in seen] == ["retry-7"] * 3
+    engine_ids = {answer.json()["headers"]["x-request-id"] for answer in seen}
+    assert len(engine_ids) == 3 and all(engine_id.startswith("retry-7-") for engine_id in engine_ids)
+    own = httpx.post(f"{stack.url}/v1/mock/echo", headers=auth)
+    assert own.json()["headers"]["x-request-id"] == own.headers["x-request-id"]

@@ -35,7 +35,9 @@ def test_a_streamed_response_is_the_engines_timed_as_its_output_with_performance
     performance = proxied[-1].response.usage.model_extra["performance"]
     # Before the direct request takes the same id, and with it the mock's record of when it wrote each delta.
     assert_timed_as_the_engine(stack, proxied[-1].response.id, performance, delay_ms=150)
-    direct = list(stack.direct().responses.create(**request, extra_headers=headers))  # type: ignore[call-overload]
+    engine_id = {"X-Request-ID": proxied[-1].response.id.removeprefix("resp_")}  # the client's, made unique
+    assert engine_id["X-Request-ID"].startswith("responses-stream-1-")
+    direct = list(stack.direct().responses.create(**request, extra_headers=engine_id))  # type: ignore[call-overload]
 
     assert [event.type for event in proxied] == [event.type for event in direct]
     assert proxied[-1].type == "response.completed"
@@ -55,7 +57,7 @@ def test_a_streamed_response_is_the_engines_timed_as_its_output_with_performance
 
 def _whole(stack: Stack, request_id: str, **body: Any) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """A non-streamed response through the sidecar, its `usage.performance` taken out, and the engine's own answer
-    to the same request (its ids the same: the request id is)."""
+    to the same request (its ids the same: the engine's request id is, the client's made unique)."""
     request = {"model": MODEL, "input": [{"role": "user", "content": "hello"}], **body}
     headers = {"X-Request-ID": request_id}
     response = httpx.post(stack.url + RESPONSES, json=request, headers=AUTH | headers, timeout=30)
@@ -63,7 +65,9 @@ def _whole(stack: Stack, request_id: str, **body: Any) -> tuple[dict[str, Any], 
     answer = response.json()
     performance = answer["usage"].pop("performance")
     assert json.loads(response.headers["x-performance-metrics"]) == performance
-    direct = httpx.post(stack.engine_url + RESPONSES, json=request, headers=headers, timeout=30).json()
+    engine_id = {"X-Request-ID": answer["id"].removeprefix("resp_")}
+    assert engine_id["X-Request-ID"].startswith(f"{request_id}-")
+    direct = httpx.post(stack.engine_url + RESPONSES, json=request, headers=engine_id, timeout=30).json()
     return answer, performance, direct
 
 

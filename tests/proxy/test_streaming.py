@@ -18,6 +18,7 @@ from tests.proxy.conftest import (
     RELAY_SLACK_MS,
     Stack,
     assert_timed_as_the_engine,
+    engine_id,
     events,
     normalized,
     post_stream,
@@ -60,7 +61,8 @@ def test_stream_without_include_usage_is_the_engines_byte_for_byte(stack: Stack,
     body: dict[str, Any] = {"model": MODEL, "stream": True, "logprobs": 2 if path == "/v1/completions" else True}
     body |= {"messages": MESSAGES} if path == "/v1/chat/completions" else {"prompt": "count the clocks"}
     through = post_stream(stack.url + path, body, "same-id-1")
-    direct = post_stream(stack.engine_url + path, body, "same-id-1", key=None)
+    assert engine_id(through).startswith("same-id-1-")
+    direct = post_stream(stack.engine_url + path, body, engine_id(through), key=None)
     assert normalized(through) == normalized(direct)
     assert b'"usage"' not in through  # the sidecar asked the engine for usage; the client never sees that chunk
     assert through.endswith(b"data: [DONE]\n\n")
@@ -70,8 +72,9 @@ def test_stream_without_include_usage_is_the_engines_byte_for_byte(stack: Stack,
 def test_stream_with_include_usage_differs_only_by_performance(stack: Stack, path: str) -> None:
     body: dict[str, Any] = {"model": MODEL, "stream": True, "stream_options": {"include_usage": True}}
     body |= {"messages": MESSAGES} if path == "/v1/chat/completions" else {"prompt": "count the clocks"}
-    through = events(normalized(post_stream(stack.url + path, body, "same-id-2")))
-    direct = events(normalized(post_stream(stack.engine_url + path, body, "same-id-2", key=None)))
+    proxied = post_stream(stack.url + path, body, "same-id-2")
+    through = events(normalized(proxied))
+    direct = events(normalized(post_stream(stack.engine_url + path, body, engine_id(proxied), key=None)))
     assert len(through) == len(direct)
     assert through[:-2] == direct[:-2] and through[-1] == direct[-1] == b"data: [DONE]"
     usage_through = json.loads(through[-2].removeprefix(b"data: "))
@@ -86,9 +89,13 @@ def test_usage_in_every_chunk_passes_through_and_the_answer_is_still_timed(stack
     options = {"include_usage": True, "continuous_usage_stats": True}
     body = {"model": MODEL, "messages": MESSAGES, "stream": True, "stream_options": options}
     body |= {"mock": {"ttft_ms": 150, "itl_ms": 10}}
-    through = events(normalized(post_stream(stack.url + "/v1/chat/completions", body, "continuous-1")))
-    engine_outputs = stack.engine_outputs_ms("chatcmpl-continuous-1")  # before the direct request takes its id
-    direct = events(normalized(post_stream(stack.engine_url + "/v1/chat/completions", body, "continuous-1", key=None)))
+    proxied = post_stream(stack.url + "/v1/chat/completions", body, "continuous-1")
+    through = events(normalized(proxied))
+    # Before the direct request takes its id.
+    engine_outputs = stack.engine_outputs_ms(f"chatcmpl-{engine_id(proxied)}")
+    direct = events(
+        normalized(post_stream(stack.engine_url + "/v1/chat/completions", body, engine_id(proxied), key=None))
+    )
     assert through[:-2] == direct[:-2] and through[-1] == direct[-1] == b"data: [DONE]"
     chunks = [json.loads(event.removeprefix(b"data: ")) for event in through[:-1]]
     assert all("usage" in chunk for chunk in chunks)

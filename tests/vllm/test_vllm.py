@@ -335,9 +335,10 @@ def test_the_clients_request_id_is_vllms(vllm: Vllm) -> None:
         f"{vllm.sidecar.url}/v1/chat/completions", json=body, headers=DATA | {"X-Request-ID": "job-vllm-7"}, timeout=60
     )
     assert answer.status_code == 200 and answer.headers["x-request-id"] == "job-vllm-7"
-    assert answer.json()["id"] == "chatcmpl-job-vllm-7"  # vLLM took it for its own request id
+    # vLLM took it, made unique by the sidecar, for its own request id
+    assert answer.json()["id"].startswith("chatcmpl-job-vllm-7-")
     # and logs the request under it: its line comes through the sidecar's log of the engine's output.
-    wait_until(lambda: "Received request chatcmpl-job-vllm-7" in vllm.sidecar.output(), timeout_s=10)
+    wait_until(lambda: f"Received request {answer.json()['id']}" in vllm.sidecar.output(), timeout_s=10)
 
 
 def test_vllms_request_span_joins_the_sidecars_trace_as_its_child(vllm: Vllm) -> None:
