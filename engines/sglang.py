@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Mapping
+from typing import Any
 
 from engines.base import MODELS_PATHS, ArgValue, EngineAdapter, LoadSeries, LoraApi, names_flag
 
@@ -30,3 +32,16 @@ class SglangAdapter(EngineAdapter):
         if not names_flag(args, "enable-metrics"):
             argv.append("--enable-metrics")
         return argv + self.flags(args)
+
+    def translate_request(self, body: dict[str, Any]) -> dict[str, Any]:
+        """A client's `rid` made unique, as the X-Request-ID every engine gets is. SGLang keys a request by the rid
+        in its body, as the client wrote it, and two running under one rid crashed it (its detokenizer's KeyError,
+        before 0.5.9; sglang#19035). The client's rid stays its prefix, for the engine's logs."""
+        rid = body.get("rid")
+        if isinstance(rid, str):
+            return body | {"rid": f"{rid}-{os.urandom(8).hex()}"}
+        if isinstance(rid, list):  # one for each prompt or choice: made unique among themselves too
+            suffix = os.urandom(8).hex()
+            unique = [f"{each}-{suffix}-{index}" if isinstance(each, str) else each for index, each in enumerate(rid)]
+            return body | {"rid": unique}
+        return body

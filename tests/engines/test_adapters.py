@@ -211,3 +211,16 @@ def test_vllm_as_installed_vllm_serve_or_the_module_of_a_cpu_build(tmp_path: Pat
             assert argv == [f"{environment}/bin/python3", *module]
         else:
             assert argv[:3] == [str(command), "serve", "m"]
+
+
+def test_sglang_gets_a_clients_rid_made_unique() -> None:
+    """SGLang keys requests by the body's `rid`; two running under one crashed it."""
+    sglang = adapter("sglang")
+    body = {"model": "m", "messages": [], "rid": "job-1"}
+    sent = [sglang.translate_request(body)["rid"] for _ in range(2)]
+    assert sent[0] != sent[1] and all(rid.startswith("job-1-") for rid in sent)
+    assert body["rid"] == "job-1"  # the client's body is not changed
+    batch = sglang.translate_request({"prompt": ["a", "b"], "rid": ["same", "same"]})["rid"]
+    assert len(set(batch)) == 2 and all(rid.startswith("same-") for rid in batch)
+    without = {"model": "m", "messages": []}
+    assert sglang.translate_request(without) is without  # unchanged: the client's bytes go as they are
