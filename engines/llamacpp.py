@@ -56,8 +56,8 @@ class LlamaCppPythonAdapter(EngineAdapter):
         return {"PYTHONUNBUFFERED": "1"}
 
     def engine_request_id(self, request_id: str) -> str:
-        # Its request-id middleware answers an empty 400 to an X-Request-ID that is not a UUID (`job-42`): such an
-        # id is sent as the UUID it names (the same one each time), the client keeps its own.
+        # Its request-id middleware answers an empty 400 to an X-Request-ID that is not a UUID (`job-42-5f0c...`):
+        # such an id is sent as the UUID it names, the client keeps its own.
         try:
             return uuid.UUID(request_id).hex
         except ValueError:
