@@ -174,6 +174,9 @@ class EngineAdapter:
     list_style: ClassVar[Literal["nargs", "repeat"]] = "nargs"
     # Flags the adapter sets itself (host, port, model): a request may not pass them.
     reserved_flags: ClassVar[frozenset[str]] = frozenset({"host", "port"})
+    # Variables the engine reads for what those flags set (the address it listens on, its whole configuration): a
+    # request's `env` may not set them either.
+    reserved_env: ClassVar[frozenset[str]] = frozenset()
     starts_process: ClassVar[bool] = True
     # The engine honours `stream_options.include_usage`. Where it does not, the sidecar counts the streamed tokens
     # itself (output events) and asks the engine to count the prompt (`prompt_count_request`), for streamed and

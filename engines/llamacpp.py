@@ -25,6 +25,7 @@ class LlamaCppAdapter(EngineAdapter):
     ready_paths = ("/health",)
     list_style = "repeat"
     reserved_flags = frozenset({"host", "port", "m", "model"})
+    reserved_env = frozenset({"LLAMA_ARG_HOST", "LLAMA_ARG_PORT", "LLAMA_ARG_MODEL"})  # its flags' variables
     load_series = LLAMA_SERVER_LOAD
     data_paths = ("GET /v1/models", "POST /v1/rerank")
 
@@ -48,6 +49,8 @@ class LlamaCppPythonAdapter(EngineAdapter):
     default_executable = sys.executable
     ready_paths = ("/v1/models",)
     reserved_flags = frozenset({"host", "port", "model", "interrupt_requests"})
+    # Its server listens on $HOST and $PORT over its flags, and reads a whole configuration from $CONFIG_FILE.
+    reserved_env = frozenset({"HOST", "PORT", "CONFIG_FILE"})
     streams_usage = False
     data_paths = ("GET /v1/models",)  # its other routes are /extras/*, and a Copilot completion route
 

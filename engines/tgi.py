@@ -14,6 +14,7 @@ class TgiAdapter(EngineAdapter):
     default_executable = "text-generation-launcher"
     list_style = "repeat"
     reserved_flags = frozenset({"hostname", "port", "model-id"})
+    reserved_env = frozenset({"HOSTNAME", "PORT", "MODEL_ID"})  # its launcher's flags' variables
     load_series = TGI_LOAD
 
     def command(self, model: str, port: int, args: Mapping[str, ArgValue], served_model_name: str | None) -> list[str]:

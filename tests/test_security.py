@@ -119,6 +119,24 @@ def test_no_value_of_a_load_request_becomes_a_flag_of_the_engine(sidecar: Sideca
     assert listening == {("127.0.0.1", loaded.json()["port"])}  # loopback only: the sidecar is its one way in
 
 
+@pytest.mark.parametrize(
+    ("engine", "env"),
+    [("llamacpp", {"HOST": "0.0.0.0"}), ("llamacpp", {"PORT": "80"}), ("tgi", {"HOSTNAME": "0.0.0.0"})],
+)
+def test_no_variable_of_a_load_request_sets_the_engines_address(
+    start_sidecar: Start, engine: str, env: dict[str, str]
+) -> None:
+    """llama-cpp-python's server listens on $HOST and $PORT over its flags: `{"env": {"HOST": "0.0.0.0"}}` once had
+    it listen on every interface."""
+    executables = json.dumps({"llamacpp": sys.executable})  # llama-cpp-python's server, whatever is on PATH
+    sidecar = start_sidecar(KEYS | {"SIDECAR_ENGINE_EXECUTABLES": executables})
+    refused = _load(sidecar, engine=engine, model="/models/any.gguf", env=env)
+    assert refused.status_code == 400, refused.text
+    error = refused.json()["error"]
+    assert error["param"] == "env" and f"'{next(iter(env))}': set by the sidecar for {engine}" in error["message"]
+    assert sidecar.status(ADMIN_KEY)["state"] == "idle"
+
+
 def test_a_run_directory_another_user_can_write_cannot_make_the_sidecar_kill_a_process(
     start_sidecar: Start, tmp_path: Path
 ) -> None:
