@@ -50,7 +50,7 @@ class VllmAdapter(VllmFeatures):
 
     name = "vllm"
     default_executable = "vllm"
-    reserved_flags = frozenset({"host", "port", "model"})
+    reserved_flags = frozenset({"host", "port", "model", "uds"})  # --uds: a Unix socket in place of host and port
     load_series = VLLM_LOAD
 
     def command(self, model: str, port: int, args: Mapping[str, ArgValue], served_model_name: str | None) -> list[str]:
