@@ -36,7 +36,7 @@ class SglangAdapter(EngineAdapter):
     def translate_request(self, body: dict[str, Any]) -> dict[str, Any]:
         """A client's `rid` made unique, as the X-Request-ID every engine gets is. SGLang keys a request by the rid
         in its body, as the client wrote it, and two running under one rid crashed it (its detokenizer's KeyError,
-        before 0.5.9; sglang#19035). The client's rid stays its prefix, for the engine's logs."""
+        until sglang#19035 refused a second). The client's rid stays its prefix, for the engine's logs."""
         rid = body.get("rid")
         if isinstance(rid, str):
             return body | {"rid": f"{rid}-{os.urandom(8).hex()}"}

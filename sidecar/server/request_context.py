@@ -83,7 +83,7 @@ class RequestContextMiddleware:
         state = request_state.of(scope)
         state.request_id = request_id
         # The engine's id is unique whatever clients send: engines key their requests by it, and two at once with
-        # one id break them (vLLM before 0.11.2: a 400 for the second, an abort of the wrong one, a hang). The
+        # one id break them (vLLM until vllm#27987: a 400 for the second, an abort of the wrong one, a hang). The
         # client's id stays its prefix, which ties the engine's logs to the sidecar's.
         state.engine_request_id = request_id if incoming is None else f"{incoming}-{os.urandom(8).hex()}"
         status: int | None = None

@@ -38,9 +38,9 @@ def test_passthrough_needs_the_key(stack: Stack) -> None:
 
 
 def test_requests_that_share_a_clients_id_reach_the_engine_under_ids_of_their_own(stack: Stack) -> None:
-    """Engines key their requests by the id they are given, and two at once with one id break them (vLLM before
-    0.11.2): the engine gets the client's id with a random suffix, the client its own id back; a request without
-    one goes to the engine under the sidecar's id."""
+    """Engines key their requests by the id they are given, and two at once with one id break them (vLLM until
+    vllm#27987): the engine gets the client's id with a random suffix, the client its own id back; a request
+    without one goes to the engine under the sidecar's id."""
     auth = {"Authorization": f"Bearer {KEY}"}
     seen = [httpx.post(f"{stack.url}/v1/mock/echo", headers=auth | {"X-Request-ID": "retry-7"}) for _ in range(3)]
     assert [answer.headers["x-request-id"] for answer in seen] == ["retry-7"] * 3
