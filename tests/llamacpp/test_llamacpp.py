@@ -39,9 +39,18 @@ class Llama:
     def __init__(self, sidecar: SidecarProcess, loaded: dict[str, Any]) -> None:
         self.sidecar = sidecar
         self.loaded = loaded
+        # Every SDK client made, closed with the module's server: one left to the garbage collector is an unclosed
+        # socket's ResourceWarning, an error, in whichever later test the collector runs.
+        self.clients: list[OpenAI] = []
 
     def client(self) -> OpenAI:
-        return OpenAI(base_url=f"{self.sidecar.url}/v1", api_key=API_KEY, max_retries=0, timeout=60)
+        client = OpenAI(base_url=f"{self.sidecar.url}/v1", api_key=API_KEY, max_retries=0, timeout=60)
+        self.clients.append(client)
+        return client
+
+    def close(self) -> None:
+        for client in self.clients:
+            client.close()
 
     def engine_reports(self) -> list[tuple[float, int, float, int]]:
         """llama.cpp's timings so far: (prompt eval ms, prompt tokens, eval ms, eval runs), one per completion."""
@@ -77,7 +86,11 @@ def llama(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Llama]:
             timeout=150,
         )
         assert response.status_code == 200, f"{response.text}\n{sidecar.output()[-5000:]}"
-        yield Llama(sidecar, response.json())
+        served = Llama(sidecar, response.json())
+        try:
+            yield served
+        finally:
+            served.close()
     finally:
         sidecar.stop()
 

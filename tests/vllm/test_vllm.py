@@ -68,12 +68,23 @@ class Vllm:
         self.loaded = loaded
         self.receiver = receiver  # where the sidecar and vLLM both send their spans
         self.engine = f"http://127.0.0.1:{loaded['port']}"
+        # Every SDK client made, closed with the module's server: one left to the garbage collector is an unclosed
+        # socket's ResourceWarning, an error, in whichever later test the collector runs.
+        self.clients: list[OpenAI] = []
 
     def client(self) -> OpenAI:
-        return OpenAI(base_url=f"{self.sidecar.url}/v1", api_key=API_KEY, max_retries=0, timeout=60)
+        return self._kept(OpenAI(base_url=f"{self.sidecar.url}/v1", api_key=API_KEY, max_retries=0, timeout=60))
 
     def direct(self) -> OpenAI:
-        return OpenAI(base_url=f"{self.engine}/v1", api_key="unused", max_retries=0, timeout=60)
+        return self._kept(OpenAI(base_url=f"{self.engine}/v1", api_key="unused", max_retries=0, timeout=60))
+
+    def _kept(self, client: OpenAI) -> OpenAI:
+        self.clients.append(client)
+        return client
+
+    def close(self) -> None:
+        for client in self.clients:
+            client.close()
 
     def engine_metric(self, name: str) -> float:
         """A series of vLLM's own /metrics, its samples summed."""
@@ -146,7 +157,11 @@ def vllm(tmp_path_factory: pytest.TempPathFactory, model: Path, receiver: OtlpRe
         sidecar.wait_healthy()
         response = _load_module_server(sidecar, model, receiver)
         assert response.status_code == 200, f"{response.text}\n{sidecar.output()[-5000:]}"
-        yield Vllm(sidecar, response.json(), receiver)
+        served = Vllm(sidecar, response.json(), receiver)
+        try:
+            yield served
+        finally:
+            served.close()
     finally:
         sidecar.stop()
 
