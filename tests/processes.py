@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 import psutil
+from openai import OpenAI
 
 from sidecar.control.engine import free_port
 
@@ -158,3 +159,20 @@ def is_gone(pid: int) -> bool:
         return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return True
+
+
+class OpenAIClients:
+    """OpenAI SDK clients made for a module's server, closed with it (`close`): one left to the garbage collector is
+    an unclosed socket's ResourceWarning, an error, in whichever later test the collector runs. No retries."""
+
+    def __init__(self) -> None:
+        self.made: list[OpenAI] = []
+
+    def __call__(self, base_url: str, api_key: str, timeout: float) -> OpenAI:
+        client = OpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=timeout)
+        self.made.append(client)
+        return client
+
+    def close(self) -> None:
+        for client in self.made:
+            client.close()

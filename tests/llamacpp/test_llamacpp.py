@@ -20,7 +20,7 @@ from openai import OpenAI
 
 import engines
 from bench.gguf_llama import write_tiny_llama
-from tests.processes import SidecarProcess, group_members, is_gone, wait_until
+from tests.processes import OpenAIClients, SidecarProcess, group_members, is_gone, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -39,18 +39,10 @@ class Llama:
     def __init__(self, sidecar: SidecarProcess, loaded: dict[str, Any]) -> None:
         self.sidecar = sidecar
         self.loaded = loaded
-        # Every SDK client made, closed with the module's server: one left to the garbage collector is an unclosed
-        # socket's ResourceWarning, an error, in whichever later test the collector runs.
-        self.clients: list[OpenAI] = []
+        self.clients = OpenAIClients()  # closed with the module's server
 
     def client(self) -> OpenAI:
-        client = OpenAI(base_url=f"{self.sidecar.url}/v1", api_key=API_KEY, max_retries=0, timeout=60)
-        self.clients.append(client)
-        return client
-
-    def close(self) -> None:
-        for client in self.clients:
-            client.close()
+        return self.clients(f"{self.sidecar.url}/v1", API_KEY, timeout=60)
 
     def engine_reports(self) -> list[tuple[float, int, float, int]]:
         """llama.cpp's timings so far: (prompt eval ms, prompt tokens, eval ms, eval runs), one per completion."""
@@ -90,7 +82,7 @@ def llama(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Llama]:
         try:
             yield served
         finally:
-            served.close()
+            served.clients.close()
     finally:
         sidecar.stop()
 

@@ -14,7 +14,7 @@ import pytest
 from openai import OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.processes import SidecarProcess, wait_until
+from tests.processes import OpenAIClients, SidecarProcess, wait_until
 
 KEY = "proxy-key-0123"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -26,27 +26,20 @@ MESSAGES = [{"role": "user", "content": "tell me about clocks"}]
 class Stack:
     sidecar: SidecarProcess
     engine_url: str  # the mock engine itself, for answers to compare with
-    # Every SDK client made, closed with the stack: one left to the garbage collector is an unclosed socket's
-    # ResourceWarning, an error, in whichever later test the collector runs.
-    clients: list[OpenAI] = field(default_factory=list)
+    clients: OpenAIClients = field(default_factory=OpenAIClients)  # closed with the stack
 
     @property
     def url(self) -> str:
         return self.sidecar.url
 
     def client(self) -> OpenAI:
-        return self._kept(OpenAI(base_url=f"{self.url}/v1", api_key=KEY, max_retries=0, timeout=30))
+        return self.clients(f"{self.url}/v1", KEY, timeout=30)
 
     def direct(self) -> OpenAI:
-        return self._kept(OpenAI(base_url=f"{self.engine_url}/v1", api_key="unused", max_retries=0, timeout=30))
-
-    def _kept(self, client: OpenAI) -> OpenAI:
-        self.clients.append(client)
-        return client
+        return self.clients(f"{self.engine_url}/v1", "unused", timeout=30)
 
     def stop(self) -> None:
-        for client in self.clients:
-            client.close()
+        self.clients.close()
         self.sidecar.stop()
 
     def engine_stats(self) -> dict[str, int]:

@@ -26,7 +26,7 @@ from openai import OpenAI
 
 from bench.otlp_receiver import OtlpReceiver, Received
 from sidecar.telemetry.engine_load import series_samples
-from tests.processes import SidecarProcess, group_members, wait_until
+from tests.processes import OpenAIClients, SidecarProcess, group_members, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 VLLM_PYTHON = Path(os.environ.get("SIDECAR_TEST_VLLM_PYTHON", REPO / ".venv-vllm" / "bin" / "python"))
@@ -68,23 +68,13 @@ class Vllm:
         self.loaded = loaded
         self.receiver = receiver  # where the sidecar and vLLM both send their spans
         self.engine = f"http://127.0.0.1:{loaded['port']}"
-        # Every SDK client made, closed with the module's server: one left to the garbage collector is an unclosed
-        # socket's ResourceWarning, an error, in whichever later test the collector runs.
-        self.clients: list[OpenAI] = []
+        self.clients = OpenAIClients()  # closed with the module's server
 
     def client(self) -> OpenAI:
-        return self._kept(OpenAI(base_url=f"{self.sidecar.url}/v1", api_key=API_KEY, max_retries=0, timeout=60))
+        return self.clients(f"{self.sidecar.url}/v1", API_KEY, timeout=60)
 
     def direct(self) -> OpenAI:
-        return self._kept(OpenAI(base_url=f"{self.engine}/v1", api_key="unused", max_retries=0, timeout=60))
-
-    def _kept(self, client: OpenAI) -> OpenAI:
-        self.clients.append(client)
-        return client
-
-    def close(self) -> None:
-        for client in self.clients:
-            client.close()
+        return self.clients(f"{self.engine}/v1", "unused", timeout=60)
 
     def engine_metric(self, name: str) -> float:
         """A series of vLLM's own /metrics, its samples summed."""
@@ -161,7 +151,7 @@ def vllm(tmp_path_factory: pytest.TempPathFactory, model: Path, receiver: OtlpRe
         try:
             yield served
         finally:
-            served.close()
+            served.clients.close()
     finally:
         sidecar.stop()
 
