@@ -8,7 +8,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.processes import SidecarProcess
+from tests.processes import OpenAIClients, SidecarProcess
 
 
 @pytest.fixture(autouse=True)
@@ -60,15 +60,10 @@ def openai_client() -> Iterator[Callable[..., openai.OpenAI]]:
     """The OpenAI SDK in front of a sidecar (`make(sidecar, api_key, **headers)`), closed after the test: an
     unclosed client's socket is a ResourceWarning, an error here, in whichever later test the collector finds it.
     No retries."""
-    clients: list[openai.OpenAI] = []
+    clients = OpenAIClients()
 
     def make(sidecar: SidecarProcess, api_key: str = "unused", **headers: str) -> openai.OpenAI:
-        client = openai.OpenAI(
-            base_url=f"{sidecar.url}/v1", api_key=api_key, default_headers=headers, max_retries=0, timeout=60
-        )
-        clients.append(client)
-        return client
+        return clients(f"{sidecar.url}/v1", api_key, timeout=60, headers=headers)
 
     yield make
-    for client in clients:
-        client.close()
+    clients.close()

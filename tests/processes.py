@@ -162,14 +162,15 @@ def is_gone(pid: int) -> bool:
 
 
 class OpenAIClients:
-    """OpenAI SDK clients made for a module's server, closed with it (`close`): one left to the garbage collector is
-    an unclosed socket's ResourceWarning, an error, in whichever later test the collector runs. No retries."""
+    """OpenAI SDK clients made for a test or a module's server, closed with it (`close`): one left to the garbage
+    collector is an unclosed socket's ResourceWarning, an error, in whichever later test the collector runs. No
+    retries."""
 
     def __init__(self) -> None:
         self.made: list[OpenAI] = []
 
-    def __call__(self, base_url: str, api_key: str, timeout: float) -> OpenAI:
-        client = OpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=timeout)
+    def __call__(self, base_url: str, api_key: str, timeout: float, headers: dict[str, str] | None = None) -> OpenAI:
+        client = OpenAI(base_url=base_url, api_key=api_key, default_headers=headers, max_retries=0, timeout=timeout)
         self.made.append(client)
         return client
 
