@@ -38,6 +38,7 @@ import psutil
 import uvloop
 from tqdm import tqdm
 
+import engines
 from bench import machine, peers
 from bench.loadgen import LoadProcesses, PhaseResult, chat_body, new_session, run_phase, stream_once
 from bench.nginx import find_nginx, start_nginx, worker_pid
@@ -56,6 +57,7 @@ class Proxy:
     name: str
     url: str
     pid: int | None  # whose CPU and memory are measured
+    key: str = KEY  # what the load's clients send it: the bench's key, or the engine's to one that checks none
 
 
 @dataclass
@@ -65,6 +67,7 @@ class Targets:
     reference: Proxy | None  # nginx, where it is installed
     engine_pid: int | None = None
     model: str = "mock-model"
+    engine_key: str | None = None  # the key the sidecar gave an engine it started, which its /v1 paths need
     sidecar_workers: int | None = None  # the data-plane processes the sidecar runs (its default: from its cores)
     # Beside the sidecar: the same with OpenTelemetry on, the peers; and the peers skipped, with why.
     compared: list[Proxy] = field(default_factory=list)
@@ -73,6 +76,12 @@ class Targets:
     @property
     def proxies(self) -> list[Proxy]:
         return [self.proxy, *self.compared] + ([self.reference] if self.reference else [])
+
+    @property
+    def keys(self) -> dict[str, str]:
+        """What the load's clients send each target: the engine's key to the engine and to a proxy that passes on
+        the client's, the bench's to one with keys of its own."""
+        return {"direct": self.engine_key or KEY} | {proxy.name: proxy.key for proxy in self.proxies}
 
 
 def _raise_fd_limit() -> None:
@@ -143,22 +152,25 @@ def _processes(args: argparse.Namespace, logs: Path) -> Iterator[Targets]:
             direct = f"http://127.0.0.1:{model['port']}"
             served = "mock-model" if args.engine == "mock" else "bench-model"
             proxy = Proxy("sidecar", url, sidecar.pid)
-            targets = Targets(direct, proxy, None, model["pid"], served, sidecar_workers=_workers_in(model))
+            targets = Targets(direct, proxy, None, model["pid"], served, _engine_key(args, model["pid"]))
+            targets.sidecar_workers = _workers_in(model)
         if args.otel and not args.target:
             started += _traced_sidecar(args, targets, logs)
         for name in args.peers:
-            process, peer_url, reason = peers.start(peers.PEERS[name], targets.direct, targets.model, KEY, logs)
+            peer = peers.PEERS[name]
+            process, peer_url, reason = peers.start(peer, targets.direct, targets.model, KEY, targets.engine_key, logs)
             if process is None or peer_url is None:
                 targets.skipped[name] = reason or "not started"
                 sys.stderr.write(f"{name}: skipped: {reason}\n")
                 continue
             started.append(process)
-            targets.compared.append(Proxy(name, peer_url, process.pid))
+            key = KEY if peer.has_keys else targets.engine_key or KEY
+            targets.compared.append(Proxy(name, peer_url, process.pid, key))
         nginx = find_nginx(args.nginx)
         if nginx:
             master, url = start_nginx(nginx, int(targets.direct.rsplit(":", 1)[1]), logs)
             started.append(master)
-            targets.reference = Proxy("nginx", url, worker_pid(master))
+            targets.reference = Proxy("nginx", url, worker_pid(master), targets.engine_key or KEY)  # passes it on
         if args.proxy_cpus:
             _pin(args.proxy_cpus, targets)
         yield targets
@@ -174,6 +186,13 @@ def _processes(args: argparse.Namespace, logs: Path) -> Iterator[Targets]:
 def _model_status(url: str) -> dict[str, Any]:
     """The sidecar's `GET /v1/model`."""
     return httpx.get(f"{url}/v1/model", headers={"Authorization": f"Bearer {KEY}"}).json()  # type: ignore[no-any-return]
+
+
+def _engine_key(args: argparse.Namespace, pid: int) -> str | None:
+    """The key the sidecar gave the engine it started, read where the engine holds it (its environment, which the
+    bench's user may read): the bench asks the engine directly too."""
+    variable = engines.adapter(args.engine, args.engine_executable).key_env
+    return None if variable is None else psutil.Process(pid).environ().get(variable)
 
 
 def _workers_in(status: dict[str, Any]) -> int:
@@ -197,6 +216,8 @@ def _traced_sidecar(args: argparse.Namespace, targets: Targets, logs: Path) -> l
     sidecar, url = spawn_sidecar(settings, logs, name="sidecar-otel")
     wait_ok(url + "/health")
     load = {"engine": "external", "model": targets.model, "url": targets.direct}
+    if targets.engine_key is not None:
+        load["api_key"] = targets.engine_key
     httpx.post(f"{url}/v1/model/load", json=load, headers={"Authorization": f"Bearer {KEY}"}).raise_for_status()
     targets.compared.append(Proxy("sidecar+otel", url, sidecar.pid))
     return [sink, sidecar]
@@ -281,7 +302,7 @@ def _phases(spread: LoadProcesses | None, session: aiohttp.ClientSession) -> Pha
 
 
 async def _measure_with(args: argparse.Namespace, targets: Targets, spread: LoadProcesses | None) -> dict[str, Any]:
-    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    headers = {name: _headers(key) for name, key in targets.keys.items()}
     body = chat_body(args.tokens, model=targets.model, history=args.history_bytes, extra=args.request_extra)
     urls = {"direct": targets.direct} | {proxy.name: proxy.url for proxy in targets.proxies}
     pids = {proxy.name: proxy.pid for proxy in targets.proxies}
@@ -294,15 +315,15 @@ async def _measure_with(args: argparse.Namespace, targets: Targets, spread: Load
                 runs: dict[str, list[PhaseResult]] = {name: [] for name in urls}
                 cpu_s = dict.fromkeys(pids, 0.0)
                 peak_rss = dict.fromkeys(pids, 0.0)
-                for url in urls.values():  # warm every path: connections, caches, the engine
-                    await phase("warm-up", url + "/v1/chat/completions", headers, body, concurrency, 1)
+                for name, url in urls.items():  # warm every path: connections, caches, the engine
+                    await phase("warm-up", url + "/v1/chat/completions", headers[name], body, concurrency, 1)
                 for round_index in range(args.rounds):
                     order = list(urls)
                     for name in order if round_index % 2 == 0 else reversed(order):
                         progress.set_postfix_str(f"c={concurrency} {name}")
                         with ProcessMeter(pids.get(name), targets.engine_pid) as meter:
                             url = urls[name] + "/v1/chat/completions"
-                            result = await phase(name, url, headers, body, concurrency, args.seconds)
+                            result = await phase(name, url, headers[name], body, concurrency, args.seconds)
                         if name in pids:
                             cpu_s[name] += meter.cpu_s
                             peak_rss[name] = max(peak_rss[name], meter.peak_rss_mb)
@@ -310,13 +331,14 @@ async def _measure_with(args: argparse.Namespace, targets: Targets, spread: Load
                         progress.update()
                 proxied = {name: (runs[name], cpu_s[name], peak_rss[name]) for name in pids}
                 levels.append(summarize(concurrency, runs["direct"], proxied, targets.proxy.name))
-    memory = await _memory_checks(targets, headers) if not args.skip_memory and args.engine in _OWN_ENGINES else None
+    own = args.engine in _OWN_ENGINES
+    memory = await _memory_checks(targets, headers[targets.proxy.name]) if not args.skip_memory and own else None
     costs = await _cost_split(args, targets, headers, spread) if args.cost_split else None
     return {"levels": levels, "memory": memory, "cost_split": costs}
 
 
 async def _cost_split(
-    args: argparse.Namespace, targets: Targets, headers: dict[str, str], spread: LoadProcesses | None
+    args: argparse.Namespace, targets: Targets, headers: dict[str, dict[str, str]], spread: LoadProcesses | None
 ) -> dict[str, Any]:
     """Each proxy's CPU per request and per relayed chunk, apart: the same load at the top concurrency with
     streams of two lengths, and cpu = requests × per_request + chunks × per_chunk solved for the two."""
@@ -336,9 +358,9 @@ async def _cost_split(
                     history=args.history_bytes,
                     extra=args.request_extra,
                 )
-                await phase("warm-up", url, headers, body, concurrency, 1)
+                await phase("warm-up", url, headers[proxy.name], body, concurrency, 1)
                 with ProcessMeter(proxy.pid, targets.engine_pid) as meter:
-                    result = await phase(proxy.name, url, headers, body, concurrency, args.seconds)
+                    result = await phase(proxy.name, url, headers[proxy.name], body, concurrency, args.seconds)
                 measured = {"cpu_s": meter.cpu_s, "requests": result.requests, "chunks": result.chunks}
                 phases.append({"tokens": tokens} | measured)
             (c1, r1, k1), (c2, r2, k2) = ((ph["cpu_s"], ph["requests"], ph["chunks"]) for ph in phases)
@@ -352,6 +374,10 @@ async def _cost_split(
                 "phases": phases,
             }
     return split
+
+
+def _headers(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
 
 
 async def _memory_checks(targets: Targets, headers: dict[str, str]) -> dict[str, Any]:

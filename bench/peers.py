@@ -29,8 +29,10 @@ class Peer:
     name: str
     requirement: str  # what pip installs
     executable: str  # in the environment's bin/
-    command: Callable[[Path, str, int, str, str, Path], list[str]]  # (bin, engine URL, port, model, key, logs)
+    # (bin, engine URL, port, model, key, the engine's key or None, logs)
+    command: Callable[[Path, str, int, str, str, str | None, Path], list[str]]
     env: dict[str, str]
+    has_keys: bool  # checks its clients' keys, and sends the engine's of its own; else passes on what clients send
     root: Path = REPO  # where its environment goes
 
     @property
@@ -38,15 +40,13 @@ class Peer:
         return self.root / f".venv-{self.name}"
 
 
-def _litellm(bin_dir: Path, engine: str, port: int, model: str, key: str, logs: Path) -> list[str]:
+def _litellm(
+    bin_dir: Path, engine: str, port: int, model: str, key: str, engine_key: str | None, logs: Path
+) -> list[str]:
     """LiteLLM's proxy as its docs run it in production: a config with the one model, a master key, one worker."""
+    params = {"model": f"openai/{model}", "api_base": f"{engine}/v1", "api_key": engine_key or "unused"}
     config = {
-        "model_list": [
-            {
-                "model_name": model,
-                "litellm_params": {"model": f"openai/{model}", "api_base": f"{engine}/v1", "api_key": "unused"},
-            }
-        ],
+        "model_list": [{"model_name": model, "litellm_params": params}],
         "general_settings": {"master_key": key},
     }
     path = logs / "litellm.yaml"
@@ -64,7 +64,9 @@ def _litellm(bin_dir: Path, engine: str, port: int, model: str, key: str, logs: 
     ]
 
 
-def _vllm_router(bin_dir: Path, engine: str, port: int, model: str, key: str, logs: Path) -> list[str]:
+def _vllm_router(
+    bin_dir: Path, engine: str, port: int, model: str, key: str, engine_key: str | None, logs: Path
+) -> list[str]:
     """vLLM's router (Rust) with the engine as its one worker, its own defaults otherwise."""
     return [
         str(bin_dir / "vllm-router"),
@@ -88,8 +90,9 @@ PEERS = {
         "litellm",
         _litellm,
         {"LITELLM_MODE": "PRODUCTION", "LITELLM_LOG": "ERROR"},
+        has_keys=True,
     ),
-    "vllm-router": Peer("vllm-router", "vllm-router==0.1.17", "vllm-router", _vllm_router, {}),
+    "vllm-router": Peer("vllm-router", "vllm-router==0.1.17", "vllm-router", _vllm_router, {}, has_keys=False),
 }
 
 
@@ -110,18 +113,19 @@ def installed(peer: Peer, log: Path) -> str | None:
 
 
 def start(
-    peer: Peer, engine: str, model: str, key: str, logs: Path
+    peer: Peer, engine: str, model: str, key: str, engine_key: str | None, logs: Path
 ) -> tuple[subprocess.Popen[bytes] | None, str | None, str | None]:
-    """The peer started in front of the engine: its process and URL, or None, None and why not."""
+    """The peer started in front of the engine (`engine_key`: the one it needs, if any): its process and URL, or
+    None, None and why not."""
     reason = installed(peer, logs / f"{peer.name}-install.log")
     if reason is not None:
         return None, None, reason
     port = free_port()
-    argv = peer.command(peer.environment / "bin", engine, port, model, key, logs)
+    argv = peer.command(peer.environment / "bin", engine, port, model, key, engine_key, logs)
     with (logs / f"{peer.name}.log").open("wb") as log:
         process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=os.environ | peer.env, cwd=logs)
     url = f"http://127.0.0.1:{port}"
-    if _answers(url, model, key, process):
+    if _answers(url, model, key if peer.has_keys else engine_key or key, process):
         return process, url, None
     process.terminate()
     process.wait(timeout=30)

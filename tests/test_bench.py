@@ -210,9 +210,9 @@ def test_a_proxy_that_drops_the_engines_ttft_is_compared_on_client_ttfts() -> No
 
 def test_a_peer_that_cannot_be_installed_is_skipped_saying_why(tmp_path: Path) -> None:
     nothing = peers.Peer(
-        "nothing", "no-such-package-for-the-sidecar-bench==0.0.1", "nothing", lambda *a: [], {}, tmp_path
+        "nothing", "no-such-package-for-the-sidecar-bench==0.0.1", "nothing", lambda *a: [], {}, True, tmp_path
     )
-    process, url, reason = peers.start(nothing, "http://127.0.0.1:9", "m", "k", tmp_path)
+    process, url, reason = peers.start(nothing, "http://127.0.0.1:9", "m", "k", None, tmp_path)
     assert process is None and url is None
     assert reason is not None and "no-such-package-for-the-sidecar-bench" in reason
     assert "No matching distribution" in (tmp_path / "nothing-install.log").read_text()
