@@ -174,9 +174,14 @@ class EngineAdapter:
     list_style: ClassVar[Literal["nargs", "repeat"]] = "nargs"
     # Flags the adapter sets itself (host, port, model): a request may not pass them.
     reserved_flags: ClassVar[frozenset[str]] = frozenset({"host", "port"})
-    # Variables the engine reads for what those flags set (the address it listens on, its whole configuration): a
-    # request's `env` may not set them either.
+    # Variables the engine reads for what those flags set (the address it listens on, its whole configuration, its
+    # key): a request's `env` may not set them either.
     reserved_env: ClassVar[frozenset[str]] = frozenset()
+    # The variable the engine reads an API key from. The sidecar puts a new random key there at each start and sends
+    # it with every request: the engine's loopback port, which every process sharing the network namespace reaches
+    # (a pod's other containers), then answers its guarded paths to the sidecar alone. The variable and the flag
+    # that would replace it are reserved like the address's. None: the engine takes no key that way.
+    key_env: ClassVar[str | None] = None
     starts_process: ClassVar[bool] = True
     # The engine honours `stream_options.include_usage`. Where it does not, the sidecar counts the streamed tokens
     # itself (output events) and asks the engine to count the prompt (`prompt_count_request`), for streamed and

@@ -24,8 +24,10 @@ class LlamaCppAdapter(EngineAdapter):
     default_executable = "llama-server"
     ready_paths = ("/health",)
     list_style = "repeat"
-    reserved_flags = frozenset({"host", "port", "m", "model"})
-    reserved_env = frozenset({"LLAMA_ARG_HOST", "LLAMA_ARG_PORT", "LLAMA_ARG_MODEL"})  # its flags' variables
+    reserved_flags = frozenset({"host", "port", "m", "model", "api-key"})
+    # Its flags' variables; LLAMA_API_KEY guards every path but /health, /models and /v1/models.
+    reserved_env = frozenset({"LLAMA_ARG_HOST", "LLAMA_ARG_PORT", "LLAMA_ARG_MODEL", "LLAMA_API_KEY"})
+    key_env = "LLAMA_API_KEY"
     load_series = LLAMA_SERVER_LOAD
     data_paths = ("GET /v1/models", "POST /v1/rerank")
 
@@ -48,9 +50,10 @@ class LlamaCppPythonAdapter(EngineAdapter):
     name = "llamacpp"
     default_executable = sys.executable
     ready_paths = ("/v1/models",)
-    reserved_flags = frozenset({"host", "port", "model", "interrupt_requests"})
+    reserved_flags = frozenset({"host", "port", "model", "interrupt_requests", "api_key"})
     # Its server listens on $HOST and $PORT over its flags, and reads a whole configuration from $CONFIG_FILE.
-    reserved_env = frozenset({"HOST", "PORT", "CONFIG_FILE"})
+    reserved_env = frozenset({"HOST", "PORT", "CONFIG_FILE", "API_KEY"})
+    key_env = "API_KEY"  # guards its every route
     streams_usage = False
     data_paths = ("GET /v1/models",)  # its other routes are /extras/*, and a Copilot completion route
 

@@ -132,6 +132,13 @@ def bearer(key: str | None) -> dict[str, str]:
     return {} if key is None else {"Authorization": f"Bearer {key}"}
 
 
+def engine_key(pid: int, variable: str) -> str:
+    """The key the sidecar gave the engine it started (in the adapter's `key_env`), read where the engine holds it,
+    its environment: for tests that ask the engine itself, as only the sidecar and the engine's own user can."""
+    key: str = psutil.Process(pid).environ()[variable]
+    return key
+
+
 def wait_until(predicate: Callable[[], bool], timeout_s: float, interval_s: float = 0.02) -> float:
     """Poll until predicate() is true; the seconds it took. Raises TimeoutError past the deadline."""
     start = time.monotonic()

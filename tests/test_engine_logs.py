@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.processes import SidecarProcess, wait_until
+from tests.processes import SidecarProcess, engine_key, wait_until
 
 Start = Callable[..., SidecarProcess]
 ADMIN_KEY = "logs-admin-key-0123"
@@ -167,7 +167,8 @@ def test_no_engine_is_a_404_a_data_key_a_403_an_external_engine_a_400(start_side
     assert answered.status_code == 404 and answered.json()["error"]["code"] == "no_engine"
     assert httpx.get(f"{sidecar.url}/v1/model/logs", headers=DATA).status_code == 403
     served = _load(start_sidecar(KEYS)).json()  # a mock another sidecar runs: a server that runs elsewhere
-    external = {"engine": "external", "model": "m", "url": f"http://127.0.0.1:{served['port']}"}
+    key = engine_key(served["pid"], "VLLM_API_KEY")
+    external = {"engine": "external", "model": "m", "url": f"http://127.0.0.1:{served['port']}", "api_key": key}
     assert httpx.post(f"{sidecar.url}/v1/model/load", json=external, headers=ADMIN, timeout=30).status_code == 200
     answered = httpx.get(f"{sidecar.url}/v1/model/logs", headers=ADMIN)
     assert answered.status_code == 400 and "runs elsewhere" in answered.json()["error"]["message"]

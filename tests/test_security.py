@@ -15,7 +15,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.processes import SidecarProcess, free_port, wait_until
+from tests.processes import SidecarProcess, engine_key, free_port, wait_until
 
 Start = Callable[..., SidecarProcess]
 DATA_KEY = "datakey-probe-51be02"
@@ -68,7 +68,9 @@ def test_a_data_key_cannot_reach_the_engines_admin_endpoints(sidecar: SidecarPro
     assert sidecar.status(ADMIN_KEY)["state"] == "ready"
 
 
-@pytest.mark.parametrize("args", [{"ho": "0.0.0.0"}, {"hos": "0.0.0.0"}, {"mod": "evil-name"}, {"po": 1}, {"--p": 1}])
+@pytest.mark.parametrize(
+    "args", [{"ho": "0.0.0.0"}, {"hos": "0.0.0.0"}, {"mod": "evil-name"}, {"po": 1}, {"--p": 1}, {"api-k": "chosen"}]
+)
 def test_reserved_flags_are_refused_in_every_spelling_argparse_takes(
     sidecar: SidecarProcess, args: dict[str, Any]
 ) -> None:
@@ -121,13 +123,21 @@ def test_no_value_of_a_load_request_becomes_a_flag_of_the_engine(sidecar: Sideca
 
 @pytest.mark.parametrize(
     ("engine", "env"),
-    [("llamacpp", {"HOST": "0.0.0.0"}), ("llamacpp", {"PORT": "80"}), ("tgi", {"HOSTNAME": "0.0.0.0"})],
+    [
+        ("llamacpp", {"HOST": "0.0.0.0"}),
+        ("llamacpp", {"PORT": "80"}),
+        ("tgi", {"HOSTNAME": "0.0.0.0"}),
+        ("llamacpp", {"API_KEY": "chosen"}),
+        ("vllm", {"VLLM_API_KEY": "chosen"}),
+        ("mock", {"vllm_api_key": "chosen"}),
+    ],
 )
-def test_no_variable_of_a_load_request_sets_the_engines_address(
+def test_no_variable_of_a_load_request_sets_the_engines_address_or_key(
     start_sidecar: Start, engine: str, env: dict[str, str]
 ) -> None:
     """llama-cpp-python's server listens on $HOST and $PORT over its flags: `{"env": {"HOST": "0.0.0.0"}}` once had
-    it listen on every interface."""
+    it listen on every interface. A key of the request's would replace the one the sidecar sends: the engine would
+    answer it no more."""
     executables = json.dumps({"llamacpp": sys.executable})  # llama-cpp-python's server, whatever is on PATH
     sidecar = start_sidecar(KEYS | {"SIDECAR_ENGINE_EXECUTABLES": executables})
     refused = _load(sidecar, engine=engine, model="/models/any.gguf", env=env)
@@ -160,6 +170,34 @@ def test_a_run_directory_another_user_can_write_cannot_make_the_sidecar_kill_a_p
     finally:
         victim.kill()
         victim.wait()
+
+
+def test_only_the_sidecar_reaches_the_engines_guarded_paths(sidecar: SidecarProcess, tmp_path: Path) -> None:
+    """The engine's port is on loopback, which every process in the network namespace shares (a pod's other
+    containers): each start gets a random key of its own, in its environment, and only the sidecar sends it. A
+    caller on the port without it is refused; the key is on no command line and in no log, the engine's own
+    output included; the next start has another."""
+    loaded = _load(sidecar, args={"print-env": ["VLLM_API_KEY"]})
+    assert loaded.status_code == 200, loaded.text
+    engine, pid = f"http://127.0.0.1:{loaded.json()['port']}", loaded.json()["pid"]
+    chat = {"model": "mock-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    for headers in ({}, D, A):  # no key, and the sidecar's own keys: none is the engine's
+        refused = httpx.post(f"{engine}/v1/chat/completions", json=chat, headers=headers)
+        assert refused.status_code == 401, refused.text
+    assert httpx.get(f"{engine}/v1/models").status_code == 401
+    assert httpx.post(f"{sidecar.url}/v1/chat/completions", json=chat, headers=D).status_code == 200
+    key = engine_key(pid, "VLLM_API_KEY")
+    assert httpx.post(f"{engine}/v1/chat/completions", json=chat, headers={"Authorization": f"Bearer {key}"}).is_success
+    assert len(key) >= 40 and not any(key in part for part in psutil.Process(pid).cmdline())
+    replaced = _load(sidecar, replace=True)
+    assert replaced.status_code == 200, replaced.text
+    second = engine_key(replaced.json()["pid"], "VLLM_API_KEY")
+    assert second != key
+    assert httpx.post(f"{sidecar.url}/v1/chat/completions", json=chat, headers=D).status_code == 200
+    logs = _all_logs(sidecar, tmp_path)
+    assert "mock engine sees VLLM_API_KEY=" in logs["console"]  # the engine wrote it out: masked
+    for name, text in logs.items():
+        assert key not in text and second not in text, name
 
 
 def test_the_engine_never_holds_the_sidecars_keys(sidecar: SidecarProcess) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.processes import SidecarProcess, group_members, wait_until
+from tests.processes import SidecarProcess, engine_key, group_members, wait_until
 
 Start = Callable[..., SidecarProcess]
 ADMIN = {"Authorization": "Bearer model-admin-key-0123"}
@@ -134,7 +134,8 @@ def _adapters(sidecar: SidecarProcess) -> list[dict[str, Any]]:
 
 def test_adapters_load_list_serve_and_unload_as_the_engine_has_them(start_sidecar: Start, tmp_path: Path) -> None:
     sidecar = start_sidecar(JSON_LOGS)
-    engine = f"http://127.0.0.1:{_load(sidecar, **{'enable-lora': True})['port']}"
+    loaded = _load(sidecar, **{"enable-lora": True})
+    engine, key = f"http://127.0.0.1:{loaded['port']}", engine_key(loaded["pid"], "VLLM_API_KEY")
     sql = tmp_path / "sql-lora"
     sql.mkdir()
     assert _adapters(sidecar) == []
@@ -149,7 +150,8 @@ def test_adapters_load_list_serve_and_unload_as_the_engine_has_them(start_sideca
     # Read back from the engine, not remembered: an adapter loaded behind the sidecar's back shows too.
     other = tmp_path / "other-lora"
     other.mkdir()
-    httpx.post(f"{engine}/v1/load_lora_adapter", json={"lora_name": "other", "lora_path": str(other)})
+    lora, auth = {"lora_name": "other", "lora_path": str(other)}, {"Authorization": f"Bearer {key}"}
+    httpx.post(f"{engine}/v1/load_lora_adapter", json=lora, headers=auth).raise_for_status()
     assert [a["name"] for a in _adapters(sidecar)] == ["sql", "other"]
 
     unloaded = _post(sidecar, "/v1/model/adapters/unload", {"name": "sql"})

@@ -24,7 +24,7 @@ from sidecar.engine_state import EngineState
 from sidecar.errors import ServiceUnavailable
 from sidecar.redaction import Redactor
 from sidecar.settings import load_settings
-from tests.processes import SidecarProcess, free_port, group_members, is_gone, wait_until
+from tests.processes import SidecarProcess, engine_key, free_port, group_members, is_gone, wait_until
 
 Start = Callable[..., SidecarProcess]
 
@@ -42,7 +42,8 @@ def test_load_ready_unload_leaves_no_process_of_the_group(start_sidecar: Start) 
     assert len(members) >= 2, "the engine and the grandchild it spawned"
     assert httpx.get(f"{sidecar.url}/ready").status_code == 200
     assert httpx.get(f"{sidecar.url}/health").json()["engine"]["state"] == "ready"
-    engine_models = httpx.get(f"http://127.0.0.1:{body['port']}/v1/models").json()
+    engine_auth = {"Authorization": f"Bearer {engine_key(pid, 'VLLM_API_KEY')}"}
+    engine_models = httpx.get(f"http://127.0.0.1:{body['port']}/v1/models", headers=engine_auth).json()
     assert engine_models["data"][0]["id"] == "mocked"
 
     unloaded = httpx.post(f"{sidecar.url}/v1/model/unload", json={"drain_timeout_s": 1}, timeout=30)
@@ -232,7 +233,7 @@ def test_env_reaches_the_child_only_and_no_log(tmp_path: Path, start_sidecar: St
         ({"engine": "mock", "model": "m", "env": {"PYTHONPATH": "/tmp", "HF_TOKEN": "x"}}, "env", "'PYTHONPATH'"),
         ({"engine": "mock", "model": "m", "env": {"BASH_ENV": "/tmp/x.sh"}}, "env", "sidecar's environment"),
         ({"engine": "mock", "model": "m", "env": {"X": "a\x00b"}}, "env", "'X' holds a NUL character"),
-        ({"engine": "mock", "model": "m", "args": {"api-key": "a\x00b"}}, "args.api-key", "NUL character"),
+        ({"engine": "mock", "model": "m", "args": {"print-env": "a\x00b"}}, "args.print-env", "NUL character"),
         ({"engine": "mock", "model": "m", "wait": "later"}, "wait", "boolean"),
         ({"engine": "external", "model": "m"}, "url", "needs 'url'"),
         ({"engine": "mock", "model": "m", "url": "http://127.0.0.1:1"}, "url", "only for the external engine"),

@@ -31,7 +31,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--print-env", action="append", default=[], help="print this variable's value at start")
     parser.add_argument("--gpu-mb", type=float, default=0.0, help="hold this much GPU memory (needs PyTorch, a GPU)")
     # vLLM's flags of the same names: a hosted engine's key and TLS.
-    parser.add_argument("--api-key", help="/v1 routes need 'Authorization: Bearer KEY'")
+    parser.add_argument("--api-key", help="/v1 routes need 'Authorization: Bearer KEY' (else $VLLM_API_KEY's)")
     parser.add_argument("--max-num-seqs", type=int, help="at most this many requests generate; the rest wait")
     parser.add_argument("--ssl-keyfile", help="serve https with this key")
     parser.add_argument("--ssl-certfile", help="serve https with this certificate (chain)")
@@ -69,7 +69,7 @@ def main() -> None:
         ttft_s=args.ttft_ms / 1000,
         itl_s=args.itl_ms / 1000,
         tokens=args.tokens,
-        api_key=args.api_key,
+        api_key=args.api_key or os.environ.get("VLLM_API_KEY") or None,  # as vLLM: the flag first, then the variable
         max_num_seqs=args.max_num_seqs,
         sleep_mode=args.enable_sleep_mode and os.environ.get("VLLM_SERVER_DEV_MODE") == "1",
         runtime_lora=args.enable_lora

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import secrets
 import time
 
 import httpx
@@ -43,6 +44,12 @@ async def spawn(
     port = free_port()
     argv = adapter.command(request.model, port, request.args, request.served_model_name)
     env = {**inherited_environment(), **adapter.environment(request.args), **request.env}
+    upstream_headers = {}
+    if adapter.key_env is not None:  # a key of this start's own: the engine's port answers the sidecar alone
+        key = secrets.token_urlsafe(32)
+        redactor.register(key)
+        env[adapter.key_env] = key  # its environment, which only its own user can read; never its command line
+        upstream_headers["authorization"] = f"Bearer {key}"
     log.info("engine_spawn", engine=adapter.name, argv=argv, port=port, env_names=sorted(request.env))
     try:
         process = await EngineProcess.spawn(
@@ -52,7 +59,7 @@ async def spawn(
         raise BadGateway(
             f"cannot start engine {adapter.name}: {exc.strerror or exc}", code="engine_spawn_failed"
         ) from None
-    return Engine(request, adapter, f"http://127.0.0.1:{port}", port, process, *now)
+    return Engine(request, adapter, f"http://127.0.0.1:{port}", port, process, *now, upstream_headers=upstream_headers)
 
 
 async def wait_ready(engine: Engine, probe: httpx.AsyncClient, timeout_s: float, kill_grace_s: float) -> None:

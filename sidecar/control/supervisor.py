@@ -180,7 +180,7 @@ class Supervisor:
             taken = [name for name in request.env if name.upper() in adapter.reserved_env]
             if taken:
                 named = ", ".join(map(repr, taken))
-                message = f"{named}: set by the sidecar for {adapter.name} (its address, its model)"
+                message = f"{named}: set by the sidecar for {adapter.name} (its address, its model, its key)"
                 raise BadRequest(message, param="env")
         elif request.url is None:
             raise BadRequest(f"the {request.engine} engine needs 'url'", param="url")

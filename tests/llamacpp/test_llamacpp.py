@@ -20,7 +20,7 @@ from openai import OpenAI
 
 import engines
 from bench.gguf_llama import write_tiny_llama
-from tests.processes import OpenAIClients, SidecarProcess, group_members, is_gone, wait_until
+from tests.processes import OpenAIClients, SidecarProcess, engine_key, group_members, is_gone, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -55,9 +55,14 @@ class Llama:
         wait_until(lambda: len(self.engine_reports()) > before, timeout_s=10)
         return self.engine_reports()[before]
 
+    def engine_auth(self) -> dict[str, str]:
+        """The key the sidecar gave llama-cpp-python, which its every route needs."""
+        return {"Authorization": f"Bearer {engine_key(self.loaded['pid'], 'API_KEY')}"}
+
     def engines_own_usage(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         """The usage llama-cpp-python itself reports for a whole (non-streamed) answer: asked on its own port."""
-        response = httpx.post(f"http://127.0.0.1:{self.loaded['port']}{path}", json=body, timeout=60)
+        url = f"http://127.0.0.1:{self.loaded['port']}{path}"
+        response = httpx.post(url, json=body, headers=self.engine_auth(), timeout=60)
         assert response.status_code == 200, response.text
         usage: dict[str, Any] = response.json()["usage"]
         return usage
@@ -112,7 +117,9 @@ def test_clients_reach_the_engines_data_paths_and_none_of_its_others(llama: Llam
     hidden = "/v1/engines/copilot-codex/completions"  # llama-cpp-python's, not an OpenAI data-plane path
     body = {"prompt": "hi", "max_tokens": 1}
     before = len(llama.engine_reports())
-    assert httpx.post(f"{engine}{hidden}", json=body, timeout=60).status_code == 200  # the engine has it
+    assert httpx.post(f"{engine}{hidden}", json=body, headers=llama.engine_auth(), timeout=60).status_code == 200
+    # the engine has it, and answers it to the sidecar alone: the key the sidecar gave it guards every route
+    assert httpx.post(f"{engine}{hidden}", json=body, headers=data, timeout=60).status_code == 401
     llama.next_engine_report(before)  # its completion's report, logged
     before = len(llama.engine_reports())
     refused = httpx.post(f"{llama.sidecar.url}{hidden}", json=body, headers=data, timeout=30)

@@ -14,7 +14,7 @@ import pytest
 from openai import OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.processes import OpenAIClients, SidecarProcess, wait_until
+from tests.processes import OpenAIClients, SidecarProcess, engine_key, wait_until
 
 KEY = "proxy-key-0123"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -26,6 +26,7 @@ MESSAGES = [{"role": "user", "content": "tell me about clocks"}]
 class Stack:
     sidecar: SidecarProcess
     engine_url: str  # the mock engine itself, for answers to compare with
+    engine_key: str  # the key the sidecar gave it, which its /v1 paths need
     clients: OpenAIClients = field(default_factory=OpenAIClients)  # closed with the stack
 
     @property
@@ -36,7 +37,7 @@ class Stack:
         return self.clients(f"{self.url}/v1", KEY, timeout=30)
 
     def direct(self) -> OpenAI:
-        return self.clients(f"{self.engine_url}/v1", "unused", timeout=30)
+        return self.clients(f"{self.engine_url}/v1", self.engine_key, timeout=30)
 
     def stop(self) -> None:
         self.clients.close()
@@ -90,14 +91,14 @@ def start_stack(workdir: Path, env: dict[str, str] | None = None, engine_args: d
     try:
         sidecar.wait_healthy()
         wait_until(lambda: httpx.get(f"{sidecar.url}/ready").status_code == 200, timeout_s=20)
-        port = httpx.get(f"{sidecar.url}/v1/model", headers=AUTH).json()["port"]
+        engine = httpx.get(f"{sidecar.url}/v1/model", headers=AUTH).json()
         # The first request to a fresh mock engine costs it about 25 ms more (lazy imports): not what tests measure.
         warm_up = {"model": MODEL, "messages": MESSAGES, "max_tokens": 1, "stream": True}
         httpx.post(f"{sidecar.url}/v1/chat/completions", json=warm_up, headers=AUTH, timeout=10).raise_for_status()
     except BaseException:
         sidecar.stop()
         raise
-    return Stack(sidecar, f"http://127.0.0.1:{port}")
+    return Stack(sidecar, f"http://127.0.0.1:{engine['port']}", engine_key(engine["pid"], "VLLM_API_KEY"))
 
 
 @pytest.fixture(scope="module")
@@ -139,8 +140,8 @@ def engine_id(stream: bytes) -> str:
     return str(first["id"]).split("-", 1)[1]
 
 
-def post_stream(url: str, body: dict[str, Any], request_id: str, key: str | None = KEY) -> bytes:
-    headers = {"X-Request-ID": request_id} | ({"Authorization": f"Bearer {key}"} if key else {})
+def post_stream(url: str, body: dict[str, Any], request_id: str, key: str = KEY) -> bytes:
+    headers = {"X-Request-ID": request_id, "Authorization": f"Bearer {key}"}
     with httpx.stream("POST", url, json=body, headers=headers, timeout=30) as response:
         assert response.status_code == 200, response.read()
         return response.read()

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from tests.processes import wait_until
-from tests.proxy.conftest import AUTH, MESSAGES, MODEL, Stack, assert_timed_as_the_engine, normalized
+from tests.proxy.conftest import AUTH, KEY, MESSAGES, MODEL, Stack, assert_timed_as_the_engine, normalized
 
 TOOLS = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]
 CASES: dict[str, tuple[str, dict[str, Any]]] = {
@@ -23,8 +23,8 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-def _post(url: str, body: dict[str, Any], request_id: str, key: bool = True) -> httpx.Response:
-    headers = {"X-Request-ID": request_id} | (AUTH if key else {})
+def _post(url: str, body: dict[str, Any], request_id: str, key: str = KEY) -> httpx.Response:
+    headers = {"X-Request-ID": request_id, "Authorization": f"Bearer {key}"}
     response = httpx.post(url, json=body, headers=headers, timeout=30)
     assert response.status_code == 200, response.text
     return response
@@ -38,7 +38,7 @@ def test_assembled_answer_equals_the_engines_own(stack: Stack, case: str) -> Non
     answer = json.loads(normalized(through.content))
     engine_id = answer["id"].split("-", 1)[1]  # what the engine was given: the client's id, made unique
     assert engine_id.startswith(f"assembled-{case}-")
-    direct = _post(stack.engine_url + path, body, engine_id, key=False)
+    direct = _post(stack.engine_url + path, body, engine_id, key=stack.engine_key)
     performance = answer["usage"].pop("performance")
     assert answer == json.loads(normalized(direct.content))
     assert json.loads(through.headers["X-Performance-Metrics"]) == performance

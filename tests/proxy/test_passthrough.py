@@ -17,8 +17,9 @@ def test_engine_never_sees_the_clients_key_and_gets_the_request_id(stack: Stack)
         assert seen["headers"]["x-custom"] == "kept"
         engine_id = seen["headers"]["x-request-id"]  # the client's, made unique (below)
         assert engine_id.startswith("echo-1-") and len(engine_id) == len("echo-1-") + 16
-        for dropped in ("authorization", "x-api-key", "x-hop"):
+        for dropped in ("x-api-key", "x-hop"):
             assert dropped not in seen["headers"]
+        assert seen["headers"]["authorization"] == f"Bearer {stack.engine_key}"  # the engine's key, not the client's
         assert KEY not in response.text
         assert response.headers["x-request-id"] == "echo-1"
 

@@ -67,7 +67,8 @@ def _whole(stack: Stack, request_id: str, **body: Any) -> tuple[dict[str, Any], 
     assert json.loads(response.headers["x-performance-metrics"]) == performance
     engine_id = {"X-Request-ID": answer["id"].removeprefix("resp_")}
     assert engine_id["X-Request-ID"].startswith(f"{request_id}-")
-    direct = httpx.post(stack.engine_url + RESPONSES, json=request, headers=engine_id, timeout=30).json()
+    engine_key = {"Authorization": f"Bearer {stack.engine_key}"}
+    direct = httpx.post(stack.engine_url + RESPONSES, json=request, headers=engine_id | engine_key, timeout=30).json()
     return answer, performance, direct
 
 

@@ -62,7 +62,7 @@ def test_stream_without_include_usage_is_the_engines_byte_for_byte(stack: Stack,
     body |= {"messages": MESSAGES} if path == "/v1/chat/completions" else {"prompt": "count the clocks"}
     through = post_stream(stack.url + path, body, "same-id-1")
     assert engine_id(through).startswith("same-id-1-")
-    direct = post_stream(stack.engine_url + path, body, engine_id(through), key=None)
+    direct = post_stream(stack.engine_url + path, body, engine_id(through), key=stack.engine_key)
     assert normalized(through) == normalized(direct)
     assert b'"usage"' not in through  # the sidecar asked the engine for usage; the client never sees that chunk
     assert through.endswith(b"data: [DONE]\n\n")
@@ -74,7 +74,7 @@ def test_stream_with_include_usage_differs_only_by_performance(stack: Stack, pat
     body |= {"messages": MESSAGES} if path == "/v1/chat/completions" else {"prompt": "count the clocks"}
     proxied = post_stream(stack.url + path, body, "same-id-2")
     through = events(normalized(proxied))
-    direct = events(normalized(post_stream(stack.engine_url + path, body, engine_id(proxied), key=None)))
+    direct = events(normalized(post_stream(stack.engine_url + path, body, engine_id(proxied), key=stack.engine_key)))
     assert len(through) == len(direct)
     assert through[:-2] == direct[:-2] and through[-1] == direct[-1] == b"data: [DONE]"
     usage_through = json.loads(through[-2].removeprefix(b"data: "))
@@ -93,9 +93,8 @@ def test_usage_in_every_chunk_passes_through_and_the_answer_is_still_timed(stack
     through = events(normalized(proxied))
     # Before the direct request takes its id.
     engine_outputs = stack.engine_outputs_ms(f"chatcmpl-{engine_id(proxied)}")
-    direct = events(
-        normalized(post_stream(stack.engine_url + "/v1/chat/completions", body, engine_id(proxied), key=None))
-    )
+    direct_url = stack.engine_url + "/v1/chat/completions"
+    direct = events(normalized(post_stream(direct_url, body, engine_id(proxied), key=stack.engine_key)))
     assert through[:-2] == direct[:-2] and through[-1] == direct[-1] == b"data: [DONE]"
     chunks = [json.loads(event.removeprefix(b"data: ")) for event in through[:-1]]
     assert all("usage" in chunk for chunk in chunks)

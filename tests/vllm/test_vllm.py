@@ -26,7 +26,7 @@ from openai import OpenAI
 
 from bench.otlp_receiver import OtlpReceiver, Received
 from sidecar.telemetry.engine_load import series_samples
-from tests.processes import OpenAIClients, SidecarProcess, group_members, wait_until
+from tests.processes import OpenAIClients, SidecarProcess, engine_key, group_members, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 VLLM_PYTHON = Path(os.environ.get("SIDECAR_TEST_VLLM_PYTHON", REPO / ".venv-vllm" / "bin" / "python"))
@@ -73,8 +73,15 @@ class Vllm:
     def client(self) -> OpenAI:
         return self.clients(f"{self.sidecar.url}/v1", API_KEY, timeout=60)
 
+    def engine_key(self) -> str:
+        """The key the sidecar gave this start of vLLM, which its /v1 paths need."""
+        return engine_key(self.loaded["pid"], "VLLM_API_KEY")
+
+    def engine_auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.engine_key()}"}
+
     def direct(self) -> OpenAI:
-        return self.clients(f"{self.engine}/v1", "unused", timeout=60)
+        return self.clients(f"{self.engine}/v1", self.engine_key(), timeout=60)
 
     def engine_metric(self, name: str) -> float:
         """A series of vLLM's own /metrics, its samples summed."""
@@ -170,7 +177,10 @@ def test_clients_reach_vllms_data_paths_and_none_of_its_others(vllm: Vllm) -> No
     the sidecar does not expose is a 404 from the sidecar (vLLM has it: it answers 403 there)."""
     body = {"model": SERVED, "messages": MESSAGES, "max_tokens": 2}
     render = "/v1/chat/completions/render"  # vLLM's: a chat's prompt as its template makes it
-    assert httpx.post(f"{vllm.engine}{render}", json=body, timeout=60).status_code != 404  # it has the route
+    has_it = httpx.post(f"{vllm.engine}{render}", json=body, headers=vllm.engine_auth(), timeout=60)
+    assert has_it.status_code != 404, has_it.text  # it has the route
+    # And answers it to the sidecar alone: the key the sidecar gave it guards its /v1 paths.
+    assert httpx.post(f"{vllm.engine}{render}", json=body, headers=DATA, timeout=60).status_code == 401
     refused = httpx.post(f"{vllm.sidecar.url}{render}", json=body, headers=DATA, timeout=60)
     assert refused.status_code == 404 and refused.json()["error"]["code"] == "not_found", refused.text
     responses = httpx.post(
@@ -245,7 +255,7 @@ def test_a_whole_response_streamed_from_vllm_is_its_own_answer_with_a_ttft(vllm:
 def test_a_streamed_answer_without_usage_asked_is_vllms_own_stream(vllm: Vllm) -> None:
     body = {"model": SERVED, "messages": MESSAGES, "max_tokens": 8, "temperature": 0, "stream": True}
     through = httpx.post(f"{vllm.sidecar.url}/v1/chat/completions", json=body, headers=DATA, timeout=60)
-    direct = httpx.post(f"{vllm.engine}/v1/chat/completions", json=body, timeout=60)
+    direct = httpx.post(f"{vllm.engine}/v1/chat/completions", json=body, headers=vllm.engine_auth(), timeout=60)
     assert through.status_code == direct.status_code == 200
 
     def content(raw: str) -> list[Any]:
