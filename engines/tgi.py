@@ -13,8 +13,11 @@ class TgiAdapter(EngineAdapter):
     name = "tgi"
     default_executable = "text-generation-launcher"
     list_style = "repeat"
-    reserved_flags = frozenset({"hostname", "port", "model-id"})
-    reserved_env = frozenset({"HOSTNAME", "PORT", "MODEL_ID"})  # its launcher's flags' variables
+    reserved_flags = frozenset({"hostname", "port", "model-id", "api-key"})
+    reserved_env = frozenset({"HOSTNAME", "PORT", "MODEL_ID", "API_KEY"})  # its launcher's flags' variables
+    # Its launcher's `--api-key` (releases that have it; older ones ignore the variable), which it passes on to its
+    # router's command line.
+    key_env = "API_KEY"
     load_series = TGI_LOAD
 
     def command(self, model: str, port: int, args: Mapping[str, ArgValue], served_model_name: str | None) -> list[str]:

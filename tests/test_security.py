@@ -128,6 +128,7 @@ def test_no_value_of_a_load_request_becomes_a_flag_of_the_engine(sidecar: Sideca
         ("llamacpp", {"PORT": "80"}),
         ("tgi", {"HOSTNAME": "0.0.0.0"}),
         ("llamacpp", {"API_KEY": "chosen"}),
+        ("tgi", {"API_KEY": "chosen"}),
         ("vllm", {"VLLM_API_KEY": "chosen"}),
         ("mock", {"vllm_api_key": "chosen"}),
     ],
