@@ -121,6 +121,7 @@ def test_restart_policy_brings_a_crashed_engine_back(start_sidecar: Start) -> No
     os.kill(first, signal.SIGKILL)
     wait_until(lambda: sidecar.status()["restarts"] == 1 and sidecar.status()["state"] == "ready", timeout_s=20)
     assert sidecar.status()["pid"] != first
+    assert sidecar.chat().status_code == 200  # the restarted engine has a key of its own, which the sidecar sends
     second = sidecar.status()["pid"]
     os.kill(second, signal.SIGKILL)  # the policy allows one restart only
     wait_until(lambda: "engine_restarts_exhausted" in sidecar.output(), timeout_s=10)

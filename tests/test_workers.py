@@ -159,6 +159,15 @@ def _chat_count(sidecar: SidecarProcess) -> float:
     return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(wanted))
 
 
+def test_every_worker_reaches_a_replaced_engine_with_the_key_of_its_start(sidecar: SidecarProcess) -> None:
+    """Each start of the engine has a key of its own: a worker that kept the one before would get 401s."""
+    _served_by_both(sidecar, "first-start")
+    body = {"engine": "mock", "model": "m", "replace": True}
+    replaced = httpx.post(f"{sidecar.url}/v1/model/load", json=body, headers=ADMIN, timeout=30)
+    assert replaced.status_code == 200, replaced.text
+    _served_by_both(sidecar, "second-start")
+
+
 def test_unload_drains_both_workers_and_is_503_in_both_at_once(sidecar: SidecarProcess) -> None:
     streams = _streams_on_both(sidecar, "drain", itl_ms=400)  # 4 tokens: about 1.2 s each
     unloaded = httpx.post(f"{sidecar.url}/v1/model/unload", json={}, headers=ADMIN, timeout=30)
