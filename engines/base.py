@@ -212,6 +212,13 @@ class EngineAdapter:
     def flags(self, args: Mapping[str, ArgValue]) -> list[str]:
         return flags_from_args(args, self.list_style, self.reserved_flags)
 
+    def check_env(self, env: Mapping[str, str]) -> None:
+        """A load's `env` without the variables the sidecar sets (`reserved_env`), else AdapterError."""
+        taken = [name for name in env if name.upper() in self.reserved_env]
+        if taken:
+            named = ", ".join(map(repr, taken))
+            raise AdapterError(f"{named}: set by the sidecar for {self.name} (its address, its model, its key)", "env")
+
     def engine_request_id(self, request_id: str) -> str:
         """The X-Request-ID the engine gets for the client's (or the sidecar's) request id: as it is by default
         (vLLM puts it in its own request id, which ties its logs to ours)."""

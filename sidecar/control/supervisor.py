@@ -175,13 +175,9 @@ class Supervisor:
                 raise BadRequest(f"'url' is only for the external engine, not {request.engine}", param="url")
             try:
                 adapter.command(request.model, 0, request.args, request.served_model_name)
+                adapter.check_env(request.env)
             except AdapterError as exc:
                 raise BadRequest(str(exc), param=exc.param) from None
-            taken = [name for name in request.env if name.upper() in adapter.reserved_env]
-            if taken:
-                named = ", ".join(map(repr, taken))
-                message = f"{named}: set by the sidecar for {adapter.name} (its address, its model, its key)"
-                raise BadRequest(message, param="env")
         elif request.url is None:
             raise BadRequest(f"the {request.engine} engine needs 'url'", param="url")
         if adapter.starts_process and (request.api_key is not None or request.headers):
