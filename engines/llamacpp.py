@@ -50,8 +50,9 @@ class LlamaCppPythonAdapter(EngineAdapter):
     name = "llamacpp"
     default_executable = sys.executable
     ready_paths = ("/v1/models",)
-    reserved_flags = frozenset({"host", "port", "model", "interrupt_requests", "api_key"})
-    # Its server listens on $HOST and $PORT over its flags, and reads a whole configuration from $CONFIG_FILE.
+    reserved_flags = frozenset({"host", "port", "model", "interrupt_requests", "api_key", "config_file"})
+    # Its server listens on $HOST and $PORT over its flags, and reads a whole configuration in their place from
+    # $CONFIG_FILE (or --config_file).
     reserved_env = frozenset({"HOST", "PORT", "CONFIG_FILE", "API_KEY"})
     key_env = "API_KEY"  # guards its every route
     streams_usage = False

@@ -130,6 +130,17 @@ def test_llama_cpp_python_server_never_interrupts_requests_and_is_probed_on_mode
         engine.command("m", 1, {"interrupt_requests": "True"}, None)
 
 
+def test_llama_cpp_python_takes_no_config_file_which_would_replace_the_sidecars_flags() -> None:
+    """Its server reads its whole configuration from a config file in place of its flags (its host among them):
+    refused as the flag and as the variable."""
+    engine = LlamaCppPythonAdapter()
+    for flag in ("config_file", "config-file", "config"):
+        with pytest.raises(AdapterError, match="set by the sidecar"):
+            engine.command("m", 1, {flag: "/srv/listen-everywhere.json"}, None)
+    with pytest.raises(AdapterError, match="set by the sidecar"):
+        engine.check_env({"CONFIG_FILE": "/srv/listen-everywhere.json"})
+
+
 def test_llamacpp_uses_llama_server_when_configured() -> None:
     assert isinstance(adapter("llamacpp", "/opt/llama/llama-server"), LlamaCppAdapter)
 
