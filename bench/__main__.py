@@ -189,10 +189,13 @@ def _model_status(url: str) -> dict[str, Any]:
 
 
 def _engine_key(args: argparse.Namespace, pid: int) -> str | None:
-    """The key the sidecar gave the engine it started, read where the engine holds it (its environment, which the
-    bench's user may read): the bench asks the engine directly too."""
-    variable = engines.adapter(args.engine, args.engine_executable).key_env
-    return None if variable is None else psutil.Process(pid).environ().get(variable)
+    """The key the sidecar gave the engine it started, read where the engine holds it (its environment, or its
+    command line for an engine that reads no variable for it): the bench asks the engine directly too."""
+    built, process = engines.adapter(args.engine, args.engine_executable), psutil.Process(pid)
+    if built.key_env is not None:
+        return process.environ().get(built.key_env)
+    argv, flag = process.cmdline(), f"--{built.key_flag}"
+    return argv[argv.index(flag) + 1] if built.key_flag is not None and flag in argv else None
 
 
 def _workers_in(status: dict[str, Any]) -> int:

@@ -182,6 +182,9 @@ class EngineAdapter:
     # (a pod's other containers), then answers its guarded paths to the sidecar alone. The variable and the flag
     # that would replace it are reserved like the address's. None: the engine takes no key that way.
     key_env: ClassVar[str | None] = None
+    # For an engine that reads no variable for it: the flag it takes the key by, on its command line (which the
+    # container's other processes can read, unlike its environment). Reserved too.
+    key_flag: ClassVar[str | None] = None
     starts_process: ClassVar[bool] = True
     # The engine honours `stream_options.include_usage`. Where it does not, the sidecar counts the streamed tokens
     # itself (output events) and asks the engine to count the prompt (`prompt_count_request`), for streamed and

@@ -18,6 +18,8 @@ import httpx
 import psutil
 import pytest
 
+from engines.mock import MockAdapter
+from sidecar.control import supervisor as supervisor_module
 from sidecar.control.engine import LoadRequest
 from sidecar.control.supervisor import Supervisor
 from sidecar.engine_state import EngineState
@@ -376,6 +378,29 @@ async def test_env_never_enters_the_sidecars_own_environment(supervisor: Supervi
     assert code == 200
     assert psutil.Process(body["pid"]).environ()["HF_TOKEN"] == "hf_NotForUs1234"
     assert dict(os.environ) == before
+
+
+class _MockTakingItsKeyByAFlag(MockAdapter):
+    """The mock as an engine that reads no variable for its key (SGLang): it takes it by its `--api-key`."""
+
+    key_env = None
+    key_flag = "api-key"
+
+
+async def test_an_engine_that_takes_its_key_by_a_flag_gets_it_there_and_answers_the_sidecar_alone(
+    supervisor: Supervisor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(supervisor_module, "registered_adapter", lambda *_: _MockTakingItsKeyByAFlag())
+    code, body = await supervisor.load(LoadRequest(engine="mock", model="m"))
+    assert code == 200, body  # ready: its /v1/models answered the key the sidecar sent
+    process = psutil.Process(body["pid"])
+    argv = process.cmdline()
+    key = argv[argv.index("--api-key") + 1]
+    assert len(key) >= 40 and "VLLM_API_KEY" not in process.environ()
+    url = f"http://127.0.0.1:{body['port']}/v1/models"
+    async with httpx.AsyncClient() as client:
+        assert (await client.get(url)).status_code == 401
+        assert (await client.get(url, headers={"Authorization": f"Bearer {key}"})).status_code == 200
 
 
 async def test_unload_drains_in_flight_requests_and_refuses_new_ones(supervisor: Supervisor) -> None:

@@ -45,11 +45,15 @@ async def spawn(
     argv = adapter.command(request.model, port, request.args, request.served_model_name)
     env = {**inherited_environment(), **adapter.environment(request.args), **request.env}
     upstream_headers = {}
-    if adapter.key_env is not None:  # a key of this start's own: the engine's port answers the sidecar alone
+    if adapter.key_env is not None or adapter.key_flag is not None:
+        # A key of this start's own: the engine's port answers the sidecar alone.
         key = secrets.token_urlsafe(32)
-        redactor.register(key)
-        env[adapter.key_env] = key  # its environment, which only its own user can read; never its command line
+        redactor.register(key)  # before the command line is logged
         upstream_headers["authorization"] = f"Bearer {key}"
+        if adapter.key_env is not None:
+            env[adapter.key_env] = key  # its environment, which only its own user can read
+        else:
+            argv += [f"--{adapter.key_flag}", key]
     log.info("engine_spawn", engine=adapter.name, argv=argv, port=port, env_names=sorted(request.env))
     try:
         process = await EngineProcess.spawn(

@@ -191,15 +191,18 @@ def test_reserved_flags_are_refused_as_any_prefix_argparse_would_expand(engine: 
     "built",
     [adapter("vllm"), adapter("sglang"), adapter("tgi"), LlamaCppAdapter(), LlamaCppPythonAdapter(), adapter("mock")],
 )
-def test_the_variable_of_the_sidecars_key_cannot_be_set_by_a_load(built: EngineAdapter) -> None:
+def test_the_sidecars_key_for_the_engine_cannot_be_set_by_a_load(built: EngineAdapter) -> None:
     """The engine's key is the sidecar's to choose: a load's `env` naming its variable (or the address's) is refused,
-    in any case; any other variable passes."""
+    in any case, and `args` naming its flag; any other variable passes."""
     for name in built.reserved_env | ({built.key_env} if built.key_env else set()):
         for spelling in (name, name.lower()):
             with pytest.raises(AdapterError, match="set by the sidecar") as refused:
                 built.check_env({"HF_TOKEN": "x", spelling: "chosen"})
             assert refused.value.param == "env" and "HF_TOKEN" not in str(refused.value)
     built.check_env({"HF_TOKEN": "x", "CUDA_VISIBLE_DEVICES": "0"})
+    if built.key_flag is not None:  # nor the flag it takes the key by
+        with pytest.raises(AdapterError, match="set by the sidecar"):
+            built.flags({built.key_flag: "chosen"})
 
 
 @pytest.mark.parametrize(
