@@ -135,7 +135,7 @@ def test_a_key_the_engine_refuses_is_a_502_at_once_not_a_wait_for_the_startup_ti
 @pytest.mark.parametrize(
     ("fields", "param"),
     [
-        ({"engine": "mock", "url": None}, "api_key"),  # a started engine gets no key
+        ({"engine": "mock", "url": None}, "api_key"),  # a started engine gets the key the sidecar makes
         ({"engine": "mock", "url": None, "api_key": None, "headers": {"X-Org": ORG}}, "headers"),
         ({"headers": {"Host": "elsewhere"}}, "headers"),  # the sidecar's own headers cannot be replaced
         ({"headers": {"Authorization": "Bearer x"}}, "headers"),
