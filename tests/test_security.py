@@ -190,10 +190,13 @@ def test_only_the_sidecar_reaches_the_engines_guarded_paths(sidecar: SidecarProc
     key = engine_key(pid, "VLLM_API_KEY")
     assert httpx.post(f"{engine}/v1/chat/completions", json=chat, headers={"Authorization": f"Bearer {key}"}).is_success
     assert len(key) >= 40 and not any(key in part for part in psutil.Process(pid).cmdline())
-    replaced = _load(sidecar, replace=True)
+    replaced = _load(sidecar, replace=True, args={"print-env": ["VLLM_API_KEY"]})
     assert replaced.status_code == 200, replaced.text
     second = engine_key(replaced.json()["pid"], "VLLM_API_KEY")
     assert second != key
+    # The engine's output as the control plane shows it (status's tail; /v1/model/logs reads the same lines).
+    wait_until(lambda: "VLLM_API_KEY=" in json.dumps(sidecar.status(ADMIN_KEY)["output_tail"]), timeout_s=10)
+    assert second not in json.dumps(sidecar.status(ADMIN_KEY))
     assert httpx.post(f"{sidecar.url}/v1/chat/completions", json=chat, headers=D).status_code == 200
     logs = _all_logs(sidecar, tmp_path)
     assert "mock engine sees VLLM_API_KEY=" in logs["console"]  # the engine wrote it out: masked
