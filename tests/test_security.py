@@ -200,6 +200,7 @@ def test_only_the_sidecar_reaches_the_engines_guarded_paths(sidecar: SidecarProc
     assert httpx.post(f"{sidecar.url}/v1/chat/completions", json=chat, headers=D).status_code == 200
     logs = _all_logs(sidecar, tmp_path)
     assert "mock engine sees VLLM_API_KEY=" in logs["console"]  # the engine wrote it out: masked
+    assert "key_in=VLLM_API_KEY" in logs["console"]  # where it is, for whoever asks the engine directly
     for name, text in logs.items():
         assert key not in text and second not in text, name
 

@@ -45,7 +45,9 @@ async def spawn(
     argv = adapter.command(request.model, port, request.args, request.served_model_name)
     env = {**inherited_environment(), **adapter.environment(request.args), **request.env}
     upstream_headers = {}
-    if adapter.key_env is not None or adapter.key_flag is not None:
+    # Where the engine holds its key, named in the log (never the key): for whoever asks the engine directly.
+    key_in = adapter.key_env or (f"--{adapter.key_flag}" if adapter.key_flag else None)
+    if key_in is not None:
         # A key of this start's own: the engine's port answers the sidecar alone.
         key = secrets.token_urlsafe(32)
         redactor.register(key)  # before the command line is logged
@@ -54,7 +56,7 @@ async def spawn(
             env[adapter.key_env] = key  # its environment, which only its own user can read
         else:
             argv += [f"--{adapter.key_flag}", key]
-    log.info("engine_spawn", engine=adapter.name, argv=argv, port=port, env_names=sorted(request.env))
+    log.info("engine_spawn", engine=adapter.name, argv=argv, port=port, env_names=sorted(request.env), key_in=key_in)
     try:
         process = await EngineProcess.spawn(
             adapter.name, argv, env, redactor, record, kill_grace_s, port, output_lines_per_s
