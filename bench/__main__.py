@@ -164,8 +164,7 @@ def _processes(args: argparse.Namespace, logs: Path) -> Iterator[Targets]:
                 sys.stderr.write(f"{name}: skipped: {reason}\n")
                 continue
             started.append(process)
-            key = KEY if peer.has_keys else targets.engine_key or KEY
-            targets.compared.append(Proxy(name, peer_url, process.pid, key))
+            targets.compared.append(Proxy(name, peer_url, process.pid, peer.client_key(KEY, targets.engine_key)))
         nginx = find_nginx(args.nginx)
         if nginx:
             master, url = start_nginx(nginx, int(targets.direct.rsplit(":", 1)[1]), logs)

@@ -39,6 +39,10 @@ class Peer:
     def environment(self) -> Path:
         return self.root / f".venv-{self.name}"
 
+    def client_key(self, key: str, engine_key: str | None) -> str:
+        """What its clients send it: the bench's key where it checks keys of its own, else the engine's (if any)."""
+        return key if self.has_keys else engine_key or key
+
 
 def _litellm(
     bin_dir: Path, engine: str, port: int, model: str, key: str, engine_key: str | None, logs: Path
@@ -125,7 +129,7 @@ def start(
     with (logs / f"{peer.name}.log").open("wb") as log:
         process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=os.environ | peer.env, cwd=logs)
     url = f"http://127.0.0.1:{port}"
-    if _answers(url, model, key if peer.has_keys else engine_key or key, process):
+    if _answers(url, model, peer.client_key(key, engine_key), process):
         return process, url, None
     process.terminate()
     process.wait(timeout=30)

@@ -174,16 +174,16 @@ class EngineAdapter:
     list_style: ClassVar[Literal["nargs", "repeat"]] = "nargs"
     # Flags the adapter sets itself (host, port, model): a request may not pass them.
     reserved_flags: ClassVar[frozenset[str]] = frozenset({"host", "port"})
-    # Variables the engine reads for what those flags set (the address it listens on, its whole configuration, its
-    # key): a request's `env` may not set them either.
+    # Variables the engine reads for what those flags set (the address it listens on, its whole configuration): a
+    # request's `env` may not set them either.
     reserved_env: ClassVar[frozenset[str]] = frozenset()
     # The variable the engine reads an API key from. The sidecar puts a new random key there at each start and sends
     # it with every request: the engine's loopback port, which every process sharing the network namespace reaches
-    # (a pod's other containers), then answers its guarded paths to the sidecar alone. The variable and the flag
-    # that would replace it are reserved like the address's. None: the engine takes no key that way.
+    # (a pod's other containers), then answers its guarded paths to the sidecar alone. Reserved with
+    # `reserved_env`; the flag that would replace it goes in `reserved_flags`. None: the engine takes no key that way.
     key_env: ClassVar[str | None] = None
     # For an engine that reads no variable for it: the flag it takes the key by, on its command line (which the
-    # container's other processes can read, unlike its environment). Reserved too.
+    # container's other processes can read, unlike its environment). Reserved with `reserved_flags`.
     key_flag: ClassVar[str | None] = None
     starts_process: ClassVar[bool] = True
     # The engine honours `stream_options.include_usage`. Where it does not, the sidecar counts the streamed tokens
@@ -213,11 +213,13 @@ class EngineAdapter:
         raise NotImplementedError
 
     def flags(self, args: Mapping[str, ArgValue]) -> list[str]:
-        return flags_from_args(args, self.list_style, self.reserved_flags)
+        reserved = self.reserved_flags if self.key_flag is None else self.reserved_flags | {self.key_flag}
+        return flags_from_args(args, self.list_style, reserved)
 
     def check_env(self, env: Mapping[str, str]) -> None:
-        """A load's `env` without the variables the sidecar sets (`reserved_env`), else AdapterError."""
-        taken = [name for name in env if name.upper() in self.reserved_env]
+        """A load's `env` without the variables the sidecar sets (`reserved_env`, `key_env`), else AdapterError."""
+        reserved = self.reserved_env if self.key_env is None else self.reserved_env | {self.key_env}
+        taken = [name for name in env if name.upper() in reserved]
         if taken:
             named = ", ".join(map(repr, taken))
             raise AdapterError(f"{named}: set by the sidecar for {self.name} (its address, its model, its key)", "env")

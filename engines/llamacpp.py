@@ -25,9 +25,8 @@ class LlamaCppAdapter(EngineAdapter):
     ready_paths = ("/health",)
     list_style = "repeat"
     reserved_flags = frozenset({"host", "port", "m", "model", "api-key"})
-    # Its flags' variables; LLAMA_API_KEY guards every path but /health, /models and /v1/models.
-    reserved_env = frozenset({"LLAMA_ARG_HOST", "LLAMA_ARG_PORT", "LLAMA_ARG_MODEL", "LLAMA_API_KEY"})
-    key_env = "LLAMA_API_KEY"
+    reserved_env = frozenset({"LLAMA_ARG_HOST", "LLAMA_ARG_PORT", "LLAMA_ARG_MODEL"})  # its flags' variables
+    key_env = "LLAMA_API_KEY"  # guards every path but /health, /models and /v1/models
     load_series = LLAMA_SERVER_LOAD
     data_paths = ("GET /v1/models", "POST /v1/rerank")
 
@@ -53,7 +52,7 @@ class LlamaCppPythonAdapter(EngineAdapter):
     reserved_flags = frozenset({"host", "port", "model", "interrupt_requests", "api_key", "config_file"})
     # Its server listens on $HOST and $PORT over its flags, and reads a whole configuration in their place from
     # $CONFIG_FILE (or --config_file).
-    reserved_env = frozenset({"HOST", "PORT", "CONFIG_FILE", "API_KEY"})
+    reserved_env = frozenset({"HOST", "PORT", "CONFIG_FILE"})
     key_env = "API_KEY"  # guards its every route
     streams_usage = False
     data_paths = ("GET /v1/models",)  # its other routes are /extras/*, and a Copilot completion route

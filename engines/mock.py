@@ -16,7 +16,6 @@ class MockAdapter(VllmFeatures):
     default_executable = sys.executable
     list_style = "repeat"
     reserved_flags = frozenset({"host", "port", "model", "api-key"})
-    reserved_env = frozenset({"VLLM_API_KEY"})
     key_env = "VLLM_API_KEY"  # as vLLM, it guards its /v1 paths with it
     load_series = VLLM_LOAD  # its /metrics is shaped as vLLM's
     data_paths = (*VLLM_DATA_PATHS, "* /v1/mock/echo")  # its echo of what reached it, for the tests

@@ -18,7 +18,7 @@ class SglangAdapter(EngineAdapter):
 
     name = "sglang"
     default_executable = sys.executable
-    reserved_flags = frozenset({"host", "port", "model-path", "model", "api-key"})
+    reserved_flags = frozenset({"host", "port", "model-path", "model"})
     key_flag = "api-key"  # no variable: it guards every path but /health (and /metrics) with it
     load_series = SGLANG_LOAD
     # Started with --enable-lora, it loads and unloads adapters at run time and lists them in /v1/models.

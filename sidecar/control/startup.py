@@ -45,17 +45,18 @@ async def spawn(
     argv = adapter.command(request.model, port, request.args, request.served_model_name)
     env = {**inherited_environment(), **adapter.environment(request.args), **request.env}
     upstream_headers = {}
-    # Where the engine holds its key, named in the log (never the key): for whoever asks the engine directly.
-    key_in = adapter.key_env or (f"--{adapter.key_flag}" if adapter.key_flag else None)
-    if key_in is not None:
+    key_in = None  # where the engine holds its key, named in the log (never the key): for whoever asks it directly
+    if adapter.key_env is not None or adapter.key_flag is not None:
         # A key of this start's own: the engine's port answers the sidecar alone.
         key = secrets.token_urlsafe(32)
         redactor.register(key)  # before the command line is logged
         upstream_headers["authorization"] = f"Bearer {key}"
         if adapter.key_env is not None:
-            env[adapter.key_env] = key  # its environment, which only its own user can read
+            key_in = adapter.key_env
+            env[key_in] = key  # its environment, which only its own user can read
         else:
-            argv += [f"--{adapter.key_flag}", key]
+            key_in = f"--{adapter.key_flag}"
+            argv += [key_in, key]
     log.info("engine_spawn", engine=adapter.name, argv=argv, port=port, env_names=sorted(request.env), key_in=key_in)
     try:
         process = await EngineProcess.spawn(
