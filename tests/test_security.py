@@ -15,7 +15,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.processes import SidecarProcess, engine_key, free_port, wait_until
+from tests.processes import SidecarProcess, bearer, engine_key, free_port, wait_until
 
 Start = Callable[..., SidecarProcess]
 DATA_KEY = "datakey-probe-51be02"
@@ -188,7 +188,7 @@ def test_only_the_sidecar_reaches_the_engines_guarded_paths(sidecar: SidecarProc
     assert httpx.get(f"{engine}/v1/models").status_code == 401
     assert httpx.post(f"{sidecar.url}/v1/chat/completions", json=chat, headers=D).status_code == 200
     key = engine_key(pid, "VLLM_API_KEY")
-    assert httpx.post(f"{engine}/v1/chat/completions", json=chat, headers={"Authorization": f"Bearer {key}"}).is_success
+    assert httpx.post(f"{engine}/v1/chat/completions", json=chat, headers=bearer(key)).is_success
     assert len(key) >= 40 and not any(key in part for part in psutil.Process(pid).cmdline())
     replaced = _load(sidecar, replace=True, args={"print-env": ["VLLM_API_KEY"]})
     assert replaced.status_code == 200, replaced.text

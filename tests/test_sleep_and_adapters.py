@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.processes import SidecarProcess, engine_key, group_members, wait_until
+from tests.processes import SidecarProcess, bearer, engine_key, group_members, wait_until
 
 Start = Callable[..., SidecarProcess]
 ADMIN = {"Authorization": "Bearer model-admin-key-0123"}
@@ -150,8 +150,8 @@ def test_adapters_load_list_serve_and_unload_as_the_engine_has_them(start_sideca
     # Read back from the engine, not remembered: an adapter loaded behind the sidecar's back shows too.
     other = tmp_path / "other-lora"
     other.mkdir()
-    lora, auth = {"lora_name": "other", "lora_path": str(other)}, {"Authorization": f"Bearer {key}"}
-    httpx.post(f"{engine}/v1/load_lora_adapter", json=lora, headers=auth).raise_for_status()
+    lora = {"lora_name": "other", "lora_path": str(other)}
+    httpx.post(f"{engine}/v1/load_lora_adapter", json=lora, headers=bearer(key)).raise_for_status()
     assert [a["name"] for a in _adapters(sidecar)] == ["sql", "other"]
 
     unloaded = _post(sidecar, "/v1/model/adapters/unload", {"name": "sql"})

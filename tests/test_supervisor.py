@@ -26,7 +26,7 @@ from sidecar.engine_state import EngineState
 from sidecar.errors import ServiceUnavailable
 from sidecar.redaction import Redactor
 from sidecar.settings import load_settings
-from tests.processes import SidecarProcess, engine_key, free_port, group_members, is_gone, wait_until
+from tests.processes import SidecarProcess, bearer, engine_key, free_port, group_members, is_gone, wait_until
 
 Start = Callable[..., SidecarProcess]
 
@@ -44,7 +44,7 @@ def test_load_ready_unload_leaves_no_process_of_the_group(start_sidecar: Start) 
     assert len(members) >= 2, "the engine and the grandchild it spawned"
     assert httpx.get(f"{sidecar.url}/ready").status_code == 200
     assert httpx.get(f"{sidecar.url}/health").json()["engine"]["state"] == "ready"
-    engine_auth = {"Authorization": f"Bearer {engine_key(pid, 'VLLM_API_KEY')}"}
+    engine_auth = bearer(engine_key(pid, "VLLM_API_KEY"))
     engine_models = httpx.get(f"http://127.0.0.1:{body['port']}/v1/models", headers=engine_auth).json()
     assert engine_models["data"][0]["id"] == "mocked"
 
@@ -400,7 +400,7 @@ async def test_an_engine_that_takes_its_key_by_a_flag_gets_it_there_and_answers_
     url = f"http://127.0.0.1:{body['port']}/v1/models"
     async with httpx.AsyncClient() as client:
         assert (await client.get(url)).status_code == 401
-        assert (await client.get(url, headers={"Authorization": f"Bearer {key}"})).status_code == 200
+        assert (await client.get(url, headers=bearer(key))).status_code == 200
 
 
 async def test_unload_drains_in_flight_requests_and_refuses_new_ones(supervisor: Supervisor) -> None:

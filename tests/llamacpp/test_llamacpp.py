@@ -20,7 +20,7 @@ from openai import OpenAI
 
 import engines
 from bench.gguf_llama import write_tiny_llama
-from tests.processes import OpenAIClients, SidecarProcess, engine_key, group_members, is_gone, wait_until
+from tests.processes import OpenAIClients, SidecarProcess, bearer, engine_key, group_members, is_gone, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -57,7 +57,7 @@ class Llama:
 
     def engine_auth(self) -> dict[str, str]:
         """The key the sidecar gave llama-cpp-python, which its every route needs."""
-        return {"Authorization": f"Bearer {engine_key(self.loaded['pid'], 'API_KEY')}"}
+        return bearer(engine_key(self.loaded["pid"], "API_KEY"))
 
     def engines_own_usage(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         """The usage llama-cpp-python itself reports for a whole (non-streamed) answer: asked on its own port."""

@@ -14,7 +14,7 @@ import pytest
 from openai import OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.processes import OpenAIClients, SidecarProcess, engine_key, wait_until
+from tests.processes import OpenAIClients, SidecarProcess, bearer, engine_key, wait_until
 
 KEY = "proxy-key-0123"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -141,7 +141,7 @@ def engine_id(stream: bytes) -> str:
 
 
 def post_stream(url: str, body: dict[str, Any], request_id: str, key: str = KEY) -> bytes:
-    headers = {"X-Request-ID": request_id, "Authorization": f"Bearer {key}"}
+    headers = {"X-Request-ID": request_id} | bearer(key)
     with httpx.stream("POST", url, json=body, headers=headers, timeout=30) as response:
         assert response.status_code == 200, response.read()
         return response.read()

@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.processes import wait_until
+from tests.processes import bearer, wait_until
 from tests.proxy.conftest import AUTH, KEY, MESSAGES, MODEL, Stack, assert_timed_as_the_engine, normalized
 
 TOOLS = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]
@@ -24,7 +24,7 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
 
 
 def _post(url: str, body: dict[str, Any], request_id: str, key: str = KEY) -> httpx.Response:
-    headers = {"X-Request-ID": request_id, "Authorization": f"Bearer {key}"}
+    headers = {"X-Request-ID": request_id} | bearer(key)
     response = httpx.post(url, json=body, headers=headers, timeout=30)
     assert response.status_code == 200, response.text
     return response

@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.processes import wait_until
+from tests.processes import bearer, wait_until
 from tests.proxy.conftest import AUTH, MODEL, Stack, assert_timed_as_the_engine, samples
 
 RESPONSES = "/v1/responses"
@@ -67,8 +67,8 @@ def _whole(stack: Stack, request_id: str, **body: Any) -> tuple[dict[str, Any], 
     assert json.loads(response.headers["x-performance-metrics"]) == performance
     engine_id = {"X-Request-ID": answer["id"].removeprefix("resp_")}
     assert engine_id["X-Request-ID"].startswith(f"{request_id}-")
-    engine_key = {"Authorization": f"Bearer {stack.engine_key}"}
-    direct = httpx.post(stack.engine_url + RESPONSES, json=request, headers=engine_id | engine_key, timeout=30).json()
+    to_engine = engine_id | bearer(stack.engine_key)
+    direct = httpx.post(stack.engine_url + RESPONSES, json=request, headers=to_engine, timeout=30).json()
     return answer, performance, direct
 
 

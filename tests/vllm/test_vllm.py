@@ -26,7 +26,7 @@ from openai import OpenAI
 
 from bench.otlp_receiver import OtlpReceiver, Received
 from sidecar.telemetry.engine_load import series_samples
-from tests.processes import OpenAIClients, SidecarProcess, engine_key, group_members, wait_until
+from tests.processes import OpenAIClients, SidecarProcess, bearer, engine_key, group_members, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 VLLM_PYTHON = Path(os.environ.get("SIDECAR_TEST_VLLM_PYTHON", REPO / ".venv-vllm" / "bin" / "python"))
@@ -78,7 +78,7 @@ class Vllm:
         return engine_key(self.loaded["pid"], "VLLM_API_KEY")
 
     def engine_auth(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.engine_key()}"}
+        return bearer(self.engine_key())
 
     def direct(self) -> OpenAI:
         return self.clients(f"{self.engine}/v1", self.engine_key(), timeout=60)
