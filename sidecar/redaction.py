@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import re
 import threading
+from collections import Counter
 from collections.abc import Iterable, MutableMapping
 from typing import Any
 
@@ -27,17 +28,36 @@ class Redactor:
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:
         self._lock = threading.Lock()
+        self._holders: Counter[str] = Counter()  # each secret's registrations not yet forgotten
         self._secrets: frozenset[str] = frozenset()
         self._pattern = self._compile(self._secrets)
         self.register(*secrets)
 
     def register(self, *secrets: str) -> None:
-        new = {s for s in secrets if len(s) >= MIN_SECRET_LENGTH}
+        """Mask these from now on, until each registration is undone by `forget`."""
+        self._count(secrets, 1)
+
+    def forget(self, *secrets: str) -> None:
+        """Undo one registration of each. A value registered twice (a data key of the sidecar's that an engine's
+        `env` holds too) stays masked until both are undone.
+
+        For what lives as long as an engine: each start's own key would otherwise be kept forever, and every log
+        line is searched for every secret kept (1,000 engines started: 130 µs an access line instead of 7)."""
+        self._count(secrets, -1)
+
+    def _count(self, secrets: Iterable[str], step: int) -> None:
+        counted = [s for s in secrets if len(s) >= MIN_SECRET_LENGTH]
+        if not counted:
+            return
         with self._lock:
-            if new <= self._secrets:
-                return
-            self._secrets = self._secrets | new
-            self._pattern = self._compile(self._secrets)
+            for secret in counted:
+                self._holders[secret] += step
+                if self._holders[secret] <= 0:
+                    del self._holders[secret]
+            held = frozenset(self._holders)
+            if held != self._secrets:
+                self._secrets = held
+                self._pattern = self._compile(held)
 
     @staticmethod
     def _compile(secrets: frozenset[str]) -> re.Pattern[str]:

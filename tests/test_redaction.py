@@ -31,6 +31,22 @@ def test_secret_registered_at_run_time_is_masked_from_then_on() -> None:
     assert redactor.redact_text("token=runtime-secret") == f"token={MASK}"
 
 
+def test_a_forgotten_secret_is_no_longer_masked_unless_another_registration_holds_it() -> None:
+    redactor = Redactor(["sidecar-data-key"])  # the sidecar's own: never forgotten
+    redactor.register("engine-start-key", "sidecar-data-key")  # an engine's: its key, and a value it shares
+    redactor.register("engine-start-key")  # a second holder (a worker's view of the same engine)
+    redactor.forget("engine-start-key", "sidecar-data-key")
+    assert redactor.redact_text("engine-start-key sidecar-data-key") == f"{MASK} {MASK}"
+    redactor.forget("engine-start-key")
+    assert redactor.redact_text("engine-start-key sidecar-data-key") == f"engine-start-key {MASK}"
+    redactor.forget("engine-start-key", "never-registered")  # once too often, or never held: nothing changes
+    assert redactor.redact_text("engine-start-key never-registered sidecar-data-key") == (
+        f"engine-start-key never-registered {MASK}"
+    )
+    redactor.register("engine-start-key")  # registered again after all its holders let it go: masked again
+    assert redactor.redact_text("engine-start-key") == MASK
+
+
 def test_longer_secret_containing_a_shorter_one_is_masked_whole() -> None:
     redactor = Redactor(["abcdef", "abcdefghij"])
     assert redactor.redact_text("x abcdefghij y") == f"x {MASK} y"

@@ -24,7 +24,7 @@ from sidecar.control.engine import LoadRequest
 from sidecar.control.supervisor import Supervisor
 from sidecar.engine_state import EngineState
 from sidecar.errors import ServiceUnavailable
-from sidecar.redaction import Redactor
+from sidecar.redaction import MASK, Redactor
 from sidecar.settings import load_settings
 from tests.processes import SidecarProcess, bearer, engine_key, free_port, group_members, is_gone, wait_until
 
@@ -378,6 +378,77 @@ async def test_env_never_enters_the_sidecars_own_environment(supervisor: Supervi
     assert code == 200
     assert psutil.Process(body["pid"]).environ()["HF_TOKEN"] == "hf_NotForUs1234"
     assert dict(os.environ) == before
+
+
+async def _until(condition: Callable[[], bool], timeout_s: float = 10) -> None:
+    async with asyncio.timeout(timeout_s):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
+async def test_an_engines_values_are_masked_from_its_start_until_its_processes_are_gone(tmp_path: Path) -> None:
+    """Each start's key is new: kept masked for good, they would add up, and every log line is searched for each
+    (docs/telemetry.md). What the sidecar holds itself stays masked, whatever engine shared it."""
+    redactor = Redactor(["sidecar-data-key-1"])
+    settings = load_settings(None, run_dir=tmp_path, restart_max=1, restart_backoff_s=0.05)
+    supervisor = Supervisor(settings, redactor)
+    env = {"ENGINE_SECRET": "engine-env-secret", "SHARED_WITH_THE_SIDECAR": "sidecar-data-key-1"}
+
+    def masked(text: str) -> bool:
+        return redactor.redact_text(text) == MASK
+
+    try:
+        keys = []
+        for _ in range(2):
+            code, body = await supervisor.load(LoadRequest(engine="mock", model="m", env=env))
+            assert code == 200, body
+            keys.append(key := engine_key(body["pid"], "VLLM_API_KEY"))
+            assert masked(key) and masked("engine-env-secret")
+            await supervisor.unload(drain_timeout_s=1)
+            await _until(lambda key=key: not masked(key))  # once its output has ended with its processes
+            assert not masked("engine-env-secret") and masked("sidecar-data-key-1")
+        assert keys[0] != keys[1]
+
+        code, body = await supervisor.load(LoadRequest(engine="mock", model="m", env=env))
+        crashed = engine_key(body["pid"], "VLLM_API_KEY")
+        os.kill(body["pid"], signal.SIGKILL)
+        await _until(lambda: supervisor.status()["restarts"] == 1 and supervisor.state is EngineState.READY)
+        restarted = engine_key(supervisor.status()["pid"], "VLLM_API_KEY")
+        await _until(lambda: not masked(crashed))
+        assert masked(restarted) and masked("engine-env-secret")  # the restart's own, and the load's again
+    finally:
+        await supervisor.shutdown()
+    await _until(lambda: not masked(restarted))
+    assert not masked("engine-env-secret") and masked("sidecar-data-key-1")
+
+
+async def test_an_external_engines_key_is_masked_until_it_is_unloaded(tmp_path: Path) -> None:
+    redactor = Redactor()
+    supervisor = Supervisor(load_settings(None, run_dir=tmp_path), redactor)
+    port = free_port()
+    engine = subprocess.Popen(
+        [sys.executable, "-m", "engines.mock_server", "--port", str(port), "--model", "ext"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_until(lambda: _answers(f"http://127.0.0.1:{port}/health"), timeout_s=30)
+        load = LoadRequest(engine="external", model="ext", url=f"http://127.0.0.1:{port}", api_key="hosted-api-key")
+        assert (await supervisor.load(load))[0] == 200
+        assert redactor.redact_text("hosted-api-key") == MASK
+        await supervisor.unload()
+        assert redactor.redact_text("hosted-api-key") == "hosted-api-key"
+    finally:
+        await supervisor.shutdown()
+        engine.kill()
+        engine.wait()
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 class _MockTakingItsKeyByAFlag(MockAdapter):

@@ -257,6 +257,45 @@ def test_auto_respects_the_containers_cpu_quota(tmp_path: Path, files: dict[str,
     assert usable_cores(tmp_path) == (affinity if expected is None else min(affinity, expected))
 
 
+async def test_a_worker_masks_what_the_supervisor_masks_for_the_engine_it_has_and_no_older_one(
+    tmp_path: Path,
+) -> None:
+    """Unit: a worker's view of the engine (`EngineView`), its descriptions from a fake supervisor's process."""
+    from engines.mock import MockAdapter
+    from sidecar.control.engine import Engine, LoadRequest
+    from sidecar.control.records import Described, EngineDescription
+    from sidecar.control.shared import SharedState
+    from sidecar.engine_state import EngineState
+    from sidecar.redaction import MASK, Redactor
+    from sidecar.settings import load_settings
+    from sidecar.workers.view import EngineView
+
+    def described(generation: int, key: str) -> bytes:
+        request = LoadRequest(engine="mock", model="m", env={"HF_TOKEN": "load-env-secret"})
+        masked = (*request.secrets(), key)
+        engine = Engine(request, MockAdapter(), "http://127.0.0.1:1", 1, None, 0.0, 0.0, masked=masked)
+        return Described(generation=generation, engine=EngineDescription.of(engine)).model_dump_json().encode()
+
+    answers = {1: described(1, "first-start-key"), 2: described(2, "second-start-key")}
+    shared = SharedState.create(tmp_path / "state", 1)
+    supervisor = httpx.AsyncClient(
+        transport=httpx.MockTransport(lambda _: httpx.Response(200, content=answers[shared.engine()[1]])),
+        base_url="http://supervisor",
+    )
+    redactor = Redactor()
+    view = EngineView(load_settings(None), shared, 0, supervisor, redactor)
+    try:
+        for generation, key in ((1, "first-start-key"), (2, "second-start-key")):
+            shared.publish(EngineState.READY, generation, idle_unloaded=False)
+            async with view.request_slot() as engine:
+                assert engine.masked[-1] == key
+            assert redactor.redact_text(f"{key} load-env-secret") == f"{MASK} {MASK}"
+        assert redactor.redact_text("first-start-key") == "first-start-key"
+    finally:
+        await supervisor.aclose()
+        shared.close()
+
+
 def test_the_engines_live_output_streams_through_a_worker(sidecar: SidecarProcess) -> None:
     seen = threading.Event()
 

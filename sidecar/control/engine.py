@@ -167,6 +167,9 @@ class Engine:
     started_monotonic: float
     load_time_s: float | None = None
     upstream_headers: dict[str, str] = field(default_factory=dict)  # on every request to the engine
+    # What the redactor masks for this engine (its load request's values, its start's key), registered before it
+    # starts and forgotten once it is let go: its output ended, or for an external one, unloaded.
+    masked: tuple[str, ...] = ()
 
     @property
     def served_model(self) -> str:

@@ -15,7 +15,7 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import psutil
 
@@ -187,6 +187,7 @@ class EngineProcess:
         grace_s: float,
         port: int,
         output_lines_per_s: float = 0,
+        masked: Sequence[str] = (),
     ) -> EngineProcess:
         """Start argv (never through a shell) in a new process group; `env` is the child's whole environment.
 
@@ -200,7 +201,9 @@ class EngineProcess:
         guard process stops the rest of its group (`sidecar.guard`); its pid goes into the run directory's record.
 
         Its output is logged at most `output_lines_per_s` lines a second (0: every line); every line is kept in
-        the tail and goes to followers whatever the rate, and what was not logged is counted in a warning.
+        the tail and goes to followers whatever the rate, and what was not logged is counted in a warning. The
+        `masked` values, registered with the redactor for this engine, are forgotten once its output has ended:
+        nothing it writes after can hold them.
         """
         tail: collections.deque[tuple[str, str]] = collections.deque(maxlen=TAIL_LINES)
         followers: set[OutputFollower] = set()
@@ -223,26 +226,37 @@ class EngineProcess:
         def on_end() -> None:
             logged.report()
             _let_go(followers)
+            redactor.forget(*masked)
 
         loop = asyncio.get_running_loop()
-        transport, protocol = await loop.subprocess_exec(
-            lambda: _OutputProtocol(on_lines, on_end),
-            executable_on_own_path(argv[0]),
-            *argv[1:],
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env=env,
-            preexec_fn=_in_own_group,  # uvloop's spawn takes no `process_group`
-        )
+        try:
+            transport, protocol = await loop.subprocess_exec(
+                lambda: _OutputProtocol(on_lines, on_end),
+                executable_on_own_path(argv[0]),
+                *argv[1:],
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env=env,
+                preexec_fn=_in_own_group,  # uvloop's spawn takes no `process_group`
+            )
+        except BaseException:
+            redactor.forget(*masked)  # nothing started: no output to mask
+            raise
         pid = transport.get_pid()
         guard_argv = [sys.executable, "-m", "sidecar.control.guard", str(os.getpid()), str(pid), str(grace_s)]
-        guard = await asyncio.create_subprocess_exec(
-            *guard_argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            start_new_session=True,  # a signal to the sidecar's group must not reach it
-        )
+        try:
+            guard = await asyncio.create_subprocess_exec(
+                *guard_argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                start_new_session=True,  # a signal to the sidecar's group must not reach it
+            )
+        except BaseException:  # an engine nothing would stop if the sidecar died: not left running
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+            transport.close()
+            raise
         record.write(pid, name, port)
         return cls(name, transport, protocol, tail, followers, guard, record)
 

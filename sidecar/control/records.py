@@ -92,6 +92,7 @@ class EngineDescription(BaseModel):
     uptime_s: float
     load_time_s: float | None
     upstream_headers: dict[str, str]
+    masked: tuple[str, ...]  # the worker masks what the supervisor's process does, for as long as it has the engine
 
     @classmethod
     def of(cls, engine: Engine) -> EngineDescription:
@@ -105,6 +106,7 @@ class EngineDescription(BaseModel):
             uptime_s=time.monotonic() - engine.started_monotonic,
             load_time_s=engine.load_time_s,
             upstream_headers=engine.upstream_headers,
+            masked=engine.masked,
         )
 
     def engine(self, executables: dict[str, str]) -> Engine:
@@ -122,6 +124,7 @@ class EngineDescription(BaseModel):
             started_monotonic,
             self.load_time_s,
             upstream_headers=self.upstream_headers,
+            masked=self.masked,
         )
 
 

@@ -172,7 +172,7 @@ class Runner:
         engine = self.engine
         if engine is not None and engine.process is not None:
             self.exit_code = await self.during(Phase.ABANDONING, engine.process.stop(self.settings.kill_grace_s))
-        self.engine = None
+        self._let_go()
         self.set_state(EngineState.IDLE)
         log.info("model_load_abandoned", engine=engine_name, model=model, exit_code=self.exit_code)
 
@@ -194,7 +194,7 @@ class Runner:
             stop = engine.process.stop(self.settings.kill_grace_s)
             exit_code = await self.during(Phase.STOPPING, stop, joiners)
         self.freed_gpu_memory_mb = freed = await asyncio.to_thread(freed_mb, self.gpus, gpu_before, gpu_pids)
-        self.engine = None
+        self._let_go()
         self.set_state(EngineState.IDLE)
         self.exit_code = exit_code
         duration_ms = round((time.monotonic() - started) * 1000, 3)
@@ -207,6 +207,13 @@ class Runner:
             duration_ms=duration_ms,
         )
         return Unloaded(state=EngineState.IDLE, exit_code=exit_code, freed_gpu_memory_mb=freed)
+
+    def _let_go(self) -> None:
+        """No engine here any more: an external one's masked values are forgotten now (an engine process forgets
+        its own once its output has ended, `EngineProcess.spawn`)."""
+        engine, self.engine = self.engine, None
+        if engine is not None and engine.process is None:
+            self.redactor.forget(*engine.masked)
 
 
 def _iso(timestamp: float) -> str:

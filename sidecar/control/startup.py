@@ -35,12 +35,14 @@ async def spawn(
     """The engine for `request`: its process started (502 when it cannot be), or the external server named."""
     now = (time.time(), time.monotonic())
     # The request's env goes to the child only, its key and headers to the engine only; their values are masked
-    # in every log line from now on.
-    redactor.register(*request.secrets())
+    # in every log line from now on, until the engine is let go (`Engine.masked`).
+    masked = tuple(request.secrets())
     if not adapter.starts_process:
         assert request.url is not None
+        redactor.register(*masked)
         base_url = request.url.rstrip("/")
-        return Engine(request, adapter, base_url, None, None, *now, upstream_headers=request.upstream_headers())
+        upstream_headers = request.upstream_headers()
+        return Engine(request, adapter, base_url, None, None, *now, upstream_headers=upstream_headers, masked=masked)
     port = free_port()
     argv = adapter.command(request.model, port, request.args, request.served_model_name)
     env = {**inherited_environment(), **adapter.environment(request.args), **request.env}
@@ -49,7 +51,7 @@ async def spawn(
     if adapter.key_env is not None or adapter.key_flag is not None:
         # A key of this start's own: the engine's port answers the sidecar alone.
         key = secrets.token_urlsafe(32)
-        redactor.register(key)  # before the command line is logged
+        masked += (key,)
         upstream_headers["authorization"] = f"Bearer {key}"
         if adapter.key_env is not None:
             key_in = adapter.key_env
@@ -57,16 +59,18 @@ async def spawn(
         else:
             key_in = f"--{adapter.key_flag}"
             argv += [key_in, key]
+    redactor.register(*masked)  # before the command line is logged
     log.info("engine_spawn", engine=adapter.name, argv=argv, port=port, env_names=sorted(request.env), key_in=key_in)
     try:
         process = await EngineProcess.spawn(
-            adapter.name, argv, env, redactor, record, kill_grace_s, port, output_lines_per_s
+            adapter.name, argv, env, redactor, record, kill_grace_s, port, output_lines_per_s, masked
         )
-    except OSError as exc:
+    except OSError as exc:  # the process forgot `masked` (none started, or its output ended)
         raise BadGateway(
             f"cannot start engine {adapter.name}: {exc.strerror or exc}", code="engine_spawn_failed"
         ) from None
-    return Engine(request, adapter, f"http://127.0.0.1:{port}", port, process, *now, upstream_headers=upstream_headers)
+    base_url = f"http://127.0.0.1:{port}"
+    return Engine(request, adapter, base_url, port, process, *now, upstream_headers=upstream_headers, masked=masked)
 
 
 async def wait_ready(engine: Engine, probe: httpx.AsyncClient, timeout_s: float, kill_grace_s: float) -> None:

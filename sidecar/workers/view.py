@@ -83,10 +83,12 @@ class EngineView:
             described = Described.model_validate_json(answer.content)
         except (httpx.HTTPError, ValidationError) as exc:
             raise ServiceUnavailable(f"the engine's description could not be read: {exc}") from None
-        self.engine = None
+        previous, self.engine = self.engine, None
         if described.engine is not None:
             self.engine = described.engine.engine(self.settings.engine_executables)
-            self.redactor.register(*self.engine.request.secrets())
+            self.redactor.register(*self.engine.masked)
+        if previous is not None:  # after the new one's: a value both hold stays masked throughout
+            self.redactor.forget(*previous.masked)
         self._generation = described.generation
 
     async def _load_on_demand(self) -> None:
