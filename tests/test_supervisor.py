@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -261,23 +261,41 @@ def test_bad_unload_body_is_400(start_sidecar: Start) -> None:
     assert httpx.post(f"{sidecar.url}/v1/model/unload", content=b"[]").status_code == 400
 
 
-def test_external_engine_is_used_and_forgotten_not_killed(start_sidecar: Start, tmp_path: Path) -> None:
+@pytest.fixture
+def external_mock() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """The mock engine started by the test, not by a sidecar, answering: its URL and its process."""
     port = free_port()
     engine = subprocess.Popen(
         [sys.executable, "-m", "engines.mock_server", "--port", str(port), "--model", "ext"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+    url = f"http://127.0.0.1:{port}"
     try:
-        sidecar = start_sidecar()
-        response = sidecar.load(engine="external", model="ext", url=f"http://127.0.0.1:{port}")
-        assert response.status_code == 200, response.text
-        assert response.json()["pid"] is None
-        assert httpx.post(f"{sidecar.url}/v1/model/unload").json()["state"] == "idle"
-        assert engine.poll() is None
+        wait_until(lambda: _answers(f"{url}/health"), timeout_s=30)
+        yield url, engine
     finally:
         engine.kill()
         engine.wait()
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def test_external_engine_is_used_and_forgotten_not_killed(
+    start_sidecar: Start, external_mock: tuple[str, subprocess.Popen[bytes]]
+) -> None:
+    url, engine = external_mock
+    sidecar = start_sidecar()
+    response = sidecar.load(engine="external", model="ext", url=url)
+    assert response.status_code == 200, response.text
+    assert response.json()["pid"] is None
+    assert httpx.post(f"{sidecar.url}/v1/model/unload").json()["state"] == "idle"
+    assert engine.poll() is None
 
 
 def test_an_external_url_where_nothing_listens_is_a_502_at_once_and_blocks_no_other_load(start_sidecar: Start) -> None:
@@ -422,33 +440,19 @@ async def test_an_engines_values_are_masked_from_its_start_until_its_processes_a
     assert not masked("engine-env-secret") and masked("sidecar-data-key-1")
 
 
-async def test_an_external_engines_key_is_masked_until_it_is_unloaded(tmp_path: Path) -> None:
+async def test_an_external_engines_key_is_masked_until_it_is_unloaded(
+    tmp_path: Path, external_mock: tuple[str, subprocess.Popen[bytes]]
+) -> None:
     redactor = Redactor()
     supervisor = Supervisor(load_settings(None, run_dir=tmp_path), redactor)
-    port = free_port()
-    engine = subprocess.Popen(
-        [sys.executable, "-m", "engines.mock_server", "--port", str(port), "--model", "ext"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
     try:
-        wait_until(lambda: _answers(f"http://127.0.0.1:{port}/health"), timeout_s=30)
-        load = LoadRequest(engine="external", model="ext", url=f"http://127.0.0.1:{port}", api_key="hosted-api-key")
+        load = LoadRequest(engine="external", model="ext", url=external_mock[0], api_key="hosted-api-key")
         assert (await supervisor.load(load))[0] == 200
         assert redactor.redact_text("hosted-api-key") == MASK
         await supervisor.unload()
         assert redactor.redact_text("hosted-api-key") == "hosted-api-key"
     finally:
         await supervisor.shutdown()
-        engine.kill()
-        engine.wait()
-
-
-def _answers(url: str) -> bool:
-    try:
-        return httpx.get(url).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 class _MockTakingItsKeyByAFlag(MockAdapter):
