@@ -223,10 +223,18 @@ class EngineProcess:
                 for follower in followers:
                     follower.push(stream, masked)
 
+        forgotten = False
+
+        def forget_masked() -> None:  # once: an output's end after a failed start must not undo another's hold
+            nonlocal forgotten
+            if not forgotten:
+                forgotten = True
+                redactor.forget(*masked)
+
         def on_end() -> None:
             logged.report()
             _let_go(followers)
-            redactor.forget(*masked)
+            forget_masked()
 
         loop = asyncio.get_running_loop()
         try:
@@ -241,7 +249,7 @@ class EngineProcess:
                 preexec_fn=_in_own_group,  # uvloop's spawn takes no `process_group`
             )
         except BaseException:
-            redactor.forget(*masked)  # nothing started: no output to mask
+            forget_masked()  # nothing started: no output to mask
             raise
         pid = transport.get_pid()
         guard_argv = [sys.executable, "-m", "sidecar.control.guard", str(os.getpid()), str(pid), str(grace_s)]
