@@ -150,6 +150,35 @@ def test_what_is_not_http_gets_an_openai_400(sidecar: SidecarProcess) -> None:
     _still_standing(sidecar)
 
 
+@pytest.mark.parametrize(
+    "upgrade",
+    [
+        "Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n",
+        "Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n",
+    ],
+    ids=["websocket", "h2c"],
+)
+def test_an_upgrade_request_is_served_as_the_http_request_it_also_is(sidecar: SidecarProcess, upgrade: str) -> None:
+    """No route is a WebSocket, and the server speaks HTTP/1.1 only (`curl --http2` asks for h2c): an upgrade
+    request gets what its HTTP request earns (the key checked, an OpenAI error, a request id), never a WebSocket
+    handshake, and the connection closes after its answer (the parser ends such a request at its head)."""
+    upgrade = "Host: x\r\n" + upgrade
+    refused = _raw(sidecar, f"GET /v1/models HTTP/1.1\r\n{upgrade}\r\n".encode())
+    head, _, body = refused.partition(b"\r\n\r\n")
+    assert _status(refused) == 401, refused[:300]
+    assert b"x-request-id: " in head and b"connection: close" in head
+    assert "missing API key" in json.loads(body)["error"]["message"]
+    with _connect(sidecar) as sock:  # not shut for writing: the server is the one to close it, after its answer
+        sock.sendall(f"GET /v1/models HTTP/1.1\r\nAuthorization: Bearer {KEY}\r\n{upgrade}\r\n".encode())
+        served = _read_all(sock)
+    assert _status(served) == 200 and b'"mock-model"' in served, served[:300]
+    assert b"connection: close" in served.partition(b"\r\n\r\n")[0]
+    output = sidecar.output()
+    assert "WebSocket" not in output and "Unsupported upgrade" not in output
+    _still_standing(sidecar)
+
+
 def test_the_bounds_are_settings(tmp_path: Path) -> None:
     process = SidecarProcess(tmp_path, {"SIDECAR_MAX_HEADER_BYTES": "4096", "SIDECAR_CLIENT_TIMEOUT_S": "0.5"})
     try:

@@ -17,7 +17,7 @@ from uvicorn.server import ServerState
 
 from sidecar.server.http_server import HttpProtocol
 
-# The base class's methods the sidecar's protocol overrides and calls through super().
+# The base class's methods the sidecar's protocol overrides (calling them through super(), but where it says).
 EXTENDED = (
     "connection_made",
     "connection_lost",
@@ -28,10 +28,11 @@ EXTENDED = (
     "on_body",
     "on_message_complete",
     "send_400_response",
+    "_unsupported_upgrade_warning",  # replaced, not extended: what an upgrade request the server cannot take gets
 )
 # Attributes it reads of the protocol and of a request's cycle.
 PROTOCOL_ATTRIBUTES = ("cycle", "transport", "loop", "server_state", "url", "headers")
-CYCLE_ATTRIBUTES = ("scope", "response_started", "response_complete")
+CYCLE_ATTRIBUTES = ("scope", "response_started", "response_complete", "keep_alive")
 
 
 def test_the_methods_the_protocol_extends_are_still_uvicorns() -> None:

@@ -295,6 +295,7 @@ def server_config(settings: Settings, app: Starlette) -> uvicorn.Config:
         port=settings.port,
         loop="uvloop",
         http=http_server.protocol(settings.max_header_bytes, settings.client_timeout_s),  # uvicorn's, bounded
+        ws="none",  # no route is a WebSocket: an upgrade request is served as HTTP, never by a WebSocket library
         log_config=None,
         access_log=False,
         server_header=False,

@@ -151,6 +151,15 @@ class HttpProtocol(HttpToolsProtocol):
         self._head_bytes = 0
         self._head_began = None
 
+    def _unsupported_upgrade_warning(self) -> None:
+        """A request asking to switch protocols (a WebSocket's, or `curl --http2`'s h2c): the sidecar serves none
+        (uvicorn's `ws="none"`), so it is answered as the HTTP request it also is, key checked, with an OpenAI error
+        where it earns one. The parser ends such a request at its head (a body sent with it is never read as its
+        body), so the connection is closed once the answer is out rather than left with what followed. (uvicorn
+        logs two warnings here, advising to install a WebSocket library.)"""
+        if self.cycle is not None:
+            self.cycle.keep_alive = False
+
     def send_400_response(self, msg: str) -> None:
         """What uvicorn answers to what is not HTTP/1.1 (its text/plain 400), or the refusal decided here, as an
         OpenAI error; the connection closed after it."""
