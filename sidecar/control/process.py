@@ -216,12 +216,12 @@ class EngineProcess:
             to_log = logged.take(len(lines))
             kept_from = to_log if followers else max(to_log, len(lines) - TAIL_LINES)
             for index in itertools.chain(range(to_log), range(kept_from, len(lines))):
-                masked = redactor.redact_text(lines[index].decode(errors="replace"))
-                tail.append((stream, masked))
+                line = redactor.redact_text(lines[index].decode(errors="replace"))
+                tail.append((stream, line))
                 if index < to_log:
-                    log.info("engine_output", engine=name, stream=stream, line=masked)
+                    log.info("engine_output", engine=name, stream=stream, line=line)
                 for follower in followers:
-                    follower.push(stream, masked)
+                    follower.push(stream, line)
 
         forgotten = False
 
