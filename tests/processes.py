@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import resource
@@ -147,6 +148,14 @@ def wait_until(predicate: Callable[[], bool], timeout_s: float, interval_s: floa
             raise TimeoutError(f"condition not met within {timeout_s}s")
         time.sleep(interval_s)
     return time.monotonic() - start
+
+
+async def until(condition: Callable[[], bool], timeout_s: float = 10) -> None:
+    """`wait_until` for a test on the event loop: polls without blocking it."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "not within the deadline"
+        await asyncio.sleep(0.01)
 
 
 def group_members(pgid: int) -> list[psutil.Process]:

@@ -26,7 +26,16 @@ from sidecar.engine_state import EngineState
 from sidecar.errors import ServiceUnavailable
 from sidecar.redaction import MASK, Redactor
 from sidecar.settings import load_settings
-from tests.processes import SidecarProcess, bearer, engine_key, free_port, group_members, is_gone, wait_until
+from tests.processes import (
+    SidecarProcess,
+    bearer,
+    engine_key,
+    free_port,
+    group_members,
+    is_gone,
+    until,
+    wait_until,
+)
 
 Start = Callable[..., SidecarProcess]
 
@@ -398,12 +407,6 @@ async def test_env_never_enters_the_sidecars_own_environment(supervisor: Supervi
     assert dict(os.environ) == before
 
 
-async def _until(condition: Callable[[], bool], timeout_s: float = 10) -> None:
-    async with asyncio.timeout(timeout_s):
-        while not condition():
-            await asyncio.sleep(0.01)
-
-
 async def test_an_engines_values_are_masked_from_its_start_until_its_processes_are_gone(tmp_path: Path) -> None:
     """Each start's key is new: kept masked for good, they would add up, and every log line is searched for each
     (docs/telemetry.md). What the sidecar holds itself stays masked, whatever engine shared it."""
@@ -423,20 +426,20 @@ async def test_an_engines_values_are_masked_from_its_start_until_its_processes_a
             keys.append(key := engine_key(body["pid"], "VLLM_API_KEY"))
             assert masked(key) and masked("engine-env-secret")
             await supervisor.unload(drain_timeout_s=1)
-            await _until(lambda key=key: not masked(key))  # once its output has ended with its processes
+            await until(lambda key=key: not masked(key))  # once its output has ended with its processes
             assert not masked("engine-env-secret") and masked("sidecar-data-key-1")
         assert keys[0] != keys[1]
 
         code, body = await supervisor.load(LoadRequest(engine="mock", model="m", env=env))
         crashed = engine_key(body["pid"], "VLLM_API_KEY")
         os.kill(body["pid"], signal.SIGKILL)
-        await _until(lambda: supervisor.status()["restarts"] == 1 and supervisor.state is EngineState.READY)
+        await until(lambda: supervisor.status()["restarts"] == 1 and supervisor.state is EngineState.READY)
         restarted = engine_key(supervisor.status()["pid"], "VLLM_API_KEY")
-        await _until(lambda: not masked(crashed))
+        await until(lambda: not masked(crashed))
         assert masked(restarted) and masked("engine-env-secret")  # the restart's own, and the load's again
     finally:
         await supervisor.shutdown()
-    await _until(lambda: not masked(restarted))
+    await until(lambda: not masked(restarted))
     assert not masked("engine-env-secret") and masked("sidecar-data-key-1")
 
 
@@ -509,5 +512,4 @@ async def test_drain_timeout_bounds_the_wait(supervisor: Supervisor) -> None:
 
 
 async def _state_is(supervisor: Supervisor, state: EngineState) -> None:
-    while supervisor.state is not state:
-        await asyncio.sleep(0.01)
+    await until(lambda: supervisor.state is state)

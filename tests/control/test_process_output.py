@@ -3,9 +3,7 @@ write, read through `EngineProcess`; its tail, its followers and its log lines."
 
 from __future__ import annotations
 
-import asyncio
 import sys
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -15,6 +13,7 @@ import structlog
 from sidecar.control.process import TAIL_LINES, EngineProcess
 from sidecar.control.runfile import EngineRecord
 from sidecar.redaction import Redactor
+from tests.processes import until
 
 SECRET = "hf_process_output_secret_0123"
 # Waits for its go file, then writes `count` numbered lines in one write, the secret in the last, and sleeps.
@@ -46,13 +45,6 @@ async def flood(tmp_path: Path) -> AsyncIterator[Flood]:
     yield spawn
     for process in started:
         await process.stop(1.0)
-
-
-async def until(condition: Callable[[], bool], timeout_s: float = 10) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "not within the deadline"
-        await asyncio.sleep(0.01)
 
 
 async def test_a_flood_past_the_rate_is_logged_in_part_and_its_last_lines_kept_masked(
