@@ -18,6 +18,7 @@ import httpx
 import psutil
 import pytest
 
+from bench.processes import wait_ok
 from engines.mock import MockAdapter
 from sidecar.control import supervisor as supervisor_module
 from sidecar.control.engine import LoadRequest
@@ -281,18 +282,11 @@ def external_mock() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_until(lambda: _answers(f"{url}/health"), timeout_s=30)
+        wait_ok(f"{url}/health", timeout_s=30)
         yield url, engine
     finally:
         engine.kill()
         engine.wait()
-
-
-def _answers(url: str) -> bool:
-    try:
-        return httpx.get(url).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def test_external_engine_is_used_and_forgotten_not_killed(
