@@ -10,6 +10,7 @@ import pytest
 
 from sidecar.dataplane.upstream import UpstreamPool
 from sidecar.dataplane.upstream_errors import BadAnswer, ConnectFailed, Disconnected
+from tests.processes import until
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -106,6 +107,22 @@ async def test_idle_connections_are_closed_at_their_keepalive_with_no_request_af
         assert len(closed_at) == 2 and len(pool.idle) == 0
         for went_idle, closed in zip(idle_since, closed_at, strict=True):
             assert keepalive_s - 0.01 <= closed - went_idle < keepalive_s + 2, (idle_since, closed_at)
+    pool.close()
+
+
+async def test_a_pool_keeps_nothing_for_engines_long_gone_however_many_came_and_went() -> None:
+    """Each engine start is a new origin (a new port): a sidecar that swaps models for months must not keep a parsed
+    origin and an idle list for every one it ever used (the timer walks each list; every engine's is dropped once
+    it has no connection left, and parsed origins are a bounded cache)."""
+    pool = UpstreamPool(connect_timeout_s=5, keepalive_s=0.05)
+    for _ in range(150):
+        async with server(keep_answering) as (url, _):
+            assert await body_of(pool, url, "POST", b"x") == b"x"
+    await until(lambda: not pool.idle._idle)  # every connection closed at its keep-alive, every list dropped
+    assert len(pool._origins) <= 64
+    async with server(keep_answering) as (url, connections):  # and the pool still serves, and keeps alive
+        assert [await body_of(pool, url, "POST", body) for body in (b"a", b"b")] == [b"a", b"b"]
+        assert len(connections) == 1
     pool.close()
 
 

@@ -68,18 +68,22 @@ class KeepAlive(Generic[Key, Connection]):
         return not connection.closed and now - connection.idle_since < self.keepalive_s
 
     def _close_expired(self) -> None:
-        """The timer: the connections past `keepalive_s` closed; set again for the oldest left, if any."""
+        """The timer: the connections past `keepalive_s` closed; set again for the oldest left, if any. A key with
+        none left is dropped: each engine start is a new origin (a new port), and an old one's list would be kept and
+        walked here for good."""
         self._expiry = None
         loop = asyncio.get_running_loop()
         now = loop.time()
         oldest: float | None = None
-        for idle in self._idle.values():
+        for key, idle in list(self._idle.items()):
             expired = 0
             while expired < len(idle) and not self._usable(idle[expired], now):
                 idle[expired].abort()
                 expired += 1
             del idle[:expired]
-            if idle and (oldest is None or idle[0].idle_since < oldest):
+            if not idle:
+                del self._idle[key]
+            elif oldest is None or idle[0].idle_since < oldest:
                 oldest = idle[0].idle_since
         if oldest is not None:
             self._expiry = loop.call_later(oldest + self.keepalive_s - now, self._close_expired)

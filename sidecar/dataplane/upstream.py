@@ -36,6 +36,9 @@ _PAUSE_AT = 256 * 1024  # bytes read and not yet relayed: stop reading the engin
 # Out of descriptors, a new connection is tried again this often, for this long at most.
 _DESCRIPTOR_POLL_S = 0.01
 _DESCRIPTOR_WAIT_S = 1.0
+# Parsed base URLs kept: a few engines at a time are in use; an origin is equal by value, so one parsed again
+# still finds its idle connections.
+_ORIGINS_KEPT = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -343,6 +346,8 @@ class UpstreamPool:
     def _origin(self, base_url: str) -> _Origin:
         origin = self._origins.get(base_url)
         if origin is None:
+            if len(self._origins) >= _ORIGINS_KEPT:  # each engine start is a new port: parsed again if in use
+                self._origins.clear()
             parts = urlsplit(base_url)
             if parts.scheme not in ("http", "https") or not parts.hostname:
                 raise ConnectFailed(f"not an http(s) URL: {base_url!r}")
