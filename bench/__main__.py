@@ -42,7 +42,7 @@ import engines
 from bench import machine, peers
 from bench.loadgen import LoadProcesses, PhaseResult, chat_body, new_session, run_phase, stream_once
 from bench.nginx import find_nginx, start_nginx, worker_pid
-from bench.processes import pin, spawn_sidecar, wait_ok
+from bench.processes import engine_key, pin, spawn_sidecar, wait_ok
 from bench.report import summarize, write_chart, write_table
 from sidecar.control.engine import free_port
 
@@ -152,7 +152,9 @@ def _processes(args: argparse.Namespace, logs: Path) -> Iterator[Targets]:
             direct = f"http://127.0.0.1:{model['port']}"
             served = "mock-model" if args.engine == "mock" else "bench-model"
             proxy = Proxy("sidecar", url, sidecar.pid)
-            targets = Targets(direct, proxy, None, model["pid"], served, _engine_key(args, model["pid"]))
+            adapter = engines.adapter(args.engine, args.engine_executable)
+            key = engine_key(model["pid"], adapter.key_env, adapter.key_flag)
+            targets = Targets(direct, proxy, None, model["pid"], served, key)
             targets.sidecar_workers = _workers_in(model)
         if args.otel and not args.target:
             started += _traced_sidecar(args, targets, logs)
@@ -185,16 +187,6 @@ def _processes(args: argparse.Namespace, logs: Path) -> Iterator[Targets]:
 def _model_status(url: str) -> dict[str, Any]:
     """The sidecar's `GET /v1/model`."""
     return httpx.get(f"{url}/v1/model", headers={"Authorization": f"Bearer {KEY}"}).json()  # type: ignore[no-any-return]
-
-
-def _engine_key(args: argparse.Namespace, pid: int) -> str | None:
-    """The key the sidecar gave the engine it started, read where the engine holds it (its environment, or its
-    command line for an engine that reads no variable for it): the bench asks the engine directly too."""
-    built, process = engines.adapter(args.engine, args.engine_executable), psutil.Process(pid)
-    if built.key_env is not None:
-        return process.environ().get(built.key_env)
-    argv, flag = process.cmdline(), f"--{built.key_flag}"
-    return argv[argv.index(flag) + 1] if built.key_flag is not None and flag in argv else None
 
 
 def _workers_in(status: dict[str, Any]) -> int:

@@ -41,6 +41,17 @@ def wait_ok(url: str, timeout_s: float = 60) -> None:
     raise TimeoutError(f"{url} did not answer 200 within {timeout_s} s")
 
 
+def engine_key(pid: int, key_env: str | None, key_flag: str | None = None) -> str | None:
+    """The key the sidecar gave the engine it started, read where the engine holds it: its environment (the
+    adapter's `key_env`), or its command line for an engine that reads no variable for it (`key_flag`). For the
+    bench and the tests, which ask the engine directly, as only the sidecar and the engine's own user can."""
+    process = psutil.Process(pid)
+    if key_env is not None:
+        return process.environ().get(key_env)
+    argv, flag = process.cmdline(), f"--{key_flag}"
+    return argv[argv.index(flag) + 1] if key_flag is not None and flag in argv else None
+
+
 def pin(pid: int, cpus: set[int], tree: bool = False) -> None:
     """Every thread of the process (and of its descendants with `tree`) onto these CPUs.
 

@@ -18,9 +18,10 @@ import httpx
 import psutil
 from openai import OpenAI
 
+from bench.processes import engine_key
 from sidecar.control.engine import free_port
 
-__all__ = ["SidecarProcess", "bearer", "running", "free_port", "group_members", "is_gone", "wait_until"]
+__all__ = ["SidecarProcess", "bearer", "running", "engine_key", "free_port", "group_members", "is_gone", "wait_until"]
 
 
 class SidecarProcess:
@@ -131,13 +132,6 @@ def running(workdir: Path, env: dict[str, str], ready: bool = False) -> Iterator
 
 def bearer(key: str | None) -> dict[str, str]:
     return {} if key is None else {"Authorization": f"Bearer {key}"}
-
-
-def engine_key(pid: int, variable: str) -> str:
-    """The key the sidecar gave the engine it started (in the adapter's `key_env`), read where the engine holds it,
-    its environment: for tests that ask the engine itself, as only the sidecar and the engine's own user can."""
-    key: str = psutil.Process(pid).environ()[variable]
-    return key
 
 
 def wait_until(predicate: Callable[[], bool], timeout_s: float, interval_s: float = 0.02) -> float:
