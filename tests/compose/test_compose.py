@@ -23,9 +23,10 @@ import pytest
 import yaml
 from dockerfile_parse import DockerfileParser
 
+from bench.processes import wait_ok
 from sidecar.control.supervisor import shutdown_bound_s
 from sidecar.settings import Settings, load_settings
-from tests.processes import free_port, group_members, wait_until
+from tests.processes import free_port, group_members
 
 pytestmark = pytest.mark.slow
 
@@ -197,7 +198,7 @@ def test_image_command_serves_the_pair_outside_a_container(image: str, tmp_path:
     sidecar = subprocess.Popen(command, env=model_env, cwd=tmp_path, stdout=output, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_until(lambda: _answers(f"{url}/health"), timeout_s=20)
+        wait_ok(f"{url}/health", timeout_s=20)
 
         orchestrator_command = _instruction(_image("orchestrator"), "ENTRYPOINT")
         assert orchestrator_command == ["python3", "/opt/orchestrator.py"]
@@ -246,13 +247,6 @@ def _orchestrate(env: dict[str, str]) -> str:
     )
     assert run.returncode == 0, run.stdout + run.stderr
     return run.stdout
-
-
-def _answers(url: str) -> bool:
-    try:
-        return httpx.get(url, timeout=1).status_code == 200
-    except httpx.TransportError:
-        return False
 
 
 def _seconds(duration: str) -> float:
