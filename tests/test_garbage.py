@@ -77,6 +77,15 @@ class _Probe:
         return Counter(json.loads(self.report.read_text()))
 
 
+def _error_code(answer: httpx.Response) -> str:
+    """The error's code: of a JSON answer's body, or of the event that ended a stream cut after its status."""
+    if answer.headers["content-type"].startswith("application/json"):
+        return str(answer.json()["error"]["code"])
+    events = [line.removeprefix("data: ") for line in answer.text.splitlines() if line.startswith("data: ")]
+    assert answer.status_code == 200 and events[-1] == "[DONE]", answer.text
+    return str(json.loads(events[-2])["error"]["code"])
+
+
 def _every_kind_of_request(sidecar: SidecarProcess) -> None:
     """One request of each kind a client makes, ending every way a request ends."""
     key = bearer(KEY)
@@ -102,10 +111,29 @@ def _every_kind_of_request(sidecar: SidecarProcess) -> None:
             httpx.post(f"{sidecar.url}/v1/chat/completions", json=chat),
             client.get("/v1/nothing-here"),
         ]
+        # The engine's faults, each cutting an answer streamed and one assembled for a non-streaming client: it
+        # drops the connection, it stops sending (the inter-token timeout), its answer is past the sidecar's bound.
+        cut = [
+            client.post("/v1/chat/completions", json=chat | {"stream": stream, "mock": {fault: 1}})
+            for fault in ("drop_after", "stall_after")
+            for stream in (False, True)
+        ]
+        cut.append(client.post("/v1/chat/completions", json=chat | {"n": 1000, "max_tokens": 1}))
+        stalled = {"model": "m", "input": "hi", "max_output_tokens": 4, "mock": {"stall_after": 1}}
+        cut += [client.post("/v1/responses", json=stalled | {"stream": stream}) for stream in (False, True)]
         # A client that leaves mid-stream: the sidecar drops its connection to the engine.
         long = chat | {"stream": True, "max_tokens": 200, "mock": {"itl_ms": 20}}
         with client.stream("POST", "/v1/chat/completions", json=long) as leaving:
             next(leaving.iter_raw())
+    assert [_error_code(answer) for answer in cut] == [
+        "engine_error",
+        "engine_error",
+        "engine_timeout",
+        "engine_timeout",
+        "engine_answer_too_large",
+        "engine_timeout",
+        "engine_timeout",
+    ]
     assert [answer.status_code for answer in answers] == [
         200,
         200,
@@ -133,11 +161,12 @@ def test_no_kind_of_request_leaves_a_reference_cycle_in_the_sidecar(
     whose closed connections and streamed answers are cycles of httpx's own, a few dozen objects each, seconds
     apart: the clock's collections free them."""
     probed = {"SIDECAR_API_KEYS": KEY, "PYTHONPATH": str(PROBE), "GARBAGE_PROBE_DIR": str(tmp_path)}
+    faults = {"SIDECAR_UPSTREAM_INTER_TOKEN_TIMEOUT_S": "0.2", "SIDECAR_MAX_ANSWER_BYTES": "20000"}
     # The engine loaded at start-up and the workers found among the sidecar's children, rather than by a load and
     # GET /v1/model: a worker forwards those to the supervisor's process through httpx, and the cycle its streamed
     # answer leaves appears once the connection idles out, within the counting.
     autoload = {"SIDECAR_AUTOLOAD_ENGINE": "mock", "SIDECAR_AUTOLOAD_MODEL": "m"}
-    sidecar = start_sidecar(probed | autoload | {"SIDECAR_WORKERS": workers})
+    sidecar = start_sidecar(probed | faults | autoload | {"SIDECAR_WORKERS": workers})
     wait_until(lambda: httpx.get(f"{sidecar.url}/ready").status_code == 200, timeout_s=20)
     children = psutil.Process(sidecar.pid).children()
     worker_pids = [child.pid for child in children if child.cmdline()[2:4] == ["sidecar", "worker"]]

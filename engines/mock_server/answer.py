@@ -59,6 +59,7 @@ class Pace:
     itl_s: float
     die_after: int | None = None  # the process exits after this many output steps (an engine crash)
     stall_after: int | None = None  # it sends nothing more after this many steps (a hung engine)
+    drop_after: int | None = None  # it drops the connection after this many steps, and lives on
     timings: bool = False  # report llama.cpp-style `timings` and TGI-style `x-compute-time`
     gpu_mb: float = 0.0  # GPU memory held from the first token to the last (needs PyTorch and a GPU)
 
@@ -69,6 +70,7 @@ class Pace:
             itl_s=float(overrides.get("itl_ms", config.itl_s * 1000)) / 1000,
             die_after=overrides.get("die_after"),
             stall_after=overrides.get("stall_after"),
+            drop_after=overrides.get("drop_after"),
             timings=bool(overrides.get("timings")),
             gpu_mb=float(overrides.get("gpu_mb", 0.0)),
         )

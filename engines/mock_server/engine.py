@@ -12,6 +12,7 @@ from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from engines.mock_server import generation as gen
 from engines.mock_server.answer import (
@@ -28,6 +29,19 @@ from engines.mock_server.answer import (
     tool_call,
 )
 from engines.mock_server.gpu import GpuMemory
+
+
+class Dropped(Exception):
+    """Raised in a stream to drop its connection (`drop_after`)."""
+
+
+class DroppableStream(StreamingResponse):
+    """A stream whose answer can be cut: its connection dropped mid-body, as an engine's HTTP layer does when it
+    fails after the status went out (uvicorn closes a connection whose app returns with its answer incomplete)."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        with contextlib.suppress(Dropped):
+            await super().__call__(scope, receive, send)
 
 
 class MockEngine:
@@ -105,7 +119,7 @@ class MockEngine:
             # As vLLM: usage in every chunk too, which only counts with include_usage.
             continuous = include_usage and bool(options.get("continuous_usage_stats"))
             stream = self._stream(answer, include_usage, continuous)
-            return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
+            return DroppableStream(stream, media_type="text/event-stream", headers=headers)
         return await self._complete(request, answer, headers)
 
     async def _stream(self, answer: Answer, include_usage: bool, continuous: bool) -> AsyncIterator[bytes]:
@@ -134,6 +148,8 @@ class MockEngine:
                     os._exit(3)
                 if step == pace.stall_after:
                     await asyncio.Event().wait()
+                if step == pace.drop_after:
+                    raise Dropped
                 if step:
                     await asyncio.sleep(pace.itl_s)
                 outputs_ms.append((time.perf_counter_ns() - answer.received_ns) / 1e6)

@@ -238,7 +238,8 @@ class Exchange:
     prompt_count: asyncio.Task[int | None] | None = None  # the engine counting the prompt (it streams no usage)
     # OpenTelemetry's span, where it is on; then also what the span says of the answer's end.
     span: RequestSpan | None = None
-    failure: SidecarError | None = None  # the error that ended the exchange before its status went out
+    # The error that ended the exchange before its status went out: its code (else status) and its status.
+    failure: tuple[str, int | None] | None = None
     finish_reasons: list[str] | None = None  # from the chunks parsed on the way
     final_events: tuple[bytes | dict[str, Any], ...] = ()
 

@@ -263,7 +263,7 @@ class Proxy:
             if not exchange.client_disconnected or task is None or task.uncancel() > 0:
                 raise  # cancelled by someone else: the server is stopping
         except SidecarError as exc:
-            exchange.failure = exc
+            exchange.failure = unanswered(exc)  # not the error itself: its traceback holds the exchange
             raise
         finally:
             deadline.close()

@@ -119,11 +119,11 @@ class Recorder:
 def _answer(exchange: Exchange, performance: Performance) -> Answer:
     """How the exchange ended, for its span: `error.type` is the sidecar's error code (or the engine's status)."""
     failure = exchange.failure
-    status = failure.status_code if failure is not None else exchange.status
+    status = failure[1] if failure is not None else exchange.status
     if exchange.client_disconnected:
         error_type: str | None = "client_disconnected"
     elif failure is not None:
-        error_type = failure.code or str(failure.status_code)
+        error_type = failure[0]
     elif exchange.error is not None:  # the stream was cut after its status went out
         error_type = exchange.error
     else:

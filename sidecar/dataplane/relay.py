@@ -137,7 +137,10 @@ class Relays:
         exchange.timings = header_timings(response)
         error = await self._pump(exchange, response, assembler)
         if error is not None:
-            raise error
+            try:
+                raise error
+            finally:
+                del error  # its traceback holds this frame: a name left for it here would be a reference cycle
         now = time.perf_counter_ns()
         exchange.status = response.status
         if assembler.usage is None:  # the engine streams no usage: the sidecar's count

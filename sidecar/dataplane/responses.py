@@ -48,7 +48,10 @@ class ResponsesRelay:
         exchange.timings = header_timings(response)
         ended = await self._pump(exchange, response, forward=False)
         if isinstance(ended, SidecarError):
-            raise ended
+            try:
+                raise ended
+            finally:
+                del ended  # its traceback holds this frame: a name left for it here would be a reference cycle
         if ended is None:
             raise BadGateway("the engine's stream ended before its response did")
         now = time.perf_counter_ns()

@@ -28,6 +28,7 @@ from sidecar.dataplane.upstream_errors import (
     HeadTooLarge,
     OutOfDescriptors,
     UpstreamError,
+    fresh,
 )
 from sidecar.http import tls_context
 
@@ -60,7 +61,8 @@ class Response:
         self.keep_alive = False
         self.complete = False
         self.delimited = False  # by a length or chunks; else the body ends with the connection
-        self._head = asyncio.get_running_loop().create_future()
+        # Its result: None once the head is read, else the error that ended the exchange before it.
+        self._head: asyncio.Future[UpstreamError | None] = asyncio.get_running_loop().create_future()
         self._chunks: list[bytes] = []
         self._buffered = 0
         self._waiter: asyncio.Future[None] | None = None
@@ -91,7 +93,7 @@ class Response:
         """What has arrived since the last read (waiting for some), or b"" at the end of the body."""
         while not self._chunks:
             if self._error is not None:
-                raise self._error
+                raise fresh(self._error)
             if self.complete:
                 return b""
             self._waiter = asyncio.get_running_loop().create_future()
@@ -142,7 +144,7 @@ class Response:
             return
         self._error = error
         if not self._head.done():
-            self._head.set_exception(error)
+            self._head.set_result(error)
         self._wake()
 
 
@@ -379,7 +381,7 @@ class Sending:
         """The engine's response head. A pooled connection the engine closed as it was reused (before its answer
         began: llama-server's HTTP threads do this) costs one more try, on a new one."""
         if self._failed is not None:
-            raise self._failed
+            raise fresh(self._failed)
         assert self._origin is not None
         written, self._written = self._written, None
         if written is not None:
@@ -399,8 +401,11 @@ class Sending:
 
 async def _head(response: Response) -> Response:
     try:
-        await response._head
+        failed = await response._head
     except BaseException:
         response._connection.finished(reusable=False)
         raise
+    if failed is not None:
+        response._connection.finished(reusable=False)
+        raise fresh(failed)
     return response

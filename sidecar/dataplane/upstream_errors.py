@@ -13,6 +13,8 @@ closed the connection as it was reused); a `BadAnswer` is not: the engine did an
 
 from __future__ import annotations
 
+import copy
+
 
 class UpstreamError(Exception):
     """The engine could not be reached, its connection broke, or its answer cannot be relayed."""
@@ -36,3 +38,10 @@ class BadAnswer(UpstreamError):
 
 class HeadTooLarge(BadAnswer):
     """The engine's status line and headers went past the pool's bound."""
+
+
+def fresh(error: UpstreamError) -> UpstreamError:
+    """A new instance of an error that is kept (a response's, to raise on every read), to raise in its place:
+    raising the kept one gives it a traceback whose frames hold what keeps it, a reference cycle with the whole
+    exchange in it that only the garbage collector frees (`sidecar/server/garbage.py`)."""
+    return copy.copy(error)  # the message only: no traceback, cause or context
