@@ -193,8 +193,9 @@ def write_table(results: dict[str, Any], out: TextIO) -> None:
             )
             if level["concurrency"] == 1 and (penalty := results["machine"].get("idle_penalty")):
                 out.write(
-                    f"    this machine ran Python {penalty}x slower after {IDLE_S * 1000:g} ms idle than kept busy: "
-                    "every Python step of the one-stream path pays it, nginx's mostly kernel path little of it\n"
+                    f"    idle penalty {penalty}: Python took {penalty}x as long after {IDLE_S * 1000:g} ms idle as "
+                    "kept busy; every Python step of the one-stream path pays it, nginx's mostly kernel path little of "
+                    "it\n"
                 )
     top = results["levels"][-1]
     share = top["core_share_at_direct_rate"]

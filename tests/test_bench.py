@@ -167,7 +167,7 @@ def test_the_cost_split_is_compared_with_the_reference_proxy() -> None:
     assert f"sidecar / nginx: - per request, {per_chunk}x per relayed chunk" in out.getvalue()
 
 
-def test_the_one_stream_verdict_says_how_much_slower_the_machine_runs_code_after_an_idle_wait() -> None:
+def test_the_one_stream_verdict_says_the_machines_idle_penalty() -> None:
     results = json.loads((REPO / "bench" / "reference" / "first-token" / "run2.json").read_text())
     out = io.StringIO()
     write_table(results, out)
@@ -178,7 +178,7 @@ def test_the_one_stream_verdict_says_how_much_slower_the_machine_runs_code_after
     write_table(results, out)
     one_stream, penalty = out.getvalue().split("  1 streams: ")[1].splitlines()[:2]
     assert "at most 0.3 at one stream" in one_stream
-    assert penalty.strip().startswith("this machine ran Python 2.13x slower after 20 ms idle than kept busy")
+    assert penalty.strip().startswith("idle penalty 2.13: Python took 2.13x as long after 20 ms idle as kept busy")
 
 
 def test_bench_puts_the_sidecar_with_opentelemetry_on_beside_it(tmp_path: Path) -> None:
