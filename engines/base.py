@@ -104,13 +104,20 @@ def serves(data_paths: tuple[str, ...], method: str, path: str) -> bool:
     """Whether `method path` is one of `data_paths` (see `EngineAdapter.data_paths`)."""
     for entry in data_paths:
         allowed_method, _, pattern = entry.partition(" ")
-        if allowed_method not in (method, "*"):
-            continue
-        if pattern.endswith("*") and path.startswith(pattern[:-1]) and len(path) > len(pattern) - 1:
-            return True
-        if path == pattern:
+        if allowed_method in (method, "*") and _matches(pattern, path):
             return True
     return False
+
+
+def methods_served(data_paths: tuple[str, ...], path: str) -> list[str]:
+    """The methods `data_paths` lets through on `path`, sorted ("*": any)."""
+    return sorted({entry.partition(" ")[0] for entry in data_paths if _matches(entry.partition(" ")[2], path)})
+
+
+def _matches(pattern: str, path: str) -> bool:
+    if pattern.endswith("*"):
+        return path.startswith(pattern[:-1]) and len(path) > len(pattern) - 1
+    return path == pattern
 
 
 @dataclass(frozen=True)
@@ -208,6 +215,11 @@ class EngineAdapter:
     def serves(cls, method: str, path: str) -> bool:
         """Whether a client's `method path` may pass through to this engine (`data_paths`)."""
         return serves(cls.data_paths, method, path)
+
+    @classmethod
+    def methods_served(cls, path: str) -> list[str]:
+        """The methods a client's request on `path` may pass through to this engine with (`data_paths`)."""
+        return methods_served(cls.data_paths, path)
 
     def command(self, model: str, port: int, args: Mapping[str, ArgValue], served_model_name: str | None) -> list[str]:
         raise NotImplementedError

@@ -72,6 +72,24 @@ def test_wrong_method_is_405(sidecar: SidecarProcess) -> None:
     assert_openai_error(httpx.delete(f"{sidecar.url}/health"), 405)
 
 
+def test_a_wrong_method_on_an_openai_route_is_405_naming_the_right_one(sidecar: SidecarProcess) -> None:
+    """`GET /v1/chat/completions` and the like are 405 with `Allow` (no engine needed), as the engines answer them,
+    not taken for one of the engine's other paths; the key is checked first, as for every route."""
+    for method, path, allowed in [
+        ("GET", "/v1/chat/completions", "POST"),
+        ("PUT", "/v1/completions", "POST"),
+        ("GET", "/v1/embeddings", "POST"),
+        ("GET", "/v1/responses", "POST"),
+        ("POST", "/v1/models", "GET, HEAD"),
+        ("DELETE", "/v1/requests/some-id", "GET, HEAD"),
+    ]:
+        answer = httpx.request(method, f"{sidecar.url}{path}", headers=AUTH)
+        error = assert_openai_error(answer, 405)
+        assert (error["code"], answer.headers["allow"]) == ("method_not_allowed", allowed), (method, path)
+        assert f"method {method} is not allowed on {path}" == error["message"]
+        assert httpx.request(method, f"{sidecar.url}{path}").status_code == 401
+
+
 def test_body_over_limit_is_413(sidecar: SidecarProcess) -> None:
     response = httpx.post(f"{sidecar.url}/v1/chat/completions", content=b"{" + b" " * 2048 + b"}", headers=AUTH)
     error = assert_openai_error(response, 413)

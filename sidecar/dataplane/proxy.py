@@ -48,7 +48,15 @@ from sidecar.dataplane.upstream_errors import (
     OutOfDescriptors,
     UpstreamError,
 )
-from sidecar.errors import BadGateway, BadRequest, GatewayTimeout, NotFound, SidecarError, SidecarOverloaded
+from sidecar.errors import (
+    BadGateway,
+    BadRequest,
+    GatewayTimeout,
+    MethodNotAllowed,
+    NotFound,
+    SidecarError,
+    SidecarOverloaded,
+)
 from sidecar.http import check_forwardable, engine_target, json_object, read_body, tls_context
 from sidecar.logs import Throttle, get_logger
 from sidecar.settings import Settings
@@ -215,7 +223,7 @@ class Proxy:
         try:
             async with admission, self.supervisor.request_slot() as engine:
                 if outgoing.listed and not engine.adapter.serves(scope["method"], scope["path"]):
-                    raise NotFound(f"no route {scope['method']} {scope['path']} for a data key", param="path")
+                    raise _not_served(engine, scope["method"], scope["path"])
                 await self._exchange_admitted(scope, send, start_ns, engine, outgoing)
         except BaseException as exc:  # refused before the engine had it, or the client gone while queued
             if span is not None and self.otel is not None:
@@ -358,3 +366,11 @@ def _generation_fields(body: dict[str, Any]) -> tuple[bool, dict[str, Any] | Non
     if n is not None and (not isinstance(n, int) or isinstance(n, bool)):
         raise BadRequest("'n' must be an integer", param="n")
     return bool(stream), options, n or 1
+
+
+def _not_served(engine: Engine, method: str, path: str) -> SidecarError:
+    """A path the engine's adapter does not pass through: 405 naming the methods it does pass on it, else 404."""
+    allowed = engine.adapter.methods_served(path)
+    if allowed:
+        return MethodNotAllowed(f"method {method} is not allowed on {path}", headers={"Allow": ", ".join(allowed)})
+    return NotFound(f"no route {method} {path} for a data key", param="path")

@@ -13,13 +13,13 @@ from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import BaseRoute, Route
+from starlette.routing import BaseRoute, Match, Route
 from starlette.types import Receive, Scope, Send
 
 from sidecar import __version__
 from sidecar.control.engine import AdapterName, AdapterRequest, LoadRequest, SleepRequest
 from sidecar.dataplane.proxy import Proxy
-from sidecar.errors import NotFound
+from sidecar.errors import MethodNotAllowed, NotFound
 from sidecar.server import control_plane, data_plane, health
 from sidecar.server.endpoint import AsgiHandler, Endpoint, Handler, Plane, RequestHandler, Serves
 from sidecar.server.openapi import openapi_document
@@ -203,6 +203,30 @@ def _bound(handler: Handler, proxy: Proxy) -> Any:
     return _Asgi(getattr(proxy, handler)) if isinstance(handler, str) else handler
 
 
+class _WrongMethod:
+    """In front of the pass-through, which takes every method: a path that a route before it serves with other
+    methods (`POST /v1/models`, `GET /v1/chat/completions`) is answered 405 with those in `Allow`, as Starlette
+    answers where nothing follows, rather than passed on to the engine's paths and answered 404 there."""
+
+    def __init__(self, handler: AsgiHandler, before: list[BaseRoute]) -> None:
+        self.handler = handler
+        self.before = [route for route in before if isinstance(route, Route) and route.methods]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        allowed = {
+            method
+            for route in self.before
+            if route.matches(scope)[0] is Match.PARTIAL
+            for method in route.methods or ()
+        }
+        if allowed:
+            raise MethodNotAllowed(
+                f"method {scope['method']} is not allowed on {scope['path']}",
+                headers={"Allow": ", ".join(sorted(allowed))},
+            )
+        await self.handler(scope, receive, send)
+
+
 def starlette_routes(proxy: Proxy, forward: RequestHandler | None = None) -> list[BaseRoute]:
     """The table as Starlette's routes; in a data-plane worker (`forward` given), the routes the engine's owner
     serves go to `forward`, whatever their method (the owner answers a wrong one)."""
@@ -214,7 +238,10 @@ def starlette_routes(proxy: Proxy, forward: RequestHandler | None = None) -> lis
                 forwarded.add(endpoint.path)
                 routes.append(Route(endpoint.path, forward, methods=_FORWARDED))
             continue
-        routes.append(Route(endpoint.path, _bound(endpoint.handler, proxy), methods=list(endpoint.methods)))
+        handler = _bound(endpoint.handler, proxy)
+        if endpoint.handler == "passthrough" and "{" in endpoint.path:  # the catch-all of the engine's paths
+            handler = _WrongMethod(handler, routes)
+        routes.append(Route(endpoint.path, handler, methods=list(endpoint.methods)))
     return routes
 
 

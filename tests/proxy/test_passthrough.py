@@ -38,6 +38,23 @@ def test_passthrough_needs_the_key(stack: Stack) -> None:
     assert httpx.get(f"{stack.url}/v1/models", headers={"X-API-Key": "wrong"}).status_code == 403
 
 
+def test_a_method_the_engines_path_is_not_passed_with_is_405_naming_those_it_is(stack: Stack) -> None:
+    """As the engine itself would answer (vLLM's FastAPI: 405), and without reaching it: the methods in `Allow` are
+    those its adapter passes on that path (`data_paths`); a path it passes with none stays 404, one it passes with
+    any method is passed."""
+    auth = {"Authorization": f"Bearer {KEY}"}
+    wrong = httpx.delete(f"{stack.url}/v1/responses/resp-1", headers=auth)
+    assert (wrong.status_code, wrong.headers["allow"], wrong.json()["error"]["code"]) == (
+        405,
+        "GET, POST",
+        "method_not_allowed",
+    )
+    assert "DELETE" in wrong.json()["error"]["message"]
+    assert httpx.delete(f"{stack.url}/v1/no-such-path", headers=auth).status_code == 404
+    assert httpx.delete(f"{stack.url}/v1/mock/echo", headers=auth).json()["method"] == "DELETE"
+    assert httpx.delete(f"{stack.url}/v1/responses/resp-1").status_code == 401  # the key first, as everywhere
+
+
 def test_requests_that_share_a_clients_id_reach_the_engine_under_ids_of_their_own(stack: Stack) -> None:
     """Engines key their requests by the id they are given, and two at once with one id break them (vLLM until
     vllm#27987): the engine gets the client's id with a random suffix, the client its own id back; a request
