@@ -206,16 +206,24 @@ def _bound(handler: Handler, proxy: Proxy) -> Any:
 class _WrongMethod:
     """In front of the pass-through, which takes every method: a path that a route before it serves with other
     methods (`POST /v1/models`, `GET /v1/chat/completions`) is answered 405 with those in `Allow`, as Starlette
-    answers where nothing follows, rather than passed on to the engine's paths and answered 404 there."""
+    answers where nothing follows, rather than passed on to the engine's paths and answered 404 there. Fixed paths
+    are looked up (the pass-through carries rerank and score traffic); the few with parameters are matched."""
 
     def __init__(self, handler: AsgiHandler, before: list[BaseRoute]) -> None:
         self.handler = handler
-        self.before = [route for route in before if isinstance(route, Route) and route.methods]
+        self.fixed: dict[str, set[str]] = {}
+        self.patterns: list[Route] = []
+        for route in before:
+            if isinstance(route, Route) and route.methods:
+                if route.param_convertors:
+                    self.patterns.append(route)
+                else:
+                    self.fixed.setdefault(route.path, set()).update(route.methods)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        allowed = {
+        allowed = self.fixed.get(scope["path"], set()) | {
             method
-            for route in self.before
+            for route in self.patterns
             if route.matches(scope)[0] is Match.PARTIAL
             for method in route.methods or ()
         }
