@@ -161,7 +161,8 @@ def test_no_kind_of_request_leaves_a_reference_cycle_in_the_sidecar(
     whose closed connections and streamed answers are cycles of httpx's own, a few dozen objects each, seconds
     apart: the clock's collections free them."""
     probed = {"SIDECAR_API_KEYS": KEY, "PYTHONPATH": str(PROBE), "GARBAGE_PROBE_DIR": str(tmp_path)}
-    faults = {"SIDECAR_UPSTREAM_INTER_TOKEN_TIMEOUT_S": "0.2", "SIDECAR_MAX_ANSWER_BYTES": "20000"}
+    # A stalled engine is cut after 0.3 s: sixty times the other answers' 5 ms between tokens, kept on a loaded machine.
+    faults = {"SIDECAR_UPSTREAM_INTER_TOKEN_TIMEOUT_S": "0.3", "SIDECAR_MAX_ANSWER_BYTES": "20000"}
     # The engine loaded at start-up and the workers found among the sidecar's children, rather than by a load and
     # GET /v1/model: a worker forwards those to the supervisor's process through httpx, and the cycle its streamed
     # answer leaves appears once the connection idles out, within the counting.
