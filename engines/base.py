@@ -111,7 +111,8 @@ def serves(data_paths: tuple[str, ...], method: str, path: str) -> bool:
 
 def methods_served(data_paths: tuple[str, ...], path: str) -> list[str]:
     """The methods `data_paths` lets through on `path`, sorted ("*": any)."""
-    return sorted({entry.partition(" ")[0] for entry in data_paths if _matches(entry.partition(" ")[2], path)})
+    entries = (entry.partition(" ") for entry in data_paths)
+    return sorted({method for method, _, pattern in entries if _matches(pattern, path)})
 
 
 def _matches(pattern: str, path: str) -> bool:

@@ -83,6 +83,11 @@ class MethodNotAllowed(SidecarError):
     error_type = "invalid_request_error"
     default_code = "method_not_allowed"
 
+    @classmethod
+    def on(cls, method: str, path: str, allow: str) -> MethodNotAllowed:
+        """`method` on `path`, which takes only the methods in `allow` (its `Allow` header)."""
+        return cls(f"method {method} is not allowed on {path}", headers={"Allow": allow})
+
 
 class RequestTimeout(SidecarError):
     """A client that stopped sending its request's head or body (sidecar/server/http_server.py)."""
@@ -199,11 +204,12 @@ async def handle_unexpected_error(request: Request, exc: Exception) -> Response:
 async def handle_http_exception(request: Request, exc: Exception) -> Response:
     """Starlette's own 404/405 (no route, wrong method) in the OpenAI shape."""
     assert isinstance(exc, HTTPException)
+    allow = (exc.headers or {}).get("Allow")
+    if exc.status_code == 405 and allow is not None:  # Starlette's routes name their methods in `Allow`
+        return error_response(MethodNotAllowed.on(request.method, request.url.path, allow))
     error_class = _HTTP_STATUS_ERRORS.get(exc.status_code, SidecarError)
     if exc.status_code == 404:
         message = f"no route for {request.method} {request.url.path}"
-    elif exc.status_code == 405:
-        message = f"method {request.method} is not allowed on {request.url.path}"
     else:
         message = str(exc.detail)
     error = error_class(message, headers=dict(exc.headers or {}))

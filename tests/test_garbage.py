@@ -18,6 +18,7 @@ import pytest
 
 from sidecar.server import garbage
 from tests.processes import SidecarProcess, bearer, wait_until
+from tests.proxy.conftest import events
 
 KEY = "garbage-test-key"
 PROBE = Path(__file__).parent / "garbage_probe"
@@ -81,9 +82,9 @@ def _error_code(answer: httpx.Response) -> str:
     """The error's code: of a JSON answer's body, or of the event that ended a stream cut after its status."""
     if answer.headers["content-type"].startswith("application/json"):
         return str(answer.json()["error"]["code"])
-    events = [line.removeprefix("data: ") for line in answer.text.splitlines() if line.startswith("data: ")]
-    assert answer.status_code == 200 and events[-1] == "[DONE]", answer.text
-    return str(json.loads(events[-2])["error"]["code"])
+    *_, cut_by, done = events(answer.content)
+    assert answer.status_code == 200 and done == b"data: [DONE]", answer.text
+    return str(json.loads(cut_by.removeprefix(b"data: "))["error"]["code"])
 
 
 def _every_kind_of_request(sidecar: SidecarProcess) -> None:

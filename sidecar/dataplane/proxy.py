@@ -372,5 +372,5 @@ def _not_served(engine: Engine, method: str, path: str) -> SidecarError:
     """A path the engine's adapter does not pass through: 405 naming the methods it does pass on it, else 404."""
     allowed = engine.adapter.methods_served(path)
     if allowed:
-        return MethodNotAllowed(f"method {method} is not allowed on {path}", headers={"Allow": ", ".join(allowed)})
+        return MethodNotAllowed.on(method, path, ", ".join(allowed))
     return NotFound(f"no route {method} {path} for a data key", param="path")

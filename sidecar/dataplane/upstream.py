@@ -402,10 +402,9 @@ class Sending:
 async def _head(response: Response) -> Response:
     try:
         failed = await response._head
+        if failed is not None:
+            raise fresh(failed)
     except BaseException:
         response._connection.finished(reusable=False)
         raise
-    if failed is not None:
-        response._connection.finished(reusable=False)
-        raise fresh(failed)
     return response

@@ -228,10 +228,7 @@ class _WrongMethod:
             for method in route.methods or ()
         }
         if allowed:
-            raise MethodNotAllowed(
-                f"method {scope['method']} is not allowed on {scope['path']}",
-                headers={"Allow": ", ".join(sorted(allowed))},
-            )
+            raise MethodNotAllowed.on(scope["method"], scope["path"], ", ".join(sorted(allowed)))
         await self.handler(scope, receive, send)
 
 
