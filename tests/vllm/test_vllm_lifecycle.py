@@ -49,12 +49,22 @@ def _status(sidecar: SidecarProcess) -> dict[str, Any]:
     return status
 
 
-def _engine_core(pid: int) -> psutil.Process:
-    """vLLM's EngineCore: the process that holds the model, a child of its API server (`VLLM::EngineCore`)."""
+def _find_engine_core(pid: int) -> psutil.Process | None:
+    """vLLM's EngineCore: the process that holds the model, a child of its API server (`VLLM::EngineCore`). vLLM's
+    start-up runs short-lived helpers in the group too: one gone between the listing and the reading is skipped."""
     for process in group_members(pid):
-        if "EngineCore" in " ".join(process.cmdline()) or "EngineCore" in process.name():
-            return process
-    raise AssertionError(f"no EngineCore among {[p.cmdline() for p in group_members(pid)]}")
+        try:
+            if "EngineCore" in " ".join(process.cmdline()) or "EngineCore" in process.name():
+                return process
+        except psutil.NoSuchProcess:
+            continue
+    return None
+
+
+def _engine_core(pid: int) -> psutil.Process:
+    found = _find_engine_core(pid)
+    assert found is not None, f"no EngineCore among {[p.pid for p in group_members(pid)]}"
+    return found
 
 
 def test_engine_core_killed_under_a_stream_ends_it_with_an_error_and_the_policy_restarts_vllm(
@@ -122,7 +132,7 @@ def test_sigterm_while_vllm_starts_answers_the_load_and_leaves_nothing(start_sid
     wait_until(lambda: _status(sidecar)["pid"] is not None, timeout_s=30)
     pid = _status(sidecar)["pid"]
     # Well into vLLM's start-up: its EngineCore is there.
-    wait_until(lambda: any("EngineCore" in " ".join(p.cmdline()) for p in group_members(pid)), timeout_s=120)
+    wait_until(lambda: _find_engine_core(pid) is not None, timeout_s=120)
     sidecar.process.send_signal(signal.SIGTERM)
     loading.join(timeout=60)
     assert answered and answered[0].status_code == 503, answered
