@@ -33,11 +33,11 @@ if os.environ.get("SIDECAR_STAGE_PROBE") == "1":
     def patch() -> None:  # once the app is imported
         from uvicorn.protocols.http import httptools_impl
 
-        from sidecar.dataplane import upstream
+        from sidecar.dataplane import upstream_connection
         from sidecar.server import app, http_server
 
         protocol, cycle = http_server.HttpProtocol, httptools_impl.RequestResponseCycle
-        connection = upstream._Connection
+        connection = upstream_connection.Connection
         data_received, headers_complete = protocol.data_received, protocol.on_headers_complete
         run_asgi, checked, send, engine_data, client_send = (
             cycle.run_asgi,
