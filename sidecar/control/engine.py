@@ -3,16 +3,23 @@ started, and a port for it."""
 
 from __future__ import annotations
 
+import random
 import re
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from engines import ArgValue, EngineAdapter
 from sidecar.control.process import EngineProcess
 
+# Engine ports are chosen above the ports well-known services keep (8000, 8080, 9090...), below the ephemeral range
+# (Linux's default: 32768-60999) or above it.
+_LOWEST_PORT = 16384
+_PORT_TRIES = 64
+_EPHEMERAL_RANGE_FILE = "/proc/sys/net/ipv4/ip_local_port_range"
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # Variables that choose which program runs or what code it loads, read by what every engine is built on: the
 # dynamic loader (every `LD_*`), Python, the shell, and the C compilers Triton and torch run at run time. Not
@@ -195,7 +202,43 @@ class EngineSlot:
 
 
 def free_port() -> int:
+    """A loopback port free now, for a server about to bind it: taken outside the kernel's ephemeral range, which
+    outgoing connections take their source ports from. A port from that range can be taken meanwhile by any
+    connection on the machine, the readiness probe's own included (a connection to a port nobody listens on yet
+    can connect to itself), and the engine's bind then fails. The kernel's own choice where there is no room."""
+    for port in _ports_to_try(_ephemeral_range()):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+        chosen: int = sock.getsockname()[1]
+        return chosen
+
+
+def _ephemeral_range() -> tuple[int, int] | None:
+    try:
+        low, high = Path(_EPHEMERAL_RANGE_FILE).read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):  # not Linux
+        return None
+
+
+def _ports_to_try(ephemeral: tuple[int, int] | None) -> list[int]:
+    """Up to `_PORT_TRIES` ports at random from above `_LOWEST_PORT` and outside the ephemeral range."""
+    if ephemeral is None:
+        return []
+    low, high = ephemeral
+    outside = [range(_LOWEST_PORT, low), range(high + 1, 65536)]
+    count = sum(len(span) for span in outside)
+    picks = []
+    for index in random.sample(range(count), min(count, _PORT_TRIES)):
+        for span in outside:
+            if index < len(span):
+                picks.append(span[index])
+                break
+            index -= len(span)
+    return picks
