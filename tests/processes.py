@@ -70,6 +70,16 @@ class SidecarProcess:
             time.sleep(0.05)
         raise TimeoutError(f"sidecar not healthy after {timeout_s}s:\n{self.output()}")
 
+    def wait_ready(self, timeout_s: float = 20.0) -> None:
+        """Until GET /ready answers 200 (an autoloaded engine is ready); past the deadline, an error with the end of
+        the sidecar's log, which says why (the engine's exit and its own last lines)."""
+        try:
+            wait_until(lambda: httpx.get(f"{self.url}/ready").status_code == 200, timeout_s=timeout_s)
+        except TimeoutError:
+            lines = [line for line in self.output().splitlines() if "path=/ready" not in line]  # its own polls
+            tail = "\n".join(lines[-40:])
+            raise TimeoutError(f"sidecar not ready after {timeout_s}s:\n{tail}") from None
+
     # -- what tests ask of it most, as a client would --------------------------------------------------------
 
     def load(self, key: str | None = None, timeout: float = 30, **body: Any) -> httpx.Response:
@@ -124,7 +134,7 @@ def running(workdir: Path, env: dict[str, str], ready: bool = False) -> Iterator
     try:
         process.wait_healthy()
         if ready:
-            wait_until(lambda: httpx.get(f"{process.url}/ready").status_code == 200, timeout_s=20)
+            process.wait_ready()
         yield process
     finally:
         process.stop()

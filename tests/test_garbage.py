@@ -169,7 +169,7 @@ def test_no_kind_of_request_leaves_a_reference_cycle_in_the_sidecar(
     # answer leaves appears once the connection idles out, within the counting.
     autoload = {"SIDECAR_AUTOLOAD_ENGINE": "mock", "SIDECAR_AUTOLOAD_MODEL": "m"}
     sidecar = start_sidecar(probed | faults | autoload | {"SIDECAR_WORKERS": workers})
-    wait_until(lambda: httpx.get(f"{sidecar.url}/ready").status_code == 200, timeout_s=20)
+    sidecar.wait_ready()
     children = psutil.Process(sidecar.pid).children()
     worker_pids = [child.pid for child in children if child.cmdline()[2:4] == ["sidecar", "worker"]]
     assert len(worker_pids) == (0 if workers == "1" else 2)

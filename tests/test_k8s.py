@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from sidecar.settings import ENV_PREFIX, Settings, load_settings
-from tests.processes import SidecarProcess, wait_until
+from tests.processes import SidecarProcess
 
 K8S = Path(__file__).resolve().parent.parent / "k8s"
 OPERATOR_KINDS = {"ServiceMonitor", "PrometheusRule"}  # tests/test_prometheus.py checks the rules with promtool
@@ -91,7 +91,7 @@ def test_the_dashboard_plots_only_series_a_running_sidecar_exports(
     start_sidecar: Callable[..., SidecarProcess],
 ) -> None:
     sidecar = start_sidecar({"SIDECAR_AUTOLOAD_ENGINE": "mock", "SIDECAR_AUTOLOAD_MODEL": "m"})
-    wait_until(lambda: httpx.get(f"{sidecar.url}/ready").status_code == 200, timeout_s=20)
+    sidecar.wait_ready()
     exposition = httpx.get(f"{sidecar.url}/metrics").text
     families = set(re.findall(r"^# TYPE (\S+) (\w+)", exposition, re.MULTILINE))
     exported = {name for name, _ in families}

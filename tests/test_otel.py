@@ -56,14 +56,10 @@ def traced(
 
     def start(**env: str) -> SidecarProcess:
         sidecar = start_sidecar({"SIDECAR_OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url, **_AUTOLOAD, **env})
-        _wait_ready(sidecar)
+        sidecar.wait_ready()
         return sidecar
 
     return start
-
-
-def _wait_ready(sidecar: SidecarProcess) -> None:
-    wait_until(lambda: httpx.get(f"{sidecar.url}/ready").status_code == 200, timeout_s=20)
 
 
 def _spans(receiver: OtlpReceiver, name: str, count: int = 1) -> list[Span]:
@@ -311,7 +307,7 @@ def test_control_operations_are_spans(
     dying = {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "mock": {"die_after": 1}}
     httpx.post(f"{sidecar.url}/v1/chat/completions", json=dying, timeout=30)
     wait_until(lambda: httpx.get(f"{sidecar.url}/v1/model").json()["restarts"] == 1, timeout_s=20)
-    _wait_ready(sidecar)
+    sidecar.wait_ready()
     httpx.post(f"{sidecar.url}/v1/model/unload", timeout=30).raise_for_status()
     failing = {"engine": "mock", "model": MODEL, "args": {"exit-at-start": 3}}
     assert httpx.post(f"{sidecar.url}/v1/model/load", json=failing, timeout=30).status_code == 502
@@ -385,7 +381,7 @@ def test_a_collector_that_is_down_holds_the_exit_no_longer_than_the_flush_bound(
 ) -> None:
     closed = f"http://127.0.0.1:{free_port()}"  # nothing listens: every export is refused and retried
     sidecar = start_sidecar({"SIDECAR_OTEL_EXPORTER_OTLP_ENDPOINT": closed, **_AUTOLOAD})
-    _wait_ready(sidecar)
+    sidecar.wait_ready()
     _stream(openai_client(sidecar))  # a span and metrics waiting to go out
     sidecar.process.send_signal(signal.SIGTERM)
     started = time.monotonic()

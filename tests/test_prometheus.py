@@ -140,7 +140,7 @@ def test_every_dashboard_query_returns_data_from_a_real_prometheus(
             "SIDECAR_AUTOLOAD_ARGS": json.dumps(MOCK_ARGS),
         }
     )
-    wait_until(lambda: httpx.get(f"{sidecar.url}/ready").status_code == 200, timeout_s=30)
+    sidecar.wait_ready(30)
     server = prometheus([f"127.0.0.1:{sidecar.port}"])
     # Prometheus takes its targets in a few seconds after it starts: the load begins once it scrapes.
     wait_until(lambda: bool(server.query("up == 1")), timeout_s=30, interval_s=0.2)
@@ -178,7 +178,7 @@ def _bucket_around(server: Prometheus, bucket_series: str, value: float) -> tupl
 def test_promtool_finds_the_sidecars_exposition_well_formed(start_sidecar: Start, workers: int) -> None:
     env = {"SIDECAR_WORKERS": str(workers), "SIDECAR_AUTOLOAD_ENGINE": "mock", "SIDECAR_AUTOLOAD_MODEL": "m"}
     sidecar = start_sidecar(env)
-    wait_until(lambda: httpx.get(f"{sidecar.url}/ready").status_code == 200, timeout_s=30)
+    sidecar.wait_ready(30)
     _stream_chats(sidecar, 3)
     exposition = httpx.get(f"{sidecar.url}/metrics").text
     assert re.search(r"^sidecar_ttft_seconds_bucket", exposition, re.MULTILINE)

@@ -59,7 +59,7 @@ def start(tmp_path: Path) -> Iterator[Any]:
         )
         started.append(process)
         process.wait_healthy()
-        wait_until(lambda: httpx.get(f"{process.url}/ready").status_code == 200, timeout_s=20)
+        process.wait_ready()
         return process
 
     yield start

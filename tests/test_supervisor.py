@@ -318,7 +318,7 @@ def test_autoload_at_start_up(start_sidecar: Start) -> None:
             "SIDECAR_AUTOLOAD_ARGS": json.dumps({"tokens": 4}),
         }
     )
-    wait_until(lambda: httpx.get(f"{sidecar.url}/ready").status_code == 200, timeout_s=20)
+    sidecar.wait_ready()
     assert sidecar.status()["model"] == "auto"
 
 

@@ -14,7 +14,7 @@ import pytest
 from openai import OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.processes import OpenAIClients, SidecarProcess, bearer, engine_key, wait_until
+from tests.processes import OpenAIClients, SidecarProcess, bearer, engine_key
 
 KEY = "proxy-key-0123"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -90,7 +90,7 @@ def start_stack(workdir: Path, env: dict[str, str] | None = None, engine_args: d
     )
     try:
         sidecar.wait_healthy()
-        wait_until(lambda: httpx.get(f"{sidecar.url}/ready").status_code == 200, timeout_s=20)
+        sidecar.wait_ready()
         engine = httpx.get(f"{sidecar.url}/v1/model", headers=AUTH).json()
         # The first request to a fresh mock engine costs it about 25 ms more (lazy imports): not what tests measure.
         warm_up = {"model": MODEL, "messages": MESSAGES, "max_tokens": 1, "stream": True}
