@@ -136,7 +136,8 @@ class Lifecycle:
         run.last_error_code = "engine_crashed"
         run.set_state(EngineState.FAILED)
         run.exit_code = engine.process.returncode
-        log.error("engine_crashed", engine=engine.adapter.name, exit_code=run.exit_code, tail=engine.process.tail(5))
+        tail = engine.process.output.tail(5)
+        log.error("engine_crashed", engine=engine.adapter.name, exit_code=run.exit_code, tail=tail)
         await engine.process.stop(self.settings.kill_grace_s)  # whatever is left of its group
         if not run.closing:
             await self._restart(engine)

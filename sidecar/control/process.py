@@ -1,4 +1,5 @@
-"""One engine process: spawned in a process group of its own, its output read into the log, its whole group stopped.
+"""One engine process: spawned in a process group of its own, its output read (`engine_output.py`), its whole group
+stopped.
 
 Mechanism only; when to start, stop or restart it is the supervisor's business.
 """
@@ -6,31 +7,26 @@ Mechanism only; when to start, stop or restart it is the supervisor's business.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import errno
-import itertools
 import os
 import shutil
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 
 import psutil
 
+from sidecar.control.engine_output import EngineOutput
 from sidecar.control.guard import PR_SET_CHILD_SUBREAPER, die_with_parent, prctl
 from sidecar.control.runfile import EngineRecord
-from sidecar.logs import LineBudget, get_logger
+from sidecar.logs import get_logger
 from sidecar.redaction import Redactor
 
 log = get_logger("sidecar.engine")
 
-TAIL_LINES = 100
-FOLLOW_BUFFER = 1000  # lines a live reader of the output may fall behind before it misses some
 REAP_AFTER_KILL_S = 10.0  # how long the group may take to be gone after SIGKILL
-_MAX_LINE = 16 * 1024  # a line longer than this is logged in pieces
-_UNLOGGED_EVERY_S = 5.0  # while the engine's output is past its rate, how often the lines not logged are counted
 
 
 def executable_on_own_path(executable: str) -> str:
@@ -59,93 +55,24 @@ def process_tree(pid: int) -> set[int]:
         return {pid}
 
 
-class OutputFollower:
-    """One reader of the engine's output as it comes (`GET /v1/model/logs`): its lines, masked, then None when
-    the output ends (the process and its pipes are gone) or the reader is let go. Bounded: a reader that falls
-    FOLLOW_BUFFER lines behind misses the next ones, counted in `dropped`, and never holds the engine up."""
+class _Protocol(asyncio.SubprocessProtocol):
+    """The engine process's pipes into its output, and its exit."""
 
-    def __init__(self) -> None:
-        self.lines: asyncio.Queue[tuple[str, str] | None] = asyncio.Queue()
-        self.dropped = 0
-
-    def push(self, stream: str, line: str) -> None:
-        if self.lines.qsize() >= FOLLOW_BUFFER:
-            self.dropped += 1
-        else:
-            self.lines.put_nowait((stream, line))
-
-    def close(self) -> None:
-        self.lines.put_nowait(None)
-
-
-class _OutputProtocol(asyncio.SubprocessProtocol):
-    """Splits stdout and stderr on `\\n` and `\\r` (progress bars) as the bytes arrive, never waiting for a line;
-    the lines of each read go on together (`on_lines`), so that a flood is handled a read at a time."""
-
-    def __init__(self, on_lines: Callable[[str, list[bytes]], None], on_end: Callable[[], None]) -> None:
-        self.on_lines = on_lines
-        self.on_end = on_end
-        self.partial = {1: b"", 2: b""}
+    def __init__(self, output: EngineOutput) -> None:
+        self.output = output
         self.exited = asyncio.Event()
-        self.ended = False
 
     def pipe_data_received(self, fd: int, data: bytes) -> None:
-        buffer = self.partial.get(fd, b"") + data
-        lines = buffer.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
-        self.partial[fd] = lines.pop()
-        while len(self.partial[fd]) > _MAX_LINE:
-            lines.append(self.partial[fd][:_MAX_LINE])
-            self.partial[fd] = self.partial[fd][_MAX_LINE:]
-        if lines := [line for line in lines if line.strip()]:
-            self.on_lines("stdout" if fd == 1 else "stderr", lines)
+        self.output.feed(fd, data)
 
     def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
-        rest = self.partial.pop(fd, b"")
-        if rest.strip():
-            self.on_lines("stdout" if fd == 1 else "stderr", [rest])
+        self.output.pipe_closed(fd)
 
     def process_exited(self) -> None:
         self.exited.set()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.ended = True  # the process exited and every pipe is closed: no more output
-        self.on_end()
-
-
-class _LoggedOutput:
-    """How many of the engine's lines go into the log: at most `per_s` a second (`LineBudget`). Those past it are
-    counted in an `engine_output_unlogged` warning: the first at once, then at most one every 5 s for as long as
-    they go on, the last 5 s after them (or when the output ends), so that every line not logged is counted."""
-
-    def __init__(self, name: str, per_s: float) -> None:
-        self.name, self.per_s = name, per_s
-        self.budget = LineBudget(per_s)
-        self.unlogged = 0
-        self.reported_at = -_UNLOGGED_EVERY_S
-        self.due: asyncio.TimerHandle | None = None
-
-    def take(self, lines: int) -> int:
-        """How many of the next `lines` to log (the first ones); the rest are counted."""
-        logging = self.budget.take(lines)
-        if logging < lines:
-            self.unlogged += lines - logging
-            if self.due is None:
-                wait = self.reported_at + _UNLOGGED_EVERY_S - time.monotonic()
-                if wait <= 0:
-                    self.report()
-                else:
-                    self.due = asyncio.get_running_loop().call_later(wait, self.report)
-        return logging
-
-    def report(self) -> None:
-        """The lines not logged since the last report, reported (where there are any)."""
-        if self.due is not None:
-            self.due.cancel()
-            self.due = None
-        if self.unlogged:
-            log.warning("engine_output_unlogged", engine=self.name, lines=self.unlogged, lines_per_s=self.per_s)
-            self.unlogged = 0
-            self.reported_at = time.monotonic()
+        self.output.end()
 
 
 def _in_own_group() -> None:
@@ -159,19 +86,16 @@ class EngineProcess:
         self,
         name: str,
         transport: asyncio.SubprocessTransport,
-        protocol: _OutputProtocol,
-        tail: collections.deque[tuple[str, str]],
-        followers: set[OutputFollower],
+        protocol: _Protocol,
         guard: asyncio.subprocess.Process,
         record: EngineRecord,
     ) -> None:
         self.name = name
-        self._followers = followers
+        self.output = protocol.output
         self._guard = guard
         self._record = record
         self._transport = transport
         self._protocol = protocol
-        self._tail = tail
         self.pid: int = transport.get_pid()
         self.started_at = time.time()
         self._stopping: asyncio.Task[int | None] | None = None
@@ -200,46 +124,14 @@ class EngineProcess:
         The engine dies with the sidecar: its leader gets SIGTERM from the kernel when the sidecar dies, and a
         guard process stops the rest of its group (`sidecar.guard`); its pid goes into the run directory's record.
 
-        Its output is logged at most `output_lines_per_s` lines a second (0: every line); every line is kept in
-        the tail and goes to followers whatever the rate, and what was not logged is counted in a warning. The
-        `masked` values, registered with the redactor for this engine, are forgotten once its output has ended:
-        nothing it writes after can hold them.
+        Its output is `output` (`EngineOutput`): logged at most `output_lines_per_s` lines a second, kept, read
+        by followers; the `masked` values are forgotten once it has ended.
         """
-        tail: collections.deque[tuple[str, str]] = collections.deque(maxlen=TAIL_LINES)
-        followers: set[OutputFollower] = set()
-
-        logged = _LoggedOutput(name, output_lines_per_s)
-
-        def on_lines(stream: str, lines: list[bytes]) -> None:
-            # The first `to_log` are logged; with no follower, those past them that the read's own last
-            # TAIL_LINES push out of the tail are only counted: a flood costs a split, not a mask, per line.
-            to_log = logged.take(len(lines))
-            kept_from = to_log if followers else max(to_log, len(lines) - TAIL_LINES)
-            for index in itertools.chain(range(to_log), range(kept_from, len(lines))):
-                line = redactor.redact_text(lines[index].decode(errors="replace"))
-                tail.append((stream, line))
-                if index < to_log:
-                    log.info("engine_output", engine=name, stream=stream, line=line)
-                for follower in followers:
-                    follower.push(stream, line)
-
-        forgotten = False
-
-        def forget_masked() -> None:  # once: an output's end after a failed start must not undo another's hold
-            nonlocal forgotten
-            if not forgotten:
-                forgotten = True
-                redactor.forget(*masked)
-
-        def on_end() -> None:
-            logged.report()
-            _let_go(followers)
-            forget_masked()
-
+        output = EngineOutput(name, redactor, output_lines_per_s, masked)
         loop = asyncio.get_running_loop()
         try:
             transport, protocol = await loop.subprocess_exec(
-                lambda: _OutputProtocol(on_lines, on_end),
+                lambda: _Protocol(output),
                 executable_on_own_path(argv[0]),
                 *argv[1:],
                 stdin=asyncio.subprocess.DEVNULL,
@@ -249,7 +141,7 @@ class EngineProcess:
                 preexec_fn=_in_own_group,  # uvloop's spawn takes no `process_group`
             )
         except BaseException:
-            forget_masked()  # nothing started: no output to mask
+            output.forget_masked()  # nothing started: no output to mask
             raise
         pid = transport.get_pid()
         guard_argv = [sys.executable, "-m", "sidecar.control.guard", str(os.getpid()), str(pid), str(grace_s)]
@@ -266,7 +158,7 @@ class EngineProcess:
             transport.close()
             raise
         record.write(pid, name, port)
-        return cls(name, transport, protocol, tail, followers, guard, record)
+        return cls(name, transport, protocol, guard, record)
 
     @property
     def returncode(self) -> int | None:
@@ -275,31 +167,6 @@ class EngineProcess:
     @property
     def exited(self) -> asyncio.Event:
         return self._protocol.exited
-
-    def tail(self, lines: int = TAIL_LINES) -> list[str]:
-        return [line for _, line in list(self._tail)[-lines:]] if lines else []
-
-    @contextlib.contextmanager
-    def follow(self, tail: int = TAIL_LINES) -> Iterator[tuple[list[tuple[str, str]], OutputFollower]]:
-        """The last `tail` lines kept, (stream, line), and a follower of the lines after them: none missed or
-        repeated between the two. A follower of an engine whose output has ended is closed at once."""
-        follower = OutputFollower()
-        if self._protocol.ended:
-            follower.close()
-        else:
-            self._followers.add(follower)
-        try:
-            yield (list(self._tail)[-tail:] if tail else []), follower
-        finally:
-            self._followers.discard(follower)
-
-    @property
-    def followers(self) -> int:
-        return len(self._followers)
-
-    def let_followers_go(self) -> None:
-        """The sidecar is stopping: live readers end now, so that the server's drain does not wait for them."""
-        _let_go(self._followers)
 
     def members(self) -> list[psutil.Process]:
         """Every live process of the engine: its process group and its descendants (which may have left it)."""
@@ -362,12 +229,6 @@ class EngineProcess:
             if time.monotonic() >= deadline:
                 return False
             await asyncio.sleep(0.02)
-
-
-def _let_go(followers: set[OutputFollower]) -> None:
-    for follower in followers:
-        follower.close()
-    followers.clear()
 
 
 def _alive(proc: psutil.Process) -> bool:

@@ -100,8 +100,8 @@ class Runner:
             "idle_unload_in_s": self._idle_unload_in_s(engine, now),
             "exit_code": self.exit_code,
             "last_error": self.last_error,
-            "output_tail": process.tail(20) if process else [],
-            "log_followers": process.followers if process else 0,
+            "output_tail": process.output.tail(20) if process else [],
+            "log_followers": process.output.followers if process else 0,
             "workers": self.shared.workers_now() if self.shared else None,
         }
 

@@ -83,7 +83,7 @@ async def wait_ready(engine: Engine, probe: httpx.AsyncClient, timeout_s: float,
     while True:
         if process is not None and process.exited.is_set():
             await process.stop(kill_grace_s)  # the rest of its group
-            tail = " | ".join(process.tail(5))
+            tail = " | ".join(process.output.tail(5))
             raise BadGateway(
                 f"engine {engine.adapter.name} exited during start-up with exit code {process.returncode}: {tail}",
                 code="engine_start_failed",

@@ -237,7 +237,7 @@ class Supervisor:
     def _post_stopping(self) -> None:
         engine = self.run.engine
         if engine is not None and engine.process is not None:
-            engine.process.let_followers_go()  # open log streams would hold up the server's drain
+            engine.process.output.let_followers_go()  # open log streams would hold up the server's drain
         self._report(Shutdown(new_reply(), final=False))
 
     async def shutdown(self) -> None:

@@ -12,7 +12,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from sidecar.control.engine import AdapterName, AdapterRequest, LoadRequest, SleepRequest
-from sidecar.control.process import TAIL_LINES, EngineProcess
+from sidecar.control.engine_output import TAIL_LINES
+from sidecar.control.process import EngineProcess
 from sidecar.control.supervisor import Supervisor
 from sidecar.errors import BadRequest
 from sidecar.http import disconnected, read_json_object
@@ -107,7 +108,7 @@ async def logs(request: Request) -> Response:
 
 
 async def _output_events(process: EngineProcess, tail: int, request: Request) -> AsyncIterator[bytes]:
-    with process.follow(tail) as (kept, follower):
+    with process.output.follow(tail) as (kept, follower):
         # A client that leaves lets its follower go at once: nothing is kept for it, nothing waits on it.
         left = asyncio.ensure_future(disconnected(request.receive))
         left.add_done_callback(lambda _: follower.close())

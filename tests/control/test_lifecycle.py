@@ -24,14 +24,24 @@ from sidecar.redaction import Redactor
 from sidecar.settings import load_settings
 
 
+class FakeOutput:
+    followers = 0
+
+    def tail(self, lines: int) -> list[str]:
+        return []
+
+    def let_followers_go(self) -> None:
+        pass
+
+
 class FakeProcess:
-    """What the lifecycle reads of an engine's process: its exit, its code, its stop."""
+    """What the lifecycle reads of an engine's process: its exit, its code, its stop, its (empty) output."""
 
     def __init__(self) -> None:
         self.pid = 2**22 + 7  # no such process: its tree is itself
         self.returncode: int | None = None
         self.exited = asyncio.Event()
-        self.followers = 0
+        self.output = FakeOutput()
 
     def crash(self, code: int) -> None:
         self.returncode = code
@@ -41,12 +51,6 @@ class FakeProcess:
         if self.returncode is None:
             self.crash(-15)
         return self.returncode
-
-    def tail(self, lines: int) -> list[str]:
-        return []
-
-    def let_followers_go(self) -> None:
-        pass
 
 
 class Engines:

@@ -40,10 +40,10 @@ async def test_the_engine_is_the_program_on_the_sidecars_path_not_the_one_its_en
     process = await spawn(tmp_path, {"PATH": str(tmp_path / "requested")})
     try:
         deadline = time.monotonic() + 10
-        while not process.tail(5):
+        while not process.output.tail(5):
             assert time.monotonic() < deadline, "the engine wrote nothing"
             await asyncio.sleep(0.01)
-        assert process.tail(5) == ["own"]
+        assert process.output.tail(5) == ["own"]
     finally:
         await process.stop(1.0)
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import structlog
 
-from sidecar.control.process import TAIL_LINES, EngineProcess
+from sidecar.control.engine_output import TAIL_LINES
+from sidecar.control.process import EngineProcess
 from sidecar.control.runfile import EngineRecord
 from sidecar.redaction import Redactor
 from tests.processes import until
@@ -53,8 +54,8 @@ async def test_a_flood_past_the_rate_is_logged_in_part_and_its_last_lines_kept_m
     with structlog.testing.capture_logs() as logged:
         process = await flood(5000, 10)
         (tmp_path / "go").touch()
-        await until(lambda: process.tail(1) == ["line 4999 ***"])
-        assert process.tail() == [f"line {n}" for n in range(5000 - TAIL_LINES, 4999)] + ["line 4999 ***"]
+        await until(lambda: process.output.tail(1) == ["line 4999 ***"])
+        assert process.output.tail() == [f"line {n}" for n in range(5000 - TAIL_LINES, 4999)] + ["line 4999 ***"]
         assert any(entry["event"] == "engine_output_unlogged" for entry in logged)  # the first report at once
         await process.stop(1.0)  # the output's end reports what was not yet
 
@@ -70,10 +71,10 @@ async def test_a_flood_past_the_rate_is_logged_in_part_and_its_last_lines_kept_m
 
 async def test_a_follower_gets_every_line_of_a_flood_in_order(flood: Flood, tmp_path: Path) -> None:
     process = await flood(800, 10)
-    with process.follow(tail=0) as (kept, follower):
+    with process.output.follow(tail=0) as (kept, follower):
         assert kept == []
         (tmp_path / "go").touch()
         lines = [(await follower.lines.get()) for _ in range(800)]
     assert [line for _, line in lines] == [f"line {n}" for n in range(799)] + ["line 799 ***"]
     assert {stream for stream, _ in lines} == {"stdout"}
-    assert process.tail(2) == ["line 798", "line 799 ***"]
+    assert process.output.tail(2) == ["line 798", "line 799 ***"]
