@@ -17,7 +17,7 @@ from sidecar.control.runfile import private_run_dir
 from sidecar.demo import demo
 from sidecar.logs import configure_logging, get_logger
 from sidecar.redaction import Redactor
-from sidecar.server.app import serve_with_workers, serve_worker, server
+from sidecar.server.serving import serve_with_workers, serve_worker, server
 from sidecar.settings import Settings, SettingsError, load_settings
 from sidecar.telemetry import resources
 

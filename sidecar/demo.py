@@ -18,7 +18,7 @@ import uvloop
 
 from sidecar.logs import configure_logging, get_logger
 from sidecar.redaction import Redactor
-from sidecar.server.app import server as make_server
+from sidecar.server.serving import server as make_server
 from sidecar.settings import Settings
 
 log = get_logger("sidecar.demo")
