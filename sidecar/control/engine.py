@@ -228,17 +228,9 @@ def _ephemeral_range() -> tuple[int, int] | None:
 
 
 def _ports_to_try(ephemeral: tuple[int, int] | None) -> list[int]:
-    """Up to `_PORT_TRIES` ports at random from above `_LOWEST_PORT` and outside the ephemeral range."""
+    """Up to `_PORT_TRIES` ports at random from `_LOWEST_PORT` up and outside the ephemeral range."""
     if ephemeral is None:
         return []
     low, high = ephemeral
-    outside = [range(_LOWEST_PORT, low), range(high + 1, 65536)]
-    count = sum(len(span) for span in outside)
-    picks = []
-    for index in random.sample(range(count), min(count, _PORT_TRIES)):
-        for span in outside:
-            if index < len(span):
-                picks.append(span[index])
-                break
-            index -= len(span)
-    return picks
+    outside = [*range(_LOWEST_PORT, low), *range(high + 1, 65536)]
+    return random.sample(outside, min(len(outside), _PORT_TRIES))
