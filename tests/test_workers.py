@@ -21,7 +21,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.processes import SidecarProcess, group_members, wait_until
+from tests.processes import SidecarProcess, command_lines, group_members, wait_until
 
 Start = Callable[..., SidecarProcess]
 DATA_KEY = "workers-data-key-0123"
@@ -45,7 +45,7 @@ def _record(sidecar: SidecarProcess, request_id: str) -> dict[str, Any]:
 def _workers(sidecar: SidecarProcess) -> dict[int, int]:
     """Worker index -> pid, as GET /v1/model says, each checked against the processes running `sidecar worker`."""
     listed = httpx.get(f"{sidecar.url}/v1/model", headers=ADMIN).json()["workers"]
-    running = {child.pid: child.cmdline() for child in psutil.Process(sidecar.pid).children()}
+    running = command_lines(psutil.Process(sidecar.pid).children())
     found = {}
     for worker in listed:
         command = running.get(worker["pid"], [])

@@ -12,9 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import psutil
 
-from tests.processes import SidecarProcess, group_members, is_gone, wait_until
+from tests.processes import SidecarProcess, command_lines, group_members, is_gone, wait_until
 from tests.vllm.test_vllm import ADMIN, ARGS, DATA, ENV, LONG, MESSAGES, VLLM_PYTHON, model, pytestmark
 
 __all__ = ["model", "pytestmark"]  # the module's model, and the tests' marks: skipped without vLLM
@@ -49,21 +48,18 @@ def _status(sidecar: SidecarProcess) -> dict[str, Any]:
     return status
 
 
-def _find_engine_core(pid: int) -> psutil.Process | None:
-    """vLLM's EngineCore: the process that holds the model, a child of its API server (`VLLM::EngineCore`). vLLM's
-    start-up runs short-lived helpers in the group too: one gone between the listing and the reading is skipped."""
-    for process in group_members(pid):
-        try:
-            if "EngineCore" in " ".join(process.cmdline()) or "EngineCore" in process.name():
-                return process
-        except psutil.NoSuchProcess:
-            continue
+def _find_engine_core(pid: int) -> int | None:
+    """vLLM's EngineCore: the process that holds the model, a child of its API server (`VLLM::EngineCore`, its
+    command line as vLLM sets its title)."""
+    for found, argv in command_lines(group_members(pid)).items():
+        if "EngineCore" in " ".join(argv):
+            return found
     return None
 
 
-def _engine_core(pid: int) -> psutil.Process:
+def _engine_core(pid: int) -> int:
     found = _find_engine_core(pid)
-    assert found is not None, f"no EngineCore among {[p.pid for p in group_members(pid)]}"
+    assert found is not None, f"no EngineCore among {command_lines(group_members(pid))}"
     return found
 
 
@@ -73,7 +69,7 @@ def test_engine_core_killed_under_a_stream_ends_it_with_an_error_and_the_policy_
     sidecar = _sidecar(start_sidecar, SIDECAR_RESTART_MAX="1", SIDECAR_RESTART_BACKOFF_S="0.5")
     pid = _load(sidecar, model)["pid"]
     old = [process.pid for process in group_members(pid)]
-    core = _engine_core(pid).pid  # found before the stream: a short answer can be over in half a second
+    core = _engine_core(pid)  # found before the stream: a short answer can be over in half a second
     body = {"model": str(model), "messages": MESSAGES, "max_tokens": 480, "stream": True} | LONG
     lines: list[str] = []
     streaming = threading.Event()
