@@ -12,8 +12,8 @@ GHSA-rxc4-3w6r-4v47):
 - a head (request line and headers) past `SIDECAR_MAX_HEADER_BYTES` is answered 431;
 - a head not complete `SIDECAR_CLIENT_TIMEOUT_S` after it began (a new connection's, after it opened), or a
   body with no read for as long, is answered 408;
-- a client that leaves the answer unread as long, its buffer full, is cut off (the relay then sees a client
-  gone, which cancels the engine's request);
+- a client that leaves the answer unread as long, its buffer full, is cut off with a reset, which drops what
+  the kernel still held for it (the relay then sees a client gone, which cancels the engine's request);
 - a request on a connection past what the open-files limit can serve (`resources`) is answered 503;
 - and the connection is closed after any of these. A connection idle between requests is uvicorn's
   keep-alive timeout's; an answer going out to a client that reads it is never cut, however long it is.
@@ -22,7 +22,10 @@ GHSA-rxc4-3w6r-4v47):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import socket
+import struct
 import time
 from http import HTTPStatus
 from typing import Any, ClassVar, cast
@@ -37,6 +40,8 @@ from sidecar.logs import Throttle, get_logger
 from sidecar.telemetry import resources
 
 log = get_logger("sidecar.http")
+
+_LINGER_OFF = struct.pack("ii", 1, 0)  # SO_LINGER on, for 0 s: a close resets the connection
 
 _REFUSALS = Throttle(5.0)  # connections refused at the open-files limit: a storm of them is one line every 5 s
 # Clients cut off for their slowness, by what they were slow at: a slowloris of thousands is a line every 5 s.
@@ -229,6 +234,7 @@ class HttpProtocol(HttpToolsProtocol):
         state.client_timed_out = True
         request_id = state.request_id
         _log_client_timeout(waiting_for="reads", timeout_s=self.client_timeout_s, request_id=request_id)
+        _reset(self.transport)
         self.transport.abort()  # what it did not read is dropped; the app's request sees its client gone
 
     def _note_writes(self, paused: bool) -> None:
@@ -246,6 +252,16 @@ class HttpProtocol(HttpToolsProtocol):
         content.append(b"connection: close\r\n\r\n" + body)
         self.transport.write(b"".join(content))
         self.transport.close()
+
+
+def _reset(transport: asyncio.Transport) -> None:
+    """The connection's close to reset it (nginx's `reset_timedout_connection`): the kernel drops what its send
+    buffer still holds for the client, megabytes of an answer it did not read, and frees the socket at once, rather
+    than trickling it out to a client that reads at its own pace long after the sidecar let it go."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_OFF)
 
 
 def protocol(max_head_bytes: int, client_timeout_s: float) -> type[HttpProtocol]:
