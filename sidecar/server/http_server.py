@@ -234,8 +234,7 @@ class HttpProtocol(HttpToolsProtocol):
         state.client_timed_out = True
         request_id = state.request_id
         _log_client_timeout(waiting_for="reads", timeout_s=self.client_timeout_s, request_id=request_id)
-        _reset(self.transport)
-        self.transport.abort()  # what it did not read is dropped; the app's request sees its client gone
+        _reset(self.transport)  # what it did not read is dropped; the app's request sees its client gone
 
     def _note_writes(self, paused: bool) -> None:
         if self.cycle is not None and not self.cycle.response_complete:
@@ -255,13 +254,14 @@ class HttpProtocol(HttpToolsProtocol):
 
 
 def _reset(transport: asyncio.Transport) -> None:
-    """The connection's close to reset it (nginx's `reset_timedout_connection`): the kernel drops what its send
+    """The connection closed with a reset (nginx's `reset_timedout_connection`): the kernel drops what its send
     buffer still holds for the client, megabytes of an answer it did not read, and frees the socket at once, rather
     than trickling it out to a client that reads at its own pace long after the sidecar let it go."""
     sock = transport.get_extra_info("socket")
     if sock is not None:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_OFF)
+    transport.abort()
 
 
 def protocol(max_head_bytes: int, client_timeout_s: float) -> type[HttpProtocol]:
