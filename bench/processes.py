@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import httpx
@@ -66,13 +67,20 @@ def pin(pid: int, cpus: set[int], tree: bool = False) -> None:
                 pass
 
 
-def mock_engines(sidecar_pid: int) -> list[psutil.Process]:
-    """The mock engines running under a sidecar (a zombie runs nothing)."""
-    found = []
-    for child in psutil.Process(sidecar_pid).children(recursive=True):
+def command_lines(processes: Iterable[psutil.Process]) -> dict[int, list[str]]:
+    """Each process's command line, by pid; one gone meanwhile (an engine's short-lived helper, a worker being
+    replaced) is left out rather than raising."""
+    found = {}
+    for process in processes:
         try:
-            if child.status() != psutil.STATUS_ZOMBIE and "engines.mock_server" in " ".join(child.cmdline()):
-                found.append(child)
+            found[process.pid] = process.cmdline()
         except psutil.NoSuchProcess:
             continue
     return found
+
+
+def mock_engines(sidecar_pid: int) -> list[psutil.Process]:
+    """The mock engines running under a sidecar (a zombie, whose command line psutil does not read, runs nothing)."""
+    children = psutil.Process(sidecar_pid).children(recursive=True)
+    argv = command_lines(children)
+    return [child for child in children if "engines.mock_server" in " ".join(argv.get(child.pid, ()))]

@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ import httpx
 import psutil
 from openai import OpenAI
 
-from bench.processes import engine_key
+from bench.processes import command_lines, engine_key
 from sidecar.control.engine import free_port
 
 __all__ = [
@@ -182,18 +182,6 @@ def group_members(pgid: int) -> list[psutil.Process]:
         except (ProcessLookupError, psutil.NoSuchProcess):
             continue
     return members
-
-
-def command_lines(processes: Iterable[psutil.Process]) -> dict[int, list[str]]:
-    """Each process's command line, by pid; one gone meanwhile (an engine's short-lived helper, a worker being
-    replaced) is left out rather than raising."""
-    found = {}
-    for process in processes:
-        try:
-            found[process.pid] = process.cmdline()
-        except psutil.NoSuchProcess:
-            continue
-    return found
 
 
 def is_gone(pid: int) -> bool:

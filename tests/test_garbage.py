@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from sidecar.server import garbage
-from tests.processes import SidecarProcess, bearer, wait_until
+from tests.processes import SidecarProcess, bearer, command_lines, wait_until
 from tests.proxy.conftest import events
 
 KEY = "garbage-test-key"
@@ -170,8 +170,8 @@ def test_no_kind_of_request_leaves_a_reference_cycle_in_the_sidecar(
     autoload = {"SIDECAR_AUTOLOAD_ENGINE": "mock", "SIDECAR_AUTOLOAD_MODEL": "m"}
     sidecar = start_sidecar(probed | faults | autoload | {"SIDECAR_WORKERS": workers})
     sidecar.wait_ready()
-    children = psutil.Process(sidecar.pid).children()
-    worker_pids = [child.pid for child in children if child.cmdline()[2:4] == ["sidecar", "worker"]]
+    children = command_lines(psutil.Process(sidecar.pid).children())
+    worker_pids = [pid for pid, argv in children.items() if argv[2:4] == ["sidecar", "worker"]]
     assert len(worker_pids) == (0 if workers == "1" else 2)
     probes = [_Probe(tmp_path, pid) for pid in (sidecar.pid, *worker_pids)]
     _every_kind_of_request(sidecar)  # what is made once (caches, connections) made before counting

@@ -30,6 +30,7 @@ from sidecar.settings import load_settings
 from tests.processes import (
     SidecarProcess,
     bearer,
+    command_lines,
     engine_key,
     free_port,
     group_members,
@@ -373,8 +374,10 @@ def test_a_sidecar_stops_the_engine_a_killed_one_left_behind(start_sidecar: Star
     record = json.loads((tmp_path / "run" / f"engine-{first.port}.json").read_text())
     assert (record["pid"], record["port"]) == (pid, first.status()["port"])
     # Its guard killed first, then the sidecar: the engine ignores the SIGTERM the kernel sends it, and stays.
-    for child in psutil.Process(first.pid).children():
-        if "sidecar.control.guard" in " ".join(child.cmdline()):
+    children = psutil.Process(first.pid).children()
+    argv = command_lines(children)
+    for child in children:
+        if "sidecar.control.guard" in " ".join(argv.get(child.pid, ())):
             child.kill()
     first.process.kill()
     first.process.wait()
