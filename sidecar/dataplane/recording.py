@@ -12,7 +12,8 @@ from sidecar.dataplane.exchange import Exchange, dumps
 from sidecar.errors import SidecarError
 from sidecar.logs import get_logger
 from sidecar.telemetry.history import RequestHistory
-from sidecar.telemetry.otel import Answer, OpenTelemetry
+from sidecar.telemetry.otel import OpenTelemetry
+from sidecar.telemetry.otel_attributes import Answer
 from sidecar.telemetry.records import Performance, RequestRecord
 from sidecar.telemetry.service import Telemetry
 

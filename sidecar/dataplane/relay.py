@@ -40,7 +40,7 @@ from sidecar.dataplane.upstream_errors import UpstreamError
 from sidecar.errors import BadGateway, GatewayTimeout, SidecarError, engine_error_body
 from sidecar.logs import get_logger
 from sidecar.settings import Settings
-from sidecar.telemetry.otel import finish_reasons
+from sidecar.telemetry.otel_attributes import finish_reasons
 
 log = get_logger("sidecar.proxy")  # the proxy's lines, whichever of its modules writes them
 

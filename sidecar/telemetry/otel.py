@@ -20,18 +20,17 @@ import socket
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import orjson
 from starlette.types import Scope
 
 from sidecar import request_state
 from sidecar.logs import get_logger
 from sidecar.settings import Settings, SettingsError
+from sidecar.telemetry.otel_attributes import Answer, request_attributes, span_attributes
 from sidecar.telemetry.otel_metrics import Instruments
-from sidecar.telemetry.records import Performance
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.metrics import MeterProvider
@@ -52,38 +51,8 @@ _ENDPOINT_VARIABLES = (
     "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
     "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
 )
-# The Responses API is a chat in the conventions' terms (their operation names have none of its own).
-_OPERATIONS = {
-    "/v1/chat/completions": "chat",
-    "/v1/responses": "chat",
-    "/v1/completions": "text_completion",
-    "/v1/embeddings": "embeddings",
-}
 # The client's trace context, as W3C Trace Context and Baggage carry it.
 _CONTEXT_HEADERS = frozenset({b"traceparent", b"tracestate", b"baggage"})
-# The request fields a span records, under the conventions' names.
-_REQUEST_FIELDS = (
-    ("max_completion_tokens", "gen_ai.request.max_tokens"),
-    ("max_output_tokens", "gen_ai.request.max_tokens"),  # the Responses API's
-    ("max_tokens", "gen_ai.request.max_tokens"),
-    ("temperature", "gen_ai.request.temperature"),
-    ("top_p", "gen_ai.request.top_p"),
-    ("seed", "gen_ai.request.seed"),
-)
-# `usage.performance` fields a span carries as they are, under `sidecar.`.
-_PERFORMANCE_FIELDS = (
-    "ttft_ms",
-    "tpot_ms",
-    "latency_ms",
-    "total_ms",
-    "queue_ms",
-    "output_tokens_per_s",
-    "coalesced_events",
-    "sidecar_overhead_ms",
-    "gpu_memory_peak_mb",
-    "gpu_memory_delta_mb",
-)
-# The conventions' bucket boundaries for each histogram (seconds; tokens).
 
 
 def enabled(settings: Settings, environ: Mapping[str, str] = os.environ) -> bool:
@@ -181,20 +150,8 @@ class OpenTelemetry:
 
     def start_request(self, scope: Scope, body: Mapping[str, Any]) -> RequestSpan:
         """The span of a request whose body was just read: the child of the client's trace context, if any."""
-        operation = _OPERATIONS.get(scope["path"], "chat")
-        model = body.get("model")
-        attributes: dict[str, Any] = {
-            "gen_ai.operation.name": operation,
-            "sidecar.request_id": request_state.of(scope).request_id,
-        }
-        if isinstance(model, str):
-            attributes["gen_ai.request.model"] = model
-        if operation != "embeddings":
-            attributes["gen_ai.request.stream"] = body.get("stream") is True
-        for key, name in _REQUEST_FIELDS:
-            value = body.get(key)
-            if isinstance(value, int | float) and not isinstance(value, bool) and name not in attributes:
-                attributes[name] = value
+        attributes = request_attributes(scope["path"], request_state.of(scope).request_id, body)
+        operation, model = attributes["gen_ai.operation.name"], attributes.get("gen_ai.request.model")
         span = None
         if self._tracer is not None:
             carrier = {
@@ -239,7 +196,7 @@ class OpenTelemetry:
         if span is None:
             return
         span.set_attributes(common)
-        span.set_attributes(_span_attributes(answer))
+        span.set_attributes(span_attributes(answer))
         ttft_ms = performance["ttft_ms"]
         if ttft_ms is not None:
             span.add_event("gen_ai.first_token", timestamp=request.start_time_ns + int(ttft_ms * 1e6))
@@ -306,75 +263,9 @@ class RequestSpan:
         self.ended = False
 
 
-@dataclass(frozen=True, slots=True)
-class Answer:
-    """How a request that reached the engine ended: what the span and the metrics are made of."""
-
-    performance: Performance
-    status: int | None
-    error_type: str | None
-    finish_reasons: Sequence[str]
-    # A stream's last events (not parsed on their way: read here for the finish reasons and the response's id),
-    # or the whole answer, parsed.
-    final_events: Sequence[bytes | Mapping[str, Any]]
-    client_disconnected: bool
-
-
 @dataclass(slots=True)
 class ControlSpan:
     """What a control operation's body tells its span: attributes learnt on the way, and its error if it failed."""
 
     attributes: dict[str, Any] = field(default_factory=dict)
     error_type: str | None = None
-
-
-def _span_attributes(answer: Answer) -> dict[str, Any]:
-    performance = answer.performance
-    attributes: dict[str, Any] = {
-        f"sidecar.{name}": value
-        for name, value in performance.items()
-        if name in _PERFORMANCE_FIELDS and value is not None
-    }
-    itl = performance.get("itl_ms")
-    if itl:
-        attributes |= {f"sidecar.itl_{quantile}_ms": value for quantile, value in itl.items()}
-    if performance["ttft_ms"] is not None:
-        attributes["gen_ai.response.time_to_first_chunk"] = performance["ttft_ms"] / 1000
-    if isinstance(performance["prompt_tokens"], int):
-        attributes["gen_ai.usage.input_tokens"] = performance["prompt_tokens"]
-    attributes["gen_ai.usage.output_tokens"] = performance["completion_tokens"]
-    if performance.get("tokens_estimated"):
-        attributes["sidecar.tokens_estimated"] = True
-    if answer.status is not None:
-        attributes["http.response.status_code"] = answer.status
-    if answer.client_disconnected:
-        attributes["sidecar.client_disconnected"] = True
-    reasons, response_id = list(answer.finish_reasons), None
-    for raw in answer.final_events:
-        chunk = _object(raw)
-        response_id = response_id or (chunk.get("id") if isinstance(chunk.get("id"), str) else None)
-        if not answer.finish_reasons:
-            reasons += finish_reasons(chunk)
-    if reasons:
-        attributes["gen_ai.response.finish_reasons"] = reasons
-    if response_id:
-        attributes["gen_ai.response.id"] = response_id
-    return attributes
-
-
-def _object(raw: bytes | Mapping[str, Any]) -> Mapping[str, Any]:
-    if not isinstance(raw, bytes):
-        return raw
-    try:
-        value = orjson.loads(raw)
-    except ValueError:
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
-def finish_reasons(chunk: Mapping[str, Any]) -> list[str]:
-    """The finish reasons a parsed chunk or answer gives, in its choices' order."""
-    choices = chunk.get("choices")
-    if not isinstance(choices, list):
-        return []
-    return [c["finish_reason"] for c in choices if isinstance(c, dict) and isinstance(c.get("finish_reason"), str)]
