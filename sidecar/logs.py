@@ -3,16 +3,13 @@
 structlog's loggers hand their records straight to the sinks, not through the standard library's logging: that
 path (a LogRecord made twice, the caller found by walking the stack, a formatter per handler) cost about 95 µs
 a record, the largest part of the sidecar's CPU per request. The standard library's records (uvicorn's) join
-the same chain through one handler. Without a terminal the console format is rendered by `_plain_line`:
-structlog's ConsoleRenderer, made for a developer's terminal, takes 100 µs an access line, this 10.
+the same chain through one handler. How a record becomes a line is `log_format.py`'s.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import logging.handlers
-import re
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -22,9 +19,9 @@ from pathlib import Path
 from typing import Any, TextIO, cast
 
 import structlog
-from structlog.tracebacks import ExceptionDictTransformer
 from structlog.typing import EventDict, Processor
 
+from sidecar.log_format import JSON, PLAIN, Format, console_format
 from sidecar.log_writer import BackgroundWriter, stream_lines
 from sidecar.redaction import Redactor
 from sidecar.settings import Settings
@@ -50,78 +47,12 @@ _SHARED_CHAIN: list[Processor] = [
     structlog.processors.add_log_level,
     structlog.processors.TimeStamper(fmt="iso", utc=True),
 ]
-# Local variables in tracebacks are where tokens leak: never show them.
-_json_exceptions = structlog.processors.ExceptionRenderer(ExceptionDictTransformer(show_locals=False))
-_FIRST_KEYS = ("timestamp", "level", "event", "logger")
-
-
-# Control characters, C1's included: a request's path or a model name must not start a line of its own in a log,
-# nor carry a terminal's escape sequence into it.
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-_NAMED_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
-
-
-def _escape_control(match: re.Match[str]) -> str:
-    char = match.group()
-    return _NAMED_ESCAPES.get(char) or f"\\x{ord(char):02x}"
-
-
-def escape_controls(text: str) -> str:
-    """`text` with its control characters written as escapes (`\\n`, `\\x1b`): one line, nothing a terminal runs."""
-    return _CONTROL.sub(_escape_control, text) if _CONTROL.search(text) else text
-
-
-def _json_line(event_dict: EventDict) -> str:
-    # json escapes what is below 0x20; DEL and C1 it leaves as they are.
-    return escape_controls(json.dumps(event_dict, default=repr, ensure_ascii=False))
-
-
-def _plain_line(event_dict: EventDict) -> str:
-    """structlog's console layout without colour: time, level, event, logger, then key=value sorted by key."""
-    exception = event_dict.pop("exception", None)
-    fields = " ".join(
-        f"{key}={value}" if isinstance(value, str) else f"{key}={value!r}"
-        for key, value in sorted(event_dict.items())
-        if key not in _FIRST_KEYS
-    )
-    line = (
-        f"{event_dict.get('timestamp', '')} [{event_dict.get('level', ''):<9}] {event_dict.get('event', ''):<30} "
-        f"[{event_dict.get('logger', '')}] {fields}"
-    )
-    line = escape_controls(line)  # the record's own line; a traceback's lines follow it as they are
-    return f"{line}\n{exception}" if exception else line
-
-
-@dataclass(frozen=True)
-class _Format:
-    exceptions: Processor  # the exception made text (or a dict) first: redaction must see it
-    render: Callable[[EventDict], str]
-
-
-_JSON = _Format(_json_exceptions, _json_line)
-_PLAIN = _Format(structlog.processors.format_exc_info, _plain_line)
-
-
-def _console_format(colors: bool) -> _Format:
-    if not colors:
-        return _PLAIN
-    renderer = structlog.dev.ConsoleRenderer(colors=True)
-
-    def render(event_dict: EventDict) -> str:
-        # The renderer's own colours are escape sequences: the values are escaped before it adds them.
-        escaped = {
-            key: escape_controls(value) if isinstance(value, str) and key != "exception" else value
-            for key, value in event_dict.items()
-        }
-        return str(renderer(None, "", escaped))
-
-    return _Format(structlog.processors.format_exc_info, render)
 
 
 @dataclass
 class _Sink:
     writer: BackgroundWriter  # its own thread writes the lines: never the event loop
-    format: _Format
+    format: Format
     level: int
 
     def emit(self, level: int, event_dict: EventDict, redactor: Redactor) -> None:
@@ -134,7 +65,7 @@ class _Sink:
 _writers: dict[TextIO, BackgroundWriter] = {}
 
 
-def _stream_sink(stream: TextIO, format: _Format) -> _Sink:
+def _stream_sink(stream: TextIO, format: Format) -> _Sink:
     writer = _writers.get(stream)
     if writer is None:
         writer = _writers[stream] = BackgroundWriter(stream_lines(stream))
@@ -159,7 +90,7 @@ class _RotatingFile(logging.handlers.RotatingFileHandler):
         self.flush()
 
 
-def _file_sink(path: Path, settings: Settings, format: _Format, level: int, closers: list[Callable[[], None]]) -> _Sink:
+def _file_sink(path: Path, settings: Settings, format: Format, level: int, closers: list[Callable[[], None]]) -> _Sink:
     file = _RotatingFile(
         path, maxBytes=settings.log_file_max_bytes, backupCount=settings.log_file_backups, encoding="utf-8"
     )
@@ -227,9 +158,9 @@ def configure_logging(settings: Settings, redactor: Redactor) -> None:
         close()
     level = logging.getLevelName(settings.log_level.upper())
     if settings.log_format == "json":
-        stderr_format = _JSON
+        stderr_format = JSON
     else:
-        stderr_format = _console_format(colors=sys.stderr.isatty())
+        stderr_format = console_format(colors=sys.stderr.isatty())
     sinks = [_stream_sink(sys.stderr, stderr_format)]
     closers: list[Callable[[], None]] = []
     if settings.log_dir is not None:
@@ -276,9 +207,9 @@ def _file_sinks(settings: Settings, closers: list[Callable[[], None]]) -> list[_
     directory: Path = settings.log_dir  # type: ignore[assignment]
     directory.mkdir(parents=True, exist_ok=True)
     return [
-        _file_sink(directory / "sidecar.log", settings, _PLAIN, logging.NOTSET, closers),
-        _file_sink(directory / "errors.log", settings, _PLAIN, logging.ERROR, closers),
-        _file_sink(directory / "sidecar.jsonl", settings, _JSON, logging.NOTSET, closers),
+        _file_sink(directory / "sidecar.log", settings, PLAIN, logging.NOTSET, closers),
+        _file_sink(directory / "errors.log", settings, PLAIN, logging.ERROR, closers),
+        _file_sink(directory / "sidecar.jsonl", settings, JSON, logging.NOTSET, closers),
     ]
 
 
