@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 
 import uvicorn
 from uvicorn.config import Config
+from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 from uvicorn.server import ServerState
 
+from sidecar.dataplane.exchange import send_now
 from sidecar.server.http_server import HttpProtocol
 
 # The base class's methods the sidecar's protocol overrides (calling them through super(), but where it says).
@@ -61,3 +64,52 @@ async def test_the_attributes_it_reads_are_set_by_uvicorn() -> None:
     missing = [name for name in CYCLE_ATTRIBUTES if name not in cycle_fields]
     assert not missing, f"uvicorn {uvicorn.__version__}'s RequestResponseCycle no longer has {missing}"
     assert hasattr(protocol.server_state, "default_headers")
+
+
+class _Transport:
+    """What a request's cycle writes to: the bytes kept."""
+
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def is_closing(self) -> bool:
+        return False
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+async def test_a_body_sent_while_the_client_takes_writes_goes_out_without_waiting() -> None:
+    """The relay writes a stream's first token from the engine connection's read callback (`exchange.send_now`),
+    which cannot await: uvicorn's `send` of a body must write it in one step while the client's buffer has room,
+    and, while it is full, wait before writing anything."""
+    transport = _Transport()
+    flow = FlowControl(transport)  # type: ignore[arg-type]
+    scope = {"type": "http", "method": "POST", "path": "/", "http_version": "1.1", "headers": []}
+    cycle = RequestResponseCycle(
+        scope,  # type: ignore[arg-type]
+        transport,  # type: ignore[arg-type]
+        flow,
+        logging.getLogger("test"),
+        logging.getLogger("test.access"),
+        access_log=False,
+        default_headers=[],
+        message_event=asyncio.Event(),
+        expect_100_continue=False,
+        keep_alive=True,
+        on_response=lambda: None,
+    )
+    await cycle.send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+    event = {"type": "http.response.body", "body": b"data: token\n\n", "more_body": True}
+    assert send_now(cycle.send, event)  # type: ignore[arg-type]
+    assert transport.written[-1].endswith(b"data: token\n\n\r\n")
+    flow.pause_writing()
+    written = len(transport.written)
+    assert not send_now(cycle.send, event)  # type: ignore[arg-type]
+    assert len(transport.written) == written

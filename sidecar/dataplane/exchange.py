@@ -6,12 +6,12 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Iterable
+from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from starlette.types import Scope, Send
+from starlette.types import Message, Scope, Send
 
 from sidecar import request_state
 from sidecar.control.engine import Engine
@@ -114,6 +114,19 @@ async def send_whole(exchange: Exchange, status: int, headers: list[tuple[bytes,
     headers.append((b"content-length", str(len(body)).encode()))
     await exchange.send({"type": "http.response.start", "status": status, "headers": headers})
     await exchange.send({"type": "http.response.body", "body": body})
+
+
+def send_now(send: Send, message: Message) -> bool:
+    """An ASGI message sent from a callback that cannot await: True once the server has taken it; False, with
+    nothing sent, where its `send` would wait (uvicorn's waits only while the client's buffer is full, before it
+    writes: `tests/test_uvicorn_surface.py` checks it)."""
+    sending: Coroutine[Any, Any, None] = send(message)  # type: ignore[assignment]  # an ASGI server's is a coroutine
+    try:
+        sending.send(None)
+    except StopIteration:
+        return True
+    sending.close()
+    return False
 
 
 def sse_error(error: SidecarError) -> bytes:

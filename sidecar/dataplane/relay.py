@@ -4,7 +4,10 @@ a non-streaming client asked for.
 
 Streams pass through as they are read, forwarded as the engine wrote them; only the usage chunk is ever
 re-serialized. Each event is checked for output on its raw bytes (`chunks.has_output`), which is what timestamps
-it; JSON is parsed only for chunks that carry usage or timings, or when `n` > 1.
+it; JSON is parsed only for chunks that carry usage or timings, or when `n` > 1. Until the first output, a read
+goes to the client from the engine connection's own callback, before its bookkeeping and with no task woken
+(`first_output` in `_pump`); every read after it goes through the relay's loop, which writes what piled up while
+it waited its turn in one write.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import contextlib
 import time
 from typing import Any
 
+from sidecar import request_state
 from sidecar.dataplane.chunks import (
     Assembler,
     carries_measures,
@@ -30,6 +34,7 @@ from sidecar.dataplane.exchange import (
     header_timings,
     loads,
     response_headers,
+    send_now,
     send_whole,
     sse_error,
 )
@@ -167,6 +172,42 @@ class Relays:
         previous_data = b""  # and the one before it: the last with choices, where the last is the usage chunk
         done = False
         deadline = exchange.deadline
+        if assembler is None and not parse_every and meter.first_output_ns is None:
+            client = request_state.of(exchange.scope)
+
+            def first_output(chunk: bytes) -> bool:
+                """A read before the first output, written to the client from the engine connection's callback,
+                before any of its bookkeeping and with no task woken: where its events are whole, carry no usage or
+                timings and do not end the stream, and the client's buffer has room. Else (False) the loop takes it."""
+                nonlocal previous_data, last_data
+                now = clock()
+                events = parser.whole_events(chunk)
+                writes = client.client_writes
+                if events is None or exchange.client_done or (writes is not None and writes[0]):
+                    return False
+                datas = []
+                for event in events:
+                    data = event.data
+                    if data is None or data == DONE or carries_measures(data):
+                        return False
+                    datas.append(data)
+                try:
+                    sent = send_now(send, {"type": "http.response.body", "body": chunk, "more_body": True})
+                except Exception:  # raised again where the loop sends the same read: the task's to handle
+                    return False
+                if not sent:
+                    return False
+                deadline.read_ns = now
+                for data in datas:
+                    previous_data, last_data = last_data, data
+                    if has_output(data):
+                        meter.output(now)
+                if meter.first_output_ns is not None:
+                    response.hand_reads_to(None)  # the first token is out: the loop takes every read after it
+                meter.overhead_ns += clock() - now
+                return True
+
+            response.hand_reads_to(first_output)
         try:
             with deadline:
                 while True:
@@ -211,6 +252,8 @@ class Relays:
                         return None
         except (TimeoutError, UpstreamError, EventTooLarge) as exc:
             return stream_cut(exchange, exc, limit)
+        finally:
+            response.hand_reads_to(None)  # the handler holds this frame, which holds the response: no cycle left
 
     def _usage_event(self, exchange: Exchange, chunk: dict[str, Any]) -> bytes | None:
         """The usage chunk for the client: with `usage.performance`, or none when only the sidecar asked."""

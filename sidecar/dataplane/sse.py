@@ -39,10 +39,9 @@ class SSEParser:
         self._data: list[bytes] = []
 
     def feed(self, chunk: bytes) -> list[Event]:
-        if not self._buffer and chunk.endswith(b"\n\n") and b"\r" not in chunk:
-            fast = _whole_data_events(chunk)
-            if fast is not None:
-                return fast
+        fast = self.whole_events(chunk)
+        if fast is not None:
+            return fast
         self._buffer += chunk
         events: list[Event] = []
         buffer = self._buffer
@@ -68,6 +67,13 @@ class SSEParser:
         if self.max_event_bytes is not None and len(buffer) > self.max_event_bytes:
             raise EventTooLarge(f"an event over {self.max_event_bytes} bytes")
         return events
+
+    def whole_events(self, chunk: bytes) -> list[Event] | None:
+        """The events of a read made of whole one-line `data: ` events, where no event begun before it is held: the
+        engines' usual read, without the line-by-line walk. None for any other read, the parser left as it was."""
+        if self._buffer or not chunk.endswith(b"\n\n") or b"\r" in chunk:
+            return None
+        return _whole_data_events(chunk)
 
     def close(self) -> list[Event]:
         """The end of the stream ends its last line and its last event, terminated or not."""

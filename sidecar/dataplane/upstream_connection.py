@@ -5,7 +5,7 @@ The pool that opens, reuses and closes these connections is `upstream.py`."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -52,6 +52,7 @@ class Response:
         self._buffered = 0
         self._waiter: asyncio.Future[None] | None = None
         self._error: UpstreamError | None = None
+        self._reads_to: Callable[[bytes], bool] | None = None  # `hand_reads_to`
 
     def header(self, name: str) -> str | None:
         """The first value of a header (name in lower case), or None."""
@@ -114,6 +115,12 @@ class Response:
         body = b"".join(parts)
         return body if limit is None else body[:limit]
 
+    def hand_reads_to(self, handler: Callable[[bytes], bool] | None) -> None:
+        """Each read that comes while `readany` waits with nothing buffered goes to `handler` first, in the engine
+        connection's own callback: the relay writes its first token there, with no task woken. A read the handler
+        does not take (it returns False) is buffered and wakes the reader as any other. None: every read buffered."""
+        self._reads_to = handler
+
     def close(self) -> None:
         """The connection back to the pool after a whole answer; else dropped, which makes an engine abort."""
         self._connection.finished(reusable=self.complete and self.keep_alive and self._error is None)
@@ -125,6 +132,10 @@ class Response:
             self._waiter.set_result(None)
 
     def _feed(self, data: bytes) -> None:
+        handler, waiter = self._reads_to, self._waiter
+        # Only while the reader waits with nothing buffered: what it has yet to write goes out first.
+        if handler is not None and not self._chunks and waiter is not None and not waiter.done() and handler(data):
+            return
         self._chunks.append(data)
         self._buffered += len(data)
         if self._buffered >= _PAUSE_AT:

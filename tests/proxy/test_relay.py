@@ -53,6 +53,10 @@ class ScriptedResponse:
         """Whether every read of the script has been given: the body's end is all that is left."""
         return not self._reads
 
+    def hand_reads_to(self, handler: Callable[[bytes], bool] | None) -> None:
+        """Every read of the script comes through `readany`: the reads handed over as they arrive are
+        test_first_token's."""
+
     async def readany(self) -> bytes:
         if not self._reads:
             return b""
