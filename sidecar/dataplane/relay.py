@@ -178,12 +178,13 @@ class Relays:
             def first_output(chunk: bytes) -> bool:
                 """A read before the first output, written to the client from the engine connection's callback,
                 before any of its bookkeeping and with no task woken: where its events are whole, carry no usage or
-                timings and do not end the stream, and the client's buffer has room. Else (False) the loop takes it."""
+                timings and do not end the stream, and the client is there with room in its buffer. Else (False) the
+                loop takes it (a client gone: the cancelled task)."""
                 nonlocal previous_data, last_data
                 now = clock()
                 events = parser.whole_events(chunk)
                 writes = client.client_writes
-                if events is None or exchange.client_done or (writes is not None and writes[0]):
+                if events is None or exchange.client_done or client.client_gone or (writes is not None and writes[0]):
                     return False
                 datas = []
                 for event in events:

@@ -157,3 +157,24 @@ async def test_a_read_that_ends_the_stream_or_carries_usage_goes_through_the_loo
     await stream.end()
     assert bodies(stream.sent) == [DONE]
     assert stream.response._reads_to is None  # let go of: the handler holds the relay's frame
+
+
+async def test_what_comes_after_done_is_never_written_even_before_any_output(clock: Clock) -> None:
+    stream = Stream(clock)
+    await stream.start()
+    stream.read(20, chunk(role=True) + DONE)  # an answer with no output: the handler still waits for one
+    await until(lambda: bodies(stream.sent) == [chunk(role=True) + DONE])
+    stream.read(21, chunk("late"))  # after [DONE]: the end of the body is all that is let through
+    await stream.end()
+    assert bodies(stream.sent) == [chunk(role=True) + DONE]
+
+
+async def test_a_read_for_a_client_already_gone_is_left_to_the_relay_task(clock: Clock) -> None:
+    stream = Stream(clock)
+    await stream.start()
+    request_state.of(stream.scope).client_gone = True  # the server's word (its cancelling of the task left out)
+    stream.read(20, chunk("Hi"))
+    assert bodies(stream.sent) == []
+    await until(lambda: len(bodies(stream.sent)) == 1)
+    stream.read(30, DONE)
+    await stream.end()
