@@ -8,21 +8,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from types import SimpleNamespace
 from typing import Any
 
 from sidecar import request_state
-from sidecar.dataplane.admission import Admission
-from sidecar.dataplane.exchange import Deadline, Exchange
-from sidecar.dataplane.performance import PerformanceMeter
-from sidecar.dataplane.proxy import Proxy
 from sidecar.dataplane.upstream_connection import Response
-from sidecar.settings import load_settings
-from sidecar.telemetry.gpu import Gpus
-from sidecar.telemetry.history import RequestHistory
-from sidecar.telemetry.service import Telemetry
 from tests.proxy import test_relay
-from tests.proxy.test_relay import DONE, MS, USAGE, Clock, bodies, chunk
+from tests.proxy.test_relay import DONE, MS, USAGE, Clock, bodies, chunk, proxy_and_exchange
 
 clock = test_relay.clock  # the fixture: the relay's clock, moved by the test
 
@@ -44,17 +35,11 @@ class Stream:
     """A real Proxy's stream relay on a real Response, started and left waiting for the engine's first read."""
 
     def __init__(self, clock: Clock, send: Callable[[dict[str, Any]], Awaitable[None]] | None = None) -> None:
-        settings = load_settings(None)
-        telemetry = Telemetry(settings, Gpus(nvml=None), lambda: None, None)
-        self.proxy = Proxy(settings, SimpleNamespace(), RequestHistory(8), telemetry, Admission(8, 8, 5.0))
         self.sent: list[dict[str, Any]] = []
         self.clock = clock
         self.start_ns = clock.now_ns
-        meter = PerformanceMeter(self.start_ns)
-        self.scope: dict[str, Any] = {"type": "http", "path": "/v1/chat/completions", "state": {}}
-        self.deadline = Deadline(meter, 60.0, 60.0, request_state.of(self.scope))
-        engine = SimpleNamespace(adapter=SimpleNamespace(name="vllm"), served_model="m")
-        self.exchange = Exchange(self.scope, send or self.record, engine, meter, self.deadline)  # type: ignore[arg-type]
+        self.proxy, self.exchange = proxy_and_exchange(clock, "/v1/chat/completions", send or self.record)
+        self.scope = self.exchange.scope
         self.response = Response(_Connection())  # type: ignore[arg-type]
         self.response.status = 200
         self.response.raw_headers = [(b"content-type", b"text/event-stream")]
@@ -64,12 +49,7 @@ class Stream:
 
     async def start(self) -> None:
         self.task = asyncio.create_task(self.proxy.relays.stream(self.exchange, self.response))
-        for _ in range(100):  # loop turns, not time: until the relay waits for a read
-            waiter = self.response._waiter
-            if waiter is not None and not waiter.done():
-                return
-            await asyncio.sleep(0)
-        raise AssertionError("the relay never waited for the engine")
+        await until(lambda: self.response._waiter is not None and not self.response._waiter.done())
 
     def read(self, at_ms: float, data: bytes) -> None:
         """A read of the engine's, at `at_ms` after admission, as the connection's callback gives it."""
@@ -81,7 +61,7 @@ class Stream:
         try:
             await asyncio.wait_for(self.task, 10)
         finally:
-            self.deadline.close()
+            self.exchange.deadline.close()
             self.proxy.close()
 
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from sidecar import request_state
 from sidecar.dataplane import relay as relay_module
 from sidecar.dataplane.admission import Admission
 from sidecar.dataplane.exchange import Deadline, Exchange
@@ -100,26 +101,33 @@ async def relayed(
     client_usage: bool = False,
 ) -> tuple[list, Any]:
     """The reads through one of a real Proxy's relay modes, for a request to `path`."""
-    settings = load_settings(None)
-    telemetry = Telemetry(settings, Gpus(nvml=None), lambda: None, None)
-    proxy = Proxy(settings, SimpleNamespace(), RequestHistory(8), telemetry, Admission(8, 8, 5.0))
     sent: list[dict[str, Any]] = []
 
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
-    engine = SimpleNamespace(adapter=SimpleNamespace(name="vllm"), served_model="m")
-    start_ns = clock.now_ns
-    meter = PerformanceMeter(start_ns)
-    deadline = Deadline(meter, 60.0, 60.0, {})
-    scope = {"type": "http", "path": path, "state": {}}
-    exchange = Exchange(scope, send, engine, meter, deadline, client_usage=client_usage)  # type: ignore[arg-type]
+    proxy, exchange = proxy_and_exchange(clock, path, send, client_usage)
     try:
-        await mode(proxy)(exchange, ScriptedResponse(clock, start_ns, reads))
+        await mode(proxy)(exchange, ScriptedResponse(clock, exchange.meter.start_ns, reads))
     finally:
-        deadline.close()
+        exchange.deadline.close()
         proxy.close()
     return sent, exchange
+
+
+def proxy_and_exchange(
+    clock: Clock, path: str, send: Callable[[dict[str, Any]], Awaitable[None]], client_usage: bool = False
+) -> tuple[Proxy, Exchange]:
+    """A real Proxy, and an exchange for a request to `path` admitted now, whose client's messages go to `send`."""
+    settings = load_settings(None)
+    telemetry = Telemetry(settings, Gpus(nvml=None), lambda: None, None)
+    proxy = Proxy(settings, SimpleNamespace(), RequestHistory(8), telemetry, Admission(8, 8, 5.0))
+    engine = SimpleNamespace(adapter=SimpleNamespace(name="vllm"), served_model="m")
+    meter = PerformanceMeter(clock.now_ns)
+    scope: dict[str, Any] = {"type": "http", "path": path, "state": {}}
+    deadline = Deadline(meter, 60.0, 60.0, request_state.of(scope))
+    exchange = Exchange(scope, send, engine, meter, deadline, client_usage=client_usage)  # type: ignore[arg-type]
+    return proxy, exchange
 
 
 def bodies(sent: list[dict[str, Any]]) -> list[bytes]:
