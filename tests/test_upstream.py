@@ -68,7 +68,7 @@ async def test_connections_are_kept_alive_and_reused_until_the_keepalive_ends() 
     pool = UpstreamPool(connect_timeout_s=5, keepalive_s=0.2)
     async with server(keep_answering) as (url, connections):
         for body in (b"one", b"two"):
-            response = await pool.request("POST", url, "/echo", [("content-type", "text/plain")], body)
+            response = await pool.request("POST", url, "/echo", [(b"content-type", b"text/plain")], body)
             assert (response.status, response.content_type, await response.read()) == (200, "text/plain", body)
             response.close()
         assert len(connections) == 1

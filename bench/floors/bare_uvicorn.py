@@ -25,7 +25,7 @@ async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if not message.get("more_body"):
             break
     engine = f"http://127.0.0.1:{sys.argv[2]}"
-    response = await _pool.request("POST", engine, scope["path"], [("content-type", "application/json")], body)
+    response = await _pool.request("POST", engine, scope["path"], [(b"content-type", b"application/json")], body)
     headers = [(b"content-type", (response.content_type or "text/plain").encode())]
     await send({"type": "http.response.start", "status": response.status, "headers": headers})
     while chunk := await response.readany():

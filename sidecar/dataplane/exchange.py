@@ -30,15 +30,12 @@ _HOP_BY_HOP = frozenset(
 )
 
 # The engine never sees the client's key; it gets identity encoding (the proxy reads the stream) and our request id.
-_REQUEST_HEADERS_DROPPED = _HOP_BY_HOP | {
-    "host",
-    "content-length",
-    "authorization",
-    "x-api-key",
-    "accept-encoding",
-    "expect",
-    "x-request-id",
-}
+# As bytes: the client's headers go on to the engine as the server gave them, never decoded.
+_REQUEST_HEADERS_DROPPED = frozenset(
+    name.encode()
+    for name in _HOP_BY_HOP
+    | {"host", "content-length", "authorization", "x-api-key", "accept-encoding", "expect", "x-request-id"}
+)
 
 # The sidecar's server sets its own date, server and request id; lengths are recomputed where bodies change.
 # The sidecar's own headers among them: an engine's cannot pass for the sidecar's measures or worker.
@@ -54,8 +51,6 @@ _RESPONSE_HEADERS_DROPPED = _HOP_BY_HOP | {
 ERROR_BODY_LIMIT = 1024 * 1024
 
 JSON_TYPE = (b"content-type", b"application/json")
-
-JSON_TYPE_STR = ("content-type", "application/json")
 
 
 def dumps(value: Any) -> bytes:
@@ -74,18 +69,22 @@ def request_bytes(body: dict[str, Any]) -> bytes:
         raise BadRequest("request body is JSON nested too deeply", code="invalid_json") from None
 
 
-def request_headers(scope: Scope, request_id: str, json_body: bool, engine: Engine) -> dict[str, str]:
-    named_in_connection = {name.strip().lower() for name in (header(scope, b"connection") or "").split(",")}
-    forwarded = {
-        name: value.decode("latin-1")
-        for raw_name, value in scope["headers"]
-        if (name := raw_name.decode("latin-1")) not in _REQUEST_HEADERS_DROPPED and name not in named_in_connection
-    }
-    forwarded["x-request-id"] = request_id
+def encoded(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
+    return [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()]
+
+
+def request_headers(scope: Scope, request_id: str, json_body: bool, engine: Engine) -> dict[bytes, bytes]:
+    """The headers the engine gets: the client's (names in lower case, as ASGI servers give them), less those
+    `_REQUEST_HEADERS_DROPPED` and those its `Connection` header names, and the sidecar's own."""
+    dropped = _REQUEST_HEADERS_DROPPED
+    if connection := header(scope, b"connection"):
+        dropped = dropped.union(name.strip().lower().encode("latin-1") for name in connection.split(","))
+    forwarded = {name: value for name, value in scope["headers"] if name not in dropped}
+    forwarded[b"x-request-id"] = request_id.encode("latin-1")
     if json_body:  # checked to be JSON already: say so, whatever the client's curl -d claimed
-        forwarded["content-type"] = "application/json"
+        forwarded[b"content-type"] = b"application/json"
     if engine.upstream_headers:  # a hosted engine's key and headers, from its load request
-        forwarded.update(engine.upstream_headers)
+        forwarded.update(encoded(engine.upstream_headers))
     return forwarded
 
 

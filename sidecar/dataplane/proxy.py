@@ -26,11 +26,12 @@ from sidecar.dataplane.backlog import Backlog
 from sidecar.dataplane.chunks import Assembler
 from sidecar.dataplane.exchange import (
     ERROR_BODY_LIMIT,
-    JSON_TYPE_STR,
+    JSON_TYPE,
     ClientWatch,
     Deadline,
     Exchange,
     dumps,
+    encoded,
     loads,
     request_bytes,
     request_headers,
@@ -287,7 +288,7 @@ class Proxy:
         request_id = engine.adapter.engine_request_id(request_state.of(scope).engine_request_id)
         headers = request_headers(scope, request_id, json_body, engine)
         if span is not None and self.otel is not None:  # the engine's spans join the request's trace
-            headers.update(self.otel.context_headers(span))
+            headers.update(encoded(self.otel.context_headers(span)))
         return self.upstream.send(scope["method"], engine.base_url, engine_target(scope), headers.items(), payload)
 
     async def _opened(self, exchange: Exchange, sending: Sending) -> Response:
@@ -325,7 +326,7 @@ class Proxy:
             return None
         path, count_body = question
         try:
-            headers = [JSON_TYPE_STR, *engine.upstream_headers.items()]
+            headers = [JSON_TYPE, *encoded(engine.upstream_headers)]
             response = await self.upstream.request("POST", engine.base_url, path, headers, dumps(count_body))
             try:
                 raw = await response.read(ERROR_BODY_LIMIT)
@@ -348,7 +349,11 @@ def _asking_for_usage(raw: bytes, body: dict[str, Any]) -> bytes | None:
     says exactly what serializing the changed body would: a streamed request without `stream_options`, in UTF-8.
     None for any other. Re-serializing costs as much as the prompt is long: about 175 µs for a 50 KB chat, the
     splice 4.5 µs."""
-    if body.get("stream") is not True or "stream_options" in body or json.detect_encoding(raw) != "utf-8":
+    if body.get("stream") is not True or "stream_options" in body:
+        return None
+    # An object opening with its brace and no NUL after it is UTF-8 (a BOM, UTF-16 and UTF-32 put another byte first
+    # or a NUL second): the usual body, told without json.detect_encoding's six calls.
+    if not (raw[:1] == b"{" and raw[1:2] != b"\x00") and json.detect_encoding(raw) != "utf-8":
         return None
     end = raw.rfind(b"}")  # the object's own: only whitespace may follow it in valid JSON
     return raw[:end] + _ASK_FOR_USAGE + raw[end:]

@@ -32,6 +32,10 @@ _DESCRIPTOR_WAIT_S = 1.0
 _ORIGINS_KEPT = 64
 
 
+# A request's headers as they go on the wire: the client's are bytes already, never decoded to be encoded again.
+WireHeaders = Iterable[tuple[bytes, bytes]]
+
+
 class UpstreamPool:
     """Keep-alive connections per engine origin, the most recently used first; no cap (the engine's queue is the
     cap). Idle ones are closed `keepalive_s` after their last use (`KeepAlive`), before the engine would close them
@@ -50,13 +54,11 @@ class UpstreamPool:
         self.idle: KeepAlive[Origin, Connection] = KeepAlive(keepalive_s)
         self._tls = tls
 
-    async def request(
-        self, method: str, base_url: str, target: str, headers: Iterable[tuple[str, str]], body: bytes
-    ) -> Response:
+    async def request(self, method: str, base_url: str, target: str, headers: WireHeaders, body: bytes) -> Response:
         """Send one request; the engine's response head."""
         return await self.send(method, base_url, target, headers, body).response()
 
-    def send(self, method: str, base_url: str, target: str, headers: Iterable[tuple[str, str]], body: bytes) -> Sending:
+    def send(self, method: str, base_url: str, target: str, headers: WireHeaders, body: bytes) -> Sending:
         """Write one request now where a connection to the engine is idle (else it goes once `response` has one),
         so that the caller can do what can wait while the engine works on it."""
         try:
@@ -64,7 +66,7 @@ class UpstreamPool:
         except ConnectFailed as exc:
             return Sending(self, None, b"", body, failed=exc)
         lines = [f"{method} {origin.prefix}{target} HTTP/1.1\r\n".encode("latin-1"), origin.host_header]
-        lines += [f"{name}: {value}\r\n".encode("latin-1") for name, value in headers]
+        lines += [b"%s: %s\r\n" % header for header in headers]
         if body or method in ("POST", "PUT", "PATCH"):
             lines.append(b"content-length: %d\r\n" % len(body))
         return Sending(self, origin, b"".join(lines) + b"\r\n", body)

@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import httptools
 
@@ -17,8 +16,10 @@ _COPY_BELOW = 64 * 1024  # a body this small goes out with the head in one write
 _PAUSE_AT = 256 * 1024  # bytes read and not yet relayed: stop reading the engine until the relay catches up
 
 
-@dataclass(frozen=True, slots=True)
-class Origin:
+class Origin(NamedTuple):
+    """Where an engine is: the keep-alive pool's key, hashed in C on every request (a dataclass's hash is a Python
+    call)."""
+
     scheme: str
     host: str
     port: int

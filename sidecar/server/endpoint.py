@@ -21,6 +21,10 @@ class Plane(enum.Enum):
     CONTROL = "control"  # an admin key
     METRICS = "metrics"  # none, or a data key with SIDECAR_METRICS_REQUIRE_KEY
 
+    # Members are singletons, equal only to themselves: hashed by identity in C, not by Enum's Python `__hash__`
+    # (auth looks a request's plane up in a dict on every request).
+    __hash__ = object.__hash__
+
 
 class Serves(enum.Enum):
     """Which process answers a route where there are data-plane workers (SIDECAR_WORKERS > 1)."""

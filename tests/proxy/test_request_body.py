@@ -76,7 +76,7 @@ def test_stream_options_of_the_clients_own_are_kept_and_usage_asked_for(
     assert json.loads(_Recording.bodies[-1])["stream_options"] == {"include_usage": True}
 
 
-@pytest.mark.parametrize("encoding", ["utf-16", "utf-8-sig"])
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be", "utf-32-le", "utf-8-sig"])
 def test_a_body_in_utf16_or_with_a_byte_order_mark_is_sent_on_as_utf8_json(
     sidecar: SidecarProcess, encoding: str
 ) -> None:
