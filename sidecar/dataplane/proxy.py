@@ -1,6 +1,7 @@
 """The data plane: OpenAI requests to the engine and its answers back, each one measured.
 
-A request is checked and admitted here, goes to the engine over one pool of keep-alive connections
+A request is checked and admitted here (a generation request's fields and the change it gets, usage asked for:
+`generation_request.py`), goes to the engine over one pool of keep-alive connections
 (`upstream.py`, which says why it is not an HTTP client library), and its answer goes back through one of the
 relay modes (`relay.py`; the Responses API's stream, `responses.py`); what it leaves is recorded afterwards
 (`recording.py`). The state of one request on its way is `exchange.py`'s.
@@ -11,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -25,17 +25,14 @@ from sidecar.dataplane.admission import Admission
 from sidecar.dataplane.backlog import Backlog
 from sidecar.dataplane.chunks import Assembler
 from sidecar.dataplane.exchange import (
-    ERROR_BODY_LIMIT,
-    JSON_TYPE,
     ClientWatch,
     Deadline,
     Exchange,
-    dumps,
     encoded,
-    loads,
     request_bytes,
     request_headers,
 )
+from sidecar.dataplane.generation_request import asking_for_usage, count_prompt, generation_fields
 from sidecar.dataplane.performance import PerformanceMeter
 from sidecar.dataplane.recording import Recorder, unanswered
 from sidecar.dataplane.relay import Relays
@@ -47,11 +44,9 @@ from sidecar.dataplane.upstream_errors import (
     Disconnected,
     HeadTooLarge,
     OutOfDescriptors,
-    UpstreamError,
 )
 from sidecar.errors import (
     BadGateway,
-    BadRequest,
     GatewayTimeout,
     MethodNotAllowed,
     NotFound,
@@ -136,7 +131,7 @@ class Proxy:
         raw = await read_body(receive)
         body = json_object(raw)  # a bad body is a 400 whether or not an engine is loaded
         start_ns = time.perf_counter_ns()
-        stream, options, n = _generation_fields(body)
+        stream, options, n = generation_fields(body)
         client_usage = stream and options is not None and options.get("include_usage") is True
         loaded = self.supervisor.engine
         assemble = not stream and self.settings.assemble_non_streaming
@@ -144,7 +139,7 @@ class Proxy:
         if stream and not client_usage or assemble:
             # Ask for usage to count tokens; the chunk is removed again before the client sees it.
             sent = translated | {"stream": True, "stream_options": (options or {}) | {"include_usage": True}}
-            spliced = _asking_for_usage(raw, body) if translated is body else None
+            spliced = asking_for_usage(raw, body) if translated is body else None
             payload = spliced if spliced is not None else request_bytes(sent)
         else:
             sent = translated
@@ -185,7 +180,7 @@ class Proxy:
         raw = await read_body(receive)
         body = json_object(raw)
         start_ns = time.perf_counter_ns()
-        stream = _generation_fields(body)[0]
+        stream = generation_fields(body)[0]
         # Streamed from the engine either way, for a TTFT: a non-streaming client gets the response it ends with.
         payload = raw if stream or not self.settings.assemble_non_streaming else request_bytes(body | {"stream": True})
         span = self.otel.start_request(scope, body) if self.otel is not None else None
@@ -252,7 +247,7 @@ class Proxy:
             exchange = Exchange(scope, send, engine, meter, deadline, span=span)
             exchange.gpu_window = self.telemetry.window()
             if prompt is not None and not engine.adapter.streams_usage:
-                exchange.prompt_count = asyncio.create_task(self._count_prompt(engine, prompt))
+                exchange.prompt_count = asyncio.create_task(count_prompt(self.upstream, engine, prompt))
         except BaseException:
             sending.close()
             raise
@@ -318,59 +313,6 @@ class Proxy:
         return SidecarOverloaded(
             "the sidecar is out of file descriptors for a connection to the engine (its open-files limit): retry later"
         )
-
-    async def _count_prompt(self, engine: Engine, body: dict[str, Any]) -> int | None:
-        """The prompt's tokens, counted by the engine's own tokenizer; None where it cannot say."""
-        question = engine.adapter.prompt_count_request(body)
-        if question is None:
-            return None
-        path, count_body = question
-        try:
-            headers = [JSON_TYPE, *encoded(engine.upstream_headers)]
-            response = await self.upstream.request("POST", engine.base_url, path, headers, dumps(count_body))
-            try:
-                raw = await response.read(ERROR_BODY_LIMIT)
-            finally:
-                response.close()
-        except UpstreamError as exc:
-            log.warning("prompt_count_failed", path=path, error=str(exc))
-            return None
-        if response.status != 200:
-            log.warning("prompt_count_failed", path=path, status=response.status)
-            return None
-        return engine.adapter.prompt_count(loads(raw))
-
-
-_ASK_FOR_USAGE = b',"stream_options":{"include_usage":true}'
-
-
-def _asking_for_usage(raw: bytes, body: dict[str, Any]) -> bytes | None:
-    """The client's bytes with `stream_options.include_usage` added before the object's closing brace, where that
-    says exactly what serializing the changed body would: a streamed request without `stream_options`, in UTF-8.
-    None for any other. Re-serializing costs as much as the prompt is long: about 175 µs for a 50 KB chat, the
-    splice 4.5 µs."""
-    if body.get("stream") is not True or "stream_options" in body:
-        return None
-    # An object opening with its brace and no NUL after it is UTF-8 (a BOM, UTF-16 and UTF-32 put another byte first
-    # or a NUL second): the usual body, told without json.detect_encoding's six calls.
-    if not (raw[:1] == b"{" and raw[1:2] != b"\x00") and json.detect_encoding(raw) != "utf-8":
-        return None
-    end = raw.rfind(b"}")  # the object's own: only whitespace may follow it in valid JSON
-    return raw[:end] + _ASK_FOR_USAGE + raw[end:]
-
-
-def _generation_fields(body: dict[str, Any]) -> tuple[bool, dict[str, Any] | None, int]:
-    """The fields the proxy acts on, checked: a wrong type is the client's 400, not the engine's problem."""
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool) and stream is not None:
-        raise BadRequest("'stream' must be a boolean", param="stream")
-    options = body.get("stream_options")
-    if options is not None and not isinstance(options, dict):
-        raise BadRequest("'stream_options' must be an object", param="stream_options")
-    n = body.get("n")
-    if n is not None and (not isinstance(n, int) or isinstance(n, bool)):
-        raise BadRequest("'n' must be an integer", param="n")
-    return bool(stream), options, n or 1
 
 
 def _not_served(engine: Engine, method: str, path: str) -> SidecarError:

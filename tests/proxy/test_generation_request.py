@@ -1,0 +1,76 @@
+"""Unit tests of what the proxy reads of a generation request and the change it makes to the client's bytes."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from sidecar.dataplane.generation_request import asking_for_usage, generation_fields
+from sidecar.errors import BadRequest
+from sidecar.http import json_object
+
+USAGE = {"stream_options": {"include_usage": True}}
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"model":"m","stream":true,"messages":[{"role":"user","content":"}{"}]}',
+        b'{"model": "m", "stream": true}  \r\n',
+        b'{"stream":true,"messages":[{"content":"\xc3\xa9 \\u00e9"}]}',
+    ],
+)
+def test_usage_is_spliced_into_the_clients_bytes_as_serializing_would_add_it(raw: bytes) -> None:
+    body = json_object(raw)
+    spliced = asking_for_usage(raw, body)
+    assert spliced is not None
+    assert json.loads(spliced) == body | USAGE
+    assert spliced.startswith(raw[: raw.rfind(b"}")])  # the client's bytes kept as they were, up to the brace
+
+
+@pytest.mark.parametrize("encoding", ["utf-8-sig", "utf-16", "utf-16-le", "utf-16-be", "utf-32-le", "utf-32-be"])
+def test_a_body_not_in_plain_utf8_is_not_spliced(encoding: str) -> None:
+    raw = json.dumps({"model": "m", "stream": True}).encode(encoding)
+    assert asking_for_usage(raw, json_object(raw)) is None  # serialized again instead, as UTF-8
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"model": "m"},
+        {"model": "m", "stream": False},
+        {"model": "m", "stream": True, "stream_options": {"include_usage": False}},
+        {"model": "m", "stream": True, "stream_options": None},
+    ],
+)
+def test_only_a_streamed_body_without_stream_options_is_spliced(body: dict[str, Any]) -> None:
+    assert asking_for_usage(json.dumps(body).encode(), body) is None
+
+
+def test_the_fields_acted_on_are_read_with_their_defaults() -> None:
+    assert generation_fields({}) == (False, None, 1)
+    assert generation_fields({"stream": None, "n": None}) == (False, None, 1)
+    assert generation_fields({"stream": True, "stream_options": {"include_usage": True}, "n": 3}) == (
+        True,
+        {"include_usage": True},
+        3,
+    )
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"stream": "yes"}, "stream"),
+        ({"stream": 1}, "stream"),
+        ({"stream_options": ["include_usage"]}, "stream_options"),
+        ({"n": "2"}, "n"),
+        ({"n": True}, "n"),
+        ({"n": 1.5}, "n"),
+    ],
+)
+def test_a_field_of_the_wrong_type_is_the_clients_400_naming_it(body: dict[str, Any], param: str) -> None:
+    with pytest.raises(BadRequest) as raised:
+        generation_fields(body)
+    assert raised.value.param == param
