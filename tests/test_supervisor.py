@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,6 +21,7 @@ import pytest
 
 from bench.processes import wait_ok
 from engines.mock import MockAdapter
+from sidecar.control import startup
 from sidecar.control import supervisor as supervisor_module
 from sidecar.control.engine import LoadRequest
 from sidecar.control.supervisor import Supervisor
@@ -476,6 +478,14 @@ async def test_an_engine_that_takes_its_key_by_a_flag_gets_it_there_and_answers_
     async with httpx.AsyncClient() as client:
         assert (await client.get(url)).status_code == 401
         assert (await client.get(url, headers=bearer(key))).status_code == 200
+
+
+def test_an_engines_key_is_never_read_as_a_flag() -> None:
+    """Each start's key goes on the engine's command line where it takes it by a flag (SGLang): one beginning with
+    `-` (a URL-safe base64 key did, one time in 64) is read as a flag, and the engine exits at start-up."""
+    keys = {startup.engine_key() for _ in range(1000)}
+    assert len(keys) == 1000
+    assert all(re.fullmatch("[0-9a-f]{64}", key) for key in keys)
 
 
 async def test_unload_drains_in_flight_requests_and_refuses_new_ones(supervisor: Supervisor) -> None:

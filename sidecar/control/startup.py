@@ -50,7 +50,7 @@ async def spawn(
     key_in = None  # where the engine holds its key, named in the log (never the key): for whoever asks it directly
     if adapter.key_env is not None or adapter.key_flag is not None:
         # A key of this start's own: the engine's port answers the sidecar alone.
-        key = secrets.token_urlsafe(32)
+        key = engine_key()
         masked += (key,)
         upstream_headers["authorization"] = f"Bearer {key}"
         if adapter.key_env is not None:
@@ -118,6 +118,13 @@ async def _check_reachable(engine: Engine, probe: httpx.AsyncClient) -> None:
         raise BadGateway(
             f"{engine.base_url} refused the key ({answer.status_code}): check 'api_key'", code="engine_unauthorized"
         )
+
+
+def engine_key() -> str:
+    """A key of one engine start's own: 256 random bits, in hex. Not URL-safe base64, whose keys begin with `-` one
+    time in 64: an engine that takes its key by a flag (SGLang's `--api-key`) reads such a key as a flag of its own,
+    and exits at once."""
+    return secrets.token_hex(32)
 
 
 def inherited_environment() -> dict[str, str]:
