@@ -26,7 +26,7 @@ from sidecar.control import supervisor as supervisor_module
 from sidecar.control.engine import LoadRequest
 from sidecar.control.supervisor import Supervisor
 from sidecar.engine_state import EngineState
-from sidecar.errors import ServiceUnavailable
+from sidecar.errors import ServiceUnavailable, SidecarError
 from sidecar.redaction import MASK, Redactor
 from sidecar.settings import load_settings
 from tests.processes import (
@@ -480,10 +480,34 @@ async def test_an_engine_that_takes_its_key_by_a_flag_gets_it_there_and_answers_
         assert (await client.get(url, headers=bearer(key))).status_code == 200
 
 
+async def test_a_bug_while_loading_fails_the_load_stops_its_engine_and_blocks_no_other(
+    supervisor: Supervisor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where loading raises what no one foresaw, the load fails as any other does: not left loading forever with
+    its engine running unsupervised."""
+    spawned: list[int] = []
+    wait_ready = startup.wait_ready
+
+    async def a_bug(engine: Any, *args: Any) -> None:
+        spawned.append(engine.process.pid)
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(startup, "wait_ready", a_bug)
+    with pytest.raises(SidecarError, match="internal error while loading the engine: RuntimeError") as failed:
+        await supervisor.load(LoadRequest(engine="mock", model="m"))
+    assert failed.value.status_code == 500
+    status = supervisor.status()
+    assert status["state"] == "failed" and "RuntimeError" in (status["last_error"] or "")
+    assert is_gone(spawned[0])
+    monkeypatch.setattr(startup, "wait_ready", wait_ready)
+    code, body = await supervisor.load(LoadRequest(engine="mock", model="m"))
+    assert code == 200 and body["state"] == "ready"
+
+
 def test_an_engines_key_is_never_read_as_a_flag() -> None:
     """Each start's key goes on the engine's command line where it takes it by a flag (SGLang): one beginning with
     `-` (a URL-safe base64 key did, one time in 64) is read as a flag, and the engine exits at start-up."""
-    keys = {startup.engine_key() for _ in range(1000)}
+    keys = {startup.new_engine_key() for _ in range(1000)}
     assert len(keys) == 1000
     assert all(re.fullmatch("[0-9a-f]{64}", key) for key in keys)
 

@@ -53,7 +53,10 @@ MODEL_NAME = r"^[A-Za-z0-9][A-Za-z0-9._:@+=\-/]*$"
 # A model or adapter path, or a hub id: any printable text (paths may hold spaces), no control characters.
 PRINTABLE = r"^[^\x00-\x1f\x7f-\x9f]+$"
 _HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110's token
-_HEADER_VALUE = re.compile(r"[^\x00-\x08\x0a-\x1f\x7f]*")  # no control characters but tab: no header injection
+# Printable ASCII, spaces and tabs: no header injection, and nothing a request's head cannot carry as it is (RFC 9110
+# keeps other bytes for obsolete uses; a str outside ASCII has no one encoding there).
+_HEADER_VALUE = re.compile(r"[\t\x20-\x7e]*")
+_KEY = re.compile(r"[\x21-\x7e]+")  # a Bearer key: printable ASCII, no space
 # Set by the sidecar on every request to the engine; the key goes in `api_key`.
 _HEADERS_OWN = frozenset(
     {"host", "content-length", "transfer-encoding", "connection", "content-type", "x-request-id", "authorization"}
@@ -111,6 +114,13 @@ class LoadRequest(BaseModel):
             raise ValueError("credentials in 'url' are not accepted: send the engine's key as 'api_key'")
         return url
 
+    @field_validator("api_key")
+    @classmethod
+    def _key_characters(cls, key: SecretStr | None) -> SecretStr | None:
+        if key is not None and not _KEY.fullmatch(key.get_secret_value()):
+            raise ValueError("an engine's key is printable ASCII with no space (it goes in a header)")
+        return key
+
     @field_validator("headers")
     @classmethod
     def _header_fields(cls, headers: dict[str, str]) -> dict[str, str]:
@@ -120,7 +130,7 @@ class LoadRequest(BaseModel):
             if name.lower() in _HEADERS_OWN:
                 raise ValueError(f"header {name!r} is set by the sidecar (a key goes in 'api_key')")
             if not _HEADER_VALUE.fullmatch(value):
-                raise ValueError(f"the value of header {name!r} holds a control character")
+                raise ValueError(f"the value of header {name!r} holds a control character or one outside ASCII")
         return headers
 
     def upstream_headers(self) -> dict[str, str]:

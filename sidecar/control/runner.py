@@ -154,18 +154,27 @@ class Runner:
         except Abandoned:
             await self._abandon_load(adapter.name, request.model)
             raise
-        except SidecarError as exc:
+        except Exception as exc:
+            failure = exc if isinstance(exc, SidecarError) else await self._bug_in_load(engine, exc)
             self.set_state(EngineState.FAILED)
             if engine is not None and engine.process is not None:
                 self.exit_code = engine.process.returncode
-            self.last_error, self.last_error_code = exc.message, exc.code
-            log.error("model_load_failed", engine=adapter.name, model=request.model, error=exc.message)
-            raise
+            self.last_error, self.last_error_code = failure.message, failure.code
+            log.error("model_load_failed", engine=adapter.name, model=request.model, error=failure.message)
+            raise failure from None
         engine.load_time_s = round(time.monotonic() - started, 3)
         self.gate.touch()
         self.set_state(EngineState.READY)
         log.info("model_ready", engine=adapter.name, model=request.model, load_time_s=engine.load_time_s)
         return engine
+
+    async def _bug_in_load(self, engine: Engine | None, exc: Exception) -> SidecarError:
+        """A load that failed where no failure was foreseen (a bug) fails as any other does: state failed, its
+        engine stopped rather than left running unsupervised, and the next load or unload free to go on."""
+        log.error("model_load_error", exc_info=exc)
+        if engine is not None and engine.process is not None:
+            await engine.process.stop(self.settings.kill_grace_s)
+        return SidecarError(f"internal error while loading the engine: {exc.__class__.__name__}")
 
     async def _abandon_load(self, engine_name: str, model: str) -> None:
         self.set_state(EngineState.UNLOADING)

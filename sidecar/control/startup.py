@@ -50,7 +50,7 @@ async def spawn(
     key_in = None  # where the engine holds its key, named in the log (never the key): for whoever asks it directly
     if adapter.key_env is not None or adapter.key_flag is not None:
         # A key of this start's own: the engine's port answers the sidecar alone.
-        key = engine_key()
+        key = new_engine_key()
         masked += (key,)
         upstream_headers["authorization"] = f"Bearer {key}"
         if adapter.key_env is not None:
@@ -120,7 +120,7 @@ async def _check_reachable(engine: Engine, probe: httpx.AsyncClient) -> None:
         )
 
 
-def engine_key() -> str:
+def new_engine_key() -> str:
     """A key of one engine start's own: 256 random bits, in hex. Not URL-safe base64, whose keys begin with `-` one
     time in 64: an engine that takes its key by a flag (SGLang's `--api-key`) reads such a key as a flag of its own,
     and exits at once."""

@@ -141,7 +141,10 @@ def test_a_key_the_engine_refuses_is_a_502_at_once_not_a_wait_for_the_startup_ti
         ({"headers": {"Authorization": "Bearer x"}}, "headers"),
         ({"headers": {"X-Org": "a\r\nX-Injected: 1"}}, "headers"),
         ({"headers": {"Bad Name": "x"}}, "headers"),
+        ({"headers": {"X-Org": "org-€"}}, "headers"),  # no one encoding in a request's head
         ({"api_key": ""}, "api_key"),
+        ({"api_key": "sk-bad\r\nX-Injected: 1"}, "api_key"),
+        ({"api_key": "sk-bad-€"}, "api_key"),
     ],
 )
 def test_bad_keys_and_headers_are_a_400_that_changes_nothing(
@@ -151,5 +154,5 @@ def test_bad_keys_and_headers_are_a_400_that_changes_nothing(
     response = _load(sidecar, hosted.load_body() | fields)
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"].startswith(param)
-    assert ENGINE_KEY not in response.text
+    assert ENGINE_KEY not in response.text and "sk-bad" not in response.text  # no key echoed, good or bad
     assert httpx.get(f"{sidecar.url}/v1/model", headers=AUTH).json()["state"] == "idle"
