@@ -137,6 +137,15 @@ class BadGateway(SidecarError):
     default_code = "engine_error"
 
 
+class EngineLoop(SidecarError):
+    """A request that came back to a sidecar process it already passed through: the engine's URL leads back to
+    the sidecar (`sidecar/dataplane/exchange.py`, by its `Via` header)."""
+
+    status_code = 508
+    error_type = "server_error"
+    default_code = "engine_loop"
+
+
 class ServiceUnavailable(SidecarError):
     status_code = 503
     error_type = "service_unavailable"

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import os
 import secrets
+import socket
 import time
+from urllib.parse import urlsplit
 
 import httpx
+import psutil
 
 from engines import EngineAdapter
 from sidecar.control.engine import Engine, LoadRequest, free_port
@@ -118,6 +122,32 @@ async def _check_reachable(engine: Engine, probe: httpx.AsyncClient) -> None:
         raise BadGateway(
             f"{engine.base_url} refused the key ({answer.status_code}): check 'api_key'", code="engine_unauthorized"
         )
+
+
+def leads_to_sidecar(url: str, host: str, port: int) -> bool:
+    """Whether an external engine's `url` reaches the sidecar's own socket (`host`, `port`), where every request
+    would come back to it. Only a URL on the sidecar's port is resolved (a blocking lookup: run it in a thread)."""
+    parts = urlsplit(url)
+    if parts.hostname is None or (parts.port or (443 if parts.scheme == "https" else 80)) != port:
+        return False
+    reached = _addresses(parts.hostname, port)
+    if host not in ("", "0.0.0.0", "::"):
+        return not reached.isdisjoint(_addresses(host, port))
+    # Listening on every address: any of the machine's own reaches it, loopback and the unspecified one among them.
+    own = {entry.address.split("%")[0] for entries in psutil.net_if_addrs().values() for entry in entries}
+    return any(address in own or _loopback_or_unspecified(address) for address in reached)
+
+
+def _addresses(name: str, port: int) -> set[str]:
+    try:
+        return {str(info[4][0]).split("%")[0] for info in socket.getaddrinfo(name, port, type=socket.SOCK_STREAM)}
+    except (socket.gaierror, UnicodeError):
+        return set()
+
+
+def _loopback_or_unspecified(address: str) -> bool:
+    ip = ipaddress.ip_address(address)
+    return ip.is_loopback or ip.is_unspecified
 
 
 def new_engine_key() -> str:

@@ -16,7 +16,7 @@ from typing import Any
 
 from engines import AdapterError, EngineAdapter, UnknownEngine
 from engines import adapter as registered_adapter
-from sidecar.control import features, tracing
+from sidecar.control import features, startup, tracing
 from sidecar.control.commands import Load, Shutdown, Sleep, Unload, Wake, shutting_down
 from sidecar.control.engine import Engine, EngineSlot, LoadRequest
 from sidecar.control.engine_client import engine_client
@@ -188,6 +188,14 @@ class Supervisor:
     async def load(self, request: LoadRequest) -> Loaded:
         """(200, the ready engine) with `wait`, else (202, the status) once the engine's process exists."""
         adapter = self._adapter_for(request)
+        if request.url is not None and await asyncio.to_thread(
+            startup.leads_to_sidecar, request.url, self.settings.host, self.settings.port
+        ):
+            raise BadRequest(
+                "'url' leads to this sidecar itself, where every request would come back: give the engine's own URL",
+                param="url",
+                code="engine_loop",
+            )
         return await self._owner.ask(lambda reply: Load(reply, request, adapter))
 
     async def unload(self, drain_timeout_s: float | None = None) -> Unloaded:

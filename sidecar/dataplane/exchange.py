@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import time
 from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from sidecar import request_state
 from sidecar.control.engine import Engine
 from sidecar.dataplane.performance import PerformanceMeter
 from sidecar.dataplane.upstream import Response
-from sidecar.errors import BadRequest, SidecarError
+from sidecar.errors import BadRequest, EngineLoop, SidecarError
 from sidecar.http import header
 from sidecar.request_state import RequestState
 from sidecar.telemetry.otel import RequestSpan
@@ -50,6 +51,12 @@ _RESPONSE_HEADERS_DROPPED = _HOP_BY_HOP | {
 
 ERROR_BODY_LIMIT = 1024 * 1024
 
+# This process's entry in a request's `Via` (RFC 9110 7.6.3), added on its way to the engine: a request that arrives
+# with it has come round in a loop (an engine URL that leads back to a sidecar it passed through), and is refused
+# at once rather than sent round again until every descriptor is taken. Random: it names the process to itself
+# alone, so every process of a run and every sidecar in a chain has its own.
+_VIA = b"1.1 sidecar-" + secrets.token_hex(8).encode()
+
 JSON_TYPE = (b"content-type", b"application/json")
 
 
@@ -80,6 +87,13 @@ def request_headers(scope: Scope, request_id: str, json_body: bool, engine: Engi
     if connection := header(scope, b"connection"):
         dropped = dropped.union(name.strip().lower().encode("latin-1") for name in connection.split(","))
     forwarded = {name: value for name, value in scope["headers"] if name not in dropped}
+    via = forwarded.get(b"via")
+    if via is None:
+        forwarded[b"via"] = _VIA
+    elif _VIA in via:
+        raise EngineLoop("the request came back to this sidecar: the engine's URL leads to the sidecar, not an engine")
+    else:
+        forwarded[b"via"] = via + b", " + _VIA
     forwarded[b"x-request-id"] = request_id.encode("latin-1")
     if json_body:  # checked to be JSON already: say so, whatever the client's curl -d claimed
         forwarded[b"content-type"] = b"application/json"
