@@ -74,7 +74,13 @@ class Extras:
         """What reached the engine: for tests of what the proxy forwards."""
         body = (await request.body()).decode(errors="replace")
         return JSONResponse(
-            {"method": request.method, "headers": dict(request.headers), "query": request.url.query, "body": body}
+            {
+                "method": request.method,
+                "headers": dict(request.headers),
+                "header_list": request.headers.items(),  # a repeated header repeated, in order
+                "query": request.url.query,
+                "body": body,
+            }
         )
 
     async def metrics(self, request: Request) -> Response:

@@ -37,6 +37,9 @@ _REQUEST_HEADERS_DROPPED = frozenset(
     for name in _HOP_BY_HOP
     | {"host", "content-length", "authorization", "x-api-key", "accept-encoding", "expect", "x-request-id"}
 )
+# And those the sidecar sets itself in their place (`request_headers`).
+_REQUEST_DROPPED = _REQUEST_HEADERS_DROPPED | {b"via"}
+_REQUEST_DROPPED_JSON = _REQUEST_DROPPED | {b"content-type"}
 
 # The sidecar's server sets its own date, server and request id; lengths are recomputed where bodies change.
 # The sidecar's own headers among them: an engine's cannot pass for the sidecar's measures or worker.
@@ -80,25 +83,37 @@ def encoded(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
     return [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()]
 
 
-def request_headers(scope: Scope, request_id: str, json_body: bool, engine: Engine) -> dict[bytes, bytes]:
-    """The headers the engine gets: the client's (names in lower case, as ASGI servers give them), less those
-    `_REQUEST_HEADERS_DROPPED` and those its `Connection` header names, and the sidecar's own."""
-    dropped = _REQUEST_HEADERS_DROPPED
+def request_headers(
+    scope: Scope, request_id: str, json_body: bool, engine: Engine, own: list[tuple[bytes, bytes]] | None = None
+) -> list[tuple[bytes, bytes]]:
+    """The headers the engine gets: the client's as it sent them (names in lower case, as ASGI servers give them; a
+    repeated one repeated), less `_REQUEST_HEADERS_DROPPED` and those its `Connection` header names; then the
+    sidecar's own, each in place of any of the client's by its name: the request id, `Via` with this process's
+    entry added, the type of a body checked to be JSON, a hosted engine's key and headers, and `own`."""
+    if engine.upstream_headers:
+        own = [*(own or ()), *encoded(engine.upstream_headers)]
+    dropped = _REQUEST_DROPPED_JSON if json_body else _REQUEST_DROPPED
+    if own:
+        dropped = dropped.union(name for name, _ in own)
     if connection := header(scope, b"connection"):
         dropped = dropped.union(name.strip().lower().encode("latin-1") for name in connection.split(","))
-    forwarded = {name: value for name, value in scope["headers"] if name not in dropped}
-    via = forwarded.get(b"via")
-    if via is None:
-        forwarded[b"via"] = _VIA
-    elif _VIA in via:
-        raise EngineLoop("the request came back to this sidecar: the engine's URL leads to the sidecar, not an engine")
-    else:
-        forwarded[b"via"] = via + b", " + _VIA
-    forwarded[b"x-request-id"] = request_id.encode("latin-1")
+    forwarded: list[tuple[bytes, bytes]] = []
+    via = b""
+    for name, value in scope["headers"]:  # a loop, not a comprehension: one call fewer on every request
+        if name not in dropped:
+            forwarded.append((name, value))
+        elif name == b"via":
+            if _VIA in value:
+                raise EngineLoop(
+                    "the request came back to this sidecar: the engine's URL leads to the sidecar, not an engine"
+                )
+            via += value + b", "
+    forwarded.append((b"via", via + _VIA))
+    forwarded.append((b"x-request-id", request_id.encode("latin-1")))
     if json_body:  # checked to be JSON already: say so, whatever the client's curl -d claimed
-        forwarded[b"content-type"] = b"application/json"
-    if engine.upstream_headers:  # a hosted engine's key and headers, from its load request
-        forwarded.update(encoded(engine.upstream_headers))
+        forwarded.append(JSON_TYPE)
+    if own:
+        forwarded += own
     return forwarded
 
 

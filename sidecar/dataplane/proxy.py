@@ -281,10 +281,10 @@ class Proxy:
     def _send(self, scope: Scope, engine: Engine, payload: bytes, json_body: bool, span: RequestSpan | None) -> Sending:
         """The request to the engine, written now where a connection to it is idle."""
         request_id = engine.adapter.engine_request_id(request_state.of(scope).engine_request_id)
-        headers = request_headers(scope, request_id, json_body, engine)
-        if span is not None and self.otel is not None:  # the engine's spans join the request's trace
-            headers.update(encoded(self.otel.context_headers(span)))
-        return self.upstream.send(scope["method"], engine.base_url, engine_target(scope), headers.items(), payload)
+        # The engine's spans join the request's trace.
+        trace = encoded(self.otel.context_headers(span)) if span is not None and self.otel is not None else None
+        headers = request_headers(scope, request_id, json_body, engine, trace)
+        return self.upstream.send(scope["method"], engine.base_url, engine_target(scope), headers, payload)
 
     async def _opened(self, exchange: Exchange, sending: Sending) -> Response:
         """The engine's response headers, or 502/504."""

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import re
+
 import httpx
 
 from tests.proxy.conftest import KEY, Stack
@@ -22,6 +25,31 @@ def test_engine_never_sees_the_clients_key_and_gets_the_request_id(stack: Stack)
         assert seen["headers"]["authorization"] == f"Bearer {stack.engine_key}"  # the engine's key, not the client's
         assert KEY not in response.text
         assert response.headers["x-request-id"] == "echo-1"
+
+
+def test_a_repeated_header_reaches_the_engine_repeated_and_the_sidecars_own_replace_the_clients(stack: Stack) -> None:
+    headers = [
+        ("Authorization", f"Bearer {KEY}"),
+        ("X-Forwarded-For", "10.0.0.1"),
+        ("X-Forwarded-For", "10.0.0.2"),
+        ("Via", "1.1 corp-proxy"),
+        ("Content-Type", "text/plain"),
+    ]
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    for path, content in (("/v1/mock/echo", b"raw"), ("/v1/chat/completions", json.dumps(body).encode())):
+        response = httpx.post(f"{stack.url}{path}", content=content, headers=headers, timeout=30)
+        assert response.status_code == 200, response.text
+        if path.endswith("echo"):
+            seen = response.json()["header_list"]
+            assert [value for name, value in seen if name == "x-forwarded-for"] == ["10.0.0.1", "10.0.0.2"]
+            assert [value for name, value in seen if name == "content-type"] == ["text/plain"]  # not checked JSON
+            (via,) = [value for name, value in seen if name == "via"]
+            assert re.fullmatch(r"1\.1 corp-proxy, 1\.1 sidecar-[0-9a-f]{16}", via)  # its own entry added
+            assert [name for name, _ in seen].count("authorization") == 1
+        else:  # the body checked to be JSON: its type says so, in place of the client's
+            seen_by_engine = httpx.get(f"{stack.engine_url}/mock/last-headers").json()
+            assert seen_by_engine["content-type"] == "application/json"
+            assert seen_by_engine["via"].startswith("1.1 corp-proxy, 1.1 sidecar-")
 
 
 def test_passthrough_keeps_the_engines_status_and_length(stack: Stack) -> None:
