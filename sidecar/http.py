@@ -85,6 +85,17 @@ async def read_json_object(request: Request) -> dict[str, Any]:
     return json_object(await request.body())
 
 
+# What JSON calls the values `parse_json` gives, for messages: a client wrote JSON, not Python.
+_JSON_NAMES: dict[type, str] = {
+    list: "an array",
+    str: "a string",
+    int: "a number",
+    float: "a number",
+    bool: "a boolean",
+    type(None): "null",
+}
+
+
 def json_object(body: bytes) -> dict[str, Any]:
     """A request's body as a JSON object, or a 400 that says what is wrong with it."""
     try:
@@ -92,7 +103,7 @@ def json_object(body: bytes) -> dict[str, Any]:
     except ValueError as exc:  # not JSON, or not text in any of JSON's encodings
         raise BadRequest(f"request body is not valid JSON: {exc}", code="invalid_json") from None
     if not isinstance(value, dict):
-        raise BadRequest(f"request body must be a JSON object, not {type(value).__name__}", code="invalid_json")
+        raise BadRequest(f"request body must be a JSON object, not {_JSON_NAMES[type(value)]}", code="invalid_json")
     return value
 
 

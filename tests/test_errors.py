@@ -41,8 +41,11 @@ def assert_openai_error(response: httpx.Response, status: int) -> dict[str, obje
         (b"{not json", "not valid JSON"),
         (b"\xff\xfe", "not valid JSON"),
         (b"", "not valid JSON"),
-        (b"[1, 2]", "must be a JSON object"),
-        (b'"text"', "must be a JSON object"),
+        (b"[1, 2]", "must be a JSON object, not an array"),
+        (b'"text"', "must be a JSON object, not a string"),
+        (b"null", "must be a JSON object, not null"),
+        (b"1e3", "must be a JSON object, not a number"),
+        (b"true", "must be a JSON object, not a boolean"),
     ],
 )
 def test_bad_body_is_400(sidecar: SidecarProcess, content: bytes, fragment: str) -> None:
