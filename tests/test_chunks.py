@@ -165,3 +165,14 @@ def test_a_responses_usage_is_the_ending_events_only() -> None:
     assert response_usage({"type": "response.created", "response": {"usage": usage}}) is None
     assert response_usage({"type": "response.completed", "response": {"usage": None}}) is None
     assert response_usage({"type": "response.completed", "response": "not an object"}) is None
+
+
+def test_assembler_keeps_the_first_error_event_apart_from_the_answer() -> None:
+    assembler = Assembler(chat=True)
+    base = {"id": "x", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+    assembler.add(base | {"choices": [{"index": 0, "delta": {"content": "par"}, "finish_reason": None}]})
+    first = {"error": {"message": "out of memory", "type": "InternalServerError", "code": 500}}
+    assembler.add(first)
+    assembler.add({"error": {"message": "a second", "code": 400}})
+    assert assembler.error == first
+    assert "error" not in assembler.result()  # never merged into the answer as one of its fields

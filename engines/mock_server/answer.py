@@ -60,6 +60,7 @@ class Pace:
     die_after: int | None = None  # the process exits after this many output steps (an engine crash)
     stall_after: int | None = None  # it sends nothing more after this many steps (a hung engine)
     drop_after: int | None = None  # it drops the connection after this many steps, and lives on
+    error_after: int | None = None  # it fails the answer after this many steps, as vLLM does (an error event)
     timings: bool = False  # report llama.cpp-style `timings` and TGI-style `x-compute-time`
     gpu_mb: float = 0.0  # GPU memory held from the first token to the last (needs PyTorch and a GPU)
 
@@ -71,6 +72,7 @@ class Pace:
             die_after=overrides.get("die_after"),
             stall_after=overrides.get("stall_after"),
             drop_after=overrides.get("drop_after"),
+            error_after=overrides.get("error_after"),
             timings=bool(overrides.get("timings")),
             gpu_mb=float(overrides.get("gpu_mb", 0.0)),
         )
@@ -101,6 +103,15 @@ def output_line(line: str, repeat: int = 1) -> None:
     write, as an engine in a loop printing an error floods its output."""
     sys.stdout.write((line + "\n") * repeat)
     sys.stdout.flush()
+
+
+MID_ANSWER_ERROR = {
+    "object": "error",
+    "message": "the mock failed mid-answer",
+    "type": "InternalServerError",
+    "param": None,
+    "code": 500,
+}
 
 
 def error_response(message: str, status: int = 400, shape: str = "vllm") -> Response:

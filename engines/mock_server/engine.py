@@ -16,6 +16,7 @@ from starlette.types import Receive, Scope, Send
 
 from engines.mock_server import generation as gen
 from engines.mock_server.answer import (
+    MID_ANSWER_ERROR,
     TIMINGS,
     Answer,
     MockConfig,
@@ -150,6 +151,10 @@ class MockEngine:
                     await asyncio.Event().wait()
                 if step == pace.drop_after:
                     raise Dropped
+                if step == pace.error_after:  # vLLM's error event, then the stream's end
+                    yield sse({"error": MID_ANSWER_ERROR})
+                    yield b"data: [DONE]\n\n"
+                    return
                 if step:
                     await asyncio.sleep(pace.itl_s)
                 outputs_ms.append((time.perf_counter_ns() - answer.received_ns) / 1e6)
@@ -228,6 +233,8 @@ class MockEngine:
         pace = answer.pace
         if not await self.generated_whole(request, pace, answer.steps):
             return Response(status_code=499)
+        if pace.error_after is not None and pace.error_after < answer.steps:
+            return JSONResponse(MID_ANSWER_ERROR, status_code=500)
         result = []
         for i, tokens in enumerate(answer.choices):
             text = "".join(t.text for t in tokens)

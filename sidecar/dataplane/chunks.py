@@ -180,8 +180,13 @@ class Assembler:
         self.top: dict[str, Any] = {}
         self.choices: dict[int, _Choice] = {}
         self.usage: dict[str, Any] | None = None
+        self.error: dict[str, Any] | None = None  # the first error event: the engine failed mid-answer
 
     def add(self, chunk: dict[str, Any]) -> None:
+        if chunk.get("error") is not None:  # vLLM's, SGLang's and llama.cpp's way to fail a stream already begun
+            if self.error is None:
+                self.error = chunk
+            return
         for key, value in chunk.items():
             if key not in _CHUNK_KEYS_BUILT and (value is not None or key not in self.top):
                 self.top[key] = value

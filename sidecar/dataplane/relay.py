@@ -76,6 +76,16 @@ class Relays:
             exchange, response.status, [*response_headers(response, drop={"content-type"}), JSON_TYPE], body
         )
 
+    async def _error_event(self, exchange: Exchange, response: Response, event: dict[str, Any]) -> None:
+        """An error event in place of the answer, in the OpenAI shape, with the HTTP status its `code` names (vLLM,
+        SGLang and llama.cpp put the status there), else 500."""
+        error = event.get("error")
+        code = (error if isinstance(error, dict) else event).get("code")
+        status = code if isinstance(code, int) and not isinstance(code, bool) and 400 <= code <= 599 else 500
+        exchange.status = status
+        body = dumps(engine_error_body(status, dumps(event)))
+        await send_whole(exchange, status, [*response_headers(response, drop={"content-type"}), JSON_TYPE], body)
+
     async def whole(self, exchange: Exchange, response: Response) -> None:
         """A non-streamed JSON answer: `usage.performance` added, and the same in X-Performance-Metrics."""
         limit = self.settings.max_answer_bytes
@@ -146,6 +156,9 @@ class Relays:
                 raise error
             finally:
                 del error  # its traceback holds this frame: a name left for it here would be a reference cycle
+        if assembler.error is not None:  # failed mid-answer: an error, as the engine answers one without streaming
+            await self._error_event(exchange, response, assembler.error)
+            return
         now = time.perf_counter_ns()
         exchange.status = response.status
         if assembler.usage is None:  # the engine streams no usage: the sidecar's count

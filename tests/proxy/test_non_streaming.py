@@ -46,6 +46,23 @@ def test_assembled_answer_equals_the_engines_own(stack: Stack, case: str) -> Non
     assert performance["completion_tokens"] == answer["usage"]["completion_tokens"]
 
 
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_an_engine_failing_mid_answer_is_its_error_not_a_cut_answer(stack: Stack, path: str) -> None:
+    """vLLM fails a stream already begun with an error event; without streaming it answers the error itself. The
+    assembled answer is that error, with its status, not the part generated before it."""
+    fields = {"messages": MESSAGES} if path.endswith("chat/completions") else {"prompt": "count the clocks"}
+    body = {"model": MODEL, "mock": {"error_after": 2}} | fields
+    through = httpx.post(stack.url + path, json=body, headers=AUTH, timeout=30)
+    direct = httpx.post(stack.engine_url + path, json=body, headers=bearer(stack.engine_key), timeout=30)
+    assert through.status_code == direct.status_code == 500
+    error = through.json()["error"]
+    assert error["message"] == direct.json()["message"] == "the mock failed mid-answer"
+    assert error["type"] == "InternalServerError"
+    streamed = httpx.post(stack.url + path, json=body | {"stream": True}, headers=AUTH, timeout=30)
+    assert streamed.status_code == 200  # a stream's status is sent before the error: its event goes through
+    assert '"the mock failed mid-answer"' in streamed.text
+
+
 def test_openai_sdk_non_streaming_ttft_matches_the_engines_delay(stack: Stack) -> None:
     completion = stack.client().chat.completions.with_raw_response.create(
         model=MODEL,
