@@ -105,13 +105,13 @@ def output_line(line: str, repeat: int = 1) -> None:
     sys.stdout.flush()
 
 
-MID_ANSWER_ERROR = {
-    "object": "error",
-    "message": "the mock failed mid-answer",
-    "type": "InternalServerError",
-    "param": None,
-    "code": 500,
-}
+def vllm_error(message: str, status: int, error_type: str = "BadRequestError") -> dict[str, Any]:
+    """An error body as vLLM shapes it: flat, the HTTP status as its int `code`."""
+    return {"object": "error", "message": message, "type": error_type, "param": None, "code": status}
+
+
+# What the `error_after` fault fails an answer with: an error event in a stream, the body of a 500 without one.
+MID_ANSWER_ERROR = vllm_error("the mock failed mid-answer", 500, "InternalServerError")
 
 
 def error_response(message: str, status: int = 400, shape: str = "vllm") -> Response:
@@ -120,8 +120,7 @@ def error_response(message: str, status: int = 400, shape: str = "vllm") -> Resp
         return JSONResponse({"error": message, "error_type": "validation"}, status_code=status)
     if shape == "text":
         return Response(message, status_code=status, media_type="text/plain")
-    body = {"object": "error", "message": message, "type": "BadRequestError", "param": None, "code": status}
-    return JSONResponse(body, status_code=status)
+    return JSONResponse(vllm_error(message, status), status_code=status)
 
 
 async def json_object(request: Request) -> dict[str, Any] | Response:

@@ -30,16 +30,15 @@ _HOP_BY_HOP = frozenset(
     | {"transfer-encoding", "upgrade"}
 )
 
-# The engine never sees the client's key; it gets identity encoding (the proxy reads the stream) and our request id.
-# As bytes: the client's headers go on to the engine as the server gave them, never decoded.
+# The engine never sees the client's key; it gets identity encoding (the proxy reads the stream), our request id and
+# our `Via` (the client's with this process's entry added). As bytes: the client's headers go on to the engine as the
+# server gave them, never decoded.
 _REQUEST_HEADERS_DROPPED = frozenset(
     name.encode()
     for name in _HOP_BY_HOP
-    | {"host", "content-length", "authorization", "x-api-key", "accept-encoding", "expect", "x-request-id"}
+    | {"host", "content-length", "authorization", "x-api-key", "accept-encoding", "expect", "x-request-id", "via"}
 )
-# And those the sidecar sets itself in their place (`request_headers`).
-_REQUEST_DROPPED = _REQUEST_HEADERS_DROPPED | {b"via"}
-_REQUEST_DROPPED_JSON = _REQUEST_DROPPED | {b"content-type"}
+_REQUEST_HEADERS_DROPPED_JSON = _REQUEST_HEADERS_DROPPED | {b"content-type"}  # a body checked to be JSON: ours
 
 # The sidecar's server sets its own date, server and request id; lengths are recomputed where bodies change.
 # The sidecar's own headers among them: an engine's cannot pass for the sidecar's measures or worker.
@@ -92,7 +91,7 @@ def request_headers(
     entry added, the type of a body checked to be JSON, a hosted engine's key and headers, and `own`."""
     if engine.upstream_headers:
         own = [*(own or ()), *encoded(engine.upstream_headers)]
-    dropped = _REQUEST_DROPPED_JSON if json_body else _REQUEST_DROPPED
+    dropped = _REQUEST_HEADERS_DROPPED_JSON if json_body else _REQUEST_HEADERS_DROPPED
     if own:
         dropped = dropped.union(name for name, _ in own)
     if connection := header(scope, b"connection"):

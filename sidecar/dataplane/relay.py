@@ -70,11 +70,13 @@ class Relays:
                 raw = await response.read(ERROR_BODY_LIMIT)
         except (TimeoutError, UpstreamError):
             raw = b""
-        exchange.status = response.status
-        body = dumps(engine_error_body(response.status, raw))
-        await send_whole(
-            exchange, response.status, [*response_headers(response, drop={"content-type"}), JSON_TYPE], body
-        )
+        await self._engine_error(exchange, response, response.status, raw)
+
+    async def _engine_error(self, exchange: Exchange, response: Response, status: int, raw: bytes) -> None:
+        """An error of the engine's, `raw` as it wrote it, answered with `status` in the OpenAI shape."""
+        exchange.status = status
+        body = dumps(engine_error_body(status, raw))
+        await send_whole(exchange, status, [*response_headers(response, drop={"content-type"}), JSON_TYPE], body)
 
     async def _error_event(self, exchange: Exchange, response: Response, event: dict[str, Any]) -> None:
         """An error event in place of the answer, in the OpenAI shape, with the HTTP status its `code` names (vLLM,
@@ -82,9 +84,7 @@ class Relays:
         error = event.get("error")
         code = (error if isinstance(error, dict) else event).get("code")
         status = code if isinstance(code, int) and not isinstance(code, bool) and 400 <= code <= 599 else 500
-        exchange.status = status
-        body = dumps(engine_error_body(status, dumps(event)))
-        await send_whole(exchange, status, [*response_headers(response, drop={"content-type"}), JSON_TYPE], body)
+        await self._engine_error(exchange, response, status, dumps(event))
 
     async def whole(self, exchange: Exchange, response: Response) -> None:
         """A non-streamed JSON answer: `usage.performance` added, and the same in X-Performance-Metrics."""
