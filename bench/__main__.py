@@ -17,8 +17,6 @@ litellm,vllm-router` puts the proxies users would pick instead beside them, in f
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
 import functools
 import json
 import os
@@ -42,7 +40,7 @@ import engines
 from bench import machine, peers
 from bench.loadgen import LoadProcesses, PhaseResult, chat_body, new_session, run_phase, stream_once
 from bench.nginx import find_nginx, start_nginx, worker_pid
-from bench.processes import engine_key, pin, spawn_sidecar, wait_ok
+from bench.processes import ProcessMeter, engine_key, pin, spawn_sidecar, wait_ok
 from bench.report import summarize, write_chart, write_table
 from sidecar.control.engine import free_port
 
@@ -228,57 +226,6 @@ def _pin(proxy_cpus: set[int], targets: Targets) -> None:
     if targets.engine_pid:
         pin(targets.engine_pid, rest, tree=True)
     pin(os.getpid(), rest)
-
-
-class ProcessMeter:
-    """CPU seconds and peak RSS of one process over a phase (RSS sampled every 50 ms), its children's CPU (a
-    sidecar's data-plane workers, a peer's) counted with it, never an engine's."""
-
-    def __init__(self, pid: int | None, engine_pid: int | None = None) -> None:
-        self.process = psutil.Process(pid) if pid else None
-        self.engine_pid = engine_pid
-        self.cpu_s = 0.0
-        self.peak_rss_mb = 0.0
-        self._task: asyncio.Task[None] | None = None
-        self._cpu_start = 0.0
-
-    def _cpu(self) -> float:
-        assert self.process is not None
-        total = 0.0
-        for each in [self.process, *_children_of(self.process, self.engine_pid)]:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                times = each.cpu_times()
-                total += times.user + times.system
-        return total
-
-    async def _sample(self) -> None:
-        assert self.process is not None
-        while True:
-            self.peak_rss_mb = max(self.peak_rss_mb, self.process.memory_info().rss / 2**20)
-            await asyncio.sleep(0.05)
-
-    def __enter__(self) -> ProcessMeter:
-        if self.process is not None:
-            self._cpu_start = self._cpu()
-            self._task = asyncio.get_running_loop().create_task(self._sample())
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        if self.process is not None and self._task is not None:
-            self._task.cancel()
-            self.cpu_s = self._cpu() - self._cpu_start
-
-
-def _children_of(process: psutil.Process, engine_pid: int | None) -> list[psutil.Process]:
-    """The process's descendants but the engine and its own (a sidecar that loaded its engine is its parent)."""
-    engine: set[int] = set()
-    if engine_pid is not None:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            tree = psutil.Process(engine_pid)
-            engine = {tree.pid, *(child.pid for child in tree.children(recursive=True))}
-    with contextlib.suppress(psutil.NoSuchProcess):
-        return [child for child in process.children(recursive=True) if child.pid not in engine]
-    return []
 
 
 async def _measure(args: argparse.Namespace, targets: Targets) -> dict[str, Any]:

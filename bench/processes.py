@@ -1,7 +1,10 @@
-"""The processes the bench runs: the sidecar on a free loopback port with its output in a file, and CPU pinning."""
+"""The processes the bench runs: the sidecar on a free loopback port with its output in a file, CPU pinning, and
+what a process spends over a phase."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import subprocess
 import sys
@@ -13,6 +16,8 @@ import httpx
 import psutil
 
 from sidecar.control.engine import free_port
+
+_CPUCLOCK_SCHED = 2  # the low bits of a process's CPU clock id: its run time as the scheduler counts it
 
 
 def spawn_sidecar(
@@ -84,3 +89,64 @@ def mock_engines(sidecar_pid: int) -> list[psutil.Process]:
     children = psutil.Process(sidecar_pid).children(recursive=True)
     argv = command_lines(children)
     return [child for child in children if "engines.mock_server" in " ".join(argv.get(child.pid, ()))]
+
+
+def cpu_seconds(process: psutil.Process) -> float:
+    """A process's CPU time, its threads' (those gone included): to the nanosecond from its CPU clock on Linux
+    (`clock_getcpuclockid`'s encoding of a pid), else `/proc`'s 10 ms ticks, too coarse for a short phase at one
+    stream, whose few milliseconds of a proxy's CPU they read as 0 or 10."""
+    if sys.platform == "linux":
+        with contextlib.suppress(OSError):
+            return time.clock_gettime(((~process.pid) << 3) | _CPUCLOCK_SCHED)
+    times = process.cpu_times()
+    return times.user + times.system
+
+
+class ProcessMeter:
+    """CPU seconds and peak RSS of one process over a phase (RSS sampled every 50 ms), its children's CPU (a
+    sidecar's data-plane workers, a peer's) counted with it, never an engine's."""
+
+    def __init__(self, pid: int | None, engine_pid: int | None = None) -> None:
+        self.process = psutil.Process(pid) if pid else None
+        self.engine_pid = engine_pid
+        self.cpu_s = 0.0
+        self.peak_rss_mb = 0.0
+        self._task: asyncio.Task[None] | None = None
+        self._cpu_start = 0.0
+
+    def _cpu(self) -> float:
+        assert self.process is not None
+        total = 0.0
+        for each in [self.process, *_children_of(self.process, self.engine_pid)]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                total += cpu_seconds(each)
+        return total
+
+    async def _sample(self) -> None:
+        assert self.process is not None
+        while True:
+            self.peak_rss_mb = max(self.peak_rss_mb, self.process.memory_info().rss / 2**20)
+            await asyncio.sleep(0.05)
+
+    def __enter__(self) -> ProcessMeter:
+        if self.process is not None:
+            self._cpu_start = self._cpu()
+            self._task = asyncio.get_running_loop().create_task(self._sample())
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.process is not None and self._task is not None:
+            self._task.cancel()
+            self.cpu_s = self._cpu() - self._cpu_start
+
+
+def _children_of(process: psutil.Process, engine_pid: int | None) -> list[psutil.Process]:
+    """The process's descendants but the engine and its own (a sidecar that loaded its engine is its parent)."""
+    engine: set[int] = set()
+    if engine_pid is not None:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            tree = psutil.Process(engine_pid)
+            engine = {tree.pid, *(child.pid for child in tree.children(recursive=True))}
+    with contextlib.suppress(psutil.NoSuchProcess):
+        return [child for child in process.children(recursive=True) if child.pid not in engine]
+    return []

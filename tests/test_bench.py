@@ -19,7 +19,7 @@ from bench import guard, peers
 from bench.fast_engine import ENGINE_TTFT_FIELD
 from bench.loadgen import LoadProcesses, PhaseResult, chat_body
 from bench.nginx import find_nginx
-from bench.processes import wait_ok
+from bench.processes import ProcessMeter, wait_ok
 from bench.report import summarize, write_table
 from sidecar.control.engine import free_port
 
@@ -194,6 +194,38 @@ def test_bench_puts_the_sidecar_with_opentelemetry_on_beside_it(tmp_path: Path) 
     assert results["cost_split"]["sidecar+otel"]["cpu_ms_per_request"] is not None
     assert "sidecar+otel against sidecar" in result.stdout
     assert "sidecar+otel - sidecar:" in result.stdout
+
+
+def test_the_cpu_meter_sees_the_few_milliseconds_of_a_short_phase() -> None:
+    """At one stream a proxy spends a few ms of CPU in a phase: /proc's 10 ms ticks read them as 0 or 10, and a
+    level read 0 CPU per chunk. The meter reads them as spent."""
+    spin = (
+        "import sys, time\n"
+        "for line in sys.stdin:\n"
+        "    start = time.process_time()\n"
+        "    while time.process_time() - start < 0.003: pass\n"
+        "    print('spun', flush=True)\n"
+    )
+    with subprocess.Popen([sys.executable, "-c", spin], stdin=subprocess.PIPE, stdout=subprocess.PIPE) as child:
+        assert child.stdin is not None and child.stdout is not None
+        stdin, stdout = child.stdin, child.stdout
+
+        def spin_once() -> None:
+            stdin.write(b"go\n")
+            stdin.flush()
+            assert stdout.readline() == b"spun\n"
+
+        async def phase() -> float:
+            with ProcessMeter(child.pid) as meter:
+                await asyncio.to_thread(spin_once)
+            return meter.cpu_s
+
+        spin_once()  # past its start-up
+
+        try:
+            assert 0.003 <= asyncio.run(phase()) < 0.009
+        finally:
+            child.kill()
 
 
 def test_a_proxy_that_drops_the_engines_ttft_is_compared_on_client_ttfts() -> None:
