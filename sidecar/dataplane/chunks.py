@@ -64,7 +64,7 @@ def is_usage_chunk(chunk: dict[str, Any]) -> bool:
 # is a non-empty string. The `.done` events and the final response repeat the whole text: they are not output.
 _RESPONSE_DELTA = re.compile(rb'"type"\s*:\s*"response\.[a-z_.]+\.delta"')
 _STRING_DELTA = re.compile(rb'"delta"\s*:\s*"(?!")')
-# The events that end a response, each with the whole response object and its usage.
+# The events that end a response, each with the whole response object (its usage, where the engine counted).
 _RESPONSE_ENDS = frozenset({"response.completed", "response.incomplete", "response.failed"})
 
 
@@ -73,12 +73,18 @@ def is_response_output(data: bytes) -> bool:
     return _RESPONSE_DELTA.search(data) is not None and _STRING_DELTA.search(data) is not None
 
 
-def response_usage(event: dict[str, Any]) -> dict[str, Any] | None:
-    """The usage of the event that ends a response (input and output tokens), or None for any other event."""
+def response_end(event: dict[str, Any]) -> dict[str, Any] | None:
+    """The response object of the event that ends a response (completed, incomplete or failed), else None."""
     if event.get("type") not in _RESPONSE_ENDS:
         return None
     response = event.get("response")
-    usage = response.get("usage") if isinstance(response, dict) else None
+    return response if isinstance(response, dict) else None
+
+
+def response_usage(event: dict[str, Any]) -> dict[str, Any] | None:
+    """The usage of the event that ends a response (input and output tokens), or None for any other event."""
+    response = response_end(event)
+    usage = response.get("usage") if response is not None else None
     return usage if isinstance(usage, dict) else None
 
 

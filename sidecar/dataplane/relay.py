@@ -70,21 +70,7 @@ class Relays:
                 raw = await response.read(ERROR_BODY_LIMIT)
         except (TimeoutError, UpstreamError):
             raw = b""
-        await self._engine_error(exchange, response, response.status, raw)
-
-    async def _engine_error(self, exchange: Exchange, response: Response, status: int, raw: bytes) -> None:
-        """An error of the engine's, `raw` as it wrote it, answered with `status` in the OpenAI shape."""
-        exchange.status = status
-        body = dumps(engine_error_body(status, raw))
-        await send_whole(exchange, status, [*response_headers(response, drop={"content-type"}), JSON_TYPE], body)
-
-    async def _error_event(self, exchange: Exchange, response: Response, event: dict[str, Any]) -> None:
-        """An error event in place of the answer, in the OpenAI shape, with the HTTP status its `code` names (vLLM,
-        SGLang and llama.cpp put the status there), else 500."""
-        error = event.get("error")
-        code = (error if isinstance(error, dict) else event).get("code")
-        status = code if isinstance(code, int) and not isinstance(code, bool) and 400 <= code <= 599 else 500
-        await self._engine_error(exchange, response, status, dumps(event))
+        await send_engine_error(exchange, response, response.status, raw)
 
     async def whole(self, exchange: Exchange, response: Response) -> None:
         """A non-streamed JSON answer: `usage.performance` added, and the same in X-Performance-Metrics."""
@@ -157,7 +143,7 @@ class Relays:
             finally:
                 del error  # its traceback holds this frame: a name left for it here would be a reference cycle
         if assembler.error is not None:  # failed mid-answer: an error, as the engine answers one without streaming
-            await self._error_event(exchange, response, assembler.error)
+            await send_error_event(exchange, response, assembler.error)
             return
         now = time.perf_counter_ns()
         exchange.status = response.status
@@ -327,6 +313,22 @@ def stream_cut(exchange: Exchange, exc: Exception, limit: int) -> SidecarError:
     if isinstance(exc, EventTooLarge):
         return answer_too_large(exchange, limit, "event")
     return BadGateway("the engine closed the stream mid-answer")
+
+
+async def send_engine_error(exchange: Exchange, response: Response, status: int, raw: bytes) -> None:
+    """An error of the engine's, `raw` as it wrote it, answered with `status` in the OpenAI shape."""
+    exchange.status = status
+    body = dumps(engine_error_body(status, raw))
+    await send_whole(exchange, status, [*response_headers(response, drop={"content-type"}), JSON_TYPE], body)
+
+
+async def send_error_event(exchange: Exchange, response: Response, event: dict[str, Any]) -> None:
+    """An error event in place of the answer, in the OpenAI shape, with the HTTP status its `code` names (vLLM,
+    SGLang and llama.cpp put the status there), else 500."""
+    error = event.get("error")
+    code = (error if isinstance(error, dict) else event).get("code")
+    status = code if isinstance(code, int) and not isinstance(code, bool) and 400 <= code <= 599 else 500
+    await send_engine_error(exchange, response, status, dumps(event))
 
 
 async def send_assembled(

@@ -8,23 +8,33 @@ carries the whole response and its usage, in input and output tokens: it is the 
 engine's body.
 
 A non-streaming request is streamed from the engine too, for its TTFT, and answered with the response object that
-last event carries: what the engine answers whole, built by it, not put together here.
+last event carries (whatever its status, usage or not): what the engine answers whole, built by it, not put
+together here. A stream that fails with an `error` event and no response is answered with that error, in the
+OpenAI shape, as a non-streaming request's failure is.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
-from sidecar.dataplane.chunks import carries_measures, is_response_output, response_usage
+from sidecar.dataplane.chunks import carries_measures, is_response_output, response_end, response_usage
 from sidecar.dataplane.exchange import Exchange, dumps, header_timings, loads, response_headers
 from sidecar.dataplane.recording import Recorder
-from sidecar.dataplane.relay import end_stream, send_assembled, stream_cut
+from sidecar.dataplane.relay import end_stream, send_assembled, send_error_event, stream_cut
 from sidecar.dataplane.sse import EventTooLarge, SSEParser
 from sidecar.dataplane.upstream import Response
 from sidecar.dataplane.upstream_errors import UpstreamError
 from sidecar.errors import BadGateway, SidecarError
 from sidecar.settings import Settings
+
+
+class _Ending(NamedTuple):
+    """How the engine's stream ended: the response object its last event carried, and its first `error` event
+    (`{"type": "error", "code", "message", "param"}`, or the chat API's `{"error": {...}}`)."""
+
+    response: dict[str, Any] | None
+    error: dict[str, Any] | None
 
 
 class ResponsesRelay:
@@ -52,18 +62,17 @@ class ResponsesRelay:
                 raise ended
             finally:
                 del ended  # its traceback holds this frame: a name left for it here would be a reference cycle
-        if ended is None:
+        if ended.response is not None:
+            exchange.status = response.status
+            await send_assembled(self.recorder, exchange, response, ended.response, time.perf_counter_ns())
+        elif ended.error is not None:
+            await send_error_event(exchange, response, _error_body(ended.error))
+        else:
             raise BadGateway("the engine's stream ended before its response did")
-        now = time.perf_counter_ns()
-        exchange.status = response.status
-        await send_assembled(self.recorder, exchange, response, ended, now)
 
-    async def _pump(
-        self, exchange: Exchange, response: Response, forward: bool
-    ) -> SidecarError | dict[str, Any] | None:
+    async def _pump(self, exchange: Exchange, response: Response, forward: bool) -> SidecarError | _Ending:
         """Read the engine's events to the end of its body, timestamping the output ones; with `forward`, send what
-        each read brings at once. The response the last event carried (None if none did), or the error that cut
-        the stream short."""
+        each read brings at once. How the stream ended, or the error that cut it short."""
         meter = exchange.meter
         send = exchange.send
         clock = time.perf_counter_ns
@@ -72,6 +81,7 @@ class ResponsesRelay:
         read = response.readany
         deadline = exchange.deadline
         ended: dict[str, Any] | None = None
+        failure: dict[str, Any] | None = None
         try:
             with deadline:
                 while True:
@@ -84,24 +94,26 @@ class ResponsesRelay:
                         if data is not None:
                             if is_response_output(data):
                                 meter.output(now)
-                            elif carries_measures(data):
-                                parsed = loads(data)
-                                usage = response_usage(parsed) if parsed is not None else None
-                                if parsed is not None and usage is not None:
-                                    ended = parsed["response"]
-                                    self._ended(exchange, ended, usage, now)
-                                    if forward:
+                            elif not forward or carries_measures(data):  # a whole answer's few others all read
+                                parsed = loads(data) or {}  # {}: not a JSON object, passed on unread
+                                if (answer := response_end(parsed)) is not None:
+                                    ended = answer
+                                    usage = response_usage(parsed)
+                                    self._ended(exchange, answer, usage, now)
+                                    if forward and usage is not None:
                                         raw = _with_performance(raw, parsed, usage, exchange.performance)
+                                elif failure is None and _is_error(parsed):
+                                    failure = parsed
                         out.append(raw)
                     if forward and out and not exchange.client_done:
                         await send({"type": "http.response.body", "body": b"".join(out), "more_body": True})
                     meter.overhead_ns += clock() - now
                     if not chunk:
-                        return ended
+                        return _Ending(ended, failure)
         except (TimeoutError, UpstreamError, EventTooLarge) as exc:
             return stream_cut(exchange, exc, limit)
 
-    def _ended(self, exchange: Exchange, ended: dict[str, Any], usage: dict[str, Any], now: int) -> None:
+    def _ended(self, exchange: Exchange, ended: dict[str, Any], usage: dict[str, Any] | None, now: int) -> None:
         """The event that ends the response has come: the answer is measured as it ends."""
         exchange.usage = usage
         exchange.final_events = (ended,)
@@ -113,3 +125,15 @@ def _with_performance(raw: bytes, event: dict[str, Any], usage: dict[str, Any], 
     event["response"]["usage"] = usage | {"performance": performance}
     named = b"event: " + str(event["type"]).encode() + b"\n" if raw.startswith(b"event:") else b""
     return named + b"data: " + dumps(event) + b"\n\n"
+
+
+def _is_error(event: dict[str, Any]) -> bool:
+    """The Responses API's `error` event, or the chat API's `{"error": {...}}` (what vLLM's chat stream fails with)."""
+    return event.get("type") == "error" or ("type" not in event and isinstance(event.get("error"), dict))
+
+
+def _error_body(event: dict[str, Any]) -> dict[str, Any]:
+    """An error event as the body of an engine's error: `{"error": {"message", "code", "param"}}`."""
+    if "type" not in event:
+        return event
+    return {"error": {name: event[name] for name in ("message", "code", "param") if name in event}}

@@ -102,3 +102,43 @@ async def test_a_stream_that_ends_without_its_response_is_a_502(clock: Clock) ->
     reads: list[tuple[float, bytes | Exception]] = [(10, delta("Hi"))]
     with pytest.raises(BadGateway, match="ended before its response did"):
         await relayed(clock, reads, "/v1/responses", lambda proxy: proxy.responses_relay.assembled)
+
+
+async def test_a_failed_response_without_usage_is_the_whole_answer_with_its_error(clock: Clock) -> None:
+    """`response.failed` ends the response as `completed` does, usage or not: the client gets what it carries."""
+    failed = {"id": "resp_1", "status": "failed", "usage": None, "error": {"code": "server_error", "message": "OOM"}}
+    reads: list[tuple[float, bytes | Exception]] = [(10, delta("Hi")), (30, event("failed", response=failed))]
+    sent, exchange = await relayed(clock, reads, "/v1/responses", lambda proxy: proxy.responses_relay.assembled)
+    answer = json.loads(bodies(sent)[0])
+    performance = answer["usage"].pop("performance")
+    assert answer == failed | {"usage": {}}
+    assert performance["ttft_ms"] == 10.0 and performance["total_ms"] == 30.0
+    assert sent[0]["status"] == 200 and exchange.performance == performance
+
+
+@pytest.mark.parametrize(
+    ("error_event", "status", "expected"),
+    [
+        (  # the Responses API's error event: its code is a string, the status 500
+            b'event: error\ndata: {"type":"error","code":"server_error","message":"out of memory","param":null,'
+            b'"sequence_number":3}\n\n',
+            500,
+            {"message": "out of memory", "type": "server_error", "param": None, "code": "server_error"},
+        ),
+        (  # the chat API's, as vLLM fails a chat stream: the status in its code
+            b'data: {"error":{"message":"busy","type":"ServiceUnavailableError","param":null,"code":503}}\n\n',
+            503,
+            {"message": "busy", "type": "ServiceUnavailableError", "param": None, "code": None},
+        ),
+    ],
+)
+async def test_a_stream_that_fails_with_an_error_event_is_answered_with_that_error(
+    clock: Clock, error_event: bytes, status: int, expected: dict[str, Any]
+) -> None:
+    """No response came, the engine said why: the client gets its error, as a failed non-streaming request does,
+    not a 502 that hides the engine's message."""
+    reads: list[tuple[float, bytes | Exception]] = [(10, delta("Hi")), (20, error_event)]
+    sent, exchange = await relayed(clock, reads, "/v1/responses", lambda proxy: proxy.responses_relay.assembled)
+    assert sent[0]["status"] == status and exchange.status == status
+    assert json.loads(bodies(sent)[0]) == {"error": expected}
+    assert (b"content-type", b"application/json") in sent[0]["headers"]
