@@ -165,8 +165,9 @@ def loads(data: bytes) -> dict[str, Any] | None:
     try:
         value = orjson.loads(data)
     except ValueError:
-        try:  # what the standard library still reads (an engine's -Infinity): measured and assembled all the same
-            value = json.loads(data)
+        try:  # what the standard library still reads, measured and assembled all the same: an engine's -Infinity,
+            # and bytes not UTF-8 (half a character), read as U+FFFD as the SSE standard decodes a stream
+            value = json.loads(data.decode(errors="replace"))
         except (ValueError, RecursionError):
             return None
     return value if isinstance(value, dict) else None

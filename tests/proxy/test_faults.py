@@ -584,3 +584,29 @@ def test_engine_timings_past_their_bound_are_left_out(
         assert sum(len(name) + len(value) + 4 for name, value in answer.headers.items()) < 4096
         record = httpx.get(f"{sidecar.url}/v1/requests/lavish-1", headers=AUTH, timeout=5).json()
         assert "engine_timings" not in record["performance"]
+
+
+class _BrokenUtf8(FakeEngine):
+    """An engine that streams a token's bytes cut short (half a multi-byte character, not UTF-8), as llama.cpp's
+    server once did for a character split across tokens."""
+
+    def chat(self) -> bool:
+        head = b'data: {"id":"c","object":"chat.completion.chunk","model":"fake","choices":[{"index":0,"delta":'
+        tail = b',"finish_reason":null}]}\n\n'
+        deltas = [b'{"content":"one "}', b'{"content":"\xe2\x82"}', b'{"content":" three"}']
+        stream = b"".join(head + delta + tail for delta in deltas)
+        self.send(b"text/event-stream", stream + b"data: [DONE]\n\n")
+        return True
+
+
+def test_a_token_not_utf8_is_kept_in_an_assembled_answer(start_sidecar: Callable[..., SidecarProcess]) -> None:
+    """A non-streaming client's answer, put together from the engine's stream, keeps every token: one whose bytes
+    are not UTF-8 is read with U+FFFD in their place (as the SSE standard decodes a stream), not dropped."""
+    with serving(_BrokenUtf8) as url:
+        sidecar = _in_front_of(url, start_sidecar)
+        body = {"model": "fake", "messages": MESSAGES}
+        response = httpx.post(f"{sidecar.url}{CHAT}", json=body, headers=AUTH, timeout=30)
+        assert response.status_code == 200, response.text
+        answer = response.json()
+        assert answer["choices"][0]["message"]["content"] == "one \ufffd three"
+        assert answer["usage"]["performance"]["completion_tokens"] == 3
