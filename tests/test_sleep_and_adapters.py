@@ -63,6 +63,9 @@ def test_sleep_frees_the_engine_the_data_plane_waits_wake_brings_it_back(start_s
     assert answered.status_code == 503 and answered.headers["retry-after"]
     assert answered.json()["error"]["code"] == "model_sleeping"
 
+    partly = _post(sidecar, "/v1/model/wake", {"tags": ["weights"]})  # vLLM's partial wake: the sidecar wakes all
+    assert partly.status_code == 400 and partly.json()["error"]["param"] == "tags"
+    assert _state(sidecar) == "sleeping"
     woken = _post(sidecar, "/v1/model/wake")
     assert woken.status_code == 200 and woken.json() == {"state": "ready", "gpu_memory_taken_mb": None}
     assert httpx.get(f"{engine}/is_sleeping").json() == {"is_sleeping": False}
@@ -89,6 +92,10 @@ def test_unload_while_asleep_stops_everything(start_sidecar: Start) -> None:
     sidecar = start_sidecar(KEYS)
     pid = _load(sidecar, **{"enable-sleep-mode": True})["pid"]
     assert _post(sidecar, "/v1/model/sleep").status_code == 200
+    for body in ({"drain": 5}, {"drain_timeout_s": -1}, {"drain_timeout_s": True}):  # a typo is not the default
+        refused = _post(sidecar, "/v1/model/unload", body)
+        assert refused.status_code == 400, (body, refused.text)
+    assert _state(sidecar) == "sleeping" and group_members(pid) != []
     unloaded = _post(sidecar, "/v1/model/unload", {})
     assert unloaded.status_code == 200 and unloaded.json()["state"] == "idle"
     assert group_members(pid) == []

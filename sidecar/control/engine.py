@@ -146,6 +146,21 @@ class LoadRequest(BaseModel):
         return [*self.env.values(), *key, *self.headers.values()]
 
 
+class UnloadRequest(BaseModel):
+    """POST /v1/model/unload: how long requests in flight may take to finish (default SIDECAR_DRAIN_TIMEOUT_S)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    drain_timeout_s: float | None = Field(None, ge=0, strict=True, allow_inf_nan=False)
+
+
+class WakeRequest(BaseModel):
+    """POST /v1/model/wake: no fields; one given (vLLM's `tags`, to wake a part) is refused, not ignored, since
+    the sidecar wakes the whole engine."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
 class SleepRequest(BaseModel):
     """POST /v1/model/sleep: the engine's sleep level (vLLM: 1 keeps the weights in CPU memory, 2 drops them)."""
 

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from sidecar.control.engine import AdapterName, AdapterRequest, LoadRequest, SleepRequest
+from sidecar.control.engine import AdapterName, AdapterRequest, LoadRequest, SleepRequest, UnloadRequest, WakeRequest
 from sidecar.control.engine_output import TAIL_LINES
 from sidecar.control.process import EngineProcess
 from sidecar.control.supervisor import Supervisor
@@ -47,10 +47,7 @@ async def load(request: Request) -> JSONResponse:
 
 
 async def unload(request: Request) -> JSONResponse:
-    body: dict[str, Any] = await read_json_object(request) if await request.body() else {}
-    drain = body.get("drain_timeout_s")
-    if drain is not None and (isinstance(drain, bool) or not isinstance(drain, int | float) or drain < 0):
-        raise BadRequest("drain_timeout_s: must be a number of seconds, 0 or more", param="drain_timeout_s")
+    drain = (await _body(request, UnloadRequest)).drain_timeout_s
     return JSONResponse(await _supervisor(request).unload(drain))
 
 
@@ -74,6 +71,7 @@ async def sleep(request: Request) -> JSONResponse:
 
 
 async def wake(request: Request) -> JSONResponse:
+    await _body(request, WakeRequest)
     return JSONResponse(await _supervisor(request).wake())
 
 

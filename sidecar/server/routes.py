@@ -17,7 +17,7 @@ from starlette.routing import BaseRoute, Match, Route
 from starlette.types import Receive, Scope, Send
 
 from sidecar import __version__
-from sidecar.control.engine import AdapterName, AdapterRequest, LoadRequest, SleepRequest
+from sidecar.control.engine import AdapterName, AdapterRequest, LoadRequest, SleepRequest, UnloadRequest, WakeRequest
 from sidecar.dataplane.proxy import Proxy
 from sidecar.errors import MethodNotAllowed, NotFound
 from sidecar.server import control_plane, data_plane, health
@@ -28,11 +28,6 @@ from sidecar.telemetry import service as telemetry
 _GET, _POST = ("GET",), ("POST",)
 _ANY = ("GET", "POST", "PUT", "PATCH", "DELETE")
 _FORWARDED = [*_ANY, "HEAD", "OPTIONS"]
-_UNLOAD_BODY: dict[str, Any] = {
-    "type": "object",
-    "properties": {"drain_timeout_s": {"type": "number", "minimum": 0}},
-    "additionalProperties": False,
-}
 _OPENAI_BODY: dict[str, Any] = {"type": "object"}  # OpenAI's bodies: the engine's to judge
 
 
@@ -124,7 +119,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         _C,
         control_plane.unload,
         summary="Drain in-flight requests, stop the engine's whole process group",
-        body=_UNLOAD_BODY,
+        body=UnloadRequest,
         body_required=False,
     ),
     Endpoint(
@@ -156,7 +151,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         _C,
         control_plane.wake,
         summary="Wake a sleeping engine: its GPU memory taken back, ready again",
-        body=_OPENAI_BODY,
+        body=WakeRequest,
         body_required=False,
     ),
     Endpoint(
