@@ -59,16 +59,25 @@ def test_no_engine_means_null_engine_fields() -> None:
     assert gone.sample().engine_rss_mb is None
 
 
-def test_a_reading_that_keeps_failing_is_logged_once_a_minute_and_sampling_goes_on() -> None:
-    """Out of descriptors, every sample fails: one error with its traceback, not ten a second; samples resume as
-    soon as the readings work again."""
+@pytest.mark.parametrize(
+    ("failure", "level", "traceback"),
+    [
+        (OSError(errno.EMFILE, "Too many open files"), "warning", False),  # a known state, said as one
+        (RuntimeError("a reading's bug"), "error", True),
+    ],
+)
+def test_a_reading_that_keeps_failing_is_logged_once_a_minute_and_sampling_goes_on(
+    failure: Exception, level: str, traceback: bool
+) -> None:
+    """Out of descriptors, every sample fails: one line, not ten a second (a warning: no traceback for a state the
+    sidecar knows; one for anything else); samples resume as soon as the readings work again."""
     calls = 0
 
     def engine_pid() -> int | None:
         nonlocal calls
         calls += 1
         if calls <= 5:
-            raise OSError(errno.EMFILE, "Too many open files")
+            raise failure
         return None
 
     watchdog = ResourceWatchdog(0.01, Gpus(types.ModuleType("no-nvml"), environ={}), engine_pid)
@@ -78,4 +87,5 @@ def test_a_reading_that_keeps_failing_is_logged_once_a_minute_and_sampling_goes_
         watchdog.stop()
     failures = [log for log in logs if log["event"] == "watchdog_sample_failed"]
     assert [log["failed_samples"] for log in failures] == [1], failures
+    assert failures[0]["log_level"] == level and bool(failures[0].get("exc_info")) is traceback
     assert len(watchdog.since(0.0)) >= 3

@@ -7,6 +7,7 @@ The watchdog times itself: the real intervals between samples, whose p50 and p99
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 import time
@@ -88,8 +89,11 @@ class ResourceWatchdog:
         while not self._stop.is_set():
             try:
                 sample = self.sample()
-            except Exception:  # a reading that fails must not stop the sampling
-                if failed := failures.due():
+            except Exception as exc:  # a reading that fails must not stop the sampling
+                failed = failures.due()
+                if failed and isinstance(exc, OSError) and exc.errno == errno.EMFILE:  # a known state: no traceback
+                    log.warning("watchdog_sample_failed", failed_samples=failed, reason="out of file descriptors")
+                elif failed:
                     log.exception("watchdog_sample_failed", failed_samples=failed)
             else:
                 self._samples.append(sample)
