@@ -15,8 +15,10 @@ from sidecar import __version__
 from sidecar.control.engine import free_port
 from sidecar.control.runfile import private_run_dir
 from sidecar.demo import demo
+from sidecar.errors import SidecarError
 from sidecar.logs import configure_logging, get_logger
 from sidecar.redaction import Redactor
+from sidecar.server.app import autoload_request
 from sidecar.server.serving import serve_with_workers, serve_worker, server
 from sidecar.settings import Settings, SettingsError, load_settings
 from sidecar.telemetry import resources
@@ -48,14 +50,20 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def serve(settings: Settings) -> None:
+def serve(settings: Settings) -> int:
     redactor = Redactor()
     configure_logging(settings, redactor)
+    try:
+        autoload_request(settings)  # a bad SIDECAR_AUTOLOAD_* said before serving, as a load's 400 would say it
+    except SidecarError as exc:
+        log.error("autoload_failed", engine=settings.autoload_engine, param=exc.param, error=exc.message)
+        return 2
     resources.raise_open_files_limit(settings)
     if settings.workers > 1:
         serve_with_workers(settings, redactor)
     else:
         server(settings, redactor).run()
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -81,8 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo":
         return demo(settings, args.prompt)
     try:
-        serve(settings)
+        return serve(settings)
     except SettingsError as exc:  # what only the app can check: the OpenTelemetry variables (sidecar/telemetry/otel.py)
         log.error("settings_invalid", error=str(exc))
         return 2
-    return 0

@@ -325,11 +325,24 @@ def test_autoload_at_start_up(start_sidecar: Start) -> None:
     assert sidecar.status()["model"] == "auto"
 
 
-def test_bad_autoload_stops_start_up_saying_why(start_sidecar: Start) -> None:
-    sidecar = start_sidecar({"SIDECAR_AUTOLOAD_ENGINE": "nope", "SIDECAR_AUTOLOAD_MODEL": "m"}, wait=False)
-    assert sidecar.wait_exit() != 0
-    assert "autoload_failed" in sidecar.output()
-    assert "known engines: external, llamacpp, mock, sglang, tgi, vllm" in sidecar.output()
+@pytest.mark.parametrize(
+    ("autoload", "said"),
+    [
+        ({"SIDECAR_AUTOLOAD_ENGINE": "nope"}, "known engines: external, llamacpp, mock, sglang, tgi, vllm"),
+        ({"SIDECAR_AUTOLOAD_ARGS": '{"port": 9}'}, "param=args.port"),  # a flag the sidecar sets itself
+        ({"SIDECAR_AUTOLOAD_MODEL": "-m"}, "param=model"),  # the engine would read it as a flag
+        ({"SIDECAR_AUTOLOAD_ENGINE": "external"}, "needs 'url'"),
+    ],
+)
+def test_bad_autoload_stops_start_up_saying_why(start_sidecar: Start, autoload: dict[str, str], said: str) -> None:
+    """Exit status 2 and one line saying what is wrong, as a load's 400 says it; no traceback, nothing served."""
+    settings = {"SIDECAR_AUTOLOAD_ENGINE": "mock", "SIDECAR_AUTOLOAD_MODEL": "m"} | autoload
+    sidecar = start_sidecar(settings, wait=False)
+    assert sidecar.wait_exit() == 2
+    output = sidecar.output()
+    (failed,) = [line for line in output.splitlines() if "autoload_failed" in line]
+    assert said in failed
+    assert "Traceback" not in output and "sidecar_started" not in output
 
 
 def test_sigterm_to_the_sidecar_stops_the_engine_first(start_sidecar: Start) -> None:

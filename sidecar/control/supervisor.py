@@ -164,30 +164,9 @@ class Supervisor:
 
     # -- commands -------------------------------------------------------------------------------------------
 
-    def _adapter_for(self, request: LoadRequest) -> EngineAdapter:
-        """The registered adapter for a load, its flags checked: a 400 before anything changes."""
-        try:
-            adapter = registered_adapter(request.engine, self.settings.engine_executables.get(request.engine))
-        except UnknownEngine as exc:
-            raise BadRequest(str(exc), param="engine", code="unknown_engine") from None
-        if adapter.starts_process:
-            if request.url is not None:
-                raise BadRequest(f"'url' is only for the external engine, not {request.engine}", param="url")
-            try:
-                adapter.command(request.model, 0, request.args, request.served_model_name)
-                adapter.check_env(request.env)
-            except AdapterError as exc:
-                raise BadRequest(str(exc), param=exc.param) from None
-        elif request.url is None:
-            raise BadRequest(f"the {request.engine} engine needs 'url'", param="url")
-        if adapter.starts_process and (request.api_key is not None or request.headers):
-            param = "api_key" if request.api_key is not None else "headers"
-            raise BadRequest(f"'{param}' is only for the external engine, not {request.engine}", param=param)
-        return adapter
-
     async def load(self, request: LoadRequest) -> Loaded:
         """(200, the ready engine) with `wait`, else (202, the status) once the engine's process exists."""
-        adapter = self._adapter_for(request)
+        adapter = checked_adapter(request, self.settings.engine_executables)
         if request.url is not None and await asyncio.to_thread(
             startup.leads_to_sidecar, request.url, self.settings.host, self.settings.port
         ):
@@ -271,3 +250,26 @@ class Supervisor:
 
     def _closed(self) -> None:
         self._lifecycle.closed()
+
+
+def checked_adapter(request: LoadRequest, executables: dict[str, str]) -> EngineAdapter:
+    """The registered adapter for a load, its flags checked: a 400 before anything changes (`executables`:
+    SIDECAR_ENGINE_EXECUTABLES)."""
+    try:
+        adapter = registered_adapter(request.engine, executables.get(request.engine))
+    except UnknownEngine as exc:
+        raise BadRequest(str(exc), param="engine", code="unknown_engine") from None
+    if adapter.starts_process:
+        if request.url is not None:
+            raise BadRequest(f"'url' is only for the external engine, not {request.engine}", param="url")
+        try:
+            adapter.command(request.model, 0, request.args, request.served_model_name)
+            adapter.check_env(request.env)
+        except AdapterError as exc:
+            raise BadRequest(str(exc), param=exc.param) from None
+    elif request.url is None:
+        raise BadRequest(f"the {request.engine} engine needs 'url'", param="url")
+    if adapter.starts_process and (request.api_key is not None or request.headers):
+        param = "api_key" if request.api_key is not None else "headers"
+        raise BadRequest(f"'{param}' is only for the external engine, not {request.engine}", param=param)
+    return adapter

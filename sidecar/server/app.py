@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
+from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -19,7 +20,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from sidecar.control.engine import LoadRequest
 from sidecar.control.shared import SharedState
-from sidecar.control.supervisor import Supervisor
+from sidecar.control.supervisor import Supervisor, checked_adapter
 from sidecar.dataplane.admission import Admission
 from sidecar.dataplane.backlog import Backlog
 from sidecar.dataplane.proxy import Proxy
@@ -32,7 +33,7 @@ from sidecar.errors import (
 )
 from sidecar.logs import get_logger
 from sidecar.redaction import Redactor
-from sidecar.server import internal
+from sidecar.server import control_plane, internal
 from sidecar.server import routes as routes_table
 from sidecar.server.auth import Auth
 from sidecar.server.body_limit import BodyLimit
@@ -52,6 +53,25 @@ log = get_logger("sidecar.app")
 
 # The supervisor's process waits this long past the drain for its workers to exit, then kills them.
 WORKER_EXIT_MARGIN_S = 10.0
+
+
+def autoload_request(settings: Settings) -> LoadRequest | None:
+    """The load SIDECAR_AUTOLOAD_* asks for (None without one), checked as `POST /v1/model/load` checks one: the
+    same 400 where it is bad, which `sidecar serve` reports before it starts serving."""
+    if not (settings.autoload_engine and settings.autoload_model):
+        return None
+    try:
+        request = LoadRequest(
+            engine=settings.autoload_engine,
+            model=settings.autoload_model,
+            args=settings.autoload_args,
+            served_model_name=settings.autoload_served_model_name,
+            wait=False,
+        )
+    except ValidationError as exc:
+        raise control_plane.bad_request(exc) from None
+    checked_adapter(request, settings.engine_executables)
+    return request
 
 
 def create_app(settings: Settings, redactor: Redactor | None = None, pool: WorkerPool | None = None) -> Starlette:
@@ -88,20 +108,13 @@ def create_app(settings: Settings, redactor: Redactor | None = None, pool: Worke
         log.info("sidecar_started", host=settings.host, port=settings.port)
         await asyncio.to_thread(supervisor.stop_leftover)
         watch.start()
-        if settings.autoload_engine and settings.autoload_model:
-            # Spawn now, but do not wait for readiness here: start-up blocks serving, /ready tells when.
-            autoload = LoadRequest(
-                engine=settings.autoload_engine,
-                model=settings.autoload_model,
-                args=settings.autoload_args,
-                served_model_name=settings.autoload_served_model_name,
-                wait=False,
-            )
-            try:
+        try:
+            # Spawned now, not waited for: start-up would block serving; /ready tells when it is.
+            if (autoload := autoload_request(settings)) is not None:
                 await supervisor.load(autoload)
-            except SidecarError as exc:  # a bad autoload setting: stop start-up, saying why
-                log.error("autoload_failed", engine=settings.autoload_engine, error=exc.message)
-                raise SystemExit(2) from None
+        except SidecarError as exc:  # what `sidecar serve` could not check before (the engine failed to start)
+            log.error("autoload_failed", engine=settings.autoload_engine, error=exc.message)
+            raise SystemExit(2) from None
         if pool is not None:
             pool.start()
         yield

@@ -29,7 +29,8 @@ def _supervisor(request: Request) -> Supervisor:
     return supervisor
 
 
-def _bad_request(exc: ValidationError) -> BadRequest:
+def bad_request(exc: ValidationError) -> BadRequest:
+    """A request body's first invalid field as a 400 naming it."""
     error = exc.errors(include_url=False, include_input=False)[0]
     param = ".".join(str(p) for p in error["loc"]) or None
     message = error["msg"].removeprefix("Value error, ")
@@ -41,7 +42,7 @@ async def load(request: Request) -> JSONResponse:
     try:
         load_request = LoadRequest.model_validate(body)
     except ValidationError as exc:
-        raise _bad_request(exc) from None
+        raise bad_request(exc) from None
     status, result = await _supervisor(request).load(load_request)
     return JSONResponse(result, status_code=status)
 
@@ -61,7 +62,7 @@ async def _body(request: Request, model: type[_Body]) -> _Body:
     try:
         return model.model_validate(body)
     except ValidationError as exc:
-        raise _bad_request(exc) from None
+        raise bad_request(exc) from None
 
 
 async def sleep(request: Request) -> JSONResponse:
