@@ -50,20 +50,25 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def serve(settings: Settings) -> int:
+def _logging_and_autoload(settings: Settings) -> Redactor | None:
+    """Logging configured, then SIDECAR_AUTOLOAD_* checked as a load's 400 would check it: the redactor, or None
+    where the autoload is bad (said in one line), before anything serves."""
     redactor = Redactor()
     configure_logging(settings, redactor)
     try:
-        autoload_request(settings)  # a bad SIDECAR_AUTOLOAD_* said before serving, as a load's 400 would say it
+        autoload_request(settings)
     except SidecarError as exc:
         log.error("autoload_failed", engine=settings.autoload_engine, param=exc.param, error=exc.message)
-        return 2
+        return None
+    return redactor
+
+
+def serve(settings: Settings, redactor: Redactor) -> None:
     resources.raise_open_files_limit(settings)
     if settings.workers > 1:
         serve_with_workers(settings, redactor)
     else:
         server(settings, redactor).run()
-    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -86,10 +91,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.basicConfig(format="%(message)s")
         log.error("settings_invalid", error=str(exc))
         return 2
+    redactor = _logging_and_autoload(settings)
+    if redactor is None:
+        return 2
     if args.command == "demo":
-        return demo(settings, args.prompt)
+        return demo(settings, redactor, args.prompt)
     try:
-        return serve(settings)
+        serve(settings, redactor)
     except SettingsError as exc:  # what only the app can check: the OpenTelemetry variables (sidecar/telemetry/otel.py)
         log.error("settings_invalid", error=str(exc))
         return 2
+    return 0

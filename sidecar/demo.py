@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import uvloop
 
-from sidecar.logs import configure_logging, get_logger
+from sidecar.logs import get_logger
 from sidecar.redaction import Redactor
 from sidecar.server.serving import server as make_server
 from sidecar.settings import Settings
@@ -65,9 +65,7 @@ async def _stream_chat(client: httpx.AsyncClient, model: str, prompt: str) -> di
     return performance
 
 
-async def _demo(settings: Settings, prompt: str) -> int:
-    redactor = Redactor()
-    configure_logging(settings, redactor)
+async def _demo(settings: Settings, redactor: Redactor, prompt: str) -> int:
     server = make_server(settings, redactor)
     serving = asyncio.create_task(server.serve())
     headers = {"Authorization": f"Bearer {settings.data_keys[0]}"} if settings.data_keys else {}
@@ -89,5 +87,6 @@ async def _demo(settings: Settings, prompt: str) -> int:
         await serving  # the lifespan's shutdown stops the engine: nothing is left running
 
 
-def demo(settings: Settings, prompt: str) -> int:
-    return uvloop.run(_demo(settings, prompt))
+def demo(settings: Settings, redactor: Redactor, prompt: str) -> int:
+    """The demo, logging configured by the caller (`redactor` masks what it logs)."""
+    return uvloop.run(_demo(settings, redactor, prompt))

@@ -95,3 +95,16 @@ def test_demo_streams_a_chat_through_the_sidecar_and_stops_everything(tmp_path: 
     performance = json.loads(metrics)
     assert performance["ttft_ms"] >= 100 and performance["completion_tokens"] == 8
     assert "model_unload" in result.stderr and "sidecar_stopped" in result.stderr
+
+
+def test_demo_of_an_engine_not_registered_says_so_and_starts_nothing(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "sidecar", "demo", "--engine", "nope"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2 and result.stdout == ""
+    assert "autoload_failed" in result.stderr and "known engines: external" in result.stderr
+    assert "Traceback" not in result.stderr and "sidecar_started" not in result.stderr
