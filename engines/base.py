@@ -110,9 +110,11 @@ def serves(data_paths: tuple[str, ...], method: str, path: str) -> bool:
 
 
 def methods_served(data_paths: tuple[str, ...], path: str) -> list[str]:
-    """The methods `data_paths` lets through on `path`, sorted ("*": any)."""
+    """The methods `data_paths` lets through on `path`, sorted ("*": any), HEAD with GET (the sidecar serves a
+    HEAD as the engine's GET without its body)."""
     entries = (entry.partition(" ") for entry in data_paths)
-    return sorted({method for method, _, pattern in entries if _matches(pattern, path)})
+    methods = {method for method, _, pattern in entries if _matches(pattern, path)}
+    return sorted(methods | {"HEAD"} if "GET" in methods else methods)
 
 
 def _matches(pattern: str, path: str) -> bool:

@@ -53,6 +53,14 @@ def check_forwardable(scope: Scope) -> None:
         raise BadRequest("the request's path holds characters or segments that are not forwarded", param="path")
 
 
+def engine_method(scope: Scope) -> str:
+    """The method the engine gets: a HEAD goes as a GET, whose body the server leaves out of the client's answer,
+    as Starlette serves HEAD on a GET route. Engines differ on HEAD (vLLM's FastAPI routes refuse it), and the
+    answer to one has a length and no body, which the connection to the engine could not tell from a cut one."""
+    method: str = scope["method"]
+    return "GET" if method == "HEAD" else method
+
+
 def engine_target(scope: Scope) -> str:
     """The request target for the engine: the path as the client sent it (percent-encoded: never the decoded path
     written raw into the request line), and its query as it came."""

@@ -53,7 +53,7 @@ from sidecar.errors import (
     SidecarError,
     SidecarOverloaded,
 )
-from sidecar.http import check_forwardable, engine_target, json_object, read_body, tls_context
+from sidecar.http import check_forwardable, engine_method, engine_target, json_object, read_body, tls_context
 from sidecar.logs import Throttle, get_logger
 from sidecar.settings import Settings
 from sidecar.telemetry import resources
@@ -218,7 +218,7 @@ class Proxy:
         admission = self.admission.slot(receive) if measured else contextlib.nullcontext()
         try:
             async with admission, self.supervisor.request_slot() as engine:
-                if outgoing.listed and not engine.adapter.serves(scope["method"], scope["path"]):
+                if outgoing.listed and not engine.adapter.serves(engine_method(scope), scope["path"]):
                     raise _not_served(engine, scope["method"], scope["path"])
                 await self._exchange_admitted(scope, send, start_ns, engine, outgoing)
         except BaseException as exc:  # refused before the engine had it, or the client gone while queued
@@ -284,7 +284,7 @@ class Proxy:
         # The engine's spans join the request's trace.
         trace = encoded(self.otel.context_headers(span)) if span is not None and self.otel is not None else None
         headers = request_headers(scope, request_id, json_body, engine, trace)
-        return self.upstream.send(scope["method"], engine.base_url, engine_target(scope), headers, payload)
+        return self.upstream.send(engine_method(scope), engine.base_url, engine_target(scope), headers, payload)
 
     async def _opened(self, exchange: Exchange, sending: Sending) -> Response:
         """The engine's response headers, or 502/504."""

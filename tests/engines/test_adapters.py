@@ -228,8 +228,8 @@ def test_clients_reach_only_the_data_paths_an_adapter_lists(engine: str, method:
 @pytest.mark.parametrize(
     ("engine", "path", "methods"),
     [
-        ("vllm", "/v1/models", ["GET"]),
-        ("vllm", "/v1/responses/resp-1", ["GET", "POST"]),
+        ("vllm", "/v1/models", ["GET", "HEAD"]),  # HEAD with GET: the engine gets the GET
+        ("vllm", "/v1/responses/resp-1", ["GET", "HEAD", "POST"]),
         ("vllm", "/v1/responses/", []),
         ("vllm", "/v1/load_lora_adapter", []),
         ("mock", "/v1/mock/echo", ["*"]),

@@ -61,6 +61,20 @@ def test_passthrough_keeps_the_engines_status_and_length(stack: Stack) -> None:
     assert missing.json()["error"]["type"] == "NotFoundError"
 
 
+def test_head_on_a_path_passed_through_is_its_get_without_the_body(stack: Stack) -> None:
+    """HEAD where the engine's path is passed with GET, as the sidecar's own GET routes take it: the engine gets a
+    GET (engines differ on HEAD; the answer to one has a length and no body), the client the status and headers
+    without the body, and the connection goes on serving."""
+    auth = {"Authorization": f"Bearer {KEY}"}
+    with httpx.Client(base_url=stack.url, headers=auth, timeout=10) as client:
+        for path in ("/v1/models", "/v1/mock/echo"):
+            got, head = client.get(path), client.head(path)
+            assert (head.status_code, head.content) == (200, b"")
+            assert head.headers["content-type"] == got.headers["content-type"]
+            assert int(head.headers["content-length"]) > 0
+        assert client.get("/v1/models").json()["data"]  # the same connection: nothing of a HEAD left on it
+
+
 def test_passthrough_needs_the_key(stack: Stack) -> None:
     assert httpx.get(f"{stack.url}/v1/models").status_code == 401
     assert httpx.get(f"{stack.url}/v1/models", headers={"X-API-Key": "wrong"}).status_code == 403
@@ -74,7 +88,7 @@ def test_a_method_the_engines_path_is_not_passed_with_is_405_naming_those_it_is(
     wrong = httpx.delete(f"{stack.url}/v1/responses/resp-1", headers=auth)
     assert (wrong.status_code, wrong.headers["allow"], wrong.json()["error"]["code"]) == (
         405,
-        "GET, POST",
+        "GET, HEAD, POST",
         "method_not_allowed",
     )
     assert "DELETE" in wrong.json()["error"]["message"]
