@@ -1,7 +1,8 @@
 """The mock engine's Responses API (`POST /v1/responses`) as vLLM answers it: one assistant message of text, whole
 or streamed as semantic events (`event:` and `data:` lines, a `sequence_number` each, no `[DONE]`: the stream ends
-with `response.completed`), its usage in input and output tokens. The pace and the `mock` overrides (`tokens`,
-`ttft_ms`, `itl_ms`, `stall_after`, `log`) are the chat routes'."""
+with `response.completed`), its usage in input and output tokens. A `background` request that does not stream is
+answered at once with the response `queued`, as vLLM answers it (there is no store to poll it from here). The pace
+and the `mock` overrides (`tokens`, `ttft_ms`, `itl_ms`, `stall_after`, `log`) are the chat routes'."""
 
 from __future__ import annotations
 
@@ -96,6 +97,8 @@ async def respond(engine: MockEngine, request: Request) -> Response:
         reply = _Reply(engine, request, body)
     except (TypeError, ValueError) as exc:
         return error_response(f"bad 'mock' overrides: {exc}")
+    if body.get("background") and not body.get("stream"):  # vLLM's answer at once; this mock keeps no store
+        return JSONResponse(reply.response("queued", [], None))
     engine.stats.started += 1
     if "log" in reply.overrides:
         output_line(str(reply.overrides["log"]))

@@ -182,7 +182,10 @@ class Proxy:
         start_ns = time.perf_counter_ns()
         stream = generation_fields(body)[0]
         # Streamed from the engine either way, for a TTFT: a non-streaming client gets the response it ends with.
-        payload = raw if stream or not self.settings.assemble_non_streaming else request_bytes(body | {"stream": True})
+        # Not a background one: the engine answers it at once with the response queued, which the client then
+        # polls; streamed, it would be held until the answer's end.
+        assemble = not stream and self.settings.assemble_non_streaming and body.get("background") is not True
+        payload = request_bytes(body | {"stream": True}) if assemble else raw
         span = self.otel.start_request(scope, body) if self.otel is not None else None
         del raw, body
 

@@ -98,6 +98,16 @@ def test_without_assembly_a_whole_response_is_passed_on_with_its_latency_only(
     assert performance["completion_tokens"] == answer["usage"]["output_tokens"]
 
 
+def test_a_background_response_is_answered_queued_at_once_as_the_engine_answers_it(stack: Stack) -> None:
+    """`background: true` without streaming: the engine answers at once with the response queued, for the client
+    to poll; the sidecar passes that on rather than stream the request and hold the client to the answer's end."""
+    mock = {"ttft_ms": 3000, "tokens": 4}  # streamed, the answer would take 3 s
+    answer, performance, direct = _whole(stack, "responses-background-1", background=True, store=True, mock=mock)
+    assert answer.pop("usage") == {} and direct.pop("usage") is None  # none yet: only the sidecar's performance
+    assert answer["status"] == "queued" and answer | {"created_at": 0} == direct | {"created_at": 0}
+    assert performance["total_ms"] < 1000 and performance["ttft_ms"] is None
+
+
 def test_a_client_leaving_a_streamed_response_cancels_the_engines_request(stack: Stack) -> None:
     before = stack.engine_stats()["cancelled"]
     body = {"model": MODEL, "input": "go on", "stream": True, "mock": {"ttft_ms": 0, "itl_ms": 50, "tokens": 400}}
