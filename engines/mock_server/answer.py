@@ -91,6 +91,7 @@ class Answer:
     usage: dict[str, Any]
     pace: Pace
     received_ns: int  # the engine's clock when the request arrived
+    prompt_logprobs: list[dict[str, Any] | None] | None = None  # asked for: only a whole answer has them (vLLM)
 
     @property
     def steps(self) -> int:

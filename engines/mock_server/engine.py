@@ -88,6 +88,11 @@ class MockEngine:
         count = min(config_tokens, max_tokens)
         finish = "length" if max_tokens < config_tokens else "stop"
         want_logprobs = bool(body.get("logprobs")) if chat else body.get("logprobs") is not None
+        asked = body.get("prompt_logprobs")
+        if asked is not None and (not isinstance(asked, int) or isinstance(asked, bool) or asked < -1):
+            return error_response("'prompt_logprobs' must be an integer, -1 or more")
+        if body.get("stream") and asked is not None and asked != 0:  # vLLM's own check, and its words
+            return error_response("`prompt_logprobs` are not available when `stream=True`.")
         top_k = int(body.get("top_logprobs") or 0) if chat else int(body.get("logprobs") or 0)
         choices = [gen.tokens_for(body, i, count, top_k) for i in range(n)]
         tool = gen.tool_call_pieces(body, choices[0]) if chat else None
@@ -108,7 +113,8 @@ class MockEngine:
             "model": self.config.model,
         }
         pace = Pace.of(self.config, overrides)
-        answer = Answer(base, chat, choices, tool, finish, want_logprobs, usage, pace, received_ns)
+        prompt_logprobs = gen.prompt_logprobs(body) if asked else None
+        answer = Answer(base, chat, choices, tool, finish, want_logprobs, usage, pace, received_ns, prompt_logprobs)
         self.stats.started += 1
         if "log" in overrides:  # a line of output, as an engine logs its requests (tests of the live log)
             output_line(str(overrides["log"]), repeat=int(overrides.get("log_repeat", 1)))
@@ -247,8 +253,12 @@ class MockEngine:
             else:
                 logprobs = gen.completion_logprobs(tokens) if want_logprobs else None
                 result.append({"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish})
+                if answer.prompt_logprobs is not None:  # vLLM: a completion's in each choice, a chat's beside them
+                    result[-1]["prompt_logprobs"] = answer.prompt_logprobs
         object_name = "chat.completion" if chat else "text_completion"
         body = {**answer.base, "object": object_name, "choices": result, "usage": answer.usage}
+        if chat and answer.prompt_logprobs is not None:
+            body["prompt_logprobs"] = answer.prompt_logprobs
         if pace.timings:
             body["timings"] = TIMINGS
         return JSONResponse(body, headers=headers)

@@ -77,6 +77,12 @@ def chat_logprobs(tokens: list[Token]) -> dict[str, Any]:
     }
 
 
+def prompt_logprobs(body: dict[str, Any]) -> list[dict[str, Any] | None]:
+    """vLLM's `prompt_logprobs` of a whole answer: none for the first prompt token, one entry for each other."""
+    words = prompt_text(body).split() or [""]
+    return [None, *({str(i): {"logprob": -i / 10, "rank": 1, "decoded_token": w}} for i, w in enumerate(words[1:], 1))]
+
+
 def completion_logprobs(tokens: list[Token], offset: int = 0) -> dict[str, Any]:
     offsets, position = [], offset
     for t in tokens:

@@ -33,6 +33,13 @@ def generation_fields(body: dict[str, Any]) -> tuple[bool, dict[str, Any] | None
     return bool(stream), options, n or 1
 
 
+def whole_only(body: dict[str, Any]) -> bool:
+    """Whether a non-streaming request asks for what the engine answers only without streaming, so that it goes as
+    it is rather than streamed for assembly (its TTFT then unmeasured): vLLM's `prompt_logprobs`, a 400 when
+    streamed; the Responses API's `background`, answered at once with the response queued, for the client to poll."""
+    return body.get("prompt_logprobs") not in (None, 0) or body.get("background") is True
+
+
 def asking_for_usage(raw: bytes, body: dict[str, Any]) -> bytes | None:
     """The client's bytes with `stream_options.include_usage` added before the object's closing brace, where that
     says exactly what serializing the changed body would: a streamed request without `stream_options`, in UTF-8.

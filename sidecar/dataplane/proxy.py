@@ -32,7 +32,7 @@ from sidecar.dataplane.exchange import (
     request_bytes,
     request_headers,
 )
-from sidecar.dataplane.generation_request import asking_for_usage, count_prompt, generation_fields
+from sidecar.dataplane.generation_request import asking_for_usage, count_prompt, generation_fields, whole_only
 from sidecar.dataplane.performance import PerformanceMeter
 from sidecar.dataplane.recording import Recorder, unanswered
 from sidecar.dataplane.relay import Relays
@@ -134,7 +134,7 @@ class Proxy:
         stream, options, n = generation_fields(body)
         client_usage = stream and options is not None and options.get("include_usage") is True
         loaded = self.supervisor.engine
-        assemble = not stream and self.settings.assemble_non_streaming
+        assemble = not stream and self.settings.assemble_non_streaming and not whole_only(body)
         translated = loaded.adapter.translate_request(body) if loaded is not None else body
         if stream and not client_usage or assemble:
             # Ask for usage to count tokens; the chunk is removed again before the client sees it.
@@ -182,9 +182,7 @@ class Proxy:
         start_ns = time.perf_counter_ns()
         stream = generation_fields(body)[0]
         # Streamed from the engine either way, for a TTFT: a non-streaming client gets the response it ends with.
-        # Not a background one: the engine answers it at once with the response queued, which the client then
-        # polls; streamed, it would be held until the answer's end.
-        assemble = not stream and self.settings.assemble_non_streaming and body.get("background") is not True
+        assemble = not stream and self.settings.assemble_non_streaming and not whole_only(body)
         payload = request_bytes(body | {"stream": True}) if assemble else raw
         span = self.otel.start_request(scope, body) if self.otel is not None else None
         del raw, body

@@ -292,6 +292,19 @@ def test_whole_chat_assembled_from_vllms_stream_equals_its_own_answer(vllm: Vllm
     assert through.usage.model_dump()["performance"]["ttft_ms"] > 0  # measured: the sidecar asked for a stream
 
 
+def test_prompt_logprobs_which_vllm_gives_only_unstreamed_come_through(vllm: Vllm) -> None:
+    """vLLM refuses `prompt_logprobs` on a stream (a 400): the sidecar sends such a request as it is, and the answer
+    is vLLM's own, its prompt logprobs in it."""
+    body = {"model": SERVED, "messages": MESSAGES, "max_tokens": 4, "temperature": 0, "prompt_logprobs": 1}
+    through = httpx.post(f"{vllm.sidecar.url}/v1/chat/completions", json=body, headers=DATA, timeout=60)
+    direct = httpx.post(f"{vllm.engine}/v1/chat/completions", json=body, headers=vllm.engine_auth(), timeout=60)
+    assert through.status_code == direct.status_code == 200, through.text
+    answer, own = through.json(), direct.json()
+    assert answer["prompt_logprobs"] == own["prompt_logprobs"] and answer["prompt_logprobs"][0] is None
+    assert answer["choices"][0]["message"]["content"] == own["choices"][0]["message"]["content"]
+    assert answer["usage"]["performance"]["ttft_ms"] is None  # not streamed: no first token to time
+
+
 def test_a_named_tool_call_streams_through_and_assembles_as_vllms_own(vllm: Vllm) -> None:
     weather: Any = {
         "type": "function",
