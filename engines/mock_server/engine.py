@@ -91,8 +91,10 @@ class MockEngine:
         asked = body.get("prompt_logprobs")
         if asked is not None and (not isinstance(asked, int) or isinstance(asked, bool) or asked < -1):
             return error_response("'prompt_logprobs' must be an integer, -1 or more")
-        if body.get("stream") and asked is not None and asked != 0:  # vLLM's own check, and its words
+        if body.get("stream") and asked is not None and asked != 0:  # vLLM's own checks, and its words
             return error_response("`prompt_logprobs` are not available when `stream=True`.")
+        if body.get("stream") and body.get("use_beam_search") and not chat:
+            return error_response("Streaming is not currently supported with beam search")
         top_k = int(body.get("top_logprobs") or 0) if chat else int(body.get("logprobs") or 0)
         choices = [gen.tokens_for(body, i, count, top_k) for i in range(n)]
         tool = gen.tool_call_pieces(body, choices[0]) if chat else None

@@ -46,20 +46,31 @@ def test_assembled_answer_equals_the_engines_own(stack: Stack, case: str) -> Non
     assert performance["completion_tokens"] == answer["usage"]["completion_tokens"]
 
 
-@pytest.mark.parametrize("case", ["chat", "completion-logprobs"])
-def test_prompt_logprobs_only_a_whole_answer_has_go_to_the_engine_unstreamed(stack: Stack, case: str) -> None:
-    """vLLM answers `prompt_logprobs` only without streaming (streamed, the request is its 400): such a request goes
-    as it is, and the answer is the engine's own with its prompt logprobs, measured but for a TTFT."""
+@pytest.mark.parametrize(
+    ("case", "asked", "refused"),
+    [
+        ("chat", {"prompt_logprobs": 1}, "`prompt_logprobs` are not available"),
+        ("completion-logprobs", {"prompt_logprobs": 1}, "`prompt_logprobs` are not available"),
+        ("completion-logprobs", {"use_beam_search": True}, "not currently supported with beam search"),
+    ],
+)
+def test_what_only_a_whole_answer_has_goes_to_the_engine_unstreamed(
+    stack: Stack, case: str, asked: dict[str, Any], refused: str
+) -> None:
+    """vLLM answers `prompt_logprobs`, and a completion's beam search, only without streaming (streamed, the
+    request is its 400): such a request goes as it is, and the answer is the engine's own, measured but for a
+    TTFT."""
     path, fields = CASES[case]
-    body = {"model": MODEL, "prompt_logprobs": 1} | fields
+    body = {"model": MODEL} | asked | fields
     streamed = httpx.post(stack.engine_url + path, json=body | {"stream": True}, headers=bearer(stack.engine_key))
-    assert streamed.status_code == 400 and "prompt_logprobs" in streamed.text  # why it cannot be assembled
+    assert streamed.status_code == 400 and refused in streamed.text  # why it cannot be assembled
     through = _post(stack.url + path, body, f"whole-only-{case}")
     answer = json.loads(normalized(through.content))
     direct = _post(stack.engine_url + path, body, answer["id"].split("-", 1)[1], key=stack.engine_key)
     performance = answer["usage"].pop("performance")
     assert answer == json.loads(normalized(direct.content))
-    assert (answer if case == "chat" else answer["choices"][0])["prompt_logprobs"][0] is None  # vLLM's shape
+    if "prompt_logprobs" in asked:
+        assert (answer if case == "chat" else answer["choices"][0])["prompt_logprobs"][0] is None  # vLLM's shape
     assert performance["ttft_ms"] is None and performance["latency_ms"] > 0
 
 

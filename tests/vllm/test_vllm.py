@@ -305,6 +305,18 @@ def test_prompt_logprobs_which_vllm_gives_only_unstreamed_come_through(vllm: Vll
     assert answer["usage"]["performance"]["ttft_ms"] is None  # not streamed: no first token to time
 
 
+def test_a_beam_search_completion_which_vllm_cannot_stream_comes_through(vllm: Vllm) -> None:
+    body = {"model": SERVED, "prompt": "Three clocks:", "max_tokens": 4, "use_beam_search": True, "n": 2}
+    streamed = httpx.post(
+        f"{vllm.engine}/v1/completions", json=body | {"stream": True}, headers=vllm.engine_auth(), timeout=60
+    )
+    assert streamed.status_code == 400  # why the sidecar does not stream it for assembly
+    through = httpx.post(f"{vllm.sidecar.url}/v1/completions", json=body, headers=DATA, timeout=60)
+    direct = httpx.post(f"{vllm.engine}/v1/completions", json=body, headers=vllm.engine_auth(), timeout=60)
+    assert through.status_code == direct.status_code == 200, through.text
+    assert [c["text"] for c in through.json()["choices"]] == [c["text"] for c in direct.json()["choices"]]
+
+
 def test_a_named_tool_call_streams_through_and_assembles_as_vllms_own(vllm: Vllm) -> None:
     weather: Any = {
         "type": "function",
