@@ -92,6 +92,7 @@ class Answer:
     pace: Pace
     received_ns: int  # the engine's clock when the request arrived
     prompt_logprobs: list[dict[str, Any] | None] | None = None  # asked for: only a whole answer has them (vLLM)
+    kv_transfer: bool = False  # asked with kv_transfer_params: a whole answer has its own (vLLM's)
 
     @property
     def steps(self) -> int:

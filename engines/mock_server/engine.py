@@ -116,7 +116,10 @@ class MockEngine:
         }
         pace = Pace.of(self.config, overrides)
         prompt_logprobs = gen.prompt_logprobs(body) if asked else None
-        answer = Answer(base, chat, choices, tool, finish, want_logprobs, usage, pace, received_ns, prompt_logprobs)
+        kv_transfer = isinstance(body.get("kv_transfer_params"), dict)
+        answer = Answer(
+            base, chat, choices, tool, finish, want_logprobs, usage, pace, received_ns, prompt_logprobs, kv_transfer
+        )
         self.stats.started += 1
         if "log" in overrides:  # a line of output, as an engine logs its requests (tests of the live log)
             output_line(str(overrides["log"]), repeat=int(overrides.get("log_repeat", 1)))
@@ -261,6 +264,12 @@ class MockEngine:
         body = {**answer.base, "object": object_name, "choices": result, "usage": answer.usage}
         if chat and answer.prompt_logprobs is not None:
             body["prompt_logprobs"] = answer.prompt_logprobs
+        if answer.kv_transfer:  # vLLM's disaggregated prefill: the decode side's parameters, in a whole answer only
+            body["kv_transfer_params"] = {
+                "do_remote_prefill": True,
+                "remote_engine_id": "mock",
+                "remote_block_ids": [0],
+            }
         if pace.timings:
             body["timings"] = TIMINGS
         return JSONResponse(body, headers=headers)

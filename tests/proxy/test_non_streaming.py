@@ -52,18 +52,22 @@ def test_assembled_answer_equals_the_engines_own(stack: Stack, case: str) -> Non
         ("chat", {"prompt_logprobs": 1}, "`prompt_logprobs` are not available"),
         ("completion-logprobs", {"prompt_logprobs": 1}, "`prompt_logprobs` are not available"),
         ("completion-logprobs", {"use_beam_search": True}, "not currently supported with beam search"),
+        ("chat", {"kv_transfer_params": {"do_remote_decode": True}}, None),  # a prefill of disaggregated serving
     ],
 )
 def test_what_only_a_whole_answer_has_goes_to_the_engine_unstreamed(
-    stack: Stack, case: str, asked: dict[str, Any], refused: str
+    stack: Stack, case: str, asked: dict[str, Any], refused: str | None
 ) -> None:
     """vLLM answers `prompt_logprobs`, and a completion's beam search, only without streaming (streamed, the
-    request is its 400): such a request goes as it is, and the answer is the engine's own, measured but for a
-    TTFT."""
+    request is its 400), and a prefill's `kv_transfer_params` only in a whole answer: such a request goes as it
+    is, and the answer is the engine's own, measured but for a TTFT."""
     path, fields = CASES[case]
     body = {"model": MODEL} | asked | fields
     streamed = httpx.post(stack.engine_url + path, json=body | {"stream": True}, headers=bearer(stack.engine_key))
-    assert streamed.status_code == 400 and refused in streamed.text  # why it cannot be assembled
+    if refused is not None:
+        assert streamed.status_code == 400 and refused in streamed.text  # why it cannot be assembled
+    else:
+        assert "kv_transfer_params" not in streamed.text  # what an assembled answer could not have
     through = _post(stack.url + path, body, f"whole-only-{case}")
     answer = json.loads(normalized(through.content))
     direct = _post(stack.engine_url + path, body, answer["id"].split("-", 1)[1], key=stack.engine_key)
@@ -71,6 +75,8 @@ def test_what_only_a_whole_answer_has_goes_to_the_engine_unstreamed(
     assert answer == json.loads(normalized(direct.content))
     if "prompt_logprobs" in asked:
         assert (answer if case == "chat" else answer["choices"][0])["prompt_logprobs"][0] is None  # vLLM's shape
+    if "kv_transfer_params" in asked:
+        assert answer["kv_transfer_params"]["remote_engine_id"] == "mock"
     assert performance["ttft_ms"] is None and performance["latency_ms"] > 0
 
 
