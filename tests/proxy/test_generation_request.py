@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from sidecar.dataplane.generation_request import asking_for_usage, generation_fields
+from sidecar.dataplane.generation_request import asking_for_usage, generation_fields, whole_only
 from sidecar.errors import BadRequest
 from sidecar.http import json_object
 
@@ -74,3 +74,21 @@ def test_a_field_of_the_wrong_type_is_the_clients_400_naming_it(body: dict[str, 
     with pytest.raises(BadRequest) as raised:
         generation_fields(body)
     assert raised.value.param == param
+
+
+@pytest.mark.parametrize(
+    ("fields", "whole"),
+    [
+        ({}, False),
+        ({"prompt_logprobs": 0}, False),  # none asked: vLLM streams it
+        ({"prompt_logprobs": None, "background": False, "use_beam_search": False}, False),
+        ({"prompt_logprobs": 2}, True),
+        ({"prompt_logprobs": -1}, True),
+        ({"use_beam_search": True}, True),
+        ({"kv_transfer_params": {"do_remote_decode": True}}, True),
+        ({"ec_transfer_params": {}}, True),
+        ({"background": True}, True),
+    ],
+)
+def test_what_only_a_whole_answer_has_is_not_streamed_for_assembly(fields: dict[str, Any], whole: bool) -> None:
+    assert whole_only({"model": "m", "messages": []} | fields) is whole
