@@ -113,7 +113,7 @@ def create_app(settings: Settings, redactor: Redactor | None = None, pool: Worke
             if (autoload := autoload_request(settings)) is not None:
                 await supervisor.load(autoload)
         except SidecarError as exc:  # what `sidecar serve` could not check before (the engine failed to start)
-            log.error("autoload_failed", engine=settings.autoload_engine, error=exc.message)
+            log.error("autoload_failed", engine=settings.autoload_engine, param=exc.param, error=exc.message)
             raise SystemExit(2) from None
         if pool is not None:
             pool.start()
