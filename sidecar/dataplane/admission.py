@@ -42,7 +42,7 @@ class Admission:
         if len(self._waiters) >= self.max_queued:
             self.rejected["queue_full"] += 1
             raise TooManyRequests(
-                f"the server is at its limit of {self.max_concurrent} requests and {self.max_queued} queued: "
+                f"the server is at its limits (in flight: {self.max_concurrent}, queued: {self.max_queued}): "
                 "retry later",
                 code="queue_full",
             )
