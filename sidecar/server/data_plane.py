@@ -10,6 +10,7 @@ from starlette.responses import JSONResponse, Response
 from sidecar import request_state
 from sidecar.errors import NotFound
 from sidecar.server.auth import holds_one_of
+from sidecar.server.request_context import incoming_request_id
 from sidecar.settings import Settings
 from sidecar.telemetry.history import RequestHistory, readable_by, shown
 from sidecar.telemetry.records import RequestRecord
@@ -21,7 +22,12 @@ async def request_metrics(request: Request) -> Response:
     """A recent request's record: this process's, else (a data-plane worker) the one another worker kept. Only to
     the key that made the request, or an admin key: to any other it does not exist."""
     history: RequestHistory = request.app.state.history
-    request_id = request.path_params["request_id"]
+    request_id = incoming_request_id(request.path_params["request_id"])
+    if request_id is None:  # not an id the sidecar takes or gives: nothing to look up, nor to echo at any length
+        raise NotFound(
+            "no request has this id: ids are 1 to 128 letters, digits and '._:-', as X-Request-ID takes them",
+            param="request_id",
+        )
     record = history.get(request_id)
     find_elsewhere: FindElsewhere | None = request.app.state.find_elsewhere
     if record is None and find_elsewhere is not None:

@@ -163,6 +163,11 @@ def test_metrics_of_a_request_by_its_id_and_in_its_access_line(stack: Stack) -> 
     assert any(f"ttft_ms={injected['ttft_ms']}" in line for line in access), access
     missing = httpx.get(f"{stack.url}/v1/requests/never-seen", headers=AUTH)
     assert missing.status_code == 404 and missing.json()["error"]["param"] == "request_id"
+    assert "'never-seen'" in missing.json()["error"]["message"]
+    # An id no request can have (past X-Request-ID's 128 characters) is not looked up, nor echoed back.
+    unlike = httpx.get(f"{stack.url}/v1/requests/{'x' * 4000}", headers=AUTH)
+    assert unlike.status_code == 404 and unlike.json()["error"]["param"] == "request_id"
+    assert "x" * 129 not in unlike.text and "128" in unlike.json()["error"]["message"]
 
 
 def test_engine_timings_are_kept(stack: Stack) -> None:
