@@ -140,6 +140,23 @@ def test_assembler_concatenates_completion_logprobs_per_choice() -> None:
     assert result["object"] == "text_completion"
 
 
+def test_assembler_joins_each_choices_token_ids_and_keeps_the_prompts_from_the_first_chunk() -> None:
+    """vLLM's `return_token_ids`: a streamed chunk carries its own tokens' ids, a whole answer all of them; the
+    prompt's ids come once, in the first chunk."""
+    assembler = Assembler(chat=True)
+    assembler.add({"id": "z", "prompt_token_ids": [5, 6], "choices": [{"index": 0, "delta": {"role": "assistant"}}]})
+    for ids, text in (([7], "a"), ([8, 9], "bc")):
+        assembler.add({"id": "z", "choices": [{"index": 0, "delta": {"content": text}, "token_ids": ids}]})
+    assembler.add({"id": "z", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop", "token_ids": []}]})
+    result = assembler.result()
+    assert result["prompt_token_ids"] == [5, 6]
+    assert result["choices"][0]["token_ids"] == [7, 8, 9]
+    assert result["choices"][0]["message"]["content"] == "abc"
+    unasked = Assembler(chat=False)
+    unasked.add({"id": "z", "choices": [{"index": 0, "text": "a"}]})
+    assert "token_ids" not in unasked.result()["choices"][0]
+
+
 @pytest.mark.parametrize(
     ("event", "expected"),
     [

@@ -98,7 +98,7 @@ def engine_timings(chunk: dict[str, Any]) -> dict[str, Any] | None:
 
 # -- assembly -----------------------------------------------------------------------------------------------
 
-_CHOICE_KEYS_BUILT = frozenset({"index", "delta", "text", "logprobs", "finish_reason"})
+_CHOICE_KEYS_BUILT = frozenset({"index", "delta", "text", "logprobs", "finish_reason", "token_ids"})
 _CHUNK_KEYS_BUILT = frozenset({"object", "choices", "usage"})
 
 
@@ -113,6 +113,7 @@ class _Choice:
         # time, and a tool call of 400 KB streamed 3 characters at a time took 2 s of the event loop that way.
         self.arguments: dict[int, list[str]] = {}
         self.logprobs: dict[str, list[Any]] | None = None
+        self.token_ids: list[Any] | None = None
         self.finish_reason: Any = None
         self.extra: dict[str, Any] = {}  # engine-specific choice fields (vLLM's stop_reason): last value wins
 
@@ -131,6 +132,11 @@ class _Choice:
                 if isinstance(value, list):
                     merged.setdefault(key, []).extend(value)
             self.logprobs = merged
+        token_ids = choice.get("token_ids")
+        if isinstance(token_ids, list):  # vLLM's return_token_ids: a chunk's tokens' ids; the answer's are all
+            if self.token_ids is None:
+                self.token_ids = []
+            self.token_ids.extend(token_ids)
         if choice.get("finish_reason") is not None:
             self.finish_reason = choice["finish_reason"]
         for key, value in choice.items():
@@ -177,6 +183,9 @@ class _Choice:
         text = "".join(self.text)
         return {"index": self.index, "text": text, "logprobs": self.logprobs, "finish_reason": self.finish_reason}
 
+    def extra_result(self) -> dict[str, Any]:
+        return self.extra if self.token_ids is None else self.extra | {"token_ids": self.token_ids}
+
 
 class Assembler:
     """Streamed chunks in, the engine's non-streaming answer out: content, tool calls, logprobs, usage."""
@@ -211,7 +220,9 @@ class Assembler:
         body["object"] = "chat.completion" if self.chat else "text_completion"
         body |= {key: value for key, value in self.top.items() if key not in body}
         choices = [self.choices[i] for i in sorted(self.choices)]
-        body["choices"] = [(c.chat_result() if self.chat else c.completion_result()) | c.extra for c in choices]
+        body["choices"] = [
+            (c.chat_result() if self.chat else c.completion_result()) | c.extra_result() for c in choices
+        ]
         if self.usage is not None:
             body["usage"] = self.usage
         return body

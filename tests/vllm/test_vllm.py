@@ -305,6 +305,37 @@ def test_prompt_logprobs_which_vllm_gives_only_unstreamed_come_through(vllm: Vll
     assert answer["usage"]["performance"]["ttft_ms"] is None  # not streamed: no first token to time
 
 
+@pytest.mark.parametrize("path", ["chat/completions", "completions"])
+def test_token_ids_asked_of_vllm_are_all_of_its_own_in_an_assembled_answer(vllm: Vllm, path: str) -> None:
+    """vLLM's `return_token_ids` (what RL trainers read): a streamed chunk carries only its own tokens' ids, so
+    the answer the sidecar assembles from vLLM's stream must join them, and keep the prompt's."""
+    body: dict[str, Any] = {"model": SERVED, "max_tokens": 6, "temperature": 0, "return_token_ids": True} | LONG
+    body |= {"messages": MESSAGES} if path.startswith("chat") else {"prompt": "Three clocks:"}
+    through = httpx.post(f"{vllm.sidecar.url}/v1/{path}", json=body, headers=DATA, timeout=60)
+    direct = httpx.post(f"{vllm.engine}/v1/{path}", json=body, headers=vllm.engine_auth(), timeout=60)
+    assert through.status_code == direct.status_code == 200, through.text
+    answer, own = through.json(), direct.json()
+    assert answer["choices"][0]["token_ids"] == own["choices"][0]["token_ids"]
+    assert len(own["choices"][0]["token_ids"]) == 6
+    # The prompt's ids: beside the choices in a chat answer, in each choice in a completion.
+    prompt_ids = [a.get("prompt_token_ids") or a["choices"][0]["prompt_token_ids"] for a in (answer, own)]
+    assert prompt_ids[0] == prompt_ids[1] and prompt_ids[1]
+    assert answer["usage"]["performance"]["ttft_ms"] > 0  # assembled from a stream, as every non-streaming answer
+
+
+def test_a_loglikelihood_request_as_lm_eval_sends_it_is_vllms_own_answer(vllm: Vllm) -> None:
+    """lm-evaluation-harness scores a text by its prompt's logprobs: `echo`, `max_tokens` 0, `logprobs`. vLLM
+    streams that too (the prompt, scored, as the one chunk), so the sidecar's assembled answer must be its own."""
+    body = {"model": SERVED, "prompt": "Three clocks tick", "max_tokens": 0, "echo": True, "logprobs": 1}
+    through = httpx.post(f"{vllm.sidecar.url}/v1/completions", json=body, headers=DATA, timeout=60)
+    direct = httpx.post(f"{vllm.engine}/v1/completions", json=body, headers=vllm.engine_auth(), timeout=60)
+    assert through.status_code == direct.status_code == 200, through.text
+    answer, own = through.json()["choices"][0], direct.json()["choices"][0]
+    assert answer["text"] == own["text"] == "Three clocks tick"
+    assert answer["logprobs"] == own["logprobs"] and own["logprobs"]["token_logprobs"][0] is None
+    assert through.json()["usage"]["prompt_tokens"] == direct.json()["usage"]["prompt_tokens"]
+
+
 def test_a_beam_search_completion_which_vllm_cannot_stream_comes_through(vllm: Vllm) -> None:
     body = {"model": SERVED, "prompt": "Three clocks:", "max_tokens": 4, "use_beam_search": True, "n": 2}
     streamed = httpx.post(
