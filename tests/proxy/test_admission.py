@@ -82,7 +82,7 @@ def test_a_full_queue_is_a_429_with_retry_after_and_the_others_finish(own_stack:
         assert raw.status_code == 429 and raw.headers["retry-after"] == "1"
         error = raw.json()["error"]
         assert (error["type"], error["code"]) == ("rate_limit_error", "queue_full")
-        assert "1 requests and 1 queued" in error["message"]
+        assert "(in flight: 1, queued: 1)" in error["message"]
         with pytest.raises(openai.RateLimitError):
             stack.client().chat.completions.create(model=MODEL, messages=MESSAGES)
 
