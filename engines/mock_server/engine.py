@@ -93,6 +93,8 @@ class MockEngine:
             return error_response("'prompt_logprobs' must be an integer, -1 or more")
         if body.get("stream") and asked is not None and asked != 0:  # vLLM's own checks, and its words
             return error_response("`prompt_logprobs` are not available when `stream=True`.")
+        if body.get("stream_options") and not body.get("stream"):
+            return error_response("Stream options can only be defined when `stream=True`.")
         if body.get("stream") and body.get("use_beam_search") and not chat:
             return error_response("Streaming is not currently supported with beam search")
         top_k = int(body.get("top_logprobs") or 0) if chat else int(body.get("logprobs") or 0)
@@ -115,7 +117,7 @@ class MockEngine:
             "model": self.config.model,
         }
         pace = Pace.of(self.config, overrides)
-        prompt_logprobs = gen.prompt_logprobs(body) if asked else None
+        prompt_logprobs = gen.prompt_logprobs(body) if asked is not None else None  # 0: no others, as vLLM
         kv_transfer = isinstance(body.get("kv_transfer_params"), dict)
         answer = Answer(
             base, chat, choices, tool, finish, want_logprobs, usage, pace, received_ns, prompt_logprobs, kv_transfer

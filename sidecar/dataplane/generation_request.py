@@ -35,16 +35,24 @@ def generation_fields(body: dict[str, Any]) -> tuple[bool, dict[str, Any] | None
 
 def whole_only(body: dict[str, Any]) -> bool:
     """Whether a non-streaming request asks for what the engine answers only without streaming, so that it goes as
-    it is rather than streamed for assembly (its TTFT then unmeasured): vLLM's `prompt_logprobs` (a 400 when
-    streamed), `use_beam_search` (a 400 for a streamed completion; a beam's answer comes whole at its end anyway)
-    and `kv_transfer_params`/`ec_transfer_params` (disaggregated serving: the answer's own, which its router reads
-    from a prefill's answer, are in a whole answer only); the Responses API's `background`, answered at once with
-    the response queued, for the client to poll."""
+    it is rather than streamed for assembly (its TTFT then unmeasured):
+
+    - vLLM's `prompt_logprobs`, 0 included (each prompt token's own logprob; a 400 when streamed, above 0), and
+      `echo` (a whole answer also has the prompt's logprobs, which `echo` asks for by default in a chat, and a
+      stream carries the prompt's token ids where a whole answer does not);
+    - `use_beam_search` (a 400 for a streamed completion; a beam's answer comes whole at its end anyway);
+    - `kv_transfer_params`/`ec_transfer_params` (disaggregated serving: the answer's own, which its router reads
+      from a prefill's answer, are in a whole answer only);
+    - `stream_options` (OpenAI and vLLM refuse them without `stream`: the engine says so in its own words);
+    - the Responses API's `background`, answered at once with the response queued, for the client to poll.
+    """
     return (
-        body.get("prompt_logprobs") not in (None, 0)
+        body.get("prompt_logprobs") is not None
+        or body.get("echo") is True
         or body.get("use_beam_search") is True
         or body.get("kv_transfer_params") is not None
         or body.get("ec_transfer_params") is not None
+        or bool(body.get("stream_options"))
         or body.get("background") is True
     )
 

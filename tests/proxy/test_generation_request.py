@@ -80,8 +80,12 @@ def test_a_field_of_the_wrong_type_is_the_clients_400_naming_it(body: dict[str, 
     ("fields", "whole"),
     [
         ({}, False),
-        ({"prompt_logprobs": 0}, False),  # none asked: vLLM streams it
-        ({"prompt_logprobs": None, "background": False, "use_beam_search": False}, False),
+        ({"prompt_logprobs": None, "background": False, "use_beam_search": False, "echo": False}, False),
+        ({"stream_options": None}, False),
+        ({"stream_options": {}}, False),  # as vLLM: an empty object is no options
+        ({"prompt_logprobs": 0}, True),  # each prompt token's own logprob, no others: only in a whole answer
+        ({"echo": True}, True),
+        ({"stream_options": {"include_usage": True}}, True),
         ({"prompt_logprobs": 2}, True),
         ({"prompt_logprobs": -1}, True),
         ({"use_beam_search": True}, True),

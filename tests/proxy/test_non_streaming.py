@@ -53,21 +53,23 @@ def test_assembled_answer_equals_the_engines_own(stack: Stack, case: str) -> Non
         ("completion-logprobs", {"prompt_logprobs": 1}, "`prompt_logprobs` are not available"),
         ("completion-logprobs", {"use_beam_search": True}, "not currently supported with beam search"),
         ("chat", {"kv_transfer_params": {"do_remote_decode": True}}, None),  # a prefill of disaggregated serving
+        ("completion-logprobs", {"prompt_logprobs": 0}, None),  # each prompt token's own logprob: vLLM streams it
     ],
 )
 def test_what_only_a_whole_answer_has_goes_to_the_engine_unstreamed(
     stack: Stack, case: str, asked: dict[str, Any], refused: str | None
 ) -> None:
     """vLLM answers `prompt_logprobs`, and a completion's beam search, only without streaming (streamed, the
-    request is its 400), and a prefill's `kv_transfer_params` only in a whole answer: such a request goes as it
-    is, and the answer is the engine's own, measured but for a TTFT."""
+    request is its 400, or with `prompt_logprobs` 0 a stream without them), and a prefill's `kv_transfer_params`
+    only in a whole answer: such a request goes as it is, and the answer is the engine's own, measured but for a
+    TTFT."""
     path, fields = CASES[case]
     body = {"model": MODEL} | asked | fields
     streamed = httpx.post(stack.engine_url + path, json=body | {"stream": True}, headers=bearer(stack.engine_key))
     if refused is not None:
         assert streamed.status_code == 400 and refused in streamed.text  # why it cannot be assembled
     else:
-        assert "kv_transfer_params" not in streamed.text  # what an assembled answer could not have
+        assert next(iter(asked)) not in streamed.text  # what an assembled answer could not have
     through = _post(stack.url + path, body, f"whole-only-{case}")
     answer = json.loads(normalized(through.content))
     direct = _post(stack.engine_url + path, body, answer["id"].split("-", 1)[1], key=stack.engine_key)
@@ -78,6 +80,17 @@ def test_what_only_a_whole_answer_has_goes_to_the_engine_unstreamed(
     if "kv_transfer_params" in asked:
         assert answer["kv_transfer_params"]["remote_engine_id"] == "mock"
     assert performance["ttft_ms"] is None and performance["latency_ms"] > 0
+
+
+def test_stream_options_without_stream_are_the_engines_to_refuse(stack: Stack) -> None:
+    """OpenAI and vLLM refuse `stream_options` on a request that does not stream: the sidecar, which would stream
+    it for assembly, sends it as it is, and the engine's 400 is the answer."""
+    body = {"model": MODEL, "messages": MESSAGES, "stream_options": {"include_usage": True}}
+    direct = httpx.post(stack.engine_url + "/v1/chat/completions", json=body, headers=bearer(stack.engine_key))
+    through = httpx.post(stack.url + "/v1/chat/completions", json=body, headers=AUTH)
+    assert through.status_code == direct.status_code == 400
+    assert through.json()["error"]["message"] == direct.json()["message"]  # the mock's errors are vLLM's, flat
+    assert "stream=True" in direct.json()["message"]
 
 
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
