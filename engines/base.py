@@ -195,6 +195,10 @@ class EngineAdapter:
     # For an engine that reads no variable for it: the flag it takes the key by, on its command line (which the
     # container's other processes can read, unlike its environment). Reserved with `reserved_flags`.
     key_flag: ClassVar[str | None] = None
+    # The flag `command` names the model by when a load gives `served_model_name`. A request may not pass it in
+    # `args`: the sidecar reports the served name (`GET /v1/model`, the metrics' `model` label), which would then
+    # not be the name the engine answers to.
+    served_name_flag: ClassVar[str | None] = None
     starts_process: ClassVar[bool] = True
     # The engine honours `stream_options.include_usage`. Where it does not, the sidecar counts the streamed tokens
     # itself (output events) and asks the engine to count the prompt (`prompt_count_request`), for streamed and
@@ -229,7 +233,13 @@ class EngineAdapter:
 
     def flags(self, args: Mapping[str, ArgValue]) -> list[str]:
         reserved = self.reserved_flags if self.key_flag is None else self.reserved_flags | {self.key_flag}
-        return flags_from_args(args, self.list_style, reserved)
+        argv = flags_from_args(args, self.list_style, reserved)
+        if self.served_name_flag is not None:
+            for raw_name in args:
+                if _reserved_by(raw_name.lstrip("-"), frozenset({self.served_name_flag})) is not None:
+                    message = f"flag --{self.served_name_flag} names the model: give the load's served_model_name"
+                    raise AdapterError(message, f"args.{raw_name}")
+        return argv
 
     def check_env(self, env: Mapping[str, str]) -> None:
         """A load's `env` without the variables the sidecar sets (`reserved_env`, `key_env`), else AdapterError."""

@@ -25,7 +25,9 @@ class LlamaCppAdapter(EngineAdapter):
     ready_paths = ("/health",)
     list_style = "repeat"
     reserved_flags = frozenset({"host", "port", "m", "model", "api-key"})
-    reserved_env = frozenset({"LLAMA_ARG_HOST", "LLAMA_ARG_PORT", "LLAMA_ARG_MODEL"})  # its flags' variables
+    served_name_flag = "alias"
+    # Its flags' variables: the address, the model, the served name.
+    reserved_env = frozenset({"LLAMA_ARG_HOST", "LLAMA_ARG_PORT", "LLAMA_ARG_MODEL", "LLAMA_ARG_ALIAS"})
     key_env = "LLAMA_API_KEY"  # guards every path but /health, /models and /v1/models
     load_series = LLAMA_SERVER_LOAD
     data_paths = ("GET /v1/models", "POST /v1/rerank")
@@ -50,6 +52,7 @@ class LlamaCppPythonAdapter(EngineAdapter):
     default_executable = sys.executable
     ready_paths = ("/v1/models",)
     reserved_flags = frozenset({"host", "port", "model", "interrupt_requests", "api_key", "config_file"})
+    served_name_flag = "model_alias"
     # Its server listens on $HOST and $PORT over its flags, and reads a whole configuration in their place from
     # $CONFIG_FILE (or --config_file).
     reserved_env = frozenset({"HOST", "PORT", "CONFIG_FILE"})

@@ -19,6 +19,7 @@ class SglangAdapter(EngineAdapter):
     name = "sglang"
     default_executable = sys.executable
     reserved_flags = frozenset({"host", "port", "model-path", "model"})
+    served_name_flag = "served-model-name"
     key_flag = "api-key"  # no variable: it guards every path but /health (and /metrics) with it
     load_series = SGLANG_LOAD
     # Started with --enable-lora, it loads and unloads adapters at run time and lists them in /v1/models.

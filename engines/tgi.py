@@ -14,6 +14,7 @@ class TgiAdapter(EngineAdapter):
     default_executable = "text-generation-launcher"
     list_style = "repeat"
     reserved_flags = frozenset({"hostname", "port", "model-id", "api-key"})
+    served_name_flag = "served-model-name"
     reserved_env = frozenset({"HOSTNAME", "PORT", "MODEL_ID"})  # its launcher's flags' variables
     # Its launcher's `--api-key` (releases that have it; older ones ignore the variable), which it passes on to its
     # router's command line.

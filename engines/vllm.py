@@ -52,6 +52,7 @@ class VllmAdapter(VllmFeatures):
     default_executable = "vllm"
     # --uds: a Unix socket in place of host and port; --api-key: a key in place of the sidecar's (`key_env`).
     reserved_flags = frozenset({"host", "port", "model", "uds", "api-key"})
+    served_name_flag = "served-model-name"
     key_env = "VLLM_API_KEY"  # guards its /v1 paths (not /health, /metrics, /tokenize and its other admin paths)
     load_series = VLLM_LOAD
 

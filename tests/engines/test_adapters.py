@@ -188,6 +188,22 @@ def test_reserved_flags_are_refused_as_any_prefix_argparse_would_expand(engine: 
 
 
 @pytest.mark.parametrize(
+    "built", [adapter("vllm"), adapter("sglang"), adapter("tgi"), LlamaCppAdapter(), LlamaCppPythonAdapter()]
+)
+def test_the_served_name_is_the_loads_served_model_name_never_a_flag_in_args(built: EngineAdapter) -> None:
+    """The sidecar reports the name the engine serves under (its status, the metrics' `model` label): a flag in
+    `args` naming it otherwise would make that report wrong, so it is refused, pointing at `served_model_name`."""
+    flag = built.served_name_flag
+    assert flag is not None
+    command = built.command("/models/m", 8001, {}, "chosen")
+    assert command[command.index(f"--{flag}") + 1] == "chosen"
+    for spelling in (flag, f"--{flag}", flag.replace("-", "_"), flag[:6]):
+        with pytest.raises(AdapterError, match="served_model_name") as refused:
+            built.flags({spelling: "other"})
+        assert refused.value.param == f"args.{spelling}"
+
+
+@pytest.mark.parametrize(
     "built",
     [adapter("vllm"), adapter("sglang"), adapter("tgi"), LlamaCppAdapter(), LlamaCppPythonAdapter(), adapter("mock")],
 )
