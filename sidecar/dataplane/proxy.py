@@ -137,8 +137,10 @@ class Proxy:
         assemble = not stream and self.settings.assemble_non_streaming and not whole_only(body)
         translated = loaded.adapter.translate_request(body) if loaded is not None else body
         if stream and not client_usage or assemble:
-            # Ask for usage to count tokens; the chunk is removed again before the client sees it.
-            sent = translated | {"stream": True, "stream_options": (options or {}) | {"include_usage": True}}
+            # Ask for usage to count tokens; the chunk is removed again before the client sees it. Usage in every
+            # chunk (vLLM's `continuous_usage_stats`) counts only with include_usage: the client's stays off.
+            asked = {key: value for key, value in (options or {}).items() if key != "continuous_usage_stats"}
+            sent = translated | {"stream": True, "stream_options": asked | {"include_usage": True}}
             spliced = asking_for_usage(raw, body) if translated is body else None
             payload = spliced if spliced is not None else request_bytes(sent)
         else:

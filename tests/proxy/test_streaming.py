@@ -56,10 +56,23 @@ def test_openai_sdk_stream_gets_performance_matching_the_engines_delays(stack: S
     assert "tokens_estimated" not in performance
 
 
-@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
-def test_stream_without_include_usage_is_the_engines_byte_for_byte(stack: Stack, path: str) -> None:
+@pytest.mark.parametrize(
+    ("path", "options"),
+    [
+        ("/v1/chat/completions", None),
+        ("/v1/completions", None),
+        ("/v1/chat/completions", {"include_usage": False}),
+        # vLLM's usage in every chunk counts only with include_usage: the sidecar's own ask must not turn it on.
+        ("/v1/chat/completions", {"continuous_usage_stats": True}),
+    ],
+)
+def test_stream_without_include_usage_is_the_engines_byte_for_byte(
+    stack: Stack, path: str, options: dict[str, Any] | None
+) -> None:
     body: dict[str, Any] = {"model": MODEL, "stream": True, "logprobs": 2 if path == "/v1/completions" else True}
     body |= {"messages": MESSAGES} if path == "/v1/chat/completions" else {"prompt": "count the clocks"}
+    if options is not None:
+        body["stream_options"] = options
     through = post_stream(stack.url + path, body, "same-id-1")
     assert engine_id(through).startswith("same-id-1-")
     direct = post_stream(stack.engine_url + path, body, engine_id(through), key=stack.engine_key)
