@@ -86,14 +86,22 @@ def flags_from_args(
     return argv
 
 
+def _spelled(name: str) -> str:
+    """A flag's name as vLLM's parser reads it: without its dashes, `_` and `-` one."""
+    return name.lstrip("-").replace("_", "-")
+
+
 def names_flag(args: Mapping[str, ArgValue], name: str) -> bool:
-    """Whether the request's args set flag `name` (written with or without its dashes), to any value."""
-    return any(key.lstrip("-") == name for key in args)
+    """Whether the request's args set flag `name` (written with or without its dashes, `_` for `-`), to any value."""
+    return any(_spelled(key) == _spelled(name) for key in args)
 
 
 def flag_on(args: Mapping[str, ArgValue], name: str) -> bool:
-    """Whether the request's args turn flag `name` on: named, and not `false` or null (which leave it out)."""
-    return any(key.lstrip("-") == name and value is not False and value is not None for key, value in args.items())
+    """Whether the request's args turn flag `name` on: named (as `names_flag` reads names), and not `false` or null
+    (which leave it out)."""
+    return any(
+        _spelled(key) == _spelled(name) and value is not False and value is not None for key, value in args.items()
+    )
 
 
 # Every engine's model list, and one model's entry (GET /v1/models/{id}).
@@ -230,6 +238,12 @@ class EngineAdapter:
 
     def command(self, model: str, port: int, args: Mapping[str, ArgValue], served_model_name: str | None) -> list[str]:
         raise NotImplementedError
+
+    def assembles(self, args: Mapping[str, ArgValue]) -> bool:
+        """Whether a non-streaming chat or completion may be streamed from the engine that `args` start and answered
+        assembled (for its TTFT): only where the answer built from its stream is the one it gives whole. Not where
+        it streams no usage: counted instead, the answer's usage would not be the engine's own."""
+        return self.streams_usage
 
     def flags(self, args: Mapping[str, ArgValue]) -> list[str]:
         reserved = self.reserved_flags if self.key_flag is None else self.reserved_flags | {self.key_flag}

@@ -4,7 +4,7 @@ import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
-from engines.base import MODELS_PATHS, ArgValue, EngineAdapter, LoadSeries, LoraApi, SleepApi
+from engines.base import MODELS_PATHS, ArgValue, EngineAdapter, LoadSeries, LoraApi, SleepApi, flag_on
 
 # vLLM before 0.10 named the KV cache's use gpu_cache_usage_perc; both are fractions, 0 to 1.
 VLLM_LOAD = LoadSeries(
@@ -35,6 +35,11 @@ class VllmFeatures(EngineAdapter):
     sleep_mode = SleepApi(flag="enable-sleep-mode", sleep="/sleep", wake="/wake_up")
     dynamic_lora = LoraApi(flag="enable-lora", load="/v1/load_lora_adapter", unload="/v1/unload_lora_adapter")
     data_paths = VLLM_DATA_PATHS
+
+    def assembles(self, args: Mapping[str, ArgValue]) -> bool:
+        # --enable-return-routed-experts: each choice's `routed_experts` (MoE routing replay for RL) is in whole
+        # answers only.
+        return super().assembles(args) and not flag_on(args, "enable-return-routed-experts")
 
     def environment(self, args: Mapping[str, ArgValue]) -> dict[str, str]:
         env = {}

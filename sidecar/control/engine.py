@@ -3,6 +3,7 @@ started, and a port for it."""
 
 from __future__ import annotations
 
+import functools
 import random
 import re
 import socket
@@ -206,6 +207,11 @@ class Engine:
     @property
     def served_model(self) -> str:
         return self.request.served_model_name or self.request.model
+
+    @functools.cached_property
+    def assembles(self) -> bool:
+        """Whether its non-streaming answers may be assembled from its stream (`EngineAdapter.assembles`)."""
+        return self.adapter.assembles(self.request.args)
 
 
 class EngineSlot:

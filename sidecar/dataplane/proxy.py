@@ -134,10 +134,8 @@ class Proxy:
         stream, options, n = generation_fields(body)
         client_usage = stream and options is not None and options.get("include_usage") is True
         loaded = self.supervisor.engine
-        # Assembled only where the engine streams its usage: counted instead (llama-cpp-python), the answer's usage
-        # would not be the one the engine gives a whole answer (a chat's prompt without its template's tokens).
         assemble = not stream and self.settings.assemble_non_streaming and not whole_only(body)
-        assemble = assemble and (loaded is None or loaded.adapter.streams_usage)
+        assemble = assemble and (loaded is None or loaded.assembles)
         translated = loaded.adapter.translate_request(body) if loaded is not None else body
         if stream and not client_usage or assemble:
             # Ask for usage to count tokens; the chunk is removed again before the client sees it. Usage in every

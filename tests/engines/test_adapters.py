@@ -283,3 +283,29 @@ def test_sglang_gets_a_clients_rid_made_unique() -> None:
     assert len(set(batch)) == 2 and all(rid.startswith("same-") for rid in batch)
     without = {"model": "m", "messages": []}
     assert sglang.translate_request(without) is without  # unchanged: the client's bytes go as they are
+
+
+@pytest.mark.parametrize(
+    ("built", "args", "assembles"),
+    [
+        (adapter("vllm"), {}, True),
+        (adapter("vllm"), {"enable-return-routed-experts": True}, False),  # routed_experts: in whole answers only
+        (adapter("vllm"), {"--enable_return_routed_experts": True}, False),  # vLLM reads `_` as `-`
+        (adapter("vllm"), {"enable-return-routed-experts": False}, True),
+        (LlamaCppPythonAdapter(), {}, False),  # streams no usage: an assembled answer's would be counted
+        (LlamaCppAdapter(), {}, True),
+        (adapter("mock"), {}, True),
+    ],
+)
+def test_non_streaming_answers_are_assembled_only_where_the_stream_holds_the_whole_answer(
+    built: EngineAdapter, args: dict[str, Any], assembles: bool
+) -> None:
+    assert built.assembles(args) is assembles
+
+
+def test_a_feature_flag_is_read_in_the_spellings_vllms_parser_takes() -> None:
+    vllm = adapter("vllm")
+    for spelling in ("enable-sleep-mode", "--enable-sleep-mode", "enable_sleep_mode", "--enable_sleep_mode"):
+        assert vllm.sleep_api({spelling: True}) is not None, spelling
+    assert vllm.sleep_api({"enable_sleep_mode": False}) is None and vllm.sleep_api({}) is None
+    assert vllm.lora_api({"enable_lora": True}) is not None
