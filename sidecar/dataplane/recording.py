@@ -24,6 +24,11 @@ log = get_logger("sidecar.proxy")  # the proxy's lines, whichever of its modules
 _PROMPT_COUNT_WAIT_S = 5.0
 
 
+def performance_header(performance: Performance) -> bytes:
+    """`usage.performance` as the X-Performance-Metrics header's value: compact JSON, ASCII."""
+    return json.dumps(performance, separators=(",", ":")).encode()
+
+
 class Recorder:
     """A finished exchange's measures, worked out once (`finish`), and its record (`record`, which the proxy's
     backlog runs once nothing more urgent waits)."""
@@ -77,7 +82,7 @@ class Recorder:
         """The body with `usage.performance`, and the same object for the X-Performance-Metrics header."""
         performance = exchange.performance or self.finish(exchange, now)
         body["usage"] = (exchange.usage or {}) | {"performance": performance}
-        return dumps(body), json.dumps(performance, separators=(",", ":")).encode()  # a header: ASCII
+        return dumps(body), performance_header(performance)
 
     def record(self, exchange: Exchange, ended_ns: int) -> None:
         """Into the history for GET /v1/requests/{id}, the metrics, the span, and the request's access line, for a

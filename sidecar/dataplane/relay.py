@@ -38,7 +38,7 @@ from sidecar.dataplane.exchange import (
     send_whole,
     sse_error,
 )
-from sidecar.dataplane.recording import Recorder
+from sidecar.dataplane.recording import Recorder, performance_header
 from sidecar.dataplane.sse import DONE, EventTooLarge, SSEParser
 from sidecar.dataplane.upstream import Response
 from sidecar.dataplane.upstream_errors import UpstreamError
@@ -73,7 +73,8 @@ class Relays:
         await send_engine_error(exchange, response, response.status, raw)
 
     async def whole(self, exchange: Exchange, response: Response) -> None:
-        """A non-streamed JSON answer: `usage.performance` added, and the same in X-Performance-Metrics."""
+        """A non-streamed JSON answer: `usage.performance` added, and the same in X-Performance-Metrics. Another
+        answer (vLLM's embeddings as raw bytes) goes as it is, measured all the same: its figures in the header."""
         limit = self.settings.max_answer_bytes
         try:
             async with asyncio.timeout(self.settings.upstream_inter_token_timeout_s):
@@ -96,7 +97,10 @@ class Relays:
             exchange.usage = usage if isinstance(usage, dict) else None
             exchange.timings = engine_timings(body) or header_timings(response)
             raw, performance = self.recorder.with_performance(exchange, body, now)
-            headers.append((b"x-performance-metrics", performance))
+        else:
+            exchange.timings = header_timings(response)
+            performance = performance_header(exchange.performance or self.recorder.finish(exchange, now))
+        headers.append((b"x-performance-metrics", performance))
         exchange.meter.overhead_ns += time.perf_counter_ns() - now
         await send_whole(exchange, response.status, headers, raw)
 

@@ -610,3 +610,32 @@ def test_a_token_not_utf8_is_kept_in_an_assembled_answer(start_sidecar: Callable
         answer = response.json()
         assert answer["choices"][0]["message"]["content"] == "one \ufffd three"
         assert answer["usage"]["performance"]["completion_tokens"] == 3
+
+
+_FLOATS = struct.pack("<4f", 0.5, -0.25, 0.125, 1.0)
+
+
+class _RawEmbeddings(FakeEngine):
+    """vLLM's embeddings with `encoding_format: "bytes"`: the vectors as raw floats, their JSON in a header."""
+
+    extra_headers = b'metadata: {"usage": {"prompt_tokens": 2, "total_tokens": 2}}\r\n'
+
+    def chat(self) -> bool:
+        self.send(b"application/octet-stream", _FLOATS)
+        return True
+
+
+def test_an_answer_that_is_not_json_goes_as_it_is_and_is_measured_in_its_header(
+    start_sidecar: Callable[..., SidecarProcess],
+) -> None:
+    with serving(_RawEmbeddings) as url:
+        sidecar = _in_front_of(url, start_sidecar)
+        body = {"model": "fake", "input": "two words", "encoding_format": "bytes"}
+        headers = AUTH | {"X-Request-ID": "raw-floats-1"}
+        response = httpx.post(f"{sidecar.url}/v1/embeddings", json=body, headers=headers, timeout=30)
+        assert response.status_code == 200, response.text
+        assert response.content == _FLOATS and response.headers["metadata"].startswith('{"usage"')
+        performance = json.loads(response.headers["x-performance-metrics"])
+        assert performance["latency_ms"] > 0 and performance["ttft_ms"] is None
+        record = httpx.get(f"{sidecar.url}/v1/requests/raw-floats-1", headers=AUTH, timeout=5).json()
+        assert record["performance"] == performance
