@@ -126,6 +126,11 @@ class Proxy:
     def close(self) -> None:
         self.upstream.close()
 
+    def _assembled(self, stream: bool, body: dict[str, Any]) -> bool:
+        """Whether a request is streamed from the engine and its answer assembled for a non-streaming client: unless
+        assembly is off, or the request asks for what only a whole answer has (`whole_only`)."""
+        return not stream and self.settings.assemble_non_streaming and not whole_only(body)
+
     async def generate(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Chat and text completions: streamed through, or streamed from the engine and assembled."""
         raw = await read_body(receive)
@@ -134,8 +139,7 @@ class Proxy:
         stream, options, n = generation_fields(body)
         client_usage = stream and options is not None and options.get("include_usage") is True
         loaded = self.supervisor.engine
-        assemble = not stream and self.settings.assemble_non_streaming and not whole_only(body)
-        assemble = assemble and (loaded is None or loaded.assembles)
+        assemble = self._assembled(stream, body) and (loaded is None or loaded.assembles)
         translated = loaded.adapter.translate_request(body) if loaded is not None else body
         if stream and not client_usage or assemble:
             # Ask for usage to count tokens; the chunk is removed again before the client sees it. Usage in every
@@ -185,7 +189,7 @@ class Proxy:
         start_ns = time.perf_counter_ns()
         stream = generation_fields(body)[0]
         # Streamed from the engine either way, for a TTFT: a non-streaming client gets the response it ends with.
-        assemble = not stream and self.settings.assemble_non_streaming and not whole_only(body)
+        assemble = self._assembled(stream, body)
         payload = request_bytes(body | {"stream": True}) if assemble else raw
         span = self.otel.start_request(scope, body) if self.otel is not None else None
         del raw, body
