@@ -91,6 +91,7 @@ def _every_kind_of_request(sidecar: SidecarProcess) -> None:
     """One request of each kind a client makes, ending every way a request ends."""
     key = bearer(KEY)
     chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    message = chat  # Anthropic's Messages API asks the same fields
     with httpx.Client(base_url=sidecar.url, headers=key, timeout=30) as client:
         answers = [
             client.post("/v1/chat/completions", json=chat),
@@ -111,6 +112,9 @@ def _every_kind_of_request(sidecar: SidecarProcess) -> None:
             client.post("/v1/chat/completions", json=chat, headers={"Authorization": "Bearer wrong-key-0000"}),
             httpx.post(f"{sidecar.url}/v1/chat/completions", json=chat),
             client.get("/v1/nothing-here"),
+            client.post("/v1/messages", json=message),
+            client.post("/v1/messages", json=message | {"stream": True}),
+            client.post("/v1/messages", json=message | {"max_tokens": 0}),  # the engine's 400, as it wrote it
         ]
         # The engine's faults, each cutting an answer streamed and one assembled for a non-streaming client: it
         # drops the connection, it stops sending (the inter-token timeout), its answer is past the sidecar's bound.
@@ -122,6 +126,7 @@ def _every_kind_of_request(sidecar: SidecarProcess) -> None:
         cut.append(client.post("/v1/chat/completions", json=chat | {"n": 1000, "max_tokens": 1}))
         stalled = {"model": "m", "input": "hi", "max_output_tokens": 4, "mock": {"stall_after": 1}}
         cut += [client.post("/v1/responses", json=stalled | {"stream": stream}) for stream in (False, True)]
+        stalled_message = client.post("/v1/messages", json=message | {"stream": True, "mock": {"stall_after": 1}})
         # A client that leaves mid-stream: the sidecar drops its connection to the engine.
         long = chat | {"stream": True, "max_tokens": 200, "mock": {"itl_ms": 20}}
         with client.stream("POST", "/v1/chat/completions", json=long) as leaving:
@@ -135,6 +140,8 @@ def _every_kind_of_request(sidecar: SidecarProcess) -> None:
         "engine_timeout",
         "engine_timeout",
     ]
+    name, data = events(stalled_message.content)[-1].split(b"\n")
+    assert name == b"event: error" and json.loads(data.removeprefix(b"data: "))["error"]["type"] == "timeout_error"
     assert [answer.status_code for answer in answers] == [
         200,
         200,
@@ -149,6 +156,9 @@ def _every_kind_of_request(sidecar: SidecarProcess) -> None:
         403,
         401,
         404,
+        200,
+        200,
+        400,
     ]
 
 

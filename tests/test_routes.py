@@ -41,7 +41,9 @@ def test_a_worker_serves_the_data_plane_and_forwards_the_rest() -> None:
     async def forward(request: Any) -> Any:
         raise AssertionError
 
-    proxy: Any = type("P", (), {"generate": None, "embeddings": None, "responses": None, "passthrough": None})()
+    proxy: Any = type(
+        "P", (), {"generate": None, "embeddings": None, "responses": None, "messages": None, "passthrough": None}
+    )()
     built = [route for route in routes.starlette_routes(proxy, forward) if isinstance(route, Route)]
     forwarded = {route.path for route in built if route.endpoint is forward}
     assert forwarded == {e.path for e in routes.ENDPOINTS if e.serves is Serves.OWNER}

@@ -13,6 +13,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from engines.mock_server import messages
 from engines.mock_server.answer import MockConfig, error_response, output_line
 from engines.mock_server.engine import MockEngine
 from engines.mock_server.responses import respond
@@ -117,6 +118,10 @@ class Extras:
         """vLLM's Responses API (`responses.py`)."""
         return await respond(self.engine, request)
 
+    async def messages(self, request: Request) -> Response:
+        """vLLM's Anthropic Messages API (`messages.py`)."""
+        return await messages.respond(self.engine, request)
+
     async def mock_outputs(self, request: Request) -> Response:
         """When a recent streamed answer's output steps were written, by the engine's own clock."""
         times = self.engine.stats.outputs_ms.get(request.path_params["answer_id"])
@@ -146,6 +151,7 @@ def create_app(config: MockConfig) -> Starlette:
             Route("/v1/completions", engine.generate, methods=["POST"]),
             Route("/v1/embeddings", engine.embeddings, methods=["POST"]),
             Route("/v1/responses", extras.responses, methods=["POST"]),
+            Route("/v1/messages", extras.messages, methods=["POST"]),
             Route("/v1/models", engine.models, methods=["GET"]),
             Route("/v1/models/{model_id:path}", engine.model, methods=["GET"]),
             Route("/health", extras.health, methods=["GET"]),

@@ -88,6 +88,24 @@ def response_usage(event: dict[str, Any]) -> dict[str, Any] | None:
     return usage if isinstance(usage, dict) else None
 
 
+# -- Anthropic's Messages API's events ------------------------------------------------------------------------
+
+# An event carrying generated output: a content block's delta with a non-empty text, thinking or tool input
+# (`partial_json`; a thinking block's `signature_delta` is not output), or the start of a tool call, which names the
+# tool as a chat's first tool-call delta does. `message_delta` and `message_stop` repeat nothing: they are not.
+_BLOCK_DELTA = re.compile(rb'"type"\s*:\s*"content_block_delta"')
+_BLOCK_TEXT = re.compile(rb'"(?:text|thinking|partial_json)"\s*:\s*"(?!")')
+_BLOCK_START = re.compile(rb'"type"\s*:\s*"content_block_start"')
+_TOOL_USE = re.compile(rb'"type"\s*:\s*"tool_use"')
+
+
+def is_message_output(data: bytes) -> bool:
+    """Whether a Messages API event carries generated output, without parsing it."""
+    if _BLOCK_DELTA.search(data) is not None:
+        return _BLOCK_TEXT.search(data) is not None
+    return _BLOCK_START.search(data) is not None and _TOOL_USE.search(data) is not None
+
+
 def engine_timings(chunk: dict[str, Any]) -> dict[str, Any] | None:
     for key in ("timings", "metrics"):
         value = chunk.get(key)

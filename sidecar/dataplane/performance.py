@@ -27,6 +27,23 @@ def _count(value: Any) -> int | None:
     return value if type(value) is int and value >= 0 else None
 
 
+# Anthropic's Messages API counts a prompt's cached tokens apart from its `input_tokens`, the rest of it.
+_CACHED_INPUT = ("cache_read_input_tokens", "cache_creation_input_tokens")
+
+
+def _prompt_tokens(usage: dict[str, Any]) -> int | None:
+    """The prompt's tokens: chat's `prompt_tokens`, or the Responses and Messages APIs' `input_tokens` (with the
+    Messages API's cached tokens, which it counts apart)."""
+    if "prompt_tokens" in usage:
+        return _count(usage["prompt_tokens"])
+    count = _count(usage.get("input_tokens"))
+    for key in _CACHED_INPUT:
+        if count is not None and key in usage:
+            cached = _count(usage[key])
+            count = None if cached is None else count + cached
+    return count
+
+
 # The engine's own timings are kept as reported up to this much JSON (llama.cpp's, vLLM's and TGI's are 150-300
 # bytes): they ride in the X-Performance-Metrics header, which a proxy in front refuses past its buffer for the
 # whole head (nginx's proxy_buffer_size: 4 KiB by default), and in each of the history's thousand records.
@@ -87,7 +104,7 @@ class PerformanceMeter:
         ttft_ns = None if self.first_output_ns is None else self.first_output_ns - self.start_ns
         latency_ns = None if self.last_output_ns is None else self.last_output_ns - self.start_ns
         usage = usage or {}
-        # Chat and completions count prompt and completion tokens; the Responses API, input and output tokens.
+        # Chat and completions count prompt and completion tokens; the Responses and Messages APIs, input and output.
         reported = _count(usage.get("completion_tokens", usage.get("output_tokens")))
         estimated = reported is None
         completion_tokens = self.output_events if reported is None else reported
@@ -108,7 +125,7 @@ class PerformanceMeter:
             "queue_ms": _ms(self.queue_ns),
             "tpot_ms": tpot,
             "itl_ms": itl,
-            "prompt_tokens": _count(usage.get("prompt_tokens", usage.get("input_tokens"))),
+            "prompt_tokens": _prompt_tokens(usage),
             "completion_tokens": completion_tokens,
             "output_tokens_per_s": rate,
             "coalesced_events": self.coalesced_events,

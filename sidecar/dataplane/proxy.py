@@ -33,6 +33,7 @@ from sidecar.dataplane.exchange import (
     request_headers,
 )
 from sidecar.dataplane.generation_request import asking_for_usage, count_prompt, generation_fields, whole_only
+from sidecar.dataplane.messages import MessagesRelay
 from sidecar.dataplane.performance import PerformanceMeter
 from sidecar.dataplane.recording import Recorder, unanswered
 from sidecar.dataplane.relay import Relays
@@ -89,6 +90,7 @@ class Outgoing:
     listed: bool = False  # a path the engine serves only where its adapter lists it (`data_paths`), else 404
     prompt: dict[str, Any] | None = None  # for an engine that streams no usage: counted by it meanwhile
     span: RequestSpan | None = None  # OpenTelemetry's, where it is on
+    errors: RelayMode | None = None  # how the engine's errors go back, where not in the OpenAI shape
 
 
 class Proxy:
@@ -121,6 +123,7 @@ class Proxy:
         self.recorder = Recorder(telemetry, history, worker, otel)
         self.relays = Relays(settings, self.recorder)
         self.responses_relay = ResponsesRelay(settings, self.recorder)
+        self.messages_relay = MessagesRelay(settings, self.recorder)
         self.backlog = Backlog()  # a finished request's record, metrics and access line
 
     def close(self) -> None:
@@ -204,6 +207,27 @@ class Proxy:
 
         await self._exchange(scope, receive, send, start_ns, Outgoing(payload, relay, listed=True, span=span))
 
+    async def messages(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Anthropic's Messages API, for an engine whose adapter lists it (vLLM): the request as the client wrote it,
+        a stream relayed and measured event by event (`messages.py`), a whole answer with `usage.performance`, the
+        engine's errors in its own shape."""
+        raw = await read_body(receive)
+        body = json_object(raw)
+        start_ns = time.perf_counter_ns()
+        generation_fields(body)  # `stream` checked: a wrong type is the client's 400, as for chat
+        span = self.otel.start_request(scope, body) if self.otel is not None else None
+        del body
+        messages = self.messages_relay
+
+        async def relay(exchange: Exchange, response: Response) -> None:
+            if response.content_type == "text/event-stream":
+                await messages.stream(exchange, response)
+            else:
+                await self.relays.whole(exchange, response)
+
+        outgoing = Outgoing(raw, relay, listed=True, span=span, errors=messages.error)
+        await self._exchange(scope, receive, send, start_ns, outgoing)
+
     async def passthrough(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Another /v1/* path the engine's adapter lists (`data_paths`): the request and the answer as they are,
         the answer streamed. Every other path is 404 without reaching the engine."""
@@ -265,7 +289,7 @@ class Proxy:
                 response = await self._opened(exchange, sending)
                 try:
                     if response.status >= 400:
-                        await self.relays.error(exchange, response)
+                        await (outgoing.errors or self.relays.error)(exchange, response)
                     else:
                         await outgoing.relay(exchange, response)
                 finally:

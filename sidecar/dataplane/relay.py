@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Callable
 from typing import Any
 
 from sidecar import request_state
@@ -126,10 +127,7 @@ class Relays:
 
     async def stream(self, exchange: Exchange, response: Response) -> None:
         """SSE through as it is read; the usage chunk removed, or given `usage.performance`."""
-        send = exchange.send
-        exchange.status = response.status
-        exchange.timings = header_timings(response)
-        await send({"type": "http.response.start", "status": response.status, "headers": response_headers(response)})
+        await start_stream(exchange, response)
         error = await self._pump(exchange, response, None)
         if exchange.prompt_count is not None and exchange.performance is None and error is None:
             await self.recorder.finish_counted(
@@ -297,14 +295,25 @@ class Relays:
                 self.recorder.finish(exchange, now)  # the usage chunk ends the answer: [DONE] follows
 
 
-async def end_stream(exchange: Exchange, error: SidecarError | None) -> None:
+async def start_stream(exchange: Exchange, response: Response) -> None:
+    """A stream's status and headers to the client, the engine's own."""
+    exchange.status = response.status
+    exchange.timings = header_timings(response)
+    headers = response_headers(response)
+    await exchange.send({"type": "http.response.start", "status": response.status, "headers": headers})
+
+
+async def end_stream(
+    exchange: Exchange, error: SidecarError | None, error_event: Callable[[SidecarError], bytes] = sse_error
+) -> None:
     """The end of a relayed stream whose status went out with its first event: where the engine's stream was cut,
-    an error event says what happened (the OpenAI SDK raises it), then the body ends as streams do."""
+    an error event says what happened (the OpenAI SDK raises it; `error_event` writes it in another API's shape),
+    then the body ends as streams do."""
     if exchange.client_done:
         return
     if error is not None:
         exchange.error = error.code
-        await exchange.send({"type": "http.response.body", "body": sse_error(error)})
+        await exchange.send({"type": "http.response.body", "body": error_event(error)})
     else:
         await exchange.send({"type": "http.response.body", "body": b""})
 

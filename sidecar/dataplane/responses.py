@@ -19,12 +19,11 @@ import time
 from typing import Any, NamedTuple
 
 from sidecar.dataplane.chunks import carries_measures, is_response_output, response_end, response_usage
-from sidecar.dataplane.exchange import Exchange, dumps, header_timings, loads, response_headers
+from sidecar.dataplane.event_streams import pump_events
+from sidecar.dataplane.exchange import Exchange, dumps, header_timings, loads
 from sidecar.dataplane.recording import Recorder
-from sidecar.dataplane.relay import end_stream, send_assembled, send_error_event, stream_cut
-from sidecar.dataplane.sse import EventTooLarge, SSEParser
+from sidecar.dataplane.relay import end_stream, send_assembled, send_error_event, start_stream
 from sidecar.dataplane.upstream import Response
-from sidecar.dataplane.upstream_errors import UpstreamError
 from sidecar.errors import BadGateway, SidecarError
 from sidecar.settings import Settings
 
@@ -46,10 +45,7 @@ class ResponsesRelay:
 
     async def stream(self, exchange: Exchange, response: Response) -> None:
         """The events through as they are read; the one that ends the response given `usage.performance`."""
-        send = exchange.send
-        exchange.status = response.status
-        exchange.timings = header_timings(response)
-        await send({"type": "http.response.start", "status": response.status, "headers": response_headers(response)})
+        await start_stream(exchange, response)
         ended = await self._pump(exchange, response, forward=True)
         await end_stream(exchange, ended if isinstance(ended, SidecarError) else None)
 
@@ -74,44 +70,27 @@ class ResponsesRelay:
         """Read the engine's events to the end of its body, timestamping the output ones; with `forward`, send what
         each read brings at once. How the stream ended, or the error that cut it short."""
         meter = exchange.meter
-        send = exchange.send
-        clock = time.perf_counter_ns
-        limit = self.settings.max_answer_bytes
-        parser = SSEParser(limit)
-        read = response.readany
-        deadline = exchange.deadline
         ended: dict[str, Any] | None = None
         failure: dict[str, Any] | None = None
-        try:
-            with deadline:
-                while True:
-                    chunk = await read()
-                    deadline.read_ns = now = clock()
-                    out: list[bytes] = []
-                    for event in parser.feed(chunk) if chunk else parser.close():
-                        data = event.data
-                        raw = event.raw
-                        if data is not None:
-                            if is_response_output(data):
-                                meter.output(now)
-                            elif not forward or carries_measures(data):  # a whole answer's few others all read
-                                parsed = loads(data) or {}  # {}: not a JSON object, passed on unread
-                                if (answer := response_end(parsed)) is not None:
-                                    ended = answer
-                                    usage = response_usage(parsed)
-                                    self._ended(exchange, answer, usage, now)
-                                    if forward and usage is not None:
-                                        raw = _with_performance(raw, parsed, usage, exchange.performance)
-                                elif failure is None and _is_error(parsed):
-                                    failure = parsed
-                        out.append(raw)
-                    if forward and out and not exchange.client_done:
-                        await send({"type": "http.response.body", "body": b"".join(out), "more_body": True})
-                    meter.overhead_ns += clock() - now
-                    if not chunk:
-                        return _Ending(ended, failure)
-        except (TimeoutError, UpstreamError, EventTooLarge) as exc:
-            return stream_cut(exchange, exc, limit)
+
+        def take(data: bytes, raw: bytes, now: int) -> bytes:
+            nonlocal ended, failure
+            if is_response_output(data):
+                meter.output(now)
+            elif not forward or carries_measures(data):  # a whole answer's few others all read
+                parsed = loads(data) or {}  # {}: not a JSON object, passed on unread
+                if (answer := response_end(parsed)) is not None:
+                    ended = answer
+                    usage = response_usage(parsed)
+                    self._ended(exchange, answer, usage, now)
+                    if forward and usage is not None:
+                        return _with_performance(raw, parsed, usage, exchange.performance)
+                elif failure is None and _is_error(parsed):
+                    failure = parsed
+            return raw
+
+        cut = await pump_events(exchange, response, self.settings.max_answer_bytes, take, forward)
+        return cut if cut is not None else _Ending(ended, failure)
 
     def _ended(self, exchange: Exchange, ended: dict[str, Any], usage: dict[str, Any] | None, now: int) -> None:
         """The event that ends the response has come: the answer is measured as it ends."""

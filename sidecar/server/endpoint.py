@@ -36,7 +36,7 @@ class Serves(enum.Enum):
 RequestHandler = Callable[[Request], Awaitable[Response]]
 AsgiHandler = Callable[[Scope, Receive, Send], Awaitable[None]]
 # A route's handler: Starlette's request -> response, or the name of the proxy's method (ASGI) that serves it.
-Handler = RequestHandler | Literal["generate", "embeddings", "responses", "passthrough"]
+Handler = RequestHandler | Literal["generate", "embeddings", "responses", "messages", "passthrough"]
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from sidecar.telemetry import service as telemetry
 _GET, _POST = ("GET",), ("POST",)
 _ANY = ("GET", "POST", "PUT", "PATCH", "DELETE")
 _FORWARDED = [*_ANY, "HEAD", "OPTIONS"]
-_OPENAI_BODY: dict[str, Any] = {"type": "object"}  # OpenAI's bodies: the engine's to judge
+_OPENAI_BODY: dict[str, Any] = {"type": "object"}  # OpenAI's (and Anthropic's) bodies: the engine's to judge
 
 
 async def _root(request: Request) -> JSONResponse:
@@ -93,6 +93,15 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         "responses",
         _EVERY,
         "OpenAI responses, proxied to the engine and measured (engines that serve them: vLLM, SGLang)",
+        _OPENAI_BODY,
+    ),
+    Endpoint(
+        _POST,
+        "/v1/messages",
+        _D,
+        "messages",
+        _EVERY,
+        "Anthropic messages, proxied to the engine and measured (engines that serve them: vLLM)",
         _OPENAI_BODY,
     ),
     Endpoint(_GET, "/v1/models", _D, "passthrough", _EVERY, "The engine's models"),

@@ -119,8 +119,12 @@ def _object(raw: bytes | Mapping[str, Any]) -> Mapping[str, Any]:
 
 
 def finish_reasons(chunk: Mapping[str, Any]) -> list[str]:
-    """The finish reasons a parsed chunk or answer gives, in its choices' order."""
+    """The finish reasons a parsed chunk or answer gives, in its choices' order; a Messages API answer's (or its
+    stream's `message_delta`'s) `stop_reason`."""
     choices = chunk.get("choices")
     if not isinstance(choices, list):
-        return []
+        delta = chunk.get("delta")
+        stopped = delta if chunk.get("type") == "message_delta" and isinstance(delta, dict) else chunk
+        reason = stopped.get("stop_reason")
+        return [reason] if isinstance(reason, str) else []
     return [c["finish_reason"] for c in choices if isinstance(c, dict) and isinstance(c.get("finish_reason"), str)]

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import httpx
 import psutil
 import pytest
@@ -250,6 +251,35 @@ def test_a_whole_response_streamed_from_vllm_is_its_own_answer_with_a_ttft(vllm:
     assert [item.type for item in through.output] == [item.type for item in direct.output]
     assert performance["completion_tokens"] == through.usage.output_tokens
     assert 0 < performance["ttft_ms"] <= performance["latency_ms"] <= performance["total_ms"]
+
+
+def test_a_message_is_vllms_own_answer_with_performance_streamed_or_whole(vllm: Vllm) -> None:
+    """Anthropic's Messages API, which vLLM serves too, with the Anthropic SDK: a stream's events as vLLM wrote them
+    (greedy: the same as direct), timed on its text deltas, `usage.performance` in `message_delta`; a whole answer
+    vLLM's own with `usage.performance`."""
+    # Greedy: the SDK has no `temperature` of its own any more; vLLM reads it.
+    request: Any = {"model": SERVED, "messages": MESSAGES, "max_tokens": 8, "extra_body": {"temperature": 0}}
+    client = anthropic.Anthropic(base_url=vllm.sidecar.url, api_key=API_KEY, max_retries=0, timeout=60)
+    direct = anthropic.Anthropic(base_url=vllm.engine, auth_token=vllm.engine_key(), max_retries=0, timeout=60)
+    with client, direct:
+        through, theirs = (list(each.messages.create(**request, stream=True)) for each in (client, direct))
+        whole, its_whole = (each.messages.create(**request) for each in (client, direct))
+
+    def shape(events: list[Any]) -> tuple[list[str], str]:  # how many deltas carry the text is vLLM's timing
+        text = "".join(event.delta.text for event in events if event.type == "content_block_delta")
+        return [event.type for event in events if event.type != "content_block_delta"], text
+
+    assert shape(through) == shape(theirs)
+    [ending], [its_ending] = ([event for event in each if event.type == "message_delta"] for each in (through, theirs))
+    performance: dict[str, Any] = ending.usage.model_extra.pop("performance")
+    assert ending == its_ending
+    assert performance["completion_tokens"] == ending.usage.output_tokens == 8 and "tokens_estimated" not in performance
+    assert performance["prompt_tokens"] == ending.usage.input_tokens
+    assert 0 < performance["ttft_ms"] <= performance["latency_ms"] <= performance["total_ms"]
+
+    whole_performance: dict[str, Any] = whole.usage.model_extra.pop("performance")
+    assert whole.model_dump(exclude={"id"}) == its_whole.model_dump(exclude={"id"})
+    assert whole_performance["completion_tokens"] == 8 and whole_performance["ttft_ms"] is None
 
 
 def test_a_streamed_answer_without_usage_asked_is_vllms_own_stream(vllm: Vllm) -> None:
