@@ -30,7 +30,8 @@ class LlamaCppAdapter(EngineAdapter):
     reserved_env = frozenset({"LLAMA_ARG_HOST", "LLAMA_ARG_PORT", "LLAMA_ARG_MODEL", "LLAMA_ARG_ALIAS"})
     key_env = "LLAMA_API_KEY"  # guards every path but /health, /models and /v1/models
     load_series = LLAMA_SERVER_LOAD
-    data_paths = ("GET /v1/models", "POST /v1/rerank")
+    # Anthropic's Messages API: since 2025-11 (llama.cpp's pull request 17570).
+    data_paths = ("GET /v1/models", "POST /v1/rerank", "POST /v1/messages", "POST /v1/messages/count_tokens")
 
     def command(self, model: str, port: int, args: Mapping[str, ArgValue], served_model_name: str | None) -> list[str]:
         argv = [self.executable, "-m", model, "--host", "127.0.0.1", "--port", str(port)]

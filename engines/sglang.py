@@ -24,7 +24,15 @@ class SglangAdapter(EngineAdapter):
     load_series = SGLANG_LOAD
     # Started with --enable-lora, it loads and unloads adapters at run time and lists them in /v1/models.
     dynamic_lora = LoraApi(flag="enable-lora", load="/load_lora_adapter", unload="/unload_lora_adapter")
-    data_paths = (*MODELS_PATHS, "POST /v1/responses", "GET /v1/responses/*", "POST /v1/score", "POST /v1/rerank")
+    data_paths = (
+        *MODELS_PATHS,
+        "POST /v1/responses",
+        "GET /v1/responses/*",
+        "POST /v1/score",
+        "POST /v1/rerank",
+        "POST /v1/messages",  # Anthropic's Messages API: since 2026-02 (SGLang's pull request 18630)
+        "POST /v1/messages/count_tokens",
+    )
 
     def command(self, model: str, port: int, args: Mapping[str, ArgValue], served_model_name: str | None) -> list[str]:
         argv = [self.executable, "-m", "sglang.launch_server", "--model-path", model]

@@ -101,7 +101,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         _D,
         "messages",
         _EVERY,
-        "Anthropic messages, proxied to the engine and measured (engines that serve them: vLLM)",
+        "Anthropic messages, proxied to the engine and measured (engines that serve them: vLLM, SGLang, llama-server)",
         _OPENAI_BODY,
     ),
     Endpoint(_GET, "/v1/models", _D, "passthrough", _EVERY, "The engine's models"),
