@@ -112,3 +112,13 @@ def test_a_bad_stream_field_is_the_clients_400_before_the_engine(stack: Stack) -
     response = httpx.post(stack.url + PATH, json=ASKED | {"stream": "yes"}, headers=AUTH, timeout=30)
     assert response.status_code == 400 and response.json()["error"]["param"] == "stream"
     assert stack.engine_stats()["started"] == started
+
+
+def test_claude_codes_messages_with_their_beta_query_are_measured_too(stack: Stack) -> None:
+    """Claude Code posts to `/v1/messages?beta=true`: the same route, the query passed on to the engine."""
+    with _client(stack) as client:
+        asked = ASKED | {"extra_body": {"mock": {"tokens": 3}}, "extra_query": {"beta": "true"}}
+        events = list(client.messages.create(**asked, stream=True))
+    ending = next(event for event in events if event.type == "message_delta")
+    performance = ending.usage.model_extra["performance"]  # type: ignore[union-attr]
+    assert performance["completion_tokens"] == 3 and performance["ttft_ms"] > 0
