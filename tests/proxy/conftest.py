@@ -123,6 +123,16 @@ def own_stack(tmp_path: Path) -> Iterator[Callable[..., Stack]]:
         each.stop()
 
 
+def in_front_of(
+    engine_url: str, start_sidecar: Callable[..., SidecarProcess], settings: dict[str, str] | None = None
+) -> SidecarProcess:
+    """A sidecar with these settings and the engine at `engine_url` (a test's fake) loaded as an external engine."""
+    sidecar = start_sidecar({"SIDECAR_API_KEYS": KEY} | (settings or {}))
+    load = {"engine": "external", "model": "fake", "url": engine_url}
+    assert httpx.post(f"{sidecar.url}/v1/model/load", json=load, headers=AUTH, timeout=30).status_code == 200
+    return sidecar
+
+
 def normalized(raw: bytes) -> bytes:
     """Two answers to the same request differ only in `created` (the clock's second)."""
     return re.sub(rb'"created":\s*\d+', b'"created":0', raw)

@@ -18,7 +18,7 @@ import pytest
 
 from tests.fake_engine import FakeEngine, serving
 from tests.processes import SidecarProcess, free_port, wait_until
-from tests.proxy.conftest import AUTH, KEY, MESSAGES, MODEL, Stack, events, sample_value, samples
+from tests.proxy.conftest import AUTH, KEY, MESSAGES, MODEL, Stack, events, in_front_of, sample_value, samples
 
 CHAT = "/v1/chat/completions"
 
@@ -233,16 +233,6 @@ async def wait_for_state(client: httpx.AsyncClient, state: str, timeout_s: float
         await asyncio.sleep(0.01)
 
 
-def _in_front_of(
-    engine_url: str, start_sidecar: Callable[..., SidecarProcess], settings: dict[str, str] | None = None
-) -> SidecarProcess:
-    """A sidecar with these settings and the fake engine at `engine_url` loaded as an external engine."""
-    sidecar = start_sidecar({"SIDECAR_API_KEYS": KEY} | (settings or {}))
-    load = {"engine": "external", "model": "fake", "url": engine_url}
-    assert httpx.post(f"{sidecar.url}/v1/model/load", json=load, headers=AUTH, timeout=30).status_code == 200
-    return sidecar
-
-
 class _OneRequestPerConnection(FakeEngine):
     """An engine that answers one chat request per connection and resets the connection on the next one, while its
     answers say keep-alive: what llama-server's HTTP threads beyond its fixed pool do."""
@@ -276,7 +266,7 @@ def test_a_pooled_connection_the_engine_resets_is_retried_on_a_new_one(
     start_sidecar: Callable[..., SidecarProcess],
 ) -> None:
     with serving(_OneRequestPerConnection) as url:
-        sidecar = _in_front_of(url, start_sidecar)
+        sidecar = in_front_of(url, start_sidecar)
         body = {"model": "fake", "messages": MESSAGES, "stream": True}
         for _ in range(3):
             response = httpx.post(f"{sidecar.url}{CHAT}", json=body, headers=AUTH, timeout=30)
@@ -334,7 +324,7 @@ def test_an_answer_larger_than_the_sidecar_holds_is_a_502_and_the_engines_reques
     `SIDECAR_MAX_ANSWER_BYTES`, or headers past `SIDECAR_MAX_HEADER_BYTES`, is not held; the client gets a 502 (a
     stream's error event once its status is out), the engine's connection is closed, and the sidecar goes on."""
     with serving(_OversizedAnswers) as url:
-        sidecar = _in_front_of(url, start_sidecar, {"SIDECAR_MAX_ANSWER_BYTES": str(1024 * 1024)})
+        sidecar = in_front_of(url, start_sidecar, {"SIDECAR_MAX_ANSWER_BYTES": str(1024 * 1024)})
         client = openai_client(sidecar, KEY)
 
         def ask(kind: str, stream: bool) -> Any:
@@ -384,7 +374,7 @@ class _ClaimingEngine(FakeEngine):
 def test_an_engines_answer_cannot_carry_the_sidecars_own_headers(start_sidecar: Callable[..., SidecarProcess]) -> None:
     """X-Performance-Metrics and X-Sidecar-Worker are the sidecar's: an engine's are dropped, its other headers kept."""
     with serving(_ClaimingEngine) as url:
-        sidecar = _in_front_of(url, start_sidecar, {"SIDECAR_ASSEMBLE_NON_STREAMING": "false"})
+        sidecar = in_front_of(url, start_sidecar, {"SIDECAR_ASSEMBLE_NON_STREAMING": "false"})
         for stream in (False, True):
             body = {"model": "fake", "messages": MESSAGES, "stream": stream}
             response = httpx.post(f"{sidecar.url}{CHAT}", json=body, headers=AUTH, timeout=30)
@@ -420,7 +410,7 @@ def test_usage_that_is_not_counts_is_not_taken_for_them(start_sidecar: Callable[
     one; the sidecar counts the streamed tokens instead, and the request's record and metrics are kept as for any
     other."""
     with serving(_MiscountingEngine) as url:
-        sidecar = _in_front_of(url, start_sidecar)
+        sidecar = in_front_of(url, start_sidecar)
         body = {"model": "fake", "messages": MESSAGES, "stream": True, "stream_options": {"include_usage": True}}
         headers = AUTH | {"X-Request-ID": "miscounted-1"}
         response = httpx.post(f"{sidecar.url}{CHAT}", json=body, headers=headers, timeout=30)
@@ -458,7 +448,7 @@ def test_an_informational_head_is_skipped_and_a_status_http_lacks_is_a_502(
     start_sidecar: Callable[..., SidecarProcess], openai_client: Callable[..., openai.OpenAI]
 ) -> None:
     with serving(_OddHeads) as url:
-        sidecar = _in_front_of(url, start_sidecar)
+        sidecar = in_front_of(url, start_sidecar)
         client = openai_client(sidecar, KEY)
         stream = client.chat.completions.create(
             model="fake", messages=[{"role": "user", "content": "continue"}], stream=True
@@ -492,7 +482,7 @@ def test_a_body_held_open_after_done_does_not_hold_the_request(start_sidecar: Ca
     """After [DONE] the answer is whole: the client has it at once, and the request is over within a second (its
     record kept, its slot free), the engine's connection dropped, rather than held for the inter-token timeout."""
     with serving(_OpenAfterDone) as url:
-        sidecar = _in_front_of(url, start_sidecar)
+        sidecar = in_front_of(url, start_sidecar)
         body = {"model": "fake", "messages": MESSAGES, "stream": True}
         headers = AUTH | {"X-Request-ID": "open-after-done"}
         response = httpx.post(f"{sidecar.url}{CHAT}", json=body, headers=headers, timeout=30)
@@ -542,7 +532,7 @@ def test_an_engines_metrics_that_never_end_cost_the_scrape_its_load_not_the_side
     trickles at its 3 s deadline (httpx's own read timeout is per read), and the scrape answers without the
     engine's load figures."""
     with serving(_UnendingMetrics) as url:
-        sidecar = _in_front_of(url, start_sidecar)
+        sidecar = in_front_of(url, start_sidecar)
         for _ in ("flood", "trickle"):
             scrape = httpx.get(f"{sidecar.url}/metrics", timeout=15)
             assert scrape.status_code == 200
@@ -573,7 +563,7 @@ def test_engine_timings_past_their_bound_are_left_out(
     record (a thousand kept) and its access line: those past 2 KiB of JSON are left out of all of them, so that
     the answer's head stays within what a proxy in front takes (nginx's 4 KiB by default)."""
     with serving(_LavishTimings) as url:
-        sidecar = _in_front_of(url, start_sidecar)
+        sidecar = in_front_of(url, start_sidecar)
         answer = openai_client(sidecar, KEY).chat.completions.with_raw_response.create(
             model="fake", messages=MESSAGES, extra_headers={"X-Request-ID": "lavish-1"}
         )
@@ -603,7 +593,7 @@ def test_a_token_not_utf8_is_kept_in_an_assembled_answer(start_sidecar: Callable
     """A non-streaming client's answer, put together from the engine's stream, keeps every token: one whose bytes
     are not UTF-8 is read with U+FFFD in their place (as the SSE standard decodes a stream), not dropped."""
     with serving(_BrokenUtf8) as url:
-        sidecar = _in_front_of(url, start_sidecar)
+        sidecar = in_front_of(url, start_sidecar)
         body = {"model": "fake", "messages": MESSAGES}
         response = httpx.post(f"{sidecar.url}{CHAT}", json=body, headers=AUTH, timeout=30)
         assert response.status_code == 200, response.text
@@ -629,7 +619,7 @@ def test_an_answer_that_is_not_json_goes_as_it_is_and_is_measured_in_its_header(
     start_sidecar: Callable[..., SidecarProcess],
 ) -> None:
     with serving(_RawEmbeddings) as url:
-        sidecar = _in_front_of(url, start_sidecar)
+        sidecar = in_front_of(url, start_sidecar)
         body = {"model": "fake", "input": "two words", "encoding_format": "bytes"}
         headers = AUTH | {"X-Request-ID": "raw-floats-1"}
         response = httpx.post(f"{sidecar.url}/v1/embeddings", json=body, headers=headers, timeout=30)

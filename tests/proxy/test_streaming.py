@@ -20,6 +20,7 @@ from tests.proxy.conftest import (
     assert_timed_as_the_engine,
     engine_id,
     events,
+    in_front_of,
     normalized,
     post_stream,
 )
@@ -259,12 +260,9 @@ def test_events_arriving_together_are_reported_as_coalesced_not_as_zero_gaps(
     start_sidecar: Callable[..., SidecarProcess],
 ) -> None:
     with serving(_OneWriteEngine) as url:
-        sidecar = start_sidecar({"SIDECAR_API_KEYS": "k"})
-        headers = {"Authorization": "Bearer k"}
-        load = {"engine": "external", "model": "fake", "url": url}
-        assert httpx.post(f"{sidecar.url}/v1/model/load", json=load, headers=headers, timeout=30).status_code == 200
+        sidecar = in_front_of(url, start_sidecar)
         body = {"model": "fake", "messages": MESSAGES, "stream": True, "stream_options": {"include_usage": True}}
-        raw = httpx.post(f"{sidecar.url}/v1/chat/completions", json=body, headers=headers, timeout=30).content
+        raw = httpx.post(f"{sidecar.url}/v1/chat/completions", json=body, headers=AUTH, timeout=30).content
         performance = json.loads(events(raw)[-2].removeprefix(b"data: "))["usage"]["performance"]
         assert performance["completion_tokens"] == 8 and performance["coalesced_events"] == 7
         assert (performance["tpot_ms"], performance["itl_ms"], performance["output_tokens_per_s"]) == (None, None, None)
