@@ -99,6 +99,7 @@ class Relays:
             exchange.timings = engine_timings(body) or header_timings(response)
             raw, performance = self.recorder.with_performance(exchange, body, now)
         else:
+            exchange.usage = _metadata_usage(response)
             exchange.timings = header_timings(response)
             performance = performance_header(exchange.performance or self.recorder.finish(exchange, now))
         headers.append((b"x-performance-metrics", performance))
@@ -366,6 +367,14 @@ def answer_too_large(exchange: Exchange, limit: int, what: str) -> BadGateway:
     return BadGateway(
         f"the engine's {what} is larger than SIDECAR_MAX_ANSWER_BYTES ({limit} bytes)", code="engine_answer_too_large"
     )
+
+
+def _metadata_usage(response: Response) -> dict[str, Any] | None:
+    """The usage of vLLM's embeddings as raw bytes (`encoding_format: "bytes"`), in the JSON of its `metadata`
+    header; None where an answer has no such header."""
+    metadata = response.header("metadata")
+    usage = (loads(metadata.encode("latin-1")) or {}).get("usage") if metadata else None
+    return usage if isinstance(usage, dict) else None
 
 
 async def _body_end(response: Response) -> None:

@@ -627,5 +627,6 @@ def test_an_answer_that_is_not_json_goes_as_it_is_and_is_measured_in_its_header(
         assert response.content == _FLOATS and response.headers["metadata"].startswith('{"usage"')
         performance = json.loads(response.headers["x-performance-metrics"])
         assert performance["latency_ms"] > 0 and performance["ttft_ms"] is None
+        assert performance["prompt_tokens"] == 2  # the usage in vLLM's metadata header
         record = httpx.get(f"{sidecar.url}/v1/requests/raw-floats-1", headers=AUTH, timeout=5).json()
         assert record["performance"] == performance
