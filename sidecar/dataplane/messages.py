@@ -1,4 +1,5 @@
-"""Anthropic's Messages API (`POST /v1/messages`, which vLLM serves beside OpenAI's), relayed and measured.
+"""Anthropic's Messages API (`POST /v1/messages`, which vLLM, SGLang and llama-server serve beside OpenAI's), relayed
+and measured.
 
 A stream's events pass through as the engine wrote them, each as soon as it is read. An event is output when it is
 a content block's delta with a non-empty text, thinking or tool input, or a tool call's start

@@ -208,9 +208,9 @@ class Proxy:
         await self._exchange(scope, receive, send, start_ns, Outgoing(payload, relay, listed=True, span=span))
 
     async def messages(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Anthropic's Messages API, for an engine whose adapter lists it (vLLM): the request as the client wrote it,
-        a stream relayed and measured event by event (`messages.py`), a whole answer with `usage.performance`, the
-        engine's errors in its own shape."""
+        """Anthropic's Messages API, for an engine whose adapter lists it (vLLM, SGLang, llama-server): the request as
+        the client wrote it, a stream relayed and measured event by event (`messages.py`), a whole answer with
+        `usage.performance`, the engine's errors in its own shape."""
         raw = await read_body(receive)
         body = json_object(raw)
         start_ns = time.perf_counter_ns()
