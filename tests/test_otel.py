@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -157,6 +158,34 @@ def test_a_streamed_response_is_a_chat_span_with_its_counts_and_first_token(
     [(event, at)] = span.events
     assert event == "gen_ai.first_token"
     assert (at - span.start_ns) / 1e6 == pytest.approx(performance["ttft_ms"], abs=0.01)
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_message_is_a_chat_span_with_its_stop_reason_counts_and_id(
+    stream: bool, traced: Callable[..., SidecarProcess], receiver: OtlpReceiver
+) -> None:
+    """Anthropic's Messages API in the conventions' terms: a chat, its stop reason the finish reason, its message's
+    id the response's, its counts from `message_start` and `message_delta` (or the whole answer's usage)."""
+    asked: Any = {"model": MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": "trace me"}]}
+    with anthropic.Anthropic(base_url=traced().url, api_key="no-key-needed", max_retries=0) as client:
+        if stream:
+            events = list(client.messages.create(**asked, stream=True))
+            message_id, usage = events[0].message.id, next(e.usage for e in events if e.type == "message_delta")
+        else:
+            answer = client.messages.create(**asked)
+            message_id, usage = answer.id, answer.usage
+    [span] = _spans(receiver, f"chat {MODEL}")
+    expected = {
+        "gen_ai.operation.name": "chat",
+        "gen_ai.request.max_tokens": 5,
+        "gen_ai.response.id": message_id,
+        "gen_ai.response.finish_reasons": ["max_tokens"],  # the mock's 8 tokens, cut at 5
+        "gen_ai.usage.input_tokens": usage.input_tokens,
+        "gen_ai.usage.output_tokens": 5,
+        "http.response.status_code": 200,
+    }
+    assert {name: span.attributes.get(name) for name in expected} == expected
+    assert (span.attributes.get("gen_ai.response.time_to_first_chunk") is not None) is stream
 
 
 def test_a_stream_without_the_engines_usage_chunk_still_says_why_it_ended(
