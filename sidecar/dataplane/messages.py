@@ -16,7 +16,6 @@ over an event without a name, as the OpenAI shape's is.
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from sidecar.dataplane.chunks import carries_measures, is_message_output
@@ -30,9 +29,8 @@ from sidecar.dataplane.exchange import (
     send_whole,
 )
 from sidecar.dataplane.recording import Recorder
-from sidecar.dataplane.relay import end_stream, start_stream
+from sidecar.dataplane.relay import end_stream, error_body, start_stream
 from sidecar.dataplane.upstream import Response
-from sidecar.dataplane.upstream_errors import UpstreamError
 from sidecar.errors import SidecarError
 from sidecar.settings import Settings
 
@@ -62,11 +60,7 @@ class MessagesRelay:
     async def error(self, exchange: Exchange, response: Response) -> None:
         """The engine's 4xx/5xx with its body as it wrote it: an Anthropic client reads Anthropic's error shape,
         where the chat routes' OpenAI shape would lose its type."""
-        try:
-            async with asyncio.timeout(self.settings.upstream_inter_token_timeout_s):
-                raw = await response.read(ERROR_BODY_LIMIT + 1)
-        except (TimeoutError, UpstreamError):
-            raw = b""
+        raw = await error_body(response, self.settings.upstream_inter_token_timeout_s, ERROR_BODY_LIMIT + 1)
         headers = response_headers(response)
         if len(raw) > ERROR_BODY_LIMIT:  # not cut into JSON that does not parse: said in the same shape
             raw = dumps(_error_body("api_error", f"the engine's error body is larger than {ERROR_BODY_LIMIT} bytes"))

@@ -66,11 +66,7 @@ class Relays:
 
     async def error(self, exchange: Exchange, response: Response) -> None:
         """The engine's 4xx/5xx: its status kept, its body in the OpenAI shape."""
-        try:
-            async with asyncio.timeout(self.settings.upstream_inter_token_timeout_s):
-                raw = await response.read(ERROR_BODY_LIMIT)
-        except (TimeoutError, UpstreamError):
-            raw = b""
+        raw = await error_body(response, self.settings.upstream_inter_token_timeout_s, ERROR_BODY_LIMIT)
         await send_engine_error(exchange, response, response.status, raw)
 
     async def whole(self, exchange: Exchange, response: Response) -> None:
@@ -294,6 +290,16 @@ class Relays:
             exchange.usage = chunk["usage"]
             if is_usage_chunk(chunk) and exchange.performance is None:
                 self.recorder.finish(exchange, now)  # the usage chunk ends the answer: [DONE] follows
+
+
+async def error_body(response: Response, timeout_s: float, limit: int) -> bytes:
+    """The first `limit` bytes of an engine's error body, or none where it is not whole within `timeout_s` or its
+    connection fails: the error's status is answered either way."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await response.read(limit)
+    except (TimeoutError, UpstreamError):
+        return b""
 
 
 async def start_stream(exchange: Exchange, response: Response) -> None:
