@@ -44,11 +44,16 @@ def _value(value: Any, raw_name: str) -> str:
     return text
 
 
+def _spelled(name: str) -> str:
+    """A flag's name as vLLM's parser reads it: without its dashes, `_` and `-` one."""
+    return name.lstrip("-").replace("_", "-")
+
+
 def _reserved_by(name: str, reserved: frozenset[str]) -> str | None:
     """The reserved flag that `name` would set: the flag itself, or a prefix of it, which Python's argparse (vLLM's,
     SGLang's, llama-cpp-python's parser) takes for the whole flag; `_` and `-` are one (vLLM reads both)."""
-    spelled = name.replace("_", "-")
-    return next((flag for flag in sorted(reserved) if flag.replace("_", "-").startswith(spelled)), None)
+    spelled = _spelled(name)
+    return next((flag for flag in sorted(reserved) if _spelled(flag).startswith(spelled)), None)
 
 
 def flags_from_args(
@@ -84,11 +89,6 @@ def flags_from_args(
         else:
             argv += [flag, _value(value, raw_name)]
     return argv
-
-
-def _spelled(name: str) -> str:
-    """A flag's name as vLLM's parser reads it: without its dashes, `_` and `-` one."""
-    return name.lstrip("-").replace("_", "-")
 
 
 def names_flag(args: Mapping[str, ArgValue], name: str) -> bool:
@@ -250,7 +250,7 @@ class EngineAdapter:
         argv = flags_from_args(args, self.list_style, reserved)
         if self.served_name_flag is not None:
             for raw_name in args:
-                if _reserved_by(raw_name.lstrip("-"), frozenset({self.served_name_flag})) is not None:
+                if _reserved_by(raw_name, frozenset({self.served_name_flag})) is not None:
                     message = f"flag --{self.served_name_flag} names the model: give the load's served_model_name"
                     raise AdapterError(message, f"args.{raw_name}")
         return argv
