@@ -43,6 +43,11 @@ class Stack:
         self.clients.close()
         self.sidecar.stop()
 
+    def record(self, request_id: str) -> dict[str, Any]:
+        """The sidecar's record of a request (`GET /v1/requests/{id}`), or {} while it has none."""
+        response = httpx.get(f"{self.url}/v1/requests/{request_id}", headers=AUTH)
+        return response.json() if response.status_code == 200 else {}  # type: ignore[no-any-return]
+
     def engine_stats(self) -> dict[str, int]:
         stats: dict[str, int] = httpx.get(f"{self.engine_url}/mock/stats").json()
         return stats

@@ -23,11 +23,6 @@ from tests.proxy.conftest import AUTH, KEY, MESSAGES, MODEL, Stack, events, in_f
 CHAT = "/v1/chat/completions"
 
 
-def _record(stack: Stack, request_id: str) -> dict[str, Any]:
-    response = httpx.get(f"{stack.url}/v1/requests/{request_id}", headers=AUTH)
-    return response.json() if response.status_code == 200 else {}
-
-
 def test_client_leaving_a_stream_cancels_the_engines_request(stack: Stack) -> None:
     before = stack.engine_stats()["cancelled"]
     body = {"model": MODEL, "messages": MESSAGES, "stream": True, "mock": {"ttft_ms": 0, "itl_ms": 50, "tokens": 400}}
@@ -39,7 +34,7 @@ def test_client_leaving_a_stream_cancels_the_engines_request(stack: Stack) -> No
             if count == 6:
                 break  # leaves with about 20 seconds of tokens still to come
     wait_until(lambda: stack.engine_stats()["cancelled"] == before + 1, timeout_s=2)
-    wait_until(lambda: _record(stack, "leaving-1").get("client_disconnected") is True, timeout_s=2)
+    wait_until(lambda: stack.record("leaving-1").get("client_disconnected") is True, timeout_s=2)
     assert stack.engine_stats()["in_flight"] == 0
 
 

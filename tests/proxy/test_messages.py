@@ -5,7 +5,6 @@ answers and the engine's errors as it wrote them."""
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import anthropic
 import httpx
@@ -24,11 +23,6 @@ def _client(stack: Stack) -> anthropic.Anthropic:
 
 def _direct(stack: Stack) -> anthropic.Anthropic:
     return anthropic.Anthropic(base_url=stack.engine_url, auth_token=stack.engine_key, max_retries=0, timeout=30)
-
-
-def _record(stack: Stack, request_id: str) -> dict[str, Any]:
-    response = httpx.get(f"{stack.url}/v1/requests/{request_id}", headers=AUTH)
-    return response.json() if response.status_code == 200 else {}
 
 
 def test_a_streamed_message_is_the_engines_timed_as_its_output_with_performance_in_message_delta(
@@ -59,8 +53,8 @@ def test_a_streamed_message_is_the_engines_timed_as_its_output_with_performance_
     assert performance["completion_tokens"] == ending.usage.output_tokens == 6  # type: ignore[union-attr]
     assert "tokens_estimated" not in performance and performance["model"] == MODEL
 
-    wait_until(lambda: _record(stack, "messages-stream-1").get("status") == 200, timeout_s=5)
-    assert _record(stack, "messages-stream-1")["performance"] == performance
+    wait_until(lambda: stack.record("messages-stream-1").get("status") == 200, timeout_s=5)
+    assert stack.record("messages-stream-1")["performance"] == performance
     labels = (("engine", "mock"), ("model", MODEL), ("route", PATH), ("status", "2xx"))
     assert samples(stack)[("sidecar_requests_total", labels)] == before.get(("sidecar_requests_total", labels), 0) + 1
 
@@ -90,7 +84,7 @@ def test_the_engines_error_goes_back_in_its_own_shape_which_the_sdk_reads(stack:
         "error": {"type": "invalid_request_error", "message": "'max_tokens' must be a positive integer"},
     }
     request_id = raised.value.response.headers["x-request-id"]
-    wait_until(lambda: _record(stack, request_id).get("status") == 400, timeout_s=5)
+    wait_until(lambda: stack.record(request_id).get("status") == 400, timeout_s=5)
 
 
 def test_an_engine_gone_mid_stream_is_an_error_the_sdk_raises(stack: Stack) -> None:
@@ -104,7 +98,7 @@ def test_an_engine_gone_mid_stream_is_an_error_the_sdk_raises(stack: Stack) -> N
             if event.type == "content_block_delta":
                 texts.append(event.delta.text)  # type: ignore[union-attr]
     assert len(texts) == 3
-    wait_until(lambda: _record(stack, "messages-dropped-1").get("error") == "engine_error", timeout_s=5)
+    wait_until(lambda: stack.record("messages-dropped-1").get("error") == "engine_error", timeout_s=5)
 
 
 def test_a_bad_stream_field_is_the_clients_400_before_the_engine(stack: Stack) -> None:

@@ -22,11 +22,6 @@ def _timeless(event: str) -> str:
     return re.sub(r'"created_at":\s*\d+', '"created_at":0', event)
 
 
-def _record(stack: Stack, request_id: str) -> dict[str, Any]:
-    response = httpx.get(f"{stack.url}/v1/requests/{request_id}", headers=AUTH)
-    return response.json() if response.status_code == 200 else {}
-
-
 def test_a_streamed_response_is_the_engines_timed_as_its_output_with_performance_at_its_end(stack: Stack) -> None:
     mock = {"ttft_ms": 150, "itl_ms": 20, "tokens": 6}
     request = {"model": MODEL, "input": "what time is it", "stream": True, "extra_body": {"mock": mock}}
@@ -51,8 +46,8 @@ def test_a_streamed_response_is_the_engines_timed_as_its_output_with_performance
     for mine, its in zip(proxied[:-1], direct[:-1], strict=True):
         assert _timeless(mine.model_dump_json()) == _timeless(its.model_dump_json())
 
-    wait_until(lambda: _record(stack, "responses-stream-1").get("status") == 200, timeout_s=5)
-    assert _record(stack, "responses-stream-1")["performance"] == performance
+    wait_until(lambda: stack.record("responses-stream-1").get("status") == 200, timeout_s=5)
+    assert stack.record("responses-stream-1")["performance"] == performance
 
 
 def _whole(stack: Stack, request_id: str, **body: Any) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
@@ -120,7 +115,7 @@ def test_a_client_leaving_a_streamed_response_cancels_the_engines_request(stack:
             if count == 20:
                 break  # leaves with about 20 seconds of deltas still to come
     wait_until(lambda: stack.engine_stats()["cancelled"] == before + 1, timeout_s=2)
-    wait_until(lambda: _record(stack, "responses-leaving-1").get("client_disconnected") is True, timeout_s=2)
+    wait_until(lambda: stack.record("responses-leaving-1").get("client_disconnected") is True, timeout_s=2)
 
 
 @pytest.mark.parametrize("body", [{"input": "x", "stream": "yes"}, {"input": "x", "stream_options": 3}])
