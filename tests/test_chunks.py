@@ -129,6 +129,16 @@ def test_assembler_builds_tool_calls_reasoning_and_logprobs() -> None:
     }
 
 
+def test_assembler_names_logprobs_only_where_the_engines_chunks_do() -> None:
+    """llama-server's chunks leave `logprobs` out when the request did not ask, and so does its whole answer."""
+    assembler = Assembler(chat=True)
+    for choice in ({"index": 0, "delta": {"content": "hi"}}, {"index": 0, "delta": {}, "finish_reason": "length"}):
+        assembler.add({"id": "x", "choices": [choice]})
+    assert assembler.result()["choices"] == [
+        {"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "length"}
+    ]
+
+
 def test_assembler_concatenates_completion_logprobs_per_choice() -> None:
     assembler = Assembler(chat=False)
     for index, text in ((1, "b"), (0, "a"), (1, "c")):

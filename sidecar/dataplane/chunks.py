@@ -131,6 +131,9 @@ class _Choice:
         # time, and a tool call of 400 KB streamed 3 characters at a time took 2 s of the event loop that way.
         self.arguments: dict[int, list[str]] = {}
         self.logprobs: dict[str, list[Any]] | None = None
+        # Whether the engine's chunks name `logprobs` at all (vLLM's say null, llama-server's leave it out unasked):
+        # its whole answers do as its chunks do.
+        self.logprobs_named = False
         self.token_ids: list[Any] | None = None
         self.finish_reason: Any = None
         self.extra: dict[str, Any] = {}  # engine-specific choice fields (vLLM's stop_reason): last value wins
@@ -143,6 +146,8 @@ class _Choice:
         if isinstance(text, str):
             self.text.append(text)
         logprobs = choice.get("logprobs")
+        if "logprobs" in choice:
+            self.logprobs_named = True
         if isinstance(logprobs, dict):
             # Chat: {"content": [...]}; completions: {"tokens": [...], "token_logprobs": [...], ...}. Lists concatenate.
             merged = self.logprobs if self.logprobs is not None else {}
@@ -195,11 +200,17 @@ class _Choice:
             for index, parts in self.arguments.items():
                 self.tool_calls[index]["function"]["arguments"] = "".join(parts)
             message["tool_calls"] = [self.tool_calls[i] for i in sorted(self.tool_calls)]
-        return {"index": self.index, "message": message, "logprobs": self.logprobs, "finish_reason": self.finish_reason}
+        return self._result("message", message)
 
     def completion_result(self) -> dict[str, Any]:
-        text = "".join(self.text)
-        return {"index": self.index, "text": text, "logprobs": self.logprobs, "finish_reason": self.finish_reason}
+        return self._result("text", "".join(self.text))
+
+    def _result(self, name: str, value: Any) -> dict[str, Any]:
+        result = {"index": self.index, name: value}
+        if self.logprobs_named:
+            result["logprobs"] = self.logprobs
+        result["finish_reason"] = self.finish_reason
+        return result
 
     def extra_result(self) -> dict[str, Any]:
         return self.extra if self.token_ids is None else self.extra | {"token_ids": self.token_ids}
