@@ -262,16 +262,18 @@ class Relays:
         return b"data: " + dumps(chunk | {"usage": usage}) + b"\n\n"
 
     async def _counted_usage_event(self, exchange: Exchange, out: list[bytes], last_data: bytes, now: int) -> bytes:
-        """The usage chunk the client asked for and the engine did not send (llama-cpp-python ignores
-        `stream_options`): the streamed tokens and the prompt counted. The events read before it (`out`) go to
-        the client first when the prompt's count is awaited: events are never held back."""
+        """The usage chunk the client asked for and the engine did not send: llama-server puts a completion's usage
+        in its last choice's chunk, which goes as it came, and this chunk repeats it; llama-cpp-python ignores
+        `stream_options`, and this chunk has the streamed tokens and the prompt counted. The events read before
+        it (`out`) go to the client first when the prompt's count is awaited: events are never held back."""
         if exchange.prompt_count is not None and out:
             await exchange.send({"type": "http.response.body", "body": b"".join(out), "more_body": True})
             out.clear()
         last = loads(last_data) or {}
         chunk = {key: last[key] for key in ("id", "object", "created", "model", "system_fingerprint") if key in last}
+        engines_usage = exchange.usage
         performance = await self.recorder.finish_counted(exchange, now)
-        usage = self.recorder.counted_usage(exchange) | {"performance": performance}
+        usage = (engines_usage or self.recorder.counted_usage(exchange)) | {"performance": performance}
         return b"data: " + dumps(chunk | {"choices": [], "usage": usage}) + b"\n\n"
 
     def _measure_parsed(self, exchange: Exchange, chunk: dict[str, Any], now: int) -> None:

@@ -256,6 +256,47 @@ class _OneWriteEngine(FakeEngine):
         return True
 
 
+class _UsageInTheLastChoiceEngine(FakeEngine):
+    """llama-server's completion stream: its usage in the chunk with the last choice, whether asked for or not, and no
+    usage chunk of its own."""
+
+    base = {"id": "cmpl-1", "object": "text_completion", "created": 1, "model": "fake"}
+    usage: Any = {"completion_tokens": 2, "prompt_tokens": 4, "total_tokens": 6}
+    usage["prompt_tokens_details"] = {"cached_tokens": 3}
+    chunks = [
+        base | {"choices": [{"text": "a", "index": 0, "logprobs": None, "finish_reason": None}]},
+        base | {"choices": [{"text": "b", "index": 0, "logprobs": None, "finish_reason": "length"}], "usage": usage},
+    ]
+
+    def chat(self) -> bool:
+        body = b"".join(b"data: " + json.dumps(c).encode() + b"\n\n" for c in self.chunks) + b"data: [DONE]\n\n"
+        self.send(b"text/event-stream", body)
+        return True
+
+
+def test_usage_an_engine_puts_in_its_last_choice_comes_in_the_usage_chunk_asked_for(
+    start_sidecar: Callable[..., SidecarProcess],
+) -> None:
+    """The engine's events go as they came; the usage chunk the client asked for repeats the engine's own usage,
+    every field of it, with `performance`: not a count of the events."""
+    with serving(_UsageInTheLastChoiceEngine) as url:
+        sidecar = in_front_of(url, start_sidecar)
+        body = {"model": "fake", "prompt": "hi", "stream": True}
+        for asked in (True, False):
+            options = {"stream_options": {"include_usage": True}} if asked else {}
+            raw = httpx.post(f"{sidecar.url}/v1/completions", json=body | options, headers=AUTH, timeout=30).content
+            sent = [json.loads(e.removeprefix(b"data: ")) for e in events(raw)[:-1]]
+            assert sent[:2] == _UsageInTheLastChoiceEngine.chunks and events(raw)[-1] == b"data: [DONE]"
+            if not asked:  # the engine's stream, as it would have answered the client
+                assert len(sent) == 2
+                continue
+            assert len(sent) == 3 and sent[2]["choices"] == [] and sent[2]["id"] == "cmpl-1"
+            performance = sent[2]["usage"].pop("performance")
+            assert sent[2]["usage"] == _UsageInTheLastChoiceEngine.usage
+            assert (performance["prompt_tokens"], performance["completion_tokens"]) == (4, 2)
+            assert "tokens_estimated" not in performance
+
+
 def test_events_arriving_together_are_reported_as_coalesced_not_as_zero_gaps(
     start_sidecar: Callable[..., SidecarProcess],
 ) -> None:
