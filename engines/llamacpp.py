@@ -28,7 +28,7 @@ class LlamaCppAdapter(EngineAdapter):
     served_name_flag = "alias"
     # Its flags' variables: the address, the model, the served name.
     reserved_env = frozenset({"LLAMA_ARG_HOST", "LLAMA_ARG_PORT", "LLAMA_ARG_MODEL", "LLAMA_ARG_ALIAS"})
-    key_env = "LLAMA_API_KEY"  # guards every path but /health, /models and /v1/models
+    key_env = "LLAMA_API_KEY"  # guards every path but /health (older builds: /models and /v1/models too)
     load_series = LLAMA_SERVER_LOAD
     # Anthropic's Messages API: since 2025-11 (llama.cpp's pull request 17570).
     data_paths = ("GET /v1/models", "POST /v1/rerank", "POST /v1/messages", "POST /v1/messages/count_tokens")
