@@ -226,10 +226,11 @@ async def handle_http_exception(request: Request, exc: Exception) -> Response:
 
 
 _ENGINE_MESSAGE_LIMIT = 2000
+_OPENAI_ERROR_FIELDS = frozenset({"message", "type", "param", "code"})
 
 
 def engine_error_body(status: int, raw: bytes) -> dict[str, Any]:
-    """An engine's own error response in the OpenAI shape, its message kept.
+    """An engine's own error response in the OpenAI shape, its message kept, and the fields it adds to those four.
 
     Engines answer `{"error": {...}}` (OpenAI, llama.cpp, newer vLLM), `{"object": "error", "message": ...,
     "code": 400}` (older vLLM), `{"error": "...", "error_type": "..."}` (TGI), or plain text.
@@ -241,8 +242,12 @@ def engine_error_body(status: int, raw: bytes) -> dict[str, Any]:
         value = None
     if isinstance(value, dict):
         inner = value.get("error")
+        beside: dict[str, Any] = {}
         if isinstance(inner, dict):
             value = inner
+            # What the engine says beside OpenAI's four stays (llama-server's n_prompt_tokens and n_ctx for a prompt
+            # past its context): a client of that engine may read it, the SDKs pass over it.
+            beside = {key: field for key, field in inner.items() if key not in _OPENAI_ERROR_FIELDS}
         elif isinstance(inner, str):  # TGI
             value = {"message": inner, "type": value.get("error_type")}
         message = value.get("message") if isinstance(value.get("message"), str) else None
@@ -252,12 +257,14 @@ def engine_error_body(status: int, raw: bytes) -> dict[str, Any]:
             error_type = value.get("type")
             param = value.get("param")
             code = value.get("code")
-            return error_body(
+            body = error_body(
                 message,
                 error_type if isinstance(error_type, str) and error_type else default_type,
                 param=param if isinstance(param, str) else None,
                 # OpenAI's code is a string; vLLM and llama.cpp put the HTTP status there, which the status says.
                 code=code if isinstance(code, str) else None,
             )
+            body["error"] |= beside
+            return body
     text = raw.decode(errors="replace").strip()[:_ENGINE_MESSAGE_LIMIT] or f"the engine answered {status}"
     return error_body(text, default_type)

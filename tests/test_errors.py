@@ -164,6 +164,23 @@ def test_engine_errors_are_brought_to_the_openai_shape(
     assert (error["message"], error["type"], error["param"], error["code"]) == expected
 
 
+def test_what_an_engine_says_beside_openais_fields_is_kept() -> None:
+    raw = (
+        b'{"error":{"code":400,"message":"request (2024 tokens) exceeds the available context size (256 tokens)",'
+        b'"type":"exceed_context_size_error","n_prompt_tokens":2024,"n_ctx":256}}'
+    )
+    assert engine_error_body(400, raw)["error"] == {
+        "message": "request (2024 tokens) exceeds the available context size (256 tokens)",
+        "type": "exceed_context_size_error",
+        "param": None,
+        "code": None,
+        "n_prompt_tokens": 2024,
+        "n_ctx": 256,
+    }
+    flat = b'{"object":"error","message":"too large","type":"BadRequestError","param":null,"code":400}'  # older vLLM
+    assert set(engine_error_body(400, flat)["error"]) == {"message", "type", "param", "code"}
+
+
 def test_every_error_code_the_sidecar_makes_is_in_the_reference() -> None:
     """Clients branch on `code`: each one the code can make (an error class's default, or one passed by name) is
     named in docs/ (reliability's and the control plane's error tables, or beside the feature that makes it)."""

@@ -247,6 +247,22 @@ def test_anthropics_messages_api_streamed_and_whole_with_its_sdk(llama: LlamaSer
     assert counted.input_tokens == chat["usage"]["prompt_tokens"]
 
 
+def test_a_prompt_past_the_context_is_its_own_400_with_its_figures(llama: LlamaServer) -> None:
+    """llama-server refuses it before any work, saying how long the prompt was and the context: the chat's error
+    in the OpenAI shape with its figures kept, streamed or not; the Messages API's as it wrote it."""
+    long: Any = [{"role": "user", "content": "clock " * 1000}]
+    for stream in (False, True):
+        body = {"model": SERVED, "messages": long, "max_tokens": 4, "stream": stream}
+        answer = httpx.post(f"{llama.sidecar.url}/v1/chat/completions", json=body, headers=bearer(API_KEY), timeout=60)
+        assert answer.status_code == 400, answer.text
+        error = answer.json()["error"]
+        assert (error["type"], error["code"], error["n_ctx"]) == ("exceed_context_size_error", None, CONTEXT)
+        assert error["n_prompt_tokens"] > CONTEXT and "exceeds the available context size" in error["message"]
+    with pytest.raises(anthropic.BadRequestError) as raised:
+        llama.anthropic().messages.create(model=SERVED, messages=long, max_tokens=4)
+    assert isinstance(raised.value.body, dict) and raised.value.body["error"]["n_ctx"] == CONTEXT
+
+
 def test_the_engines_load_is_read_under_the_sidecars_names(llama: LlamaServer) -> None:
     """llama-server's requests processing is the sidecar's running gauge while a stream is at the engine. (Its
     KV cache gauge is gone from llama.cpp since its pull request 13660: none is made up.)"""
