@@ -43,6 +43,8 @@ ADMIN_KEY = "llama-server-admin-key-4567"
 SERVED = "tiny-llama-server"
 MESSAGES: Any = [{"role": "user", "content": "Name three clocks."}]
 CONTEXT = 4096
+# Embeddings beside generation: llama-server serves both with a pooling type OpenAI's API can return.
+ARGS = {"ctx-size": CONTEXT, "embeddings": True, "pooling": "mean"}
 NO_CACHE = {"cache_prompt": False}  # llama-server's own: the prompt evaluated afresh, its counts the same each time
 # Client and sidecar clocks differ by the loopback hop and the SDK's parsing: bounded even on a loaded machine.
 CLOCK_TOLERANCE_MS = 250
@@ -93,7 +95,7 @@ def llama(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlamaServer]:
     sidecar = SidecarProcess(workdir, settings)
     try:
         sidecar.wait_healthy()
-        body = {"engine": "llamacpp", "model": str(model), "served_model_name": SERVED, "args": {"ctx-size": CONTEXT}}
+        body = {"engine": "llamacpp", "model": str(model), "served_model_name": SERVED, "args": ARGS}
         response = httpx.post(
             f"{sidecar.url}/v1/model/load",
             json=body | {"wait": True, "startup_timeout_s": 120},
@@ -116,6 +118,7 @@ def test_loaded_with_its_key_in_its_environment_alone(llama: LlamaServer) -> Non
     engine = group_members(llama.loaded["pid"])[0]
     command = " ".join(engine.cmdline())
     assert command.startswith(str(LLAMA_SERVER)) and "--metrics" in command and f"--alias {SERVED}" in command
+    assert "--embeddings --pooling mean" in command
     key = engine_key(llama.loaded["pid"], "LLAMA_API_KEY")
     assert key not in command and API_KEY not in command
     assert API_KEY not in json.dumps(engine.environ()) and ADMIN_KEY not in json.dumps(engine.environ())
@@ -245,6 +248,20 @@ def test_anthropics_messages_api_streamed_and_whole_with_its_sdk(llama: LlamaSer
     assert (header["prompt_tokens"], header["completion_tokens"]) == (chat["usage"]["prompt_tokens"], 12)
     counted = client.messages.count_tokens(model=SERVED, messages=MESSAGES)
     assert counted.input_tokens == chat["usage"]["prompt_tokens"]
+
+
+def test_embeddings_are_its_own_with_their_usage_measured(llama: LlamaServer) -> None:
+    raw = llama.client().embeddings.with_raw_response.create(model=SERVED, input=["a clock", "two clocks ticking"])
+    through = raw.parse()
+    own = llama.own("/v1/embeddings", {"model": SERVED, "input": ["a clock", "two clocks ticking"]})
+    assert [item.embedding for item in through.data] == [item["embedding"] for item in own["data"]]
+    performance = json.loads(raw.headers["x-performance-metrics"])
+    assert through.usage.model_dump()["performance"] == performance
+    assert (through.usage.prompt_tokens, through.usage.total_tokens) == (
+        own["usage"]["prompt_tokens"],
+        own["usage"]["total_tokens"],
+    )
+    assert performance["prompt_tokens"] == own["usage"]["prompt_tokens"] > 0 and performance["latency_ms"] > 0
 
 
 def test_a_prompt_past_the_context_is_its_own_400_with_its_figures(llama: LlamaServer) -> None:
