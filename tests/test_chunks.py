@@ -11,6 +11,7 @@ from sidecar.dataplane.chunks import (
     Assembler,
     carries_measures,
     carries_output,
+    choices_usage,
     has_output,
     is_response_output,
     is_usage_chunk,
@@ -137,6 +138,15 @@ def test_assembler_names_logprobs_only_where_the_engines_chunks_do() -> None:
     assert assembler.result()["choices"] == [
         {"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "length"}
     ]
+
+
+def test_the_usages_of_choices_reported_apart_add_up_their_completions() -> None:
+    first = {"completion_tokens": 3, "prompt_tokens": 5, "total_tokens": 8}
+    second = {"completion_tokens": 4, "prompt_tokens": 5, "total_tokens": 9, "prompt_tokens_details": {"x": 1}}
+    assert choices_usage(None, first) == first
+    assert choices_usage(first, second) == second | {"completion_tokens": 7, "total_tokens": 12}
+    assert choices_usage(first, second | {"prompt_tokens": None})["total_tokens"] is None
+    assert choices_usage({"completion_tokens": None}, second) == second  # no count to add to
 
 
 def test_assembler_concatenates_completion_logprobs_per_choice() -> None:

@@ -58,6 +58,18 @@ def is_usage_chunk(chunk: dict[str, Any]) -> bool:
     return isinstance(chunk.get("usage"), dict) and not chunk.get("choices")
 
 
+def choices_usage(earlier: dict[str, Any] | None, latest: dict[str, Any]) -> dict[str, Any]:
+    """The usage of an answer of several choices whose engine sends a usage chunk for each (llama-server: each
+    choice's, with the whole prompt's count): the completions' tokens added up, the prompt's counted once."""
+    before = (earlier or {}).get("completion_tokens")
+    completion = latest.get("completion_tokens")
+    if not isinstance(before, int) or not isinstance(completion, int):
+        return latest
+    prompt = latest.get("prompt_tokens")
+    total = prompt + before + completion if isinstance(prompt, int) else None
+    return latest | {"completion_tokens": before + completion, "total_tokens": total}
+
+
 # -- the Responses API's events ----------------------------------------------------------------------------
 
 # An event carrying generated output: a delta (of text, reasoning, a refusal, a tool call's arguments) whose `delta`

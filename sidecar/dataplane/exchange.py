@@ -16,6 +16,7 @@ from starlette.types import Message, Scope, Send
 
 from sidecar import request_state
 from sidecar.control.engine import Engine
+from sidecar.dataplane.chunks import choices_usage
 from sidecar.dataplane.performance import PerformanceMeter
 from sidecar.dataplane.upstream import Response
 from sidecar.errors import BadRequest, EngineLoop, SidecarError
@@ -134,6 +135,14 @@ def header_timings(response: Response) -> dict[str, Any] | None:
             except ValueError:
                 timings[lower] = value
     return timings or None
+
+
+def metadata_usage(response: Response) -> dict[str, Any] | None:
+    """The usage of vLLM's embeddings as raw bytes (`encoding_format: "bytes"`), in the JSON of its `metadata`
+    header; None where an answer has no such header."""
+    metadata = response.header("metadata")
+    usage = (loads(metadata.encode("latin-1")) or {}).get("usage") if metadata else None
+    return usage if isinstance(usage, dict) else None
 
 
 async def send_whole(exchange: Exchange, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
@@ -268,7 +277,11 @@ class Exchange:
     deadline: Deadline
     client_usage: bool = False  # the client asked for the usage chunk
     several_choices: bool = False
+    # With several choices: the indexes whose finish_reason has not come yet. The answer ends when none is left.
+    choices_left: set[int] | None = None
+    usage_chunks: int = 0  # usage-only chunks read: llama-server sends one a choice
     usage: dict[str, Any] | None = None
+    ended_usage: dict[str, Any] | None = None  # several choices: the usages read in the chunks where choices end
     timings: dict[str, Any] | None = None
     performance: Performance | None = None
     status: int | None = None
@@ -283,6 +296,30 @@ class Exchange:
     failure: tuple[str, int | None] | None = None
     finish_reasons: list[str] | None = None  # from the chunks parsed on the way
     final_events: tuple[bytes | dict[str, Any], ...] = ()
+
+    def note_usage(self, usage: dict[str, Any], usage_only: bool, ended: bool) -> bool:
+        """The usage of a chunk (`usage_only`: the chunk `include_usage` adds; `ended`: one where a choice ends),
+        kept; whether it ends the answer.
+
+        With several choices, vLLM's one usage chunk comes once every choice has ended, with the whole answer's
+        usage. llama-server reports each choice's apart, with the whole prompt's count: a chat in a usage chunk
+        for each choice, a completion in the chunk where the choice ends. Those add up (`choices_usage`)."""
+        left = self.choices_left
+        if not usage_only:
+            self.usage = usage
+            if ended and left is not None:
+                self.ended_usage = choices_usage(self.ended_usage, usage)
+            return False
+        self.usage_chunks += 1
+        self.usage = choices_usage(self.usage, usage) if self.usage_chunks > 1 and left is not None else usage
+        return not left
+
+    def measured_usage(self) -> dict[str, Any] | None:
+        """The usage `performance` counts: the engine's, its choices' added up where it reported them apart in
+        the chunks where they end, and no usage chunk came for them all."""
+        if self.usage_chunks == 0 and self.ended_usage is not None:
+            return self.ended_usage
+        return self.usage
 
 
 class ClientWatch:

@@ -46,7 +46,7 @@ class Recorder:
         gpu_peak, gpu_delta = self.telemetry.gpu_memory(exchange.gpu_window)
         exchange.performance = exchange.meter.result(
             end_ns,
-            exchange.usage,
+            exchange.measured_usage(),
             engine=engine.adapter.name,
             model=engine.served_model,
             engine_timings=exchange.timings,
@@ -79,9 +79,12 @@ class Recorder:
         return {"prompt_tokens": prompt, "completion_tokens": tokens, "total_tokens": total}
 
     def with_performance(self, exchange: Exchange, body: dict[str, Any], now: int) -> tuple[bytes, bytes]:
-        """The body with `usage.performance`, and the same object for the X-Performance-Metrics header."""
+        """The body with `usage.performance`, and the same object for the X-Performance-Metrics header. An answer
+        assembled keeps the usage the engine streamed last, as its own whole answer has it (llama-server's of one
+        choice, where `performance` counts them all)."""
         performance = exchange.performance or self.finish(exchange, now)
-        body["usage"] = (exchange.usage or {}) | {"performance": performance}
+        usage = body.get("usage")
+        body["usage"] = (usage if isinstance(usage, dict) else exchange.usage or {}) | {"performance": performance}
         return dumps(body), performance_header(performance)
 
     def record(self, exchange: Exchange, ended_ns: int) -> None:

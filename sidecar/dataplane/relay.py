@@ -34,6 +34,7 @@ from sidecar.dataplane.exchange import (
     dumps,
     header_timings,
     loads,
+    metadata_usage,
     response_headers,
     send_now,
     send_whole,
@@ -95,7 +96,7 @@ class Relays:
             exchange.timings = engine_timings(body) or header_timings(response)
             raw, performance = self.recorder.with_performance(exchange, body, now)
         else:
-            exchange.usage = _metadata_usage(response)
+            exchange.usage = metadata_usage(response)
             exchange.timings = header_timings(response)
             performance = performance_header(exchange.performance or self.recorder.finish(exchange, now))
         headers.append((b"x-performance-metrics", performance))
@@ -233,7 +234,7 @@ class Relays:
                                             return answer_too_large(exchange, limit, "assembled answer")
                                         assembler.add(parsed)
                                     elif is_usage_chunk(parsed):
-                                        raw = self._usage_event(exchange, parsed)
+                                        raw = self._usage_event(exchange, parsed, raw)
                             elif has_output(data):
                                 meter.output(now)
                         if raw is not None and assembler is None:
@@ -254,10 +255,13 @@ class Relays:
         finally:
             response.hand_reads_to(None)  # the handler holds this frame, which holds the response: no cycle left
 
-    def _usage_event(self, exchange: Exchange, chunk: dict[str, Any]) -> bytes | None:
-        """The usage chunk for the client: with `usage.performance`, or none when only the sidecar asked."""
-        if not exchange.client_usage or exchange.performance is None:
+    def _usage_event(self, exchange: Exchange, chunk: dict[str, Any], raw: bytes | None) -> bytes | None:
+        """The usage chunk for the client: with `usage.performance`, or none when only the sidecar asked. A usage
+        chunk read while other choices go on (llama-server sends one a choice) goes as the engine wrote it."""
+        if not exchange.client_usage:
             return None
+        if exchange.performance is None:
+            return raw
         usage = chunk["usage"] | {"performance": exchange.performance}
         return b"data: " + dumps(chunk | {"usage": usage}) + b"\n\n"
 
@@ -278,19 +282,24 @@ class Relays:
 
     def _measure_parsed(self, exchange: Exchange, chunk: dict[str, Any], now: int) -> None:
         meter = exchange.meter
+        left = exchange.choices_left
+        ended = False
         for choice in chunk.get("choices") or ():
+            index = choice.get("index", 0) if left is not None else 0
             if choice_has_output(choice):
-                meter.output(now, choice.get("index", 0) if exchange.several_choices else 0)
-        if exchange.span is not None:  # for the trace: why each choice ended
-            reasons = finish_reasons(chunk)
-            if reasons:
-                exchange.finish_reasons = (exchange.finish_reasons or []) + reasons
+                meter.output(now, index)
+            if choice.get("finish_reason") is not None:
+                ended = True
+                if left is not None:
+                    left.discard(index)
+        if ended and exchange.span is not None:  # for the trace: why each choice ended
+            exchange.finish_reasons = (exchange.finish_reasons or []) + finish_reasons(chunk)
         timings = engine_timings(chunk)
         if timings is not None:
             exchange.timings = timings
-        if isinstance(chunk.get("usage"), dict):
-            exchange.usage = chunk["usage"]
-            if is_usage_chunk(chunk) and exchange.performance is None:
+        usage = chunk.get("usage")
+        if isinstance(usage, dict) and exchange.note_usage(usage, is_usage_chunk(chunk), ended):
+            if exchange.performance is None:
                 self.recorder.finish(exchange, now)  # the usage chunk ends the answer: [DONE] follows
 
 
@@ -375,14 +384,6 @@ def answer_too_large(exchange: Exchange, limit: int, what: str) -> BadGateway:
     return BadGateway(
         f"the engine's {what} is larger than SIDECAR_MAX_ANSWER_BYTES ({limit} bytes)", code="engine_answer_too_large"
     )
-
-
-def _metadata_usage(response: Response) -> dict[str, Any] | None:
-    """The usage of vLLM's embeddings as raw bytes (`encoding_format: "bytes"`), in the JSON of its `metadata`
-    header; None where an answer has no such header."""
-    metadata = response.header("metadata")
-    usage = (loads(metadata.encode("latin-1")) or {}).get("usage") if metadata else None
-    return usage if isinstance(usage, dict) else None
 
 
 async def _body_end(response: Response) -> None:

@@ -250,6 +250,33 @@ def test_anthropics_messages_api_streamed_and_whole_with_its_sdk(llama: LlamaSer
     assert counted.input_tokens == chat["usage"]["prompt_tokens"]
 
 
+def test_several_choices_are_all_counted_where_it_reports_each_apart(llama: LlamaServer) -> None:
+    """With `n`, llama-server reports each choice's usage apart (a chat's in a usage chunk for each, a completion's
+    in the chunk where the choice ends) and its whole answer has one choice's: `performance` counts them all, at
+    the end of the last; the rest goes as llama-server wrote it."""
+    client = llama.client()
+    fields: Any = {"model": SERVED, "max_tokens": 8, "n": 2, "temperature": 1}
+    chat = list(
+        client.chat.completions.create(**fields, messages=MESSAGES, stream=True, stream_options={"include_usage": True})
+    )
+    usages = [c.usage.model_dump() for c in chat if c.usage is not None]
+    assert len(usages) == 2 and usages[0]["completion_tokens"] == usages[1]["completion_tokens"] == 8
+    assert "performance" not in usages[0] and usages[1]["performance"]["completion_tokens"] == 16
+    assert {len("".join(c.choices[0].delta.content or "" for c in chat if c.choices and c.choices[0].index == i))
+            for i in (0, 1)} == {8}  # fmt: skip
+
+    text = list(client.completions.create(**fields, prompt="tick", stream=True, stream_options={"include_usage": True}))
+    usages = [c.usage.model_dump() for c in text if c.usage is not None]
+    assert [u["completion_tokens"] for u in usages] == [8, 8, 8]  # the two choices' own, then the sidecar's chunk
+    assert text[-1].choices == [] and usages[-1]["performance"]["completion_tokens"] == 16
+
+    for path, asked in (("/v1/chat/completions", {"messages": MESSAGES}), ("/v1/completions", {"prompt": "tick"})):
+        own, through = llama.own(path, fields | asked), llama.through(path, fields | asked)
+        performance = through["usage"].pop("performance")
+        assert through["usage"]["completion_tokens"] == own["usage"]["completion_tokens"] == 8  # its own words
+        assert performance["completion_tokens"] == 16 and len(through["choices"]) == 2
+
+
 def test_embeddings_are_its_own_with_their_usage_measured(llama: LlamaServer) -> None:
     raw = llama.client().embeddings.with_raw_response.create(model=SERVED, input=["a clock", "two clocks ticking"])
     through = raw.parse()

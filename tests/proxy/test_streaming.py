@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -139,6 +140,60 @@ def test_several_choices_are_measured_per_choice(stack: Stack) -> None:
     # The engine's gaps between steps, not the ~0 ms between the two choices of one step.
     assert_timed_as_the_engine(stack, chunks[-1].id, performance, delay_ms=50)
     assert performance["tpot_ms"] == pytest.approx((performance["latency_ms"] - performance["ttft_ms"]) / 15, abs=0.002)
+
+
+class _UsageForEachChoiceEngine(FakeEngine):
+    """llama-server's chat of two choices: each ends with a usage chunk of its own, its tokens and the prompt's.
+    Choice 0 goes on after choice 1's usage chunk only once the test has read it (`go_on`)."""
+
+    go_on = threading.Event()
+    base = {"id": "c", "object": "chat.completion.chunk", "model": "fake"}
+
+    def chat(self) -> bool:
+        def event(choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> bytes:
+            chunk = self.base | {"choices": choices} | ({"usage": usage} if usage else {})
+            return b"data: " + json.dumps(chunk).encode() + b"\n\n"
+
+        def usage(completion: int) -> dict[str, Any]:
+            return {"completion_tokens": completion, "prompt_tokens": 5, "total_tokens": 5 + completion}
+
+        self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n")
+        self.wfile.write(
+            event([{"index": 1, "delta": {"content": "a"}}]) + event([{"index": 0, "delta": {"content": "b"}}])
+        )
+        self.wfile.write(event([{"index": 1, "delta": {}, "finish_reason": "length"}]) + event([], usage(1)))
+        self.wfile.flush()
+        self.go_on.wait(30)
+        self.wfile.write(event([{"index": 0, "delta": {"content": "c"}}]))
+        self.wfile.write(event([{"index": 0, "delta": {}, "finish_reason": "length"}]) + event([], usage(2)))
+        self.wfile.write(b"data: [DONE]\n\n")
+        return False
+
+
+def test_an_answer_of_several_choices_ends_with_the_last_of_its_usage_chunks(
+    start_sidecar: Callable[..., SidecarProcess],
+) -> None:
+    """A usage chunk while another choice goes on is the engine's, as it wrote it; the last one carries
+    `performance`, its completions the choices' added up."""
+    with serving(_UsageForEachChoiceEngine) as url:
+        sidecar = in_front_of(url, start_sidecar)
+        body = {
+            "model": "fake",
+            "messages": MESSAGES,
+            "n": 2,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        with httpx.stream("POST", f"{sidecar.url}/v1/chat/completions", json=body, headers=AUTH, timeout=30) as r:
+            lines = (line for line in r.iter_lines() if line.startswith("data: {"))
+            sent = [json.loads(next(line for line in lines if '"usage"' in line)[6:])]
+            _UsageForEachChoiceEngine.go_on.set()
+            sent += [json.loads(line[6:]) for line in lines]
+    usages = [chunk["usage"] for chunk in sent if "usage" in chunk]
+    assert usages[0] == {"completion_tokens": 1, "prompt_tokens": 5, "total_tokens": 6}  # no performance yet
+    performance = usages[1].pop("performance")
+    assert usages[1] == {"completion_tokens": 2, "prompt_tokens": 5, "total_tokens": 7}
+    assert (performance["prompt_tokens"], performance["completion_tokens"]) == (5, 3)
 
 
 def test_tool_call_stream_is_timed_by_its_argument_pieces(stack: Stack) -> None:
