@@ -10,7 +10,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +97,15 @@ class SidecarProcess:
         """POST /v1/model/load: the mock engine serving "m", unless `body` says otherwise."""
         request = {"engine": "mock", "model": "m"} | body
         return httpx.post(f"{self.url}/v1/model/load", json=request, headers=bearer(key), timeout=timeout)
+
+    def loaded(self, key: str | None, startup_timeout_s: float = 120, **body: Any) -> dict[str, Any]:
+        """An engine loaded and waited for (`load` with `wait`): its state. A load that fails, fails the caller
+        with the end of the sidecar's log, which says why."""
+        timeout = startup_timeout_s + 30
+        response = self.load(key, timeout=timeout, wait=True, startup_timeout_s=startup_timeout_s, **body)
+        assert response.status_code == 200, f"{response.text}\n{self.output()[-5000:]}"
+        state: dict[str, Any] = response.json()
+        return state
 
     def status(self, key: str | None = None) -> dict[str, Any]:
         """GET /v1/model, which must answer 200."""
@@ -207,3 +217,31 @@ class OpenAIClients:
     def close(self) -> None:
         for client in self.made:
             client.close()
+
+
+@dataclass
+class ClientClock:
+    """A chat stream as its client read it, timed on the client's clock (`time.perf_counter`, seconds): when the
+    request was sent, its first and last chunk with content, and its end."""
+
+    chunks: list[Any]
+    started: float
+    first_content: float
+    last_content: float
+    finished: float
+
+
+def read_timed(create: Callable[[], Iterable[Any]]) -> ClientClock:
+    """The stream `create` opens (an OpenAI SDK chat stream), read whole on the client's clock. Make the SDK's
+    client and touch `chat.completions` first: their first-use costs (a loaded machine took 260 ms over them)
+    would otherwise read as TTFT."""
+    started = time.perf_counter()
+    first_content = last_content = 0.0
+    chunks = []
+    for chunk in create():
+        if chunk.choices and chunk.choices[0].delta.content:
+            last_content = time.perf_counter()
+            first_content = first_content or last_content
+        chunks.append(chunk)
+    assert first_content, "no chunk with content"
+    return ClientClock(chunks, started, first_content, last_content, time.perf_counter())

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,17 @@ from openai import OpenAI
 import engines
 from bench.gguf_llama import write_tiny_llama
 from engines.llamacpp import LlamaCppAdapter
-from tests.processes import OpenAIClients, SidecarProcess, bearer, engine_key, group_members, is_gone, wait_until
+from tests.processes import (
+    OpenAIClients,
+    SidecarProcess,
+    bearer,
+    engine_key,
+    group_members,
+    is_gone,
+    read_timed,
+    running,
+    wait_until,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 LLAMA_SERVER = Path(os.environ.get("SIDECAR_TEST_LLAMA_SERVER", REPO / ".llama-server" / "bin" / "llama-server"))
@@ -92,24 +101,13 @@ def llama(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlamaServer]:
         "SIDECAR_ADMIN_KEYS": ADMIN_KEY,
         "SIDECAR_ENGINE_EXECUTABLES": json.dumps({"llamacpp": str(LLAMA_SERVER)}),
     }
-    sidecar = SidecarProcess(workdir, settings)
-    try:
-        sidecar.wait_healthy()
-        body = {"engine": "llamacpp", "model": str(model), "served_model_name": SERVED, "args": ARGS}
-        response = httpx.post(
-            f"{sidecar.url}/v1/model/load",
-            json=body | {"wait": True, "startup_timeout_s": 120},
-            headers=bearer(ADMIN_KEY),
-            timeout=150,
-        )
-        assert response.status_code == 200, f"{response.text}\n{sidecar.output()[-5000:]}"
-        served = LlamaServer(sidecar, response.json())
+    with running(workdir, settings) as sidecar:
+        loaded = sidecar.loaded(ADMIN_KEY, engine="llamacpp", model=str(model), served_model_name=SERVED, args=ARGS)
+        served = LlamaServer(sidecar, loaded)
         try:
             yield served
         finally:
             served.clients.close()
-    finally:
-        sidecar.stop()
 
 
 def test_loaded_with_its_key_in_its_environment_alone(llama: LlamaServer) -> None:
@@ -146,24 +144,18 @@ def test_a_streamed_chat_carries_llama_cpps_own_usage_and_timings_and_the_client
     llama: LlamaServer,
 ) -> None:
     completions = llama.client().chat.completions  # the SDK's first-use costs kept off the client's clock
-    started = time.perf_counter()
-    first_content: float | None = None
-    chunks = []
-    stream = completions.create(
-        model=SERVED,
-        messages=MESSAGES,
-        max_tokens=48,
-        temperature=0,
-        stream=True,
-        stream_options={"include_usage": True},
-        extra_body=NO_CACHE,
+    clock = read_timed(
+        lambda: completions.create(
+            model=SERVED,
+            messages=MESSAGES,
+            max_tokens=48,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body=NO_CACHE,
+        )
     )
-    for chunk in stream:
-        if chunk.choices and chunk.choices[0].delta.content:
-            first_content = first_content or time.perf_counter()
-        chunks.append(chunk)
-    finished = time.perf_counter()
-    assert first_content is not None
+    chunks = clock.chunks
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert len(text) == 48 and text.isprintable()
 
@@ -181,9 +173,9 @@ def test_a_streamed_chat_carries_llama_cpps_own_usage_and_timings_and_the_client
     assert performance["engine_timings"] == timings and timings["predicted_n"] == 48
     assert performance["ttft_ms"] >= timings["prompt_ms"]
     assert performance["latency_ms"] >= timings["prompt_ms"] + timings["predicted_ms"]
-    client_ttft_ms = (first_content - started) * 1000
+    client_ttft_ms = (clock.first_content - clock.started) * 1000
     assert client_ttft_ms - CLOCK_TOLERANCE_MS <= performance["ttft_ms"] <= client_ttft_ms
-    assert performance["total_ms"] <= (finished - started) * 1000
+    assert performance["total_ms"] <= (clock.finished - clock.started) * 1000
     if performance["tpot_ms"] is not None:  # null only where every token came in one read
         expected = (performance["latency_ms"] - performance["ttft_ms"]) / 47
         assert performance["tpot_ms"] == pytest.approx(expected, abs=0.01)

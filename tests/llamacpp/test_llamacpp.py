@@ -20,7 +20,17 @@ from openai import OpenAI
 
 import engines
 from bench.gguf_llama import write_tiny_llama
-from tests.processes import OpenAIClients, SidecarProcess, bearer, engine_key, group_members, is_gone, wait_until
+from tests.processes import (
+    OpenAIClients,
+    SidecarProcess,
+    bearer,
+    engine_key,
+    group_members,
+    is_gone,
+    read_timed,
+    running,
+    wait_until,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -72,24 +82,13 @@ class Llama:
 def llama(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Llama]:
     workdir = tmp_path_factory.mktemp("llama")
     model = write_tiny_llama(workdir / "tiny.gguf")
-    sidecar = SidecarProcess(workdir, {"SIDECAR_API_KEYS": API_KEY, "SIDECAR_ADMIN_KEYS": ADMIN_KEY})
-    try:
-        sidecar.wait_healthy()
+    with running(workdir, {"SIDECAR_API_KEYS": API_KEY, "SIDECAR_ADMIN_KEYS": ADMIN_KEY}) as sidecar:
         body = {"engine": "llamacpp", "model": str(model), "served_model_name": SERVED, "args": {"n_ctx": 4096}}
-        response = httpx.post(
-            f"{sidecar.url}/v1/model/load",
-            json=body | {"wait": True, "startup_timeout_s": 120},
-            headers={"Authorization": f"Bearer {ADMIN_KEY}"},
-            timeout=150,
-        )
-        assert response.status_code == 200, f"{response.text}\n{sidecar.output()[-5000:]}"
-        served = Llama(sidecar, response.json())
+        served = Llama(sidecar, sidecar.loaded(ADMIN_KEY, **body))
         try:
             yield served
         finally:
             served.clients.close()
-    finally:
-        sidecar.stop()
 
 
 def test_loaded_through_the_control_plane_and_listed(llama: Llama) -> None:
@@ -129,28 +128,18 @@ def test_clients_reach_the_engines_data_paths_and_none_of_its_others(llama: Llam
 
 def test_streamed_chat_measured_as_llama_cpp_and_the_clients_clock_see_it(llama: Llama) -> None:
     before = len(llama.engine_reports())
-    # The SDK's own first-use costs kept off the client's clock: its HTTP client and TLS context, and the chat
-    # types it imports on first access (a loaded machine took 260 ms over them, read as TTFT by the client).
-    completions = llama.client().chat.completions
-    started = time.perf_counter()
-    first_content: float | None = None
-    chunks = []
-    stream = completions.create(
-        model=SERVED,
-        messages=MESSAGES,
-        max_tokens=48,
-        temperature=0,
-        stream=True,
-        stream_options={"include_usage": True},
+    completions = llama.client().chat.completions  # the SDK's first-use costs kept off the client's clock
+    clock = read_timed(
+        lambda: completions.create(
+            model=SERVED,
+            messages=MESSAGES,
+            max_tokens=48,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
     )
-    last_content = 0.0
-    for chunk in stream:
-        if chunk.choices and chunk.choices[0].delta.content:
-            last_content = time.perf_counter()
-            first_content = first_content or last_content
-        chunks.append(chunk)
-    finished = time.perf_counter()
-    assert first_content is not None
+    chunks = clock.chunks
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert len(text) == 48 and text.isprintable()
 
@@ -171,11 +160,11 @@ def test_streamed_chat_measured_as_llama_cpp_and_the_clients_clock_see_it(llama:
     # The client's clock: it starts earlier and ends later than the sidecar's, by no more than the hop. The
     # sidecar's clock stops at the end of the engine's stream; the client's usage chunk then waits for the
     # engine's count of the prompt, which is not the engine's generation time: compared with the last token.
-    client_ttft_ms = (first_content - started) * 1000
-    client_total_ms = (finished - started) * 1000
+    client_ttft_ms = (clock.first_content - clock.started) * 1000
+    client_total_ms = (clock.finished - clock.started) * 1000
     assert client_ttft_ms - CLOCK_TOLERANCE_MS <= performance["ttft_ms"] <= client_ttft_ms
     assert performance["ttft_ms"] <= performance["latency_ms"] <= performance["total_ms"] <= client_total_ms
-    assert performance["total_ms"] >= (last_content - started) * 1000 - CLOCK_TOLERANCE_MS
+    assert performance["total_ms"] >= (clock.last_content - clock.started) * 1000 - CLOCK_TOLERANCE_MS
     assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) == 48  # one token a chunk
     assert_tpot_by_the_rule(performance, 48)
 
