@@ -212,6 +212,10 @@ class EngineAdapter:
     # itself (output events) and asks the engine to count the prompt (`prompt_count_request`), for streamed and
     # assembled answers alike.
     streams_usage: ClassVar[bool] = True
+    # How the engine writes a whole Messages API answer, for one built from its stream to equal it: "omit_nulls"
+    # (vLLM: a field with no value left out), "as_streamed" (llama-server: as its stream's events have them). None:
+    # not known, so a non-streaming Messages request goes to it as it is, its TTFT unmeasured.
+    whole_message: ClassVar[Literal["omit_nulls", "as_streamed"] | None] = None
     # The engine's own metrics: where it serves them, and which of its series are its load (none: not read).
     metrics_path: ClassVar[str] = "/metrics"
     load_series: ClassVar[LoadSeries | None] = None

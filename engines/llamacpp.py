@@ -32,6 +32,7 @@ class LlamaCppAdapter(EngineAdapter):
     load_series = LLAMA_SERVER_LOAD
     # Anthropic's Messages API: since 2025-11 (llama.cpp's pull request 17570).
     data_paths = ("GET /v1/models", "POST /v1/rerank", "POST /v1/messages", "POST /v1/messages/count_tokens")
+    whole_message = "as_streamed"
 
     def command(self, model: str, port: int, args: Mapping[str, ArgValue], served_model_name: str | None) -> list[str]:
         argv = [self.executable, "-m", model, "--host", "127.0.0.1", "--port", str(port)]

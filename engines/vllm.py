@@ -35,6 +35,7 @@ class VllmFeatures(EngineAdapter):
     sleep_mode = SleepApi(flag="enable-sleep-mode", sleep="/sleep", wake="/wake_up")
     dynamic_lora = LoraApi(flag="enable-lora", load="/v1/load_lora_adapter", unload="/v1/unload_lora_adapter")
     data_paths = VLLM_DATA_PATHS
+    whole_message = "omit_nulls"  # its Messages API answers `model_dump(exclude_none=True)`
 
     def assembles(self, args: Mapping[str, ArgValue]) -> bool:
         # --enable-return-routed-experts: each choice's `routed_experts` (MoE routing replay for RL) is in whole

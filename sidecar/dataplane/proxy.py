@@ -209,24 +209,33 @@ class Proxy:
         await self._exchange(scope, receive, send, start_ns, Outgoing(payload, relay, listed=True, span=span))
 
     async def messages(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Anthropic's Messages API, for an engine whose adapter lists it (vLLM, SGLang, llama-server): the request as
-        the client wrote it, a stream relayed and measured event by event (`messages.py`), a whole answer with
+        """Anthropic's Messages API, for an engine whose adapter lists it (vLLM, SGLang, llama-server): a stream
+        relayed and measured event by event (`messages.py`); a non-streaming request without tools streamed from the
+        engine and answered with the message it builds, one with tools answered as the engine wrote it; both with
         `usage.performance`, the engine's errors in its own shape."""
         raw = await read_body(receive)
         body = json_object(raw)
         start_ns = time.perf_counter_ns()
-        generation_fields(body)  # `stream` checked: a wrong type is the client's 400, as for chat
+        stream = generation_fields(body)[0]  # `stream` checked: a wrong type is the client's 400, as for chat
+        # Streamed from the engine for a TTFT where the engine's whole answer is known to be the one its stream
+        # builds, but with tools: an engine may stream a call it refuses unstreamed (vLLM's named tool).
+        loaded = self.supervisor.engine
+        known = loaded is not None and loaded.adapter.whole_message is not None
+        assemble = self._assembled(stream, body) and known and "tools" not in body
+        payload = request_bytes(body | {"stream": True}) if assemble else raw
         span = self.otel.start_request(scope, body) if self.otel is not None else None
-        del body
+        del raw, body
         messages = self.messages_relay
 
         async def relay(exchange: Exchange, response: Response) -> None:
-            if response.content_type == "text/event-stream":
+            if response.content_type != "text/event-stream":
+                await self.relays.whole(exchange, response)
+            elif stream:
                 await messages.stream(exchange, response)
             else:
-                await self.relays.whole(exchange, response)
+                await messages.assembled(exchange, response)
 
-        outgoing = Outgoing(raw, relay, listed=True, span=span, errors=messages.error)
+        outgoing = Outgoing(payload, relay, listed=True, span=span, errors=messages.error)
         await self._exchange(scope, receive, send, start_ns, outgoing)
 
     async def passthrough(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -59,21 +59,36 @@ def test_a_streamed_message_is_the_engines_timed_as_its_output_with_performance_
     assert samples(stack)[("sidecar_requests_total", labels)] == before.get(("sidecar_requests_total", labels), 0) + 1
 
 
-def test_a_whole_message_is_the_engines_own_with_performance(stack: Stack) -> None:
-    """Not streamed from the engine: the answer as it wrote it, `usage.performance` added (TTFT unmeasured)."""
-    mock = {"ttft_ms": 20, "tokens": 8}
+def test_a_whole_message_is_built_from_the_engines_stream_equal_to_its_own_and_timed(stack: Stack) -> None:
+    """Streamed from the engine for its TTFT, answered with the message its events build: the engine's own whole
+    answer (vLLM's shape: no null fields), with `usage.performance`."""
+    mock = {"ttft_ms": 20, "itl_ms": 5, "tokens": 8}
     headers = AUTH | {"X-Request-ID": "messages-whole-1"}
     response = httpx.post(stack.url + PATH, json=ASKED | {"max_tokens": 5, "mock": mock}, headers=headers, timeout=30)
     assert response.status_code == 200, response.text
     answer = response.json()
     performance = answer["usage"].pop("performance")
     assert json.loads(response.headers["x-performance-metrics"]) == performance
+    assert_timed_as_the_engine(stack, answer["id"], performance, delay_ms=20)  # before its id is asked again
     to_engine = {"X-Request-ID": answer["id"].removeprefix("chatcmpl-")} | bearer(stack.engine_key)
     direct = httpx.post(stack.engine_url + PATH, json=ASKED | {"max_tokens": 5, "mock": mock}, headers=to_engine)
-    assert answer == direct.json()
+    assert answer == direct.json() and "stop_sequence" not in answer
     assert answer["stop_reason"] == "max_tokens" and answer["usage"]["output_tokens"] == 5
     assert performance["completion_tokens"] == 5 and performance["prompt_tokens"] == answer["usage"]["input_tokens"]
-    assert performance["ttft_ms"] is None and performance["total_ms"] > 0
+    assert performance["tpot_ms"] is not None
+
+
+def test_a_whole_message_with_tools_goes_as_it_is(stack: Stack) -> None:
+    """An engine may stream a tool call it refuses unstreamed (vLLM's named tool): the answer must be its own, so
+    a request with tools is not streamed from the engine, and its TTFT is not measured."""
+    tools = [{"name": "lookup", "input_schema": {"type": "object"}}]
+    body = ASKED | {"max_tokens": 5, "tools": tools, "mock": {"tokens": 8}}
+    response = httpx.post(stack.url + PATH, json=body, headers=AUTH, timeout=30)
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    performance = answer["usage"].pop("performance")
+    assert performance["ttft_ms"] is None and performance["total_ms"] > 0 and performance["completion_tokens"] == 5
+    assert answer["type"] == "message" and answer["usage"]["output_tokens"] == 5
 
 
 def test_the_engines_error_goes_back_in_its_own_shape_which_the_sdk_reads(stack: Stack) -> None:

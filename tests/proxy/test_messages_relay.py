@@ -12,9 +12,10 @@ import pytest
 from sidecar.dataplane import relay as relay_module
 from sidecar.dataplane.chunks import is_message_output
 from sidecar.dataplane.exchange import Exchange
+from sidecar.dataplane.messages import MessageAssembler
 from sidecar.dataplane.upstream_errors import Disconnected
 from sidecar.telemetry.otel_attributes import finish_reasons
-from tests.proxy.test_relay import Clock, bodies, relayed
+from tests.proxy.test_relay import Clock, ScriptedResponse, bodies, proxy_and_exchange, relayed
 
 Reads = list[tuple[float, bytes | Exception]]
 
@@ -133,3 +134,86 @@ async def test_an_engine_gone_mid_stream_ends_it_with_anthropics_error_event(clo
         "error": {"type": "api_error", "message": "the engine closed the stream mid-answer"},
     }
     assert exchange.error == "engine_error"
+
+
+def test_a_message_is_built_from_its_events_as_the_anthropic_sdk_builds_it() -> None:
+    """Each block from its start with its deltas: text, thinking and its signature, a tool's input from its JSON
+    fragments; the stop reason and the output's usage from `message_delta`; `ping` and `message_stop` add nothing."""
+    message = MessageAssembler()
+    thinking = {"type": "thinking", "thinking": "", "signature": ""}
+    tool = {"type": "tool_use", "id": "t1", "name": "lookup", "input": {}}
+    for data in [
+        START,
+        event("content_block_start", index=0, content_block=thinking),
+        delta("thinking_delta", thinking="Let me "),
+        delta("thinking_delta", thinking="see."),
+        delta("signature_delta", signature="sig"),
+        event("content_block_stop", index=0),
+        event("ping"),
+        event("content_block_start", index=1, content_block={"type": "text", "text": ""}),
+        event("content_block_delta", index=1, delta={"type": "text_delta", "text": "It is "}),
+        event("content_block_delta", index=1, delta={"type": "text_delta", "text": "noon."}),
+        event("content_block_start", index=2, content_block=tool),
+        event("content_block_delta", index=2, delta={"type": "input_json_delta", "partial_json": '{"city": "Os'}),
+        event("content_block_delta", index=2, delta={"type": "input_json_delta", "partial_json": 'lo"}'}),
+        event("message_delta", delta={"stop_reason": "tool_use", "stop_sequence": None}, usage={"output_tokens": 9}),
+        STOP,
+    ]:
+        message.add(json.loads(data.split(b"data: ", 1)[1]))
+    assert message.error is None
+    assert message.result() == {
+        "id": "msg_1",
+        "type": "message",
+        "role": "assistant",
+        "content": [
+            {"type": "thinking", "thinking": "Let me see.", "signature": "sig"},
+            {"type": "text", "text": "It is noon."},
+            {"type": "tool_use", "id": "t1", "name": "lookup", "input": {"city": "Oslo"}},
+        ],
+        "model": "m",
+        "stop_reason": "tool_use",
+        "usage": {"input_tokens": 7, "output_tokens": 9},
+        "stop_sequence": None,
+    }
+
+
+async def assembled(clock: Clock, reads: Reads) -> tuple[list[dict[str, Any]], Exchange]:
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    proxy, exchange = proxy_and_exchange(clock, "/v1/messages", send)
+    exchange.engine.adapter.whole_message = "omit_nulls"  # vLLM's
+    try:
+        await proxy.messages_relay.assembled(exchange, ScriptedResponse(clock, exchange.meter.start_ns, reads))
+    finally:
+        exchange.deadline.close()
+        proxy.close()
+    return sent, exchange
+
+
+async def test_a_whole_message_is_timed_on_its_stream_and_written_as_vllm_writes_one(clock: Clock) -> None:
+    reads: Reads = [(1, START + BLOCK), (20, text("Hel")), (26, text("lo")), (40, ending(output_tokens=2) + STOP)]
+    sent, exchange = await assembled(clock, reads)
+    assert sent[0]["status"] == 200 and (b"content-type", b"application/json") in sent[0]["headers"]
+    answer = json.loads(bodies(sent)[0])
+    performance = answer["usage"].pop("performance")
+    assert answer == {
+        "id": "msg_1",
+        "type": "message",
+        "role": "assistant",
+        "content": [{"type": "text", "text": "Hello"}],
+        "model": "m",
+        "stop_reason": "end_turn",  # its null stop_sequence left out, as vLLM leaves nulls out of a whole answer
+        "usage": {"input_tokens": 7, "output_tokens": 2},
+    }
+    assert (performance["ttft_ms"], performance["latency_ms"], performance["completion_tokens"]) == (20.0, 26.0, 2)
+    assert performance == exchange.performance
+
+
+async def test_a_stream_that_fails_is_answered_with_its_error(clock: Clock) -> None:
+    failed = event("error", error={"type": "overloaded_error", "message": "busy"})
+    sent, exchange = await assembled(clock, [(1, START + BLOCK), (10, text("Hi")), (20, failed)])
+    assert sent[0]["status"] == 500 == exchange.status
+    assert json.loads(bodies(sent)[0]) == json.loads(failed.split(b"data: ", 1)[1])

@@ -256,7 +256,7 @@ def test_a_whole_response_streamed_from_vllm_is_its_own_answer_with_a_ttft(vllm:
 def test_a_message_is_vllms_own_answer_with_performance_streamed_or_whole(vllm: Vllm) -> None:
     """Anthropic's Messages API, which vLLM serves too, with the Anthropic SDK: a stream's events as vLLM wrote them
     (greedy: the same as direct), timed on its text deltas, `usage.performance` in `message_delta`; a whole answer
-    vLLM's own with `usage.performance`."""
+    built from its stream, vLLM's own with `usage.performance`."""
     # Greedy: the SDK has no `temperature` of its own any more; vLLM reads it.
     request: Any = {"model": SERVED, "messages": MESSAGES, "max_tokens": 8, "extra_body": {"temperature": 0}}
     client = anthropic.Anthropic(base_url=vllm.sidecar.url, api_key=API_KEY, max_retries=0, timeout=60)
@@ -279,7 +279,17 @@ def test_a_message_is_vllms_own_answer_with_performance_streamed_or_whole(vllm: 
 
     whole_performance: dict[str, Any] = whole.usage.model_extra.pop("performance")
     assert whole.model_dump(exclude={"id"}) == its_whole.model_dump(exclude={"id"})
-    assert whole_performance["completion_tokens"] == 8 and whole_performance["ttft_ms"] is None
+    assert whole_performance["completion_tokens"] == 8
+    assert 0 < whole_performance["ttft_ms"] <= whole_performance["latency_ms"]  # built from a stream, timed on it
+
+    # Byte for byte as vLLM writes a whole message (no null fields), with a system prompt and turns too.
+    turns: Any = [*MESSAGES, {"role": "assistant", "content": "Big Ben."}, {"role": "user", "content": "More."}]
+    for asked in ({}, {"system": "Answer briefly.", "messages": turns, "stop_sequences": ["zz"], "top_k": 1}):
+        body = {"model": SERVED, "messages": MESSAGES, "max_tokens": 8, "temperature": 0} | asked
+        answer = httpx.post(f"{vllm.sidecar.url}/v1/messages", json=body, headers=DATA, timeout=60).json()
+        own = httpx.post(f"{vllm.engine}/v1/messages", json=body, headers=vllm.engine_auth(), timeout=60).json()
+        assert answer["usage"].pop("performance")["ttft_ms"] > 0 and answer.pop("id") != own.pop("id")
+        assert answer == own
 
 
 def test_a_streamed_answer_without_usage_asked_is_vllms_own_stream(vllm: Vllm) -> None:
