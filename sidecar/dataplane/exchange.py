@@ -276,8 +276,8 @@ class Exchange:
     meter: PerformanceMeter
     deadline: Deadline
     client_usage: bool = False  # the client asked for the usage chunk
-    several_choices: bool = False
-    # With several choices: the indexes whose finish_reason has not come yet. The answer ends when none is left.
+    # With several choices (`n` > 1): the indexes whose finish_reason has not come yet; the answer ends when none
+    # is left. None: one choice.
     choices_left: set[int] | None = None
     usage_chunks: int = 0  # usage-only chunks read: llama-server sends one a choice
     usage: dict[str, Any] | None = None

@@ -166,7 +166,7 @@ class Proxy:
         async def relay(exchange: Exchange, response: Response) -> None:
             exchange.client_usage = client_usage
             if n > 1:
-                exchange.several_choices, exchange.choices_left = True, set(range(n))
+                exchange.choices_left = set(range(n))
             if response.content_type != "text/event-stream":
                 await self.relays.whole(exchange, response)
             elif stream:

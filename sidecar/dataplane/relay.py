@@ -161,7 +161,7 @@ class Relays:
         """
         meter = exchange.meter
         send = exchange.send
-        parse_every = assembler is not None or exchange.several_choices
+        parse_every = assembler is not None or exchange.choices_left is not None  # several choices: each timed
         clock = time.perf_counter_ns
         limit = self.settings.max_answer_bytes
         parser = SSEParser(limit)
