@@ -149,6 +149,15 @@ def test_the_usages_of_choices_reported_apart_add_up_their_completions() -> None
     assert choices_usage({"completion_tokens": None}, second) == second  # no count to add to
 
 
+def test_assembler_leaves_out_what_only_a_stream_has() -> None:
+    """llama-server's `return_progress` adds `prompt_progress` to its first chunks; its whole answer has none."""
+    assembler = Assembler(chat=True)
+    progress = {"total": 26, "cache": 25, "processed": 25, "time_ms": 0}
+    assembler.add({"id": "x", "choices": [{"index": 0, "delta": {"role": "assistant"}}], "prompt_progress": progress})
+    assembler.add({"id": "x", "choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": "stop"}]})
+    assert "prompt_progress" not in assembler.result()
+
+
 def test_assembler_concatenates_completion_logprobs_per_choice() -> None:
     assembler = Assembler(chat=False)
     for index, text in ((1, "b"), (0, "a"), (1, "c")):

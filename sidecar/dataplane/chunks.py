@@ -129,7 +129,9 @@ def engine_timings(chunk: dict[str, Any]) -> dict[str, Any] | None:
 # -- assembly -----------------------------------------------------------------------------------------------
 
 _CHOICE_KEYS_BUILT = frozenset({"index", "delta", "text", "logprobs", "finish_reason", "token_ids"})
-_CHUNK_KEYS_BUILT = frozenset({"object", "choices", "usage"})
+# The answer's own keys, and those only a stream has: llama-server's `prompt_progress` (`return_progress`), which
+# its whole answers never carry.
+_CHUNK_KEYS_BUILT = frozenset({"object", "choices", "usage", "prompt_progress"})
 
 
 class _Choice:

@@ -181,7 +181,11 @@ def test_a_streamed_chat_carries_llama_cpps_own_usage_and_timings_and_the_client
         assert performance["tpot_ms"] == pytest.approx(expected, abs=0.01)
 
 
-@pytest.mark.parametrize("asked", [{}, {"logprobs": True, "top_logprobs": 2}], ids=["plain", "logprobs"])
+@pytest.mark.parametrize(
+    "asked",
+    [{}, {"logprobs": True, "top_logprobs": 2}, {"return_progress": True}],
+    ids=["plain", "logprobs", "progress"],
+)
 def test_a_non_streamed_chat_is_assembled_into_llama_cpps_own_whole_answer(
     llama: LlamaServer, asked: dict[str, Any]
 ) -> None:
