@@ -37,6 +37,7 @@ from sidecar.dataplane.relay import end_stream, error_body, send_assembled, star
 from sidecar.dataplane.upstream import Response
 from sidecar.errors import BadGateway, SidecarError
 from sidecar.settings import Settings
+from sidecar.telemetry.records import Performance
 
 
 class MessagesRelay:
@@ -55,7 +56,11 @@ class MessagesRelay:
             if is_message_output(data):
                 meter.output(now)
             elif carries_measures(data):  # message_start's usage, or message_delta's
-                return self._measured(exchange, loads(data) or {}, raw, now)
+                event = loads(data) or {}
+                if (performance := self._measure(exchange, event, now)) is not None:
+                    event["usage"] = event["usage"] | {"performance": performance}
+                    named = b"event: message_delta\n" if raw.startswith(b"event:") else b""
+                    return named + b"data: " + dumps(event) + b"\n\n"
             return raw
 
         error = await pump_events(exchange, response, self.settings.max_answer_bytes, take, forward=True)
@@ -72,8 +77,7 @@ class MessagesRelay:
                 meter.output(now)
             event = loads(data) or {}  # {}: not a JSON object, passed over
             message.add(event)
-            if event.get("type") in ("message_start", "message_delta") and exchange.performance is None:
-                self._measured(exchange, event | {"usage": dict(event.get("usage") or {})}, raw, now)
+            self._measure(exchange, event, now)
             return raw
 
         cut = await pump_events(exchange, response, self.settings.max_answer_bytes, take, forward=False)
@@ -108,23 +112,21 @@ class MessagesRelay:
         exchange.status = response.status
         await send_whole(exchange, response.status, headers, raw)
 
-    def _measured(self, exchange: Exchange, event: dict[str, Any], raw: bytes, now: int) -> bytes:
-        """An event with usage, read: `message_start`'s (the prompt's count) kept, `message_delta`'s (the output's,
-        at the end) ends the answer's measures and goes to the client with `performance`."""
+    def _measure(self, exchange: Exchange, event: dict[str, Any], now: int) -> Performance | None:
+        """An event with usage, read: `message_start`'s (the prompt's count) kept; `message_delta`'s (the output's,
+        at the end) ends the answer's measures: their `performance`, for the stream's client (else None)."""
         kind = event.get("type")
         if kind == "message_start" and isinstance(message := event.get("message"), dict):
             usage = message.get("usage")
             exchange.usage = usage if isinstance(usage, dict) else None
             exchange.final_events = (message,)  # its id, for the trace
-            return raw
+            return None
         usage = event.get("usage")
         if kind != "message_delta" or not isinstance(usage, dict) or exchange.performance is not None:
-            return raw
+            return None
         exchange.usage = (exchange.usage or {}) | usage  # the output's count, and vLLM's prompt count again
         exchange.final_events = (*exchange.final_events[:1], event)  # its stop reason
-        event["usage"] = usage | {"performance": self.recorder.finish(exchange, now)}
-        named = b"event: message_delta\n" if raw.startswith(b"event:") else b""
-        return named + b"data: " + dumps(event) + b"\n\n"
+        return self.recorder.finish(exchange, now)
 
 
 class MessageAssembler:
