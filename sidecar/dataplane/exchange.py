@@ -152,6 +152,12 @@ async def send_whole(exchange: Exchange, status: int, headers: list[tuple[bytes,
     await exchange.send({"type": "http.response.body", "body": body})
 
 
+async def send_json(exchange: Exchange, response: Response, status: int, body: bytes) -> None:
+    """A JSON `body` in place of the engine's answer, with its headers and `status`."""
+    exchange.status = status
+    await send_whole(exchange, status, [*response_headers(response, drop={"content-type"}), JSON_TYPE], body)
+
+
 def send_now(send: Send, message: Message) -> bool:
     """An ASGI message sent from a callback that cannot await: True once the server has taken it; False, with
     nothing sent, where its `send` would wait (uvicorn's waits only while the client's buffer is full, before it

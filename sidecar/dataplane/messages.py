@@ -25,11 +25,11 @@ from sidecar.dataplane.chunks import carries_measures, is_message_output
 from sidecar.dataplane.event_streams import pump_events
 from sidecar.dataplane.exchange import (
     ERROR_BODY_LIMIT,
-    JSON_TYPE,
     Exchange,
     dumps,
     loads,
     response_headers,
+    send_json,
     send_whole,
 )
 from sidecar.dataplane.recording import Recorder
@@ -87,10 +87,8 @@ class MessagesRelay:
             finally:
                 del cut  # its traceback holds this frame: a name left for it here would be a reference cycle
         now = time.perf_counter_ns()
-        if message.error is not None:
-            exchange.status = 500
-            headers = [*response_headers(response, drop={"content-type"}), JSON_TYPE]
-            await send_whole(exchange, 500, headers, message.error)
+        if message.error is not None:  # in Anthropic's shape, as the engine wrote it
+            await send_json(exchange, response, 500, message.error)
         elif message.message is None:
             raise BadGateway("the engine's stream ended before its message began")
         else:

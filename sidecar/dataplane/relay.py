@@ -36,6 +36,7 @@ from sidecar.dataplane.exchange import (
     loads,
     metadata_usage,
     response_headers,
+    send_json,
     send_now,
     send_whole,
     sse_error,
@@ -348,9 +349,7 @@ def stream_cut(exchange: Exchange, exc: Exception, limit: int) -> SidecarError:
 
 async def send_engine_error(exchange: Exchange, response: Response, status: int, raw: bytes) -> None:
     """An error of the engine's, `raw` as it wrote it, answered with `status` in the OpenAI shape."""
-    exchange.status = status
-    body = dumps(engine_error_body(status, raw))
-    await send_whole(exchange, status, [*response_headers(response, drop={"content-type"}), JSON_TYPE], body)
+    await send_json(exchange, response, status, dumps(engine_error_body(status, raw)))
 
 
 async def send_error_event(exchange: Exchange, response: Response, event: dict[str, Any]) -> None:
