@@ -8,18 +8,23 @@ are bucketed by the tick of their next event), so its cost per relayed event is 
 
 Routes: `GET /health`, `GET /v1/models`, `POST /v1/chat/completions` (streamed when `"stream": true`, with a
 usage chunk when `stream_options.include_usage`; `max_tokens` tokens, else `--tokens`; a non-streamed request gets
-the whole answer at once). As with the mock engine, a request's `"mock": {"tokens", "ttft_ms", "itl_ms"}` overrides
-them. Keep-alive; one request at a time per connection, as HTTP/1.1 clients send them.
+the whole answer at once), `POST /v1/embeddings` (an embedding of `--embedding-dims` values for each input, at once,
+as vLLM writes it: floats, or base64 with `"encoding_format": "base64"`; each answer encoded once, the first time
+it is asked for). As with the mock engine, a request's `"mock": {"tokens", "ttft_ms", "itl_ms"}` overrides them.
+Keep-alive; one request at a time per connection, as HTTP/1.1 clients send them.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
 import os
+import random
 import re
 import signal
+import struct
 import sys
 import time
 from collections import defaultdict
@@ -52,8 +57,11 @@ def _response(status: bytes, content_type: bytes, body: bytes) -> bytes:
 class Engine:
     """The answers, encoded once, and the clock that paces every stream."""
 
-    def __init__(self, model: str, tokens: int, ttft_ms: float, itl_ms: float) -> None:
+    def __init__(self, model: str, tokens: int, ttft_ms: float, itl_ms: float, embedding_dims: int = 1024) -> None:
+        self.model = model
         self.tokens = tokens
+        self.embedding_dims = embedding_dims
+        self.embeddings: dict[tuple[int, bool], bytes] = {}  # answers by (inputs, base64)
         self.ttft_ticks = _ticks(ttft_ms)
         self.itl_ticks = _ticks(itl_ms)
         base = {"id": "chatcmpl-fast", "object": "chat.completion.chunk", "created": 0, "model": model}
@@ -91,6 +99,34 @@ class Engine:
             "usage": {"prompt_tokens": 8, "completion_tokens": tokens, "total_tokens": 8 + tokens},
         }
         return _response(b"200 OK", b"application/json", json.dumps(body).encode())
+
+    def embedding(self, inputs: int, as_base64: bool) -> bytes:
+        """The answer to an embeddings request of `inputs` inputs, in vLLM's shape (`usage` last, compact JSON),
+        each value a float32's, as a model's are."""
+        key = (inputs, as_base64)
+        if key not in self.embeddings:
+            packed = struct.pack(
+                f"<{self.embedding_dims}f", *(random.uniform(-0.1, 0.1) for _ in range(self.embedding_dims))
+            )
+            vector: object = (
+                base64.b64encode(packed).decode()
+                if as_base64
+                else list(struct.unpack(f"<{self.embedding_dims}f", packed))
+            )
+            data = [{"index": index, "object": "embedding", "embedding": vector} for index in range(inputs)]
+            usage = {"prompt_tokens": 8 * inputs, "total_tokens": 8 * inputs, "completion_tokens": 0}
+            body = {
+                "id": "embd-fast",
+                "object": "list",
+                "created": 0,
+                "model": self.model,
+                "data": data,
+                "usage": usage,
+            }
+            self.embeddings[key] = _response(
+                b"200 OK", b"application/json", json.dumps(body, separators=(",", ":")).encode()
+            )
+        return self.embeddings[key]
 
     def schedule(self, stream: Stream, ticks: int) -> None:
         self.buckets[self.tick + ticks].append(stream)
@@ -180,13 +216,18 @@ class Connection(asyncio.Protocol):
             self.stream = Stream(engine, self.transport, tokens, usage, itl_ticks)
             self.transport.write(engine.stream_head + engine.role)
             engine.schedule(self.stream, _ticks(override["ttft_ms"]) if "ttft_ms" in override else engine.ttft_ticks)
+        elif method == b"POST" and path == b"/v1/embeddings":
+            request = json.loads(body or b"{}")
+            inputs = request.get("input")
+            count = len(inputs) if isinstance(inputs, list) and inputs and not isinstance(inputs[0], int) else 1
+            self.transport.write(engine.embedding(count, request.get("encoding_format") == "base64"))
         else:
             self.transport.write(engine.not_found)
 
 
 async def serve(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
-    engine = Engine(args.model, args.tokens, args.ttft_ms, args.itl_ms)
+    engine = Engine(args.model, args.tokens, args.ttft_ms, args.itl_ms, args.embedding_dims)
     server = await loop.create_server(lambda: Connection(engine), "127.0.0.1", args.port, reuse_port=True, backlog=4096)
     engine.run_clock(loop)
     stop = asyncio.Event()
@@ -203,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=32, help="tokens per answer without max_tokens")
     parser.add_argument("--ttft-ms", type=float, default=20.0)
     parser.add_argument("--itl-ms", type=float, default=5.0)
+    parser.add_argument("--embedding-dims", type=int, default=1024, help="values in each embedding (default 1024)")
     parser.add_argument("--workers", type=int, default=1, help="processes on the port (SO_REUSEPORT)")
     args = parser.parse_args(argv)
     children = []

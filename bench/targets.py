@@ -85,6 +85,8 @@ def _own_engine(args: argparse.Namespace, logs: Path, module: str) -> tuple[subp
         argv += [f"--{name}", str(value)]
     if module == "bench.fast_engine":
         argv += ["--workers", str(args.engine_workers)]
+        if getattr(args, "embedding_dims", None):  # `python -m bench.embeddings`
+            argv += ["--embedding-dims", str(args.embedding_dims)]
     with (logs / "engine.log").open("wb") as log:
         process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
     direct = f"http://127.0.0.1:{port}"

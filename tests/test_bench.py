@@ -72,6 +72,26 @@ def test_bench_measures_the_sidecar_against_direct_and_nginx(tmp_path: Path) -> 
         pytest.skip(NO_NGINX)  # after the rest was checked: the skip says what was not
 
 
+def test_the_embeddings_bench_measures_each_proxy_against_direct(tmp_path: Path) -> None:
+    """`python -m bench.embeddings`: whole answers of floats, the sidecar and nginx beside direct, the engine's CPU
+    a request checked against theirs."""
+    out = tmp_path / "embeddings"
+    argv = ["-m", "bench.embeddings", "--concurrency", "1,4", "--seconds", "0.5", "--rounds", "1", "--out", str(out)]
+    result = subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "CPU ms/request" in result.stdout and "the engine's CPU a request at 4" in result.stdout
+    results = json.loads((out / "results.json").read_text())
+    assert results["answer_bytes"] > 1_000_000  # 64 embeddings of 1,024 floats
+    for level in results["levels"]:
+        assert level["direct"]["errors"] == 0 and level["direct"]["requests_per_s"] > 0
+        sidecar = level["proxies"]["sidecar"]
+        assert sidecar["errors"] == 0, sidecar["first_error"]
+        assert sidecar["throughput_ratio"] > 0 and sidecar["cpu_ms_per_request"] > 0
+        assert ("nginx" in level["proxies"]) == (NGINX is not None)
+    if NGINX is None:
+        pytest.skip(NO_NGINX)
+
+
 def test_bench_in_front_of_the_mock_engine_loaded_by_the_sidecar(tmp_path: Path) -> None:
     out = tmp_path / "results"
     _bench(
