@@ -280,7 +280,11 @@ class MockEngine:
         body = await request.json()
         inputs = body.get("input")
         inputs = inputs if isinstance(inputs, list) else [inputs]
-        data = [{"object": "embedding", "index": i, "embedding": gen.embedding(str(x))} for i, x in enumerate(inputs)]
+        dimensions = body.get("dimensions") or 8  # OpenAI's field, as vLLM takes it for a Matryoshka model
+        data = [
+            {"object": "embedding", "index": i, "embedding": gen.embedding(str(x), dimensions)}
+            for i, x in enumerate(inputs)
+        ]
         tokens = sum(len(str(x).split()) for x in inputs)
         usage = {"prompt_tokens": tokens, "total_tokens": tokens}
         return JSONResponse({"object": "list", "data": data, "model": self.config.model, "usage": usage})

@@ -145,11 +145,17 @@ def metadata_usage(response: Response) -> dict[str, Any] | None:
     return usage if isinstance(usage, dict) else None
 
 
-async def send_whole(exchange: Exchange, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
-    """A response whose body is known whole: its length, then the body in one message."""
-    headers.append((b"content-length", str(len(body)).encode()))
+async def send_whole(
+    exchange: Exchange, status: int, headers: list[tuple[bytes, bytes]], body: bytes | list[bytes]
+) -> None:
+    """A response whose body is known whole: its length, then the body in one message, or in its parts as read
+    (a large answer not copied into one)."""
+    parts = [body] if isinstance(body, bytes) else body
+    headers.append((b"content-length", str(sum(map(len, parts))).encode()))
     await exchange.send({"type": "http.response.start", "status": status, "headers": headers})
-    await exchange.send({"type": "http.response.body", "body": body})
+    for part in parts[:-1]:
+        await exchange.send({"type": "http.response.body", "body": part, "more_body": True})
+    await exchange.send({"type": "http.response.body", "body": parts[-1] if parts else b""})
 
 
 async def send_json(exchange: Exchange, response: Response, status: int, body: bytes) -> None:

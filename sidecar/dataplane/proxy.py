@@ -182,7 +182,9 @@ class Proxy:
         start_ns = time.perf_counter_ns()
         span = self.otel.start_request(scope, body) if self.otel is not None else None
         del body
-        await self._exchange(scope, receive, send, start_ns, Outgoing(raw, self.relays.whole, span=span))
+        # Its answer ends with its usage (vLLM's, SGLang's, llama-server's): `performance` goes in unparsed.
+        relay = functools.partial(self.relays.whole, usage_last=True)
+        await self._exchange(scope, receive, send, start_ns, Outgoing(raw, relay, span=span))
 
     async def responses(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The Responses API, for an engine whose adapter lists it: the answer streamed through (`responses.py`),

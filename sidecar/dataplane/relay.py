@@ -71,38 +71,42 @@ class Relays:
         raw = await error_body(response, self.settings.upstream_inter_token_timeout_s, ERROR_BODY_LIMIT)
         await send_engine_error(exchange, response, response.status, raw)
 
-    async def whole(self, exchange: Exchange, response: Response) -> None:
+    async def whole(self, exchange: Exchange, response: Response, usage_last: bool = False) -> None:
         """A non-streamed JSON answer: `usage.performance` added, and the same in X-Performance-Metrics. Another
-        answer (vLLM's embeddings as raw bytes) goes as it is, measured all the same: its figures in the header."""
+        answer (vLLM's embeddings as raw bytes) goes as it is, measured all the same: its figures in the header.
+        `usage_last`: where the answer ends with its usage, `performance` is written into its bytes unparsed."""
         limit = self.settings.max_answer_bytes
         try:
             async with asyncio.timeout(self.settings.upstream_inter_token_timeout_s):
-                raw = await response.read(limit + 1)
+                parts = await response.read_parts(limit + 1)
         except TimeoutError:
             raise GatewayTimeout("the engine stopped answering within the timeout") from None
         except UpstreamError:
             raise BadGateway("the engine closed the connection mid-answer") from None
-        if len(raw) > limit:
+        if sum(map(len, parts)) > limit:
             raise answer_too_large(exchange, limit, "answer")
         now = time.perf_counter_ns()
         exchange.meter.whole_body(now)
         exchange.status = response.status
         headers = response_headers(response)
-        body = loads(raw)
-        if body is not None:
+        exchange.timings = header_timings(response)
+        spliced = self.recorder.with_performance_spliced(exchange, parts, now) if usage_last else None
+        if spliced is not None:
+            parts, performance = spliced
+        elif (answer := loads(raw := b"".join(parts))) is not None:
             if exchange.span is not None:
-                exchange.final_events = (body,)
-            usage = body.get("usage")
+                exchange.final_events = (answer,)
+            usage = answer.get("usage")
             exchange.usage = usage if isinstance(usage, dict) else None
-            exchange.timings = engine_timings(body) or header_timings(response)
-            raw, performance = self.recorder.with_performance(exchange, body, now)
+            exchange.timings = engine_timings(answer) or exchange.timings
+            raw, performance = self.recorder.with_performance(exchange, answer, now)
+            parts = [raw]
         else:
             exchange.usage = metadata_usage(response)
-            exchange.timings = header_timings(response)
             performance = performance_header(exchange.performance or self.recorder.finish(exchange, now))
         headers.append((b"x-performance-metrics", performance))
         exchange.meter.overhead_ns += time.perf_counter_ns() - now
-        await send_whole(exchange, response.status, headers, raw)
+        await send_whole(exchange, response.status, headers, parts)
 
     async def raw(self, exchange: Exchange, response: Response) -> None:
         """Another path's answer (`Proxy.passthrough`), its bytes as the engine sent them, unmeasured."""

@@ -97,24 +97,39 @@ class Response:
             self._waiter = asyncio.get_running_loop().create_future()
             await self._waiter
         data = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
-        self._chunks.clear()
-        if self._buffered >= _PAUSE_AT:
-            self._connection.resume()
-        self._buffered = 0
+        self._taken()
         return data
 
     async def read(self, limit: int | None = None) -> bytes:
         """The body to its end, or its first `limit` bytes."""
+        body = b"".join(await self.read_parts(limit))
+        return body if limit is None else body[:limit]
+
+    async def read_parts(self, limit: int | None = None) -> list[bytes]:
+        """The body to its end, or to the read that takes it to `limit` bytes or past, as the engine's reads
+        brought it: a large answer is never copied whole."""
         parts: list[bytes] = []
         size = 0
         while limit is None or size < limit:
-            data = await self.readany()
-            if not data:
-                break
-            parts.append(data)
-            size += len(data)
-        body = b"".join(parts)
-        return body if limit is None else body[:limit]
+            if not self._chunks:  # `readany`'s wait, without its joining what arrived meanwhile into one copy
+                if self._error is not None:
+                    raise fresh(self._error)
+                if self.complete:
+                    break
+                self._waiter = asyncio.get_running_loop().create_future()
+                await self._waiter
+                continue
+            parts += self._chunks
+            size += sum(map(len, self._chunks))
+            self._taken()
+        return parts
+
+    def _taken(self) -> None:
+        """What was buffered is the reader's: the connection reads again where a full buffer paused it."""
+        self._chunks.clear()
+        if self._buffered >= _PAUSE_AT:
+            self._connection.resume()
+        self._buffered = 0
 
     def hand_reads_to(self, handler: Callable[[bytes], bool] | None) -> None:
         """Each read that comes while `readany` waits with nothing buffered goes to `handler` first, in the engine

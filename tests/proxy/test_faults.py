@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 import openai
@@ -625,3 +625,40 @@ def test_an_answer_that_is_not_json_goes_as_it_is_and_is_measured_in_its_header(
         assert performance["prompt_tokens"] == 2  # the usage in vLLM's metadata header
         record = httpx.get(f"{sidecar.url}/v1/requests/raw-floats-1", headers=AUTH, timeout=5).json()
         assert record["performance"] == performance
+
+
+class _WrittenEmbeddings(FakeEngine):
+    """Embeddings as an engine may write them, by the request's input: pretty-printed with numbers as it writes
+    them and the usage last, or the usage first."""
+
+    ANSWERS: ClassVar[dict[str, bytes]] = {
+        "usage last": b'{\n  "data": [{"embedding": [0.50, 1E-5, -0.0]}],\n  "usage": {"prompt_tokens": 2}\n}\n',
+        "usage first": b'{"usage": {"prompt_tokens": 2}, "data": [{"embedding": [0.50, 1E-5]}]}',
+    }
+
+    def chat(self) -> bool:
+        self.send(b"application/json", self.ANSWERS[json.loads(self.body)["input"]])
+        return True
+
+
+def test_an_embeddings_answer_goes_as_the_engine_wrote_it_with_performance_in_its_usage(
+    start_sidecar: Callable[..., SidecarProcess],
+) -> None:
+    """Where the usage ends the answer (vLLM's, SGLang's, llama-server's), its bytes are the engine's own, not
+    parsed and written again; elsewhere the answer is parsed to add it. Either way the usage is the engine's."""
+    with serving(_WrittenEmbeddings) as url:
+        sidecar = in_front_of(url, start_sidecar)
+        answers = {}
+        for kind, written in _WrittenEmbeddings.ANSWERS.items():
+            body = {"model": "fake", "input": kind}
+            response = httpx.post(f"{sidecar.url}/v1/embeddings", json=body, headers=AUTH, timeout=30)
+            assert response.status_code == 200, response.text
+            answer = response.json()
+            performance = answer["usage"].pop("performance")
+            assert answer == json.loads(written) and answer["usage"] == {"prompt_tokens": 2}
+            assert performance == json.loads(response.headers["x-performance-metrics"])
+            assert performance["prompt_tokens"] == 2 and performance["total_ms"] > 0
+            answers[kind] = response.content
+        last = _WrittenEmbeddings.ANSWERS["usage last"]
+        value_at = last.index(b'"usage": ') + len(b'"usage": ')
+        assert answers["usage last"].startswith(last[:value_at]) and answers["usage last"].endswith(b"}\n}\n")

@@ -135,6 +135,22 @@ def test_embeddings_and_models_through_the_sdk(stack: Stack) -> None:
     assert [model.id for model in client.models.list()] == [MODEL]
 
 
+def test_a_large_embeddings_answer_is_the_engines_own_bytes_with_performance_in_its_usage(stack: Stack) -> None:
+    """64 embeddings of 4,096 values, 1.3 MB read in many parts: the engine's bytes go on as it wrote them, neither
+    parsed nor written again, with `usage.performance` written in where its usage ends the answer."""
+    body = {"model": MODEL, "input": [f"clock {index}" for index in range(64)], "dimensions": 4096}
+    through = _post(stack.url + "/v1/embeddings", body, "large-embeddings")
+    direct = _post(stack.engine_url + "/v1/embeddings", body, "large-embeddings-direct", key=stack.engine_key)
+    assert len(direct.content) > 1_000_000
+    usage_at = direct.content.rindex(b'"usage"')
+    assert through.content[:usage_at] == direct.content[:usage_at] and through.content.endswith(b"}}")
+    answer, own = through.json(), direct.json()
+    performance = answer["usage"].pop("performance")
+    assert answer == own and json.loads(through.headers["x-performance-metrics"]) == performance
+    assert performance["prompt_tokens"] == own["usage"]["prompt_tokens"] == 128 and performance["total_ms"] > 0
+    assert int(through.headers["content-length"]) == len(through.content)
+
+
 def test_without_assembly_the_engine_answers_non_streaming_and_ttft_is_null(own_stack: Callable[..., Stack]) -> None:
     stack = own_stack({"SIDECAR_ASSEMBLE_NON_STREAMING": "false"})
     before = stack.engine_stats()
