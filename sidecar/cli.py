@@ -73,7 +73,7 @@ def serve(settings: Settings, redactor: Redactor) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    resources.give_back_memory()
+    resources.set_malloc_thresholds()
     if args.command == "worker":
         serve_worker(args.index, args.fd)
         return 0

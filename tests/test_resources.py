@@ -23,6 +23,7 @@ import psutil
 import pytest
 
 from sidecar.settings import load_settings
+from sidecar.telemetry import resources
 from sidecar.workers.pool import body_budget_share
 from tests.processes import SidecarProcess, wait_until
 
@@ -213,6 +214,29 @@ def test_memory_taken_by_a_burst_of_large_prompts_is_given_back(start: Any) -> N
     assert asyncio.run(burst()) == [200] * 12
     # The bodies were 96 MB in all: what stays is the sidecar's own, not theirs.
     wait_until(lambda: process.memory_info().rss - before < 40 * 1024 * 1024, timeout_s=10)
+
+
+def test_malloc_thresholds_are_set_where_the_environment_leaves_them_to_the_sidecar(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Large blocks mapped and unmapped (128 KiB up), 16 MiB of the heap's free top kept; an operator's own
+    MALLOC_*_ variable, which glibc read at start-up, stands."""
+    calls: list[tuple[int, int]] = []
+
+    class _Libc:
+        def mallopt(self, parameter: int, value: int) -> int:
+            calls.append((parameter, value))
+            return 1
+
+    monkeypatch.setattr(resources.ctypes, "CDLL", lambda name: _Libc())
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    resources.set_malloc_thresholds()
+    assert calls == [(-3, 128 * 1024), (-1, 16 * 1024 * 1024)]  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
+    calls.clear()
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")
+    resources.set_malloc_thresholds()
+    assert calls == [(-3, 128 * 1024)]
 
 
 def test_bodies_past_the_budget_for_bodies_in_flight_are_refused_until_there_is_room(start: Any) -> None:
