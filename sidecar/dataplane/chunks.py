@@ -36,11 +36,11 @@ _USAGE_TAIL = 4096  # the end of an answer searched for its usage, an object of 
 
 
 def split_at_usage(parts: list[bytes]) -> tuple[list[bytes], dict[str, Any], list[bytes]] | None:
-    """An answer read in `parts` whose last member is its `usage` object, as vLLM's, SGLang's and llama-server's
-    embeddings answers are: what comes before the usage's value (the parts before its last few KiB as they are,
-    not copied), the usage, and what comes after it; found from the end, nothing else parsed. None where the answer
-    does not end so. In a valid answer such a `"usage"` is the top-level key: an object value closed by the
-    answer's own last brace is a member of the outermost object."""
+    """An answer read in `parts` whose last member is its `usage` object, as vLLM's embeddings answers are (in
+    OpenAI's order; llama-server's end with their data): what comes before the usage's value (the parts before its
+    last few KiB as they are, not copied), the usage, and what comes after it; found from the end, nothing else
+    parsed. None where the answer does not end so. In a valid answer such a `"usage"` is the top-level key: an
+    object value closed by the answer's own last brace is a member of the outermost object."""
     if not parts or not parts[0].startswith(b"{"):
         return None
     first, size = len(parts) - 1, len(parts[-1])  # the tail: the parts its last _USAGE_TAIL bytes are in

@@ -182,7 +182,7 @@ class Proxy:
         start_ns = time.perf_counter_ns()
         span = self.otel.start_request(scope, body) if self.otel is not None else None
         del body
-        # Its answer ends with its usage (vLLM's, SGLang's, llama-server's): `performance` goes in unparsed.
+        # Its answer ends with its usage (vLLM's, in OpenAI's order): `performance` goes in unparsed.
         relay = functools.partial(self.relays.whole, usage_last=True)
         await self._exchange(scope, receive, send, start_ns, Outgoing(raw, relay, span=span))
 

@@ -644,7 +644,7 @@ class _WrittenEmbeddings(FakeEngine):
 def test_an_embeddings_answer_goes_as_the_engine_wrote_it_with_performance_in_its_usage(
     start_sidecar: Callable[..., SidecarProcess],
 ) -> None:
-    """Where the usage ends the answer (vLLM's, SGLang's, llama-server's), its bytes are the engine's own, not
+    """Where the usage ends the answer (vLLM's, in OpenAI's order), its bytes are the engine's own, not
     parsed and written again; elsewhere the answer is parsed to add it. Either way the usage is the engine's."""
     with serving(_WrittenEmbeddings) as url:
         sidecar = in_front_of(url, start_sidecar)

@@ -1,5 +1,6 @@
 """vLLM's processes under the sidecar's supervision: its EngineCore killed under a stream, the sidecar killed, the
-sidecar stopped while vLLM starts. Each test has a sidecar and a vLLM of its own; nothing of vLLM may be left."""
+sidecar stopped while vLLM starts; and vLLM started for embeddings. Each test has a sidecar and a vLLM of its own;
+nothing of vLLM may be left."""
 
 from __future__ import annotations
 
@@ -12,8 +13,17 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from openai import OpenAI
 
-from tests.processes import SidecarProcess, command_lines, group_members, is_gone, wait_until
+from tests.processes import (
+    SidecarProcess,
+    bearer,
+    command_lines,
+    engine_key,
+    group_members,
+    is_gone,
+    wait_until,
+)
 from tests.vllm.test_vllm import ADMIN, ARGS, DATA, ENV, LONG, MESSAGES, VLLM_PYTHON, model, pytestmark
 
 __all__ = ["model", "pytestmark"]  # the module's model, and the tests' marks: skipped without vLLM
@@ -135,3 +145,33 @@ def test_sigterm_while_vllm_starts_answers_the_load_and_leaves_nothing(start_sid
     assert answered[0].json()["error"]["code"] == "shutting_down"
     assert sidecar.wait_exit(60) in (0, -signal.SIGTERM)
     wait_until(lambda: group_members(pid) == [], timeout_s=30)
+
+
+def test_a_pooling_models_embeddings_are_vllms_own_bytes_with_performance_in_their_usage(
+    start_sidecar: Start, model: Path, openai_client: Callable[..., OpenAI]
+) -> None:
+    """The model served for embeddings (`--runner pooling`): vLLM writes its answer from its arrays, the usage last,
+    and the sidecar passes the vectors on as vLLM wrote them, `performance` written into the usage; the OpenAI
+    SDK, which asks for base64, gets the same vectors."""
+    sidecar = _sidecar(start_sidecar)
+    load = _load_body(model) | {"args": ARGS | {"runner": "pooling"}}
+    answer = httpx.post(f"{sidecar.url}/v1/model/load", json=load, headers=ADMIN, timeout=330)
+    assert answer.status_code == 200, f"{answer.text}\n{sidecar.output()[-3000:]}"
+    loaded = answer.json()
+    request = {"model": str(model), "input": ["a clock", "two clocks ticking"]}
+    through = httpx.post(f"{sidecar.url}/v1/embeddings", json=request, headers=DATA, timeout=60)
+    own_auth = bearer(engine_key(loaded["pid"], "VLLM_API_KEY"))
+    direct = httpx.post(f"http://127.0.0.1:{loaded['port']}/v1/embeddings", json=request, headers=own_auth, timeout=60)
+    assert through.status_code == direct.status_code == 200, through.text
+
+    def vectors(raw: bytes) -> bytes:
+        return raw[raw.index(b'"data":') : raw.rindex(b'"usage":')]
+
+    assert vectors(through.content) == vectors(direct.content)  # vLLM's own bytes
+    answered, own = through.json(), direct.json()
+    performance = answered["usage"].pop("performance")
+    assert answered["usage"] == own["usage"] and performance["prompt_tokens"] == own["usage"]["prompt_tokens"]
+    assert json.loads(through.headers["x-performance-metrics"]) == performance and performance["total_ms"] > 0
+    client = openai_client(sidecar, DATA["Authorization"].removeprefix("Bearer "))
+    decoded = client.embeddings.create(model=str(model), input=request["input"])
+    assert [item.embedding for item in decoded.data] == [item["embedding"] for item in own["data"]]
