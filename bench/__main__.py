@@ -31,11 +31,11 @@ import psutil
 import uvloop
 from tqdm import tqdm
 
-from bench import machine, peers
+from bench import machine
 from bench.loadgen import LoadProcesses, PhaseResult, chat_body, new_session, run_phase, stream_once
 from bench.processes import ProcessMeter
 from bench.report import summarize, write_chart, write_table
-from bench.targets import Targets, running
+from bench.targets import Targets, add_target_options, running
 
 _OWN_ENGINES = ("fast", "mock")  # the bench's fake engines, which take a request's "mock" overrides
 # run_phase without its session: (target, url, headers, body, concurrency, seconds).
@@ -212,7 +212,7 @@ def _parser() -> argparse.ArgumentParser:
         help="fields added to every request, as a JSON object (vLLM with a random model: '{\"ignore_eos\": true}')",
     )
     parser.add_argument("--startup-timeout", type=float, default=120, help="seconds for the engine to be ready")
-    parser.add_argument("--nginx", default="auto", help="nginx binary to measure beside the sidecar (auto|off|PATH)")
+    add_target_options(parser)
     parser.add_argument(
         "--proxy-cpus",
         type=lambda text: {int(cpu) for cpu in text.split(",")},
@@ -221,14 +221,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--target", help="measure this OpenAI-compatible proxy instead of the sidecar")
     parser.add_argument("--target-pid", type=int, help="the --target proxy's pid, for its CPU and memory")
     parser.add_argument("--engine-port", type=int, help="port for the fake engine with --target (default: free)")
-    parser.add_argument("--sidecar-env", action="append", default=[], help="extra SIDECAR_X=value for the sidecar")
     parser.add_argument("--skip-memory", action="store_true", help="skip the long-stream and large-prompt checks")
-    parser.add_argument(
-        "--peers",
-        type=lambda text: [name for name in text.split(",") if name],
-        default=[],
-        help=f"proxies to measure beside the sidecar, installed on demand (comma list of {', '.join(peers.PEERS)})",
-    )
     parser.add_argument(
         "--otel", action="store_true", help="also measure a sidecar with OpenTelemetry on (to an OTLP sink) beside it"
     )
@@ -309,9 +302,6 @@ def _per(value: float | None, count: int) -> float | None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     args.concurrency = [int(level) for level in args.concurrency.split(",")]
-    unknown = set(args.peers) - set(peers.PEERS)
-    if unknown:
-        raise SystemExit(f"--peers: no peer named {', '.join(sorted(unknown))} (there are {', '.join(peers.PEERS)})")
     _raise_fd_limit()
     args.out.mkdir(parents=True, exist_ok=True)
     logs = Path(tempfile.mkdtemp(prefix="sidecar-bench-"))

@@ -25,11 +25,11 @@ from typing import Any, TextIO
 import aiohttp
 import uvloop
 
-from bench import machine, peers
+from bench import machine
 from bench.__main__ import _parser as bench_parser
 from bench.loadgen import new_session
 from bench.processes import ProcessMeter
-from bench.targets import Targets, running
+from bench.targets import Targets, add_target_options, running
 from sidecar.telemetry.stats import percentile
 
 
@@ -184,14 +184,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--concurrency", default="1,16", help="comma-separated levels (default 1,16)")
     parser.add_argument("--seconds", type=float, default=4.0, help="length of each measured phase (default 4)")
     parser.add_argument("--rounds", type=int, default=3, help="alternations per level (default 3)")
-    parser.add_argument("--nginx", default="auto", help="nginx binary to measure beside the sidecar (auto|off|PATH)")
-    parser.add_argument(
-        "--peers",
-        type=lambda text: [name for name in text.split(",") if name],
-        default=[],
-        help=f"proxies to measure beside the sidecar, installed on demand (comma list of {', '.join(peers.PEERS)})",
-    )
-    parser.add_argument("--sidecar-env", action="append", default=[], help="extra SIDECAR_X=value for the sidecar")
+    add_target_options(parser)
     parser.add_argument(
         "--out",
         type=Path,

@@ -57,6 +57,28 @@ class Targets:
         return {"direct": self.engine_key or KEY} | {proxy.name: proxy.key for proxy in self.proxies}
 
 
+def _peer_names(text: str) -> list[str]:
+    names = [name for name in text.split(",") if name]
+    unknown = set(names) - set(peers.PEERS)
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"no peer named {', '.join(sorted(unknown))} (there are {', '.join(peers.PEERS)})"
+        )
+    return names
+
+
+def add_target_options(parser: argparse.ArgumentParser) -> None:
+    """The options of what a run puts beside the sidecar, and of the sidecar itself."""
+    parser.add_argument("--nginx", default="auto", help="nginx binary to measure beside the sidecar (auto|off|PATH)")
+    parser.add_argument(
+        "--peers",
+        type=_peer_names,
+        default=[],
+        help=f"proxies to measure beside the sidecar, installed on demand (comma list of {', '.join(peers.PEERS)})",
+    )
+    parser.add_argument("--sidecar-env", action="append", default=[], help="extra SIDECAR_X=value for the sidecar")
+
+
 def _sidecar_settings(args: argparse.Namespace) -> dict[str, str]:
     extra = dict(item.split("=", 1) for item in args.sidecar_env)
     if args.engine == "fast":  # started by the bench, loaded as an external engine
