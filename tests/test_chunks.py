@@ -16,7 +16,6 @@ from sidecar.dataplane.chunks import (
     is_response_output,
     is_usage_chunk,
     response_usage,
-    split_at_usage,
 )
 
 CHUNKS: list[tuple[dict[str, Any], bool]] = [
@@ -223,46 +222,3 @@ def test_assembler_keeps_the_first_error_event_apart_from_the_answer() -> None:
     assembler.add({"error": {"message": "a second", "code": 400}})
     assert assembler.error == first
     assert "error" not in assembler.result()  # never merged into the answer as one of its fields
-
-
-EMBEDDINGS = (
-    b'{"id":"embd-1","object":"list","created":0,"model":"m","data":[{"index":0,"object":"embedding",'
-    b'"embedding":[0.25,-0.5]}],"usage":{"prompt_tokens":3,"total_tokens":3,"completion_tokens":0}}'
-)
-
-
-@pytest.mark.parametrize("cut", range(1, len(EMBEDDINGS)))
-def test_an_answers_trailing_usage_is_found_in_the_parts_it_was_read_in(cut: int) -> None:
-    """Wherever the reads cut the answer, the usage is found and the bytes around it are the engine's own."""
-    found = split_at_usage([EMBEDDINGS[:cut], EMBEDDINGS[cut:]])
-    assert found is not None
-    before, usage, after = found
-    assert usage == {"prompt_tokens": 3, "total_tokens": 3, "completion_tokens": 0}
-    assert b"".join([*before, json.dumps(usage, separators=(",", ":")).encode(), *after]) == EMBEDDINGS
-
-
-def test_only_the_end_of_a_large_answer_is_copied() -> None:
-    parts = [b'{"data":[' + b"0.125," * 20_000, b"0.25," * 1000 + b'0.5],"usage"', b' : {"prompt_tokens": 1}\n}\n']
-    found = split_at_usage(parts)
-    assert found is not None
-    before, usage, after = found
-    assert before[0] is parts[0] and usage == {"prompt_tokens": 1} and after == [b"\n}\n"]
-    assert b"".join([*before, b'{"prompt_tokens": 1}', *after]) == b"".join(parts)
-
-
-@pytest.mark.parametrize(
-    "answer",
-    [
-        b'{"usage":{"prompt_tokens":1},"data":[]}',  # not the last member
-        b'{"data":[{"usage":{"prompt_tokens":1}}]}',  # a member of a nested object
-        b'{"data":[],"usage":{"details":{"usage":{}}}}',  # nested in the usage's own value
-        b'{"my\\"usage":{"prompt_tokens":1}}',  # another key, ending with the word
-        b'{"text":"the \\"usage\\":{}","n":{}}',  # the word in a string
-        b'{"data":[],"usage":null}',  # not an object
-        b'[{"usage":{"prompt_tokens":1}}]',  # not an object answer
-        b'{"data":[],"usage":{"prompt_tokens":1}',  # cut short
-        b"",
-    ],
-)
-def test_an_answer_that_does_not_end_with_its_usage_is_left_to_be_parsed(answer: bytes) -> None:
-    assert split_at_usage([answer]) is None

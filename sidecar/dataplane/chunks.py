@@ -10,8 +10,6 @@ from __future__ import annotations
 import re
 from typing import Any
 
-import orjson
-
 _OUTPUT_DELTA_FIELDS = ("content", "reasoning_content", "reasoning", "tool_calls", "function_call")
 
 # A non-empty output string, a tool call, or a function call. Keys inside JSON strings are escaped (\"content\"),
@@ -27,45 +25,6 @@ _MEASURES = re.compile(rb'"(?:usage|timings|metrics)"')
 # What most output chunks hold, as engines write their JSON (no spaces): a search for a literal, which the regex
 # engine runs as a plain substring search, a third of `_OUTPUT`'s cost (it tries its alternatives at every quote).
 _CONTENT = re.compile(rb'"content":"[^"]')
-
-
-# A `usage` key (its quotes unescaped: not text inside a string) and its colon.
-_USAGE_KEY = re.compile(rb'"usage"\s*:\s*')
-_JSON_SPACE = b" \t\r\n"
-_USAGE_TAIL = 4096  # the end of an answer searched for its usage, an object of a few hundred bytes
-
-
-def split_at_usage(parts: list[bytes]) -> tuple[list[bytes], dict[str, Any], list[bytes]] | None:
-    """An answer read in `parts` whose last member is its `usage` object, as vLLM's embeddings answers are (in
-    OpenAI's order; llama-server's end with their data): what comes before the usage's value (the parts before its
-    last few KiB as they are, not copied), the usage, and what comes after it; found from the end, nothing else
-    parsed. None where the answer does not end so. In a valid answer such a `"usage"` is the top-level key: an
-    object value closed by the answer's own last brace is a member of the outermost object."""
-    if not parts or not parts[0].startswith(b"{"):
-        return None
-    first, size = len(parts) - 1, len(parts[-1])  # the tail: the parts its last _USAGE_TAIL bytes are in
-    while first and size < _USAGE_TAIL:
-        first -= 1
-        size += len(parts[first])
-    tail = b"".join(parts[first:])
-    end = len(tail)
-    while end and tail[end - 1] in _JSON_SPACE:
-        end -= 1
-    key = tail.rfind(b'"usage"', 0, end)
-    if key <= 0 or tail[key - 1] == 0x5C or not tail.endswith(b"}", 0, end):  # 0x5C: an escaped quote, in a string
-        return None
-    colon = _USAGE_KEY.match(tail, key)
-    if colon is None:
-        return None
-    try:
-        usage = orjson.loads(memoryview(tail)[colon.end() : end - 1])
-    except orjson.JSONDecodeError:  # more members after it, or a `usage` nested in its own value
-        return None
-    if not isinstance(usage, dict):
-        return None
-    while tail[end - 2] in _JSON_SPACE:  # what follows the usage's value, the space before the last brace too
-        end -= 1
-    return [*parts[:first], tail[: colon.end()]], usage, [tail[end - 1 :]]
 
 
 def has_output(data: bytes) -> bool:

@@ -182,8 +182,8 @@ class Proxy:
         start_ns = time.perf_counter_ns()
         span = self.otel.start_request(scope, body) if self.otel is not None else None
         del body
-        # Its answer ends with its usage (vLLM's, in OpenAI's order): `performance` goes in unparsed.
-        relay = functools.partial(self.relays.whole, usage_last=True)
+        # Its answer has its usage at its end (vLLM's) or head (llama-server's): `performance` goes in unparsed.
+        relay = functools.partial(self.relays.whole, splice_usage=True)
         await self._exchange(scope, receive, send, start_ns, Outgoing(raw, relay, span=span))
 
     async def responses(self, scope: Scope, receive: Receive, send: Send) -> None:

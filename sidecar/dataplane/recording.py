@@ -8,8 +8,8 @@ import json
 from typing import Any
 
 from sidecar import request_state
-from sidecar.dataplane.chunks import split_at_usage
 from sidecar.dataplane.exchange import Exchange, dumps
+from sidecar.dataplane.whole_usage import split_at_usage
 from sidecar.errors import SidecarError
 from sidecar.logs import get_logger
 from sidecar.telemetry.history import RequestHistory
@@ -91,10 +91,9 @@ class Recorder:
     def with_performance_spliced(
         self, exchange: Exchange, parts: list[bytes], now: int
     ) -> tuple[list[bytes], bytes] | None:
-        """As `with_performance`, for an answer (`parts`, as read) whose last member is its usage: `performance`
-        written into the engine's bytes, the rest neither parsed nor copied (64 embeddings of 1,024 floats are
-        1.4 MB: some 10 ms to parse and write again, far more than the engine spent writing them); None where the
-        answer does not end with its usage (`chunks.split_at_usage`)."""
+        """As `with_performance`, for an answer (`parts`, as read) whose usage is at its end or head: `performance`
+        written into the engine's bytes, the rest neither parsed nor copied (`whole_usage`); None where the usage
+        is elsewhere."""
         found = split_at_usage(parts)
         if found is None:
             return None

@@ -71,10 +71,10 @@ class Relays:
         raw = await error_body(response, self.settings.upstream_inter_token_timeout_s, ERROR_BODY_LIMIT)
         await send_engine_error(exchange, response, response.status, raw)
 
-    async def whole(self, exchange: Exchange, response: Response, usage_last: bool = False) -> None:
+    async def whole(self, exchange: Exchange, response: Response, splice_usage: bool = False) -> None:
         """A non-streamed JSON answer: `usage.performance` added, and the same in X-Performance-Metrics. Another
         answer (vLLM's embeddings as raw bytes) goes as it is, measured all the same: its figures in the header.
-        `usage_last`: where the answer ends with its usage, `performance` is written into its bytes unparsed."""
+        `splice_usage`: where its usage is at its end or head, `performance` is written into its bytes unparsed."""
         limit = self.settings.max_answer_bytes
         try:
             async with asyncio.timeout(self.settings.upstream_inter_token_timeout_s):
@@ -90,7 +90,7 @@ class Relays:
         exchange.status = response.status
         headers = response_headers(response)
         exchange.timings = header_timings(response)
-        spliced = self.recorder.with_performance_spliced(exchange, parts, now) if usage_last else None
+        spliced = self.recorder.with_performance_spliced(exchange, parts, now) if splice_usage else None
         if spliced is not None:
             parts, performance = spliced
         elif (answer := loads(raw := b"".join(parts))) is not None:

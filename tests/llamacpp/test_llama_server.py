@@ -25,6 +25,7 @@ from openai import OpenAI
 import engines
 from bench.gguf_llama import write_tiny_llama
 from engines.llamacpp import LlamaCppAdapter
+from sidecar.dataplane.whole_usage import split_at_usage
 from tests.processes import (
     OpenAIClients,
     SidecarProcess,
@@ -289,6 +290,15 @@ def test_embeddings_are_its_own_with_their_usage_measured(llama: LlamaServer) ->
         own["usage"]["total_tokens"],
     )
     assert performance["prompt_tokens"] == own["usage"]["prompt_tokens"] > 0 and performance["latency_ms"] > 0
+    # Its usage comes after its model and object, before its data: `performance` is written in there, the rest of
+    # the answer goes on as llama-server wrote it.
+    request = {"model": SERVED, "input": ["a clock"], "encoding_format": "float"}
+    raw_through = httpx.post(f"{llama.sidecar.url}/v1/embeddings", json=request, headers=bearer(API_KEY), timeout=60)
+    raw_own = httpx.post(f"{llama.engine}/v1/embeddings", json=request, headers=llama.engine_auth(), timeout=60)
+    usage_at, data_at = raw_own.content.index(b'"usage"'), raw_own.content.index(b'"data"')
+    assert usage_at < data_at and split_at_usage([raw_own.content]) is not None  # a shape read unparsed
+    assert raw_through.content.startswith(raw_own.content[:usage_at])
+    assert raw_through.content.endswith(raw_own.content[data_at:])
 
 
 def test_a_prompt_past_the_context_is_its_own_400_with_its_figures(llama: LlamaServer) -> None:

@@ -629,11 +629,12 @@ def test_an_answer_that_is_not_json_goes_as_it_is_and_is_measured_in_its_header(
 
 class _WrittenEmbeddings(FakeEngine):
     """Embeddings as an engine may write them, by the request's input: pretty-printed with numbers as it writes
-    them and the usage last, or the usage first."""
+    them, the usage last (vLLM's place) or first (llama-server's, after its scalars); or the usage between."""
 
     ANSWERS: ClassVar[dict[str, bytes]] = {
         "usage last": b'{\n  "data": [{"embedding": [0.50, 1E-5, -0.0]}],\n  "usage": {"prompt_tokens": 2}\n}\n',
-        "usage first": b'{"usage": {"prompt_tokens": 2}, "data": [{"embedding": [0.50, 1E-5]}]}',
+        "usage first": b'{"object": "list", "usage": {"prompt_tokens": 2}, "data": [{"embedding": [0.50, 1E-5]}]}',
+        "usage between": b'{"data": [{"embedding": [0.50, 1E-5]}], "usage": {"prompt_tokens": 2}, "model": "m"}',
     }
 
     def chat(self) -> bool:
@@ -644,8 +645,8 @@ class _WrittenEmbeddings(FakeEngine):
 def test_an_embeddings_answer_goes_as_the_engine_wrote_it_with_performance_in_its_usage(
     start_sidecar: Callable[..., SidecarProcess],
 ) -> None:
-    """Where the usage ends the answer (vLLM's, in OpenAI's order), its bytes are the engine's own, not
-    parsed and written again; elsewhere the answer is parsed to add it. Either way the usage is the engine's."""
+    """Where the usage is at the answer's end or head, the answer's bytes are the engine's own, not parsed and
+    written again; elsewhere the answer is parsed to add it. Either way the usage is the engine's."""
     with serving(_WrittenEmbeddings) as url:
         sidecar = in_front_of(url, start_sidecar)
         answers = {}
@@ -659,6 +660,9 @@ def test_an_embeddings_answer_goes_as_the_engine_wrote_it_with_performance_in_it
             assert performance == json.loads(response.headers["x-performance-metrics"])
             assert performance["prompt_tokens"] == 2 and performance["total_ms"] > 0
             answers[kind] = response.content
-        last = _WrittenEmbeddings.ANSWERS["usage last"]
-        value_at = last.index(b'"usage": ') + len(b'"usage": ')
-        assert answers["usage last"].startswith(last[:value_at]) and answers["usage last"].endswith(b"}\n}\n")
+        for kind in ("usage last", "usage first"):
+            written = _WrittenEmbeddings.ANSWERS[kind]
+            value_at = written.index(b'"usage": ') + len(b'"usage": ')
+            after = written[written.index(b"}", value_at) + 1 :]
+            assert answers[kind].startswith(written[:value_at]) and answers[kind].endswith(after), kind
+        assert b"[0.5,0.00001]" in answers["usage between"]  # parsed and written again

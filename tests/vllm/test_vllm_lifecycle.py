@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 from openai import OpenAI
 
+from sidecar.dataplane.whole_usage import split_at_usage
 from tests.processes import (
     SidecarProcess,
     bearer,
@@ -168,6 +169,7 @@ def test_a_pooling_models_embeddings_are_vllms_own_bytes_with_performance_in_the
         return raw[raw.index(b'"data":') : raw.rindex(b'"usage":')]
 
     assert vectors(through.content) == vectors(direct.content)  # vLLM's own bytes
+    assert split_at_usage([direct.content]) is not None  # a shape the sidecar reads unparsed
     answered, own = through.json(), direct.json()
     performance = answered["usage"].pop("performance")
     assert answered["usage"] == own["usage"] and performance["prompt_tokens"] == own["usage"]["prompt_tokens"]
