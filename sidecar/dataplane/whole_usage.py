@@ -10,6 +10,7 @@ in its few KiB there, and the rest goes on as the engine's reads brought it.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
@@ -39,10 +40,7 @@ def split_at_usage(parts: list[bytes]) -> Split | None:
 def _at_end(parts: list[bytes]) -> Split | None:
     """The usage as the answer's last member. In a valid answer a `"usage"` whose object value is closed by the
     answer's own last brace is a member of the outermost object."""
-    first, size = len(parts) - 1, len(parts[-1])  # the tail: the parts its last _EDGE bytes are in
-    while first and size < _EDGE:
-        first -= 1
-        size += len(parts[first])
+    first = len(parts) - _edge(map(len, reversed(parts)))
     tail = b"".join(parts[first:])
     end = _closed(tail)
     key = tail.rfind(b'"usage"', 0, end)
@@ -64,13 +62,10 @@ def _at_end(parts: list[bytes]) -> Split | None:
 
 def _at_head(parts: list[bytes]) -> Split | None:
     """The usage after none but scalar members: its object read up to the first closing brace that ends it."""
-    last, size = 0, len(parts[0])  # the head: the parts its first _EDGE bytes are in
-    while last + 1 < len(parts) and size < _EDGE:
-        last += 1
-        size += len(parts[last])
     if not _closed(parts[-1]):  # the outermost object cut short
         return None
-    head = b"".join(parts[: last + 1])
+    count = _edge(map(len, parts))
+    head = b"".join(parts[:count])
     key = _HEAD_TO_USAGE.match(head, 0, _EDGE)
     if key is None or not head.startswith(b"{", key.end()):
         return None
@@ -80,8 +75,19 @@ def _at_head(parts: list[bytes]) -> Split | None:
             usage = orjson.loads(memoryview(head)[key.end() : end])
         except orjson.JSONDecodeError:  # a brace of its own nested object, or in a string of it
             continue
-        return [head[: key.end()]], usage, [head[end:], *parts[last + 1 :]]
+        return [head[: key.end()]], usage, [head[end:], *parts[count:]]
     return None
+
+
+def _edge(sizes: Iterator[int]) -> int:
+    """How many parts, of these sizes in this order, hold an edge's _EDGE bytes (all of them where fewer)."""
+    count = total = 0
+    for size in sizes:
+        count += 1
+        total += size
+        if total >= _EDGE:
+            break
+    return count
 
 
 def _closed(data: bytes) -> int:
