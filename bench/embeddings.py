@@ -27,7 +27,7 @@ import uvloop
 
 from bench import machine
 from bench.__main__ import _parser as bench_parser
-from bench.loadgen import new_session
+from bench.loadgen import back_to_back, new_session
 from bench.processes import ProcessMeter
 from bench.targets import Targets, add_target_options, running
 from sidecar.telemetry.stats import percentile
@@ -71,15 +71,7 @@ async def _phase(
     session: aiohttp.ClientSession, url: str, payload: bytes, headers: dict[str, str], concurrency: int, seconds: float
 ) -> Phase:
     phase = Phase()
-    started = time.perf_counter()
-    deadline = started + seconds
-
-    async def client() -> None:
-        while time.perf_counter() < deadline:
-            await _request(session, url, payload, headers, phase)
-
-    await asyncio.gather(*(client() for _ in range(concurrency)))
-    phase.seconds = time.perf_counter() - started
+    phase.seconds = await back_to_back(lambda: _request(session, url, payload, headers, phase), concurrency, seconds)
     return phase
 
 

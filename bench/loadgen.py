@@ -9,6 +9,7 @@ import json
 import multiprocessing
 import re
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 
@@ -125,16 +126,22 @@ async def run_phase(
 ) -> PhaseResult:
     """`concurrency` clients stream back to back for `seconds`; each finishes the request it is in."""
     result = PhaseResult(target, concurrency)
+    result.seconds = await back_to_back(lambda: stream_once(session, url, body, headers, result), concurrency, seconds)
+    return result
+
+
+async def back_to_back(request: Callable[[], Awaitable[None]], concurrency: int, seconds: float) -> float:
+    """`concurrency` clients each sending `request` again as soon as it ends, for `seconds`, each finishing the one it
+    is in: the seconds that took."""
     started = time.perf_counter()
     deadline = started + seconds
 
     async def client() -> None:
         while time.perf_counter() < deadline:
-            await stream_once(session, url, body, headers, result)
+            await request()
 
     await asyncio.gather(*(client() for _ in range(concurrency)))
-    result.seconds = time.perf_counter() - started
-    return result
+    return time.perf_counter() - started
 
 
 def new_session(concurrency: int) -> aiohttp.ClientSession:
