@@ -14,16 +14,6 @@ EMBEDDINGS = (
 )
 
 
-@pytest.mark.parametrize("cut", range(1, len(EMBEDDINGS)))
-def test_an_answers_trailing_usage_is_found_in_the_parts_it_was_read_in(cut: int) -> None:
-    """Wherever the reads cut the answer, the usage is found and the bytes around it are the engine's own."""
-    found = split_at_usage([EMBEDDINGS[:cut], EMBEDDINGS[cut:]])
-    assert found is not None
-    before, usage, after = found
-    assert usage == {"prompt_tokens": 3, "total_tokens": 3, "completion_tokens": 0}
-    assert b"".join([*before, json.dumps(usage, separators=(",", ":")).encode(), *after]) == EMBEDDINGS
-
-
 def test_only_the_end_of_a_large_answer_is_copied() -> None:
     parts = [b'{"data":[' + b"0.125," * 20_000, b"0.25," * 1000 + b'0.5],"usage"', b' : {"prompt_tokens": 1}\n}\n']
     found = split_at_usage(parts)
@@ -49,7 +39,7 @@ def test_only_the_end_of_a_large_answer_is_copied() -> None:
         b"",
     ],
 )
-def test_an_answer_that_does_not_end_with_its_usage_is_left_to_be_parsed(answer: bytes) -> None:
+def test_an_answer_whose_usage_is_at_neither_edge_is_left_to_be_parsed(answer: bytes) -> None:
     assert split_at_usage([answer]) is None
 
 
@@ -58,15 +48,20 @@ LEADING = (
     b'{"model":"m","object":"list","usage":{"prompt_tokens":3,"total_tokens":3},'
     b'"data":[{"embedding":[0.25,-0.5],"index":0,"object":"embedding"}]}'
 )
+USAGES = {
+    EMBEDDINGS: {"prompt_tokens": 3, "total_tokens": 3, "completion_tokens": 0},
+    LEADING: {"prompt_tokens": 3, "total_tokens": 3},
+}
 
 
-@pytest.mark.parametrize("cut", range(1, len(LEADING)))
-def test_a_usage_at_the_answers_head_is_found_in_the_parts_it_was_read_in(cut: int) -> None:
-    found = split_at_usage([LEADING[:cut], LEADING[cut:]])
+@pytest.mark.parametrize(("answer", "cut"), [(answer, cut) for answer in USAGES for cut in range(1, len(answer))])
+def test_a_usage_at_the_answers_end_or_head_is_found_in_the_parts_it_was_read_in(answer: bytes, cut: int) -> None:
+    """Wherever the reads cut the answer, the usage is found and the bytes around it are the engine's own."""
+    found = split_at_usage([answer[:cut], answer[cut:]])
     assert found is not None
     before, usage, after = found
-    assert usage == {"prompt_tokens": 3, "total_tokens": 3}
-    assert b"".join([*before, json.dumps(usage, separators=(",", ":")).encode(), *after]) == LEADING
+    assert usage == USAGES[answer]
+    assert b"".join([*before, json.dumps(usage, separators=(",", ":")).encode(), *after]) == answer
 
 
 def test_a_usage_at_the_head_is_read_to_its_own_end_nested_objects_and_braces_in_strings_included() -> None:
