@@ -7,7 +7,8 @@ The bench's fast engine answers each request at once with an answer it encoded o
 the proxies'. Per concurrency, each target (direct, the sidecar, nginx, `--peers`) runs `--seconds` phases of
 back-to-back requests, alternated over `--rounds`; per proxy it prints requests/s against direct, the latency it
 adds (p50, p99) and its CPU per request, and the engine's CPU per request, which must be below the proxies' for
-the figures to measure them.
+the figures to measure them. `--input-chars` makes each input a passage that long: a large request, as a retrieval
+pipeline sends them.
 """
 
 from __future__ import annotations
@@ -44,9 +45,13 @@ class Phase:
     first_error: str | None = None
 
 
-def body(inputs: int, model: str, encoding: str) -> bytes:
-    """An embeddings request of `inputs` short texts."""
+def body(inputs: int, model: str, encoding: str, input_chars: int = 0) -> bytes:
+    """An embeddings request of `inputs` texts: short ones, or each `input_chars` characters long (a document's
+    passage, as a retrieval pipeline sends them)."""
     texts = [f"passage {index}: the proxy carries every embedding of it back" for index in range(inputs)]
+    if input_chars:
+        texts = [(text + " ") * (input_chars // (len(text) + 1) + 1) for text in texts]
+        texts = [text[:input_chars] for text in texts]
     return json.dumps({"model": model, "input": texts, "encoding_format": encoding}).encode()
 
 
@@ -103,7 +108,7 @@ def _figures(phases: list[Phase], cpu_s: float, direct: dict[str, Any] | None) -
 
 async def _measure(args: argparse.Namespace, targets: Targets) -> list[dict[str, Any]]:
     """Each level: direct's figures (the engine's CPU a request among them) and each proxy's."""
-    payload = body(args.inputs, targets.model, args.encoding)
+    payload = body(args.inputs, targets.model, args.encoding, args.input_chars)
     headers = {
         name: {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
         for name, key in targets.keys.items()
@@ -137,7 +142,8 @@ async def _measure(args: argparse.Namespace, targets: Targets) -> list[dict[str,
 def _write_table(results: dict[str, Any], out: TextIO) -> None:
     out.write(
         f"\nembeddings of {results['inputs']} inputs x {results['dims']} values as {results['encoding']} "
-        f"({results['answer_bytes']} bytes an answer) against a direct connection to the fast engine "
+        f"({results.get('request_bytes', '?')} bytes a request, {results['answer_bytes']} an answer) "
+        "against a direct connection to the fast engine "
         f"({results['machine'].get('cpus')} CPUs)\n\n"
     )
     columns = ("direct req/s", "req/s ratio", "+latency p50 ms", "+latency p99 ms", "CPU ms/request", "errors")
@@ -169,6 +175,9 @@ def _write_table(results: dict[str, Any], out: TextIO) -> None:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench.embeddings", description=__doc__.splitlines()[0])
     parser.add_argument("--inputs", type=int, default=64, help="inputs a request, an embedding each (default 64)")
+    parser.add_argument(
+        "--input-chars", type=int, default=0, help="characters in each input (default: a short sentence, 56)"
+    )
     parser.add_argument("--dims", type=int, default=1024, help="values in an embedding (default 1024)")
     parser.add_argument(
         "--encoding", choices=("float", "base64"), default="float", help="encoding_format (default float)"
@@ -196,12 +205,14 @@ def main(argv: list[str] | None = None) -> int:
     logs = Path(tempfile.mkdtemp(prefix="sidecar-bench-embeddings-"))
     with running(start, logs) as targets:
         levels = uvloop.run(_measure(args, targets))
-        answer_bytes = len(asyncio.run(_one_answer(targets, body(args.inputs, targets.model, args.encoding))))
+        payload = body(args.inputs, targets.model, args.encoding, args.input_chars)
+        answer_bytes = len(asyncio.run(_one_answer(targets, payload)))
     results = {
         "machine": machine.describe(idle=False),
         "inputs": args.inputs,
         "dims": args.dims,
         "encoding": args.encoding,
+        "request_bytes": len(payload),
         "answer_bytes": answer_bytes,
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "skipped": targets.skipped,

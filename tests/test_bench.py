@@ -73,15 +73,17 @@ def test_bench_measures_the_sidecar_against_direct_and_nginx(tmp_path: Path) -> 
 
 
 def test_the_embeddings_bench_measures_each_proxy_against_direct(tmp_path: Path) -> None:
-    """`python -m bench.embeddings`: whole answers of floats, the sidecar and nginx beside direct, the engine's CPU
-    a request checked against theirs."""
+    """`python -m bench.embeddings`: whole answers of floats to requests of long passages, the sidecar and nginx
+    beside direct, the engine's CPU a request checked against theirs."""
     out = tmp_path / "embeddings"
     argv = ["-m", "bench.embeddings", "--concurrency", "1,4", "--seconds", "0.5", "--rounds", "1", "--out", str(out)]
+    argv += ["--input-chars", "2000"]
     result = subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "CPU ms/request" in result.stdout and "the engine's CPU a request at 4" in result.stdout
     results = json.loads((out / "results.json").read_text())
     assert results["answer_bytes"] > 1_000_000  # 64 embeddings of 1,024 floats
+    assert results["request_bytes"] > 64 * 2000  # 64 passages of 2,000 characters
     for level in results["levels"]:
         assert level["direct"]["errors"] == 0 and level["direct"]["requests_per_s"] > 0
         sidecar = level["proxies"]["sidecar"]
