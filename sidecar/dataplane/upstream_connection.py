@@ -42,13 +42,14 @@ class Response:
 
     def __init__(self, connection: Connection) -> None:
         self._connection = connection
+        self._loop = connection.loop
         self.status = 0
         self.raw_headers: list[tuple[bytes, bytes]] = []
         self.keep_alive = False
         self.complete = False
         self.delimited = False  # by a length or chunks; else the body ends with the connection
         # Its result: None once the head is read, else the error that ended the exchange before it.
-        self._head: asyncio.Future[UpstreamError | None] = asyncio.get_running_loop().create_future()
+        self._head: asyncio.Future[UpstreamError | None] = self._loop.create_future()
         self._chunks: list[bytes] = []
         self._buffered = 0
         self._waiter: asyncio.Future[None] | None = None
@@ -94,7 +95,7 @@ class Response:
                 raise fresh(self._error)
             if self.complete:
                 return b""
-            self._waiter = asyncio.get_running_loop().create_future()
+            self._waiter = self._loop.create_future()
             await self._waiter
         data = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
         self._taken()
@@ -116,7 +117,7 @@ class Response:
                     raise fresh(self._error)
                 if self.complete:
                     break
-                self._waiter = asyncio.get_running_loop().create_future()
+                self._waiter = self._loop.create_future()
                 await self._waiter
                 continue
             parts += self._chunks
@@ -175,6 +176,9 @@ class Connection(asyncio.Protocol):
     def __init__(self, pool: Pool, origin: Origin) -> None:
         self.pool = pool
         self.origin = origin
+        # Made in the loop (by create_connection's factory): asked for once here, not at each wait for a read, as
+        # asyncio's get_running_loop() makes a getpid() system call every time it is asked.
+        self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.response: Response | None = None

@@ -21,6 +21,9 @@ clock = test_relay.clock  # the fixture: the relay's clock, moved by the test
 class _Connection:
     """What a response asks of its connection."""
 
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+
     def pause(self) -> None:
         pass
 
