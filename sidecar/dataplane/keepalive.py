@@ -8,12 +8,13 @@ loop runs late. The timer is set only while a connection is idle, for the oldest
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Generic, Protocol, TypeVar
 
 
 class Reusable(Protocol):
     closed: bool  # the engine (or the sidecar) has closed it
-    idle_since: float  # loop time of its last use
+    idle_since: float  # time.monotonic() of its last use
 
     def abort(self) -> None: ...
 
@@ -29,16 +30,17 @@ class KeepAlive(Generic[Key, Connection]):
         self._expiry: asyncio.TimerHandle | None = None
 
     def put(self, key: Key, connection: Connection) -> None:
-        loop = asyncio.get_running_loop()
-        connection.idle_since = loop.time()
+        # The monotonic clock, not the loop's time: asyncio's get_running_loop() is a getpid() system call, and
+        # take() runs on every request's way to the engine. The timer's delays are the same on either clock.
+        connection.idle_since = time.monotonic()
         self._idle.setdefault(key, []).append(connection)
         if self._expiry is None:
-            self._expiry = loop.call_later(self.keepalive_s, self._close_expired)
+            self._expiry = asyncio.get_running_loop().call_later(self.keepalive_s, self._close_expired)
 
     def take(self, key: Key) -> Connection | None:
         """The most recently used connection that is still open and not past `keepalive_s`, or None."""
         idle = self._idle.get(key)
-        now = asyncio.get_running_loop().time()
+        now = time.monotonic()
         while idle:
             connection = idle.pop()
             if self._usable(connection, now):
@@ -72,8 +74,7 @@ class KeepAlive(Generic[Key, Connection]):
         none left is dropped: each engine start is a new origin (a new port), and an old one's list would be kept and
         walked here for good."""
         self._expiry = None
-        loop = asyncio.get_running_loop()
-        now = loop.time()
+        now = time.monotonic()
         oldest: float | None = None
         for key, idle in list(self._idle.items()):
             expired = 0
@@ -86,4 +87,4 @@ class KeepAlive(Generic[Key, Connection]):
             elif oldest is None or idle[0].idle_since < oldest:
                 oldest = idle[0].idle_since
         if oldest is not None:
-            self._expiry = loop.call_later(oldest + self.keepalive_s - now, self._close_expired)
+            self._expiry = asyncio.get_running_loop().call_later(oldest + self.keepalive_s - now, self._close_expired)
