@@ -256,7 +256,7 @@ class Deadline:
         # Else nothing waits on the engine now: the next `with` finds the limit past.
 
     def __enter__(self) -> Deadline:
-        task = asyncio.current_task()
+        task = asyncio.current_task(self._loop)  # the loop given: not asked for again (a getpid() system call)
         assert task is not None
         self._task, self._cancelling = task, task.cancelling()
         if self._handle is None:  # the limit passed while nothing waited
