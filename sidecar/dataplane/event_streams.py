@@ -7,8 +7,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from sidecar.dataplane.answers import stream_cut
 from sidecar.dataplane.exchange import Exchange
-from sidecar.dataplane.relay import stream_cut
 from sidecar.dataplane.sse import EventTooLarge, SSEParser
 from sidecar.dataplane.upstream import Response
 from sidecar.dataplane.upstream_errors import UpstreamError

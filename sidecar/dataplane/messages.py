@@ -21,6 +21,7 @@ import json
 import time
 from typing import Any
 
+from sidecar.dataplane.answers import end_stream, error_body, send_assembled, start_stream
 from sidecar.dataplane.chunks import carries_measures, is_message_output
 from sidecar.dataplane.event_streams import pump_events
 from sidecar.dataplane.exchange import (
@@ -33,7 +34,6 @@ from sidecar.dataplane.exchange import (
     send_whole,
 )
 from sidecar.dataplane.recording import Recorder
-from sidecar.dataplane.relay import end_stream, error_body, send_assembled, start_stream
 from sidecar.dataplane.upstream import Response
 from sidecar.errors import BadGateway, SidecarError
 from sidecar.settings import Settings

@@ -1,9 +1,9 @@
 """The data plane: OpenAI requests to the engine and its answers back, each one measured.
 
 A request is checked and admitted here (a generation request's fields and the change it gets, usage asked for:
-`generation_request.py`), goes to the engine over one pool of keep-alive connections
-(`upstream.py`, which says why it is not an HTTP client library), and its answer goes back through one of the
-relay modes (`relay.py`; the Responses API's stream, `responses.py`); what it leaves is recorded afterwards
+`generation_request.py`), goes to the engine over one pool of keep-alive connections (`upstream.py`, which says
+why it is not an HTTP client library), and its answer goes back through one of the relay modes (`relay.py`; the
+Responses API's stream, `responses.py`; what they share, `answers.py`); what it leaves is recorded afterwards
 (`recording.py`). The state of one request on its way is `exchange.py`'s.
 """
 

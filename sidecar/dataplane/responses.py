@@ -18,11 +18,11 @@ from __future__ import annotations
 import time
 from typing import Any, NamedTuple
 
+from sidecar.dataplane.answers import end_stream, send_assembled, send_error_event, start_stream
 from sidecar.dataplane.chunks import carries_measures, is_response_output, response_end, response_usage
 from sidecar.dataplane.event_streams import pump_events
 from sidecar.dataplane.exchange import Exchange, dumps, header_timings, loads
 from sidecar.dataplane.recording import Recorder
-from sidecar.dataplane.relay import end_stream, send_assembled, send_error_event, start_stream
 from sidecar.dataplane.upstream import Response
 from sidecar.errors import BadGateway, SidecarError
 from sidecar.settings import Settings
