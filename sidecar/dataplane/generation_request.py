@@ -25,8 +25,14 @@ def generation_fields(body: dict[str, Any]) -> tuple[bool, dict[str, Any] | None
     if not isinstance(stream, bool) and stream is not None:
         raise BadRequest("'stream' must be a boolean", param="stream")
     options = body.get("stream_options")
-    if options is not None and not isinstance(options, dict):
-        raise BadRequest("'stream_options' must be an object", param="stream_options")
+    if options is not None:
+        if not isinstance(options, dict):
+            raise BadRequest("'stream_options' must be an object", param="stream_options")
+        # As OpenAI: a string or number here is refused, not read as "not asked" (the usage chunk taken from the
+        # client) nor as "asked" (what the engine's lax parsing of "true" or 1 would make of it).
+        include_usage = options.get("include_usage")
+        if include_usage is not None and not isinstance(include_usage, bool):
+            raise BadRequest("'stream_options.include_usage' must be a boolean", param="stream_options.include_usage")
     n = body.get("n")
     if n is not None and (not isinstance(n, int) or isinstance(n, bool)):
         raise BadRequest("'n' must be an integer", param="n")

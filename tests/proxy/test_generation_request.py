@@ -65,6 +65,8 @@ def test_the_fields_acted_on_are_read_with_their_defaults() -> None:
         ({"stream": "yes"}, "stream"),
         ({"stream": 1}, "stream"),
         ({"stream_options": ["include_usage"]}, "stream_options"),
+        ({"stream": True, "stream_options": {"include_usage": "true"}}, "stream_options.include_usage"),
+        ({"stream": True, "stream_options": {"include_usage": 1}}, "stream_options.include_usage"),
         ({"n": "2"}, "n"),
         ({"n": True}, "n"),
         ({"n": 1.5}, "n"),
