@@ -35,8 +35,26 @@ from bench.loadgen import chat_body
 from bench.processes import wait_ok
 from sidecar.control.engine import free_port
 
-_KEY = "bench-instructions"
+KEY = "bench-instructions"
 _FLOORS = Path(__file__).resolve().parent / "floors"
+
+
+@contextmanager
+def fast_engine(workdir: Path, tokens: int, pace_ms: float) -> Iterator[str]:
+    """The bench's fast engine, answering `tokens` tokens `pace_ms` apart (0: unpaced), its URL while the block
+    runs."""
+    port = free_port()
+    argv = [sys.executable, "-m", "bench.fast_engine", "--port", str(port), "--tokens", str(tokens)]
+    argv += ["--ttft-ms", str(pace_ms), "--itl-ms", str(pace_ms)]
+    with (workdir / "engine.log").open("wb") as log:
+        engine = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_ok(url + "/health")
+        yield url
+    finally:
+        engine.terminate()
+        engine.wait(timeout=30)
 
 
 def _stream(connection: http.client.HTTPConnection, body: bytes, key: str | None) -> int:
@@ -50,7 +68,7 @@ def _stream(connection: http.client.HTTPConnection, body: bytes, key: str | None
     return len(answer)
 
 
-def _requests(port: int, body: bytes, key: str | None, count: int, new_connections: bool) -> None:
+def requests(port: int, body: bytes, key: str | None, count: int, new_connections: bool) -> None:
     """`count` streamed requests one after another: on one keep-alive connection, or each on a new one."""
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
     try:
@@ -91,36 +109,44 @@ def _instructions(workdir: Path, name: str) -> int:
     return total
 
 
+def proxy_command(name: str, args: argparse.Namespace, port: int, engine_url: str) -> tuple[list[str], dict[str, str]]:
+    """How one proxy (`sidecar`, `bare_uvicorn` or `pipe`) starts on `port` in front of the engine: its argv and
+    environment. The sidecar in one process (no data-plane workers to miss), its watchdog's sampling thread idle;
+    `args.sidecar_env` and `args.sidecar_tree` (another checkout's sidecar, for a before and after) applied."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
+    if name != "sidecar":
+        return [sys.executable, str(_FLOORS / f"{name}.py"), str(port), engine_url.rsplit(":", 1)[1]], env
+    env |= {"SIDECAR_API_KEYS": KEY, "SIDECAR_PORT": str(port), "SIDECAR_WORKERS": "1"}
+    env |= {"SIDECAR_WATCHDOG_INTERVAL_MS": "3600000"}
+    env |= dict(item.split("=", 1) for item in args.sidecar_env)
+    if args.sidecar_tree:
+        env["PYTHONPATH"] = str(args.sidecar_tree.resolve())
+    return [sys.executable, "-m", "sidecar", "serve"], env
+
+
+def wait_serving(name: str, port: int, engine_url: str) -> None:
+    """Until a started proxy serves: the sidecar with the engine loaded (an external one), a floor listening."""
+    if name != "sidecar":  # the engine was ready before any proxy started
+        _wait_listening(port)
+        return
+    url = f"http://127.0.0.1:{port}"
+    wait_ok(url + "/health", timeout_s=300)
+    load = {"engine": "external", "model": "mock-model", "url": engine_url}
+    headers = {"Authorization": f"Bearer {KEY}"}
+    httpx.post(f"{url}/v1/model/load", json=load, headers=headers, timeout=300).raise_for_status()
+
+
 def count(name: str, args: argparse.Namespace, engine_url: str, workdir: Path) -> int:
     """Instructions per request of one proxy (`sidecar`, `bare_uvicorn` or `pipe`) in front of the engine."""
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
-    key: str | None = None
-    if name == "sidecar":
-        key = _KEY
-        # One process (no data-plane workers to miss), the watchdog's sampling thread out of the count.
-        env |= {"SIDECAR_API_KEYS": key, "SIDECAR_PORT": str(port), "SIDECAR_WORKERS": "1"}
-        env |= {"SIDECAR_WATCHDOG_INTERVAL_MS": "3600000"}
-        env |= dict(item.split("=", 1) for item in args.sidecar_env)
-        if args.sidecar_tree:  # another checkout's sidecar (and engines), for a before and after
-            env["PYTHONPATH"] = str(args.sidecar_tree.resolve())
-        argv = [sys.executable, "-m", "sidecar", "serve"]
-    else:
-        engine_port = engine_url.rsplit(":", 1)[1]
-        argv = [sys.executable, str(_FLOORS / f"{name}.py"), str(port), engine_port]
+    argv, env = proxy_command(name, args, port, engine_url)
+    key = KEY if name == "sidecar" else None
     body = chat_body(args.tokens)
     with _under_callgrind(argv, env, workdir, name) as pid:
-        url = f"http://127.0.0.1:{port}"
-        if name == "sidecar":
-            wait_ok(url + "/health", timeout_s=300)
-            load = {"engine": "external", "model": "mock-model", "url": engine_url}
-            headers = {"Authorization": f"Bearer {key}"}
-            httpx.post(f"{url}/v1/model/load", json=load, headers=headers, timeout=300).raise_for_status()
-        else:  # the engine was ready before any proxy started
-            _wait_listening(port)
-        _requests(port, body, key, args.warm, args.new_connections)
+        wait_serving(name, port, engine_url)
+        requests(port, body, key, args.warm, args.new_connections)
         _control(pid, "-i", "on")
-        _requests(port, body, key, args.requests, args.new_connections)
+        requests(port, body, key, args.requests, args.new_connections)
         _control(pid, "-i", "off")
     return _instructions(workdir, name) // int(args.requests)
 
@@ -159,19 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     counts: dict[str, int] = {}
     with tempfile.TemporaryDirectory(prefix="bench-instructions-") as tmp:
         workdir = Path(tmp)
-        engine_port = free_port()
-        engine_argv = [sys.executable, "-m", "bench.fast_engine", "--port", str(engine_port)]
-        engine_argv += ["--ttft-ms", "0", "--itl-ms", "0", "--tokens", str(args.tokens)]
-        with (workdir / "engine.log").open("wb") as log:
-            engine = subprocess.Popen(engine_argv, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            engine_url = f"http://127.0.0.1:{engine_port}"
-            wait_ok(engine_url + "/health")
+        with fast_engine(workdir, args.tokens, pace_ms=0) as engine_url:
             for name in args.proxies.split(","):
                 counts[name] = count(name, args, engine_url, workdir)
-        finally:
-            engine.terminate()
-            engine.wait(timeout=30)
     connections = "a new connection each" if args.new_connections else "one connection kept alive"
     sys.stdout.write(
         f"instructions per streamed request of {args.tokens} tokens ({args.requests} counted, {connections})\n"

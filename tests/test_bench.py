@@ -318,6 +318,22 @@ def test_instructions_counts_a_requests_path_for_the_sidecar_and_its_floors(tmp_
     assert "the sidecar: " in result.stdout and "x bare_uvicorn's" in result.stdout
 
 
+@pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed (`.ci/run` installs it)")
+def test_syscalls_counts_what_each_proxys_loop_asks_of_the_kernel_a_request(tmp_path: Path) -> None:
+    """`python -m bench.syscalls`: each token a read and a write for every proxy, and the sidecar's loop asking the
+    kernel little else: not a `getpid` a read, as when asyncio was asked for the running loop at every read."""
+    out = tmp_path / "syscalls.json"
+    argv = [sys.executable, "-m", "bench.syscalls", "--proxies", "sidecar,pipe", "--requests", "5", "--warm", "2"]
+    result = subprocess.run([*argv, "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    recorded = json.loads(out.read_text())
+    tokens, counts = recorded["tokens"], recorded["per_request"]
+    for proxy in ("sidecar", "pipe"):  # a busy machine may bring two tokens in one read now and then
+        assert counts[proxy]["read"] >= tokens / 2 and counts[proxy]["write"] >= tokens / 2, counts[proxy]
+    assert counts["sidecar"].get("getpid", 0) < tokens / 4, counts["sidecar"]
+    assert "sidecar: " in result.stdout and "pipe: " in result.stdout
+
+
 @pytest.mark.skipif(
     shutil.which("callgrind_control") is None, reason="valgrind is not installed (`.ci/run` installs it)"
 )
