@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 import httpx
@@ -87,18 +87,24 @@ def _control(pid: int, *command: str) -> None:
 
 
 @contextmanager
-def _under_callgrind(argv: list[str], env: dict[str, str], workdir: Path, name: str) -> Iterator[int]:
-    """The command run by callgrind with instrumentation off; its pid while the block runs, then it is stopped."""
-    out = workdir / f"{name}.callgrind.%p"
-    command = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}", *argv]
+def spawned(argv: list[str], env: dict[str, str], workdir: Path, name: str) -> Iterator[int]:
+    """A proxy's command started in the work folder, its output in `<name>.log`; its pid while the block runs, then
+    it is stopped."""
     with (workdir / f"{name}.log").open("wb") as log:
         # Run from the work folder: a checkout's own folder first on sys.path would shadow `--sidecar-tree`.
-        process = subprocess.Popen(command, env=env, cwd=workdir, stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(argv, env=env, cwd=workdir, stdout=log, stderr=subprocess.STDOUT)
     try:
         yield process.pid
     finally:
         process.terminate()
         process.wait(timeout=60)
+
+
+def _under_callgrind(argv: list[str], env: dict[str, str], workdir: Path, name: str) -> AbstractContextManager[int]:
+    """The command run by callgrind with instrumentation off (`spawned`)."""
+    out = workdir / f"{name}.callgrind.%p"
+    command = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}", *argv]
+    return spawned(command, env, workdir, name)
 
 
 def _instructions(workdir: Path, name: str) -> int:
@@ -109,6 +115,17 @@ def _instructions(workdir: Path, name: str) -> int:
             if line.startswith("totals:"):
                 total += int(line.split()[1])
     return total
+
+
+def add_count_options(parser: argparse.ArgumentParser, requests: int, warm: int) -> None:
+    """The options of a count over requests (this one's and `bench.syscalls`'): how many, of what, of which sidecar
+    (`proxy_command` reads the last two), and where the counts go."""
+    parser.add_argument("--requests", type=int, default=requests, help=f"requests counted (default {requests})")
+    parser.add_argument("--warm", type=int, default=warm, help=f"requests before the count (default {warm})")
+    parser.add_argument("--tokens", type=int, default=32, help="tokens per answer (default 32)")
+    parser.add_argument("--sidecar-env", action="append", default=[], help="extra SIDECAR_X=value for the sidecar")
+    parser.add_argument("--sidecar-tree", type=Path, help="count the sidecar of this checkout (a git worktree)")
+    parser.add_argument("--out", type=Path, help="write the counts here as JSON")
 
 
 def proxy_command(name: str, args: argparse.Namespace, port: int, engine_url: str) -> tuple[list[str], dict[str, str]]:
@@ -167,21 +184,16 @@ def _wait_listening(port: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.instructions", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--requests", type=int, default=100, help="requests counted (default 100)")
-    parser.add_argument("--warm", type=int, default=20, help="requests before the count (default 20)")
-    parser.add_argument("--tokens", type=int, default=32, help="tokens per answer (default 32)")
+    add_count_options(parser, requests=100, warm=20)
     parser.add_argument(
         "--pace-ms", type=float, default=2.0, help="the engine's tokens this far apart, 0: unpaced (default 2)"
     )
     parser.add_argument(
         "--proxies", default="sidecar,bare_uvicorn,pipe", help="which to count (default sidecar,bare_uvicorn,pipe)"
     )
-    parser.add_argument("--sidecar-env", action="append", default=[], help="extra SIDECAR_X=value for the sidecar")
-    parser.add_argument("--sidecar-tree", type=Path, help="count the sidecar of this checkout (a git worktree)")
     parser.add_argument(
         "--new-connections", action="store_true", help="a connection for each request (default: one kept alive)"
     )
-    parser.add_argument("--out", type=Path, help="write the counts here as JSON")
     args = parser.parse_args(argv)
     missing = [tool for tool in ("valgrind", "callgrind_control") if shutil.which(tool) is None]
     if missing:

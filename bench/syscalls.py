@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from bench.instructions import KEY, fast_engine, proxy_command, requests, wait_serving
+from bench.instructions import KEY, add_count_options, fast_engine, proxy_command, requests, spawned, wait_serving
 from bench.loadgen import chat_body
 from bench.nginx import find_nginx, start_nginx, worker_pid
 from sidecar.control.engine import free_port
@@ -45,15 +45,9 @@ def _started(name: str, args: argparse.Namespace, engine_url: str, workdir: Path
             master.wait(timeout=30)
         return
     port = free_port()
-    argv, env = proxy_command(name, args, port, engine_url)
-    with (workdir / f"{name}.log").open("wb") as log:
-        process = subprocess.Popen(argv, env=env, cwd=workdir, stdout=log, stderr=subprocess.STDOUT)
-    try:
+    with spawned(*proxy_command(name, args, port, engine_url), workdir, name) as pid:
         wait_serving(name, port, engine_url)
-        yield port, process.pid
-    finally:
-        process.terminate()
-        process.wait(timeout=60)
+        yield port, pid
 
 
 def parse_summary(text: str) -> dict[str, int]:
@@ -92,17 +86,12 @@ def count(name: str, args: argparse.Namespace, engine_url: str, workdir: Path) -
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.syscalls", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--requests", type=int, default=50, help="requests counted (default 50)")
-    parser.add_argument("--warm", type=int, default=10, help="requests before the count (default 10)")
-    parser.add_argument("--tokens", type=int, default=32, help="tokens per answer (default 32)")
+    add_count_options(parser, requests=50, warm=10)
     parser.add_argument(
         "--proxies",
         default="sidecar,nginx,bare_uvicorn,pipe",
         help="which to count (default sidecar,nginx,bare_uvicorn,pipe)",
     )
-    parser.add_argument("--sidecar-env", action="append", default=[], help="extra SIDECAR_X=value for the sidecar")
-    parser.add_argument("--sidecar-tree", type=Path, help="count the sidecar of this checkout (a git worktree)")
-    parser.add_argument("--out", type=Path, help="write the counts here as JSON")
     args = parser.parse_args(argv)
     if shutil.which("strace") is None:
         sys.stderr.write("needs strace (Debian's strace package)\n")
