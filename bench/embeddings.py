@@ -106,9 +106,8 @@ def _figures(phases: list[Phase], cpu_s: float, direct: dict[str, Any] | None) -
     return figures
 
 
-async def _measure(args: argparse.Namespace, targets: Targets) -> list[dict[str, Any]]:
+async def _measure(args: argparse.Namespace, targets: Targets, payload: bytes) -> list[dict[str, Any]]:
     """Each level: direct's figures (the engine's CPU a request among them) and each proxy's."""
-    payload = body(args.inputs, targets.model, args.encoding, args.input_chars)
     headers = {
         name: {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
         for name, key in targets.keys.items()
@@ -204,8 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     logs = Path(tempfile.mkdtemp(prefix="sidecar-bench-embeddings-"))
     with running(start, logs) as targets:
-        levels = uvloop.run(_measure(args, targets))
         payload = body(args.inputs, targets.model, args.encoding, args.input_chars)
+        levels = uvloop.run(_measure(args, targets, payload))
         answer_bytes = len(asyncio.run(_one_answer(targets, payload)))
     results = {
         "machine": machine.describe(idle=False),
